@@ -1,0 +1,201 @@
+//! INFO: the server's state in Redis's `field:value` sections, with Redis's field
+//! names so monitoring tools and client libraries that parse INFO work.
+
+use std::fmt::Write;
+use std::sync::atomic::Ordering;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use crate::server::{Shared, REDIS_VERSION};
+
+const DEFAULT: &[&str] = &[
+    "server",
+    "clients",
+    "memory",
+    "persistence",
+    "stats",
+    "replication",
+    "cpu",
+    "modules",
+    "errorstats",
+    "cluster",
+    "keyspace",
+];
+
+/// Renders the requested sections (`default` when none are named; `all` and
+/// `everything` for every section). Unknown names render nothing, as in Redis.
+pub fn render(shared: &Shared, requested: &[String]) -> String {
+    let wanted: Vec<&str> = if requested.is_empty() || requested.iter().any(|s| s == "default") {
+        DEFAULT.to_vec()
+    } else if requested.iter().any(|s| s == "all" || s == "everything") {
+        DEFAULT.to_vec()
+    } else {
+        DEFAULT
+            .iter()
+            .copied()
+            .filter(|s| requested.iter().any(|r| r == s))
+            .collect()
+    };
+    let mut out = String::new();
+    for section in wanted {
+        let body = match section {
+            "server" => server(shared),
+            "clients" => clients(shared),
+            "memory" => memory(shared),
+            "persistence" => persistence(),
+            "stats" => stats(shared),
+            "replication" => replication(),
+            "cpu" => cpu(),
+            "modules" | "errorstats" => String::new(),
+            "cluster" => "cluster_enabled:0\r\n".to_string(),
+            "keyspace" => keyspace(shared),
+            _ => continue,
+        };
+        if !out.is_empty() {
+            out.push_str("\r\n");
+        }
+        let mut title = section.to_string();
+        title[..1].make_ascii_uppercase();
+        let _ = write!(out, "# {title}\r\n{body}");
+    }
+    out
+}
+
+fn server(shared: &Shared) -> String {
+    let uptime = shared.started.elapsed().as_secs();
+    let now_us = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros())
+        .unwrap_or(0);
+    let exe = std::env::current_exe().map(|p| p.display().to_string()).unwrap_or_default();
+    let port = shared.config.read().port;
+    format!(
+        "redis_version:{REDIS_VERSION}\r\nkvd_version:{}\r\nredis_git_sha1:00000000\r\nredis_git_dirty:0\r\n\
+         redis_build_id:0\r\nredis_mode:standalone\r\nos:{} {}\r\narch_bits:64\r\nmonotonic_clock:POSIX clock_gettime\r\n\
+         multiplexing_api:epoll\r\natomicvar_api:c11-builtin\r\ngcc_version:0.0.0\r\nprocess_id:{}\r\n\
+         process_supervised:no\r\nrun_id:{}\r\ntcp_port:{port}\r\nserver_time_usec:{now_us}\r\n\
+         uptime_in_seconds:{uptime}\r\nuptime_in_days:{}\r\nhz:10\r\nconfigured_hz:10\r\nlru_clock:{}\r\n\
+         executable:{exe}\r\nconfig_file:{}\r\nio_threads_active:0\r\n",
+        env!("CARGO_PKG_VERSION"),
+        std::env::consts::OS,
+        std::env::consts::ARCH,
+        std::process::id(),
+        shared.run_id,
+        uptime / 86400,
+        (now_us / 1_000_000) as u64 & ((1 << 24) - 1),
+        shared.config_file.as_deref().unwrap_or(""),
+    )
+}
+
+fn clients(shared: &Shared) -> String {
+    let config = shared.config.read();
+    format!(
+        "connected_clients:{}\r\ncluster_connections:0\r\nmaxclients:{}\r\nclient_recent_max_input_buffer:0\r\n\
+         client_recent_max_output_buffer:0\r\nblocked_clients:0\r\ntracking_clients:0\r\nclients_in_timeout_table:0\r\n",
+        shared.clients.len(),
+        config.maxclients
+    )
+}
+
+/// Resident set size in bytes, from /proc (0 where unavailable).
+pub fn rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1).and_then(|p| p.parse::<u64>().ok()))
+        .map_or(0, |pages| pages * 4096)
+}
+
+fn human(bytes: u64) -> String {
+    let b = bytes as f64;
+    if b < 1024.0 {
+        format!("{bytes}B")
+    } else if b < 1024.0 * 1024.0 {
+        format!("{:.2}K", b / 1024.0)
+    } else if b < 1024.0 * 1024.0 * 1024.0 {
+        format!("{:.2}M", b / 1024.0 / 1024.0)
+    } else {
+        format!("{:.2}G", b / 1024.0 / 1024.0 / 1024.0)
+    }
+}
+
+fn memory(shared: &Shared) -> String {
+    let rss = rss_bytes();
+    let dataset = shared.db.store().used_bytes();
+    let peak = shared.stats.peak_rss.fetch_max(rss, Ordering::Relaxed).max(rss);
+    format!(
+        "used_memory:{rss}\r\nused_memory_human:{}\r\nused_memory_rss:{rss}\r\nused_memory_rss_human:{}\r\n\
+         used_memory_peak:{peak}\r\nused_memory_peak_human:{}\r\nused_memory_dataset:{dataset}\r\n\
+         maxmemory:0\r\nmaxmemory_human:0B\r\nmaxmemory_policy:noeviction\r\nmem_allocator:libc\r\n",
+        human(rss),
+        human(rss),
+        human(peak),
+    )
+}
+
+fn persistence() -> String {
+    // The in-memory engine persists nothing; the fields say so in Redis's terms.
+    "loading:0\r\nasync_loading:0\r\nrdb_changes_since_last_save:0\r\nrdb_bgsave_in_progress:0\r\n\
+     rdb_last_save_time:0\r\nrdb_last_bgsave_status:ok\r\naof_enabled:0\r\naof_rewrite_in_progress:0\r\n\
+     aof_last_write_status:ok\r\nkvd_storage_engine:memory\r\n"
+        .to_string()
+}
+
+fn stats(shared: &Shared) -> String {
+    let s = &shared.stats;
+    let db = &shared.db.stats;
+    format!(
+        "total_connections_received:{}\r\ntotal_commands_processed:{}\r\ninstantaneous_ops_per_sec:{}\r\n\
+         total_net_input_bytes:{}\r\ntotal_net_output_bytes:{}\r\nrejected_connections:{}\r\nexpired_keys:{}\r\n\
+         evicted_keys:0\r\nkeyspace_hits:{}\r\nkeyspace_misses:{}\r\npubsub_channels:{}\r\npubsub_patterns:{}\r\n\
+         total_error_replies:{}\r\nwatching_keys:{}\r\n",
+        shared.clients.total_connections.load(Ordering::Relaxed),
+        s.commands.load(Ordering::Relaxed),
+        s.ops_per_sec.load(Ordering::Relaxed),
+        s.net_input_bytes.load(Ordering::Relaxed),
+        s.net_output_bytes.load(Ordering::Relaxed),
+        shared.clients.rejected_connections.load(Ordering::Relaxed),
+        db.expired.load(Ordering::Relaxed),
+        db.hits.load(Ordering::Relaxed),
+        db.misses.load(Ordering::Relaxed),
+        shared.pubsub.channel_count(),
+        shared.pubsub.numpat(),
+        s.error_replies.load(Ordering::Relaxed),
+        shared.db.watched_keys(),
+    )
+}
+
+fn replication() -> String {
+    "role:master\r\nconnected_slaves:0\r\nmaster_failover_state:no-failover\r\n\
+     master_replid:0000000000000000000000000000000000000000\r\n\
+     master_replid2:0000000000000000000000000000000000000000\r\nmaster_repl_offset:0\r\n\
+     second_repl_offset:-1\r\nrepl_backlog_active:0\r\nrepl_backlog_size:0\r\n\
+     repl_backlog_first_byte_offset:0\r\nrepl_backlog_histlen:0\r\n"
+        .to_string()
+}
+
+fn cpu() -> String {
+    // utime and stime are fields 14 and 15 of /proc/self/stat, in clock ticks
+    // (100 per second on Linux).
+    let (user, sys) = std::fs::read_to_string("/proc/self/stat")
+        .ok()
+        .and_then(|s| {
+            let after = s.rsplit_once(')')?.1.split_whitespace().collect::<Vec<_>>();
+            Some((after.get(11)?.parse::<f64>().ok()?, after.get(12)?.parse::<f64>().ok()?))
+        })
+        .unwrap_or((0.0, 0.0));
+    format!(
+        "used_cpu_sys:{:.6}\r\nused_cpu_user:{:.6}\r\nused_cpu_sys_children:0.000000\r\nused_cpu_user_children:0.000000\r\n",
+        sys / 100.0,
+        user / 100.0
+    )
+}
+
+fn keyspace(shared: &Shared) -> String {
+    let keys = shared.db.len();
+    if keys == 0 {
+        return String::new();
+    }
+    format!(
+        "db0:keys={keys},expires={},avg_ttl=0\r\n",
+        shared.db.store().expiring_len()
+    )
+}

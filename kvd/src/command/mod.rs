@@ -1,0 +1,154 @@
+//! From a request's arguments to its reply.
+//!
+//! [`execute`] is the one entry point. It applies Redis's checks in Redis's order
+//! (unknown command, arity, authentication, pub/sub context, MULTI queuing) so a
+//! request that fails gets the same error it would from Redis, then runs the
+//! command: keyspace commands are [`data::DataCommand`]s applied under the
+//! database gate, everything that reads or changes the connection or the server
+//! is a [`session::SessionCommand`].
+
+pub mod args;
+pub mod data;
+pub mod info;
+pub mod session;
+pub mod spec;
+
+use bytes::Bytes;
+
+use crate::reply::Reply;
+use crate::server::{Session, Shared};
+use data::DataCommand;
+use session::SessionCommand;
+use spec::{Lookup, Spec};
+
+/// Commands that run even inside MULTI instead of being queued.
+const NOT_QUEUED: &[&str] = &["exec", "discard", "multi", "watch", "quit", "reset"];
+/// Commands allowed to a RESP2 client in subscribed mode.
+const SUBSCRIBED_ALLOWED: &[&str] = &[
+    "subscribe",
+    "psubscribe",
+    "unsubscribe",
+    "punsubscribe",
+    "ping",
+    "quit",
+    "reset",
+];
+
+/// Runs one request and returns its reply.
+pub fn execute(shared: &Shared, session: &mut Session, args: Vec<Bytes>) -> Reply {
+    shared.stats.commands.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let spec = match spec::lookup(&args) {
+        Lookup::Found(spec) => spec,
+        Lookup::UnknownCommand => return session.reject(unknown_command(&args)),
+        Lookup::UnknownSubcommand(parent) => {
+            let sub = String::from_utf8_lossy(&args[1]);
+            let text = format!(
+                "ERR unknown subcommand '{}'. Try {} HELP.",
+                truncate(&sub, 128),
+                parent.name.to_ascii_uppercase()
+            );
+            return session.reject(Reply::error(text));
+        }
+    };
+    if !spec.arity_ok(args.len()) {
+        let text = format!("ERR wrong number of arguments for '{}' command", spec.name);
+        return session.reject(Reply::error(text));
+    }
+    if !session.authenticated && !spec.flags.contains(&"no_auth") {
+        return session.reject(Reply::error("NOAUTH Authentication required."));
+    }
+    if session.in_resp2_subscribed_mode() && !SUBSCRIBED_ALLOWED.contains(&spec.name) {
+        return Reply::error(format!(
+            "ERR Can't execute '{}': only (P|S)SUBSCRIBE / (P|S)UNSUBSCRIBE / PING / QUIT / RESET are allowed in this context",
+            spec.name
+        ));
+    }
+    session.note_command(spec);
+    if let Some(multi) = session.multi.as_mut() {
+        if spec.flags.contains(&"no_multi") {
+            return session.reject(Reply::error("ERR Command not allowed inside a transaction"));
+        }
+        if !NOT_QUEUED.contains(&spec.name) {
+            multi.queue.push(args);
+            let queued = multi.queue.len() as i64;
+            session.client.state.lock().multi = queued;
+            return Reply::QUEUED;
+        }
+    }
+    run(shared, session, spec, &args, false)
+}
+
+/// Parses and applies one command whose checks have passed. `in_exec` is set for
+/// commands run by EXEC, which already holds the database gate exclusively.
+pub fn run(shared: &Shared, session: &mut Session, spec: &'static Spec, args: &[Bytes], in_exec: bool) -> Reply {
+    if let Some(parsed) = DataCommand::parse(spec.name, args) {
+        let cmd = match parsed {
+            Ok(cmd) => cmd,
+            Err(reply) => return reply,
+        };
+        let max_len = shared.config.read().proto_max_bulk_len;
+        let db = &shared.db;
+        return if in_exec {
+            cmd.apply(db, max_len)
+        } else if cmd.exclusive() {
+            let _gate = db.exclusive();
+            cmd.apply(db, max_len)
+        } else {
+            let _gate = db.shared();
+            cmd.apply(db, max_len)
+        };
+    }
+    match SessionCommand::parse(spec, args) {
+        Ok(cmd) => cmd.apply(shared, session, in_exec),
+        Err(reply) => reply,
+    }
+}
+
+/// Redis's text for an unknown command, quoting up to 128 bytes of arguments.
+fn unknown_command(args: &[Bytes]) -> Reply {
+    let mut quoted = String::new();
+    for arg in &args[1..] {
+        if quoted.len() >= 128 {
+            break;
+        }
+        let room = 128 - quoted.len();
+        quoted.push_str(&format!("'{}' ", truncate(&String::from_utf8_lossy(arg), room)));
+    }
+    Reply::error(format!(
+        "ERR unknown command '{}', with args beginning with: {}",
+        truncate(&String::from_utf8_lossy(&args[0]), 128),
+        quoted
+    ))
+}
+
+fn truncate(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_data_command_is_in_the_table() {
+        for name in DataCommand::NAMES {
+            assert!(spec::find(name).is_some(), "{name} has no spec");
+        }
+    }
+
+    #[test]
+    fn unknown_command_text_matches_redis() {
+        let args = vec![Bytes::from("foo"), Bytes::from("a"), Bytes::from("b")];
+        assert_eq!(
+            unknown_command(&args),
+            Reply::error("ERR unknown command 'foo', with args beginning with: 'a' 'b' ")
+        );
+    }
+}

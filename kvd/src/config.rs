@@ -1,0 +1,187 @@
+//! Server settings: from the command line, a Redis-style config file, and
+//! `CONFIG GET` / `CONFIG SET` at run time.
+//!
+//! The config file has Redis's format: one `name value` per line, `#` comments,
+//! names as in `CONFIG GET`. Every name is one kvd acts on; an unknown name is an
+//! error rather than silently ignored, so a copied redis.conf fails loudly.
+
+use std::path::PathBuf;
+
+use crate::protocol::Limits;
+
+/// Current settings. Read often, written rarely (`CONFIG SET`), so it lives behind
+/// an `RwLock` in [`crate::server::Shared`].
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub bind: String,
+    pub port: u16,
+    pub requirepass: Option<String>,
+    pub maxclients: usize,
+    pub dir: PathBuf,
+    /// Close clients idle for this many seconds (0: never), like Redis's `timeout`.
+    pub timeout: u64,
+    pub proto_max_bulk_len: i64,
+    pub client_query_buffer_limit: usize,
+    /// Per-subscriber queue of pending pub/sub messages; a subscriber that falls this
+    /// far behind is disconnected (Redis's `client-output-buffer-limit pubsub`).
+    pub pubsub_queue_limit: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        let limits = Limits::default();
+        Config {
+            bind: "127.0.0.1".into(),
+            port: 7379,
+            requirepass: None,
+            maxclients: 10000,
+            dir: PathBuf::from("."),
+            timeout: 0,
+            proto_max_bulk_len: limits.max_bulk_len,
+            client_query_buffer_limit: limits.query_buffer_limit,
+            pubsub_queue_limit: 10000,
+        }
+    }
+}
+
+/// Names `CONFIG GET` answers, in the order it lists them.
+pub const NAMES: &[&str] = &[
+    "bind",
+    "port",
+    "requirepass",
+    "maxclients",
+    "dir",
+    "timeout",
+    "proto-max-bulk-len",
+    "client-query-buffer-limit",
+    "pubsub-queue-limit",
+    // Read-only facts clients such as redis-benchmark ask about: kvd writes no RDB
+    // snapshots and no AOF.
+    "save",
+    "appendonly",
+    "databases",
+];
+
+impl Config {
+    pub fn limits(&self) -> Limits {
+        Limits {
+            max_bulk_len: self.proto_max_bulk_len,
+            query_buffer_limit: self.client_query_buffer_limit,
+        }
+    }
+
+    pub fn get(&self, name: &str) -> Option<String> {
+        Some(match name {
+            "bind" => self.bind.clone(),
+            "port" => self.port.to_string(),
+            "requirepass" => self.requirepass.clone().unwrap_or_default(),
+            "maxclients" => self.maxclients.to_string(),
+            "dir" => std::fs::canonicalize(&self.dir)
+                .unwrap_or_else(|_| self.dir.clone())
+                .display()
+                .to_string(),
+            "timeout" => self.timeout.to_string(),
+            "proto-max-bulk-len" => self.proto_max_bulk_len.to_string(),
+            "client-query-buffer-limit" => self.client_query_buffer_limit.to_string(),
+            "pubsub-queue-limit" => self.pubsub_queue_limit.to_string(),
+            "save" => String::new(),
+            "appendonly" => "no".into(),
+            "databases" => "1".into(),
+            _ => return None,
+        })
+    }
+
+    /// Sets one setting. `at_runtime` refuses the ones that only apply at start-up.
+    /// The error is the text after `ERR` that `CONFIG SET` reports.
+    pub fn set(&mut self, name: &str, value: &str, at_runtime: bool) -> Result<(), String> {
+        let bad = |why: &str| format!("argument couldn't be parsed into an integer{why}");
+        match name {
+            "requirepass" => self.requirepass = (!value.is_empty()).then(|| value.to_string()),
+            "maxclients" => self.maxclients = parse_size(value).ok_or_else(|| bad(""))? as usize,
+            "timeout" => self.timeout = value.parse().map_err(|_| bad(""))?,
+            "proto-max-bulk-len" => {
+                let n = parse_size(value).ok_or_else(|| bad(""))?;
+                if n < 1024 {
+                    return Err("argument must be between 1024 and 9223372036854775807 inclusive".into());
+                }
+                self.proto_max_bulk_len = n as i64;
+            }
+            "client-query-buffer-limit" => {
+                let n = parse_size(value).ok_or_else(|| bad(""))?;
+                if n < 1024 * 1024 {
+                    return Err("argument must be between 1048576 and 9223372036854775807 inclusive".into());
+                }
+                self.client_query_buffer_limit = n as usize;
+            }
+            "pubsub-queue-limit" => self.pubsub_queue_limit = parse_size(value).ok_or_else(|| bad(""))?.max(1) as usize,
+            "bind" | "port" | "dir" if at_runtime => return Err("can't set immutable config".into()),
+            "bind" => self.bind = value.to_string(),
+            "port" => self.port = value.parse().map_err(|_| bad(""))?,
+            "dir" => self.dir = PathBuf::from(value),
+            "save" | "appendonly" | "databases" => return Err("can't set immutable config".into()),
+            _ => return Err("Unknown option".into()),
+        }
+        Ok(())
+    }
+
+    /// Applies a Redis-style config file's text.
+    pub fn load_file_text(&mut self, text: &str) -> Result<(), String> {
+        for (n, line) in text.lines().enumerate() {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let args = crate::protocol::split_args(line.as_bytes())
+                .ok_or_else(|| format!("line {}: unbalanced quotes", n + 1))?;
+            let [name, value] = args.as_slice() else {
+                return Err(format!("line {}: expected 'name value', got '{line}'", n + 1));
+            };
+            let name = String::from_utf8_lossy(name).to_ascii_lowercase();
+            let value = String::from_utf8_lossy(value);
+            self.set(&name, &value, false)
+                .map_err(|e| format!("line {}: '{name}': {e}", n + 1))?;
+        }
+        Ok(())
+    }
+}
+
+/// Parses `123`, `10kb`, `64mb`, `1gb` (Redis's memtoull; `k` = 1000, `kb` = 1024).
+pub fn parse_size(s: &str) -> Option<u64> {
+    let s = s.to_ascii_lowercase();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let mul: u64 = match unit {
+        "" | "b" => 1,
+        "k" => 1000,
+        "kb" => 1024,
+        "m" => 1000 * 1000,
+        "mb" => 1024 * 1024,
+        "g" => 1000 * 1000 * 1000,
+        "gb" => 1024 * 1024 * 1024,
+        _ => return None,
+    };
+    num.parse::<u64>().ok()?.checked_mul(mul)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_file_sets_known_names_and_rejects_unknown_ones() {
+        let mut c = Config::default();
+        c.load_file_text("# comment\nport 7000\nproto-max-bulk-len 1mb\nrequirepass \"a b\"\n")
+            .unwrap();
+        assert_eq!(c.port, 7000);
+        assert_eq!(c.proto_max_bulk_len, 1024 * 1024);
+        assert_eq!(c.requirepass.as_deref(), Some("a b"));
+        assert!(c.load_file_text("appendfsync always\n").is_err());
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("512mb"), Some(512 * 1024 * 1024));
+        assert_eq!(parse_size("1k"), Some(1000));
+        assert_eq!(parse_size("x"), None);
+    }
+}

@@ -1,0 +1,310 @@
+//! The keyspace as Redis clients see it: a [`Store`] plus logical expiry, WATCH
+//! invalidation and the gate that makes transactions atomic.
+//!
+//! Invariants:
+//! * **Expired keys do not exist.** A key whose expiry time has passed is never
+//!   returned, whether or not the active expiry task has removed it yet; the first
+//!   access removes it (counting it in `expired_keys` and touching its watchers).
+//! * **Every change touches the key.** Each method that changes a key marks the
+//!   WATCH flags of every client watching it, before the caller's gate is released,
+//!   so an EXEC (which holds the gate exclusively) sees every change made before it
+//!   and none made during it.
+//! * **Nothing interleaves with EXEC.** Ordinary commands hold the gate shared
+//!   (they run in parallel, each atomic per key through [`Store::update`]); EXEC
+//!   and multi-key writes (MSET, MSETNX, FLUSHALL, RENAME...) hold it exclusively.
+//!   The gate is taken once per command by the dispatcher, never inside this
+//!   module, so nothing re-enters it.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use parking_lot::{Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use crate::store::{Entry, Store, StoreError, Update};
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn live(entry: Option<&Entry>, now: u64) -> Option<&Entry> {
+    entry.filter(|e| e.expires_at.is_none_or(|t| t > now))
+}
+
+/// A client's WATCH state: one flag, set when any watched key is touched.
+#[derive(Debug, Default)]
+pub struct WatchFlag {
+    dirty: AtomicBool,
+}
+
+impl WatchFlag {
+    pub fn is_dirty(&self) -> bool {
+        self.dirty.load(Ordering::Acquire)
+    }
+}
+
+/// Who watches which key.
+#[derive(Default)]
+struct Watches {
+    /// Number of (key, client) registrations, so writes skip the lock when nobody
+    /// watches anything (the common case).
+    count: AtomicUsize,
+    map: Mutex<HashMap<Bytes, Vec<Weak<WatchFlag>>>>,
+}
+
+/// Keyspace counters reported by INFO stats.
+#[derive(Default)]
+pub struct KeyspaceStats {
+    pub hits: AtomicU64,
+    pub misses: AtomicU64,
+    pub expired: AtomicU64,
+}
+
+pub struct Db {
+    store: Arc<dyn Store>,
+    gate: RwLock<()>,
+    watches: Watches,
+    pub stats: KeyspaceStats,
+}
+
+impl Db {
+    pub fn new(store: Arc<dyn Store>) -> Self {
+        Db {
+            store,
+            gate: RwLock::new(()),
+            watches: Watches::default(),
+            stats: KeyspaceStats::default(),
+        }
+    }
+
+    pub fn store(&self) -> &dyn Store {
+        &*self.store
+    }
+
+    /// Held by every command that is atomic on its own.
+    pub fn shared(&self) -> RwLockReadGuard<'_, ()> {
+        self.gate.read()
+    }
+
+    /// Held by EXEC and by writes of several keys.
+    pub fn exclusive(&self) -> RwLockWriteGuard<'_, ()> {
+        self.gate.write()
+    }
+
+    /// The live entry for `key`, removing it first if it has expired.
+    pub fn get(&self, key: &Bytes) -> Option<Entry> {
+        let entry = self.store.get(key)?;
+        if entry.expires_at.is_some_and(|t| t <= now_ms()) {
+            self.expire(key);
+            return None;
+        }
+        Some(entry)
+    }
+
+    /// Like [`Db::get`], counting a keyspace hit or miss (GET, MGET, ...).
+    pub fn lookup_read(&self, key: &Bytes) -> Option<Entry> {
+        let found = self.get(key);
+        let counter = if found.is_some() {
+            &self.stats.hits
+        } else {
+            &self.stats.misses
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        found
+    }
+
+    pub fn exists(&self, key: &Bytes) -> bool {
+        self.get(key).is_some()
+    }
+
+    /// Atomically reads and changes one key. `f` sees the live entry (`None` if the
+    /// key is absent or expired) and returns the change and a result. Watchers are
+    /// touched if the change is not `Keep`.
+    pub fn update<R>(
+        &self,
+        key: &Bytes,
+        mut f: impl FnMut(Option<&Entry>) -> (Update, R),
+    ) -> Result<R, StoreError> {
+        let now = now_ms();
+        let mut result = None;
+        let mut changed = false;
+        let mut expired_now = false;
+        self.store.update(key, &mut |entry| {
+            expired_now = entry.is_some() && live(entry, now).is_none();
+            let (update, r) = f(live(entry, now));
+            result = Some(r);
+            changed = !matches!(update, Update::Keep);
+            match update {
+                // An expired entry that the command left alone is removed anyway.
+                Update::Keep if expired_now => Update::Remove,
+                other => other,
+            }
+        })?;
+        if expired_now {
+            self.stats.expired.fetch_add(1, Ordering::Relaxed);
+        }
+        if changed || expired_now {
+            self.touch(key);
+        }
+        Ok(result.expect("Store::update calls its closure exactly once"))
+    }
+
+    /// Sets a key unconditionally.
+    pub fn set(&self, key: &Bytes, value: Bytes, expires_at: Option<u64>) -> Result<(), StoreError> {
+        self.update(key, |_| (Update::Put(Entry { value: value.clone(), expires_at }), ()))
+    }
+
+    /// Removes a key; whether it existed (and was live).
+    pub fn remove(&self, key: &Bytes) -> Result<bool, StoreError> {
+        self.update(key, |e| match e {
+            Some(_) => (Update::Remove, true),
+            None => (Update::Keep, false),
+        })
+    }
+
+    /// Removes `key` if it is (still) expired.
+    pub fn expire(&self, key: &Bytes) {
+        // `update` removes an expired entry and counts it whatever the closure says.
+        let _ = self.update(key, |_| (Update::Keep, ()));
+    }
+
+    /// Removes every key, touching the watchers of keys that existed.
+    pub fn flush(&self) -> Result<(), StoreError> {
+        self.touch_existing_watched();
+        self.store.clear()
+    }
+
+    /// Number of keys (as DBSIZE counts them: not yet removed expired keys included,
+    /// as in Redis).
+    pub fn len(&self) -> usize {
+        self.store.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.store.is_empty()
+    }
+
+    /// Removes up to `limit` expired keys; returns how many.
+    pub fn expire_some(&self, limit: usize) -> usize {
+        let due = self.store.expired(now_ms(), limit);
+        let _gate = self.shared();
+        for key in &due {
+            self.expire(key);
+        }
+        due.len()
+    }
+
+    // ---- WATCH ----
+
+    /// Registers `flag` as watching `key`. Returns the key's expiry time if it is
+    /// live now, so EXEC can tell whether it expired since.
+    pub fn watch(&self, key: &Bytes, flag: &Arc<WatchFlag>) -> Option<Option<u64>> {
+        self.watches
+            .map
+            .lock()
+            .entry(key.clone())
+            .or_default()
+            .push(Arc::downgrade(flag));
+        self.watches.count.fetch_add(1, Ordering::AcqRel);
+        self.get(key).map(|e| e.expires_at)
+    }
+
+    /// Drops `flag`'s registrations for `keys`.
+    pub fn unwatch(&self, keys: &[Bytes], flag: &Arc<WatchFlag>) {
+        let mut map = self.watches.map.lock();
+        for key in keys {
+            if let Some(list) = map.get_mut(key) {
+                let before = list.len();
+                list.retain(|w| !std::ptr::eq(w.as_ptr(), Arc::as_ptr(flag)) && w.strong_count() > 0);
+                self.watches.count.fetch_sub(before - list.len(), Ordering::AcqRel);
+                if list.is_empty() {
+                    map.remove(key);
+                }
+            }
+        }
+    }
+
+    /// Number of keys watched by at least one client (INFO `watching_clients` family).
+    pub fn watched_keys(&self) -> usize {
+        self.watches.map.lock().len()
+    }
+
+    fn touch(&self, key: &Bytes) {
+        if self.watches.count.load(Ordering::Acquire) == 0 {
+            return;
+        }
+        if let Some(list) = self.watches.map.lock().get(key) {
+            for flag in list.iter().filter_map(Weak::upgrade) {
+                flag.dirty.store(true, Ordering::Release);
+            }
+        }
+    }
+
+    fn touch_existing_watched(&self) {
+        if self.watches.count.load(Ordering::Acquire) == 0 {
+            return;
+        }
+        let map = self.watches.map.lock();
+        for (key, list) in map.iter() {
+            if self.store.get(key).is_some() {
+                for flag in list.iter().filter_map(Weak::upgrade) {
+                    flag.dirty.store(true, Ordering::Release);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::MemStore;
+
+    fn db() -> Db {
+        Db::new(Arc::new(MemStore::new()))
+    }
+
+    #[test]
+    fn expired_keys_are_gone_and_counted() {
+        let db = db();
+        let k = Bytes::from_static(b"k");
+        db.set(&k, Bytes::from_static(b"v"), Some(now_ms() - 1)).unwrap();
+        assert!(db.get(&k).is_none());
+        assert_eq!(db.len(), 0);
+        assert_eq!(db.stats.expired.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn a_write_dirties_watchers_and_a_read_does_not() {
+        let db = db();
+        let k = Bytes::from_static(b"k");
+        let flag = Arc::new(WatchFlag::default());
+        db.watch(&k, &flag);
+        db.get(&k);
+        assert!(!flag.is_dirty());
+        db.set(&k, Bytes::from_static(b"v"), None).unwrap();
+        assert!(flag.is_dirty());
+        db.unwatch(std::slice::from_ref(&k), &flag);
+        assert_eq!(db.watched_keys(), 0);
+    }
+
+    #[test]
+    fn flush_dirties_only_watchers_of_existing_keys() {
+        let db = db();
+        let (a, b) = (Bytes::from_static(b"a"), Bytes::from_static(b"b"));
+        db.set(&a, Bytes::from_static(b"v"), None).unwrap();
+        let fa = Arc::new(WatchFlag::default());
+        let fb = Arc::new(WatchFlag::default());
+        db.watch(&a, &fa);
+        db.watch(&b, &fb);
+        db.flush().unwrap();
+        assert!(fa.is_dirty());
+        assert!(!fb.is_dirty());
+    }
+}

@@ -1,0 +1,18 @@
+//! kvd: a keystore server that speaks the Redis protocol.
+//!
+//! Data flows one way through the modules:
+//! socket -> [`protocol`] (framing) -> [`command`] (typed parse, Redis's checks and
+//! errors) -> [`db`] (key semantics: expiry, WATCH, the transaction gate) ->
+//! [`store`] (the engine). [`reply`] encodes the answer for the connection's
+//! protocol version; [`server`] owns connections and sessions.
+
+pub mod clients;
+pub mod command;
+pub mod config;
+pub mod db;
+pub mod glob;
+pub mod protocol;
+pub mod pubsub;
+pub mod reply;
+pub mod server;
+pub mod store;

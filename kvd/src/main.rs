@@ -1,0 +1,128 @@
+//! The `kvd` binary: parse settings, start the server, stop cleanly on SIGINT,
+//! SIGTERM or SHUTDOWN.
+
+use std::path::PathBuf;
+
+use clap::Parser;
+use kvd::config::Config;
+
+/// kvd — a Redis-protocol keystore server, the storage layer of dictfs.
+///
+/// Start it and talk to it with redis-cli, redis-benchmark or any Redis client:
+///
+///     kvd --port 7379 &
+///     redis-cli -p 7379 set greeting hello
+///
+/// Settings come from the command line and from an optional Redis-style config
+/// file (`name value` per line, the names CONFIG GET shows); the command line wins.
+#[derive(Parser, Debug)]
+#[command(version, about, long_about)]
+struct Cli {
+    /// Config file with one `name value` per line (Redis's format).
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Addresses to listen on, space separated. Keep the loopback default unless
+    /// you also set --requirepass.
+    #[arg(long)]
+    bind: Option<String>,
+    /// TCP port (7379 by default, so kvd never clashes with a local Redis on 6379).
+    #[arg(long)]
+    port: Option<u16>,
+    /// Password clients must give with AUTH or HELLO ... AUTH.
+    #[arg(long, env = "KVD_REQUIREPASS", hide_env_values = true)]
+    requirepass: Option<String>,
+    /// Most clients connected at once; more are refused with Redis's error.
+    #[arg(long)]
+    maxclients: Option<usize>,
+    /// Data directory.
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    /// Close clients idle for this many seconds (0: never).
+    #[arg(long)]
+    timeout: Option<u64>,
+    /// Largest bulk string a request may carry (Redis's proto-max-bulk-len), e.g. 512mb.
+    #[arg(long, value_name = "SIZE")]
+    proto_max_bulk_len: Option<String>,
+}
+
+fn build_config(cli: &Cli) -> anyhow::Result<Config> {
+    let mut config = Config::default();
+    if let Some(path) = &cli.config {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| anyhow::anyhow!("cannot read config file {}: {e}", path.display()))?;
+        config
+            .load_file_text(&text)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    }
+    let mut set = |name: &str, value: Option<String>| -> anyhow::Result<()> {
+        if let Some(v) = value {
+            config.set(name, &v, false).map_err(|e| anyhow::anyhow!("--{name} {v}: {e}"))?;
+        }
+        Ok(())
+    };
+    set("bind", cli.bind.clone())?;
+    set("port", cli.port.map(|p| p.to_string()))?;
+    set("requirepass", cli.requirepass.clone())?;
+    set("maxclients", cli.maxclients.map(|n| n.to_string()))?;
+    set("dir", cli.dir.as_ref().map(|d| d.display().to_string()))?;
+    set("timeout", cli.timeout.map(|n| n.to_string()))?;
+    set("proto-max-bulk-len", cli.proto_max_bulk_len.clone())?;
+    Ok(config)
+}
+
+fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("KVD_LOG").unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let config = match build_config(&cli) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("kvd: {e}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("kvd: cannot start the runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let config_file = cli.config.as_ref().map(|p| p.display().to_string());
+    let result = runtime.block_on(async move {
+        let (shared, task) = kvd::server::start(config, config_file).await?;
+        let stop = shared.shutdown.clone();
+        tokio::spawn(async move {
+            wait_for_signal().await;
+            tracing::info!("received a stop signal, shutting down");
+            stop.cancel();
+        });
+        task.await?
+    });
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("kvd: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}

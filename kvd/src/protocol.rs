@@ -1,0 +1,426 @@
+//! Request framing: bytes from a client socket to command argument vectors.
+//!
+//! Redis accepts two request forms and so does kvd:
+//!
+//! * **multibulk**: `*<n>\r\n` followed by `n` bulk strings `$<len>\r\n<bytes>\r\n`,
+//!   which is what every client library sends;
+//! * **inline**: a line of space-separated words, with `"..."`/`'...'` quoting, which is
+//!   what a person types into `telnet` or `nc`.
+//!
+//! The decoder mirrors Redis's `processMultibulkBuffer` / `processInlineBuffer`,
+//! including their error texts, because clients and tests compare them. It is a
+//! `tokio_util` [`Decoder`] rather than `redis_protocol`'s RESP decoder for three
+//! reasons: requests are a strict subset of RESP (arrays of bulk strings only; Redis
+//! rejects anything else with `expected '$', got 'x'`), inline commands are not RESP
+//! at all, and every length must be checked against its limit *before* anything is
+//! allocated for it, which needs the header parsed on its own.
+//!
+//! Invariants kept here:
+//! * Nothing is allocated in proportion to a declared length: argument vectors grow
+//!   one received argument at a time, and bulk payloads are zero-copy slices of the
+//!   read buffer, split off only once complete.
+//! * An incomplete request never holds more than `query_buffer_limit` bytes.
+//! * After an error the decoder is poisoned: the connection replies and closes, as
+//!   Redis does, because the stream position can no longer be trusted.
+
+use bytes::{Buf, Bytes, BytesMut};
+use tokio_util::codec::Decoder;
+
+/// Longest inline request, and longest `*`/`$` header line, Redis accepts
+/// (`PROTO_INLINE_MAX_SIZE`).
+pub const INLINE_MAX_SIZE: usize = 64 * 1024;
+/// Redis's cap on the argument count of one request (`INT_MAX`).
+const MAX_MULTIBULK_LEN: i64 = i32::MAX as i64;
+/// Limits Redis applies before a client has authenticated, so an
+/// unauthenticated peer cannot make the server buffer much.
+const UNAUTH_MAX_ARGS: i64 = 10;
+const UNAUTH_MAX_BULK: i64 = 16384;
+
+/// A framing error; the text is Redis's, and is sent as `-ERR <text>` before the
+/// connection is closed.
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    #[error("Protocol error: {0}")]
+    Protocol(&'static str),
+    /// Redis's `expected '$', got 'x'`.
+    #[error("Protocol error: expected '$', got '{0}'")]
+    ExpectedBulk(char),
+    /// An incomplete request outgrew `client-query-buffer-limit`. Redis closes such a
+    /// client without a reply; so does kvd.
+    #[error("query buffer limit exceeded")]
+    QueryBufferLimit,
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
+/// Limits enforced while decoding. Changed at run time by `CONFIG SET`, so the
+/// connection refreshes them before each read.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    pub max_bulk_len: i64,
+    pub query_buffer_limit: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_bulk_len: 512 * 1024 * 1024,
+            query_buffer_limit: 1024 * 1024 * 1024,
+        }
+    }
+}
+
+/// Decodes requests into argument vectors. One per connection.
+#[derive(Debug, Default)]
+pub struct RequestDecoder {
+    pub limits: Limits,
+    /// Whether the client may send large requests (it has authenticated, or no
+    /// password is configured).
+    pub authenticated: bool,
+    /// Arguments of a multibulk request received so far.
+    args: Vec<Bytes>,
+    /// Arguments still expected for the current multibulk request (0: none started).
+    remaining: i64,
+    /// Length of the bulk whose header has been consumed but whose payload has not.
+    pending_bulk: Option<usize>,
+    /// Bytes of the current request already consumed from the buffer.
+    consumed: usize,
+}
+
+impl RequestDecoder {
+    pub fn new(limits: Limits, authenticated: bool) -> Self {
+        RequestDecoder {
+            limits,
+            authenticated,
+            ..Default::default()
+        }
+    }
+
+    fn decode_inline(&mut self, src: &mut BytesMut) -> Result<Option<Vec<Bytes>>, FrameError> {
+        let Some(nl) = memchr::memchr(b'\n', src) else {
+            if src.len() > INLINE_MAX_SIZE {
+                return Err(FrameError::Protocol("too big inline request"));
+            }
+            return Ok(None);
+        };
+        let line = src.split_to(nl + 1);
+        let mut text = &line[..nl];
+        if text.last() == Some(&b'\r') {
+            text = &text[..text.len() - 1];
+        }
+        split_args(text)
+            .map(Some)
+            .ok_or(FrameError::Protocol("unbalanced quotes in request"))
+    }
+
+    /// Parses a `*123\r\n` or `$123\r\n` header at the start of `src`. Returns the
+    /// number and the header's length including CRLF, or `None` if incomplete.
+    fn header(src: &BytesMut, too_big: &'static str) -> Result<Option<(i64, usize, bool)>, FrameError> {
+        let Some(cr) = memchr::memchr(b'\r', src) else {
+            if src.len() > INLINE_MAX_SIZE {
+                return Err(FrameError::Protocol(too_big));
+            }
+            return Ok(None);
+        };
+        // Redis needs the byte after '\r' present before it moves on, and then
+        // skips it unseen.
+        if cr + 1 >= src.len() {
+            return Ok(None);
+        }
+        let parsed = std::str::from_utf8(&src[1..cr]).ok().and_then(parse_strict_i64);
+        Ok(Some((parsed.unwrap_or(0), cr + 2, parsed.is_some())))
+    }
+
+    fn decode_multibulk(&mut self, src: &mut BytesMut) -> Result<Option<Vec<Bytes>>, FrameError> {
+        if self.remaining == 0 {
+            let Some((n, hlen, ok)) = Self::header(src, "too big mbulk count string")? else {
+                return Ok(None);
+            };
+            if !ok || n > MAX_MULTIBULK_LEN {
+                return Err(FrameError::Protocol("invalid multibulk length"));
+            }
+            if n > UNAUTH_MAX_ARGS && !self.authenticated {
+                return Err(FrameError::Protocol("invalid multibulk length"));
+            }
+            src.advance(hlen);
+            if n <= 0 {
+                // `*0` and `*-1` are empty requests; Redis skips them.
+                return Ok(Some(Vec::new()));
+            }
+            self.remaining = n;
+            self.consumed = hlen;
+            self.args = Vec::with_capacity(n.min(16) as usize);
+        }
+        while self.remaining > 0 {
+            let len = match self.pending_bulk {
+                Some(len) => len,
+                None => {
+                    let Some((n, hlen, ok)) = Self::header(src, "too big bulk count string")? else {
+                        return self.incomplete(src);
+                    };
+                    if src[0] != b'$' {
+                        return Err(FrameError::ExpectedBulk(src[0] as char));
+                    }
+                    if !ok || n < 0 || n > self.limits.max_bulk_len {
+                        return Err(FrameError::Protocol("invalid bulk length"));
+                    }
+                    if n > UNAUTH_MAX_BULK && !self.authenticated {
+                        return Err(FrameError::Protocol("invalid bulk length"));
+                    }
+                    src.advance(hlen);
+                    self.consumed += hlen;
+                    self.pending_bulk = Some(n as usize);
+                    n as usize
+                }
+            };
+            if src.len() < len + 2 {
+                // Reserve for the payload only as it arrives (never the declared
+                // length up front); a large value still avoids many regrowths.
+                src.reserve((len + 2 - src.len()).min(1024 * 1024));
+                return self.incomplete(src);
+            }
+            let data = src.split_to(len).freeze();
+            // Like Redis, the two bytes after the payload are skipped, not checked.
+            src.advance(2);
+            self.consumed += len + 2;
+            self.pending_bulk = None;
+            self.args.push(data);
+            self.remaining -= 1;
+        }
+        self.consumed = 0;
+        Ok(Some(std::mem::take(&mut self.args)))
+    }
+
+    fn incomplete(&self, src: &BytesMut) -> Result<Option<Vec<Bytes>>, FrameError> {
+        if self.consumed + src.len() > self.limits.query_buffer_limit {
+            return Err(FrameError::QueryBufferLimit);
+        }
+        Ok(None)
+    }
+}
+
+impl Decoder for RequestDecoder {
+    type Item = Vec<Bytes>;
+    type Error = FrameError;
+
+    /// Returns the next request's arguments. An empty vector is an empty request
+    /// (a blank inline line, `*0`), which the caller ignores as Redis does.
+    fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Vec<Bytes>>, FrameError> {
+        if self.remaining == 0 {
+            match src.first() {
+                None => return Ok(None),
+                Some(b'*') => {}
+                Some(_) => return self.decode_inline(src),
+            }
+        }
+        self.decode_multibulk(src)
+    }
+}
+
+/// `string2ll`: an optional `-`, digits, no leading zeros or `+`, fits in i64.
+pub fn parse_strict_i64(s: &str) -> Option<i64> {
+    let b = s.as_bytes();
+    if b.is_empty() || b.len() > 20 {
+        return None;
+    }
+    let digits = if b[0] == b'-' { &b[1..] } else { b };
+    if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    if digits.len() > 1 && digits[0] == b'0' {
+        return None;
+    }
+    if b == b"-0" {
+        return None;
+    }
+    s.parse().ok()
+}
+
+/// Splits an inline request the way Redis's `sdssplitargs` does. Returns `None` on
+/// unbalanced quotes (or a closing quote not followed by a space).
+pub fn split_args(line: &[u8]) -> Option<Vec<Bytes>> {
+    let mut args = Vec::new();
+    let mut i = 0;
+    loop {
+        while i < line.len() && line[i].is_ascii_whitespace() {
+            i += 1;
+        }
+        if i >= line.len() {
+            return Some(args);
+        }
+        let mut cur = Vec::new();
+        let mut in_dq = false;
+        let mut in_sq = false;
+        loop {
+            if in_dq {
+                if i >= line.len() {
+                    return None;
+                }
+                let c = line[i];
+                if c == b'\\' && i + 3 < line.len() && line[i + 1] == b'x' && is_hex(line[i + 2]) && is_hex(line[i + 3]) {
+                    cur.push(hex(line[i + 2]) * 16 + hex(line[i + 3]));
+                    i += 3;
+                } else if c == b'\\' && i + 1 < line.len() {
+                    i += 1;
+                    cur.push(match line[i] {
+                        b'n' => b'\n',
+                        b'r' => b'\r',
+                        b't' => b'\t',
+                        b'b' => 8,
+                        b'a' => 7,
+                        other => other,
+                    });
+                } else if c == b'"' {
+                    // The closing quote must be followed by a space or the end.
+                    if i + 1 < line.len() && !line[i + 1].is_ascii_whitespace() {
+                        return None;
+                    }
+
+                    i += 1;
+                    break;
+                } else {
+                    cur.push(c);
+                }
+            } else if in_sq {
+                if i >= line.len() {
+                    return None;
+                }
+                let c = line[i];
+                if c == b'\\' && i + 1 < line.len() && line[i + 1] == b'\'' {
+                    i += 1;
+                    cur.push(b'\'');
+                } else if c == b'\'' {
+                    if i + 1 < line.len() && !line[i + 1].is_ascii_whitespace() {
+                        return None;
+                    }
+
+                    i += 1;
+                    break;
+                } else {
+                    cur.push(c);
+                }
+            } else {
+                if i >= line.len() {
+                    break;
+                }
+                match line[i] {
+                    b' ' | b'\n' | b'\r' | b'\t' | 0 => {
+                        i += 1;
+                        break;
+                    }
+                    b'"' => in_dq = true,
+                    b'\'' => in_sq = true,
+                    c => cur.push(c),
+                }
+            }
+            i += 1;
+        }
+        args.push(Bytes::from(cur));
+    }
+}
+
+fn is_hex(c: u8) -> bool {
+    c.is_ascii_hexdigit()
+}
+
+fn hex(c: u8) -> u8 {
+    (c as char).to_digit(16).unwrap_or(0) as u8
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn decode_all(input: &[u8]) -> Result<Vec<Vec<Bytes>>, FrameError> {
+        let mut d = RequestDecoder::new(Limits::default(), true);
+        let mut buf = BytesMut::from(input);
+        let mut out = Vec::new();
+        while let Some(req) = d.decode(&mut buf)? {
+            out.push(req);
+        }
+        Ok(out)
+    }
+
+    #[test]
+    fn multibulk_and_inline() {
+        let reqs = decode_all(b"*2\r\n$3\r\nGET\r\n$1\r\nk\r\nPING\r\nset a \"b c\"\r\n").unwrap();
+        assert_eq!(reqs.len(), 3);
+        assert_eq!(reqs[0], vec![Bytes::from("GET"), Bytes::from("k")]);
+        assert_eq!(reqs[1], vec![Bytes::from("PING")]);
+        assert_eq!(reqs[2], vec![Bytes::from("set"), Bytes::from("a"), Bytes::from("b c")]);
+    }
+
+    #[test]
+    fn byte_at_a_time_gives_the_same_requests() {
+        let input = b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$5\r\nhello\r\n*1\r\n$4\r\nPING\r\n";
+        let mut d = RequestDecoder::new(Limits::default(), true);
+        let mut buf = BytesMut::new();
+        let mut out = Vec::new();
+        for b in input {
+            buf.extend_from_slice(&[*b]);
+            while let Some(req) = d.decode(&mut buf).unwrap() {
+                out.push(req);
+            }
+        }
+        assert_eq!(out, decode_all(input).unwrap());
+    }
+
+    #[test]
+    fn oversized_lengths_are_refused_before_allocation() {
+        let err = decode_all(b"*1\r\n$600000000\r\n").unwrap_err();
+        assert_eq!(err.to_string(), "Protocol error: invalid bulk length");
+        let err = decode_all(b"*99999999999\r\n").unwrap_err();
+        assert_eq!(err.to_string(), "Protocol error: invalid multibulk length");
+        let err = decode_all(b"*1\r\n+OK\r\n").unwrap_err();
+        assert_eq!(err.to_string(), "Protocol error: expected '$', got '+'");
+    }
+
+    #[test]
+    fn unauthenticated_clients_get_small_limits() {
+        let mut d = RequestDecoder::new(Limits::default(), false);
+        let mut buf = BytesMut::from(&b"*11\r\n"[..]);
+        assert!(d.decode(&mut buf).is_err());
+    }
+
+    #[test]
+    fn unbalanced_quotes() {
+        assert!(split_args(b"set \"a").is_none());
+        assert!(split_args(b"set \"a\"b").is_none());
+        assert_eq!(split_args(b"  ").unwrap().len(), 0);
+        assert_eq!(split_args(b"a \"\\x41\\n\"").unwrap()[1], Bytes::from("A\n"));
+    }
+
+    #[test]
+    fn query_buffer_limit_bounds_incomplete_requests() {
+        let limits = Limits {
+            max_bulk_len: 1 << 20,
+            query_buffer_limit: 100,
+        };
+        let mut d = RequestDecoder::new(limits, true);
+        let mut buf = BytesMut::from(&b"*1\r\n$1000\r\n"[..]);
+        buf.extend_from_slice(&[b'x'; 200]);
+        assert!(matches!(d.decode(&mut buf), Err(FrameError::QueryBufferLimit)));
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn never_panics_on_garbage(data in proptest::collection::vec(proptest::num::u8::ANY, 0..512)) {
+            let mut d = RequestDecoder::new(Limits::default(), false);
+            let mut buf = BytesMut::from(&data[..]);
+            while let Ok(Some(_)) = d.decode(&mut buf) {}
+        }
+
+        #[test]
+        fn round_trips_any_arguments(args in proptest::collection::vec(proptest::collection::vec(proptest::num::u8::ANY, 0..64), 1..8)) {
+            let mut wire = format!("*{}\r\n", args.len()).into_bytes();
+            for a in &args {
+                wire.extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
+                wire.extend_from_slice(a);
+                wire.extend_from_slice(b"\r\n");
+            }
+            let got = decode_all(&wire).unwrap();
+            let want: Vec<Bytes> = args.into_iter().map(Bytes::from).collect();
+            proptest::prop_assert_eq!(got, vec![want]);
+        }
+    }
+}

@@ -1,0 +1,530 @@
+//! The network side: listening, accepting within `maxclients`, and one task per
+//! connection that owns its framing, its session state and its output buffer.
+//!
+//! A connection reads what the socket has, runs every complete request in the
+//! buffer, and writes all their replies in one go: a pipelining client gets one
+//! read and one write per batch, not per command. A client that stops reading
+//! its replies stalls only itself (the write awaits, so nothing more is read from
+//! it), which bounds its memory without a separate output-buffer limit.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use parking_lot::RwLock;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio_util::codec::Decoder;
+use tokio_util::sync::CancellationToken;
+
+use crate::clients::{ClientHandle, Clients};
+use crate::command::{self, spec::Spec};
+use crate::config::Config;
+use crate::db::{Db, WatchFlag};
+use crate::protocol::{FrameError, RequestDecoder};
+use crate::pubsub::{Message, PubSub, Subscriber};
+use crate::reply::{Protocol, Reply};
+use crate::store::{MemStore, Store};
+
+/// The Redis version kvd reports (HELLO, INFO). kvd follows Redis 7.0's command
+/// semantics, and its tests compare against a Redis 7.0 server.
+pub const REDIS_VERSION: &str = "7.0.15";
+
+/// Output is flushed once this much is buffered, even mid-batch.
+const FLUSH_THRESHOLD: usize = 256 * 1024;
+/// Read buffers larger than this are released when empty, so a client that once
+/// sent a large value does not keep the memory.
+const KEEP_BUFFER: usize = 64 * 1024;
+
+/// Server-wide counters for INFO stats.
+#[derive(Default)]
+pub struct Stats {
+    pub commands: AtomicU64,
+    pub error_replies: AtomicU64,
+    pub net_input_bytes: AtomicU64,
+    pub net_output_bytes: AtomicU64,
+    pub ops_per_sec: AtomicU64,
+    pub peak_rss: AtomicU64,
+}
+
+impl Stats {
+    pub fn reset(&self) {
+        for c in [
+            &self.commands,
+            &self.error_replies,
+            &self.net_input_bytes,
+            &self.net_output_bytes,
+            &self.ops_per_sec,
+        ] {
+            c.store(0, Ordering::Relaxed);
+        }
+    }
+}
+
+/// State shared by every connection.
+pub struct Shared {
+    pub db: Db,
+    pub config: RwLock<Config>,
+    pub config_file: Option<String>,
+    pub clients: Clients,
+    pub pubsub: PubSub,
+    pub stats: Stats,
+    pub started: Instant,
+    pub run_id: String,
+    /// Cancelled by SHUTDOWN or a signal; every task watches it.
+    pub shutdown: CancellationToken,
+}
+
+impl Shared {
+    pub fn new(config: Config, config_file: Option<String>, store: Arc<dyn Store>) -> Arc<Shared> {
+        use rand::Rng;
+        let run_id: String = (0..40)
+            .map(|_| format!("{:x}", rand::thread_rng().gen_range(0..16)))
+            .collect();
+        Arc::new(Shared {
+            db: Db::new(store),
+            config: RwLock::new(config),
+            config_file,
+            clients: Clients::default(),
+            pubsub: PubSub::default(),
+            stats: Stats::default(),
+            started: Instant::now(),
+            run_id,
+            shutdown: CancellationToken::new(),
+        })
+    }
+}
+
+/// A MULTI in progress.
+#[derive(Debug, Default)]
+pub struct Multi {
+    pub queue: Vec<Vec<Bytes>>,
+    /// A command failed to queue: EXEC will answer EXECABORT.
+    pub failed: bool,
+}
+
+/// Keys a client WATCHes, and whether one was touched.
+struct Watching {
+    flag: Arc<WatchFlag>,
+    /// Each key, with its expiry time if it was live when watched.
+    keys: Vec<(Bytes, Option<Option<u64>>)>,
+}
+
+/// Per-connection state.
+pub struct Session {
+    pub client: Arc<ClientHandle>,
+    pub proto: Protocol,
+    pub authenticated: bool,
+    pub multi: Option<Multi>,
+    watching: Option<Watching>,
+    channels: HashSet<Bytes>,
+    patterns: HashSet<Bytes>,
+    subscriber: Option<Subscriber>,
+    messages: Option<mpsc::Receiver<Message>>,
+    /// Close the connection after this reply (QUIT, CLIENT KILL of itself).
+    pub close: bool,
+}
+
+impl Session {
+    pub fn new(client: Arc<ClientHandle>, shared: &Shared) -> Self {
+        Session {
+            client,
+            proto: Protocol::Resp2,
+            authenticated: shared.config.read().requirepass.is_none(),
+            multi: None,
+            watching: None,
+            channels: HashSet::new(),
+            patterns: HashSet::new(),
+            subscriber: None,
+            messages: None,
+            close: false,
+        }
+    }
+
+    /// Answers a request refused before it ran; inside MULTI this also dooms the
+    /// transaction, as in Redis.
+    pub fn reject(&mut self, reply: Reply) -> Reply {
+        if let Some(m) = self.multi.as_mut() {
+            m.failed = true;
+        }
+        reply
+    }
+
+    pub fn note_command(&mut self, spec: &Spec) {
+        self.client.state.lock().last_cmd = spec.name.to_string();
+    }
+
+    pub fn in_resp2_subscribed_mode(&self) -> bool {
+        self.proto == Protocol::Resp2 && !(self.channels.is_empty() && self.patterns.is_empty())
+    }
+
+    pub fn set_authenticated(&mut self, yes: bool) {
+        self.authenticated = yes;
+    }
+
+    pub fn set_protocol(&mut self, proto: Protocol) {
+        self.proto = proto;
+        self.client.state.lock().resp = if proto == Protocol::Resp3 { 3 } else { 2 };
+    }
+
+    pub fn begin_multi(&mut self) {
+        self.multi = Some(Multi::default());
+        self.client.state.lock().multi = 0;
+    }
+
+    pub fn end_multi(&mut self) -> Option<Multi> {
+        self.client.state.lock().multi = -1;
+        self.multi.take()
+    }
+
+    pub fn watch(&mut self, shared: &Shared, keys: Vec<Bytes>) {
+        let w = self.watching.get_or_insert_with(|| Watching {
+            flag: Arc::new(WatchFlag::default()),
+            keys: Vec::new(),
+        });
+        for key in keys {
+            if w.keys.iter().any(|(k, _)| *k == key) {
+                continue;
+            }
+            let state = shared.db.watch(&key, &w.flag);
+            w.keys.push((key, state));
+        }
+        self.client.state.lock().watching = w.keys.len();
+    }
+
+    pub fn unwatch_all(&mut self, shared: &Shared) {
+        if let Some(w) = self.watching.take() {
+            let keys: Vec<Bytes> = w.keys.into_iter().map(|(k, _)| k).collect();
+            shared.db.unwatch(&keys, &w.flag);
+        }
+        self.client.state.lock().watching = 0;
+    }
+
+    /// Whether EXEC must fail: a watched key was touched, or a key that was live
+    /// when watched has expired since. Called with the gate held exclusively.
+    pub fn watch_broken(&self, shared: &Shared) -> bool {
+        let Some(w) = &self.watching else {
+            return false;
+        };
+        if w.flag.is_dirty() {
+            return true;
+        }
+        let now = crate::db::now_ms();
+        w.keys.iter().any(|(key, state)| match state {
+            Some(_) => shared
+                .db
+                .store()
+                .get(key)
+                .is_none_or(|e| e.expires_at.is_some_and(|t| t <= now)),
+            None => false,
+        })
+    }
+
+    fn subscription_count(&self) -> i64 {
+        (self.channels.len() + self.patterns.len()) as i64
+    }
+
+    fn sync_sub_counts(&self, shared: &Shared) {
+        let mut st = self.client.state.lock();
+        let was = st.subscriptions + st.pattern_subscriptions > 0;
+        st.subscriptions = self.channels.len();
+        st.pattern_subscriptions = self.patterns.len();
+        let is = st.subscriptions + st.pattern_subscriptions > 0;
+        if was != is {
+            if is {
+                shared.clients.pubsub_clients.fetch_add(1, Ordering::Relaxed);
+            } else {
+                shared.clients.pubsub_clients.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// SUBSCRIBE / PSUBSCRIBE one name; returns its confirmation message.
+    pub fn subscribe(&mut self, shared: &Shared, name: Bytes, pattern: bool) -> Reply {
+        let sub = match &self.subscriber {
+            Some(s) => s.clone(),
+            None => {
+                let cap = shared.config.read().pubsub_queue_limit;
+                let (tx, rx) = mpsc::channel(cap);
+                let s = Subscriber {
+                    tx,
+                    client: self.client.clone(),
+                };
+                self.subscriber = Some(s.clone());
+                self.messages = Some(rx);
+                s
+            }
+        };
+        if pattern {
+            shared.pubsub.psubscribe(&name, &sub);
+            self.patterns.insert(name.clone());
+        } else {
+            shared.pubsub.subscribe(&name, &sub);
+            self.channels.insert(name.clone());
+        }
+        self.sync_sub_counts(shared);
+        let kind = if pattern { "psubscribe" } else { "subscribe" };
+        Reply::Push(vec![Reply::bulk_str(kind), Reply::Bulk(name), Reply::Int(self.subscription_count())])
+    }
+
+    /// UNSUBSCRIBE / PUNSUBSCRIBE the names given, or all when none are.
+    pub fn unsubscribe(&mut self, shared: &Shared, names: Vec<Bytes>, pattern: bool) -> Reply {
+        let kind = if pattern { "punsubscribe" } else { "unsubscribe" };
+        let names = if names.is_empty() {
+            let set = if pattern { &self.patterns } else { &self.channels };
+            set.iter().cloned().collect()
+        } else {
+            names
+        };
+        if names.is_empty() {
+            return Reply::Push(vec![Reply::bulk_str(kind), Reply::Nil, Reply::Int(self.subscription_count())]);
+        }
+        let mut replies = Vec::new();
+        for name in names {
+            if pattern {
+                shared.pubsub.punsubscribe(&name, self.client.id);
+                self.patterns.remove(&name);
+            } else {
+                shared.pubsub.unsubscribe(&name, self.client.id);
+                self.channels.remove(&name);
+            }
+            replies.push(Reply::Push(vec![
+                Reply::bulk_str(kind),
+                Reply::Bulk(name),
+                Reply::Int(self.subscription_count()),
+            ]));
+        }
+        self.sync_sub_counts(shared);
+        Reply::Many(replies)
+    }
+
+    /// RESET, and the clean-up when the connection ends.
+    pub fn reset(&mut self, shared: &Shared) {
+        self.end_multi();
+        self.unwatch_all(shared);
+        self.unsubscribe(shared, Vec::new(), false);
+        self.unsubscribe(shared, Vec::new(), true);
+        self.set_protocol(Protocol::Resp2);
+        self.authenticated = shared.config.read().requirepass.is_none();
+        self.client.state.lock().name.clear();
+    }
+}
+
+/// Binds every address in `config.bind` and serves until shutdown.
+pub async fn run(shared: Arc<Shared>) -> anyhow::Result<()> {
+    let (bind, port) = {
+        let c = shared.config.read();
+        (c.bind.clone(), c.port)
+    };
+    let mut listeners = Vec::new();
+    for host in bind.split_whitespace() {
+        let addr = format!("{host}:{port}");
+        let listener = TcpListener::bind(&addr)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
+        tracing::info!("kvd {} ready to accept connections on {addr}", env!("CARGO_PKG_VERSION"));
+        listeners.push(listener);
+    }
+    if shared.config.read().requirepass.is_none() && !bind.split_whitespace().all(is_loopback) {
+        tracing::warn!("listening on a non-loopback address without --requirepass: anyone who can reach it can read and change every key");
+    }
+    tokio::spawn(housekeeping(shared.clone()));
+    let mut tasks = Vec::new();
+    for listener in listeners {
+        tasks.push(tokio::spawn(accept_loop(shared.clone(), listener)));
+    }
+    shared.shutdown.cancelled().await;
+    for t in tasks {
+        t.abort();
+    }
+    Ok(())
+}
+
+fn is_loopback(host: &str) -> bool {
+    host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
+async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
+    loop {
+        let (socket, addr) = match listener.accept().await {
+            Ok(conn) => conn,
+            Err(e) => {
+                // Out of file descriptors and similar: back off instead of spinning.
+                tracing::warn!("accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = socket.set_nodelay(true);
+        let laddr = socket.local_addr().unwrap_or(addr);
+        if shared.clients.len() >= shared.config.read().maxclients {
+            shared.clients.rejected_connections.fetch_add(1, Ordering::Relaxed);
+            tokio::spawn(async move {
+                let mut socket = socket;
+                let _ = socket.write_all(b"-ERR max number of clients reached\r\n").await;
+            });
+            continue;
+        }
+        let client = shared.clients.register(addr, laddr);
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let id = client.id;
+            let mut session = Session::new(client, &shared);
+            if let Err(e) = serve(&shared, &mut session, socket).await {
+                tracing::debug!(client = id, "connection ended: {e}");
+            }
+            session.reset(&shared);
+            shared.clients.unregister(id);
+        });
+    }
+}
+
+/// Runs one connection until it closes, is killed, or the server shuts down.
+async fn serve(shared: &Shared, session: &mut Session, socket: TcpStream) -> std::io::Result<()> {
+    let (mut rd, mut wr) = socket.into_split();
+    let mut rbuf = BytesMut::with_capacity(16 * 1024);
+    let mut wbuf = BytesMut::with_capacity(16 * 1024);
+    let mut decoder = RequestDecoder::new(shared.config.read().limits(), session.authenticated);
+    loop {
+        // Run every complete request already buffered.
+        loop {
+            decoder.authenticated = session.authenticated;
+            match decoder.decode(&mut rbuf) {
+                Ok(Some(args)) if args.is_empty() => continue,
+                Ok(Some(args)) => {
+                    session.client.touch();
+                    let reply = command::execute(shared, session, args);
+                    if reply.is_error() {
+                        shared.stats.error_replies.fetch_add(1, Ordering::Relaxed);
+                    }
+                    reply.encode(session.proto, &mut wbuf);
+                    if session.close {
+                        flush(shared, &mut wr, &mut wbuf).await?;
+                        return Ok(());
+                    }
+                    if wbuf.len() >= FLUSH_THRESHOLD {
+                        flush(shared, &mut wr, &mut wbuf).await?;
+                    }
+                }
+                Ok(None) => break,
+                Err(FrameError::QueryBufferLimit) => {
+                    tracing::warn!(client = session.client.id, "closing client that reached max query buffer length");
+                    return Ok(());
+                }
+                Err(FrameError::Io(e)) => return Err(e),
+                Err(e) => {
+                    // Malformed input: Redis's error, then close only this connection.
+                    Reply::error(format!("ERR {e}")).encode(session.proto, &mut wbuf);
+                    flush(shared, &mut wr, &mut wbuf).await?;
+                    return Ok(());
+                }
+            }
+        }
+        flush(shared, &mut wr, &mut wbuf).await?;
+        if rbuf.is_empty() && rbuf.capacity() > KEEP_BUFFER {
+            rbuf = BytesMut::with_capacity(16 * 1024);
+        }
+        if wbuf.capacity() > KEEP_BUFFER {
+            wbuf = BytesMut::with_capacity(16 * 1024);
+        }
+        rbuf.reserve(16 * 1024);
+        decoder.limits = shared.config.read().limits();
+        let timeout = shared.config.read().timeout;
+        let idle_limit = async {
+            if timeout == 0 || session.subscriber.is_some() {
+                std::future::pending::<()>().await
+            }
+            tokio::time::sleep(Duration::from_secs(timeout)).await
+        };
+        let message = async {
+            match session.messages.as_mut() {
+                Some(rx) => rx.recv().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            n = rd.read_buf(&mut rbuf) => {
+                let n = n?;
+                if n == 0 {
+                    return Ok(());
+                }
+                shared.stats.net_input_bytes.fetch_add(n as u64, Ordering::Relaxed);
+            }
+            Some(msg) = message => {
+                push_message(msg).encode(session.proto, &mut wbuf);
+                // Deliver whatever else is already queued in the same write.
+                while let Some(msg) = session.messages.as_mut().and_then(|rx| rx.try_recv().ok()) {
+                    push_message(msg).encode(session.proto, &mut wbuf);
+                    if wbuf.len() >= FLUSH_THRESHOLD {
+                        break;
+                    }
+                }
+            }
+            _ = session.client.kill.notified() => return Ok(()),
+            _ = shared.shutdown.cancelled() => return Ok(()),
+            _ = idle_limit => return Ok(()),
+        }
+    }
+}
+
+fn push_message(msg: Message) -> Reply {
+    match msg {
+        Message::Message { channel, payload } => {
+            Reply::Push(vec![Reply::bulk_str("message"), Reply::Bulk(channel), Reply::Bulk(payload)])
+        }
+        Message::PMessage {
+            pattern,
+            channel,
+            payload,
+        } => Reply::Push(vec![
+            Reply::bulk_str("pmessage"),
+            Reply::Bulk(pattern),
+            Reply::Bulk(channel),
+            Reply::Bulk(payload),
+        ]),
+    }
+}
+
+async fn flush(shared: &Shared, wr: &mut tokio::net::tcp::OwnedWriteHalf, wbuf: &mut BytesMut) -> std::io::Result<()> {
+    if wbuf.is_empty() {
+        return Ok(());
+    }
+    wr.write_all(wbuf).await?;
+    shared.stats.net_output_bytes.fetch_add(wbuf.len() as u64, Ordering::Relaxed);
+    wbuf.clear();
+    Ok(())
+}
+
+/// Background work: active expiry (so unread expired keys do not hold memory)
+/// and the ops/sec sample for INFO.
+async fn housekeeping(shared: Arc<Shared>) {
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    let mut last = (Instant::now(), 0u64);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shared.shutdown.cancelled() => return,
+        }
+        // Keep removing while a batch comes back full, but yield between batches.
+        while shared.db.expire_some(256) == 256 {
+            tokio::task::yield_now().await;
+        }
+        if last.0.elapsed() >= Duration::from_secs(1) {
+            let now = shared.stats.commands.load(Ordering::Relaxed);
+            let ops = (now.saturating_sub(last.1) as f64 / last.0.elapsed().as_secs_f64()) as u64;
+            shared.stats.ops_per_sec.store(ops, Ordering::Relaxed);
+            last = (Instant::now(), now);
+        }
+    }
+}
+
+/// Starts a server with the in-memory engine on `config`; returns the shared
+/// state (for shutdown) and the task. Used by the binary and by tests.
+pub async fn start(config: Config, config_file: Option<String>) -> anyhow::Result<(Arc<Shared>, tokio::task::JoinHandle<anyhow::Result<()>>)> {
+    let shared = Shared::new(config, config_file, Arc::new(MemStore::new()));
+    let task = tokio::spawn(run(shared.clone()));
+    Ok((shared, task))
+}
