@@ -51,6 +51,20 @@ impl ClientHandle {
         (self.created.elapsed().as_millis() as u64).saturating_sub(last) / 1000
     }
 
+    /// Whether the client is of a CLIENT LIST / KILL `TYPE` (`normal`, `pubsub`;
+    /// kvd has no replica or master links, so those types match nothing).
+    pub fn is_kind(&self, kind: &str) -> bool {
+        let pubsub = {
+            let st = self.state.lock();
+            st.subscriptions + st.pattern_subscriptions > 0
+        };
+        match kind {
+            "normal" => !pubsub,
+            "pubsub" => pubsub,
+            _ => false,
+        }
+    }
+
     /// One line of CLIENT LIST / CLIENT INFO, fields in Redis 7's order. Fields
     /// about Redis internals kvd does not have (query buffer sizes, output lists)
     /// are reported as 0 so parsers find every field.
@@ -63,7 +77,11 @@ impl ClientHandle {
         } else {
             "N"
         };
-        let cmd = if s.last_cmd.is_empty() { "NULL" } else { &s.last_cmd };
+        let cmd = if s.last_cmd.is_empty() {
+            "NULL"
+        } else {
+            &s.last_cmd
+        };
         format!(
             "id={} addr={} laddr={} fd=0 name={} age={} idle={} flags={} db=0 sub={} psub={} ssub=0 multi={} \
              qbuf=0 qbuf-free=0 argv-mem=0 multi-mem=0 rbs=0 rbp=0 obl=0 oll=0 omem=0 tot-mem=0 events=r \

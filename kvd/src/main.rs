@@ -56,7 +56,9 @@ fn build_config(cli: &Cli) -> anyhow::Result<Config> {
     }
     let mut set = |name: &str, value: Option<String>| -> anyhow::Result<()> {
         if let Some(v) = value {
-            config.set(name, &v, false).map_err(|e| anyhow::anyhow!("--{name} {v}: {e}"))?;
+            config
+                .set(name, &v, false)
+                .map_err(|e| anyhow::anyhow!("--{name} {v}: {e}"))?;
         }
         Ok(())
     };
@@ -73,7 +75,8 @@ fn build_config(cli: &Cli) -> anyhow::Result<Config> {
 fn main() -> std::process::ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("KVD_LOG").unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_env("KVD_LOG")
+                .unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -85,7 +88,10 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::from(2);
         }
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("kvd: cannot start the runtime: {e}");

@@ -18,8 +18,15 @@ use crate::glob;
 /// A message on its way to one subscriber.
 #[derive(Clone, Debug)]
 pub enum Message {
-    Message { channel: Bytes, payload: Bytes },
-    PMessage { pattern: Bytes, channel: Bytes, payload: Bytes },
+    Message {
+        channel: Bytes,
+        payload: Bytes,
+    },
+    PMessage {
+        pattern: Bytes,
+        channel: Bytes,
+        payload: Bytes,
+    },
 }
 
 /// A subscriber's queue and the handle to disconnect it if the queue overflows.

@@ -222,8 +222,14 @@ mod tests {
             (Reply::bulk_str("b"), Reply::Int(1)),
             (Reply::bulk_str("a"), Reply::Int(2)),
         ]);
-        assert_eq!(enc(&m, Protocol::Resp2), b"*4\r\n$1\r\nb\r\n:1\r\n$1\r\na\r\n:2\r\n");
-        assert_eq!(enc(&m, Protocol::Resp3), b"%2\r\n$1\r\nb\r\n:1\r\n$1\r\na\r\n:2\r\n");
+        assert_eq!(
+            enc(&m, Protocol::Resp2),
+            b"*4\r\n$1\r\nb\r\n:1\r\n$1\r\na\r\n:2\r\n"
+        );
+        assert_eq!(
+            enc(&m, Protocol::Resp3),
+            b"%2\r\n$1\r\nb\r\n:1\r\n$1\r\na\r\n:2\r\n"
+        );
     }
 
     #[test]
@@ -235,7 +241,10 @@ mod tests {
 
     #[test]
     fn errors_never_break_the_line() {
-        assert_eq!(enc(&Reply::error("ERR a\r\nb"), Protocol::Resp2), b"-ERR a  b\r\n");
+        assert_eq!(
+            enc(&Reply::error("ERR a\r\nb"), Protocol::Resp2),
+            b"-ERR a  b\r\n"
+        );
     }
 
     #[test]

@@ -235,9 +235,15 @@ impl Session {
         let is = st.subscriptions + st.pattern_subscriptions > 0;
         if was != is {
             if is {
-                shared.clients.pubsub_clients.fetch_add(1, Ordering::Relaxed);
+                shared
+                    .clients
+                    .pubsub_clients
+                    .fetch_add(1, Ordering::Relaxed);
             } else {
-                shared.clients.pubsub_clients.fetch_sub(1, Ordering::Relaxed);
+                shared
+                    .clients
+                    .pubsub_clients
+                    .fetch_sub(1, Ordering::Relaxed);
             }
         }
     }
@@ -267,20 +273,36 @@ impl Session {
         }
         self.sync_sub_counts(shared);
         let kind = if pattern { "psubscribe" } else { "subscribe" };
-        Reply::Push(vec![Reply::bulk_str(kind), Reply::Bulk(name), Reply::Int(self.subscription_count())])
+        Reply::Push(vec![
+            Reply::bulk_str(kind),
+            Reply::Bulk(name),
+            Reply::Int(self.subscription_count()),
+        ])
     }
 
     /// UNSUBSCRIBE / PUNSUBSCRIBE the names given, or all when none are.
     pub fn unsubscribe(&mut self, shared: &Shared, names: Vec<Bytes>, pattern: bool) -> Reply {
-        let kind = if pattern { "punsubscribe" } else { "unsubscribe" };
+        let kind = if pattern {
+            "punsubscribe"
+        } else {
+            "unsubscribe"
+        };
         let names = if names.is_empty() {
-            let set = if pattern { &self.patterns } else { &self.channels };
+            let set = if pattern {
+                &self.patterns
+            } else {
+                &self.channels
+            };
             set.iter().cloned().collect()
         } else {
             names
         };
         if names.is_empty() {
-            return Reply::Push(vec![Reply::bulk_str(kind), Reply::Nil, Reply::Int(self.subscription_count())]);
+            return Reply::Push(vec![
+                Reply::bulk_str(kind),
+                Reply::Nil,
+                Reply::Int(self.subscription_count()),
+            ]);
         }
         let mut replies = Vec::new();
         for name in names {
@@ -325,7 +347,10 @@ pub async fn run(shared: Arc<Shared>) -> anyhow::Result<()> {
         let listener = TcpListener::bind(&addr)
             .await
             .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
-        tracing::info!("kvd {} ready to accept connections on {addr}", env!("CARGO_PKG_VERSION"));
+        tracing::info!(
+            "kvd {} ready to accept connections on {addr}",
+            env!("CARGO_PKG_VERSION")
+        );
         listeners.push(listener);
     }
     if shared.config.read().requirepass.is_none() && !bind.split_whitespace().all(is_loopback) {
@@ -344,7 +369,10 @@ pub async fn run(shared: Arc<Shared>) -> anyhow::Result<()> {
 }
 
 fn is_loopback(host: &str) -> bool {
-    host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+    host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
@@ -361,10 +389,15 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
         let _ = socket.set_nodelay(true);
         let laddr = socket.local_addr().unwrap_or(addr);
         if shared.clients.len() >= shared.config.read().maxclients {
-            shared.clients.rejected_connections.fetch_add(1, Ordering::Relaxed);
+            shared
+                .clients
+                .rejected_connections
+                .fetch_add(1, Ordering::Relaxed);
             tokio::spawn(async move {
                 let mut socket = socket;
-                let _ = socket.write_all(b"-ERR max number of clients reached\r\n").await;
+                let _ = socket
+                    .write_all(b"-ERR max number of clients reached\r\n")
+                    .await;
             });
             continue;
         }
@@ -411,7 +444,10 @@ async fn serve(shared: &Shared, session: &mut Session, socket: TcpStream) -> std
                 }
                 Ok(None) => break,
                 Err(FrameError::QueryBufferLimit) => {
-                    tracing::warn!(client = session.client.id, "closing client that reached max query buffer length");
+                    tracing::warn!(
+                        client = session.client.id,
+                        "closing client that reached max query buffer length"
+                    );
                     return Ok(());
                 }
                 Err(FrameError::Io(e)) => return Err(e),
@@ -472,9 +508,11 @@ async fn serve(shared: &Shared, session: &mut Session, socket: TcpStream) -> std
 
 fn push_message(msg: Message) -> Reply {
     match msg {
-        Message::Message { channel, payload } => {
-            Reply::Push(vec![Reply::bulk_str("message"), Reply::Bulk(channel), Reply::Bulk(payload)])
-        }
+        Message::Message { channel, payload } => Reply::Push(vec![
+            Reply::bulk_str("message"),
+            Reply::Bulk(channel),
+            Reply::Bulk(payload),
+        ]),
         Message::PMessage {
             pattern,
             channel,
@@ -488,12 +526,19 @@ fn push_message(msg: Message) -> Reply {
     }
 }
 
-async fn flush(shared: &Shared, wr: &mut tokio::net::tcp::OwnedWriteHalf, wbuf: &mut BytesMut) -> std::io::Result<()> {
+async fn flush(
+    shared: &Shared,
+    wr: &mut tokio::net::tcp::OwnedWriteHalf,
+    wbuf: &mut BytesMut,
+) -> std::io::Result<()> {
     if wbuf.is_empty() {
         return Ok(());
     }
     wr.write_all(wbuf).await?;
-    shared.stats.net_output_bytes.fetch_add(wbuf.len() as u64, Ordering::Relaxed);
+    shared
+        .stats
+        .net_output_bytes
+        .fetch_add(wbuf.len() as u64, Ordering::Relaxed);
     wbuf.clear();
     Ok(())
 }
@@ -523,7 +568,10 @@ async fn housekeeping(shared: Arc<Shared>) {
 
 /// Starts a server with the in-memory engine on `config`; returns the shared
 /// state (for shutdown) and the task. Used by the binary and by tests.
-pub async fn start(config: Config, config_file: Option<String>) -> anyhow::Result<(Arc<Shared>, tokio::task::JoinHandle<anyhow::Result<()>>)> {
+pub async fn start(
+    config: Config,
+    config_file: Option<String>,
+) -> anyhow::Result<(Arc<Shared>, tokio::task::JoinHandle<anyhow::Result<()>>)> {
     let shared = Shared::new(config, config_file, Arc::new(MemStore::new()));
     let task = tokio::spawn(run(shared.clone()));
     Ok((shared, task))

@@ -48,7 +48,11 @@ pub trait Store: Send + Sync + 'static {
     fn get(&self, key: &Bytes) -> Option<Entry>;
     /// Calls `f` with the key's current entry under the key's lock and applies its
     /// decision before any other writer of that key runs.
-    fn update(&self, key: &Bytes, f: &mut dyn FnMut(Option<&Entry>) -> Update) -> Result<(), StoreError>;
+    fn update(
+        &self,
+        key: &Bytes,
+        f: &mut dyn FnMut(Option<&Entry>) -> Update,
+    ) -> Result<(), StoreError>;
     /// Number of keys, including ones logically expired but not yet removed.
     fn len(&self) -> usize;
     fn is_empty(&self) -> bool {
@@ -144,10 +148,18 @@ impl MemStore {
 impl Store for MemStore {
     fn get(&self, key: &Bytes) -> Option<Entry> {
         let pos = self.pos(key);
-        self.shards[Self::shard_of(pos.hash)].read().map.get(&pos).cloned()
+        self.shards[Self::shard_of(pos.hash)]
+            .read()
+            .map
+            .get(&pos)
+            .cloned()
     }
 
-    fn update(&self, key: &Bytes, f: &mut dyn FnMut(Option<&Entry>) -> Update) -> Result<(), StoreError> {
+    fn update(
+        &self,
+        key: &Bytes,
+        f: &mut dyn FnMut(Option<&Entry>) -> Update,
+    ) -> Result<(), StoreError> {
         let pos = self.pos(key);
         let mut shard = self.shards[Self::shard_of(pos.hash)].write();
         match f(shard.map.get(&pos)) {
@@ -221,7 +233,11 @@ impl Store for MemStore {
                 hash: rng.gen(),
                 key: Bytes::new(),
             };
-            let found = shard.map.range(&probe..).next().or_else(|| shard.map.iter().next());
+            let found = shard
+                .map
+                .range(&probe..)
+                .next()
+                .or_else(|| shard.map.iter().next());
             return found.map(|(p, _)| p.key.clone());
         }
         None
@@ -249,12 +265,17 @@ mod tests {
             value: Bytes::copy_from_slice(v.as_bytes()),
             expires_at: None,
         };
-        s.update(&Bytes::copy_from_slice(k.as_bytes()), &mut |_| Update::Put(entry.clone()))
-            .unwrap();
+        s.update(&Bytes::copy_from_slice(k.as_bytes()), &mut |_| {
+            Update::Put(entry.clone())
+        })
+        .unwrap();
     }
 
     fn del(s: &MemStore, k: &str) {
-        s.update(&Bytes::copy_from_slice(k.as_bytes()), &mut |_| Update::Remove).unwrap();
+        s.update(&Bytes::copy_from_slice(k.as_bytes()), &mut |_| {
+            Update::Remove
+        })
+        .unwrap();
     }
 
     #[test]
@@ -281,7 +302,10 @@ mod tests {
             }
         }
         for i in 0..2000 {
-            assert!(seen.contains(&Bytes::from(format!("stable{i}"))), "missed stable{i}");
+            assert!(
+                seen.contains(&Bytes::from(format!("stable{i}"))),
+                "missed stable{i}"
+            );
         }
     }
 

@@ -50,6 +50,8 @@ pub enum DataCommand {
         get: bool,
         expiry: Expiry,
     },
+    /// SETNX: like `SET NX`, but answers 1 or 0.
+    SetNx(Bytes, Bytes),
     GetSet(Bytes, Bytes),
     GetDel(Bytes),
     GetEx(Bytes, Expiry),
@@ -65,13 +67,34 @@ pub enum DataCommand {
     Del(Vec<Bytes>),
     Exists(Vec<Bytes>),
     Type(Bytes),
-    Rename { from: Bytes, to: Bytes, nx: bool },
-    Copy { from: Bytes, to: Bytes, replace: bool },
-    Ttl { key: Bytes, millis: bool, absolute: bool },
-    Expire { key: Bytes, at: i64, cond: ExpireCondition },
+    Rename {
+        from: Bytes,
+        to: Bytes,
+        nx: bool,
+    },
+    Copy {
+        from: Bytes,
+        to: Bytes,
+        replace: bool,
+    },
+    Ttl {
+        key: Bytes,
+        millis: bool,
+        absolute: bool,
+    },
+    Expire {
+        key: Bytes,
+        at: i64,
+        cond: ExpireCondition,
+    },
     Persist(Bytes),
     Keys(Bytes),
-    Scan { cursor: u64, pattern: Option<Bytes>, count: usize, kind: Option<Bytes> },
+    Scan {
+        cursor: u64,
+        pattern: Option<Bytes>,
+        count: usize,
+        kind: Option<Bytes>,
+    },
     RandomKey,
     DbSize,
     Flush,
@@ -89,7 +112,11 @@ fn expire_at(cmd: &str, raw: &Bytes, seconds: bool, relative: bool) -> ParseResu
         return Err(invalid_expire(cmd));
     }
     let ms = if seconds { n * 1000 } else { n };
-    let at = if relative { ms.checked_add(now_ms() as i64) } else { Some(ms) };
+    let at = if relative {
+        ms.checked_add(now_ms() as i64)
+    } else {
+        Some(ms)
+    };
     match at {
         Some(t) if t > 0 => Ok(Expiry::At(t as u64)),
         _ => Err(invalid_expire(cmd)),
@@ -98,18 +125,61 @@ fn expire_at(cmd: &str, raw: &Bytes, seconds: bool, relative: bool) -> ParseResu
 
 fn pairs(rest: Vec<Bytes>, cmd: &str) -> ParseResult<Vec<(Bytes, Bytes)>> {
     if rest.len() % 2 != 0 {
-        return Err(Reply::error(format!("ERR wrong number of arguments for '{cmd}' command")));
+        return Err(Reply::error(format!(
+            "ERR wrong number of arguments for '{cmd}' command"
+        )));
     }
-    Ok(rest.chunks(2).map(|p| (p[0].clone(), p[1].clone())).collect())
+    Ok(rest
+        .chunks(2)
+        .map(|p| (p[0].clone(), p[1].clone()))
+        .collect())
 }
 
 impl DataCommand {
     /// Names of the commands parsed here.
     pub const NAMES: &'static [&'static str] = &[
-        "get", "set", "setnx", "setex", "psetex", "getset", "getdel", "getex", "mget", "mset", "msetnx", "strlen",
-        "getrange", "setrange", "append", "incr", "decr", "incrby", "decrby", "incrbyfloat", "del", "unlink",
-        "exists", "touch", "type", "rename", "renamenx", "copy", "ttl", "pttl", "expiretime", "pexpiretime",
-        "expire", "pexpire", "expireat", "pexpireat", "persist", "keys", "scan", "randomkey", "dbsize", "flushdb",
+        "get",
+        "set",
+        "setnx",
+        "setex",
+        "psetex",
+        "getset",
+        "getdel",
+        "getex",
+        "mget",
+        "mset",
+        "msetnx",
+        "strlen",
+        "getrange",
+        "setrange",
+        "append",
+        "incr",
+        "decr",
+        "incrby",
+        "decrby",
+        "incrbyfloat",
+        "del",
+        "unlink",
+        "exists",
+        "touch",
+        "type",
+        "rename",
+        "renamenx",
+        "copy",
+        "ttl",
+        "pttl",
+        "expiretime",
+        "pexpiretime",
+        "expire",
+        "pexpire",
+        "expireat",
+        "pexpireat",
+        "persist",
+        "keys",
+        "scan",
+        "randomkey",
+        "dbsize",
+        "flushdb",
         "flushall",
     ];
 
@@ -126,13 +196,7 @@ impl DataCommand {
         Ok(match name {
             "get" => Get(a.bytes()?),
             "set" => Self::parse_set(a)?,
-            "setnx" => Set {
-                key: a.bytes()?,
-                value: a.bytes()?,
-                cond: Condition::IfAbsent,
-                get: false,
-                expiry: Expiry::Clear,
-            },
+            "setnx" => SetNx(a.bytes()?, a.bytes()?),
             "setex" | "psetex" => {
                 let key = a.bytes()?;
                 let expiry = expire_at(name, &a.bytes()?, name == "setex", true)?;
@@ -167,7 +231,8 @@ impl DataCommand {
             }
             "incrbyfloat" => {
                 let key = a.bytes()?;
-                let by = parse_f64(&a.bytes()?).ok_or_else(|| Reply::error("ERR value is not a valid float"))?;
+                let by = parse_f64(&a.bytes()?)
+                    .ok_or_else(|| Reply::error("ERR value is not a valid float"))?;
                 IncrByFloat(key, by)
             }
             "del" | "unlink" => Del(a.rest()),
@@ -192,7 +257,10 @@ impl DataCommand {
             "dbsize" => DbSize,
             "flushdb" | "flushall" => {
                 if let Some(mode) = a.peek() {
-                    if a.remaining() > 1 || !(mode.eq_ignore_ascii_case(b"async") || mode.eq_ignore_ascii_case(b"sync")) {
+                    if a.remaining() > 1
+                        || !(mode.eq_ignore_ascii_case(b"async")
+                            || mode.eq_ignore_ascii_case(b"sync"))
+                    {
                         return Err(syntax());
                     }
                 }
@@ -217,7 +285,11 @@ impl DataCommand {
                 "GET" => get = true,
                 "KEEPTTL" if exp.is_none() => keepttl = true,
                 "EX" | "PX" | "EXAT" | "PXAT"
-                    if !keepttl && has_next && exp.as_ref().is_none_or(|(_, s, r)| (opt.starts_with('E'), opt.len() == 2) == (*s, *r)) =>
+                    if !keepttl
+                        && has_next
+                        && exp.as_ref().is_none_or(|(_, s, r)| {
+                            (opt.starts_with('E'), opt.len() == 2) == (*s, *r)
+                        }) =>
                 {
                     exp = Some((a.bytes()?, opt.starts_with('E'), opt.len() == 2));
                 }
@@ -249,7 +321,11 @@ impl DataCommand {
             match opt.as_str() {
                 "PERSIST" if exp.is_none() => persist = true,
                 "EX" | "PX" | "EXAT" | "PXAT"
-                    if !persist && has_next && exp.as_ref().is_none_or(|(_, s, r)| (opt.starts_with('E'), opt.len() == 2) == (*s, *r)) =>
+                    if !persist
+                        && has_next
+                        && exp.as_ref().is_none_or(|(_, s, r)| {
+                            (opt.starts_with('E'), opt.len() == 2) == (*s, *r)
+                        }) =>
                 {
                     exp = Some((a.bytes()?, opt.starts_with('E'), opt.len() == 2));
                 }
@@ -302,10 +378,14 @@ impl DataCommand {
             }
         }
         if nx && (xx || gt || lt) {
-            return Err(Reply::error("ERR NX and XX, GT or LT options at the same time are not compatible"));
+            return Err(Reply::error(
+                "ERR NX and XX, GT or LT options at the same time are not compatible",
+            ));
         }
         if gt && lt {
-            return Err(Reply::error("ERR GT and LT options at the same time are not compatible"));
+            return Err(Reply::error(
+                "ERR GT and LT options at the same time are not compatible",
+            ));
         }
         let cond = match (nx, xx, gt, lt) {
             (true, ..) => ExpireCondition::Nx,
@@ -322,18 +402,16 @@ impl DataCommand {
             ms = n.checked_mul(1000).ok_or_else(|| invalid_expire(name))?;
         }
         if relative {
-            ms = ms.checked_add(now_ms() as i64).ok_or_else(|| invalid_expire(name))?;
+            ms = ms
+                .checked_add(now_ms() as i64)
+                .ok_or_else(|| invalid_expire(name))?;
         }
         Ok(DataCommand::Expire { key, at: ms, cond })
     }
 
     fn parse_scan(a: &mut Args) -> ParseResult<DataCommand> {
         let raw = a.bytes()?;
-        let cursor = std::str::from_utf8(&raw)
-            .ok()
-            .filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
-            .and_then(|s| s.parse::<u64>().ok())
-            .ok_or_else(|| Reply::error("ERR invalid cursor"))?;
+        let cursor = parse_cursor(&raw).ok_or_else(|| Reply::error("ERR invalid cursor"))?;
         let (mut pattern, mut count, mut kind) = (None, 10usize, None);
         while !a.is_empty() {
             let opt = a.word()?;
@@ -375,7 +453,8 @@ impl DataCommand {
     /// Runs the command. `max_len` is `proto-max-bulk-len`, the largest value
     /// APPEND and SETRANGE may create.
     pub fn apply(self, db: &Db, max_len: i64) -> Reply {
-        self.run(db, max_len).unwrap_or_else(|e| Reply::error(format!("ERR {e}")))
+        self.run(db, max_len)
+            .unwrap_or_else(|e| Reply::error(format!("ERR {e}")))
     }
 
     fn run(self, db: &Db, max_len: i64) -> Result<Reply, StoreError> {
@@ -405,11 +484,33 @@ impl DataCommand {
                     return (Update::Keep, reply);
                 }
                 let expires_at = resolve(expiry, old);
-                (Update::Put(Entry { value: value.clone(), expires_at }), reply)
+                (
+                    Update::Put(Entry {
+                        value: value.clone(),
+                        expires_at,
+                    }),
+                    reply,
+                )
+            })?,
+            SetNx(key, value) => db.update(&key, |old| match old {
+                Some(_) => (Update::Keep, Reply::Int(0)),
+                None => (
+                    Update::Put(Entry {
+                        value: value.clone(),
+                        expires_at: None,
+                    }),
+                    Reply::Int(1),
+                ),
             })?,
             GetSet(key, value) => db.update(&key, |old| {
                 let reply = Reply::from_opt(old.map(|e| e.value.clone()));
-                (Update::Put(Entry { value: value.clone(), expires_at: None }), reply)
+                (
+                    Update::Put(Entry {
+                        value: value.clone(),
+                        expires_at: None,
+                    }),
+                    reply,
+                )
             })?,
             GetDel(key) => db.update(&key, |old| match old {
                 Some(e) => (Update::Remove, Reply::Bulk(e.value.clone())),
@@ -423,7 +524,10 @@ impl DataCommand {
                     let update = if expires_at.is_some_and(|t| t <= now_ms()) {
                         Update::Remove
                     } else {
-                        Update::Put(Entry { value: e.value.clone(), expires_at })
+                        Update::Put(Entry {
+                            value: e.value.clone(),
+                            expires_at,
+                        })
                     };
                     (update, Reply::Bulk(e.value.clone()))
                 }
@@ -473,7 +577,13 @@ impl DataCommand {
                     buf[offset as usize..end as usize].copy_from_slice(&value);
                     let len = buf.len() as i64;
                     let expires_at = old.and_then(|e| e.expires_at);
-                    (Update::Put(Entry { value: buf.freeze(), expires_at }), Reply::Int(len))
+                    (
+                        Update::Put(Entry {
+                            value: buf.freeze(),
+                            expires_at,
+                        }),
+                        Reply::Int(len),
+                    )
                 })?
             }
             Append(key, value) => db.update(&key, |old| {
@@ -486,7 +596,13 @@ impl DataCommand {
                 buf.extend_from_slice(&value);
                 let len = buf.len() as i64;
                 let expires_at = old.and_then(|e| e.expires_at);
-                (Update::Put(Entry { value: buf.freeze(), expires_at }), Reply::Int(len))
+                (
+                    Update::Put(Entry {
+                        value: buf.freeze(),
+                        expires_at,
+                    }),
+                    Reply::Int(len),
+                )
             })?,
             IncrBy(key, by) => db.update(&key, |old| {
                 let cur = match old {
@@ -497,7 +613,10 @@ impl DataCommand {
                     },
                 };
                 let Some(new) = cur.checked_add(by) else {
-                    return (Update::Keep, Reply::error("ERR increment or decrement would overflow"));
+                    return (
+                        Update::Keep,
+                        Reply::error("ERR increment or decrement would overflow"),
+                    );
                 };
                 let value = Bytes::from(new.to_string());
                 let expires_at = old.and_then(|e| e.expires_at);
@@ -508,16 +627,27 @@ impl DataCommand {
                     None => 0.0,
                     Some(e) => match parse_f64(&e.value) {
                         Some(n) => n,
-                        None => return (Update::Keep, Reply::error("ERR value is not a valid float")),
+                        None => {
+                            return (Update::Keep, Reply::error("ERR value is not a valid float"))
+                        }
                     },
                 };
                 let new = cur + by;
                 if !new.is_finite() {
-                    return (Update::Keep, Reply::error("ERR increment would produce NaN or Infinity"));
+                    return (
+                        Update::Keep,
+                        Reply::error("ERR increment would produce NaN or Infinity"),
+                    );
                 }
                 let value = Bytes::from(format_double(new));
                 let expires_at = old.and_then(|e| e.expires_at);
-                (Update::Put(Entry { value: value.clone(), expires_at }), Reply::Bulk(value))
+                (
+                    Update::Put(Entry {
+                        value: value.clone(),
+                        expires_at,
+                    }),
+                    Reply::Bulk(value),
+                )
             })?,
             Del(keys) => {
                 let mut n = 0;
@@ -548,7 +678,9 @@ impl DataCommand {
             }
             Copy { from, to, replace } => {
                 if from == to {
-                    return Ok(Reply::error("ERR source and destination objects are the same"));
+                    return Ok(Reply::error(
+                        "ERR source and destination objects are the same",
+                    ));
                 }
                 let Some(entry) = db.get(&from) else {
                     return Ok(Reply::Int(0));
@@ -559,14 +691,29 @@ impl DataCommand {
                 db.update(&to, |_| (Update::Put(entry.clone()), ()))?;
                 Reply::Int(1)
             }
-            Ttl { key, millis, absolute } => match db.get(&key) {
+            Ttl {
+                key,
+                millis,
+                absolute,
+            } => match db.get(&key) {
                 None => Reply::Int(-2),
-                Some(Entry { expires_at: None, .. }) => Reply::Int(-1),
                 Some(Entry {
-                    expires_at: Some(t), ..
+                    expires_at: None, ..
+                }) => Reply::Int(-1),
+                Some(Entry {
+                    expires_at: Some(t),
+                    ..
                 }) => {
-                    let t = if absolute { t } else { t.saturating_sub(now_ms()) };
-                    Reply::Int(if millis { t } else { (t + if absolute { 0 } else { 500 }) / 1000 } as i64)
+                    let t = if absolute {
+                        t
+                    } else {
+                        t.saturating_sub(now_ms())
+                    };
+                    Reply::Int(if millis {
+                        t
+                    } else {
+                        (t + if absolute { 0 } else { 500 }) / 1000
+                    } as i64)
                 }
             },
             Expire { key, at, cond } => db.update(&key, |old| {
@@ -615,7 +762,8 @@ impl DataCommand {
                         batch
                             .into_iter()
                             .filter(|(k, e)| {
-                                e.expires_at.is_none_or(|t| t > now) && (all_keys || glob::matches(&pattern, k, false))
+                                e.expires_at.is_none_or(|t| t > now)
+                                    && (all_keys || glob::matches(&pattern, k, false))
                             })
                             .map(|(k, _)| Reply::Bulk(k)),
                     );
@@ -634,7 +782,9 @@ impl DataCommand {
                 let now = now_ms();
                 let mut batch = Vec::new();
                 let next = db.store().scan(cursor, count, &mut batch);
-                let type_ok = kind.as_ref().is_none_or(|t| t.eq_ignore_ascii_case(b"string"));
+                let type_ok = kind
+                    .as_ref()
+                    .is_none_or(|t| t.eq_ignore_ascii_case(b"string"));
                 let keys = batch
                     .into_iter()
                     .filter(|(k, e)| {
@@ -644,7 +794,10 @@ impl DataCommand {
                     })
                     .map(|(k, _)| Reply::Bulk(k))
                     .collect();
-                Reply::Array(vec![Reply::Bulk(Bytes::from(next.to_string())), Reply::Array(keys)])
+                Reply::Array(vec![
+                    Reply::Bulk(Bytes::from(next.to_string())),
+                    Reply::Array(keys),
+                ])
             }
             RandomKey => {
                 // A sampled key may have expired; try a few before giving up, as
@@ -665,6 +818,22 @@ impl DataCommand {
             }
         })
     }
+}
+
+/// A SCAN cursor as Redis reads it (`strtoul`): optional sign, digits, no
+/// overflow; a negative number wraps around as in C.
+fn parse_cursor(raw: &[u8]) -> Option<u64> {
+    let s = std::str::from_utf8(raw).ok()?;
+    let (neg, digits) = match s.as_bytes().first()? {
+        b'-' => (true, &s[1..]),
+        b'+' => (false, &s[1..]),
+        _ => (false, s),
+    };
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let n: u64 = digits.parse().ok()?;
+    Some(if neg { n.wrapping_neg() } else { n })
 }
 
 fn too_big() -> Reply {

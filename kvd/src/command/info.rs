@@ -66,7 +66,9 @@ fn server(shared: &Shared) -> String {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_micros())
         .unwrap_or(0);
-    let exe = std::env::current_exe().map(|p| p.display().to_string()).unwrap_or_default();
+    let exe = std::env::current_exe()
+        .map(|p| p.display().to_string())
+        .unwrap_or_default();
     let port = shared.config.read().port;
     format!(
         "redis_version:{REDIS_VERSION}\r\nkvd_version:{}\r\nredis_git_sha1:00000000\r\nredis_git_dirty:0\r\n\
@@ -100,7 +102,11 @@ fn clients(shared: &Shared) -> String {
 pub fn rss_bytes() -> u64 {
     std::fs::read_to_string("/proc/self/statm")
         .ok()
-        .and_then(|s| s.split_whitespace().nth(1).and_then(|p| p.parse::<u64>().ok()))
+        .and_then(|s| {
+            s.split_whitespace()
+                .nth(1)
+                .and_then(|p| p.parse::<u64>().ok())
+        })
         .map_or(0, |pages| pages * 4096)
 }
 
@@ -120,7 +126,11 @@ fn human(bytes: u64) -> String {
 fn memory(shared: &Shared) -> String {
     let rss = rss_bytes();
     let dataset = shared.db.store().used_bytes();
-    let peak = shared.stats.peak_rss.fetch_max(rss, Ordering::Relaxed).max(rss);
+    let peak = shared
+        .stats
+        .peak_rss
+        .fetch_max(rss, Ordering::Relaxed)
+        .max(rss);
     format!(
         "used_memory:{rss}\r\nused_memory_human:{}\r\nused_memory_rss:{rss}\r\nused_memory_rss_human:{}\r\n\
          used_memory_peak:{peak}\r\nused_memory_peak_human:{}\r\nused_memory_dataset:{dataset}\r\n\
@@ -179,7 +189,10 @@ fn cpu() -> String {
         .ok()
         .and_then(|s| {
             let after = s.rsplit_once(')')?.1.split_whitespace().collect::<Vec<_>>();
-            Some((after.get(11)?.parse::<f64>().ok()?, after.get(12)?.parse::<f64>().ok()?))
+            Some((
+                after.get(11)?.parse::<f64>().ok()?,
+                after.get(12)?.parse::<f64>().ok()?,
+            ))
         })
         .unwrap_or((0.0, 0.0));
     format!(

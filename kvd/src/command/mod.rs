@@ -36,7 +36,10 @@ const SUBSCRIBED_ALLOWED: &[&str] = &[
 
 /// Runs one request and returns its reply.
 pub fn execute(shared: &Shared, session: &mut Session, args: Vec<Bytes>) -> Reply {
-    shared.stats.commands.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    shared
+        .stats
+        .commands
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let spec = match spec::lookup(&args) {
         Lookup::Found(spec) => spec,
         Lookup::UnknownCommand => return session.reject(unknown_command(&args)),
@@ -52,6 +55,14 @@ pub fn execute(shared: &Shared, session: &mut Session, args: Vec<Bytes>) -> Repl
     };
     if !spec.arity_ok(args.len()) {
         let text = format!("ERR wrong number of arguments for '{}' command", spec.name);
+        if spec.name == "exec" {
+            // Redis aborts a transaction whose EXEC itself is malformed, and says so.
+            session.end_multi();
+            let reason = text.trim_start_matches("ERR ");
+            return Reply::error(format!(
+                "EXECABORT Transaction discarded because of: {reason}"
+            ));
+        }
         return session.reject(Reply::error(text));
     }
     if !session.authenticated && !spec.flags.contains(&"no_auth") {
@@ -80,7 +91,13 @@ pub fn execute(shared: &Shared, session: &mut Session, args: Vec<Bytes>) -> Repl
 
 /// Parses and applies one command whose checks have passed. `in_exec` is set for
 /// commands run by EXEC, which already holds the database gate exclusively.
-pub fn run(shared: &Shared, session: &mut Session, spec: &'static Spec, args: &[Bytes], in_exec: bool) -> Reply {
+pub fn run(
+    shared: &Shared,
+    session: &mut Session,
+    spec: &'static Spec,
+    args: &[Bytes],
+    in_exec: bool,
+) -> Reply {
     if let Some(parsed) = DataCommand::parse(spec.name, args) {
         let cmd = match parsed {
             Ok(cmd) => cmd,
@@ -112,7 +129,10 @@ fn unknown_command(args: &[Bytes]) -> Reply {
             break;
         }
         let room = 128 - quoted.len();
-        quoted.push_str(&format!("'{}' ", truncate(&String::from_utf8_lossy(arg), room)));
+        quoted.push_str(&format!(
+            "'{}' ",
+            truncate(&String::from_utf8_lossy(arg), room)
+        ));
     }
     Reply::error(format!(
         "ERR unknown command '{}', with args beginning with: {}",

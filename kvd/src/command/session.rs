@@ -5,7 +5,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 
-use super::args::{syntax, Args, ParseResult, ERR_NOT_INTEGER};
+use super::args::{syntax, Args, ParseResult};
 use super::spec::{self, Spec, COMMANDS};
 use super::{info, run};
 use crate::glob;
@@ -17,8 +17,15 @@ use crate::server::{Session, Shared, REDIS_VERSION};
 pub enum SessionCommand {
     Ping(Option<Bytes>),
     Echo(Bytes),
-    Auth { user: Option<Bytes>, pass: Bytes },
-    Hello { proto: Option<i64>, auth: Option<(Bytes, Bytes)>, name: Option<Bytes> },
+    Auth {
+        user: Option<Bytes>,
+        pass: Bytes,
+    },
+    Hello {
+        proto: Option<i64>,
+        auth: Option<(Bytes, Bytes)>,
+        name: Option<Bytes>,
+    },
     Select(i64),
     Quit,
     Reset,
@@ -38,13 +45,18 @@ pub enum SessionCommand {
     ClientId,
     ClientSetName(Bytes),
     ClientGetName,
-    ClientList { kind: Option<String>, ids: Vec<u64> },
+    ClientList {
+        kind: Option<String>,
+        ids: Vec<u64>,
+    },
     ClientInfo,
     ClientSetInfo(String, Bytes),
     ClientKill(KillFilter),
     Info(Vec<String>),
     Time,
-    Shutdown { abort: bool },
+    Shutdown {
+        abort: bool,
+    },
     ConfigGet(Vec<Bytes>),
     ConfigSet(Vec<(String, String)>),
     ConfigResetStat,
@@ -81,7 +93,9 @@ impl SessionCommand {
         Ok(match spec.name {
             "ping" => {
                 if a.remaining() > 1 {
-                    return Err(Reply::error("ERR wrong number of arguments for 'ping' command"));
+                    return Err(Reply::error(
+                        "ERR wrong number of arguments for 'ping' command",
+                    ));
                 }
                 Ping(a.peek().cloned())
             }
@@ -136,7 +150,9 @@ impl SessionCommand {
             "punsubscribe" => PUnsubscribe(a.rest()),
             "pubsub|channels" => {
                 if a.remaining() > 1 {
-                    return Err(Reply::error("ERR wrong number of arguments for 'pubsub|channels' command"));
+                    return Err(Reply::error(
+                        "ERR unknown subcommand or wrong number of arguments for 'CHANNELS'. Try PUBSUB HELP.",
+                    ));
                 }
                 PubsubChannels(a.peek().cloned())
             }
@@ -152,18 +168,19 @@ impl SessionCommand {
                     match a.word()?.as_str() {
                         "TYPE" if a.remaining() == 1 => {
                             let t = a.word()?.to_ascii_lowercase();
-                            if !["normal", "master", "replica", "slave", "pubsub"].contains(&t.as_str()) {
+                            if !["normal", "master", "replica", "slave", "pubsub"]
+                                .contains(&t.as_str())
+                            {
                                 return Err(Reply::error(format!("ERR Unknown client type '{t}'")));
                             }
                             kind = Some(t);
                         }
                         "ID" if a.remaining() >= 1 => {
                             while !a.is_empty() {
-                                let id = a.i64()?;
-                                if id <= 0 {
-                                    return Err(Reply::error("ERR Invalid client ID"));
-                                }
-                                ids.push(id as u64);
+                                // Ids that cannot exist (0, negative) just match nothing.
+                                let id =
+                                    a.i64().map_err(|_| Reply::error("ERR Invalid client ID"))?;
+                                ids.push(id.max(0) as u64);
                             }
                         }
                         _ => return Err(syntax()),
@@ -175,7 +192,10 @@ impl SessionCommand {
                 let attr = a.word()?;
                 let value = a.bytes()?;
                 if attr != "LIB-NAME" && attr != "LIB-VER" {
-                    return Err(Reply::error(format!("ERR Unrecognized option '{}'", String::from_utf8_lossy(&args[2]))));
+                    return Err(Reply::error(format!(
+                        "ERR Unrecognized option '{}'",
+                        String::from_utf8_lossy(&args[2])
+                    )));
                 }
                 if !client_name_ok(&value) {
                     return Err(Reply::error(format!(
@@ -203,12 +223,9 @@ impl SessionCommand {
                         let val = String::from_utf8_lossy(&a.bytes()?).into_owned();
                         match opt.as_str() {
                             "ID" => {
-                                f.id = Some(
-                                    val.parse()
-                                        .ok()
-                                        .filter(|&n: &u64| n > 0)
-                                        .ok_or_else(|| Reply::error("ERR client-id should be greater than 0"))?,
-                                )
+                                f.id = Some(val.parse().ok().filter(|&n: &u64| n > 0).ok_or_else(
+                                    || Reply::error("ERR client-id should be greater than 0"),
+                                )?)
                             }
                             "ADDR" => f.addr = Some(val),
                             "LADDR" => f.laddr = Some(val),
@@ -232,7 +249,12 @@ impl SessionCommand {
                 ClientKill(f)
             }
             "client|help" => Help("client"),
-            "info" => Info(a.rest().iter().map(|s| String::from_utf8_lossy(s).to_ascii_lowercase()).collect()),
+            "info" => Info(
+                a.rest()
+                    .iter()
+                    .map(|s| String::from_utf8_lossy(s).to_ascii_lowercase())
+                    .collect(),
+            ),
             "time" => Time,
             "shutdown" => {
                 let mut abort = false;
@@ -249,7 +271,9 @@ impl SessionCommand {
             "config|set" => {
                 let rest = a.rest();
                 if rest.len() % 2 != 0 {
-                    return Err(Reply::error("ERR wrong number of arguments for 'config|set' command"));
+                    return Err(Reply::error(
+                        "ERR wrong number of arguments for 'config|set' command",
+                    ));
                 }
                 ConfigSet(
                     rest.chunks(2)
@@ -293,7 +317,10 @@ impl SessionCommand {
         match self {
             Ping(msg) => {
                 if s.in_resp2_subscribed_mode() {
-                    return Reply::Array(vec![Reply::bulk_str("pong"), Reply::Bulk(msg.unwrap_or_default())]);
+                    return Reply::Array(vec![
+                        Reply::bulk_str("pong"),
+                        Reply::Bulk(msg.unwrap_or_default()),
+                    ]);
                 }
                 msg.map_or(Reply::Simple("PONG"), Reply::Bulk)
             }
@@ -325,7 +352,9 @@ impl SessionCommand {
                 if let Some((user, pass)) = auth {
                     let required = shared.config.read().requirepass.clone();
                     if !check_password(required.as_deref(), Some(&user), &pass) {
-                        return Reply::error("WRONGPASS invalid username-password pair or user is disabled.");
+                        return Reply::error(
+                            "WRONGPASS invalid username-password pair or user is disabled.",
+                        );
                     }
                     s.set_authenticated(true);
                 }
@@ -359,7 +388,9 @@ impl SessionCommand {
                 ])
             }
             Select(0) => Reply::OK,
-            Select(n) if n > i32::MAX as i64 || n < i32::MIN as i64 => Reply::error(ERR_NOT_INTEGER),
+            Select(n) if n > i32::MAX as i64 || n < i32::MIN as i64 => Reply::error(
+                "ERR value is out of range, value must between -2147483648 and 2147483647",
+            ),
             Select(_) => Reply::error("ERR DB index is out of range"),
             Quit => {
                 s.close = true;
@@ -397,18 +428,32 @@ impl SessionCommand {
                 Reply::OK
             }
             Publish(channel, msg) => Reply::Int(shared.pubsub.publish(&channel, &msg) as i64),
-            Subscribe(chs) => Reply::Many(chs.into_iter().map(|c| s.subscribe(shared, c, false)).collect()),
-            PSubscribe(pats) => Reply::Many(pats.into_iter().map(|p| s.subscribe(shared, p, true)).collect()),
+            Subscribe(chs) => Reply::Many(
+                chs.into_iter()
+                    .map(|c| s.subscribe(shared, c, false))
+                    .collect(),
+            ),
+            PSubscribe(pats) => Reply::Many(
+                pats.into_iter()
+                    .map(|p| s.subscribe(shared, p, true))
+                    .collect(),
+            ),
             Unsubscribe(chs) => s.unsubscribe(shared, chs, false),
             PUnsubscribe(pats) => s.unsubscribe(shared, pats, true),
-            PubsubChannels(pattern) => {
-                Reply::Array(shared.pubsub.channels(pattern.as_deref()).into_iter().map(Reply::Bulk).collect())
-            }
-            PubsubNumsub(chs) => Reply::Map(
+            PubsubChannels(pattern) => Reply::Array(
+                shared
+                    .pubsub
+                    .channels(pattern.as_deref())
+                    .into_iter()
+                    .map(Reply::Bulk)
+                    .collect(),
+            ),
+            // A flat array even in RESP3, as Redis 7.0 sends it.
+            PubsubNumsub(chs) => Reply::Array(
                 chs.into_iter()
-                    .map(|c| {
+                    .flat_map(|c| {
                         let n = shared.pubsub.numsub(&c) as i64;
-                        (Reply::Bulk(c), Reply::Int(n))
+                        [Reply::Bulk(c), Reply::Int(n)]
                     })
                     .collect(),
             ),
@@ -416,7 +461,9 @@ impl SessionCommand {
             ClientId => Reply::Int(s.client.id as i64),
             ClientSetName(name) => {
                 if !client_name_ok(&name) {
-                    return Reply::error("ERR Client names cannot contain spaces, newlines or special characters.");
+                    return Reply::error(
+                        "ERR Client names cannot contain spaces, newlines or special characters.",
+                    );
                 }
                 s.client.state.lock().name = String::from_utf8_lossy(&name).into_owned();
                 Reply::OK
@@ -429,23 +476,17 @@ impl SessionCommand {
                     Reply::bulk(name)
                 }
             }
-            ClientInfo => Reply::Verbatim("txt", Bytes::from(format!("{}\n", s.client.info_line()))),
+            ClientInfo => {
+                Reply::Verbatim("txt", Bytes::from(format!("{}\n", s.client.info_line())))
+            }
             ClientList { kind, ids } => {
                 let mut text = String::new();
                 for c in shared.clients.all() {
                     if !ids.is_empty() && !ids.contains(&c.id) {
                         continue;
                     }
-                    if let Some(kind) = &kind {
-                        let pubsub = c.state.lock().subscriptions + c.state.lock().pattern_subscriptions > 0;
-                        let is = match kind.as_str() {
-                            "normal" => !pubsub,
-                            "pubsub" => pubsub,
-                            _ => false,
-                        };
-                        if !is {
-                            continue;
-                        }
+                    if kind.as_ref().is_some_and(|k| !c.is_kind(k)) {
+                        continue;
                     }
                     text.push_str(&c.info_line());
                     text.push('\n');
@@ -468,18 +509,10 @@ impl SessionCommand {
                     if f.skipme && c.id == s.client.id {
                         continue;
                     }
-                    let pubsub = {
-                        let st = c.state.lock();
-                        st.subscriptions + st.pattern_subscriptions > 0
-                    };
                     let matches = f.id.is_none_or(|id| id == c.id)
                         && f.addr.as_ref().is_none_or(|a| *a == c.addr.to_string())
                         && f.laddr.as_ref().is_none_or(|a| *a == c.laddr.to_string())
-                        && f.kind.as_ref().is_none_or(|k| match k.as_str() {
-                            "normal" => !pubsub,
-                            "pubsub" => pubsub,
-                            _ => false,
-                        });
+                        && f.kind.as_ref().is_none_or(|k| c.is_kind(k));
                     if matches {
                         if c.id == s.client.id {
                             s.close = true;
@@ -501,7 +534,9 @@ impl SessionCommand {
             }
             Info(sections) => Reply::Verbatim("txt", Bytes::from(info::render(shared, &sections))),
             Time => {
-                let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+                let now = SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .unwrap_or_default();
                 Reply::Array(vec![
                     Reply::bulk(now.as_secs().to_string()),
                     Reply::bulk(now.subsec_micros().to_string()),
@@ -524,7 +559,10 @@ impl SessionCommand {
                 let config = shared.config.read();
                 let mut pairs = Vec::new();
                 for name in crate::config::NAMES {
-                    if patterns.iter().any(|p| glob::matches(p, name.as_bytes(), true)) {
+                    if patterns
+                        .iter()
+                        .any(|p| glob::matches(p, name.as_bytes(), true))
+                    {
                         if let Some(v) = config.get(name) {
                             pairs.push((Reply::bulk_str(name), Reply::bulk(v)));
                         }
@@ -557,14 +595,18 @@ impl SessionCommand {
             CommandCount => Reply::Int(COMMANDS.len() as i64),
             CommandInfo(names) => {
                 if names.is_empty() {
-                    return Reply::Array(COMMANDS.iter().map(|c| command_info(c, s.proto)).collect());
+                    return Reply::Array(
+                        COMMANDS.iter().map(|c| command_info(c, s.proto)).collect(),
+                    );
                 }
                 Reply::Array(
                     names
                         .iter()
-                        .map(|n| match spec::find(&String::from_utf8_lossy(n).to_ascii_lowercase()) {
-                            Some(c) => command_info(c, s.proto),
-                            None => Reply::NilArray,
+                        .map(|n| {
+                            match spec::find(&String::from_utf8_lossy(n).to_ascii_lowercase()) {
+                                Some(c) => command_info(c, s.proto),
+                                None => Reply::NilArray,
+                            }
                         })
                         .collect(),
                 )
@@ -575,7 +617,9 @@ impl SessionCommand {
                 } else {
                     names
                         .iter()
-                        .filter_map(|n| spec::find(&String::from_utf8_lossy(n).to_ascii_lowercase()))
+                        .filter_map(|n| {
+                            spec::find(&String::from_utf8_lossy(n).to_ascii_lowercase())
+                        })
                         .collect()
                 };
                 Reply::Map(
@@ -594,7 +638,10 @@ impl SessionCommand {
                             Some((kind, arg)) => match kind.as_str() {
                                 "MODULE" => false,
                                 "ACLCAT" => {
-                                    let cat = format!("@{}", String::from_utf8_lossy(arg).to_ascii_lowercase());
+                                    let cat = format!(
+                                        "@{}",
+                                        String::from_utf8_lossy(arg).to_ascii_lowercase()
+                                    );
                                     spec.acl_categories().contains(&cat.as_str())
                                 }
                                 _ => glob::matches(arg, spec.name.as_bytes(), true),
@@ -614,14 +661,18 @@ impl SessionCommand {
                 }) else {
                     return Reply::error("ERR Invalid command specified");
                 };
+                if target.first_key <= 0 {
+                    return Reply::error("ERR The command has no key arguments");
+                }
                 if !target.arity_ok(cmd.len()) {
                     return Reply::error("ERR Invalid number of arguments specified for command");
                 }
                 let keys = target.key_positions(cmd.len());
-                if keys.is_empty() {
-                    return Reply::error("ERR The command has no key arguments");
-                }
-                Reply::Array(keys.into_iter().map(|i| Reply::Bulk(cmd[i].clone())).collect())
+                Reply::Array(
+                    keys.into_iter()
+                        .map(|i| Reply::Bulk(cmd[i].clone()))
+                        .collect(),
+                )
             }
             Help(container) => help(container),
         }
@@ -692,18 +743,33 @@ fn command_info(c: &Spec, proto: Protocol) -> Reply {
         };
         vec![Reply::Map(vec![
             (Reply::bulk_str("flags"), Reply::Set(flags)),
-            (Reply::bulk_str("begin_search"), Reply::Map(vec![
-                (Reply::bulk_str("type"), Reply::bulk_str("index")),
-                (Reply::bulk_str("spec"), Reply::Map(vec![(Reply::bulk_str("index"), Reply::Int(c.first_key as i64))])),
-            ])),
-            (Reply::bulk_str("find_keys"), Reply::Map(vec![
-                (Reply::bulk_str("type"), Reply::bulk_str("range")),
-                (Reply::bulk_str("spec"), Reply::Map(vec![
-                    (Reply::bulk_str("lastkey"), Reply::Int(lastkey)),
-                    (Reply::bulk_str("keystep"), Reply::Int(c.step as i64)),
-                    (Reply::bulk_str("limit"), Reply::Int(0)),
-                ])),
-            ])),
+            (
+                Reply::bulk_str("begin_search"),
+                Reply::Map(vec![
+                    (Reply::bulk_str("type"), Reply::bulk_str("index")),
+                    (
+                        Reply::bulk_str("spec"),
+                        Reply::Map(vec![(
+                            Reply::bulk_str("index"),
+                            Reply::Int(c.first_key as i64),
+                        )]),
+                    ),
+                ]),
+            ),
+            (
+                Reply::bulk_str("find_keys"),
+                Reply::Map(vec![
+                    (Reply::bulk_str("type"), Reply::bulk_str("range")),
+                    (
+                        Reply::bulk_str("spec"),
+                        Reply::Map(vec![
+                            (Reply::bulk_str("lastkey"), Reply::Int(lastkey)),
+                            (Reply::bulk_str("keystep"), Reply::Int(c.step as i64)),
+                            (Reply::bulk_str("limit"), Reply::Int(0)),
+                        ]),
+                    ),
+                ]),
+            ),
         ])]
     } else {
         vec![]
@@ -719,7 +785,12 @@ fn command_info(c: &Spec, proto: Protocol) -> Reply {
         Reply::Set(c.acl_categories().into_iter().map(status).collect()),
         Reply::Set(vec![]),
         Reply::Array(key_specs),
-        Reply::Array(c.subcommands.iter().map(|sub| command_info(sub, proto)).collect()),
+        Reply::Array(
+            c.subcommands
+                .iter()
+                .map(|sub| command_info(sub, proto))
+                .collect(),
+        ),
     ])
 }
 
@@ -745,7 +816,10 @@ fn arg_doc(a: &spec::ArgDoc) -> Reply {
         fields.push((Reply::bulk_str("flags"), Reply::Set(flags)));
     }
     if !a.children.is_empty() {
-        fields.push((Reply::bulk_str("arguments"), Reply::Array(a.children.iter().map(arg_doc).collect())));
+        fields.push((
+            Reply::bulk_str("arguments"),
+            Reply::Array(a.children.iter().map(arg_doc).collect()),
+        ));
     }
     Reply::Map(fields)
 }
@@ -760,12 +834,20 @@ fn command_docs(c: &Spec) -> Reply {
     ];
     let args = spec::parse_arg_docs(c.args);
     if !args.is_empty() {
-        fields.push((Reply::bulk_str("arguments"), Reply::Array(args.iter().map(arg_doc).collect())));
+        fields.push((
+            Reply::bulk_str("arguments"),
+            Reply::Array(args.iter().map(arg_doc).collect()),
+        ));
     }
     if !c.subcommands.is_empty() {
         fields.push((
             Reply::bulk_str("subcommands"),
-            Reply::Map(c.subcommands.iter().map(|s| (Reply::bulk_str(s.name), command_docs(s))).collect()),
+            Reply::Map(
+                c.subcommands
+                    .iter()
+                    .map(|s| (Reply::bulk_str(s.name), command_docs(s)))
+                    .collect(),
+            ),
         ));
     }
     Reply::Map(fields)
@@ -781,8 +863,15 @@ fn help(container: &str) -> Reply {
         "{upper} <subcommand> [<arg> [value] [opt] ...]. Subcommands are:"
     ))];
     for sub in parent.subcommands {
-        let name = sub.name.split('|').nth(1).unwrap_or_default().to_ascii_uppercase();
-        lines.push(Reply::Status(format!("{name} {}", sub.args).trim_end().to_string()));
+        let name = sub
+            .name
+            .split('|')
+            .nth(1)
+            .unwrap_or_default()
+            .to_ascii_uppercase();
+        lines.push(Reply::Status(
+            format!("{name} {}", sub.args).trim_end().to_string(),
+        ));
         lines.push(Reply::Status(format!("    {}", sub.summary)));
     }
     Reply::Array(lines)

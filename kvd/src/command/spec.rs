@@ -130,7 +130,6 @@ macro_rules! container {
     };
 }
 
-
 /// Every command kvd answers.
 pub static COMMANDS: &[Spec] = &[
     // ---- strings ----
@@ -243,7 +242,7 @@ pub static COMMANDS: &[Spec] = &[
             spec!("command|docs", -2, ["loading", "stale"], 0, 0, 0, "server", "7.0.0", "Returns documentary information about one, multiple or all commands.", "O(N) where N is the number of commands to look up", "[command-name [command-name ...]]"),
             spec!("command|info", -2, ["loading", "stale"], 0, 0, 0, "server", "2.8.13", "Returns information about one, multiple or all commands.", "O(N) where N is the number of commands to look up", "[command-name [command-name ...]]"),
             spec!("command|list", -2, ["loading", "stale"], 0, 0, 0, "server", "7.0.0", "Returns a list of command names.", "O(N) where N is the total number of Redis commands", "[FILTERBY MODULE module-name | ACLCAT category | PATTERN pattern]"),
-            spec!("command|getkeys", -3, ["loading", "stale"], 0, 0, 0, "server", "2.8.13", "Extracts the key names from an arbitrary command.", "O(N) where N is the number of arguments to the command", "command [arg [arg ...]]"),
+            spec!("command|getkeys", -4, ["loading", "stale"], 0, 0, 0, "server", "2.8.13", "Extracts the key names from an arbitrary command.", "O(N) where N is the number of arguments to the command", "command [arg [arg ...]]"),
             spec!("command|help", 2, ["loading", "stale"], 0, 0, 0, "server", "5.0.0", "Returns helpful text about the different subcommands.", "O(1)", ""),
         ],
     },
@@ -286,7 +285,11 @@ pub fn lookup(args: &[bytes::Bytes]) -> Lookup {
         return Lookup::Found(spec);
     }
     let sub = String::from_utf8_lossy(&args[1]).to_ascii_lowercase();
-    match spec.subcommands.iter().find(|s| s.name.split('|').nth(1) == Some(sub.as_str())) {
+    match spec
+        .subcommands
+        .iter()
+        .find(|s| s.name.split('|').nth(1) == Some(sub.as_str()))
+    {
         Some(s) => Lookup::Found(s),
         None if spec.name == "command" => Lookup::UnknownSubcommand(spec),
         None => Lookup::UnknownSubcommand(spec),
@@ -374,7 +377,10 @@ fn parse_seq(tokens: &[String], pos: &mut usize) -> Vec<ArgDoc> {
             }
             _ => {
                 *pos += 1;
-                alternatives.last_mut().expect("at least one alternative").push(word(t));
+                alternatives
+                    .last_mut()
+                    .expect("at least one alternative")
+                    .push(word(t));
             }
         }
     }
@@ -383,7 +389,11 @@ fn parse_seq(tokens: &[String], pos: &mut usize) -> Vec<ArgDoc> {
     }
     let children: Vec<ArgDoc> = alternatives.into_iter().map(group).collect();
     vec![ArgDoc {
-        name: children.iter().map(|c| c.name.clone()).collect::<Vec<_>>().join("-"),
+        name: children
+            .iter()
+            .map(|c| c.name.clone())
+            .collect::<Vec<_>>()
+            .join("-"),
         kind: "oneof",
         token: None,
         optional: false,
@@ -395,7 +405,11 @@ fn parse_seq(tokens: &[String], pos: &mut usize) -> Vec<ArgDoc> {
 /// Folds a sequence into one argument: a token followed by its value becomes a
 /// token-carrying argument, several become a block.
 fn group(mut seq: Vec<ArgDoc>) -> ArgDoc {
-    if seq.len() == 2 && seq[0].kind == "pure-token" && seq[1].kind != "pure-token" && seq[1].children.is_empty() {
+    if seq.len() == 2
+        && seq[0].kind == "pure-token"
+        && seq[1].kind != "pure-token"
+        && seq[1].children.is_empty()
+    {
         let mut value = seq.pop().expect("two elements");
         value.token = seq.pop().and_then(|t| t.token);
         return value;
@@ -403,8 +417,16 @@ fn group(mut seq: Vec<ArgDoc>) -> ArgDoc {
     if seq.len() == 1 {
         return seq.pop().expect("one element");
     }
-    let name = seq.iter().map(|a| a.name.clone()).collect::<Vec<_>>().join("-");
-    let kind = if seq.iter().all(|a| a.name.is_empty()) { "oneof" } else { "block" };
+    let name = seq
+        .iter()
+        .map(|a| a.name.clone())
+        .collect::<Vec<_>>()
+        .join("-");
+    let kind = if seq.iter().all(|a| a.name.is_empty()) {
+        "oneof"
+    } else {
+        "block"
+    };
     ArgDoc {
         name,
         kind,
@@ -416,15 +438,33 @@ fn group(mut seq: Vec<ArgDoc>) -> ArgDoc {
 }
 
 fn word(t: &str) -> ArgDoc {
-    let is_token = t.chars().all(|c| c.is_ascii_uppercase() || c == '-' || c.is_ascii_digit())
+    let is_token = t
+        .chars()
+        .all(|c| c.is_ascii_uppercase() || c == '-' || c.is_ascii_digit())
         && t.chars().any(|c| c.is_ascii_uppercase());
     let lower = t.to_ascii_lowercase();
     let kind = if is_token {
         "pure-token"
     } else if t == "key" || t == "newkey" || t == "source" || t == "destination" {
         "key"
-    } else if ["seconds", "milliseconds", "unix-time-seconds", "unix-time-milliseconds", "offset", "start", "end", "increment", "decrement", "count", "cursor", "index", "client-id", "destination-db", "protover"]
-        .contains(&t)
+    } else if [
+        "seconds",
+        "milliseconds",
+        "unix-time-seconds",
+        "unix-time-milliseconds",
+        "offset",
+        "start",
+        "end",
+        "increment",
+        "decrement",
+        "count",
+        "cursor",
+        "index",
+        "client-id",
+        "destination-db",
+        "protover",
+    ]
+    .contains(&t)
     {
         "integer"
     } else {
