@@ -435,11 +435,13 @@ async fn serve(shared: &Shared, session: &mut Session, socket: TcpStream) -> std
                     }
                     reply.encode(session.proto, &mut wbuf);
                     if session.close {
-                        flush(shared, &mut wr, &mut wbuf).await?;
+                        flush(shared, session, &mut wr, &mut wbuf).await?;
                         return Ok(());
                     }
-                    if wbuf.len() >= FLUSH_THRESHOLD {
-                        flush(shared, &mut wr, &mut wbuf).await?;
+                    if wbuf.len() >= FLUSH_THRESHOLD
+                        && !flush(shared, session, &mut wr, &mut wbuf).await?
+                    {
+                        return Ok(());
                     }
                 }
                 Ok(None) => break,
@@ -454,12 +456,14 @@ async fn serve(shared: &Shared, session: &mut Session, socket: TcpStream) -> std
                 Err(e) => {
                     // Malformed input: Redis's error, then close only this connection.
                     Reply::error(format!("ERR {e}")).encode(session.proto, &mut wbuf);
-                    flush(shared, &mut wr, &mut wbuf).await?;
+                    flush(shared, session, &mut wr, &mut wbuf).await?;
                     return Ok(());
                 }
             }
         }
-        flush(shared, &mut wr, &mut wbuf).await?;
+        if !flush(shared, session, &mut wr, &mut wbuf).await? {
+            return Ok(());
+        }
         if rbuf.is_empty() && rbuf.capacity() > KEEP_BUFFER {
             rbuf = BytesMut::with_capacity(16 * 1024);
         }
@@ -526,21 +530,30 @@ fn push_message(msg: Message) -> Reply {
     }
 }
 
+/// Writes the buffered replies. Returns `false` if the client was killed or the
+/// server is stopping while the write waited: a client that does not read must
+/// not be able to hold its connection open against CLIENT KILL or a slow-
+/// subscriber disconnect.
 async fn flush(
     shared: &Shared,
+    session: &Session,
     wr: &mut tokio::net::tcp::OwnedWriteHalf,
     wbuf: &mut BytesMut,
-) -> std::io::Result<()> {
+) -> std::io::Result<bool> {
     if wbuf.is_empty() {
-        return Ok(());
+        return Ok(true);
     }
-    wr.write_all(wbuf).await?;
+    tokio::select! {
+        written = wr.write_all(wbuf) => written?,
+        _ = session.client.kill.notified() => return Ok(false),
+        _ = shared.shutdown.cancelled() => return Ok(false),
+    }
     shared
         .stats
         .net_output_bytes
         .fetch_add(wbuf.len() as u64, Ordering::Relaxed);
     wbuf.clear();
-    Ok(())
+    Ok(true)
 }
 
 /// Background work: active expiry (so unread expired keys do not hold memory)

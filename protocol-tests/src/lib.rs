@@ -255,10 +255,38 @@ impl Conn {
         }
     }
 
+    /// Sends a command and reads `n` replies as raw bytes, following the
+    /// protocol switch of `HELLO 2` / `HELLO 3` / `RESET`.
+    pub fn call_raw<A: AsRef<[u8]>>(&mut self, args: &[A], n: usize) -> Result<Vec<Vec<u8>>> {
+        self.send(args)?;
+        let name = args
+            .first()
+            .map(|a| a.as_ref().to_ascii_lowercase())
+            .unwrap_or_default();
+        // The reply to `HELLO 3` is already RESP3 (an error reads the same in both).
+        let was_resp3 = self.resp3;
+        if name == b"hello" {
+            match args.get(1).map(|a| a.as_ref()) {
+                Some(b"3") => self.resp3 = true,
+                Some(b"2") => self.resp3 = false,
+                _ => {}
+            }
+        }
+        let mut replies = Vec::new();
+        for _ in 0..n {
+            replies.push(self.read_reply_raw()?);
+        }
+        if replies.first().is_some_and(|r| r.starts_with(b"-")) {
+            self.resp3 = was_resp3;
+        } else if name == b"reset" {
+            self.resp3 = false;
+        }
+        Ok(replies)
+    }
+
     /// Sends a command and returns its reply, decoded.
     pub fn call<A: AsRef<[u8]>>(&mut self, args: &[A]) -> Result<Value> {
-        self.send(args)?;
-        let raw = self.read_reply_raw()?;
+        let raw = self.call_raw(args, 1)?.remove(0);
         Value::parse(&raw, self.resp3)
     }
 
@@ -389,6 +417,14 @@ impl Value {
             Value::Bulk(b) => String::from_utf8_lossy(b).into_owned(),
             Value::Int(i) => i.to_string(),
             other => format!("{other:?}"),
+        }
+    }
+
+    /// Every string in the reply, depth first, joined by spaces.
+    pub fn text(&self) -> String {
+        match self {
+            Value::Array(items) => items.iter().map(Value::text).collect::<Vec<_>>().join(" "),
+            other => other.as_str(),
         }
     }
 

@@ -132,35 +132,8 @@ fn escape(b: &[u8]) -> String {
         .collect()
 }
 
-/// Sends a command and reads `n` replies, tracking RESP3 after HELLO.
 fn call_raw(conn: &mut Conn, args: &[Vec<u8>], n: usize) -> Result<Vec<Vec<u8>>> {
-    conn.send(args)?;
-    // The reply to `HELLO 3` is already RESP3 (an error reply reads the same in both).
-    let was_resp3 = conn.resp3;
-    if args
-        .first()
-        .is_some_and(|a| a.eq_ignore_ascii_case(b"hello"))
-    {
-        match args.get(1).map(Vec::as_slice) {
-            Some(b"3") => conn.resp3 = true,
-            Some(b"2") => conn.resp3 = false,
-            _ => {}
-        }
-    }
-    let mut replies = Vec::new();
-    for _ in 0..n {
-        replies.push(conn.read_reply_raw()?);
-    }
-    if replies[0].starts_with(b"-") {
-        conn.resp3 = was_resp3;
-    }
-    if args
-        .first()
-        .is_some_and(|a| a.eq_ignore_ascii_case(b"reset"))
-    {
-        conn.resp3 = false;
-    }
-    Ok(replies)
+    conn.call_raw(args, n)
 }
 
 fn full_scan(conn: &mut Conn, opts: &[Vec<u8>]) -> Result<BTreeSet<Vec<u8>>> {

@@ -360,9 +360,9 @@ impl SessionCommand {
                 }
                 if !s.authenticated {
                     return Reply::error(
-                        "NOAUTH HELLO must be called with the client already authenticated, otherwise the \
-                         HELLO <proto> AUTH <user> <pass> option can be used to authenticate the client and \
-                         select the RESP protocol version at the same time",
+                        "NOAUTH HELLO must be called with the client already authenticated, otherwise the HELLO AUTH <user> <pass> \
+                         option can be used to authenticate the client and select the RESP protocol version at the \
+                         same time",
                     );
                 }
                 if let Some(name) = name {

@@ -1,0 +1,526 @@
+//! kvd behaviour beyond single request/reply scripts: authentication, concurrent
+//! transactions, pub/sub delivery, inline commands, limits and hostile input.
+//! Where Redis has the same behaviour, the test runs against both.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use protocol_tests::script;
+use protocol_tests::{require_redis, rss_of, Conn, Server, Value};
+
+fn bulk(s: &str) -> Value {
+    Value::Bulk(s.as_bytes().to_vec())
+}
+
+#[test]
+fn authentication_matches_redis() {
+    require_redis();
+    let kvd = Server::kvd(&["--requirepass", "secret"]).unwrap();
+    let redis = Server::redis(&["--requirepass", "secret"]).unwrap();
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/scripts/auth/auth.txt"
+    ))
+    .unwrap();
+    let lines = script::parse(&text).unwrap();
+    let mismatches = script::run(
+        &lines,
+        &mut kvd.connect().unwrap(),
+        &mut redis.connect().unwrap(),
+    )
+    .unwrap();
+    assert!(mismatches.is_empty(), "{}", mismatches.join("\n"));
+}
+
+#[test]
+fn unauthenticated_clients_cannot_send_large_requests() {
+    let kvd = Server::kvd(&["--requirepass", "secret"]).unwrap();
+    let mut c = kvd.connect().unwrap();
+    c.send_raw(b"*20\r\n").unwrap();
+    let reply = Value::parse(&c.read_reply_raw().unwrap(), false).unwrap();
+    assert_eq!(
+        reply,
+        Value::Error("ERR Protocol error: invalid multibulk length".into())
+    );
+    assert!(c.closed_within(Duration::from_secs(2)));
+}
+
+/// Many clients increment one key with WATCH/GET/MULTI/SET/EXEC; the final value
+/// must equal the number of EXECs that succeeded.
+fn watch_increments(server: &Server) -> (i64, usize) {
+    let successes = Arc::new(AtomicUsize::new(0));
+    let threads: Vec<_> = (0..8)
+        .map(|_| {
+            let port = server.port;
+            let successes = successes.clone();
+            std::thread::spawn(move || {
+                let mut c = Conn::connect(port).unwrap();
+                for _ in 0..150 {
+                    c.cmd("WATCH counter").unwrap();
+                    let cur = c.cmd("GET counter").unwrap().as_int().unwrap_or(0);
+                    c.cmd("MULTI").unwrap();
+                    let next = (cur + 1).to_string();
+                    assert_eq!(
+                        c.call(&["SET", "counter", &next]).unwrap(),
+                        Value::Status("QUEUED".into())
+                    );
+                    match c.cmd("EXEC").unwrap() {
+                        Value::Array(_) => {
+                            successes.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Value::Nil => {}
+                        other => panic!("EXEC answered {other:?}"),
+                    }
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    let mut c = server.connect().unwrap();
+    (
+        c.cmd("GET counter").unwrap().as_int().unwrap(),
+        successes.load(Ordering::Relaxed),
+    )
+}
+
+#[test]
+fn concurrent_watch_multi_exec_increments_lose_nothing() {
+    require_redis();
+    for server in [Server::kvd(&[]).unwrap(), Server::redis(&[]).unwrap()] {
+        let (value, successes) = watch_increments(&server);
+        assert_eq!(
+            value, successes as i64,
+            "{}: counter != successful EXECs",
+            server.name
+        );
+        assert!(successes > 0, "{}: no EXEC succeeded", server.name);
+        assert!(
+            successes < 8 * 150,
+            "{}: no conflict happened; the test did not test WATCH",
+            server.name
+        );
+    }
+}
+
+#[test]
+fn watch_is_broken_by_every_kind_of_write() {
+    let kvd = Server::kvd(&[]).unwrap();
+    let mut other = kvd.connect().unwrap();
+    let writes = [
+        "SET w v",
+        "SET w same",
+        "DEL w",
+        "APPEND w x",
+        "INCR n",
+        "EXPIRE w 100",
+        "FLUSHALL",
+        "RENAME w w2",
+        "GETDEL w",
+        "MSET w 1 z 2",
+    ];
+    for write in writes {
+        let mut c = kvd.connect().unwrap();
+        other.cmd("SET w same").unwrap();
+        other.cmd("SET n 1").unwrap();
+        let key = if write.starts_with("INCR") { "n" } else { "w" };
+        c.call(&["WATCH", key]).unwrap();
+        other.cmd(write).unwrap();
+        c.cmd("MULTI").unwrap();
+        c.cmd("PING").unwrap();
+        assert_eq!(
+            c.cmd("EXEC").unwrap(),
+            Value::Nil,
+            "{write} did not break WATCH"
+        );
+    }
+    // And a read does not.
+    let mut c = kvd.connect().unwrap();
+    c.cmd("WATCH w").unwrap();
+    other.cmd("GET w").unwrap();
+    c.cmd("MULTI").unwrap();
+    c.cmd("PING").unwrap();
+    assert!(matches!(c.cmd("EXEC").unwrap(), Value::Array(_)));
+    // Expiry of a watched key breaks it too.
+    other.cmd("SET e v PX 50").unwrap();
+    c.cmd("WATCH e").unwrap();
+    std::thread::sleep(Duration::from_millis(120));
+    c.cmd("MULTI").unwrap();
+    c.cmd("PING").unwrap();
+    assert_eq!(c.cmd("EXEC").unwrap(), Value::Nil);
+}
+
+#[test]
+fn published_messages_reach_subscribers_in_both_protocols() {
+    require_redis();
+    for server in [Server::kvd(&[]).unwrap(), Server::redis(&[]).unwrap()] {
+        let mut sub2 = server.connect().unwrap();
+        let mut sub3 = server.connect().unwrap();
+        sub3.cmd("HELLO 3").unwrap();
+        sub2.cmd("SUBSCRIBE news").unwrap();
+        sub3.cmd("PSUBSCRIBE n*").unwrap();
+        let mut publisher = server.connect().unwrap();
+        assert_eq!(
+            publisher.cmd("PUBLISH news hello").unwrap(),
+            Value::Int(2),
+            "{}",
+            server.name
+        );
+        let m2 = sub2.read_reply_raw().unwrap();
+        assert_eq!(
+            m2, b"*3\r\n$7\r\nmessage\r\n$4\r\nnews\r\n$5\r\nhello\r\n",
+            "{}",
+            server.name
+        );
+        let m3 = sub3.read_reply_raw().unwrap();
+        assert_eq!(
+            m3, b">4\r\n$8\r\npmessage\r\n$2\r\nn*\r\n$4\r\nnews\r\n$5\r\nhello\r\n",
+            "{}",
+            server.name
+        );
+        // A RESP3 subscriber may still run ordinary commands.
+        assert_eq!(sub3.cmd("SET a b").unwrap(), Value::Status("OK".into()));
+    }
+}
+
+#[test]
+fn a_subscriber_that_never_reads_is_disconnected_not_buffered() {
+    let kvd = Server::kvd(&[]).unwrap();
+    let mut admin = kvd.connect().unwrap();
+    admin.cmd("CONFIG SET pubsub-queue-limit 100").unwrap();
+    let mut sub = kvd.connect().unwrap();
+    sub.cmd("SUBSCRIBE flood").unwrap();
+    // The subscriber reads nothing from here on.
+    let payload = "x".repeat(64 * 1024);
+    let mut publisher = kvd.connect().unwrap();
+    for _ in 0..2000 {
+        publisher.call(&["PUBLISH", "flood", &payload]).unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let subs = publisher.cmd("PUBSUB NUMSUB flood").unwrap();
+        if subs == Value::Array(vec![bulk("flood"), Value::Int(0)]) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "slow subscriber still subscribed: {subs:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(publisher.cmd("PING").unwrap(), Value::Status("PONG".into()));
+}
+
+#[test]
+fn inline_commands_work_like_in_redis() {
+    require_redis();
+    for server in [Server::kvd(&[]).unwrap(), Server::redis(&[]).unwrap()] {
+        let mut s = TcpStream::connect(("127.0.0.1", server.port)).unwrap();
+        s.write_all(b"PING\r\nSET greeting \"hello world\"\nGET greeting\r\n\r\nECHO 'it''s'\r\n")
+            .unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let want: &[u8] = b"+PONG\r\n+OK\r\n$11\r\nhello world\r\n-ERR Protocol error: unbalanced quotes in request\r\n";
+        let mut got = Vec::new();
+        let mut buf = [0u8; 1024];
+        while got.len() < want.len() {
+            let n = s.read(&mut buf).unwrap();
+            if n == 0 {
+                break;
+            }
+            got.extend_from_slice(&buf[..n]);
+        }
+        assert_eq!(
+            String::from_utf8_lossy(&got),
+            String::from_utf8_lossy(want),
+            "{}",
+            server.name
+        );
+    }
+}
+
+/// Sends `bytes`, returns everything the server answered before closing.
+fn send_and_collect(port: u16, bytes: &[u8]) -> Vec<u8> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let _ = s.write_all(bytes);
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while let Ok(n) = s.read(&mut buf) {
+        if n == 0 {
+            break;
+        }
+        got.extend_from_slice(&buf[..n]);
+    }
+    got
+}
+
+#[test]
+fn malformed_frames_get_redis_errors_and_close_only_that_connection() {
+    require_redis();
+    let cases: &[&[u8]] = &[
+        b"*1\r\n$999999999999\r\n",
+        b"*1\r\n$600000000\r\n",
+        b"*-5\r\n*1\r\n$-1\r\n",
+        b"*abc\r\n",
+        b"*99999999999\r\n",
+        b"*1\r\n+PING\r\n",
+        b"*1\r\n$x\r\n",
+        b"\"unbalanced\r\n",
+    ];
+    let kvd = Server::kvd(&[]).unwrap();
+    let redis = Server::redis(&[]).unwrap();
+    let mut bystander = kvd.connect().unwrap();
+    for case in cases {
+        let a = send_and_collect(kvd.port, case);
+        let b = send_and_collect(redis.port, case);
+        assert_eq!(
+            String::from_utf8_lossy(&a),
+            String::from_utf8_lossy(&b),
+            "input {:?}",
+            String::from_utf8_lossy(case)
+        );
+        assert!(
+            a.starts_with(b"-ERR Protocol error"),
+            "{}",
+            String::from_utf8_lossy(&a)
+        );
+    }
+    assert_eq!(bystander.cmd("PING").unwrap(), Value::Status("PONG".into()));
+}
+
+#[test]
+fn oversized_inline_request_is_refused() {
+    let kvd = Server::kvd(&[]).unwrap();
+    let got = send_and_collect(kvd.port, &vec![b'a'; 70 * 1024]);
+    assert_eq!(got, b"-ERR Protocol error: too big inline request\r\n");
+}
+
+#[test]
+fn garbage_half_frames_and_connection_storms_leave_the_server_serving() {
+    use rand::Rng;
+    let kvd = Server::kvd(&[]).unwrap();
+    let mut probe = kvd.connect().unwrap();
+    probe.cmd("SET alive yes").unwrap();
+    let mut rng = rand::thread_rng();
+    // Random garbage and truncated frames, then disconnect.
+    for i in 0..300 {
+        let mut s = TcpStream::connect(("127.0.0.1", kvd.port)).unwrap();
+        let bytes: Vec<u8> = if i % 2 == 0 {
+            (0..rng.gen_range(1..2048)).map(|_| rng.gen()).collect()
+        } else {
+            let full = b"*3\r\n$3\r\nSET\r\n$3\r\nkey\r\n$10\r\n0123456789\r\n";
+            full[..rng.gen_range(1..full.len())].to_vec()
+        };
+        let _ = s.write_all(&bytes);
+    }
+    assert_eq!(probe.cmd("GET alive").unwrap(), bulk("yes"));
+    let baseline = rss_of(kvd.pid());
+    // 10,000 connections opened and dropped, a few hundred at a time.
+    for _ in 0..50 {
+        let conns: Vec<TcpStream> = (0..200)
+            .map(|_| TcpStream::connect(("127.0.0.1", kvd.port)).unwrap())
+            .collect();
+        drop(conns);
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let clients = probe.cmd("INFO clients").unwrap().as_str();
+        if clients.contains("connected_clients:1\r\n") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "connections not released: {clients}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(probe.cmd("GET alive").unwrap(), bulk("yes"));
+    let after = rss_of(kvd.pid());
+    assert!(
+        after < baseline + 16 * 1024 * 1024,
+        "RSS grew from {baseline} to {after} bytes after connections closed"
+    );
+}
+
+#[test]
+fn a_client_sending_a_huge_value_slowly_is_bounded_by_the_query_buffer_limit() {
+    let kvd = Server::kvd(&[]).unwrap();
+    let mut c = kvd.connect().unwrap();
+    c.cmd("CONFIG SET client-query-buffer-limit 1mb").unwrap();
+    let mut s = TcpStream::connect(("127.0.0.1", kvd.port)).unwrap();
+    s.write_all(b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$10000000\r\n")
+        .unwrap();
+    let chunk = vec![b'x'; 64 * 1024];
+    let mut closed = false;
+    for _ in 0..100 {
+        if s.write_all(&chunk).is_err() {
+            closed = true;
+            break;
+        }
+    }
+    if !closed {
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut buf = [0u8; 16];
+        closed = matches!(s.read(&mut buf), Ok(0) | Err(_));
+    }
+    assert!(closed, "kvd kept buffering past client-query-buffer-limit");
+    assert_eq!(c.cmd("PING").unwrap(), Value::Status("PONG".into()));
+}
+
+#[test]
+fn maxclients_refuses_with_redis_error() {
+    let kvd = Server::kvd(&["--maxclients", "3"]).unwrap();
+    let mut held: Vec<Conn> = (0..3).map(|_| kvd.connect().unwrap()).collect();
+    // Each held connection is registered once it has been served.
+    for c in &mut held {
+        c.cmd("PING").unwrap();
+    }
+    let got = send_and_collect(kvd.port, b"PING\r\n");
+    assert_eq!(got, b"-ERR max number of clients reached\r\n");
+}
+
+#[test]
+fn idle_clients_are_closed_after_timeout() {
+    let kvd = Server::kvd(&["--timeout", "1"]).unwrap();
+    let mut c = kvd.connect().unwrap();
+    c.cmd("PING").unwrap();
+    assert!(c.closed_within(Duration::from_secs(4)));
+}
+
+#[test]
+fn client_kill_disconnects_another_client() {
+    let kvd = Server::kvd(&[]).unwrap();
+    let mut victim = kvd.connect().unwrap();
+    let id = victim.cmd("CLIENT ID").unwrap().as_int().unwrap();
+    let mut admin = kvd.connect().unwrap();
+    assert_eq!(
+        admin
+            .call(&["CLIENT", "KILL", "ID", &id.to_string()])
+            .unwrap(),
+        Value::Int(1)
+    );
+    assert!(victim.closed_within(Duration::from_secs(2)));
+}
+
+#[test]
+fn kvd_specific_behaviour() {
+    // Where kvd deliberately differs from Redis 7.0 (see docs/PROTOCOL.md).
+    let kvd = Server::kvd(&[]).unwrap();
+    let mut c = kvd.connect().unwrap();
+    // One database.
+    assert_eq!(
+        c.cmd("SELECT 1").unwrap(),
+        Value::Error("ERR DB index is out of range".into())
+    );
+    // Strings only: other types' commands are unknown.
+    assert!(c
+        .cmd("LPUSH l a")
+        .unwrap()
+        .as_str()
+        .starts_with("ERR unknown command 'LPUSH'"));
+    // CLIENT SETINFO (Redis 7.2) is supported.
+    assert_eq!(
+        c.cmd("CLIENT SETINFO LIB-NAME redis-py").unwrap(),
+        Value::Status("OK".into())
+    );
+    assert_eq!(
+        c.cmd("CLIENT SETINFO LIB-VER 5.0").unwrap(),
+        Value::Status("OK".into())
+    );
+    let info = c.cmd("CLIENT INFO").unwrap().as_str();
+    assert!(info.contains("lib-name=redis-py lib-ver=5.0"), "{info}");
+    assert!(c.cmd("CLIENT SETINFO FOO x").unwrap().is_error());
+    // An option kvd does not know is an error.
+    assert!(c.cmd("CONFIG SET appendfsync always").unwrap().is_error());
+    // INCRBYFLOAT uses 64-bit floats: shortest round-trip text.
+    assert_eq!(c.cmd("INCRBYFLOAT f 0.1").unwrap(), bulk("0.1"));
+    assert_eq!(
+        c.cmd("INCRBYFLOAT f 0.2").unwrap(),
+        bulk("0.30000000000000004")
+    );
+    // redis-cli's hints come from COMMAND DOCS: every command has its arguments.
+    let docs = c.cmd("COMMAND DOCS set").unwrap().text();
+    assert!(docs.contains("arguments"), "{docs}");
+}
+
+#[test]
+fn config_file_is_read_and_unknown_names_fail_start_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("good.conf");
+    std::fs::write(&good, "# test\nmaxclients 42\ntimeout 7\n").unwrap();
+    let kvd = Server::kvd(&["--config", good.to_str().unwrap()]).unwrap();
+    let mut c = kvd.connect().unwrap();
+    assert_eq!(
+        c.cmd("CONFIG GET maxclients").unwrap(),
+        Value::Array(vec![bulk("maxclients"), bulk("42")])
+    );
+    let bad = dir.path().join("bad.conf");
+    std::fs::write(&bad, "maxmemory 1gb\n").unwrap();
+    let out = std::process::Command::new(protocol_tests::kvd_bin())
+        .args([
+            "--config",
+            bad.to_str().unwrap(),
+            "--port",
+            &protocol_tests::free_port().to_string(),
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("maxmemory"));
+}
+
+#[test]
+fn scan_returns_every_key_present_throughout_despite_concurrent_writes() {
+    let kvd = Server::kvd(&[]).unwrap();
+    let mut c = kvd.connect().unwrap();
+    for chunk in 0..20 {
+        let mut args = vec!["MSET".to_string()];
+        for i in 0..500 {
+            args.push(format!("stable:{}", chunk * 500 + i));
+            args.push("v".into());
+        }
+        c.call(&args).unwrap();
+    }
+    let port = kvd.port;
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let churn = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut w = Conn::connect(port).unwrap();
+            let mut i = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                w.call(&["SET", &format!("churn:{i}"), "x"]).unwrap();
+                if i >= 50 {
+                    w.call(&["DEL", &format!("churn:{}", i - 50)]).unwrap();
+                }
+                i += 1;
+            }
+        })
+    };
+    let mut seen = std::collections::HashSet::new();
+    let mut cursor = "0".to_string();
+    loop {
+        let Value::Array(parts) = c.call(&["SCAN", &cursor, "COUNT", "50"]).unwrap() else {
+            panic!("bad SCAN reply");
+        };
+        if let Value::Array(keys) = &parts[1] {
+            seen.extend(keys.iter().map(Value::as_str));
+        }
+        cursor = parts[0].as_str();
+        if cursor == "0" {
+            break;
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    churn.join().unwrap();
+    for i in 0..10_000 {
+        assert!(
+            seen.contains(&format!("stable:{i}")),
+            "SCAN missed stable:{i}"
+        );
+    }
+}
