@@ -102,27 +102,21 @@ impl Config {
             "proto-max-bulk-len" => {
                 let n = parse_size(value).ok_or_else(|| bad(""))?;
                 if n < 1024 * 1024 {
-                    return Err(
-                        "argument must be between 1048576 and 9223372036854775807 inclusive".into(),
-                    );
+                    return Err("argument must be between 1048576 and 9223372036854775807 inclusive".into());
                 }
                 self.proto_max_bulk_len = n as i64;
             }
             "client-query-buffer-limit" => {
                 let n = parse_size(value).ok_or_else(|| bad(""))?;
                 if n < 1024 * 1024 {
-                    return Err(
-                        "argument must be between 1048576 and 9223372036854775807 inclusive".into(),
-                    );
+                    return Err("argument must be between 1048576 and 9223372036854775807 inclusive".into());
                 }
                 self.client_query_buffer_limit = n as usize;
             }
             "pubsub-queue-limit" => {
                 self.pubsub_queue_limit = parse_size(value).ok_or_else(|| bad(""))?.max(1) as usize
             }
-            "bind" | "port" | "dir" if at_runtime => {
-                return Err("can't set immutable config".into())
-            }
+            "bind" | "port" | "dir" if at_runtime => return Err("can't set immutable config".into()),
             "bind" => self.bind = value.to_string(),
             "port" => self.port = value.parse().map_err(|_| bad(""))?,
             "dir" => self.dir = PathBuf::from(value),
@@ -142,10 +136,7 @@ impl Config {
             let args = crate::protocol::split_args(line.as_bytes())
                 .ok_or_else(|| format!("line {}: unbalanced quotes", n + 1))?;
             let [name, value] = args.as_slice() else {
-                return Err(format!(
-                    "line {}: expected 'name value', got '{line}'",
-                    n + 1
-                ));
+                return Err(format!("line {}: expected 'name value', got '{line}'", n + 1));
             };
             let name = String::from_utf8_lossy(name).to_ascii_lowercase();
             let value = String::from_utf8_lossy(value);

@@ -156,12 +156,7 @@ impl Db {
     }
 
     /// Sets a key unconditionally.
-    pub fn set(
-        &self,
-        key: &Bytes,
-        value: Bytes,
-        expires_at: Option<u64>,
-    ) -> Result<(), StoreError> {
+    pub fn set(&self, key: &Bytes, value: Bytes, expires_at: Option<u64>) -> Result<(), StoreError> {
         self.update(key, |_| {
             (
                 Update::Put(Entry {
@@ -234,9 +229,7 @@ impl Db {
         for key in keys {
             if let Some(list) = map.get_mut(key) {
                 let before = list.len();
-                list.retain(|w| {
-                    !std::ptr::eq(w.as_ptr(), Arc::as_ptr(flag)) && w.strong_count() > 0
-                });
+                list.retain(|w| !std::ptr::eq(w.as_ptr(), Arc::as_ptr(flag)) && w.strong_count() > 0);
                 self.watches
                     .count
                     .fetch_sub(before - list.len(), Ordering::AcqRel);
@@ -291,8 +284,7 @@ mod tests {
     fn expired_keys_are_gone_and_counted() {
         let db = db();
         let k = Bytes::from_static(b"k");
-        db.set(&k, Bytes::from_static(b"v"), Some(now_ms() - 1))
-            .unwrap();
+        db.set(&k, Bytes::from_static(b"v"), Some(now_ms() - 1)).unwrap();
         assert!(db.get(&k).is_none());
         assert_eq!(db.len(), 0);
         assert_eq!(db.stats.expired.load(Ordering::Relaxed), 1);

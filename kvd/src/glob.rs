@@ -99,11 +99,7 @@ fn match_class(pattern: &[u8], mut p: usize, c: u8, nocase: bool) -> Option<(boo
             }
             Some(&start) if pattern.get(p + 1) == Some(&b'-') && p + 2 < pattern.len() => {
                 let end = pattern[p + 2];
-                let (lo, hi) = if start <= end {
-                    (start, end)
-                } else {
-                    (end, start)
-                };
+                let (lo, hi) = if start <= end { (start, end) } else { (end, start) };
                 let (lo, hi) = (lower(lo), lower(hi));
                 if c >= lo && c <= hi {
                     matched = true;

@@ -115,10 +115,7 @@ impl RequestDecoder {
 
     /// Parses a `*123\r\n` or `$123\r\n` header at the start of `src`. Returns the
     /// number and the header's length including CRLF, or `None` if incomplete.
-    fn header(
-        src: &BytesMut,
-        too_big: &'static str,
-    ) -> Result<Option<(i64, usize, bool)>, FrameError> {
+    fn header(src: &BytesMut, too_big: &'static str) -> Result<Option<(i64, usize, bool)>, FrameError> {
         let Some(cr) = memchr::memchr(b'\r', src) else {
             if src.len() > INLINE_MAX_SIZE {
                 return Err(FrameError::Protocol(too_big));
@@ -130,9 +127,7 @@ impl RequestDecoder {
         if cr + 1 >= src.len() {
             return Ok(None);
         }
-        let parsed = std::str::from_utf8(&src[1..cr])
-            .ok()
-            .and_then(parse_strict_i64);
+        let parsed = std::str::from_utf8(&src[1..cr]).ok().and_then(parse_strict_i64);
         Ok(Some((parsed.unwrap_or(0), cr + 2, parsed.is_some())))
     }
 
@@ -160,8 +155,7 @@ impl RequestDecoder {
             let len = match self.pending_bulk {
                 Some(len) => len,
                 None => {
-                    let Some((n, hlen, ok)) = Self::header(src, "too big bulk count string")?
-                    else {
+                    let Some((n, hlen, ok)) = Self::header(src, "too big bulk count string")? else {
                         return self.incomplete(src);
                     };
                     if src[0] != b'$' {
@@ -401,10 +395,7 @@ mod tests {
         assert!(split_args(b"set \"a").is_none());
         assert!(split_args(b"set \"a\"b").is_none());
         assert_eq!(split_args(b"  ").unwrap().len(), 0);
-        assert_eq!(
-            split_args(b"a \"\\x41\\n\"").unwrap()[1],
-            Bytes::from("A\n")
-        );
+        assert_eq!(split_args(b"a \"\\x41\\n\"").unwrap()[1], Bytes::from("A\n"));
     }
 
     #[test]
@@ -416,10 +407,7 @@ mod tests {
         let mut d = RequestDecoder::new(limits, true);
         let mut buf = BytesMut::from(&b"*1\r\n$1000\r\n"[..]);
         buf.extend_from_slice(&[b'x'; 200]);
-        assert!(matches!(
-            d.decode(&mut buf),
-            Err(FrameError::QueryBufferLimit)
-        ));
+        assert!(matches!(d.decode(&mut buf), Err(FrameError::QueryBufferLimit)));
     }
 
     proptest::proptest! {

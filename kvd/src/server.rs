@@ -235,15 +235,9 @@ impl Session {
         let is = st.subscriptions + st.pattern_subscriptions > 0;
         if was != is {
             if is {
-                shared
-                    .clients
-                    .pubsub_clients
-                    .fetch_add(1, Ordering::Relaxed);
+                shared.clients.pubsub_clients.fetch_add(1, Ordering::Relaxed);
             } else {
-                shared
-                    .clients
-                    .pubsub_clients
-                    .fetch_sub(1, Ordering::Relaxed);
+                shared.clients.pubsub_clients.fetch_sub(1, Ordering::Relaxed);
             }
         }
     }
@@ -282,17 +276,9 @@ impl Session {
 
     /// UNSUBSCRIBE / PUNSUBSCRIBE the names given, or all when none are.
     pub fn unsubscribe(&mut self, shared: &Shared, names: Vec<Bytes>, pattern: bool) -> Reply {
-        let kind = if pattern {
-            "punsubscribe"
-        } else {
-            "unsubscribe"
-        };
+        let kind = if pattern { "punsubscribe" } else { "unsubscribe" };
         let names = if names.is_empty() {
-            let set = if pattern {
-                &self.patterns
-            } else {
-                &self.channels
-            };
+            let set = if pattern { &self.patterns } else { &self.channels };
             set.iter().cloned().collect()
         } else {
             names
@@ -369,10 +355,7 @@ pub async fn run(shared: Arc<Shared>) -> anyhow::Result<()> {
 }
 
 fn is_loopback(host: &str) -> bool {
-    host == "localhost"
-        || host
-            .parse::<std::net::IpAddr>()
-            .is_ok_and(|ip| ip.is_loopback())
+    host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
 async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
@@ -395,9 +378,13 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
                 .fetch_add(1, Ordering::Relaxed);
             tokio::spawn(async move {
                 let mut socket = socket;
-                let _ = socket
-                    .write_all(b"-ERR max number of clients reached\r\n")
-                    .await;
+                let _ = socket.write_all(b"-ERR max number of clients reached\r\n").await;
+                // Close gently: closing with unread input would reset the
+                // connection and could destroy the error before the client reads it.
+                let _ = socket.shutdown().await;
+                let mut sink = [0u8; 1024];
+                let drain = async { while matches!(socket.read(&mut sink).await, Ok(n) if n > 0) {} };
+                let _ = tokio::time::timeout(Duration::from_secs(1), drain).await;
             });
             continue;
         }
@@ -438,9 +425,7 @@ async fn serve(shared: &Shared, session: &mut Session, socket: TcpStream) -> std
                         flush(shared, session, &mut wr, &mut wbuf).await?;
                         return Ok(());
                     }
-                    if wbuf.len() >= FLUSH_THRESHOLD
-                        && !flush(shared, session, &mut wr, &mut wbuf).await?
-                    {
+                    if wbuf.len() >= FLUSH_THRESHOLD && !flush(shared, session, &mut wr, &mut wbuf).await? {
                         return Ok(());
                     }
                 }

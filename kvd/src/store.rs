@@ -48,11 +48,7 @@ pub trait Store: Send + Sync + 'static {
     fn get(&self, key: &Bytes) -> Option<Entry>;
     /// Calls `f` with the key's current entry under the key's lock and applies its
     /// decision before any other writer of that key runs.
-    fn update(
-        &self,
-        key: &Bytes,
-        f: &mut dyn FnMut(Option<&Entry>) -> Update,
-    ) -> Result<(), StoreError>;
+    fn update(&self, key: &Bytes, f: &mut dyn FnMut(Option<&Entry>) -> Update) -> Result<(), StoreError>;
     /// Number of keys, including ones logically expired but not yet removed.
     fn len(&self) -> usize;
     fn is_empty(&self) -> bool {
@@ -155,11 +151,7 @@ impl Store for MemStore {
             .cloned()
     }
 
-    fn update(
-        &self,
-        key: &Bytes,
-        f: &mut dyn FnMut(Option<&Entry>) -> Update,
-    ) -> Result<(), StoreError> {
+    fn update(&self, key: &Bytes, f: &mut dyn FnMut(Option<&Entry>) -> Update) -> Result<(), StoreError> {
         let pos = self.pos(key);
         let mut shard = self.shards[Self::shard_of(pos.hash)].write();
         match f(shard.map.get(&pos)) {
@@ -272,10 +264,8 @@ mod tests {
     }
 
     fn del(s: &MemStore, k: &str) {
-        s.update(&Bytes::copy_from_slice(k.as_bytes()), &mut |_| {
-            Update::Remove
-        })
-        .unwrap();
+        s.update(&Bytes::copy_from_slice(k.as_bytes()), &mut |_| Update::Remove)
+            .unwrap();
     }
 
     #[test]

@@ -75,10 +75,7 @@ impl Server {
         let dir = tempfile::tempdir()?;
         let bin = kvd_bin();
         if !bin.exists() {
-            bail!(
-                "{} not found: run `cargo build --workspace` first",
-                bin.display()
-            );
+            bail!("{} not found: run `cargo build --workspace` first", bin.display());
         }
         let child = Command::new(&bin)
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
@@ -139,11 +136,7 @@ impl Server {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        bail!(
-            "{} did not start listening on port {}",
-            self.name,
-            self.port
-        )
+        bail!("{} did not start listening on port {}", self.name, self.port)
     }
 
     pub fn connect(&self) -> Result<Conn> {
@@ -172,11 +165,7 @@ impl Drop for Server {
 pub fn rss_of(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/statm"))
         .ok()
-        .and_then(|s| {
-            s.split_whitespace()
-                .nth(1)
-                .and_then(|p| p.parse::<u64>().ok())
-        })
+        .and_then(|s| s.split_whitespace().nth(1).and_then(|p| p.parse::<u64>().ok()))
         .map_or(0, |pages| pages * 4096)
 }
 
@@ -230,9 +219,7 @@ impl Conn {
                     // Redis itself replies with sets of maps (COMMAND INFO key
                     // specs), which the crate refuses to hash; find the frame's end
                     // structurally instead.
-                    Err(e) if format!("{e:?}").contains("Invalid hash key") => {
-                        resp3_frame_len(&self.buf)
-                    }
+                    Err(e) if format!("{e:?}").contains("Invalid hash key") => resp3_frame_len(&self.buf),
                     other => other.map(|o| o.map(|(_, n)| n)),
                 }
             } else {
@@ -241,10 +228,7 @@ impl Conn {
             match decoded {
                 Ok(Some(n)) => return Ok(self.buf.drain(..n).collect()),
                 Ok(None) => {}
-                Err(e) => bail!(
-                    "malformed reply {:?}: {e:?}",
-                    String::from_utf8_lossy(&self.buf)
-                ),
+                Err(e) => bail!("malformed reply {:?}: {e:?}", String::from_utf8_lossy(&self.buf)),
             }
             let mut chunk = [0u8; 64 * 1024];
             let n = self.stream.read(&mut chunk)?;
@@ -315,10 +299,7 @@ impl Conn {
 fn resp3_frame_len(buf: &[u8]) -> Result<Option<usize>, redis_protocol::error::RedisProtocolError> {
     fn line(buf: &[u8], at: usize) -> Option<(usize, i64)> {
         let end = at + buf.get(at..)?.windows(2).position(|w| w == b"\r\n")?;
-        let n = std::str::from_utf8(&buf[at + 1..end])
-            .ok()?
-            .parse()
-            .unwrap_or(0);
+        let n = std::str::from_utf8(&buf[at + 1..end]).ok()?.parse().unwrap_or(0);
         Some((end + 2, n))
     }
     fn walk(buf: &[u8], at: usize) -> Option<usize> {
@@ -329,11 +310,7 @@ fn resp3_frame_len(buf: &[u8]) -> Result<Option<usize>, redis_protocol::error::R
                 (buf.len() >= end).then_some(end)
             }
             b'*' | b'~' | b'>' | b'%' | b'|' if n > 0 => {
-                let items = if matches!(buf[at], b'%' | b'|') {
-                    2 * n
-                } else {
-                    n
-                };
+                let items = if matches!(buf[at], b'%' | b'|') { 2 * n } else { n };
                 let mut pos = next;
                 for _ in 0..items {
                     pos = walk(buf, pos)?;
@@ -367,13 +344,9 @@ impl Value {
                 .ok_or_else(|| anyhow!("incomplete"))?;
             fn conv(f: F) -> Value {
                 match f {
-                    F::SimpleString { data, .. } => {
-                        Value::Status(String::from_utf8_lossy(&data).into())
-                    }
+                    F::SimpleString { data, .. } => Value::Status(String::from_utf8_lossy(&data).into()),
                     F::SimpleError { data, .. } => Value::Error(data),
-                    F::BlobError { data, .. } => {
-                        Value::Error(String::from_utf8_lossy(&data).into())
-                    }
+                    F::BlobError { data, .. } => Value::Error(String::from_utf8_lossy(&data).into()),
                     F::Number { data, .. } => Value::Int(data),
                     F::BlobString { data, .. } => Value::Bulk(data),
                     F::VerbatimString { data, .. } => Value::Bulk(data),
@@ -382,11 +355,9 @@ impl Value {
                         Value::Array(data.into_iter().map(conv).collect())
                     }
                     F::Set { data, .. } => Value::Array(data.into_iter().map(conv).collect()),
-                    F::Map { data, .. } => Value::Array(
-                        data.into_iter()
-                            .flat_map(|(k, v)| [conv(k), conv(v)])
-                            .collect(),
-                    ),
+                    F::Map { data, .. } => {
+                        Value::Array(data.into_iter().flat_map(|(k, v)| [conv(k), conv(v)]).collect())
+                    }
                     F::Boolean { data, .. } => Value::Int(data as i64),
                     other => Value::Other(format!("{other:?}")),
                 }

@@ -172,8 +172,7 @@ pub fn run(lines: &[Line], kvd: &mut Conn, redis: &mut Conn) -> Result<Vec<Strin
             Case::Sleep(ms) => std::thread::sleep(Duration::from_millis(*ms)),
             Case::Exact { replies, args } => {
                 let a = call_raw(kvd, args, *replies).with_context(|| format!("kvd, {}", ctx()))?;
-                let b =
-                    call_raw(redis, args, *replies).with_context(|| format!("redis, {}", ctx()))?;
+                let b = call_raw(redis, args, *replies).with_context(|| format!("redis, {}", ctx()))?;
                 if a != b {
                     mismatches.push(format!(
                         "{}\n    kvd:   {}\n    redis: {}",
@@ -243,10 +242,9 @@ mod tests {
 
     #[test]
     fn parse_recognises_every_form() {
-        let lines = parse(
-            "# c\nGET a\n~ CLIENT ID\nsorted KEYS *\nscan COUNT 2\n2> SUBSCRIBE a b\nsleep 5\n",
-        )
-        .unwrap();
+        let lines =
+            parse("# c\nGET a\n~ CLIENT ID\nsorted KEYS *\nscan COUNT 2\n2> SUBSCRIBE a b\nsleep 5\n")
+                .unwrap();
         assert_eq!(lines.len(), 6);
         assert!(matches!(lines[4].case, Case::Exact { replies: 2, .. }));
         assert_eq!(lines[5].case, Case::Sleep(5));

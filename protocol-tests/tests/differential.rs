@@ -43,9 +43,7 @@ fn run_all(resp3: bool) {
         }
         cases += lines.len();
         match script::run(&lines, &mut k, &mut r) {
-            Ok(mismatches) => {
-                failures.extend(mismatches.into_iter().map(|m| format!("{name} {m}")))
-            }
+            Ok(mismatches) => failures.extend(mismatches.into_iter().map(|m| format!("{name} {m}"))),
             Err(e) => failures.push(format!("{name}: {e:#}")),
         }
     }

@@ -20,18 +20,10 @@ fn authentication_matches_redis() {
     require_redis();
     let kvd = Server::kvd(&["--requirepass", "secret"]).unwrap();
     let redis = Server::redis(&["--requirepass", "secret"]).unwrap();
-    let text = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/scripts/auth/auth.txt"
-    ))
-    .unwrap();
+    let text =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/auth/auth.txt")).unwrap();
     let lines = script::parse(&text).unwrap();
-    let mismatches = script::run(
-        &lines,
-        &mut kvd.connect().unwrap(),
-        &mut redis.connect().unwrap(),
-    )
-    .unwrap();
+    let mismatches = script::run(&lines, &mut kvd.connect().unwrap(), &mut redis.connect().unwrap()).unwrap();
     assert!(mismatches.is_empty(), "{}", mismatches.join("\n"));
 }
 
@@ -132,11 +124,7 @@ fn watch_is_broken_by_every_kind_of_write() {
         other.cmd(write).unwrap();
         c.cmd("MULTI").unwrap();
         c.cmd("PING").unwrap();
-        assert_eq!(
-            c.cmd("EXEC").unwrap(),
-            Value::Nil,
-            "{write} did not break WATCH"
-        );
+        assert_eq!(c.cmd("EXEC").unwrap(), Value::Nil, "{write} did not break WATCH");
     }
     // And a read does not.
     let mut c = kvd.connect().unwrap();
@@ -223,7 +211,8 @@ fn inline_commands_work_like_in_redis() {
         s.write_all(b"PING\r\nSET greeting \"hello world\"\nGET greeting\r\n\r\nECHO 'it''s'\r\n")
             .unwrap();
         s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        let want: &[u8] = b"+PONG\r\n+OK\r\n$11\r\nhello world\r\n-ERR Protocol error: unbalanced quotes in request\r\n";
+        let want: &[u8] =
+            b"+PONG\r\n+OK\r\n$11\r\nhello world\r\n-ERR Protocol error: unbalanced quotes in request\r\n";
         let mut got = Vec::new();
         let mut buf = [0u8; 1024];
         while got.len() < want.len() {
@@ -332,10 +321,7 @@ fn garbage_half_frames_and_connection_storms_leave_the_server_serving() {
         if clients.contains("connected_clients:1\r\n") {
             break;
         }
-        assert!(
-            Instant::now() < deadline,
-            "connections not released: {clients}"
-        );
+        assert!(Instant::now() < deadline, "connections not released: {clients}");
         std::thread::sleep(Duration::from_millis(50));
     }
     assert_eq!(probe.cmd("GET alive").unwrap(), bulk("yes"));
@@ -398,9 +384,7 @@ fn client_kill_disconnects_another_client() {
     let id = victim.cmd("CLIENT ID").unwrap().as_int().unwrap();
     let mut admin = kvd.connect().unwrap();
     assert_eq!(
-        admin
-            .call(&["CLIENT", "KILL", "ID", &id.to_string()])
-            .unwrap(),
+        admin.call(&["CLIENT", "KILL", "ID", &id.to_string()]).unwrap(),
         Value::Int(1)
     );
     assert!(victim.closed_within(Duration::from_secs(2)));
@@ -438,10 +422,7 @@ fn kvd_specific_behaviour() {
     assert!(c.cmd("CONFIG SET appendfsync always").unwrap().is_error());
     // INCRBYFLOAT uses 64-bit floats: shortest round-trip text.
     assert_eq!(c.cmd("INCRBYFLOAT f 0.1").unwrap(), bulk("0.1"));
-    assert_eq!(
-        c.cmd("INCRBYFLOAT f 0.2").unwrap(),
-        bulk("0.30000000000000004")
-    );
+    assert_eq!(c.cmd("INCRBYFLOAT f 0.2").unwrap(), bulk("0.30000000000000004"));
     // redis-cli's hints come from COMMAND DOCS: every command has its arguments.
     let docs = c.cmd("COMMAND DOCS set").unwrap().text();
     assert!(docs.contains("arguments"), "{docs}");
@@ -518,9 +499,6 @@ fn scan_returns_every_key_present_throughout_despite_concurrent_writes() {
     stop.store(true, Ordering::Relaxed);
     churn.join().unwrap();
     for i in 0..10_000 {
-        assert!(
-            seen.contains(&format!("stable:{i}")),
-            "SCAN missed stable:{i}"
-        );
+        assert!(seen.contains(&format!("stable:{i}")), "SCAN missed stable:{i}");
     }
 }

@@ -129,10 +129,7 @@ fn pairs(rest: Vec<Bytes>, cmd: &str) -> ParseResult<Vec<(Bytes, Bytes)>> {
             "ERR wrong number of arguments for '{cmd}' command"
         )));
     }
-    Ok(rest
-        .chunks(2)
-        .map(|p| (p[0].clone(), p[1].clone()))
-        .collect())
+    Ok(rest.chunks(2).map(|p| (p[0].clone(), p[1].clone())).collect())
 }
 
 impl DataCommand {
@@ -231,8 +228,8 @@ impl DataCommand {
             }
             "incrbyfloat" => {
                 let key = a.bytes()?;
-                let by = parse_f64(&a.bytes()?)
-                    .ok_or_else(|| Reply::error("ERR value is not a valid float"))?;
+                let by =
+                    parse_f64(&a.bytes()?).ok_or_else(|| Reply::error("ERR value is not a valid float"))?;
                 IncrByFloat(key, by)
             }
             "del" | "unlink" => Del(a.rest()),
@@ -258,8 +255,7 @@ impl DataCommand {
             "flushdb" | "flushall" => {
                 if let Some(mode) = a.peek() {
                     if a.remaining() > 1
-                        || !(mode.eq_ignore_ascii_case(b"async")
-                            || mode.eq_ignore_ascii_case(b"sync"))
+                        || !(mode.eq_ignore_ascii_case(b"async") || mode.eq_ignore_ascii_case(b"sync"))
                     {
                         return Err(syntax());
                     }
@@ -287,9 +283,9 @@ impl DataCommand {
                 "EX" | "PX" | "EXAT" | "PXAT"
                     if !keepttl
                         && has_next
-                        && exp.as_ref().is_none_or(|(_, s, r)| {
-                            (opt.starts_with('E'), opt.len() == 2) == (*s, *r)
-                        }) =>
+                        && exp
+                            .as_ref()
+                            .is_none_or(|(_, s, r)| (opt.starts_with('E'), opt.len() == 2) == (*s, *r)) =>
                 {
                     exp = Some((a.bytes()?, opt.starts_with('E'), opt.len() == 2));
                 }
@@ -323,9 +319,9 @@ impl DataCommand {
                 "EX" | "PX" | "EXAT" | "PXAT"
                     if !persist
                         && has_next
-                        && exp.as_ref().is_none_or(|(_, s, r)| {
-                            (opt.starts_with('E'), opt.len() == 2) == (*s, *r)
-                        }) =>
+                        && exp
+                            .as_ref()
+                            .is_none_or(|(_, s, r)| (opt.starts_with('E'), opt.len() == 2) == (*s, *r)) =>
                 {
                     exp = Some((a.bytes()?, opt.starts_with('E'), opt.len() == 2));
                 }
@@ -627,9 +623,7 @@ impl DataCommand {
                     None => 0.0,
                     Some(e) => match parse_f64(&e.value) {
                         Some(n) => n,
-                        None => {
-                            return (Update::Keep, Reply::error("ERR value is not a valid float"))
-                        }
+                        None => return (Update::Keep, Reply::error("ERR value is not a valid float")),
                     },
                 };
                 let new = cur + by;
@@ -678,9 +672,7 @@ impl DataCommand {
             }
             Copy { from, to, replace } => {
                 if from == to {
-                    return Ok(Reply::error(
-                        "ERR source and destination objects are the same",
-                    ));
+                    return Ok(Reply::error("ERR source and destination objects are the same"));
                 }
                 let Some(entry) = db.get(&from) else {
                     return Ok(Reply::Int(0));
@@ -697,18 +689,11 @@ impl DataCommand {
                 absolute,
             } => match db.get(&key) {
                 None => Reply::Int(-2),
+                Some(Entry { expires_at: None, .. }) => Reply::Int(-1),
                 Some(Entry {
-                    expires_at: None, ..
-                }) => Reply::Int(-1),
-                Some(Entry {
-                    expires_at: Some(t),
-                    ..
+                    expires_at: Some(t), ..
                 }) => {
-                    let t = if absolute {
-                        t
-                    } else {
-                        t.saturating_sub(now_ms())
-                    };
+                    let t = if absolute { t } else { t.saturating_sub(now_ms()) };
                     Reply::Int(if millis {
                         t
                     } else {
@@ -782,9 +767,7 @@ impl DataCommand {
                 let now = now_ms();
                 let mut batch = Vec::new();
                 let next = db.store().scan(cursor, count, &mut batch);
-                let type_ok = kind
-                    .as_ref()
-                    .is_none_or(|t| t.eq_ignore_ascii_case(b"string"));
+                let type_ok = kind.as_ref().is_none_or(|t| t.eq_ignore_ascii_case(b"string"));
                 let keys = batch
                     .into_iter()
                     .filter(|(k, e)| {

@@ -102,11 +102,7 @@ fn clients(shared: &Shared) -> String {
 pub fn rss_bytes() -> u64 {
     std::fs::read_to_string("/proc/self/statm")
         .ok()
-        .and_then(|s| {
-            s.split_whitespace()
-                .nth(1)
-                .and_then(|p| p.parse::<u64>().ok())
-        })
+        .and_then(|s| s.split_whitespace().nth(1).and_then(|p| p.parse::<u64>().ok()))
         .map_or(0, |pages| pages * 4096)
 }
 
@@ -126,11 +122,7 @@ fn human(bytes: u64) -> String {
 fn memory(shared: &Shared) -> String {
     let rss = rss_bytes();
     let dataset = shared.db.store().used_bytes();
-    let peak = shared
-        .stats
-        .peak_rss
-        .fetch_max(rss, Ordering::Relaxed)
-        .max(rss);
+    let peak = shared.stats.peak_rss.fetch_max(rss, Ordering::Relaxed).max(rss);
     format!(
         "used_memory:{rss}\r\nused_memory_human:{}\r\nused_memory_rss:{rss}\r\nused_memory_rss_human:{}\r\n\
          used_memory_peak:{peak}\r\nused_memory_peak_human:{}\r\nused_memory_dataset:{dataset}\r\n\

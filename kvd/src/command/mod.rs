@@ -59,9 +59,7 @@ pub fn execute(shared: &Shared, session: &mut Session, args: Vec<Bytes>) -> Repl
             // Redis aborts a transaction whose EXEC itself is malformed, and says so.
             session.end_multi();
             let reason = text.trim_start_matches("ERR ");
-            return Reply::error(format!(
-                "EXECABORT Transaction discarded because of: {reason}"
-            ));
+            return Reply::error(format!("EXECABORT Transaction discarded because of: {reason}"));
         }
         return session.reject(Reply::error(text));
     }
@@ -129,10 +127,7 @@ fn unknown_command(args: &[Bytes]) -> Reply {
             break;
         }
         let room = 128 - quoted.len();
-        quoted.push_str(&format!(
-            "'{}' ",
-            truncate(&String::from_utf8_lossy(arg), room)
-        ));
+        quoted.push_str(&format!("'{}' ", truncate(&String::from_utf8_lossy(arg), room)));
     }
     Reply::error(format!(
         "ERR unknown command '{}', with args beginning with: {}",

@@ -93,9 +93,7 @@ impl SessionCommand {
         Ok(match spec.name {
             "ping" => {
                 if a.remaining() > 1 {
-                    return Err(Reply::error(
-                        "ERR wrong number of arguments for 'ping' command",
-                    ));
+                    return Err(Reply::error("ERR wrong number of arguments for 'ping' command"));
                 }
                 Ping(a.peek().cloned())
             }
@@ -168,9 +166,7 @@ impl SessionCommand {
                     match a.word()?.as_str() {
                         "TYPE" if a.remaining() == 1 => {
                             let t = a.word()?.to_ascii_lowercase();
-                            if !["normal", "master", "replica", "slave", "pubsub"]
-                                .contains(&t.as_str())
-                            {
+                            if !["normal", "master", "replica", "slave", "pubsub"].contains(&t.as_str()) {
                                 return Err(Reply::error(format!("ERR Unknown client type '{t}'")));
                             }
                             kind = Some(t);
@@ -178,8 +174,7 @@ impl SessionCommand {
                         "ID" if a.remaining() >= 1 => {
                             while !a.is_empty() {
                                 // Ids that cannot exist (0, negative) just match nothing.
-                                let id =
-                                    a.i64().map_err(|_| Reply::error("ERR Invalid client ID"))?;
+                                let id = a.i64().map_err(|_| Reply::error("ERR Invalid client ID"))?;
                                 ids.push(id.max(0) as u64);
                             }
                         }
@@ -223,9 +218,10 @@ impl SessionCommand {
                         let val = String::from_utf8_lossy(&a.bytes()?).into_owned();
                         match opt.as_str() {
                             "ID" => {
-                                f.id = Some(val.parse().ok().filter(|&n: &u64| n > 0).ok_or_else(
-                                    || Reply::error("ERR client-id should be greater than 0"),
-                                )?)
+                                f.id =
+                                    Some(val.parse().ok().filter(|&n: &u64| n > 0).ok_or_else(|| {
+                                        Reply::error("ERR client-id should be greater than 0")
+                                    })?)
                             }
                             "ADDR" => f.addr = Some(val),
                             "LADDR" => f.laddr = Some(val),
@@ -352,9 +348,7 @@ impl SessionCommand {
                 if let Some((user, pass)) = auth {
                     let required = shared.config.read().requirepass.clone();
                     if !check_password(required.as_deref(), Some(&user), &pass) {
-                        return Reply::error(
-                            "WRONGPASS invalid username-password pair or user is disabled.",
-                        );
+                        return Reply::error("WRONGPASS invalid username-password pair or user is disabled.");
                     }
                     s.set_authenticated(true);
                 }
@@ -388,9 +382,9 @@ impl SessionCommand {
                 ])
             }
             Select(0) => Reply::OK,
-            Select(n) if n > i32::MAX as i64 || n < i32::MIN as i64 => Reply::error(
-                "ERR value is out of range, value must between -2147483648 and 2147483647",
-            ),
+            Select(n) if n > i32::MAX as i64 || n < i32::MIN as i64 => {
+                Reply::error("ERR value is out of range, value must between -2147483648 and 2147483647")
+            }
             Select(_) => Reply::error("ERR DB index is out of range"),
             Quit => {
                 s.close = true;
@@ -428,16 +422,8 @@ impl SessionCommand {
                 Reply::OK
             }
             Publish(channel, msg) => Reply::Int(shared.pubsub.publish(&channel, &msg) as i64),
-            Subscribe(chs) => Reply::Many(
-                chs.into_iter()
-                    .map(|c| s.subscribe(shared, c, false))
-                    .collect(),
-            ),
-            PSubscribe(pats) => Reply::Many(
-                pats.into_iter()
-                    .map(|p| s.subscribe(shared, p, true))
-                    .collect(),
-            ),
+            Subscribe(chs) => Reply::Many(chs.into_iter().map(|c| s.subscribe(shared, c, false)).collect()),
+            PSubscribe(pats) => Reply::Many(pats.into_iter().map(|p| s.subscribe(shared, p, true)).collect()),
             Unsubscribe(chs) => s.unsubscribe(shared, chs, false),
             PUnsubscribe(pats) => s.unsubscribe(shared, pats, true),
             PubsubChannels(pattern) => Reply::Array(
@@ -476,9 +462,7 @@ impl SessionCommand {
                     Reply::bulk(name)
                 }
             }
-            ClientInfo => {
-                Reply::Verbatim("txt", Bytes::from(format!("{}\n", s.client.info_line())))
-            }
+            ClientInfo => Reply::Verbatim("txt", Bytes::from(format!("{}\n", s.client.info_line()))),
             ClientList { kind, ids } => {
                 let mut text = String::new();
                 for c in shared.clients.all() {
@@ -534,9 +518,7 @@ impl SessionCommand {
             }
             Info(sections) => Reply::Verbatim("txt", Bytes::from(info::render(shared, &sections))),
             Time => {
-                let now = SystemTime::now()
-                    .duration_since(UNIX_EPOCH)
-                    .unwrap_or_default();
+                let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
                 Reply::Array(vec![
                     Reply::bulk(now.as_secs().to_string()),
                     Reply::bulk(now.subsec_micros().to_string()),
@@ -559,10 +541,7 @@ impl SessionCommand {
                 let config = shared.config.read();
                 let mut pairs = Vec::new();
                 for name in crate::config::NAMES {
-                    if patterns
-                        .iter()
-                        .any(|p| glob::matches(p, name.as_bytes(), true))
-                    {
+                    if patterns.iter().any(|p| glob::matches(p, name.as_bytes(), true)) {
                         if let Some(v) = config.get(name) {
                             pairs.push((Reply::bulk_str(name), Reply::bulk(v)));
                         }
@@ -595,19 +574,17 @@ impl SessionCommand {
             CommandCount => Reply::Int(COMMANDS.len() as i64),
             CommandInfo(names) => {
                 if names.is_empty() {
-                    return Reply::Array(
-                        COMMANDS.iter().map(|c| command_info(c, s.proto)).collect(),
-                    );
+                    return Reply::Array(COMMANDS.iter().map(|c| command_info(c, s.proto)).collect());
                 }
                 Reply::Array(
                     names
                         .iter()
-                        .map(|n| {
-                            match spec::find(&String::from_utf8_lossy(n).to_ascii_lowercase()) {
+                        .map(
+                            |n| match spec::find(&String::from_utf8_lossy(n).to_ascii_lowercase()) {
                                 Some(c) => command_info(c, s.proto),
                                 None => Reply::NilArray,
-                            }
-                        })
+                            },
+                        )
                         .collect(),
                 )
             }
@@ -617,9 +594,7 @@ impl SessionCommand {
                 } else {
                     names
                         .iter()
-                        .filter_map(|n| {
-                            spec::find(&String::from_utf8_lossy(n).to_ascii_lowercase())
-                        })
+                        .filter_map(|n| spec::find(&String::from_utf8_lossy(n).to_ascii_lowercase()))
                         .collect()
                 };
                 Reply::Map(
@@ -638,10 +613,8 @@ impl SessionCommand {
                             Some((kind, arg)) => match kind.as_str() {
                                 "MODULE" => false,
                                 "ACLCAT" => {
-                                    let cat = format!(
-                                        "@{}",
-                                        String::from_utf8_lossy(arg).to_ascii_lowercase()
-                                    );
+                                    let cat =
+                                        format!("@{}", String::from_utf8_lossy(arg).to_ascii_lowercase());
                                     spec.acl_categories().contains(&cat.as_str())
                                 }
                                 _ => glob::matches(arg, spec.name.as_bytes(), true),
@@ -668,11 +641,7 @@ impl SessionCommand {
                     return Reply::error("ERR Invalid number of arguments specified for command");
                 }
                 let keys = target.key_positions(cmd.len());
-                Reply::Array(
-                    keys.into_iter()
-                        .map(|i| Reply::Bulk(cmd[i].clone()))
-                        .collect(),
-                )
+                Reply::Array(keys.into_iter().map(|i| Reply::Bulk(cmd[i].clone())).collect())
             }
             Help(container) => help(container),
         }
@@ -749,10 +718,7 @@ fn command_info(c: &Spec, proto: Protocol) -> Reply {
                     (Reply::bulk_str("type"), Reply::bulk_str("index")),
                     (
                         Reply::bulk_str("spec"),
-                        Reply::Map(vec![(
-                            Reply::bulk_str("index"),
-                            Reply::Int(c.first_key as i64),
-                        )]),
+                        Reply::Map(vec![(Reply::bulk_str("index"), Reply::Int(c.first_key as i64))]),
                     ),
                 ]),
             ),
@@ -785,12 +751,7 @@ fn command_info(c: &Spec, proto: Protocol) -> Reply {
         Reply::Set(c.acl_categories().into_iter().map(status).collect()),
         Reply::Set(vec![]),
         Reply::Array(key_specs),
-        Reply::Array(
-            c.subcommands
-                .iter()
-                .map(|sub| command_info(sub, proto))
-                .collect(),
-        ),
+        Reply::Array(c.subcommands.iter().map(|sub| command_info(sub, proto)).collect()),
     ])
 }
 

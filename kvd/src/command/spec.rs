@@ -417,11 +417,7 @@ fn group(mut seq: Vec<ArgDoc>) -> ArgDoc {
     if seq.len() == 1 {
         return seq.pop().expect("one element");
     }
-    let name = seq
-        .iter()
-        .map(|a| a.name.clone())
-        .collect::<Vec<_>>()
-        .join("-");
+    let name = seq.iter().map(|a| a.name.clone()).collect::<Vec<_>>().join("-");
     let kind = if seq.iter().all(|a| a.name.is_empty()) {
         "oneof"
     } else {
