@@ -330,7 +330,7 @@ pub async fn run(shared: Arc<Shared>) -> anyhow::Result<()> {
     let mut listeners = Vec::new();
     for host in bind.split_whitespace() {
         let addr = format!("{host}:{port}");
-        let listener = TcpListener::bind(&addr)
+        let listener = listen(&addr)
             .await
             .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
         tracing::info!(
@@ -352,6 +352,27 @@ pub async fn run(shared: Arc<Shared>) -> anyhow::Result<()> {
         t.abort();
     }
     Ok(())
+}
+
+/// Redis's default `tcp-backlog`: bursts of connections queue in the kernel
+/// instead of being dropped (and retried a second later by the client).
+const TCP_BACKLOG: u32 = 511;
+
+async fn listen(addr: &str) -> std::io::Result<TcpListener> {
+    let mut last_err = None;
+    for resolved in tokio::net::lookup_host(addr).await? {
+        let socket = if resolved.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        socket.set_reuseaddr(true)?;
+        match socket.bind(resolved).and_then(|()| socket.listen(TCP_BACKLOG)) {
+            Ok(listener) => return Ok(listener),
+            Err(e) => last_err = Some(e),
+        }
+    }
+    Err(last_err.unwrap_or_else(|| std::io::Error::other("address resolves to nothing")))
 }
 
 fn is_loopback(host: &str) -> bool {

@@ -124,7 +124,7 @@ fn expire_at(cmd: &str, raw: &Bytes, seconds: bool, relative: bool) -> ParseResu
 }
 
 fn pairs(rest: Vec<Bytes>, cmd: &str) -> ParseResult<Vec<(Bytes, Bytes)>> {
-    if rest.len() % 2 != 0 {
+    if !rest.len().is_multiple_of(2) {
         return Err(Reply::error(format!(
             "ERR wrong number of arguments for '{cmd}' command"
         )));

@@ -24,17 +24,17 @@ const DEFAULT: &[&str] = &[
 /// Renders the requested sections (`default` when none are named; `all` and
 /// `everything` for every section). Unknown names render nothing, as in Redis.
 pub fn render(shared: &Shared, requested: &[String]) -> String {
-    let wanted: Vec<&str> = if requested.is_empty() || requested.iter().any(|s| s == "default") {
-        DEFAULT.to_vec()
-    } else if requested.iter().any(|s| s == "all" || s == "everything") {
-        DEFAULT.to_vec()
-    } else {
-        DEFAULT
-            .iter()
-            .copied()
-            .filter(|s| requested.iter().any(|r| r == s))
-            .collect()
-    };
+    let everything = ["default", "all", "everything"];
+    let wanted: Vec<&str> =
+        if requested.is_empty() || requested.iter().any(|s| everything.contains(&s.as_str())) {
+            DEFAULT.to_vec()
+        } else {
+            DEFAULT
+                .iter()
+                .copied()
+                .filter(|s| requested.iter().any(|r| r == s))
+                .collect()
+        };
     let mut out = String::new();
     for section in wanted {
         let body = match section {

@@ -266,7 +266,7 @@ impl SessionCommand {
             "config|get" => ConfigGet(a.rest()),
             "config|set" => {
                 let rest = a.rest();
-                if rest.len() % 2 != 0 {
+                if !rest.len().is_multiple_of(2) {
                     return Err(Reply::error(
                         "ERR wrong number of arguments for 'config|set' command",
                     ));
