@@ -1,1 +1,144 @@
-fn main() {}
+//! Benchmarks: kvd measured against its peer in the same run, reported as ratios.
+//!
+//! `bench kvd` starts a release kvd and a redis-server (no persistence, the in-memory
+//! peer for the in-memory engine) on loopback ports, runs `redis-benchmark` against
+//! each with the same settings, and prints requests/second and the kvd/redis ratio
+//! per row. Each row is the median of several rounds, alternating servers, so a
+//! passing load on the machine does not favour one side. Results are also written as
+//! JSON to `bench/results/`.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use protocol_tests::{require_redis, Server};
+use serde::Serialize;
+
+#[derive(Parser)]
+#[command(about = "dictfs benchmarks: kvd and fsclient against their peers, as ratios")]
+struct Cli {
+    #[command(subcommand)]
+    which: Which,
+}
+
+#[derive(Subcommand)]
+enum Which {
+    /// kvd vs redis-server: redis-benchmark GET/SET, 64-byte values, 50 clients,
+    /// pipeline 1 and 16.
+    Kvd {
+        /// Requests per redis-benchmark run without pipelining (16x this with).
+        #[arg(long, default_value_t = 200_000)]
+        requests: u64,
+        /// Rounds per row; the median is reported.
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+    },
+}
+
+#[derive(Serialize)]
+struct Row {
+    test: String,
+    pipeline: u32,
+    kvd_rps: f64,
+    redis_rps: f64,
+    ratio: f64,
+}
+
+/// Runs redis-benchmark once; returns requests/second per test name.
+fn redis_benchmark(port: u16, tests: &str, requests: u64, pipeline: u32) -> Result<Vec<(String, f64)>> {
+    let out = Command::new("redis-benchmark")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "-t",
+            tests,
+            "-d",
+            "64",
+            "-c",
+            "50",
+        ])
+        .args(["-n", &requests.to_string(), "-P", &pipeline.to_string(), "--csv"])
+        .output()
+        .context("running redis-benchmark (scripts/setup.sh installs it)")?;
+    if !out.status.success() {
+        bail!("redis-benchmark failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut rows = Vec::new();
+    for line in text.lines().skip(1) {
+        let fields: Vec<&str> = line.split(',').map(|f| f.trim_matches('"')).collect();
+        if fields.len() >= 2 {
+            rows.push((fields[0].to_string(), fields[1].parse().context("rps")?));
+        }
+    }
+    if rows.is_empty() {
+        bail!("no results in redis-benchmark output: {text}");
+    }
+    Ok(rows)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+fn bench_kvd(requests: u64, rounds: usize) -> Result<Vec<Row>> {
+    require_redis();
+    let kvd = Server::kvd(&[])?;
+    let redis = Server::redis(&[])?;
+    let mut rows = Vec::new();
+    for pipeline in [1u32, 16] {
+        let n = requests * pipeline as u64;
+        let mut kvd_runs: Vec<Vec<(String, f64)>> = Vec::new();
+        let mut redis_runs = Vec::new();
+        for _ in 0..rounds {
+            kvd_runs.push(redis_benchmark(kvd.port, "set,get", n, pipeline)?);
+            redis_runs.push(redis_benchmark(redis.port, "set,get", n, pipeline)?);
+        }
+        for (i, (test, _)) in kvd_runs[0].iter().enumerate() {
+            let kvd_rps = median(kvd_runs.iter().map(|r| r[i].1).collect());
+            let redis_rps = median(redis_runs.iter().map(|r| r[i].1).collect());
+            rows.push(Row {
+                test: test.clone(),
+                pipeline,
+                kvd_rps,
+                redis_rps,
+                ratio: kvd_rps / redis_rps,
+            });
+        }
+    }
+    Ok(rows)
+}
+
+fn save(name: &str, rows: &impl Serialize) -> Result<PathBuf> {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("results");
+    std::fs::create_dir_all(&dir)?;
+    let path = dir.join(format!("{name}.json"));
+    std::fs::write(&path, serde_json::to_string_pretty(rows)?)?;
+    Ok(path)
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.which {
+        Which::Kvd { requests, rounds } => {
+            let rows = bench_kvd(requests, rounds)?;
+            println!(
+                "{:<6} {:>8} {:>14} {:>14} {:>10}",
+                "test", "pipeline", "kvd req/s", "redis req/s", "kvd/redis"
+            );
+            for r in &rows {
+                println!(
+                    "{:<6} {:>8} {:>14.0} {:>14.0} {:>10.2}",
+                    r.test, r.pipeline, r.kvd_rps, r.redis_rps, r.ratio
+                );
+            }
+            let path = save("kvd", &rows)?;
+            println!("saved {}", path.display());
+        }
+    }
+    Ok(())
+}

@@ -18,7 +18,7 @@ pub struct ClientState {
     pub lib_name: String,
     pub lib_ver: String,
     /// Last command, lowercase, `container|sub` for subcommands.
-    pub last_cmd: String,
+    pub last_cmd: &'static str,
     pub subscriptions: usize,
     pub pattern_subscriptions: usize,
     /// Commands queued in MULTI, or -1 outside MULTI.
@@ -77,11 +77,7 @@ impl ClientHandle {
         } else {
             "N"
         };
-        let cmd = if s.last_cmd.is_empty() {
-            "NULL"
-        } else {
-            &s.last_cmd
-        };
+        let cmd = if s.last_cmd.is_empty() { "NULL" } else { s.last_cmd };
         format!(
             "id={} addr={} laddr={} fd=0 name={} age={} idle={} flags={} db=0 sub={} psub={} ssub=0 multi={} \
              qbuf=0 qbuf-free=0 argv-mem=0 multi-mem=0 rbs=0 rbp=0 obl=0 oll=0 omem=0 tot-mem=0 events=r \

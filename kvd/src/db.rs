@@ -66,9 +66,55 @@ pub struct KeyspaceStats {
     pub expired: AtomicU64,
 }
 
+/// Number of independent reader slots in the gate; more than any expected core
+/// count, so readers on different threads rarely share one.
+const GATE_SLOTS: usize = 16;
+
+/// One gate slot on its own cache line, so readers on different cores do not
+/// bounce a shared lock word between them.
+#[repr(align(128))]
+#[derive(Default)]
+struct GateSlot(RwLock<()>);
+
+/// The transaction gate: a reader-writer lock split into slots. A reader locks
+/// the slot of its thread; a writer locks every slot, in index order (so two
+/// writers cannot deadlock and a writer excludes every reader).
+struct Gate {
+    slots: Vec<GateSlot>,
+}
+
+/// Held while a command that needs the whole keyspace to itself runs.
+pub struct ExclusiveGuard<'a> {
+    _slots: Vec<RwLockWriteGuard<'a, ()>>,
+}
+
+impl Gate {
+    fn new() -> Self {
+        Gate {
+            slots: (0..GATE_SLOTS).map(|_| GateSlot::default()).collect(),
+        }
+    }
+
+    fn shared(&self) -> RwLockReadGuard<'_, ()> {
+        thread_local! {
+            static SLOT: usize = {
+                static NEXT: AtomicUsize = AtomicUsize::new(0);
+                NEXT.fetch_add(1, Ordering::Relaxed) % GATE_SLOTS
+            };
+        }
+        self.slots[SLOT.with(|s| *s)].0.read()
+    }
+
+    fn exclusive(&self) -> ExclusiveGuard<'_> {
+        ExclusiveGuard {
+            _slots: self.slots.iter().map(|s| s.0.write()).collect(),
+        }
+    }
+}
+
 pub struct Db {
     store: Arc<dyn Store>,
-    gate: RwLock<()>,
+    gate: Gate,
     watches: Watches,
     pub stats: KeyspaceStats,
 }
@@ -77,7 +123,7 @@ impl Db {
     pub fn new(store: Arc<dyn Store>) -> Self {
         Db {
             store,
-            gate: RwLock::new(()),
+            gate: Gate::new(),
             watches: Watches::default(),
             stats: KeyspaceStats::default(),
         }
@@ -89,12 +135,12 @@ impl Db {
 
     /// Held by every command that is atomic on its own.
     pub fn shared(&self) -> RwLockReadGuard<'_, ()> {
-        self.gate.read()
+        self.gate.shared()
     }
 
     /// Held by EXEC and by writes of several keys.
-    pub fn exclusive(&self) -> RwLockWriteGuard<'_, ()> {
-        self.gate.write()
+    pub fn exclusive(&self) -> ExclusiveGuard<'_> {
+        self.gate.exclusive()
     }
 
     /// The live entry for `key`, removing it first if it has expired.
@@ -131,13 +177,17 @@ impl Db {
         key: &Bytes,
         mut f: impl FnMut(Option<&Entry>) -> (Update, R),
     ) -> Result<R, StoreError> {
-        let now = now_ms();
         let mut result = None;
         let mut changed = false;
         let mut expired_now = false;
         self.store.update(key, &mut |entry| {
-            expired_now = entry.is_some() && live(entry, now).is_none();
-            let (update, r) = f(live(entry, now));
+            // The clock is read only for keys that can expire.
+            let live_entry = match entry {
+                Some(e) if e.expires_at.is_some() => live(entry, now_ms()),
+                other => other,
+            };
+            expired_now = entry.is_some() && live_entry.is_none();
+            let (update, r) = f(live_entry);
             result = Some(r);
             changed = !matches!(update, Update::Keep);
             match update {

@@ -40,6 +40,10 @@ struct Cli {
     /// Close clients idle for this many seconds (0: never).
     #[arg(long)]
     timeout: Option<u64>,
+    /// Worker threads serving connections. Default: half the CPU cores (at least
+    /// one), leaving the rest to the clients that usually share the machine.
+    #[arg(long)]
+    threads: Option<usize>,
     /// Largest bulk string a request may carry (Redis's proto-max-bulk-len), e.g. 512mb.
     #[arg(long, value_name = "SIZE")]
     proto_max_bulk_len: Option<String>,
@@ -68,6 +72,7 @@ fn build_config(cli: &Cli) -> anyhow::Result<Config> {
     set("maxclients", cli.maxclients.map(|n| n.to_string()))?;
     set("dir", cli.dir.as_ref().map(|d| d.display().to_string()))?;
     set("timeout", cli.timeout.map(|n| n.to_string()))?;
+    set("threads", cli.threads.map(|n| n.to_string()))?;
     set("proto-max-bulk-len", cli.proto_max_bulk_len.clone())?;
     Ok(config)
 }
@@ -87,7 +92,12 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::from(2);
         }
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(config.threads)
+        .thread_name("kvd-worker")
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("kvd: cannot start the runtime: {e}");

@@ -96,26 +96,41 @@ impl RequestDecoder {
         }
     }
 
-    fn decode_inline(&mut self, src: &mut BytesMut) -> Result<Option<Vec<Bytes>>, FrameError> {
+    /// Decodes the next request into `out` (replacing its contents). Returns
+    /// whether a request was complete; an empty `out` then is an empty request (a
+    /// blank inline line, `*0`), which callers ignore as Redis does. A connection
+    /// passes the same vector every time, so no allocation is made per request.
+    pub fn decode_into(&mut self, src: &mut BytesMut, out: &mut Vec<Bytes>) -> Result<bool, FrameError> {
+        if self.remaining == 0 {
+            match src.first() {
+                None => return Ok(false),
+                Some(b'*') => {}
+                Some(_) => return self.decode_inline(src, out),
+            }
+        }
+        self.decode_multibulk(src, out)
+    }
+
+    fn decode_inline(&mut self, src: &mut BytesMut, out: &mut Vec<Bytes>) -> Result<bool, FrameError> {
         let Some(nl) = memchr::memchr(b'\n', src) else {
             if src.len() > INLINE_MAX_SIZE {
                 return Err(FrameError::Protocol("too big inline request"));
             }
-            return Ok(None);
+            return Ok(false);
         };
         let line = src.split_to(nl + 1);
         let mut text = &line[..nl];
         if text.last() == Some(&b'\r') {
             text = &text[..text.len() - 1];
         }
-        split_args(text)
-            .map(Some)
-            .ok_or(FrameError::Protocol("unbalanced quotes in request"))
+        *out = split_args(text).ok_or(FrameError::Protocol("unbalanced quotes in request"))?;
+        Ok(true)
     }
 
     /// Parses a `*123\r\n` or `$123\r\n` header at the start of `src`. Returns the
-    /// number and the header's length including CRLF, or `None` if incomplete.
-    fn header(src: &BytesMut, too_big: &'static str) -> Result<Option<(i64, usize, bool)>, FrameError> {
+    /// number (if it parsed) and the header's length including CRLF, or `None` if
+    /// incomplete.
+    fn header(src: &BytesMut, too_big: &'static str) -> Result<Option<(Option<i64>, usize)>, FrameError> {
         let Some(cr) = memchr::memchr(b'\r', src) else {
             if src.len() > INLINE_MAX_SIZE {
                 return Err(FrameError::Protocol(too_big));
@@ -128,49 +143,52 @@ impl RequestDecoder {
             return Ok(None);
         }
         let parsed = std::str::from_utf8(&src[1..cr]).ok().and_then(parse_strict_i64);
-        Ok(Some((parsed.unwrap_or(0), cr + 2, parsed.is_some())))
+        Ok(Some((parsed, cr + 2)))
     }
 
-    fn decode_multibulk(&mut self, src: &mut BytesMut) -> Result<Option<Vec<Bytes>>, FrameError> {
+    fn decode_multibulk(&mut self, src: &mut BytesMut, out: &mut Vec<Bytes>) -> Result<bool, FrameError> {
         if self.remaining == 0 {
-            let Some((n, hlen, ok)) = Self::header(src, "too big mbulk count string")? else {
-                return Ok(None);
+            let Some((n, hlen)) = Self::header(src, "too big mbulk count string")? else {
+                return Ok(false);
             };
-            if !ok || n > MAX_MULTIBULK_LEN {
-                return Err(FrameError::Protocol("invalid multibulk length"));
-            }
-            if n > UNAUTH_MAX_ARGS && !self.authenticated {
-                return Err(FrameError::Protocol("invalid multibulk length"));
-            }
+            let n = match n {
+                Some(n) if n <= MAX_MULTIBULK_LEN && (n <= UNAUTH_MAX_ARGS || self.authenticated) => n,
+                _ => return Err(FrameError::Protocol("invalid multibulk length")),
+            };
             src.advance(hlen);
             if n <= 0 {
                 // `*0` and `*-1` are empty requests; Redis skips them.
-                return Ok(Some(Vec::new()));
+                out.clear();
+                return Ok(true);
             }
             self.remaining = n;
             self.consumed = hlen;
-            self.args = Vec::with_capacity(n.min(16) as usize);
+            self.args.clear();
         }
         while self.remaining > 0 {
             let len = match self.pending_bulk {
                 Some(len) => len,
                 None => {
-                    let Some((n, hlen, ok)) = Self::header(src, "too big bulk count string")? else {
+                    let Some((n, hlen)) = Self::header(src, "too big bulk count string")? else {
                         return self.incomplete(src);
                     };
                     if src[0] != b'$' {
                         return Err(FrameError::ExpectedBulk(src[0] as char));
                     }
-                    if !ok || n < 0 || n > self.limits.max_bulk_len {
-                        return Err(FrameError::Protocol("invalid bulk length"));
-                    }
-                    if n > UNAUTH_MAX_BULK && !self.authenticated {
-                        return Err(FrameError::Protocol("invalid bulk length"));
-                    }
+                    let n = match n {
+                        Some(n)
+                            if n >= 0
+                                && n <= self.limits.max_bulk_len
+                                && (n <= UNAUTH_MAX_BULK || self.authenticated) =>
+                        {
+                            n as usize
+                        }
+                        _ => return Err(FrameError::Protocol("invalid bulk length")),
+                    };
                     src.advance(hlen);
                     self.consumed += hlen;
-                    self.pending_bulk = Some(n as usize);
-                    n as usize
+                    self.pending_bulk = Some(n);
+                    n
                 }
             };
             if src.len() < len + 2 {
@@ -188,14 +206,18 @@ impl RequestDecoder {
             self.remaining -= 1;
         }
         self.consumed = 0;
-        Ok(Some(std::mem::take(&mut self.args)))
+        // Hand the completed arguments over and keep the caller's old vector's
+        // allocation for the next request.
+        out.clear();
+        std::mem::swap(&mut self.args, out);
+        Ok(true)
     }
 
-    fn incomplete(&self, src: &BytesMut) -> Result<Option<Vec<Bytes>>, FrameError> {
+    fn incomplete(&self, src: &BytesMut) -> Result<bool, FrameError> {
         if self.consumed + src.len() > self.limits.query_buffer_limit {
             return Err(FrameError::QueryBufferLimit);
         }
-        Ok(None)
+        Ok(false)
     }
 }
 
@@ -203,17 +225,10 @@ impl Decoder for RequestDecoder {
     type Item = Vec<Bytes>;
     type Error = FrameError;
 
-    /// Returns the next request's arguments. An empty vector is an empty request
-    /// (a blank inline line, `*0`), which the caller ignores as Redis does.
+    /// Returns the next request's arguments (see [`RequestDecoder::decode_into`]).
     fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Vec<Bytes>>, FrameError> {
-        if self.remaining == 0 {
-            match src.first() {
-                None => return Ok(None),
-                Some(b'*') => {}
-                Some(_) => return self.decode_inline(src),
-            }
-        }
-        self.decode_multibulk(src)
+        let mut out = Vec::new();
+        Ok(self.decode_into(src, &mut out)?.then_some(out))
     }
 }
 

@@ -17,7 +17,6 @@ use parking_lot::RwLock;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
-use tokio_util::codec::Decoder;
 use tokio_util::sync::CancellationToken;
 
 use crate::clients::{ClientHandle, Clients};
@@ -126,6 +125,10 @@ pub struct Session {
     messages: Option<mpsc::Receiver<Message>>,
     /// Close the connection after this reply (QUIT, CLIENT KILL of itself).
     pub close: bool,
+    /// `proto-max-bulk-len`, refreshed from the config before each batch so the
+    /// hot path does not take the config lock per command.
+    pub max_bulk_len: i64,
+    last_cmd: &'static str,
 }
 
 impl Session {
@@ -141,6 +144,8 @@ impl Session {
             subscriber: None,
             messages: None,
             close: false,
+            max_bulk_len: shared.config.read().proto_max_bulk_len,
+            last_cmd: "",
         }
     }
 
@@ -153,8 +158,10 @@ impl Session {
         reply
     }
 
-    pub fn note_command(&mut self, spec: &Spec) {
-        self.client.state.lock().last_cmd = spec.name.to_string();
+    /// Remembers the command for CLIENT LIST; published to the client registry
+    /// once per batch rather than per command.
+    pub fn note_command(&mut self, spec: &'static Spec) {
+        self.last_cmd = spec.name;
     }
 
     pub fn in_resp2_subscribed_mode(&self) -> bool {
@@ -429,15 +436,18 @@ async fn serve(shared: &Shared, session: &mut Session, socket: TcpStream) -> std
     let mut rbuf = BytesMut::with_capacity(16 * 1024);
     let mut wbuf = BytesMut::with_capacity(16 * 1024);
     let mut decoder = RequestDecoder::new(shared.config.read().limits(), session.authenticated);
+    let mut args = Vec::new();
     loop {
         // Run every complete request already buffered.
+        session.client.touch();
+        let mut batch = 0u64;
         loop {
             decoder.authenticated = session.authenticated;
-            match decoder.decode(&mut rbuf) {
-                Ok(Some(args)) if args.is_empty() => continue,
-                Ok(Some(args)) => {
-                    session.client.touch();
-                    let reply = command::execute(shared, session, args);
+            match decoder.decode_into(&mut rbuf, &mut args) {
+                Ok(true) if args.is_empty() => continue,
+                Ok(true) => {
+                    batch += 1;
+                    let reply = command::execute(shared, session, &args);
                     if reply.is_error() {
                         shared.stats.error_replies.fetch_add(1, Ordering::Relaxed);
                     }
@@ -450,7 +460,13 @@ async fn serve(shared: &Shared, session: &mut Session, socket: TcpStream) -> std
                         return Ok(());
                     }
                 }
-                Ok(None) => break,
+                Ok(false) => {
+                    if batch > 0 {
+                        shared.stats.commands.fetch_add(batch, Ordering::Relaxed);
+                        session.client.state.lock().last_cmd = session.last_cmd;
+                    }
+                    break;
+                }
                 Err(FrameError::QueryBufferLimit) => {
                     tracing::warn!(
                         client = session.client.id,
@@ -477,8 +493,12 @@ async fn serve(shared: &Shared, session: &mut Session, socket: TcpStream) -> std
             wbuf = BytesMut::with_capacity(16 * 1024);
         }
         rbuf.reserve(16 * 1024);
-        decoder.limits = shared.config.read().limits();
-        let timeout = shared.config.read().timeout;
+        let timeout = {
+            let config = shared.config.read();
+            decoder.limits = config.limits();
+            session.max_bulk_len = config.proto_max_bulk_len;
+            config.timeout
+        };
         let idle_limit = async {
             if timeout == 0 || session.subscriber.is_some() {
                 std::future::pending::<()>().await

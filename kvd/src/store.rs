@@ -14,7 +14,9 @@
 //! that may resize.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::hash::{BuildHasher, RandomState};
+use std::hash::BuildHasher;
+
+use foldhash::fast::RandomState;
 
 use bytes::Bytes;
 use parking_lot::RwLock;
@@ -69,6 +71,17 @@ pub trait Store: Send + Sync + 'static {
     fn used_bytes(&self) -> u64;
 }
 
+/// Values up to this size are copied into their own allocation when stored.
+const OWN_BELOW: usize = 64 * 1024;
+
+fn own(value: Bytes) -> Bytes {
+    if value.len() < OWN_BELOW {
+        Bytes::copy_from_slice(&value)
+    } else {
+        value
+    }
+}
+
 const SHARD_BITS: u32 = 6;
 const SHARDS: usize = 1 << SHARD_BITS;
 
@@ -98,8 +111,34 @@ impl Shard {
         Some(old)
     }
 
-    fn insert(&mut self, pos: Pos, entry: Entry) {
-        self.remove(&pos);
+    /// Stores `entry` under `pos`. Invariant: stored keys and small values own
+    /// their memory. Request arguments arrive as slices of a connection's read
+    /// buffer; keeping such a slice would pin the whole buffer for as long as the
+    /// key lives, so they are copied here (large values, which fill most of their
+    /// buffer anyway, are kept as they are).
+    fn insert(&mut self, pos: &Pos, entry: Entry) {
+        let entry = Entry {
+            value: own(entry.value),
+            expires_at: entry.expires_at,
+        };
+        if let Some(current) = self.map.get_mut(pos) {
+            // Overwrite in place: the key stays, only the value and expiry change.
+            if current.expires_at != entry.expires_at {
+                if let Some(t) = current.expires_at {
+                    self.expiring.remove(&(t, pos.clone()));
+                }
+                if let Some(t) = entry.expires_at {
+                    self.expiring.insert((t, pos.clone()));
+                }
+            }
+            self.bytes = self.bytes - current.value.len() as u64 + entry.value.len() as u64;
+            *current = entry;
+            return;
+        }
+        let pos = Pos {
+            hash: pos.hash,
+            key: Bytes::copy_from_slice(&pos.key),
+        };
         if let Some(t) = entry.expires_at {
             self.expiring.insert((t, pos.clone()));
         }
@@ -118,7 +157,7 @@ pub struct MemStore {
 impl Default for MemStore {
     fn default() -> Self {
         MemStore {
-            hasher: RandomState::new(),
+            hasher: RandomState::default(),
             shards: (0..SHARDS).map(|_| RwLock::new(Shard::default())).collect(),
         }
     }
@@ -156,7 +195,7 @@ impl Store for MemStore {
         let mut shard = self.shards[Self::shard_of(pos.hash)].write();
         match f(shard.map.get(&pos)) {
             Update::Keep => {}
-            Update::Put(entry) => shard.insert(pos, entry),
+            Update::Put(entry) => shard.insert(&pos, entry),
             Update::Remove => {
                 shard.remove(&pos);
             }
@@ -297,6 +336,28 @@ mod tests {
                 "missed stable{i}"
             );
         }
+    }
+
+    #[test]
+    fn stored_small_values_do_not_share_the_request_buffer() {
+        let s = MemStore::new();
+        let request = Bytes::from(vec![b'x'; 1000]);
+        let key = request.slice(0..3);
+        let value = request.slice(3..10);
+        s.update(&key, &mut |_| {
+            Update::Put(Entry {
+                value: value.clone(),
+                expires_at: None,
+            })
+        })
+        .unwrap();
+        let stored = s.get(&key).unwrap().value;
+        assert_eq!(stored, value);
+        assert_ne!(
+            stored.as_ptr(),
+            value.as_ptr(),
+            "value still points into the request buffer"
+        );
     }
 
     #[test]

@@ -10,7 +10,7 @@ pub mod script;
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -24,22 +24,20 @@ pub fn free_port() -> u16 {
         .expect("the loopback interface must allow binding an ephemeral port")
 }
 
-/// The workspace's target directory for the running test binary's profile.
-fn target_dir() -> PathBuf {
-    // Test binaries live in target/<profile>/deps/.
-    let exe = std::env::current_exe().expect("current_exe");
-    exe.parent()
-        .and_then(Path::parent)
-        .map(Path::to_path_buf)
-        .expect("test binary inside target/<profile>/deps")
-}
-
-/// Path of the kvd binary: `$KVD_BIN`, or the workspace build next to the tests.
+/// Path of the kvd binary: `$KVD_BIN`, or the workspace build of the same profile
+/// as the running executable (tests live in `target/<profile>/deps/`, the bench
+/// binary in `target/<profile>/`).
 pub fn kvd_bin() -> PathBuf {
     if let Ok(p) = std::env::var("KVD_BIN") {
         return PathBuf::from(p);
     }
-    target_dir().join("kvd")
+    let exe = std::env::current_exe().expect("current_exe");
+    let dir = exe.parent().expect("executable has a directory");
+    let here = dir.join("kvd");
+    if here.exists() || dir.file_name().is_some_and(|n| n != "deps") {
+        return here;
+    }
+    dir.parent().map(|p| p.join("kvd")).unwrap_or(here)
 }
 
 /// Whether a redis-server binary is on PATH.

@@ -35,14 +35,10 @@ const SUBSCRIBED_ALLOWED: &[&str] = &[
 ];
 
 /// Runs one request and returns its reply.
-pub fn execute(shared: &Shared, session: &mut Session, args: Vec<Bytes>) -> Reply {
-    shared
-        .stats
-        .commands
-        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let spec = match spec::lookup(&args) {
+pub fn execute(shared: &Shared, session: &mut Session, args: &[Bytes]) -> Reply {
+    let spec = match spec::lookup(args) {
         Lookup::Found(spec) => spec,
-        Lookup::UnknownCommand => return session.reject(unknown_command(&args)),
+        Lookup::UnknownCommand => return session.reject(unknown_command(args)),
         Lookup::UnknownSubcommand(parent) => {
             let sub = String::from_utf8_lossy(&args[1]);
             let text = format!(
@@ -78,13 +74,13 @@ pub fn execute(shared: &Shared, session: &mut Session, args: Vec<Bytes>) -> Repl
             return session.reject(Reply::error("ERR Command not allowed inside a transaction"));
         }
         if !NOT_QUEUED.contains(&spec.name) {
-            multi.queue.push(args);
+            multi.queue.push(args.to_vec());
             let queued = multi.queue.len() as i64;
             session.client.state.lock().multi = queued;
             return Reply::QUEUED;
         }
     }
-    run(shared, session, spec, &args, false)
+    run(shared, session, spec, args, false)
 }
 
 /// Parses and applies one command whose checks have passed. `in_exec` is set for
@@ -101,7 +97,7 @@ pub fn run(
             Ok(cmd) => cmd,
             Err(reply) => return reply,
         };
-        let max_len = shared.config.read().proto_max_bulk_len;
+        let max_len = session.max_bulk_len;
         let db = &shared.db;
         return if in_exec {
             cmd.apply(db, max_len)
@@ -152,10 +148,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn every_data_command_is_in_the_table() {
+    fn every_data_command_is_in_the_table_and_parsed() {
         for name in DataCommand::NAMES {
             assert!(spec::find(name).is_some(), "{name} has no spec");
+            let args: Vec<Bytes> = [*name, "k", "1", "1"].iter().map(|s| Bytes::from(*s)).collect();
+            assert!(DataCommand::parse(name, &args).is_some(), "{name} is not parsed");
         }
+        assert!(DataCommand::parse("ping", &[Bytes::from("ping")]).is_none());
     }
 
     #[test]

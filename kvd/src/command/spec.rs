@@ -248,14 +248,16 @@ pub static COMMANDS: &[Spec] = &[
     },
 ];
 
-fn index() -> &'static HashMap<String, &'static Spec> {
-    static INDEX: OnceLock<HashMap<String, &'static Spec>> = OnceLock::new();
+type Index = HashMap<&'static str, &'static Spec, foldhash::fast::FixedState>;
+
+fn index() -> &'static Index {
+    static INDEX: OnceLock<Index> = OnceLock::new();
     INDEX.get_or_init(|| {
-        let mut map = HashMap::new();
+        let mut map = Index::default();
         for spec in COMMANDS {
-            map.insert(spec.name.to_string(), spec);
+            map.insert(spec.name, spec);
             for sub in spec.subcommands {
-                map.insert(sub.name.to_string(), sub);
+                map.insert(sub.name, sub);
             }
         }
         map
@@ -277,21 +279,28 @@ pub enum Lookup {
 
 /// Resolves `args[0]` (and `args[1]` for container commands) to a spec.
 pub fn lookup(args: &[bytes::Bytes]) -> Lookup {
-    let name = String::from_utf8_lossy(&args[0]).to_ascii_lowercase();
-    let Some(spec) = find(&name) else {
+    // Lowercased on the stack: this runs for every request.
+    let mut buf = [0u8; 32];
+    let name = &args[0];
+    if name.len() > buf.len() {
+        return Lookup::UnknownCommand;
+    }
+    buf[..name.len()].copy_from_slice(name);
+    buf[..name.len()].make_ascii_lowercase();
+    let Some(spec) = std::str::from_utf8(&buf[..name.len()]).ok().and_then(find) else {
         return Lookup::UnknownCommand;
     };
     if spec.subcommands.is_empty() || args.len() < 2 {
         return Lookup::Found(spec);
     }
-    let sub = String::from_utf8_lossy(&args[1]).to_ascii_lowercase();
-    match spec
-        .subcommands
-        .iter()
-        .find(|s| s.name.split('|').nth(1) == Some(sub.as_str()))
-    {
+    let sub = &args[1];
+    match spec.subcommands.iter().find(|s| {
+        s.name
+            .split('|')
+            .nth(1)
+            .is_some_and(|n| n.as_bytes().eq_ignore_ascii_case(sub))
+    }) {
         Some(s) => Lookup::Found(s),
-        None if spec.name == "command" => Lookup::UnknownSubcommand(spec),
         None => Lookup::UnknownSubcommand(spec),
     }
 }
