@@ -38,6 +38,9 @@ pub struct ClientHandle {
     pub state: Mutex<ClientState>,
     /// Notified by CLIENT KILL; the connection closes at its next await.
     pub kill: Notify,
+    /// Set once the server has decided to drop this client (slow subscriber), so
+    /// the decision is logged once.
+    pub dropping: std::sync::atomic::AtomicBool,
 }
 
 impl ClientHandle {
@@ -125,6 +128,7 @@ impl Clients {
                 ..Default::default()
             }),
             kill: Notify::new(),
+            dropping: Default::default(),
         });
         self.map.lock().insert(id, handle.clone());
         self.total_connections.fetch_add(1, Ordering::Relaxed);

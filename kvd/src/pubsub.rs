@@ -45,7 +45,12 @@ pub struct PubSub {
 }
 
 fn deliver(sub: &Subscriber, msg: Message) {
-    if sub.tx.try_send(msg).is_err() {
+    if sub.tx.try_send(msg).is_err()
+        && !sub
+            .client
+            .dropping
+            .swap(true, std::sync::atomic::Ordering::Relaxed)
+    {
         // Full (or the connection is closing): drop the subscriber, as Redis does
         // when a pub/sub client passes its output buffer limit.
         tracing::warn!(client = sub.client.id, "subscriber too slow, disconnecting");
