@@ -447,7 +447,7 @@ impl DataCommand {
     /// APPEND and SETRANGE may create.
     pub fn apply(self, db: &Db, max_len: i64) -> Reply {
         self.run(db, max_len)
-            .unwrap_or_else(|e| Reply::error(format!("ERR {e}")))
+            .unwrap_or_else(|e| Reply::error(e.to_string()))
     }
 
     fn run(self, db: &Db, max_len: i64) -> Result<Reply, StoreError> {
