@@ -11,11 +11,13 @@
 //! default: an append-only log of segments). Both keep keys in the hash-ordered
 //! [`index::Index`], which is what makes SCAN's guarantee hold.
 
+pub mod disk;
 pub mod index;
 pub mod memory;
 
 use bytes::Bytes;
 
+pub use disk::DiskStore;
 pub use memory::MemStore;
 
 /// A stored value and its absolute expiry time in Unix milliseconds.

@@ -1,1 +1,930 @@
-//! placeholder
+//! The on-disk engine: a Bitcask-style log.
+//!
+//! Every write appends a [`record`] to the active [`segment`]; an in-memory
+//! [`Index`] maps each key to where its newest record is (`Loc`); reads come from
+//! memory-mapped segment files. Deletes, expiry and FLUSHALL append tombstones.
+//! Full segments are sealed (with a hint file listing their records, so start-up
+//! need not read values) and a new one is started. Compaction rewrites the live
+//! records of segments that are mostly dead, then deletes them.
+//!
+//! Invariants (each kept where noted):
+//! * **The index points at the newest record of each live key.** Records carry a
+//!   sequence number from one counter; recovery keeps, per key, the record with
+//!   the highest one ([`Recovery::apply`]), so it does not matter which file a
+//!   record is in or in which order files are read.
+//! * **An acknowledged write is in the file before the reply is sent** (and
+//!   fsynced, with `appendfsync always`): connections call [`Store::flush`] after
+//!   each batch and send nothing if it fails.
+//! * **Compaction never loses a racing write.** It moves a record only if the
+//!   index still points at the old copy, checked under the key's shard lock
+//!   ([`DiskStore::compact_segment`]); a write that happened meanwhile has a
+//!   higher sequence number and wins, in the index and in recovery.
+//! * **A reader never sees a deleted segment vanish.** Readers take the segment's
+//!   `Arc` while holding the key's shard lock, and compaction repoints every key
+//!   (under those locks) before it drops a segment from the table; an unlinked
+//!   file stays mapped while an `Arc` exists.
+
+pub mod record;
+pub mod segment;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use parking_lot::{Mutex, RwLock};
+
+use super::index::{Index, Indexed};
+use super::{Entry, Store, StoreError, Update};
+use record::{Kind, HEADER};
+use segment::Segment;
+
+/// When written data is fsynced (Redis's `appendfsync`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fsync {
+    /// Before a write is acknowledged: it survives power loss.
+    Always = 0,
+    /// Once a second in the background: at most about a second is lost on power
+    /// loss; nothing on a process crash (data is in the OS before the reply).
+    EverySec = 1,
+    /// When the OS decides.
+    No = 2,
+}
+
+impl Fsync {
+    pub fn parse(s: &str) -> Option<Fsync> {
+        match s.to_ascii_lowercase().as_str() {
+            "always" => Some(Fsync::Always),
+            "everysec" => Some(Fsync::EverySec),
+            "no" => Some(Fsync::No),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Fsync::Always => "always",
+            Fsync::EverySec => "everysec",
+            Fsync::No => "no",
+        }
+    }
+
+    fn from_u8(v: u8) -> Fsync {
+        match v {
+            0 => Fsync::Always,
+            1 => Fsync::EverySec,
+            _ => Fsync::No,
+        }
+    }
+}
+
+/// Engine settings.
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub fsync: Fsync,
+    /// A segment is sealed once it holds this many bytes.
+    pub segment_size: u64,
+    /// A sealed segment is compacted when this fraction of it is dead.
+    pub compact_dead_fraction: f64,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            fsync: Fsync::EverySec,
+            segment_size: 64 * 1024 * 1024,
+            compact_dead_fraction: 0.5,
+        }
+    }
+}
+
+/// Where a key's newest record is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Loc {
+    pub segment: u64,
+    pub offset: u64,
+    pub key_len: u32,
+    pub value_len: u32,
+    pub expires_at: Option<u64>,
+    pub seq: u64,
+}
+
+impl Loc {
+    fn record_len(&self) -> u64 {
+        HEADER as u64 + self.key_len as u64 + self.value_len as u64
+    }
+}
+
+impl Indexed for Loc {
+    fn expires_at(&self) -> Option<u64> {
+        self.expires_at
+    }
+
+    fn size(&self) -> u64 {
+        self.value_len as u64
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// What the last compaction did, for INFO.
+#[derive(Default, Clone)]
+struct CompactionStats {
+    runs: u64,
+    last_unix_secs: u64,
+    last_reclaimed: u64,
+    in_progress: bool,
+}
+
+pub struct DiskStore {
+    /// This store's own `Arc`, for background work started from `&self`.
+    me: Weak<DiskStore>,
+    dir: PathBuf,
+    options: Options,
+    fsync: AtomicU8,
+    index: Index<Loc>,
+    segments: RwLock<BTreeMap<u64, Arc<Segment>>>,
+    active: RwLock<Arc<Segment>>,
+    next_seq: AtomicU64,
+    next_segment: AtomicU64,
+    /// Set while writes to disk fail; writes are refused until a retry succeeds.
+    write_error: Mutex<Option<String>>,
+    compaction: Mutex<CompactionStats>,
+    /// Serialises compactions and FLUSHALL.
+    maintenance: Mutex<()>,
+    stop: AtomicBool,
+    startup: StartupStats,
+}
+
+/// What recovery found, for the log and INFO.
+#[derive(Default, Clone, Debug)]
+pub struct StartupStats {
+    pub segments: usize,
+    pub from_hints: usize,
+    pub records: u64,
+    pub truncated_bytes: u64,
+    pub skipped_bytes: u64,
+    pub millis: u64,
+}
+
+fn io_err(context: &str, e: std::io::Error) -> StoreError {
+    StoreError::Write(format!("{context}: {e}"))
+}
+
+impl DiskStore {
+    /// Opens (or creates) the log in `dir`, recovering the index from hint files
+    /// and segment scans, and starts the background fsync / compaction thread.
+    pub fn open(dir: &Path, options: Options) -> std::io::Result<Arc<DiskStore>> {
+        std::fs::create_dir_all(dir)?;
+        let started = Instant::now();
+        let mut recovery = Recovery::default();
+        let mut segments = BTreeMap::new();
+        let mut ids: Vec<u64> = std::fs::read_dir(dir)?
+            .filter_map(|e| e.ok())
+            .filter_map(|e| segment::parse_file_name(&e.file_name().to_string_lossy()))
+            .collect();
+        ids.sort_unstable();
+        for &id in &ids {
+            let mut seg = Segment::open_sealed(dir.join(segment::file_name(id)), id)?;
+            let end = match hints::read(dir, id, seg.bytes().len() as u64) {
+                Some(entries) => {
+                    recovery.stats.from_hints += 1;
+                    for h in entries {
+                        recovery.apply(id, h.offset, h.header, h.key);
+                    }
+                    seg.bytes().len() as u64
+                }
+                None => recovery.scan(&seg),
+            };
+            if end < seg.bytes().len() as u64 {
+                let cut = seg.bytes().len() as u64 - end;
+                if seg.bytes()[end as usize..].iter().any(|&b| b != 0) {
+                    tracing::warn!(
+                        segment = id,
+                        offset = end,
+                        bytes = cut,
+                        "torn or corrupt tail: truncating; every record before it is kept"
+                    );
+                    recovery.stats.truncated_bytes += cut;
+                }
+                seg.truncate(end)?;
+                let _ = std::fs::remove_file(dir.join(segment::hint_name(id)));
+            }
+            recovery.stats.segments += 1;
+            segments.insert(id, Arc::new(seg));
+        }
+        let index = Index::default();
+        let mut stats = std::mem::take(&mut recovery.stats);
+        let max_seq = recovery.finish(&index, &segments);
+        let next_segment = ids.last().map_or(1, |id| id + 1);
+        let active = Arc::new(Segment::create(dir, next_segment, options.segment_size)?);
+        segments.insert(next_segment, active.clone());
+        stats.millis = started.elapsed().as_millis() as u64;
+        tracing::info!(
+            segments = stats.segments,
+            from_hints = stats.from_hints,
+            keys = index.len(),
+            ms = stats.millis,
+            "storage recovered from {}",
+            dir.display()
+        );
+        for seg in segments.values() {
+            if seg.is_sealed() {
+                seg.total.store(seg.bytes().len() as u64, Ordering::Relaxed);
+            }
+        }
+        let store = Arc::new_cyclic(|me| DiskStore {
+            me: me.clone(),
+            dir: dir.to_path_buf(),
+            fsync: AtomicU8::new(options.fsync as u8),
+            options,
+            index,
+            segments: RwLock::new(segments),
+            active: RwLock::new(active),
+            next_seq: AtomicU64::new(max_seq + 1),
+            next_segment: AtomicU64::new(next_segment + 1),
+            write_error: Mutex::new(None),
+            compaction: Mutex::new(CompactionStats::default()),
+            maintenance: Mutex::new(()),
+            stop: AtomicBool::new(false),
+            startup: stats,
+        });
+        // Segments recovered without a hint file get one now.
+        for seg in store.segments.read().values() {
+            if seg.id != next_segment && !store.dir.join(segment::hint_name(seg.id)).exists() {
+                hints::write(&store.dir, seg);
+            }
+        }
+        let weak = Arc::downgrade(&store);
+        std::thread::Builder::new()
+            .name("kvd-storage".into())
+            .spawn(move || background(weak))?;
+        Ok(store)
+    }
+
+    pub fn startup_stats(&self) -> &StartupStats {
+        &self.startup
+    }
+
+    pub fn set_fsync(&self, policy: Fsync) {
+        self.fsync.store(policy as u8, Ordering::Relaxed);
+    }
+
+    fn fsync_policy(&self) -> Fsync {
+        Fsync::from_u8(self.fsync.load(Ordering::Relaxed))
+    }
+
+    fn segment(&self, id: u64) -> Option<Arc<Segment>> {
+        self.segments.read().get(&id).cloned()
+    }
+
+    /// Reads the value a location points at. Called with the key's shard lock
+    /// held, so compaction cannot have dropped the segment.
+    fn read_value(&self, loc: &Loc) -> Bytes {
+        match self.segment(loc.segment) {
+            Some(seg) => seg.read(
+                loc.offset + HEADER as u64 + loc.key_len as u64,
+                loc.value_len as usize,
+            ),
+            None => {
+                tracing::error!(segment = loc.segment, "index points at a missing segment");
+                Bytes::new()
+            }
+        }
+    }
+
+    fn check_writable(&self) -> Result<(), StoreError> {
+        let mut err = self.write_error.lock();
+        if err.is_some() {
+            // Retry: a freed-up disk clears the error.
+            match self.active.read().clone().flush() {
+                Ok(()) => *err = None,
+                Err(e) => return Err(StoreError::Write(e.to_string())),
+            }
+        }
+        Ok(())
+    }
+
+    /// Appends a record to the active segment, rotating when it is full.
+    /// Returns the location of the new record.
+    fn append(
+        &self,
+        kind: Kind,
+        key: &[u8],
+        value: &[u8],
+        expires_at: Option<u64>,
+    ) -> Result<Loc, StoreError> {
+        let len = HEADER + key.len() + value.len();
+        let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
+        loop {
+            let active = self.active.read().clone();
+            let placed = active.append(len, |buf| record::encode(buf, kind, seq, expires_at, key, value));
+            if let Some(offset) = placed {
+                return Ok(Loc {
+                    segment: active.id,
+                    offset,
+                    key_len: key.len() as u32,
+                    value_len: value.len() as u32,
+                    expires_at,
+                    seq,
+                });
+            }
+            self.rotate(&active, len as u64)?;
+        }
+    }
+
+    /// Replaces `full` as the active segment (if it still is) with a new one big
+    /// enough for a record of `need` bytes, and seals `full`.
+    fn rotate(&self, full: &Arc<Segment>, need: u64) -> Result<(), StoreError> {
+        let mut active = self.active.write();
+        if !Arc::ptr_eq(&active, full) {
+            return Ok(()); // someone else rotated
+        }
+        let id = self.next_segment.fetch_add(1, Ordering::Relaxed);
+        let capacity = self.options.segment_size.max(need);
+        let fresh =
+            Arc::new(Segment::create(&self.dir, id, capacity).map_err(|e| io_err("creating a segment", e))?);
+        self.segments.write().insert(id, fresh.clone());
+        *active = fresh;
+        drop(active);
+        full.seal().map_err(|e| io_err("sealing a segment", e))?;
+        let sealed = full.clone();
+        let dir = self.dir.clone();
+        // The hint file is a start-up accelerator; writing it need not delay writers.
+        std::thread::spawn(move || hints::write(&dir, &sealed));
+        Ok(())
+    }
+
+    /// Account a record that the index no longer points at.
+    fn retire(&self, old: &Loc) {
+        if let Some(seg) = self.segment(old.segment) {
+            seg.live.fetch_sub(old.record_len(), Ordering::Relaxed);
+        }
+    }
+
+    fn adopt(&self, loc: &Loc) {
+        if let Some(seg) = self.segment(loc.segment) {
+            seg.live.fetch_add(loc.record_len(), Ordering::Relaxed);
+        }
+    }
+
+    /// Live and total bytes over all segments.
+    fn space(&self) -> (u64, u64) {
+        let segs = self.segments.read();
+        segs.values().fold((0, 0), |(l, t), s| {
+            (
+                l + s.live.load(Ordering::Relaxed),
+                t + s.total.load(Ordering::Relaxed),
+            )
+        })
+    }
+
+    /// Compacts every sealed segment whose dead fraction passes `threshold`.
+    /// Returns the bytes reclaimed.
+    pub fn compact_now(&self, threshold: f64) -> Result<u64, StoreError> {
+        let _one = self.maintenance.lock();
+        self.compaction.lock().in_progress = true;
+        let active_id = self.active.read().id;
+        let candidates: Vec<Arc<Segment>> = self
+            .segments
+            .read()
+            .values()
+            .filter(|s| s.id != active_id && s.is_sealed())
+            .filter(|s| {
+                let total = s.total.load(Ordering::Relaxed).max(s.bytes().len() as u64);
+                let live = s.live.load(Ordering::Relaxed);
+                total > 0 && (total - live.min(total)) as f64 / total as f64 >= threshold
+            })
+            .cloned()
+            .collect();
+        let mut reclaimed = 0;
+        let result = (|| {
+            for seg in candidates {
+                reclaimed += self.compact_segment(&seg)?;
+            }
+            Ok(reclaimed)
+        })();
+        let mut stats = self.compaction.lock();
+        stats.in_progress = false;
+        stats.runs += 1;
+        stats.last_unix_secs = now_ms() / 1000;
+        stats.last_reclaimed = reclaimed;
+        result
+    }
+
+    /// Moves the live records of `seg` to the active segment, then deletes it.
+    fn compact_segment(&self, seg: &Arc<Segment>) -> Result<u64, StoreError> {
+        if seg.compacting.swap(true, Ordering::AcqRel) {
+            return Ok(0);
+        }
+        let bytes = seg.bytes();
+        let mut offset = 0usize;
+        while offset < bytes.len() {
+            let Ok(h) = record::parse(&bytes[offset..]) else {
+                // Recovery already cut torn tails; skip damage the same way.
+                offset = resync(bytes, offset + 1).unwrap_or(bytes.len());
+                continue;
+            };
+            let len = h.record_len() as usize;
+            let key = Bytes::copy_from_slice(&bytes[offset + HEADER..offset + HEADER + h.key_len as usize]);
+            let value = &bytes[offset + HEADER + h.key_len as usize..offset + len];
+            let pos = self.index.pos(&key);
+            match h.kind {
+                Kind::Put => {
+                    let mut shard = self.index.write(&pos);
+                    let current = shard.get(&pos);
+                    if current.is_some_and(|l| l.segment == seg.id && l.offset == offset as u64) {
+                        // Same sequence number: the copy is the same write, not a new one.
+                        let moved = self.append_copy(h, &key, value)?;
+                        self.adopt(&moved);
+                        shard.insert(&pos, moved);
+                    }
+                }
+                Kind::Delete => {
+                    // Still needed while an older put of the key may survive in
+                    // another segment: keep it unless the key lives again.
+                    if self.index.read(&pos).get(&pos).is_none() {
+                        self.append_copy(h, &key, value)?;
+                    }
+                }
+                Kind::Clear => {
+                    self.append_copy(h, &key, value)?;
+                }
+            }
+            offset += len;
+        }
+        // The copies must be durable before the originals go.
+        self.flush_and_sync()
+            .map_err(|e| io_err("syncing compacted data", e))?;
+        self.segments.write().remove(&seg.id);
+        let reclaimed = seg.bytes().len() as u64;
+        let _ = std::fs::remove_file(&seg.path);
+        let _ = std::fs::remove_file(self.dir.join(segment::hint_name(seg.id)));
+        tracing::info!(segment = seg.id, bytes = reclaimed, "compacted");
+        Ok(reclaimed)
+    }
+
+    /// Appends a copy of a record keeping its sequence number.
+    fn append_copy(&self, h: record::Header, key: &[u8], value: &[u8]) -> Result<Loc, StoreError> {
+        let len = HEADER + key.len() + value.len();
+        loop {
+            let active = self.active.read().clone();
+            let placed = active.append(len, |buf| {
+                record::encode(buf, h.kind, h.seq, h.expires_at, key, value)
+            });
+            if let Some(offset) = placed {
+                return Ok(Loc {
+                    segment: active.id,
+                    offset,
+                    key_len: key.len() as u32,
+                    value_len: value.len() as u32,
+                    expires_at: h.expires_at,
+                    seq: h.seq,
+                });
+            }
+            self.rotate(&active, len as u64)?;
+        }
+    }
+
+    fn flush_and_sync(&self) -> std::io::Result<()> {
+        let active = self.active.read().clone();
+        active.flush()?;
+        active.sync()
+    }
+}
+
+/// The next offset at or after `from` where a valid record starts.
+fn resync(bytes: &[u8], from: usize) -> Option<usize> {
+    let mut at = from;
+    while at < bytes.len() {
+        let next = at + memchr::memchr(record::MAGIC, &bytes[at..])?;
+        if record::parse(&bytes[next..]).is_ok() {
+            return Some(next);
+        }
+        at = next + 1;
+    }
+    None
+}
+
+impl Store for DiskStore {
+    fn get(&self, key: &Bytes) -> Option<Entry> {
+        let pos = self.index.pos(key);
+        let shard = self.index.read(&pos);
+        let loc = shard.get(&pos)?;
+        Some(Entry {
+            value: self.read_value(loc),
+            expires_at: loc.expires_at,
+        })
+    }
+
+    fn update(&self, key: &Bytes, f: &mut dyn FnMut(Option<&Entry>) -> Update) -> Result<(), StoreError> {
+        let pos = self.index.pos(key);
+        let mut shard = self.index.write(&pos);
+        let current = shard.get(&pos).map(|loc| Entry {
+            value: self.read_value(loc),
+            expires_at: loc.expires_at,
+        });
+        match f(current.as_ref()) {
+            Update::Keep => Ok(()),
+            Update::Put(entry) => {
+                self.check_writable()?;
+                let loc = self.append(Kind::Put, key, &entry.value, entry.expires_at)?;
+                self.adopt(&loc);
+                if let Some(old) = shard.insert(&pos, loc) {
+                    self.retire(&old);
+                }
+                Ok(())
+            }
+            Update::Remove => {
+                if current.is_none() {
+                    return Ok(());
+                }
+                self.check_writable()?;
+                self.append(Kind::Delete, key, b"", None)?;
+                if let Some(old) = shard.remove(&pos) {
+                    self.retire(&old);
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.index.len()
+    }
+
+    fn expiring_len(&self) -> usize {
+        self.index.expiring_len()
+    }
+
+    fn scan(&self, cursor: u64, count: usize, out: &mut Vec<(Bytes, Entry)>) -> u64 {
+        let mut locs = Vec::new();
+        let next = self.index.scan(cursor, count, &mut locs);
+        // Values are read lazily by callers that need them (KEYS and SCAN only
+        // look at keys and expiry), so hand out empty values here.
+        out.extend(locs.into_iter().map(|(k, loc)| {
+            (
+                k,
+                Entry {
+                    value: Bytes::new(),
+                    expires_at: loc.expires_at,
+                },
+            )
+        }));
+        next
+    }
+
+    fn expired(&self, now: u64, limit: usize) -> Vec<Bytes> {
+        self.index.expired(now, limit)
+    }
+
+    fn random_key(&self) -> Option<Bytes> {
+        self.index.random_key()
+    }
+
+    /// FLUSHALL: a clear record in a fresh segment, then every older segment goes.
+    fn clear(&self) -> Result<(), StoreError> {
+        self.check_writable()?;
+        let _one = self.maintenance.lock();
+        let mut shards = self.index.lock_all();
+        let old_active = self.active.read().clone();
+        self.rotate(&old_active, 0)?;
+        self.append(Kind::Clear, b"", b"", None)?;
+        self.flush_and_sync().map_err(|e| io_err("writing FLUSHALL", e))?;
+        let active_id = self.active.read().id;
+        let doomed: Vec<Arc<Segment>> = {
+            let mut segs = self.segments.write();
+            let ids: Vec<u64> = segs.keys().copied().filter(|&id| id != active_id).collect();
+            ids.iter().filter_map(|id| segs.remove(id)).collect()
+        };
+        for shard in shards.iter_mut() {
+            **shard = Default::default();
+        }
+        drop(shards);
+        for seg in doomed {
+            let _ = std::fs::remove_file(&seg.path);
+            let _ = std::fs::remove_file(self.dir.join(segment::hint_name(seg.id)));
+        }
+        Ok(())
+    }
+
+    fn used_bytes(&self) -> u64 {
+        self.index.bytes()
+    }
+
+    fn flush(&self) -> Result<(), StoreError> {
+        let active = self.active.read().clone();
+        let result = active.flush().and_then(|()| {
+            if self.fsync_policy() == Fsync::Always {
+                active.sync()
+            } else {
+                Ok(())
+            }
+        });
+        if let Err(e) = result {
+            let text = e.to_string();
+            tracing::error!("write to the data directory failed: {text}; refusing writes until it succeeds");
+            *self.write_error.lock() = Some(text.clone());
+            return Err(StoreError::Write(text));
+        }
+        Ok(())
+    }
+
+    fn compact(&self) -> Result<(), StoreError> {
+        let store = self.me.clone();
+        std::thread::spawn(move || {
+            if let Some(store) = store.upgrade() {
+                // By hand, any dead space is worth reclaiming.
+                if let Err(e) = store.compact_now(f64::MIN_POSITIVE) {
+                    tracing::error!("compaction failed: {e}");
+                }
+            }
+        });
+        Ok(())
+    }
+
+    fn info(&self) -> Vec<(&'static str, String)> {
+        let (live, total) = self.space();
+        let c = self.compaction.lock().clone();
+        let err = self.write_error.lock().clone();
+        vec![
+            ("kvd_storage_engine", "disk".into()),
+            ("kvd_dir", self.dir.display().to_string()),
+            ("kvd_appendfsync", self.fsync_policy().name().into()),
+            ("kvd_segments", self.segments.read().len().to_string()),
+            ("kvd_live_bytes", live.to_string()),
+            ("kvd_dead_bytes", total.saturating_sub(live).to_string()),
+            ("kvd_compactions", c.runs.to_string()),
+            ("kvd_compaction_in_progress", (c.in_progress as u8).to_string()),
+            ("kvd_last_compaction_time", c.last_unix_secs.to_string()),
+            (
+                "kvd_last_compaction_reclaimed_bytes",
+                c.last_reclaimed.to_string(),
+            ),
+            ("kvd_startup_ms", self.startup.millis.to_string()),
+            (
+                "kvd_startup_truncated_bytes",
+                self.startup.truncated_bytes.to_string(),
+            ),
+            (
+                "kvd_startup_skipped_bytes",
+                self.startup.skipped_bytes.to_string(),
+            ),
+            (
+                "aof_last_write_status",
+                if err.is_some() { "err" } else { "ok" }.into(),
+            ),
+        ]
+    }
+}
+
+/// The storage thread: fsync once a second with `everysec`, and compact segments
+/// whose dead fraction passes the threshold. Ends when the store is dropped.
+fn background(store: Weak<DiskStore>) {
+    let mut last_compaction_check = Instant::now();
+    loop {
+        std::thread::sleep(Duration::from_millis(200));
+        let Some(s) = store.upgrade() else {
+            return;
+        };
+        if s.stop.load(Ordering::Relaxed) {
+            return;
+        }
+        if s.fsync_policy() == Fsync::EverySec {
+            if let Err(e) = s.flush_and_sync() {
+                tracing::error!("background fsync failed: {e}");
+                *s.write_error.lock() = Some(e.to_string());
+            }
+        }
+        if last_compaction_check.elapsed() >= Duration::from_secs(5) {
+            last_compaction_check = Instant::now();
+            if let Err(e) = s.compact_now(s.options.compact_dead_fraction) {
+                tracing::error!("compaction failed: {e}");
+            }
+        }
+    }
+}
+
+impl Drop for DiskStore {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        let active = self.active.read().clone();
+        if let Err(e) = active.flush().and_then(|()| active.sync()) {
+            tracing::error!("final flush failed: {e}");
+        }
+    }
+}
+
+/// Rebuilds the index from records, keeping the newest per key.
+#[derive(Default)]
+struct Recovery {
+    /// Newest record per live key.
+    latest: HashMap<Bytes, Loc>,
+    /// Newest delete per key, so an older put read later does not resurrect it.
+    deleted: HashMap<Bytes, u64>,
+    clear_seq: u64,
+    max_seq: u64,
+    stats: StartupStats,
+}
+
+impl Recovery {
+    fn apply(&mut self, segment: u64, offset: u64, h: record::Header, key: Bytes) {
+        self.stats.records += 1;
+        self.max_seq = self.max_seq.max(h.seq);
+        match h.kind {
+            Kind::Clear => self.clear_seq = self.clear_seq.max(h.seq),
+            Kind::Delete => {
+                if self.latest.get(&key).is_some_and(|l| l.seq < h.seq) {
+                    self.latest.remove(&key);
+                }
+                let d = self.deleted.entry(key).or_insert(0);
+                *d = (*d).max(h.seq);
+            }
+            Kind::Put => {
+                if self.deleted.get(&key).is_some_and(|&d| d > h.seq) {
+                    return;
+                }
+                if self.latest.get(&key).is_some_and(|l| l.seq >= h.seq) {
+                    return;
+                }
+                let loc = Loc {
+                    segment,
+                    offset,
+                    key_len: h.key_len,
+                    value_len: h.value_len,
+                    expires_at: h.expires_at,
+                    seq: h.seq,
+                };
+                self.latest.insert(key, loc);
+            }
+        }
+    }
+
+    /// Reads every record of a segment; returns where the valid data ends.
+    fn scan(&mut self, seg: &Segment) -> u64 {
+        let bytes = seg.bytes();
+        let mut offset = 0usize;
+        while offset < bytes.len() {
+            match record::parse(&bytes[offset..]) {
+                Ok(h) => {
+                    let key =
+                        Bytes::copy_from_slice(&bytes[offset + HEADER..offset + HEADER + h.key_len as usize]);
+                    seg.total.fetch_add(h.record_len(), Ordering::Relaxed);
+                    self.apply(seg.id, offset as u64, h, key);
+                    offset += h.record_len() as usize;
+                }
+                Err(_) => match resync(bytes, offset + 1) {
+                    // Damage with good records after it: skip the damaged bytes.
+                    Some(next) => {
+                        tracing::warn!(
+                            segment = seg.id,
+                            offset,
+                            bytes = next - offset,
+                            "corrupt record skipped; later records are kept"
+                        );
+                        self.stats.skipped_bytes += (next - offset) as u64;
+                        offset = next;
+                    }
+                    // Nothing valid after it: a torn tail.
+                    None => return offset as u64,
+                },
+            }
+        }
+        bytes.len() as u64
+    }
+
+    /// Loads the surviving records into `index`; returns the highest sequence
+    /// number seen.
+    fn finish(self, index: &Index<Loc>, segments: &BTreeMap<u64, Arc<Segment>>) -> u64 {
+        let now = now_ms();
+        for (key, loc) in self.latest {
+            if loc.seq < self.clear_seq || loc.expires_at.is_some_and(|t| t <= now) {
+                continue;
+            }
+            if let Some(seg) = segments.get(&loc.segment) {
+                seg.live.fetch_add(loc.record_len(), Ordering::Relaxed);
+            }
+            let pos = index.pos(&key);
+            index.write(&pos).insert(&pos, loc);
+        }
+        self.max_seq
+    }
+}
+
+/// Hint files: a sealed segment's records without their values, so start-up
+/// reads a few bytes per key instead of every value.
+///
+/// ```text
+/// "KVDHINT1" | segment length u64 | entries | CRC-32 of everything before it
+/// entry: kind u8 | seq u64 | expires u64 | key len u32 | value len u32 | offset u64 | key
+/// ```
+mod hints {
+    use super::*;
+
+    pub struct HintEntry {
+        pub offset: u64,
+        pub header: record::Header,
+        pub key: Bytes,
+    }
+
+    const MAGIC: &[u8; 8] = b"KVDHINT1";
+
+    /// Writes the hint file of a sealed segment (atomically: temp file + rename).
+    pub fn write(dir: &Path, seg: &Segment) {
+        let bytes = seg.bytes();
+        let mut out = Vec::with_capacity(64 * 1024);
+        out.extend_from_slice(MAGIC);
+        out.extend_from_slice(&(bytes.len() as u64).to_le_bytes());
+        let mut offset = 0usize;
+        let mut total = 0u64;
+        while offset < bytes.len() {
+            let Ok(h) = record::parse(&bytes[offset..]) else {
+                match resync(bytes, offset + 1) {
+                    Some(next) => {
+                        offset = next;
+                        continue;
+                    }
+                    None => break,
+                }
+            };
+            out.push(h.kind as u8);
+            out.extend_from_slice(&h.seq.to_le_bytes());
+            out.extend_from_slice(&h.expires_at.unwrap_or(0).to_le_bytes());
+            out.extend_from_slice(&h.key_len.to_le_bytes());
+            out.extend_from_slice(&h.value_len.to_le_bytes());
+            out.extend_from_slice(&(offset as u64).to_le_bytes());
+            out.extend_from_slice(&bytes[offset + HEADER..offset + HEADER + h.key_len as usize]);
+            total += h.record_len();
+            offset += h.record_len() as usize;
+        }
+        seg.total.fetch_max(total, Ordering::Relaxed);
+        let crc = crc32fast::hash(&out);
+        out.extend_from_slice(&crc.to_le_bytes());
+        let path = dir.join(segment::hint_name(seg.id));
+        let tmp = path.with_extension("hint.tmp");
+        let result = std::fs::write(&tmp, &out)
+            .and_then(|()| std::fs::File::open(&tmp)?.sync_all())
+            .and_then(|()| std::fs::rename(&tmp, &path));
+        if let Err(e) = result {
+            tracing::warn!(segment = seg.id, "could not write hint file: {e}");
+            let _ = std::fs::remove_file(&tmp);
+        }
+    }
+
+    /// Reads a hint file, if present, intact, and written for a segment of
+    /// `segment_len` bytes.
+    pub fn read(dir: &Path, id: u64, segment_len: u64) -> Option<Vec<HintEntry>> {
+        let data = std::fs::read(dir.join(segment::hint_name(id))).ok()?;
+        if data.len() < 20 || &data[..8] != MAGIC {
+            return None;
+        }
+        let (body, crc) = data.split_at(data.len() - 4);
+        if crc32fast::hash(body) != u32::from_le_bytes(crc.try_into().ok()?) {
+            tracing::warn!(segment = id, "hint file damaged; scanning the segment instead");
+            return None;
+        }
+        if u64::from_le_bytes(body[8..16].try_into().ok()?) != segment_len {
+            return None;
+        }
+        let mut entries = Vec::new();
+        let mut at = 16;
+        while at < body.len() {
+            let fixed = body.get(at..at + 33)?;
+            let kind = match fixed[0] {
+                1 => Kind::Put,
+                2 => Kind::Delete,
+                3 => Kind::Clear,
+                _ => return None,
+            };
+            let seq = u64::from_le_bytes(fixed[1..9].try_into().ok()?);
+            let expires = u64::from_le_bytes(fixed[9..17].try_into().ok()?);
+            let key_len = u32::from_le_bytes(fixed[17..21].try_into().ok()?);
+            let value_len = u32::from_le_bytes(fixed[21..25].try_into().ok()?);
+            let offset = u64::from_le_bytes(fixed[25..33].try_into().ok()?);
+            let key = Bytes::copy_from_slice(body.get(at + 33..at + 33 + key_len as usize)?);
+            at += 33 + key_len as usize;
+            entries.push(HintEntry {
+                offset,
+                header: record::Header {
+                    kind,
+                    seq,
+                    expires_at: (expires != 0).then_some(expires),
+                    key_len,
+                    value_len,
+                },
+                key,
+            });
+        }
+        Some(entries)
+    }
+}
+
+#[cfg(test)]
+mod tests;

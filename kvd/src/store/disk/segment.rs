@@ -1,0 +1,308 @@
+//! One segment file of the log: appended to while active, read-only once sealed.
+//!
+//! Writes are buffered in memory (`Tail`) and written to the file by `flush`,
+//! which every connection calls once per batch of requests, so many writers share
+//! one `write` and, with `appendfsync always`, one `fsync` (group commit). Reads
+//! come from a shared memory map of the file; bytes not yet written are served
+//! from the buffer.
+//!
+//! Invariants:
+//! * `written` only grows, and every byte below it is in the file (and so visible
+//!   through the map, which shares the page cache). Readers use the map only
+//!   below `written`, which is never past the end of the file, so the map is
+//!   never touched beyond the file's end (which would fault).
+//! * The file is preallocated (sparse) to `capacity` while active, and cut to
+//!   `written` when sealed; nothing is appended after `sealed` is set.
+//! * The map is never unmapped while an `Arc<Segment>` exists, so a reader that
+//!   holds one may read even after compaction has deleted the file.
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use memmap2::{Mmap, MmapOptions};
+use parking_lot::Mutex;
+
+/// Values shorter than this are copied out of the map; longer ones are handed
+/// out as zero-copy views that keep the segment alive.
+const COPY_BELOW: usize = 4096;
+
+struct Tail {
+    /// Encoded records not yet written to the file.
+    buf: Vec<u8>,
+    /// File offset of `buf[0]`.
+    base: u64,
+    sealed: bool,
+}
+
+pub struct Segment {
+    pub id: u64,
+    pub path: PathBuf,
+    file: File,
+    map: Option<Mmap>,
+    capacity: u64,
+    tail: Mutex<Tail>,
+    written: AtomicU64,
+    synced: AtomicU64,
+    sync_lock: Mutex<()>,
+    /// Bytes of records the index points to, and of all records.
+    pub live: AtomicU64,
+    pub total: AtomicU64,
+    /// Set when the segment is being compacted away, so it is picked only once.
+    pub compacting: AtomicBool,
+}
+
+/// File name of segment `id` in the data directory.
+pub fn file_name(id: u64) -> String {
+    format!("segment-{id:010}.log")
+}
+
+pub fn hint_name(id: u64) -> String {
+    format!("segment-{id:010}.hint")
+}
+
+/// The id in a segment file name, if it is one.
+pub fn parse_file_name(name: &str) -> Option<u64> {
+    name.strip_prefix("segment-")?.strip_suffix(".log")?.parse().ok()
+}
+
+fn map(file: &File, len: u64) -> std::io::Result<Option<Mmap>> {
+    if len == 0 {
+        return Ok(None);
+    }
+    // SAFETY: the file belongs to this process's data directory. It is only ever
+    // extended, or cut to a length below which every read stays (see the module
+    // invariants), so no access through the map reaches past the file's end.
+    unsafe { MmapOptions::new().len(len as usize).map(file) }.map(Some)
+}
+
+impl Segment {
+    /// Creates a new, empty active segment able to hold `capacity` bytes.
+    pub fn create(dir: &Path, id: u64, capacity: u64) -> std::io::Result<Segment> {
+        let path = dir.join(file_name(id));
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)?;
+        file.set_len(capacity)?;
+        let map = map(&file, capacity)?;
+        Ok(Segment::new(id, path, file, map, capacity, 0, false))
+    }
+
+    /// Opens an existing segment read-only (for recovery); `len` is its length.
+    pub fn open_sealed(path: PathBuf, id: u64) -> std::io::Result<Segment> {
+        let file = OpenOptions::new().read(true).write(true).open(&path)?;
+        let len = file.metadata()?.len();
+        let map = map(&file, len)?;
+        Ok(Segment::new(id, path, file, map, len, len, true))
+    }
+
+    fn new(
+        id: u64,
+        path: PathBuf,
+        file: File,
+        map: Option<Mmap>,
+        capacity: u64,
+        len: u64,
+        sealed: bool,
+    ) -> Self {
+        Segment {
+            id,
+            path,
+            file,
+            map,
+            capacity,
+            tail: Mutex::new(Tail {
+                buf: Vec::new(),
+                base: len,
+                sealed,
+            }),
+            written: AtomicU64::new(len),
+            synced: AtomicU64::new(len),
+            sync_lock: Mutex::new(()),
+            live: AtomicU64::new(0),
+            total: AtomicU64::new(0),
+            compacting: AtomicBool::new(false),
+        }
+    }
+
+    /// The file's bytes below `written` (the whole file once sealed).
+    pub fn bytes(&self) -> &[u8] {
+        let len = self.written.load(Ordering::Acquire) as usize;
+        self.map.as_ref().map_or(&[][..], |m| &m[..len])
+    }
+
+    /// Cuts a recovered segment at `len` (dropping a torn tail).
+    pub fn truncate(&mut self, len: u64) -> std::io::Result<()> {
+        self.file.set_len(len)?;
+        self.file.sync_all()?;
+        self.written.store(len, Ordering::Release);
+        self.synced.store(len, Ordering::Release);
+        self.tail.get_mut().base = len;
+        Ok(())
+    }
+
+    /// Appends a record of `len` bytes written by `encode`; returns its offset, or
+    /// `None` if the segment is sealed or too full (the caller rotates).
+    pub fn append(&self, len: usize, encode: impl FnOnce(&mut Vec<u8>)) -> Option<u64> {
+        let mut tail = self.tail.lock();
+        let offset = tail.base + tail.buf.len() as u64;
+        if tail.sealed || offset + len as u64 > self.capacity {
+            return None;
+        }
+        encode(&mut tail.buf);
+        debug_assert_eq!(tail.base + tail.buf.len() as u64, offset + len as u64);
+        self.total.fetch_add(len as u64, Ordering::Relaxed);
+        Some(offset)
+    }
+
+    /// Whether nothing has been appended since creation.
+    pub fn is_empty(&self) -> bool {
+        let tail = self.tail.lock();
+        tail.base == 0 && tail.buf.is_empty()
+    }
+
+    /// Writes buffered records to the file. On error the records stay buffered
+    /// (nothing is lost while the process runs) and the next call retries.
+    pub fn flush(&self) -> std::io::Result<()> {
+        let mut tail = self.tail.lock();
+        if tail.buf.is_empty() {
+            return Ok(());
+        }
+        self.file.write_all_at(&tail.buf, tail.base)?;
+        let new_base = tail.base + tail.buf.len() as u64;
+        tail.base = new_base;
+        tail.buf.clear();
+        if tail.buf.capacity() > 4 * 1024 * 1024 {
+            tail.buf = Vec::new();
+        }
+        self.written.store(new_base, Ordering::Release);
+        Ok(())
+    }
+
+    /// Makes everything written so far durable. Concurrent callers share one
+    /// fsync: whoever finds the bytes it needs already synced returns at once.
+    pub fn sync(&self) -> std::io::Result<()> {
+        let target = self.written.load(Ordering::Acquire);
+        if self.synced.load(Ordering::Acquire) >= target {
+            return Ok(());
+        }
+        let _one_at_a_time = self.sync_lock.lock();
+        let target = self.written.load(Ordering::Acquire);
+        if self.synced.load(Ordering::Acquire) >= target {
+            return Ok(());
+        }
+        self.file.sync_data()?;
+        self.synced.fetch_max(target, Ordering::AcqRel);
+        Ok(())
+    }
+
+    /// Stops appends, writes what is buffered, cuts the preallocated space and
+    /// syncs. Returns the final length.
+    pub fn seal(&self) -> std::io::Result<u64> {
+        let mut tail = self.tail.lock();
+        tail.sealed = true;
+        if !tail.buf.is_empty() {
+            self.file.write_all_at(&tail.buf, tail.base)?;
+            tail.base += tail.buf.len() as u64;
+            tail.buf = Vec::new();
+            self.written.store(tail.base, Ordering::Release);
+        }
+        self.file.set_len(tail.base)?;
+        self.file.sync_all()?;
+        self.synced.store(tail.base, Ordering::Release);
+        Ok(tail.base)
+    }
+
+    pub fn is_sealed(&self) -> bool {
+        self.tail.lock().sealed
+    }
+
+    pub fn len(&self) -> u64 {
+        let tail = self.tail.lock();
+        tail.base + tail.buf.len() as u64
+    }
+
+    /// Reads `len` bytes at `offset` (within one record).
+    pub fn read(self: &Arc<Self>, offset: u64, len: usize) -> Bytes {
+        let end = offset + len as u64;
+        if end <= self.written.load(Ordering::Acquire) {
+            return self.read_mapped(offset as usize, len);
+        }
+        let tail = self.tail.lock();
+        if offset >= tail.base {
+            let start = (offset - tail.base) as usize;
+            return Bytes::copy_from_slice(&tail.buf[start..start + len]);
+        }
+        drop(tail);
+        // Flushed between the two checks.
+        self.read_mapped(offset as usize, len)
+    }
+
+    fn read_mapped(self: &Arc<Self>, offset: usize, len: usize) -> Bytes {
+        let Some(map) = self.map.as_ref() else {
+            return Bytes::new();
+        };
+        if len < COPY_BELOW {
+            return Bytes::copy_from_slice(&map[offset..offset + len]);
+        }
+        Bytes::from_owner(MappedSlice {
+            segment: self.clone(),
+            start: offset,
+            end: offset + len,
+        })
+    }
+}
+
+/// A zero-copy view of part of a segment's map; keeps the segment alive.
+struct MappedSlice {
+    segment: Arc<Segment>,
+    start: usize,
+    end: usize,
+}
+
+impl AsRef<[u8]> for MappedSlice {
+    fn as_ref(&self) -> &[u8] {
+        match &self.segment.map {
+            Some(m) => &m[self.start..self.end],
+            None => &[],
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buffered_then_flushed_reads_are_identical() {
+        let dir = tempfile::tempdir().unwrap();
+        let seg = Arc::new(Segment::create(dir.path(), 1, 1 << 20).unwrap());
+        let big = vec![7u8; 10_000];
+        let a = seg.append(3, |b| b.extend_from_slice(b"abc")).unwrap();
+        let b = seg.append(big.len(), |buf| buf.extend_from_slice(&big)).unwrap();
+        assert_eq!(seg.read(a, 3), "abc");
+        seg.flush().unwrap();
+        assert_eq!(seg.read(a, 3), "abc");
+        assert_eq!(seg.read(b, big.len()), big);
+        let len = seg.seal().unwrap();
+        assert_eq!(len, 3 + 10_000);
+        assert_eq!(std::fs::metadata(&seg.path).unwrap().len(), len);
+        assert!(
+            seg.append(1, |b| b.push(0)).is_none(),
+            "sealed segments take no appends"
+        );
+    }
+
+    #[test]
+    fn a_full_segment_refuses_appends() {
+        let dir = tempfile::tempdir().unwrap();
+        let seg = Segment::create(dir.path(), 1, 10).unwrap();
+        assert!(seg.append(8, |b| b.extend_from_slice(&[0; 8])).is_some());
+        assert!(seg.append(8, |b| b.extend_from_slice(&[0; 8])).is_none());
+    }
+}
