@@ -30,6 +30,20 @@ pub struct Config {
     /// cores, likewise leaves room for the clients (fsclient hashes and chunks on
     /// the same desktop) instead of competing with them for every core.
     pub threads: usize,
+    /// `disk` (default: the log in `dir`) or `memory` (nothing persisted).
+    pub storage: Storage,
+    /// Redis's `appendfsync`: `always`, `everysec` (default) or `no`.
+    pub appendfsync: crate::store::disk::Fsync,
+    /// Size at which a log segment is sealed and a new one started.
+    pub segment_size: u64,
+    /// Percentage of dead bytes at which a sealed segment is compacted.
+    pub compact_dead_percent: u8,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Storage {
+    Disk,
+    Memory,
 }
 
 impl Default for Config {
@@ -46,6 +60,10 @@ impl Default for Config {
             client_query_buffer_limit: limits.query_buffer_limit,
             pubsub_queue_limit: 10000,
             threads: std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1)),
+            storage: Storage::Disk,
+            appendfsync: crate::store::disk::Fsync::EverySec,
+            segment_size: 64 * 1024 * 1024,
+            compact_dead_percent: 50,
         }
     }
 }
@@ -62,6 +80,10 @@ pub const NAMES: &[&str] = &[
     "client-query-buffer-limit",
     "pubsub-queue-limit",
     "threads",
+    "storage",
+    "appendfsync",
+    "segment-size",
+    "compact-dead-percent",
     // Read-only facts clients such as redis-benchmark ask about: kvd writes no RDB
     // snapshots and no AOF.
     "save",
@@ -92,8 +114,20 @@ impl Config {
             "client-query-buffer-limit" => self.client_query_buffer_limit.to_string(),
             "pubsub-queue-limit" => self.pubsub_queue_limit.to_string(),
             "threads" => self.threads.to_string(),
+            "storage" => match self.storage {
+                Storage::Disk => "disk".into(),
+                Storage::Memory => "memory".into(),
+            },
+            "appendfsync" => self.appendfsync.name().into(),
+            "segment-size" => self.segment_size.to_string(),
+            "compact-dead-percent" => self.compact_dead_percent.to_string(),
             "save" => String::new(),
-            "appendonly" => "no".into(),
+            "appendonly" => if self.storage == Storage::Disk {
+                "yes"
+            } else {
+                "no"
+            }
+            .into(),
             "databases" => "1".into(),
             _ => return None,
         })
@@ -124,7 +158,19 @@ impl Config {
             "pubsub-queue-limit" => {
                 self.pubsub_queue_limit = parse_size(value).ok_or_else(|| bad(""))?.max(1) as usize
             }
-            "bind" | "port" | "dir" | "threads" if at_runtime => {
+            "appendfsync" => {
+                self.appendfsync = crate::store::disk::Fsync::parse(value).ok_or_else(|| {
+                    "argument(s) must be one of the following: always, everysec, no".to_string()
+                })?
+            }
+            "compact-dead-percent" => {
+                self.compact_dead_percent = value
+                    .parse()
+                    .ok()
+                    .filter(|&n: &u8| (1..=100).contains(&n))
+                    .ok_or_else(|| "argument must be between 1 and 100 inclusive".to_string())?
+            }
+            "bind" | "port" | "dir" | "threads" | "storage" | "segment-size" if at_runtime => {
                 return Err("can't set immutable config".into())
             }
             "threads" => {
@@ -137,6 +183,20 @@ impl Config {
             "bind" => self.bind = value.to_string(),
             "port" => self.port = value.parse().map_err(|_| bad(""))?,
             "dir" => self.dir = PathBuf::from(value),
+            "storage" => {
+                self.storage = match value.to_ascii_lowercase().as_str() {
+                    "disk" => Storage::Disk,
+                    "memory" => Storage::Memory,
+                    _ => return Err("argument(s) must be one of the following: disk, memory".into()),
+                }
+            }
+            "segment-size" => {
+                let n = parse_size(value).ok_or_else(|| bad(""))?;
+                if n < 4096 {
+                    return Err("argument must be at least 4096".into());
+                }
+                self.segment_size = n;
+            }
             "save" | "appendonly" | "databases" => return Err("can't set immutable config".into()),
             _ => return Err("Unknown option".into()),
         }
@@ -194,7 +254,9 @@ mod tests {
         assert_eq!(c.port, 7000);
         assert_eq!(c.proto_max_bulk_len, 1024 * 1024);
         assert_eq!(c.requirepass.as_deref(), Some("a b"));
-        assert!(c.load_file_text("appendfsync always\n").is_err());
+        assert!(c.load_file_text("maxmemory 1gb\n").is_err());
+        c.load_file_text("appendfsync always\nstorage memory\n").unwrap();
+        assert_eq!(c.storage, Storage::Memory);
     }
 
     #[test]

@@ -22,11 +22,12 @@ use tokio_util::sync::CancellationToken;
 use crate::clients::{ClientHandle, Clients};
 use crate::command::{self, spec::Spec};
 use crate::config::Config;
+use crate::config::Storage;
 use crate::db::{Db, WatchFlag};
 use crate::protocol::{FrameError, RequestDecoder};
 use crate::pubsub::{Message, PubSub, Subscriber};
 use crate::reply::{Protocol, Reply};
-use crate::store::{MemStore, Store};
+use crate::store::{DiskStore, MemStore, Store};
 
 /// The Redis version kvd reports (HELLO, INFO). kvd follows Redis 7.0's command
 /// semantics, and its tests compare against a Redis 7.0 server.
@@ -129,6 +130,8 @@ pub struct Session {
     /// hot path does not take the config lock per command.
     pub max_bulk_len: i64,
     last_cmd: &'static str,
+    /// A write ran since the store was last flushed.
+    pub wrote: bool,
 }
 
 impl Session {
@@ -146,6 +149,7 @@ impl Session {
             close: false,
             max_bulk_len: shared.config.read().proto_max_bulk_len,
             last_cmd: "",
+            wrote: false,
         }
     }
 
@@ -562,10 +566,21 @@ fn push_message(msg: Message) -> Reply {
 /// subscriber disconnect.
 async fn flush(
     shared: &Shared,
-    session: &Session,
+    session: &mut Session,
     wr: &mut tokio::net::tcp::OwnedWriteHalf,
     wbuf: &mut BytesMut,
 ) -> std::io::Result<bool> {
+    if session.wrote {
+        // Replies to writes go out only once the writes are in the log (and
+        // fsynced with appendfsync always). If that fails, nothing is sent and
+        // the connection closes: the client sees no acknowledgement.
+        session.wrote = false;
+        if let Err(e) = shared.db.store().flush() {
+            tracing::error!(client = session.client.id, "not acknowledging writes: {e}");
+            wbuf.clear();
+            return Ok(false);
+        }
+    }
     if wbuf.is_empty() {
         return Ok(true);
     }
@@ -611,7 +626,23 @@ pub async fn start(
     config: Config,
     config_file: Option<String>,
 ) -> anyhow::Result<(Arc<Shared>, tokio::task::JoinHandle<anyhow::Result<()>>)> {
-    let shared = Shared::new(config, config_file, Arc::new(MemStore::new()));
+    let store: Arc<dyn Store> = match config.storage {
+        Storage::Memory => Arc::new(MemStore::new()),
+        Storage::Disk => {
+            let options = crate::store::disk::Options {
+                fsync: config.appendfsync,
+                segment_size: config.segment_size,
+                compact_dead_fraction: config.compact_dead_percent as f64 / 100.0,
+            };
+            let dir = config.dir.clone();
+            tokio::task::spawn_blocking(move || DiskStore::open(&dir, options))
+                .await?
+                .map_err(|e| {
+                    anyhow::anyhow!("cannot open the data directory {}: {e}", config.dir.display())
+                })?
+        }
+    };
+    let shared = Shared::new(config, config_file, store);
     let task = tokio::spawn(run(shared.clone()));
     Ok((shared, task))
 }

@@ -29,7 +29,8 @@ fn scripts() -> Vec<(String, Vec<Line>)> {
 fn run_all(resp3: bool) {
     require_redis();
     let kvd = Server::kvd(&[]).expect("start kvd");
-    let redis = Server::redis(&[]).expect("start redis-server");
+    // kvd runs its default, persistent engine; so does its peer.
+    let redis = Server::redis(&["--appendonly", "yes"]).expect("start redis-server");
     let mut failures = Vec::new();
     let mut cases = 0;
     for (name, mut lines) in scripts() {

@@ -41,7 +41,7 @@ pub fn render(shared: &Shared, requested: &[String]) -> String {
             "server" => server(shared),
             "clients" => clients(shared),
             "memory" => memory(shared),
-            "persistence" => persistence(),
+            "persistence" => persistence(shared),
             "stats" => stats(shared),
             "replication" => replication(),
             "cpu" => cpu(),
@@ -133,12 +133,17 @@ fn memory(shared: &Shared) -> String {
     )
 }
 
-fn persistence() -> String {
-    // The in-memory engine persists nothing; the fields say so in Redis's terms.
-    "loading:0\r\nasync_loading:0\r\nrdb_changes_since_last_save:0\r\nrdb_bgsave_in_progress:0\r\n\
-     rdb_last_save_time:0\r\nrdb_last_bgsave_status:ok\r\naof_enabled:0\r\naof_rewrite_in_progress:0\r\n\
-     aof_last_write_status:ok\r\nkvd_storage_engine:memory\r\n"
-        .to_string()
+fn persistence(shared: &Shared) -> String {
+    let disk = shared.config.read().storage == crate::config::Storage::Disk;
+    let mut out = format!(
+        "loading:0\r\nasync_loading:0\r\nrdb_changes_since_last_save:0\r\nrdb_bgsave_in_progress:0\r\n\
+         rdb_last_save_time:0\r\nrdb_last_bgsave_status:ok\r\naof_enabled:{}\r\naof_rewrite_in_progress:0\r\n",
+        disk as u8
+    );
+    for (field, value) in shared.db.store().info() {
+        let _ = write!(out, "{field}:{value}\r\n");
+    }
+    out
 }
 
 fn stats(shared: &Shared) -> String {

@@ -80,6 +80,9 @@ pub fn execute(shared: &Shared, session: &mut Session, args: &[Bytes]) -> Reply 
             return Reply::QUEUED;
         }
     }
+    if spec.flags.contains(&"write") || spec.name == "exec" {
+        session.wrote = true;
+    }
     run(shared, session, spec, args, false)
 }
 

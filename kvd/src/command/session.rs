@@ -54,6 +54,8 @@ pub enum SessionCommand {
     ClientKill(KillFilter),
     Info(Vec<String>),
     Time,
+    /// Compacts the log in the background (Redis rewrites its AOF).
+    BgRewriteAof,
     Shutdown {
         abort: bool,
     },
@@ -252,6 +254,7 @@ impl SessionCommand {
                     .collect(),
             ),
             "time" => Time,
+            "bgrewriteaof" => BgRewriteAof,
             "shutdown" => {
                 let mut abort = false;
                 while !a.is_empty() {
@@ -524,6 +527,10 @@ impl SessionCommand {
                     Reply::bulk(now.subsec_micros().to_string()),
                 ])
             }
+            BgRewriteAof => match shared.db.store().compact() {
+                Ok(()) => Reply::Simple("Background append only file rewriting started"),
+                Err(e) => Reply::error(e.to_string()),
+            },
             Shutdown { abort } => {
                 if abort {
                     return Reply::error("ERR No shutdown in progress.");
@@ -558,6 +565,13 @@ impl SessionCommand {
                         ));
                     }
                     if let Err(e) = config.set(name, value, true) {
+                        return Reply::error(format!(
+                            "ERR CONFIG SET failed (possibly related to argument '{name}') - {e}"
+                        ));
+                    }
+                }
+                for (name, _) in &pairs {
+                    if let Err(e) = shared.db.store().configure(name, &config) {
                         return Reply::error(format!(
                             "ERR CONFIG SET failed (possibly related to argument '{name}') - {e}"
                         ));

@@ -217,6 +217,7 @@ pub static COMMANDS: &[Spec] = &[
     ]),
     // ---- server ----
     spec!("info", -1, ["loading", "stale", "sentinel"], 0, 0, 0, "server", "1.0.0", "Returns information and statistics about the server.", "O(1)", "[section [section ...]]"),
+    spec!("bgrewriteaof", 1, ["admin", "noscript", "no_async_loading"], 0, 0, 0, "server", "1.0.0", "Asynchronously rewrites the append-only file to disk.", "O(1)", ""),
     spec!("time", 1, ["loading", "stale", "fast"], 0, 0, 0, "server", "2.6.0", "Returns the server time.", "O(1)", ""),
     spec!("shutdown", -1, ["admin", "noscript", "loading", "stale", "no_multi", "sentinel", "allow_busy"], 0, 0, 0, "server", "1.0.0", "Synchronously saves the database(s) to disk and shuts down the Redis server.", "O(N) when saving, where N is the total number of keys in all databases when saving data, otherwise O(1)", "[NOSAVE | SAVE] [NOW] [FORCE] [ABORT]"),
     container!("config", "server", "2.0.0", "A container for server configuration commands.", &[

@@ -80,6 +80,16 @@ pub trait Store: Send + Sync + 'static {
     fn compact(&self) -> Result<(), StoreError> {
         Ok(())
     }
+    /// Applies a setting changed by CONFIG SET that concerns the engine.
+    /// Settings the engine does not have are an error (`appendfsync` on the
+    /// memory engine), so nothing is silently ignored.
+    fn configure(&self, name: &str, config: &crate::config::Config) -> Result<(), String> {
+        let _ = config;
+        match name {
+            "appendfsync" | "compact-dead-percent" => Err(format!("{name} needs the disk storage engine")),
+            _ => Ok(()),
+        }
+    }
     /// `field:value` lines for INFO persistence.
     fn info(&self) -> Vec<(&'static str, String)> {
         vec![("kvd_storage_engine", "memory".into())]

@@ -149,6 +149,8 @@ pub struct DiskStore {
     dir: PathBuf,
     options: Options,
     fsync: AtomicU8,
+    /// Dead percentage at which the background compacts a segment.
+    compact_percent: AtomicU8,
     index: Index<Loc>,
     segments: RwLock<BTreeMap<u64, Arc<Segment>>>,
     active: RwLock<Arc<Segment>>,
@@ -161,6 +163,8 @@ pub struct DiskStore {
     maintenance: Mutex<()>,
     stop: AtomicBool,
     startup: StartupStats,
+    /// Held (locked) for the store's life: one process per data directory.
+    _lock: std::fs::File,
 }
 
 /// What recovery found, for the log and INFO.
@@ -183,6 +187,13 @@ impl DiskStore {
     /// and segment scans, and starts the background fsync / compaction thread.
     pub fn open(dir: &Path, options: Options) -> std::io::Result<Arc<DiskStore>> {
         std::fs::create_dir_all(dir)?;
+        let lock = std::fs::File::create(dir.join("LOCK"))?;
+        if lock.try_lock().is_err() {
+            return Err(std::io::Error::other(format!(
+                "data directory {} is in use by another kvd",
+                dir.display()
+            )));
+        }
         let started = Instant::now();
         let mut recovery = Recovery::default();
         let mut segments = BTreeMap::new();
@@ -244,6 +255,7 @@ impl DiskStore {
             me: me.clone(),
             dir: dir.to_path_buf(),
             fsync: AtomicU8::new(options.fsync as u8),
+            compact_percent: AtomicU8::new((options.compact_dead_fraction * 100.0).clamp(1.0, 100.0) as u8),
             options,
             index,
             segments: RwLock::new(segments),
@@ -255,6 +267,7 @@ impl DiskStore {
             maintenance: Mutex::new(()),
             stop: AtomicBool::new(false),
             startup: stats,
+            _lock: lock,
         });
         // Segments recovered without a hint file get one now.
         for seg in store.segments.read().values() {
@@ -637,6 +650,17 @@ impl Store for DiskStore {
         Ok(())
     }
 
+    fn configure(&self, name: &str, config: &crate::config::Config) -> Result<(), String> {
+        match name {
+            "appendfsync" => self.set_fsync(config.appendfsync),
+            "compact-dead-percent" => self
+                .compact_percent
+                .store(config.compact_dead_percent, Ordering::Relaxed),
+            _ => {}
+        }
+        Ok(())
+    }
+
     fn compact(&self) -> Result<(), StoreError> {
         let store = self.me.clone();
         std::thread::spawn(move || {
@@ -705,7 +729,8 @@ fn background(store: Weak<DiskStore>) {
         }
         if last_compaction_check.elapsed() >= Duration::from_secs(5) {
             last_compaction_check = Instant::now();
-            if let Err(e) = s.compact_now(s.options.compact_dead_fraction) {
+            let threshold = s.compact_percent.load(Ordering::Relaxed) as f64 / 100.0;
+            if let Err(e) = s.compact_now(threshold) {
                 tracing::error!("compaction failed: {e}");
             }
         }
