@@ -44,6 +44,18 @@ struct Cli {
     /// one), leaving the rest to the clients that usually share the machine.
     #[arg(long)]
     threads: Option<usize>,
+    /// Storage engine: `disk` (an append-only log in --dir) or `memory` (nothing
+    /// persisted).
+    #[arg(long, value_name = "ENGINE")]
+    storage: Option<String>,
+    /// When writes reach the disk, as in Redis: `always` (before the reply:
+    /// survives power loss), `everysec` (default: at most ~1 s lost on power
+    /// loss, nothing on a crash), `no` (the OS decides).
+    #[arg(long, value_name = "POLICY")]
+    appendfsync: Option<String>,
+    /// Size at which a log segment is sealed and a new one started, e.g. 64mb.
+    #[arg(long, value_name = "SIZE")]
+    segment_size: Option<String>,
     /// Largest bulk string a request may carry (Redis's proto-max-bulk-len), e.g. 512mb.
     #[arg(long, value_name = "SIZE")]
     proto_max_bulk_len: Option<String>,
@@ -73,6 +85,9 @@ fn build_config(cli: &Cli) -> anyhow::Result<Config> {
     set("dir", cli.dir.as_ref().map(|d| d.display().to_string()))?;
     set("timeout", cli.timeout.map(|n| n.to_string()))?;
     set("threads", cli.threads.map(|n| n.to_string()))?;
+    set("storage", cli.storage.clone())?;
+    set("appendfsync", cli.appendfsync.clone())?;
+    set("segment-size", cli.segment_size.clone())?;
     set("proto-max-bulk-len", cli.proto_max_bulk_len.clone())?;
     Ok(config)
 }

@@ -10,7 +10,7 @@ pub mod script;
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -63,14 +63,24 @@ pub struct Server {
     pub port: u16,
     pub name: &'static str,
     child: Child,
-    pub dir: tempfile::TempDir,
+    /// The data directory (a temporary one unless given).
+    pub data: PathBuf,
+    _tmp: Option<tempfile::TempDir>,
 }
 
 impl Server {
-    /// Starts kvd with extra command-line arguments.
+    /// Starts kvd with extra command-line arguments, on a fresh data directory.
     pub fn kvd(extra: &[&str]) -> Result<Server> {
+        let tmp = tempfile::tempdir()?;
+        let mut server = Server::kvd_in(tmp.path(), extra)?;
+        server._tmp = Some(tmp);
+        Ok(server)
+    }
+
+    /// Starts kvd on the data directory `dir` (which outlives the server, for
+    /// restart tests).
+    pub fn kvd_in(dir: &Path, extra: &[&str]) -> Result<Server> {
         let port = free_port();
-        let dir = tempfile::tempdir()?;
         let bin = kvd_bin();
         if !bin.exists() {
             bail!("{} not found: run `cargo build --workspace` first", bin.display());
@@ -78,7 +88,7 @@ impl Server {
         let child = Command::new(&bin)
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
             .arg("--dir")
-            .arg(dir.path())
+            .arg(dir)
             .args(extra)
             .env("KVD_LOG", "warn")
             .stdout(Stdio::null())
@@ -89,7 +99,8 @@ impl Server {
             port,
             name: "kvd",
             child,
-            dir,
+            data: dir.to_path_buf(),
+            _tmp: None,
         })
     }
 
@@ -119,7 +130,8 @@ impl Server {
             port,
             name: "redis",
             child,
-            dir,
+            data: dir.path().to_path_buf(),
+            _tmp: Some(dir),
         })
     }
 
@@ -144,6 +156,21 @@ impl Server {
     /// Process id, for memory measurements.
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// Kills the process with SIGKILL (no chance to flush anything) and waits.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Stops the process with SIGTERM and waits for it to exit; returns whether
+    /// it exited successfully.
+    pub fn terminate(&mut self) -> bool {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        self.child.wait().is_ok_and(|s| s.success())
     }
 
     /// Whether the process is still running.

@@ -80,10 +80,13 @@ pub fn execute(shared: &Shared, session: &mut Session, args: &[Bytes]) -> Reply 
             return Reply::QUEUED;
         }
     }
-    if spec.flags.contains(&"write") || spec.name == "exec" {
+    let reply = run(shared, session, spec, args, false);
+    // A write that was refused appended nothing; one that succeeded must reach
+    // the log before its reply is sent (see `server::flush`).
+    if (spec.flags.contains(&"write") || spec.name == "exec") && !reply.is_error() {
         session.wrote = true;
     }
-    run(shared, session, spec, args, false)
+    reply
 }
 
 /// Parses and applies one command whose checks have passed. `in_exec` is set for

@@ -203,31 +203,42 @@ impl DiskStore {
             .collect();
         ids.sort_unstable();
         for &id in &ids {
-            let mut seg = Segment::open_sealed(dir.join(segment::file_name(id)), id)?;
-            let end = match hints::read(dir, id, seg.bytes().len() as u64) {
+            let path = dir.join(segment::file_name(id));
+            let len = std::fs::metadata(&path)?.len();
+            // Recovery reads with read(2), not through a map: a damaged or sparse
+            // file then gives an error or zeros, never a fault that kills the
+            // process (reading a hole of a full tmpfs through a map does).
+            let end = match hints::read(dir, id, len) {
                 Some(entries) => {
                     recovery.stats.from_hints += 1;
                     for h in entries {
                         recovery.apply(id, h.offset, h.header, h.key);
                     }
-                    seg.bytes().len() as u64
+                    len
                 }
-                None => recovery.scan(&seg),
+                None => {
+                    let data = std::fs::read(&path)?;
+                    let end = recovery.scan(id, &data);
+                    if data[end as usize..].iter().any(|&b| b != 0) {
+                        tracing::warn!(
+                            segment = id,
+                            offset = end,
+                            bytes = len - end,
+                            "torn or corrupt tail: truncating; every record before it is kept"
+                        );
+                        recovery.stats.truncated_bytes += len - end;
+                    }
+                    end
+                }
             };
-            if end < seg.bytes().len() as u64 {
-                let cut = seg.bytes().len() as u64 - end;
-                if seg.bytes()[end as usize..].iter().any(|&b| b != 0) {
-                    tracing::warn!(
-                        segment = id,
-                        offset = end,
-                        bytes = cut,
-                        "torn or corrupt tail: truncating; every record before it is kept"
-                    );
-                    recovery.stats.truncated_bytes += cut;
-                }
-                seg.truncate(end)?;
+            if end < len {
+                let file = std::fs::OpenOptions::new().write(true).open(&path)?;
+                file.set_len(end)?;
+                file.sync_all()?;
                 let _ = std::fs::remove_file(dir.join(segment::hint_name(id)));
             }
+            let seg = Segment::open_sealed(path, id)?;
+            seg.total.store(end, Ordering::Relaxed);
             recovery.stats.segments += 1;
             segments.insert(id, Arc::new(seg));
         }
@@ -246,11 +257,6 @@ impl DiskStore {
             "storage recovered from {}",
             dir.display()
         );
-        for seg in segments.values() {
-            if seg.is_sealed() {
-                seg.total.store(seg.bytes().len() as u64, Ordering::Relaxed);
-            }
-        }
         let store = Arc::new_cyclic(|me| DiskStore {
             me: me.clone(),
             dir: dir.to_path_buf(),
@@ -792,24 +798,23 @@ impl Recovery {
         }
     }
 
-    /// Reads every record of a segment; returns where the valid data ends.
-    fn scan(&mut self, seg: &Segment) -> u64 {
-        let bytes = seg.bytes();
+    /// Reads every record of segment `id` (its file's bytes); returns where the
+    /// valid data ends.
+    fn scan(&mut self, id: u64, bytes: &[u8]) -> u64 {
         let mut offset = 0usize;
         while offset < bytes.len() {
             match record::parse(&bytes[offset..]) {
                 Ok(h) => {
                     let key =
                         Bytes::copy_from_slice(&bytes[offset + HEADER..offset + HEADER + h.key_len as usize]);
-                    seg.total.fetch_add(h.record_len(), Ordering::Relaxed);
-                    self.apply(seg.id, offset as u64, h, key);
+                    self.apply(id, offset as u64, h, key);
                     offset += h.record_len() as usize;
                 }
                 Err(_) => match resync(bytes, offset + 1) {
                     // Damage with good records after it: skip the damaged bytes.
                     Some(next) => {
                         tracing::warn!(
-                            segment = seg.id,
+                            segment = id,
                             offset,
                             bytes = next - offset,
                             "corrupt record skipped; later records are kept"

@@ -136,16 +136,6 @@ impl Segment {
         self.map.as_ref().map_or(&[][..], |m| &m[..len])
     }
 
-    /// Cuts a recovered segment at `len` (dropping a torn tail).
-    pub fn truncate(&mut self, len: u64) -> std::io::Result<()> {
-        self.file.set_len(len)?;
-        self.file.sync_all()?;
-        self.written.store(len, Ordering::Release);
-        self.synced.store(len, Ordering::Release);
-        self.tail.get_mut().base = len;
-        Ok(())
-    }
-
     /// Appends a record of `len` bytes written by `encode`; returns its offset, or
     /// `None` if the segment is sealed or too full (the caller rotates).
     pub fn append(&self, len: usize, encode: impl FnOnce(&mut Vec<u8>)) -> Option<u64> {
