@@ -34,6 +34,19 @@ enum Which {
         #[arg(long, default_value_t = 3)]
         rounds: usize,
     },
+    /// kvd's disk engine vs redis-server with `appendonly yes, appendfsync
+    /// everysec`: 64 B and 1 MiB SET/GET, memory after loading large values,
+    /// start-up time, and `appendfsync always` against the disk's dsync ceiling.
+    Storage {
+        /// GiB of 1 MiB values loaded for the memory measurement.
+        #[arg(long, default_value_t = 4)]
+        load_gib: u64,
+        /// Keys for the start-up measurement.
+        #[arg(long, default_value_t = 1_000_000)]
+        startup_keys: u64,
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+    },
 }
 
 #[derive(Serialize)]
@@ -45,21 +58,26 @@ struct Row {
     ratio: f64,
 }
 
-/// Runs redis-benchmark once; returns requests/second per test name.
+mod storage;
+
+/// Runs redis-benchmark once (64-byte values, 50 clients); returns
+/// requests/second per test name.
 fn redis_benchmark(port: u16, tests: &str, requests: u64, pipeline: u32) -> Result<Vec<(String, f64)>> {
+    redis_benchmark_with(port, tests, requests, pipeline, 64, 50)
+}
+
+/// Runs redis-benchmark with a value size and client count.
+fn redis_benchmark_with(
+    port: u16,
+    tests: &str,
+    requests: u64,
+    pipeline: u32,
+    size: usize,
+    clients: u32,
+) -> Result<Vec<(String, f64)>> {
     let out = Command::new("redis-benchmark")
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &port.to_string(),
-            "-t",
-            tests,
-            "-d",
-            "64",
-            "-c",
-            "50",
-        ])
+        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-t", tests])
+        .args(["-d", &size.to_string(), "-c", &clients.to_string()])
         .args(["-n", &requests.to_string(), "-P", &pipeline.to_string(), "--csv"])
         .output()
         .context("running redis-benchmark (scripts/setup.sh installs it)")?;
@@ -137,6 +155,15 @@ fn main() -> Result<()> {
                 );
             }
             let path = save("kvd", &rows)?;
+            println!("saved {}", path.display());
+        }
+        Which::Storage {
+            load_gib,
+            startup_keys,
+            rounds,
+        } => {
+            let report = storage::run(load_gib, startup_keys, rounds)?;
+            let path = save("storage", &report)?;
             println!("saved {}", path.display());
         }
     }

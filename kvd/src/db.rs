@@ -144,29 +144,38 @@ impl Db {
     }
 
     /// The live entry for `key`, removing it first if it has expired.
-    pub fn get(&self, key: &Bytes) -> Option<Entry> {
-        let entry = self.store.get(key)?;
-        if entry.expires_at.is_some_and(|t| t <= now_ms()) {
-            self.expire(key);
-            return None;
+    pub fn get(&self, key: &Bytes) -> Result<Option<Entry>, StoreError> {
+        if self.expiry(key).is_none() {
+            return Ok(None);
         }
-        Some(entry)
+        self.store.get(key)
     }
 
     /// Like [`Db::get`], counting a keyspace hit or miss (GET, MGET, ...).
-    pub fn lookup_read(&self, key: &Bytes) -> Option<Entry> {
-        let found = self.get(key);
+    pub fn lookup_read(&self, key: &Bytes) -> Result<Option<Entry>, StoreError> {
+        let found = self.get(key)?;
         let counter = if found.is_some() {
             &self.stats.hits
         } else {
             &self.stats.misses
         };
         counter.fetch_add(1, Ordering::Relaxed);
-        found
+        Ok(found)
+    }
+
+    /// Whether `key` exists and has not expired; its expiry time if so. Reads no
+    /// value. Removes the key if it has expired.
+    pub fn expiry(&self, key: &Bytes) -> Option<Option<u64>> {
+        let expires_at = self.store.expiry(key)?;
+        if expires_at.is_some_and(|t| t <= now_ms()) {
+            self.expire(key);
+            return None;
+        }
+        Some(expires_at)
     }
 
     pub fn exists(&self, key: &Bytes) -> bool {
-        self.get(key).is_some()
+        self.expiry(key).is_some()
     }
 
     /// Atomically reads and changes one key. `f` sees the live entry (`None` if the
@@ -175,12 +184,32 @@ impl Db {
     pub fn update<R>(
         &self,
         key: &Bytes,
+        f: impl FnMut(Option<&Entry>) -> (Update, R),
+    ) -> Result<R, StoreError> {
+        self.update_with(key, true, f)
+    }
+
+    /// Like [`Db::update`] for a change that does not depend on the current
+    /// value (only on whether the key exists, and its expiry): the closure may see
+    /// an empty value.
+    pub fn update_blind<R>(
+        &self,
+        key: &Bytes,
+        f: impl FnMut(Option<&Entry>) -> (Update, R),
+    ) -> Result<R, StoreError> {
+        self.update_with(key, false, f)
+    }
+
+    fn update_with<R>(
+        &self,
+        key: &Bytes,
+        needs_value: bool,
         mut f: impl FnMut(Option<&Entry>) -> (Update, R),
     ) -> Result<R, StoreError> {
         let mut result = None;
         let mut changed = false;
         let mut expired_now = false;
-        self.store.update(key, &mut |entry| {
+        self.store.update(key, needs_value, &mut |entry| {
             // The clock is read only for keys that can expire.
             let live_entry = match entry {
                 Some(e) if e.expires_at.is_some() => live(entry, now_ms()),
@@ -207,7 +236,7 @@ impl Db {
 
     /// Sets a key unconditionally.
     pub fn set(&self, key: &Bytes, value: Bytes, expires_at: Option<u64>) -> Result<(), StoreError> {
-        self.update(key, |_| {
+        self.update_blind(key, |_| {
             (
                 Update::Put(Entry {
                     value: value.clone(),
@@ -220,7 +249,7 @@ impl Db {
 
     /// Removes a key; whether it existed (and was live).
     pub fn remove(&self, key: &Bytes) -> Result<bool, StoreError> {
-        self.update(key, |e| match e {
+        self.update_blind(key, |e| match e {
             Some(_) => (Update::Remove, true),
             None => (Update::Keep, false),
         })
@@ -229,7 +258,7 @@ impl Db {
     /// Removes `key` if it is (still) expired.
     pub fn expire(&self, key: &Bytes) {
         // `update` removes an expired entry and counts it whatever the closure says.
-        let _ = self.update(key, |_| (Update::Keep, ()));
+        let _ = self.update_blind(key, |_| (Update::Keep, ()));
     }
 
     /// Removes every key, touching the watchers of keys that existed.
@@ -270,7 +299,7 @@ impl Db {
             .or_default()
             .push(Arc::downgrade(flag));
         self.watches.count.fetch_add(1, Ordering::AcqRel);
-        self.get(key).map(|e| e.expires_at)
+        self.expiry(key)
     }
 
     /// Drops `flag`'s registrations for `keys`.
@@ -312,7 +341,7 @@ impl Db {
         }
         let map = self.watches.map.lock();
         for (key, list) in map.iter() {
-            if self.store.get(key).is_some() {
+            if self.store.expiry(key).is_some() {
                 for flag in list.iter().filter_map(Weak::upgrade) {
                     flag.dirty.store(true, Ordering::Release);
                 }
@@ -335,7 +364,7 @@ mod tests {
         let db = db();
         let k = Bytes::from_static(b"k");
         db.set(&k, Bytes::from_static(b"v"), Some(now_ms() - 1)).unwrap();
-        assert!(db.get(&k).is_none());
+        assert!(db.get(&k).unwrap().is_none());
         assert_eq!(db.len(), 0);
         assert_eq!(db.stats.expired.load(Ordering::Relaxed), 1);
     }
@@ -346,7 +375,7 @@ mod tests {
         let k = Bytes::from_static(b"k");
         let flag = Arc::new(WatchFlag::default());
         db.watch(&k, &flag);
-        db.get(&k);
+        db.get(&k).unwrap();
         assert!(!flag.is_dirty());
         db.set(&k, Bytes::from_static(b"v"), None).unwrap();
         assert!(flag.is_dirty());

@@ -35,9 +35,13 @@ pub const REDIS_VERSION: &str = "7.0.15";
 
 /// Output is flushed once this much is buffered, even mid-batch.
 const FLUSH_THRESHOLD: usize = 256 * 1024;
-/// Read buffers larger than this are released when empty, so a client that once
-/// sent a large value does not keep the memory.
+/// Buffers larger than this are released once the connection has been idle for
+/// `SHRINK_AFTER`, so a client that once sent a large value does not keep the
+/// memory. Not at once: a client sending large values one after another would
+/// otherwise get fresh memory for every request (as Redis, which resizes idle
+/// clients' query buffers from its cron).
 const KEEP_BUFFER: usize = 64 * 1024;
+const SHRINK_AFTER: Duration = Duration::from_secs(2);
 
 /// Server-wide counters for INFO stats.
 #[derive(Default)]
@@ -228,8 +232,8 @@ impl Session {
             Some(_) => shared
                 .db
                 .store()
-                .get(key)
-                .is_none_or(|e| e.expires_at.is_some_and(|t| t <= now)),
+                .expiry(key)
+                .is_none_or(|t| t.is_some_and(|t| t <= now)),
             None => false,
         })
     }
@@ -490,12 +494,7 @@ async fn serve(shared: &Shared, session: &mut Session, socket: TcpStream) -> std
         if !flush(shared, session, &mut wr, &mut wbuf).await? {
             return Ok(());
         }
-        if rbuf.is_empty() && rbuf.capacity() > KEEP_BUFFER {
-            rbuf = BytesMut::with_capacity(16 * 1024);
-        }
-        if wbuf.capacity() > KEEP_BUFFER {
-            wbuf = BytesMut::with_capacity(16 * 1024);
-        }
+        let oversized = rbuf.capacity() > KEEP_BUFFER || wbuf.capacity() > KEEP_BUFFER;
         rbuf.reserve(16 * 1024);
         let timeout = {
             let config = shared.config.read();
@@ -515,7 +514,19 @@ async fn serve(shared: &Shared, session: &mut Session, socket: TcpStream) -> std
                 None => std::future::pending().await,
             }
         };
+        let shrink = async {
+            if !oversized {
+                std::future::pending::<()>().await
+            }
+            tokio::time::sleep(SHRINK_AFTER).await
+        };
         tokio::select! {
+            _ = shrink => {
+                if rbuf.is_empty() {
+                    rbuf = BytesMut::with_capacity(16 * 1024);
+                }
+                wbuf = BytesMut::with_capacity(16 * 1024);
+            }
             n = rd.read_buf(&mut rbuf) => {
                 let n = n?;
                 if n == 0 {
@@ -575,6 +586,10 @@ async fn flush(
         // fsynced with appendfsync always). If that fails, nothing is sent and
         // the connection closes: the client sees no acknowledgement.
         session.wrote = false;
+        // Let the other connections with requests ready run first, so their
+        // writes join this one in a single write(2) (and fsync), as Redis writes
+        // its AOF once per event-loop round rather than once per client.
+        tokio::task::yield_now().await;
         if let Err(e) = shared.db.store().flush() {
             tracing::error!(client = session.client.id, "not acknowledging writes: {e}");
             wbuf.clear();

@@ -453,39 +453,47 @@ impl DataCommand {
     fn run(self, db: &Db, max_len: i64) -> Result<Reply, StoreError> {
         use DataCommand::*;
         Ok(match self {
-            Get(key) => Reply::from_opt(db.lookup_read(&key).map(|e| e.value)),
+            Get(key) => Reply::from_opt(db.lookup_read(&key)?.map(|e| e.value)),
             Set {
                 key,
                 value,
                 cond,
                 get,
                 expiry,
-            } => db.update(&key, |old| {
-                let ok = match cond {
-                    Condition::Always => true,
-                    Condition::IfAbsent => old.is_none(),
-                    Condition::IfPresent => old.is_some(),
+            } => {
+                let apply = |old: Option<&Entry>| {
+                    let ok = match cond {
+                        Condition::Always => true,
+                        Condition::IfAbsent => old.is_none(),
+                        Condition::IfPresent => old.is_some(),
+                    };
+                    let reply = if get {
+                        Reply::from_opt(old.map(|e| e.value.clone()))
+                    } else if ok {
+                        Reply::OK
+                    } else {
+                        Reply::Nil
+                    };
+                    if !ok {
+                        return (Update::Keep, reply);
+                    }
+                    let expires_at = resolve(expiry, old);
+                    (
+                        Update::Put(Entry {
+                            value: value.clone(),
+                            expires_at,
+                        }),
+                        reply,
+                    )
                 };
-                let reply = if get {
-                    Reply::from_opt(old.map(|e| e.value.clone()))
-                } else if ok {
-                    Reply::OK
+                // Only SET ... GET needs the old value itself.
+                if get {
+                    db.update(&key, apply)?
                 } else {
-                    Reply::Nil
-                };
-                if !ok {
-                    return (Update::Keep, reply);
+                    db.update_blind(&key, apply)?
                 }
-                let expires_at = resolve(expiry, old);
-                (
-                    Update::Put(Entry {
-                        value: value.clone(),
-                        expires_at,
-                    }),
-                    reply,
-                )
-            })?,
-            SetNx(key, value) => db.update(&key, |old| match old {
+            }
+            SetNx(key, value) => db.update_blind(&key, |old| match old {
                 Some(_) => (Update::Keep, Reply::Int(0)),
                 None => (
                     Update::Put(Entry {
@@ -525,11 +533,13 @@ impl DataCommand {
                     (update, Reply::Bulk(e.value.clone()))
                 }
             })?,
-            MGet(keys) => Reply::Array(
-                keys.iter()
-                    .map(|k| Reply::from_opt(db.lookup_read(k).map(|e| e.value)))
-                    .collect(),
-            ),
+            MGet(keys) => {
+                let mut values = Vec::with_capacity(keys.len());
+                for k in &keys {
+                    values.push(Reply::from_opt(db.lookup_read(k)?.map(|e| e.value)));
+                }
+                Reply::Array(values)
+            }
             MSet(pairs) => {
                 for (k, v) in pairs {
                     db.set(&k, v, None)?;
@@ -545,9 +555,9 @@ impl DataCommand {
                 }
                 Reply::Int(1)
             }
-            Strlen(key) => Reply::Int(db.get(&key).map_or(0, |e| e.value.len() as i64)),
+            Strlen(key) => Reply::Int(db.get(&key)?.map_or(0, |e| e.value.len() as i64)),
             GetRange(key, start, end) => {
-                let value = db.lookup_read(&key).map(|e| e.value).unwrap_or_default();
+                let value = db.lookup_read(&key)?.map(|e| e.value).unwrap_or_default();
                 Reply::Bulk(substr(&value, start, end))
             }
             SetRange(key, offset, value) => {
@@ -650,7 +660,7 @@ impl DataCommand {
             Exists(keys) => Reply::Int(keys.iter().filter(|k| db.exists(k)).count() as i64),
             Type(key) => Reply::Simple(if db.exists(&key) { "string" } else { "none" }),
             Rename { from, to, nx } => {
-                let Some(entry) = db.get(&from) else {
+                let Some(entry) = db.get(&from)? else {
                     return Ok(Reply::error("ERR no such key"));
                 };
                 if from == to {
@@ -659,7 +669,7 @@ impl DataCommand {
                 if nx && db.exists(&to) {
                     return Ok(Reply::Int(0));
                 }
-                db.update(&to, |_| (Update::Put(entry.clone()), ()))?;
+                db.update_blind(&to, |_| (Update::Put(entry.clone()), ()))?;
                 db.remove(&from)?;
                 if nx {
                     Reply::Int(1)
@@ -671,25 +681,23 @@ impl DataCommand {
                 if from == to {
                     return Ok(Reply::error("ERR source and destination objects are the same"));
                 }
-                let Some(entry) = db.get(&from) else {
+                let Some(entry) = db.get(&from)? else {
                     return Ok(Reply::Int(0));
                 };
                 if !replace && db.exists(&to) {
                     return Ok(Reply::Int(0));
                 }
-                db.update(&to, |_| (Update::Put(entry.clone()), ()))?;
+                db.update_blind(&to, |_| (Update::Put(entry.clone()), ()))?;
                 Reply::Int(1)
             }
             Ttl {
                 key,
                 millis,
                 absolute,
-            } => match db.get(&key) {
+            } => match db.expiry(&key) {
                 None => Reply::Int(-2),
-                Some(Entry { expires_at: None, .. }) => Reply::Int(-1),
-                Some(Entry {
-                    expires_at: Some(t), ..
-                }) => {
+                Some(None) => Reply::Int(-1),
+                Some(Some(t)) => {
                     let t = if absolute { t } else { t.saturating_sub(now_ms()) };
                     Reply::Int(if millis {
                         t

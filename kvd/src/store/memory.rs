@@ -41,11 +41,21 @@ impl MemStore {
 }
 
 impl Store for MemStore {
-    fn get(&self, key: &Bytes) -> Option<Entry> {
-        self.index.get(key)
+    fn get(&self, key: &Bytes) -> Result<Option<Entry>, StoreError> {
+        Ok(self.index.get(key))
     }
 
-    fn update(&self, key: &Bytes, f: &mut dyn FnMut(Option<&Entry>) -> Update) -> Result<(), StoreError> {
+    fn expiry(&self, key: &Bytes) -> Option<Option<u64>> {
+        let pos = self.index.pos(key);
+        self.index.read(&pos).get(&pos).map(|e| e.expires_at)
+    }
+
+    fn update(
+        &self,
+        key: &Bytes,
+        _needs_value: bool,
+        f: &mut dyn FnMut(Option<&Entry>) -> Update,
+    ) -> Result<(), StoreError> {
         let pos = self.index.pos(key);
         let mut shard = self.index.write(&pos);
         match f(shard.get(&pos)) {
@@ -104,15 +114,17 @@ mod tests {
             value: Bytes::copy_from_slice(v.as_bytes()),
             expires_at: None,
         };
-        s.update(&Bytes::copy_from_slice(k.as_bytes()), &mut |_| {
+        s.update(&Bytes::copy_from_slice(k.as_bytes()), false, &mut |_| {
             Update::Put(entry.clone())
         })
         .unwrap();
     }
 
     fn del(s: &MemStore, k: &str) {
-        s.update(&Bytes::copy_from_slice(k.as_bytes()), &mut |_| Update::Remove)
-            .unwrap();
+        s.update(&Bytes::copy_from_slice(k.as_bytes()), false, &mut |_| {
+            Update::Remove
+        })
+        .unwrap();
     }
 
     #[test]
@@ -152,14 +164,14 @@ mod tests {
         let request = Bytes::from(vec![b'x'; 1000]);
         let key = request.slice(0..3);
         let value = request.slice(3..10);
-        s.update(&key, &mut |_| {
+        s.update(&key, false, &mut |_| {
             Update::Put(Entry {
                 value: value.clone(),
                 expires_at: None,
             })
         })
         .unwrap();
-        let stored = s.get(&key).unwrap().value;
+        let stored = s.get(&key).unwrap().unwrap().value;
         assert_eq!(stored, value);
         assert_ne!(
             stored.as_ptr(),
@@ -176,13 +188,13 @@ mod tests {
             value: Bytes::from_static(b"v"),
             expires_at: t,
         };
-        s.update(&k, &mut |_| Update::Put(e(Some(10)))).unwrap();
+        s.update(&k, false, &mut |_| Update::Put(e(Some(10)))).unwrap();
         assert_eq!(s.expired(10, 10), vec![k.clone()]);
-        s.update(&k, &mut |_| Update::Put(e(None))).unwrap();
+        s.update(&k, false, &mut |_| Update::Put(e(None))).unwrap();
         assert!(s.expired(u64::MAX, 10).is_empty());
         assert_eq!(s.expiring_len(), 0);
         assert_eq!(s.used_bytes(), 2);
-        s.update(&k, &mut |_| Update::Remove).unwrap();
+        s.update(&k, false, &mut |_| Update::Remove).unwrap();
         assert_eq!(s.used_bytes(), 0);
     }
 }

@@ -42,15 +42,33 @@ pub enum StoreError {
     /// refused with this until a retry succeeds.
     #[error("MISCONF kvd could not write to its data directory: {0}")]
     Write(String),
+    /// A stored value failed its checksum.
+    #[error(
+        "ERR the stored value of key '{0}' is corrupt (checksum mismatch); it can be overwritten or deleted"
+    )]
+    Corrupt(String),
 }
 
 /// A storage engine. All methods are atomic per key and safe to call from many
 /// threads at once.
 pub trait Store: Send + Sync + 'static {
-    fn get(&self, key: &Bytes) -> Option<Entry>;
+    /// The key's entry. An engine that checksums what it stores answers
+    /// [`StoreError::Corrupt`] rather than return damaged bytes.
+    fn get(&self, key: &Bytes) -> Result<Option<Entry>, StoreError>;
+    /// Whether the key is stored, and its expiry time, without reading its value.
+    fn expiry(&self, key: &Bytes) -> Option<Option<u64>>;
     /// Calls `f` with the key's current entry under the key's lock and applies its
-    /// decision before any other writer of that key runs.
-    fn update(&self, key: &Bytes, f: &mut dyn FnMut(Option<&Entry>) -> Update) -> Result<(), StoreError>;
+    /// decision before any other writer of that key runs. With `needs_value`
+    /// false the entry's value may be left empty (a blind write such as SET or
+    /// DEL decides on existence and expiry only), which spares an engine a read
+    /// and lets a damaged value be overwritten; with it true, a damaged value is
+    /// [`StoreError::Corrupt`].
+    fn update(
+        &self,
+        key: &Bytes,
+        needs_value: bool,
+        f: &mut dyn FnMut(Option<&Entry>) -> Update,
+    ) -> Result<(), StoreError>;
     /// Number of keys, including ones logically expired but not yet removed.
     fn len(&self) -> usize;
     fn is_empty(&self) -> bool {

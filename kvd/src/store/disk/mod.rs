@@ -156,6 +156,9 @@ pub struct DiskStore {
     active: RwLock<Arc<Segment>>,
     next_seq: AtomicU64,
     next_segment: AtomicU64,
+    /// Sealed segments whose last writes may not be fsynced yet. Flushes with
+    /// `always`, the once-a-second fsync and compaction sync them.
+    unsynced: Mutex<Vec<Arc<Segment>>>,
     /// Set while writes to disk fail; writes are refused until a retry succeeds.
     write_error: Mutex<Option<String>>,
     compaction: Mutex<CompactionStats>,
@@ -268,6 +271,7 @@ impl DiskStore {
             active: RwLock::new(active),
             next_seq: AtomicU64::new(max_seq + 1),
             next_segment: AtomicU64::new(next_segment + 1),
+            unsynced: Mutex::new(Vec::new()),
             write_error: Mutex::new(None),
             compaction: Mutex::new(CompactionStats::default()),
             maintenance: Mutex::new(()),
@@ -304,19 +308,37 @@ impl DiskStore {
         self.segments.read().get(&id).cloned()
     }
 
-    /// Reads the value a location points at. Called with the key's shard lock
-    /// held, so compaction cannot have dropped the segment.
-    fn read_value(&self, loc: &Loc) -> Bytes {
-        match self.segment(loc.segment) {
-            Some(seg) => seg.read(
-                loc.offset + HEADER as u64 + loc.key_len as u64,
-                loc.value_len as usize,
-            ),
-            None => {
-                tracing::error!(segment = loc.segment, "index points at a missing segment");
-                Bytes::new()
-            }
+    /// Reads and verifies the value a location points at. Called with the key's
+    /// shard lock held, so compaction cannot have dropped the segment. Every read
+    /// checks the record's CRC: damage on disk is an error naming the key, never
+    /// bytes handed out as if they were good.
+    fn read_value(&self, key: &Bytes, loc: &Loc) -> Result<Bytes, StoreError> {
+        let corrupt = |why: &str| {
+            tracing::error!(
+                segment = loc.segment,
+                offset = loc.offset,
+                key = %String::from_utf8_lossy(key),
+                "{why}"
+            );
+            StoreError::Corrupt(String::from_utf8_lossy(key).into_owned())
+        };
+        let Some(seg) = self.segment(loc.segment) else {
+            return Err(corrupt("index points at a missing segment"));
+        };
+        let head = seg.read(loc.offset, HEADER + loc.key_len as usize);
+        let value = seg.read(loc.offset + head.len() as u64, loc.value_len as usize);
+        if !record::verify(&head, &value) {
+            return Err(corrupt("stored record fails its checksum"));
         }
+        Ok(value)
+    }
+
+    /// Records a failed write: writes are refused until one succeeds again.
+    fn write_failed(&self, e: std::io::Error) -> StoreError {
+        let text = e.to_string();
+        tracing::error!("write to the data directory failed: {text}; refusing writes until it succeeds");
+        *self.write_error.lock() = Some(text.clone());
+        StoreError::Write(text)
     }
 
     fn check_writable(&self) -> Result<(), StoreError> {
@@ -344,7 +366,10 @@ impl DiskStore {
         let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
         loop {
             let active = self.active.read().clone();
-            let placed = active.append(len, |buf| record::encode(buf, kind, seq, expires_at, key, value));
+            let header = record::header(kind, seq, expires_at, key, value);
+            let placed = active
+                .append(&header, key, value)
+                .map_err(|e| self.write_failed(e))?;
             if let Some(offset) = placed {
                 return Ok(Loc {
                     segment: active.id,
@@ -374,10 +399,18 @@ impl DiskStore {
         *active = fresh;
         drop(active);
         full.seal().map_err(|e| io_err("sealing a segment", e))?;
+        self.unsynced.lock().push(full.clone());
         let sealed = full.clone();
         let dir = self.dir.clone();
-        // The hint file is a start-up accelerator; writing it need not delay writers.
-        std::thread::spawn(move || hints::write(&dir, &sealed));
+        // Syncing a whole segment and writing its hint file need not delay
+        // writers; until the sync is done the segment stays on `unsynced`, so an
+        // `always` flush still waits for it.
+        std::thread::spawn(move || {
+            if let Err(e) = sealed.sync() {
+                tracing::error!(segment = sealed.id, "fsync of a sealed segment failed: {e}");
+            }
+            hints::write(&dir, &sealed);
+        });
         Ok(())
     }
 
@@ -495,9 +528,10 @@ impl DiskStore {
         let len = HEADER + key.len() + value.len();
         loop {
             let active = self.active.read().clone();
-            let placed = active.append(len, |buf| {
-                record::encode(buf, h.kind, h.seq, h.expires_at, key, value)
-            });
+            let header = record::header(h.kind, h.seq, h.expires_at, key, value);
+            let placed = active
+                .append(&header, key, value)
+                .map_err(|e| self.write_failed(e))?;
             if let Some(offset) = placed {
                 return Ok(Loc {
                     segment: active.id,
@@ -512,10 +546,24 @@ impl DiskStore {
         }
     }
 
+    /// Writes and fsyncs everything appended so far, in every segment.
     fn flush_and_sync(&self) -> std::io::Result<()> {
         let active = self.active.read().clone();
         active.flush()?;
+        self.sync_sealed()?;
         active.sync()
+    }
+
+    /// Fsyncs sealed segments that may still hold unsynced writes.
+    fn sync_sealed(&self) -> std::io::Result<()> {
+        let pending: Vec<Arc<Segment>> = self.unsynced.lock().clone();
+        for seg in &pending {
+            seg.sync()?;
+        }
+        self.unsynced
+            .lock()
+            .retain(|s| !pending.iter().any(|p| Arc::ptr_eq(p, s)));
+        Ok(())
     }
 }
 
@@ -533,23 +581,42 @@ fn resync(bytes: &[u8], from: usize) -> Option<usize> {
 }
 
 impl Store for DiskStore {
-    fn get(&self, key: &Bytes) -> Option<Entry> {
+    fn get(&self, key: &Bytes) -> Result<Option<Entry>, StoreError> {
         let pos = self.index.pos(key);
         let shard = self.index.read(&pos);
-        let loc = shard.get(&pos)?;
-        Some(Entry {
-            value: self.read_value(loc),
+        let Some(loc) = shard.get(&pos) else {
+            return Ok(None);
+        };
+        Ok(Some(Entry {
+            value: self.read_value(key, loc)?,
             expires_at: loc.expires_at,
-        })
+        }))
     }
 
-    fn update(&self, key: &Bytes, f: &mut dyn FnMut(Option<&Entry>) -> Update) -> Result<(), StoreError> {
+    fn expiry(&self, key: &Bytes) -> Option<Option<u64>> {
+        let pos = self.index.pos(key);
+        self.index.read(&pos).get(&pos).map(|loc| loc.expires_at)
+    }
+
+    fn update(
+        &self,
+        key: &Bytes,
+        needs_value: bool,
+        f: &mut dyn FnMut(Option<&Entry>) -> Update,
+    ) -> Result<(), StoreError> {
         let pos = self.index.pos(key);
         let mut shard = self.index.write(&pos);
-        let current = shard.get(&pos).map(|loc| Entry {
-            value: self.read_value(loc),
-            expires_at: loc.expires_at,
-        });
+        let current = match shard.get(&pos) {
+            None => None,
+            Some(loc) => Some(Entry {
+                value: if needs_value {
+                    self.read_value(key, loc)?
+                } else {
+                    Bytes::new()
+                },
+                expires_at: loc.expires_at,
+            }),
+        };
         match f(current.as_ref()) {
             Update::Keep => Ok(()),
             Update::Put(entry) => {
@@ -642,18 +709,15 @@ impl Store for DiskStore {
         let active = self.active.read().clone();
         let result = active.flush().and_then(|()| {
             if self.fsync_policy() == Fsync::Always {
+                // Writes acknowledged by this batch may sit in a segment sealed
+                // since they were appended.
+                self.sync_sealed()?;
                 active.sync()
             } else {
                 Ok(())
             }
         });
-        if let Err(e) = result {
-            let text = e.to_string();
-            tracing::error!("write to the data directory failed: {text}; refusing writes until it succeeds");
-            *self.write_error.lock() = Some(text.clone());
-            return Err(StoreError::Write(text));
-        }
-        Ok(())
+        result.map_err(|e| self.write_failed(e))
     }
 
     fn configure(&self, name: &str, config: &crate::config::Config) -> Result<(), String> {
@@ -719,15 +783,17 @@ impl Store for DiskStore {
 /// whose dead fraction passes the threshold. Ends when the store is dropped.
 fn background(store: Weak<DiskStore>) {
     let mut last_compaction_check = Instant::now();
+    let mut last_sync = Instant::now();
     loop {
-        std::thread::sleep(Duration::from_millis(200));
+        std::thread::sleep(Duration::from_millis(100));
         let Some(s) = store.upgrade() else {
             return;
         };
         if s.stop.load(Ordering::Relaxed) {
             return;
         }
-        if s.fsync_policy() == Fsync::EverySec {
+        if s.fsync_policy() == Fsync::EverySec && last_sync.elapsed() >= Duration::from_secs(1) {
+            last_sync = Instant::now();
             if let Err(e) = s.flush_and_sync() {
                 tracing::error!("background fsync failed: {e}");
                 *s.write_error.lock() = Some(e.to_string());
@@ -867,34 +933,52 @@ mod hints {
     const MAGIC: &[u8; 8] = b"KVDHINT1";
 
     /// Writes the hint file of a sealed segment (atomically: temp file + rename).
+    ///
+    /// Reads the segment with buffered reads that skip over values, not through
+    /// the map: touching every page of the map would count the whole segment in
+    /// the process's resident memory.
     pub fn write(dir: &Path, seg: &Segment) {
-        let bytes = seg.bytes();
+        if let Err(e) = try_write(dir, seg) {
+            tracing::warn!(segment = seg.id, "could not write hint file: {e}");
+        }
+    }
+
+    fn try_write(dir: &Path, seg: &Segment) -> std::io::Result<()> {
+        use std::io::{BufReader, Read};
+        let len = std::fs::metadata(&seg.path)?.len();
+        let mut reader = BufReader::with_capacity(256 * 1024, std::fs::File::open(&seg.path)?);
         let mut out = Vec::with_capacity(64 * 1024);
         out.extend_from_slice(MAGIC);
-        out.extend_from_slice(&(bytes.len() as u64).to_le_bytes());
-        let mut offset = 0usize;
-        let mut total = 0u64;
-        while offset < bytes.len() {
-            let Ok(h) = record::parse(&bytes[offset..]) else {
-                match resync(bytes, offset + 1) {
-                    Some(next) => {
-                        offset = next;
-                        continue;
-                    }
-                    None => break,
-                }
+        out.extend_from_slice(&len.to_le_bytes());
+        let mut offset = 0u64;
+        let mut head = [0u8; HEADER];
+        let mut key = Vec::new();
+        while offset + HEADER as u64 <= len {
+            reader.read_exact(&mut head)?;
+            // Only this process wrote the segment, and it was synced before this
+            // runs; a header that does not parse ends the hints here, and the
+            // segment (its hint being short) is scanned fully at start-up instead.
+            let Ok(h) = record::parse_header(&head) else {
+                return Ok(());
             };
+            if offset + h.record_len() > len {
+                return Ok(());
+            }
+            key.resize(h.key_len as usize, 0);
+            reader.read_exact(&mut key)?;
+            reader.seek_relative(h.value_len as i64)?;
             out.push(h.kind as u8);
             out.extend_from_slice(&h.seq.to_le_bytes());
             out.extend_from_slice(&h.expires_at.unwrap_or(0).to_le_bytes());
             out.extend_from_slice(&h.key_len.to_le_bytes());
             out.extend_from_slice(&h.value_len.to_le_bytes());
-            out.extend_from_slice(&(offset as u64).to_le_bytes());
-            out.extend_from_slice(&bytes[offset + HEADER..offset + HEADER + h.key_len as usize]);
-            total += h.record_len();
-            offset += h.record_len() as usize;
+            out.extend_from_slice(&offset.to_le_bytes());
+            out.extend_from_slice(&key);
+            offset += h.record_len();
         }
-        seg.total.fetch_max(total, Ordering::Relaxed);
+        if offset != len {
+            return Ok(());
+        }
         let crc = crc32fast::hash(&out);
         out.extend_from_slice(&crc.to_le_bytes());
         let path = dir.join(segment::hint_name(seg.id));
@@ -902,10 +986,10 @@ mod hints {
         let result = std::fs::write(&tmp, &out)
             .and_then(|()| std::fs::File::open(&tmp)?.sync_all())
             .and_then(|()| std::fs::rename(&tmp, &path));
-        if let Err(e) = result {
-            tracing::warn!(segment = seg.id, "could not write hint file: {e}");
+        if result.is_err() {
             let _ = std::fs::remove_file(&tmp);
         }
+        result
     }
 
     /// Reads a hint file, if present, intact, and written for a segment of

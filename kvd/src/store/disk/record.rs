@@ -60,19 +60,29 @@ impl Header {
     }
 }
 
+/// The header of a record (CRC included), to be followed by `key` and `value`.
+pub fn header(kind: Kind, seq: u64, expires_at: Option<u64>, key: &[u8], value: &[u8]) -> [u8; HEADER] {
+    let mut h = [0u8; HEADER];
+    h[..3].copy_from_slice(&[MAGIC, VERSION, kind as u8]);
+    h[7..15].copy_from_slice(&seq.to_le_bytes());
+    h[15..23].copy_from_slice(&expires_at.unwrap_or(0).to_le_bytes());
+    h[23..27].copy_from_slice(&(key.len() as u32).to_le_bytes());
+    h[27..31].copy_from_slice(&(value.len() as u32).to_le_bytes());
+    let mut crc = crc32fast::Hasher::new();
+    crc.update(&h[..3]);
+    crc.update(&h[7..]);
+    crc.update(key);
+    crc.update(value);
+    h[3..7].copy_from_slice(&crc.finalize().to_le_bytes());
+    h
+}
+
 /// Appends one encoded record to `out`.
 pub fn encode(out: &mut Vec<u8>, kind: Kind, seq: u64, expires_at: Option<u64>, key: &[u8], value: &[u8]) {
-    let start = out.len();
     out.reserve(HEADER + key.len() + value.len());
-    out.extend_from_slice(&[MAGIC, VERSION, kind as u8, 0, 0, 0, 0]);
-    out.extend_from_slice(&seq.to_le_bytes());
-    out.extend_from_slice(&expires_at.unwrap_or(0).to_le_bytes());
-    out.extend_from_slice(&(key.len() as u32).to_le_bytes());
-    out.extend_from_slice(&(value.len() as u32).to_le_bytes());
+    out.extend_from_slice(&header(kind, seq, expires_at, key, value));
     out.extend_from_slice(key);
     out.extend_from_slice(value);
-    let crc = checksum(&out[start..]);
-    out[start + 3..start + 7].copy_from_slice(&crc.to_le_bytes());
 }
 
 /// The CRC of a whole encoded record, skipping the CRC field itself.
@@ -81,6 +91,19 @@ fn checksum(record: &[u8]) -> u32 {
     h.update(&record[..3]);
     h.update(&record[7..]);
     h.finalize()
+}
+
+/// Checks a record read in two parts: its header and key, and its value.
+pub fn verify(header_and_key: &[u8], value: &[u8]) -> bool {
+    if header_and_key.len() < HEADER {
+        return false;
+    }
+    let stored = u32_at(header_and_key, 3);
+    let mut h = crc32fast::Hasher::new();
+    h.update(&header_and_key[..3]);
+    h.update(&header_and_key[7..]);
+    h.update(value);
+    h.finalize() == stored
 }
 
 /// Why the bytes at an offset are not a trustworthy record.

@@ -21,19 +21,22 @@ fn put(s: &DiskStore, k: &str, v: &str) {
         value: Bytes::copy_from_slice(v.as_bytes()),
         expires_at: None,
     };
-    s.update(&Bytes::copy_from_slice(k.as_bytes()), &mut |_| {
+    s.update(&Bytes::copy_from_slice(k.as_bytes()), false, &mut |_| {
         Update::Put(e.clone())
     })
     .unwrap();
 }
 
 fn del(s: &DiskStore, k: &str) {
-    s.update(&Bytes::copy_from_slice(k.as_bytes()), &mut |_| Update::Remove)
-        .unwrap();
+    s.update(&Bytes::copy_from_slice(k.as_bytes()), false, &mut |_| {
+        Update::Remove
+    })
+    .unwrap();
 }
 
 fn get(s: &DiskStore, k: &str) -> Option<String> {
     s.get(&Bytes::copy_from_slice(k.as_bytes()))
+        .unwrap()
         .map(|e| String::from_utf8(e.value.to_vec()).unwrap())
 }
 
@@ -148,14 +151,14 @@ fn expiry_and_flushall_survive_restart() {
     let s = DiskStore::open(dir.path(), opts(1 << 20)).unwrap();
     let far = now_ms() + 3_600_000;
     let k = Bytes::from_static(b"ttl");
-    s.update(&k, &mut |_| {
+    s.update(&k, false, &mut |_| {
         Update::Put(Entry {
             value: Bytes::from_static(b"v"),
             expires_at: Some(far),
         })
     })
     .unwrap();
-    s.update(&Bytes::from_static(b"gone"), &mut |_| {
+    s.update(&Bytes::from_static(b"gone"), false, &mut |_| {
         Update::Put(Entry {
             value: Bytes::from_static(b"v"),
             expires_at: Some(now_ms() + 50),
@@ -163,11 +166,11 @@ fn expiry_and_flushall_survive_restart() {
     })
     .unwrap();
     let s = reopen(dir.path(), s, 1 << 20);
-    assert_eq!(s.get(&k).unwrap().expires_at, Some(far));
+    assert_eq!(s.get(&k).unwrap().unwrap().expires_at, Some(far));
     std::thread::sleep(std::time::Duration::from_millis(100));
     let s = reopen(dir.path(), s, 1 << 20);
     assert!(
-        s.get(&Bytes::from_static(b"gone")).is_none(),
+        s.get(&Bytes::from_static(b"gone")).unwrap().is_none(),
         "expired key came back"
     );
     put(&s, "x", "1");
@@ -240,4 +243,29 @@ fn live_bytes_track_what_the_index_points_at() {
     assert_eq!(live, HEADER as u64 + 2);
     assert!(total > live);
     assert_eq!(s.active.read().live.load(Ordering::Relaxed), live);
+}
+
+#[test]
+fn damage_after_start_up_is_an_error_not_bad_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = DiskStore::open(dir.path(), opts(4096)).unwrap();
+    put(&s, "victim", &"v".repeat(100));
+    for i in 0..100 {
+        put(&s, &format!("filler{i}"), &"f".repeat(100));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    // Restart from hint files (which do not check values), then rot a value.
+    let s = reopen(dir.path(), s, 4096);
+    let path = s.segments.read().values().next().unwrap().path.clone();
+    let mut bytes = std::fs::read(&path).unwrap();
+    let at = bytes.windows(6).position(|w| w == b"victim").unwrap() + 10;
+    bytes[at] ^= 1;
+    std::fs::write(&path, &bytes).unwrap();
+    let victim = Bytes::from_static(b"victim");
+    assert!(matches!(s.get(&victim), Err(StoreError::Corrupt(k)) if k == "victim"));
+    // A read-modify-write is refused; a blind overwrite repairs the key.
+    assert!(s.update(&victim, true, &mut |_| Update::Keep).is_err());
+    put(&s, "victim", "fixed");
+    assert_eq!(get(&s, "victim").as_deref(), Some("fixed"));
+    assert_eq!(get(&s, "filler5").map(|v| v.len()), Some(100));
 }
