@@ -13,14 +13,18 @@ cargo fmt --all -- --check
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets -- -D warnings
 
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+
 echo "== cargo build"
 # The integration tests run the kvd binary, so build it before testing.
 cargo build --workspace
 
+echo "== loom model checks"
+bash scripts/loom.sh | tee -a "$log"
+
 echo "== cargo test"
-log=$(mktemp)
-trap 'rm -f "$log"' EXIT
-cargo test --workspace 2>&1 | tee "$log"
+cargo test --workspace 2>&1 | tee -a "$log"
 # One closing line over every test binary (cargo's own last line is the last
 # crate's doc-tests, often 0 of them).
 awk '/^test result:/ { p += $4; f += $6 } END { printf "tests: %d passed, %d failed\n", p, f }' "$log"

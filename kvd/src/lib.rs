@@ -16,3 +16,4 @@ pub mod pubsub;
 pub mod reply;
 pub mod server;
 pub mod store;
+pub mod sync;

@@ -39,7 +39,7 @@ use parking_lot::{Mutex, RwLock};
 use super::index::{Index, Indexed};
 use super::{Entry, Store, StoreError, Update};
 use record::{Kind, HEADER};
-use segment::Segment;
+use segment::{Segment, SegmentRef};
 
 /// When written data is fsynced (Redis's `appendfsync`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -152,13 +152,13 @@ pub struct DiskStore {
     /// Dead percentage at which the background compacts a segment.
     compact_percent: AtomicU8,
     index: Index<Loc>,
-    segments: RwLock<BTreeMap<u64, Arc<Segment>>>,
-    active: RwLock<Arc<Segment>>,
+    segments: RwLock<BTreeMap<u64, SegmentRef>>,
+    active: RwLock<SegmentRef>,
     next_seq: AtomicU64,
     next_segment: AtomicU64,
     /// Sealed segments whose last writes may not be fsynced yet. Flushes with
     /// `always`, the once-a-second fsync and compaction sync them.
-    unsynced: Mutex<Vec<Arc<Segment>>>,
+    unsynced: Mutex<Vec<SegmentRef>>,
     /// Set while writes to disk fail; writes are refused until a retry succeeds.
     write_error: Mutex<Option<String>>,
     compaction: Mutex<CompactionStats>,
@@ -243,13 +243,13 @@ impl DiskStore {
             let seg = Segment::open_sealed(path, id)?;
             seg.total.store(end, Ordering::Relaxed);
             recovery.stats.segments += 1;
-            segments.insert(id, Arc::new(seg));
+            segments.insert(id, SegmentRef::new(seg));
         }
         let index = Index::default();
         let mut stats = std::mem::take(&mut recovery.stats);
         let max_seq = recovery.finish(&index, &segments);
         let next_segment = ids.last().map_or(1, |id| id + 1);
-        let active = Arc::new(Segment::create(dir, next_segment, options.segment_size)?);
+        let active = SegmentRef::new(Segment::create(dir, next_segment, options.segment_size)?);
         segments.insert(next_segment, active.clone());
         stats.millis = started.elapsed().as_millis() as u64;
         tracing::info!(
@@ -304,7 +304,7 @@ impl DiskStore {
         Fsync::from_u8(self.fsync.load(Ordering::Relaxed))
     }
 
-    fn segment(&self, id: u64) -> Option<Arc<Segment>> {
+    fn segment(&self, id: u64) -> Option<SegmentRef> {
         self.segments.read().get(&id).cloned()
     }
 
@@ -325,8 +325,8 @@ impl DiskStore {
         let Some(seg) = self.segment(loc.segment) else {
             return Err(corrupt("index points at a missing segment"));
         };
-        let head = seg.read(loc.offset, HEADER + loc.key_len as usize);
-        let value = seg.read(loc.offset + head.len() as u64, loc.value_len as usize);
+        let head = Segment::read(&seg, loc.offset, HEADER + loc.key_len as usize);
+        let value = Segment::read(&seg, loc.offset + head.len() as u64, loc.value_len as usize);
         if !record::verify(&head, &value) {
             return Err(corrupt("stored record fails its checksum"));
         }
@@ -386,15 +386,16 @@ impl DiskStore {
 
     /// Replaces `full` as the active segment (if it still is) with a new one big
     /// enough for a record of `need` bytes, and seals `full`.
-    fn rotate(&self, full: &Arc<Segment>, need: u64) -> Result<(), StoreError> {
+    fn rotate(&self, full: &SegmentRef, need: u64) -> Result<(), StoreError> {
         let mut active = self.active.write();
-        if !Arc::ptr_eq(&active, full) {
+        if !SegmentRef::ptr_eq(&active, full) {
             return Ok(()); // someone else rotated
         }
         let id = self.next_segment.fetch_add(1, Ordering::Relaxed);
         let capacity = self.options.segment_size.max(need);
-        let fresh =
-            Arc::new(Segment::create(&self.dir, id, capacity).map_err(|e| io_err("creating a segment", e))?);
+        let fresh = SegmentRef::new(
+            Segment::create(&self.dir, id, capacity).map_err(|e| io_err("creating a segment", e))?,
+        );
         self.segments.write().insert(id, fresh.clone());
         *active = fresh;
         drop(active);
@@ -444,7 +445,7 @@ impl DiskStore {
         let _one = self.maintenance.lock();
         self.compaction.lock().in_progress = true;
         let active_id = self.active.read().id;
-        let candidates: Vec<Arc<Segment>> = self
+        let candidates: Vec<SegmentRef> = self
             .segments
             .read()
             .values()
@@ -472,7 +473,7 @@ impl DiskStore {
     }
 
     /// Moves the live records of `seg` to the active segment, then deletes it.
-    fn compact_segment(&self, seg: &Arc<Segment>) -> Result<u64, StoreError> {
+    fn compact_segment(&self, seg: &SegmentRef) -> Result<u64, StoreError> {
         if seg.compacting.swap(true, Ordering::AcqRel) {
             return Ok(0);
         }
@@ -556,13 +557,13 @@ impl DiskStore {
 
     /// Fsyncs sealed segments that may still hold unsynced writes.
     fn sync_sealed(&self) -> std::io::Result<()> {
-        let pending: Vec<Arc<Segment>> = self.unsynced.lock().clone();
+        let pending: Vec<SegmentRef> = self.unsynced.lock().clone();
         for seg in &pending {
             seg.sync()?;
         }
         self.unsynced
             .lock()
-            .retain(|s| !pending.iter().any(|p| Arc::ptr_eq(p, s)));
+            .retain(|s| !pending.iter().any(|p| SegmentRef::ptr_eq(p, s)));
         Ok(())
     }
 }
@@ -685,7 +686,7 @@ impl Store for DiskStore {
         self.append(Kind::Clear, b"", b"", None)?;
         self.flush_and_sync().map_err(|e| io_err("writing FLUSHALL", e))?;
         let active_id = self.active.read().id;
-        let doomed: Vec<Arc<Segment>> = {
+        let doomed: Vec<SegmentRef> = {
             let mut segs = self.segments.write();
             let ids: Vec<u64> = segs.keys().copied().filter(|&id| id != active_id).collect();
             ids.iter().filter_map(|id| segs.remove(id)).collect()
@@ -898,7 +899,7 @@ impl Recovery {
 
     /// Loads the surviving records into `index`; returns the highest sequence
     /// number seen.
-    fn finish(self, index: &Index<Loc>, segments: &BTreeMap<u64, Arc<Segment>>) -> u64 {
+    fn finish(self, index: &Index<Loc>, segments: &BTreeMap<u64, SegmentRef>) -> u64 {
         let now = now_ms();
         for (key, loc) in self.latest {
             if loc.seq < self.clear_seq || loc.expires_at.is_some_and(|t| t <= now) {
