@@ -145,10 +145,14 @@ impl Db {
 
     /// The live entry for `key`, removing it first if it has expired.
     pub fn get(&self, key: &Bytes) -> Result<Option<Entry>, StoreError> {
-        if self.expiry(key).is_none() {
+        let Some(entry) = self.store.get(key)? else {
+            return Ok(None);
+        };
+        if entry.expires_at.is_some_and(|t| t <= now_ms()) {
+            self.expire(key);
             return Ok(None);
         }
-        self.store.get(key)
+        Ok(Some(entry))
     }
 
     /// Like [`Db::get`], counting a keyspace hit or miss (GET, MGET, ...).

@@ -322,15 +322,16 @@ impl DiskStore {
             );
             StoreError::Corrupt(String::from_utf8_lossy(key).into_owned())
         };
-        let Some(seg) = self.segment(loc.segment) else {
+        // Read under the table's guard rather than a clone of the segment's
+        // `Arc`: the guard keeps the segment alive just the same, without two
+        // reference-count updates per read.
+        let segments = self.segments.read();
+        let Some(seg) = segments.get(&loc.segment) else {
             return Err(corrupt("index points at a missing segment"));
         };
-        let head = Segment::read(&seg, loc.offset, HEADER + loc.key_len as usize);
-        let value = Segment::read(&seg, loc.offset + head.len() as u64, loc.value_len as usize);
-        if !record::verify(&head, &value) {
-            return Err(corrupt("stored record fails its checksum"));
-        }
-        Ok(value)
+        let head_len = HEADER + loc.key_len as usize;
+        Segment::read_verified(seg, loc.offset, head_len, loc.value_len as usize)
+            .ok_or_else(|| corrupt("stored record fails its checksum"))
     }
 
     /// Records a failed write: writes are refused until one succeeds again.

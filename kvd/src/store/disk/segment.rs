@@ -283,6 +283,37 @@ impl Segment {
     }
 }
 
+impl Segment {
+    /// Reads the value of the record at `offset` (header and key `head_len`
+    /// bytes, then `value_len` bytes of value) after checking the record's CRC;
+    /// `None` if the check fails. Checks in place, so a small value is copied
+    /// once and a large one not at all.
+    pub fn read_verified(this: &SegmentRef, offset: u64, head_len: usize, value_len: usize) -> Option<Bytes> {
+        let end = offset + (head_len + value_len) as u64;
+        let value_at = offset as usize + head_len;
+        if end <= this.written.load(Ordering::Acquire) {
+            let map = this.map.as_ref()?;
+            let record = &map[offset as usize..end as usize];
+            if !record::verify(&record[..head_len], &record[head_len..]) {
+                return None;
+            }
+            return Some(Segment::read_mapped(this, value_at, value_len));
+        }
+        let tail = this.tail.lock();
+        if offset >= tail.base {
+            let start = (offset - tail.base) as usize;
+            let record = &tail.buf[start..start + head_len + value_len];
+            if !record::verify(&record[..head_len], &record[head_len..]) {
+                return None;
+            }
+            return Some(Bytes::copy_from_slice(&record[head_len..]));
+        }
+        drop(tail);
+        // Flushed between the two checks: now below `written`.
+        Segment::read_verified(this, offset, head_len, value_len)
+    }
+}
+
 /// A zero-copy view of part of a segment's map; keeps the segment alive.
 struct MappedSlice {
     segment: Arc<Segment>,
