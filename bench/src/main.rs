@@ -24,8 +24,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Which {
-    /// kvd vs redis-server: redis-benchmark GET/SET, 64-byte values, 50 clients,
-    /// pipeline 1 and 16.
+    /// kvd vs redis-server, both in memory: redis-benchmark GET/SET, 64-byte
+    /// values, 50 clients, pipeline 1 and 16.
     Kvd {
         /// Requests per redis-benchmark run without pipelining (16x this with).
         #[arg(long, default_value_t = 200_000)]
@@ -105,7 +105,8 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 fn bench_kvd(requests: u64, rounds: usize) -> Result<Vec<Row>> {
     require_redis();
-    let kvd = Server::kvd(&[])?;
+    // Like for like: both in memory (the disk engine has its own bench).
+    let kvd = Server::kvd(&["--storage", "memory"])?;
     let redis = Server::redis(&[])?;
     let mut rows = Vec::new();
     for pipeline in [1u32, 16] {
