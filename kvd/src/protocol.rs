@@ -142,7 +142,7 @@ impl RequestDecoder {
         if cr + 1 >= src.len() {
             return Ok(None);
         }
-        let parsed = std::str::from_utf8(&src[1..cr]).ok().and_then(parse_strict_i64);
+        let parsed = parse_strict_i64_bytes(&src[1..cr]);
         Ok(Some((parsed, cr + 2)))
     }
 
@@ -234,21 +234,35 @@ impl Decoder for RequestDecoder {
 
 /// `string2ll`: an optional `-`, digits, no leading zeros or `+`, fits in i64.
 pub fn parse_strict_i64(s: &str) -> Option<i64> {
-    let b = s.as_bytes();
-    if b.is_empty() || b.len() > 20 {
+    parse_strict_i64_bytes(s.as_bytes())
+}
+
+/// [`parse_strict_i64`] on bytes, without a UTF-8 check (every request header
+/// goes through it).
+pub fn parse_strict_i64_bytes(b: &[u8]) -> Option<i64> {
+    let (neg, digits) = match b.first()? {
+        b'-' => (true, &b[1..]),
+        _ => (false, b),
+    };
+    if digits.is_empty() || digits.len() > 19 || (digits.len() > 1 && digits[0] == b'0') {
         return None;
     }
-    let digits = if b[0] == b'-' { &b[1..] } else { b };
-    if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
+    if neg && digits == b"0" {
         return None;
     }
-    if digits.len() > 1 && digits[0] == b'0' {
-        return None;
+    // Accumulate negatively so i64::MIN fits.
+    let mut n: i64 = 0;
+    for &d in digits {
+        if !d.is_ascii_digit() {
+            return None;
+        }
+        n = n.checked_mul(10)?.checked_sub((d - b'0') as i64)?;
     }
-    if b == b"-0" {
-        return None;
+    if neg {
+        Some(n)
+    } else {
+        n.checked_neg()
     }
-    s.parse().ok()
 }
 
 /// Splits an inline request the way Redis's `sdssplitargs` does. Returns `None` on
@@ -403,6 +417,26 @@ mod tests {
         let mut d = RequestDecoder::new(Limits::default(), false);
         let mut buf = BytesMut::from(&b"*11\r\n"[..]);
         assert!(d.decode(&mut buf).is_err());
+    }
+
+    #[test]
+    fn strict_integers_follow_string2ll() {
+        for (text, want) in [
+            ("0", Some(0)),
+            ("-1", Some(-1)),
+            ("9223372036854775807", Some(i64::MAX)),
+            ("-9223372036854775808", Some(i64::MIN)),
+            ("9223372036854775808", None),
+            ("-0", None),
+            ("01", None),
+            ("+1", None),
+            ("", None),
+            ("-", None),
+            (" 1", None),
+            ("1a", None),
+        ] {
+            assert_eq!(parse_strict_i64(text), want, "{text:?}");
+        }
     }
 
     #[test]

@@ -2,7 +2,7 @@
 
 use bytes::Bytes;
 
-use crate::protocol::parse_strict_i64;
+use crate::protocol::parse_strict_i64_bytes;
 use crate::reply::Reply;
 
 pub const ERR_NOT_INTEGER: &str = "ERR value is not an integer or out of range";
@@ -62,7 +62,7 @@ pub fn syntax() -> Reply {
 }
 
 pub fn parse_i64(b: &[u8]) -> Option<i64> {
-    std::str::from_utf8(b).ok().and_then(parse_strict_i64)
+    parse_strict_i64_bytes(b)
 }
 
 /// Redis's `string2ld`-style float parse: no spaces, no `nan`.

@@ -249,16 +249,16 @@ pub static COMMANDS: &[Spec] = &[
     },
 ];
 
-type Index = HashMap<&'static str, &'static Spec, foldhash::fast::FixedState>;
+type Index = HashMap<&'static [u8], &'static Spec, foldhash::fast::FixedState>;
 
 fn index() -> &'static Index {
     static INDEX: OnceLock<Index> = OnceLock::new();
     INDEX.get_or_init(|| {
         let mut map = Index::default();
         for spec in COMMANDS {
-            map.insert(spec.name, spec);
+            map.insert(spec.name.as_bytes(), spec);
             for sub in spec.subcommands {
-                map.insert(sub.name, sub);
+                map.insert(sub.name.as_bytes(), sub);
             }
         }
         map
@@ -267,7 +267,7 @@ fn index() -> &'static Index {
 
 /// Finds a command (or `container|sub`) by lowercase name.
 pub fn find(name: &str) -> Option<&'static Spec> {
-    index().get(name).copied()
+    index().get(name.as_bytes()).copied()
 }
 
 /// What looking up a request's command found.
@@ -288,7 +288,7 @@ pub fn lookup(args: &[bytes::Bytes]) -> Lookup {
     }
     buf[..name.len()].copy_from_slice(name);
     buf[..name.len()].make_ascii_lowercase();
-    let Some(spec) = std::str::from_utf8(&buf[..name.len()]).ok().and_then(find) else {
+    let Some(spec) = index().get(&buf[..name.len()]).copied() else {
         return Lookup::UnknownCommand;
     };
     if spec.subcommands.is_empty() || args.len() < 2 {
