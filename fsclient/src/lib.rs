@@ -1,1 +1,17 @@
-//! dictfs file system client. Not yet built: see issue "fsclient core" and docs/FORMAT.md (to come).
+//! dictfs's file system client: a whole file system as an immutable Merkle tree
+//! in a key-value store, changed by one atomic root swap.
+//!
+//! Data flows one way: the CLI (and, later, the FUSE adapter) -> [`volume`]
+//! (commits, conflicts) -> [`tree`] (path operations on immutable trees) and
+//! [`merge`] -> [`store`] (blobs, verification, cache) -> [`dict`] (the store).
+//! [`object`] defines the bytes; docs/FORMAT.md specifies them.
+
+pub mod dict;
+pub mod merge;
+pub mod object;
+pub mod store;
+pub mod tree;
+pub mod volume;
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,529 @@
+//! The on-store format: typed, self-verifying blobs (see docs/FORMAT.md).
+//!
+//! A blob's bytes are a one-byte type tag, a format version byte, and a payload;
+//! its key is the SHA-256 of all of it. Encodings are deterministic: the same
+//! tree always gives the same bytes and so the same keys. Decoders never panic
+//! on bad input: anything malformed is [`FormatError`].
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use sha2::{Digest, Sha256};
+
+pub const FORMAT_VERSION: u8 = 1;
+
+/// A SHA-256 digest: the key of a blob.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Hash(pub [u8; 32]);
+
+impl Hash {
+    pub fn of(bytes: &[u8]) -> Hash {
+        Hash(Sha256::digest(bytes).into())
+    }
+
+    pub fn hex(&self) -> String {
+        hex::encode(self.0)
+    }
+
+    pub fn from_hex(s: &str) -> Option<Hash> {
+        let mut out = [0u8; 32];
+        hex::decode_to_slice(s, &mut out).ok()?;
+        Some(Hash(out))
+    }
+}
+
+impl fmt::Debug for Hash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", &self.hex()[..12])
+    }
+}
+
+/// What a blob is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Tag {
+    Chunk = 1,
+    File = 2,
+    Dir = 3,
+    Commit = 5,
+}
+
+impl Tag {
+    fn from_u8(b: u8) -> Option<Tag> {
+        match b {
+            1 => Some(Tag::Chunk),
+            2 => Some(Tag::File),
+            3 => Some(Tag::Dir),
+            5 => Some(Tag::Commit),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum FormatError {
+    #[error("blob is truncated")]
+    Truncated,
+    #[error("unknown blob type {0}")]
+    UnknownTag(u8),
+    #[error("expected a {expected:?} blob, found {found:?}")]
+    WrongType { expected: Tag, found: Tag },
+    #[error("unsupported format version {0}")]
+    Version(u8),
+    #[error("malformed blob: {0}")]
+    Malformed(&'static str),
+}
+
+/// A point in time with nanoseconds (seconds may be negative: before 1970).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Time {
+    pub secs: i64,
+    pub nanos: u32,
+}
+
+impl Time {
+    pub fn now() -> Time {
+        let d = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        Time {
+            secs: d.as_secs() as i64,
+            nanos: d.subsec_nanos(),
+        }
+    }
+}
+
+/// Metadata of a directory entry. uid/gid are recorded, not enforced: security
+/// lives at the store (AUTH, TLS).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Meta {
+    /// Permission bits (0o7777 at most; the kind is in `Content`).
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub mtime: Time,
+    pub ctime: Time,
+    pub xattrs: BTreeMap<Vec<u8>, Vec<u8>>,
+}
+
+/// What an entry is, and where its data lives.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Content {
+    /// A regular file: its manifest and size.
+    File {
+        manifest: Hash,
+        size: u64,
+    },
+    /// A directory: its directory blob.
+    Dir {
+        tree: Hash,
+    },
+    Symlink {
+        target: Vec<u8>,
+    },
+    Fifo,
+}
+
+impl Content {
+    fn kind(&self) -> u8 {
+        match self {
+            Content::File { .. } => 1,
+            Content::Dir { .. } => 2,
+            Content::Symlink { .. } => 3,
+            Content::Fifo => 5,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Entry {
+    pub meta: Meta,
+    pub content: Content,
+}
+
+/// A directory: entries sorted by name (bytes, as on Linux).
+pub type Dir = BTreeMap<Vec<u8>, Entry>;
+
+/// A file's content: its chunks in order, with their lengths.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Manifest {
+    pub chunks: Vec<(Hash, u32)>,
+}
+
+impl Manifest {
+    pub fn size(&self) -> u64 {
+        self.chunks.iter().map(|(_, l)| *l as u64).sum()
+    }
+}
+
+/// One version of a volume.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Commit {
+    pub root: Hash,
+    pub parent: Option<Hash>,
+    pub time: Time,
+    /// Who wrote it (host and process), for `log` and conflict copy names.
+    pub writer: String,
+    pub message: String,
+}
+
+fn start(tag: Tag, capacity: usize) -> BytesMut {
+    let mut b = BytesMut::with_capacity(2 + capacity);
+    b.put_u8(tag as u8);
+    b.put_u8(FORMAT_VERSION);
+    b
+}
+
+pub fn encode_chunk(data: &[u8]) -> Bytes {
+    let mut b = start(Tag::Chunk, data.len());
+    b.put_slice(data);
+    b.freeze()
+}
+
+pub fn encode_manifest(m: &Manifest) -> Bytes {
+    let mut b = start(Tag::File, 12 + m.chunks.len() * 36);
+    b.put_u64_le(m.size());
+    b.put_u32_le(m.chunks.len() as u32);
+    for (h, len) in &m.chunks {
+        b.put_slice(&h.0);
+        b.put_u32_le(*len);
+    }
+    b.freeze()
+}
+
+fn put_time(b: &mut BytesMut, t: Time) {
+    b.put_i64_le(t.secs);
+    b.put_u32_le(t.nanos);
+}
+
+fn put_bytes16(b: &mut BytesMut, s: &[u8]) {
+    b.put_u16_le(s.len() as u16);
+    b.put_slice(s);
+}
+
+fn put_bytes32(b: &mut BytesMut, s: &[u8]) {
+    b.put_u32_le(s.len() as u32);
+    b.put_slice(s);
+}
+
+pub fn encode_dir(dir: &Dir) -> Bytes {
+    let mut b = start(Tag::Dir, 64 * dir.len());
+    b.put_u32_le(dir.len() as u32);
+    for (name, e) in dir {
+        put_bytes16(&mut b, name);
+        b.put_u8(e.content.kind());
+        b.put_u32_le(e.meta.mode);
+        b.put_u32_le(e.meta.uid);
+        b.put_u32_le(e.meta.gid);
+        put_time(&mut b, e.meta.mtime);
+        put_time(&mut b, e.meta.ctime);
+        b.put_u16_le(e.meta.xattrs.len() as u16);
+        for (k, v) in &e.meta.xattrs {
+            put_bytes16(&mut b, k);
+            put_bytes32(&mut b, v);
+        }
+        match &e.content {
+            Content::File { manifest, size } => {
+                b.put_u64_le(*size);
+                b.put_slice(&manifest.0);
+            }
+            Content::Dir { tree } => b.put_slice(&tree.0),
+            Content::Symlink { target } => put_bytes32(&mut b, target),
+            Content::Fifo => {}
+        }
+    }
+    b.freeze()
+}
+
+pub fn encode_commit(c: &Commit) -> Bytes {
+    let mut b = start(Tag::Commit, 128 + c.writer.len() + c.message.len());
+    b.put_slice(&c.root.0);
+    match c.parent {
+        Some(p) => {
+            b.put_u8(1);
+            b.put_slice(&p.0);
+        }
+        None => b.put_u8(0),
+    }
+    put_time(&mut b, c.time);
+    put_bytes16(&mut b, c.writer.as_bytes());
+    put_bytes32(&mut b, c.message.as_bytes());
+    b.freeze()
+}
+
+/// A cursor over a blob's payload that fails instead of panicking.
+struct Reader<'a> {
+    buf: &'a [u8],
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], FormatError> {
+        if self.buf.len() < n {
+            return Err(FormatError::Truncated);
+        }
+        let (head, rest) = self.buf.split_at(n);
+        self.buf = rest;
+        Ok(head)
+    }
+
+    fn u8(&mut self) -> Result<u8, FormatError> {
+        Ok(self.take(1)?[0])
+    }
+
+    fn u16(&mut self) -> Result<u16, FormatError> {
+        Ok(u16::from_le_bytes(self.take(2)?.try_into().expect("2 bytes")))
+    }
+
+    fn u32(&mut self) -> Result<u32, FormatError> {
+        Ok(u32::from_le_bytes(self.take(4)?.try_into().expect("4 bytes")))
+    }
+
+    fn u64(&mut self) -> Result<u64, FormatError> {
+        Ok(u64::from_le_bytes(self.take(8)?.try_into().expect("8 bytes")))
+    }
+
+    fn hash(&mut self) -> Result<Hash, FormatError> {
+        Ok(Hash(self.take(32)?.try_into().expect("32 bytes")))
+    }
+
+    fn time(&mut self) -> Result<Time, FormatError> {
+        let secs = self.u64()? as i64;
+        let nanos = self.u32()?;
+        if nanos >= 1_000_000_000 {
+            return Err(FormatError::Malformed("nanoseconds out of range"));
+        }
+        Ok(Time { secs, nanos })
+    }
+
+    fn bytes16(&mut self) -> Result<Vec<u8>, FormatError> {
+        let n = self.u16()? as usize;
+        Ok(self.take(n)?.to_vec())
+    }
+
+    fn bytes32(&mut self) -> Result<Vec<u8>, FormatError> {
+        let n = self.u32()? as usize;
+        Ok(self.take(n)?.to_vec())
+    }
+
+    fn end(&self) -> Result<(), FormatError> {
+        if self.buf.is_empty() {
+            Ok(())
+        } else {
+            Err(FormatError::Malformed("trailing bytes"))
+        }
+    }
+}
+
+/// The tag of a blob, with its version checked; and the payload.
+pub fn split(blob: &[u8]) -> Result<(Tag, &[u8]), FormatError> {
+    let (&tag, rest) = blob.split_first().ok_or(FormatError::Truncated)?;
+    let tag = Tag::from_u8(tag).ok_or(FormatError::UnknownTag(tag))?;
+    let (&version, payload) = rest.split_first().ok_or(FormatError::Truncated)?;
+    if version != FORMAT_VERSION {
+        return Err(FormatError::Version(version));
+    }
+    Ok((tag, payload))
+}
+
+fn payload(blob: &[u8], expected: Tag) -> Result<Reader<'_>, FormatError> {
+    let (found, payload) = split(blob)?;
+    if found != expected {
+        return Err(FormatError::WrongType { expected, found });
+    }
+    Ok(Reader { buf: payload })
+}
+
+/// A chunk's data (the blob without its two-byte header).
+pub fn decode_chunk(blob: &Bytes) -> Result<Bytes, FormatError> {
+    payload(blob, Tag::Chunk)?;
+    Ok(blob.slice(2..))
+}
+
+pub fn decode_manifest(blob: &[u8]) -> Result<Manifest, FormatError> {
+    let mut r = payload(blob, Tag::File)?;
+    let size = r.u64()?;
+    let n = r.u32()? as usize;
+    if n > r.buf.len() / 36 {
+        return Err(FormatError::Truncated);
+    }
+    let mut chunks = Vec::with_capacity(n);
+    for _ in 0..n {
+        chunks.push((r.hash()?, r.u32()?));
+    }
+    r.end()?;
+    let m = Manifest { chunks };
+    if m.size() != size {
+        return Err(FormatError::Malformed("file size does not match its chunks"));
+    }
+    Ok(m)
+}
+
+pub fn decode_dir(blob: &[u8]) -> Result<Dir, FormatError> {
+    let mut r = payload(blob, Tag::Dir)?;
+    let n = r.u32()? as usize;
+    let mut dir = Dir::new();
+    let mut last: Option<Vec<u8>> = None;
+    for _ in 0..n {
+        let name = r.bytes16()?;
+        if name.is_empty() || name.contains(&b'/') || name.contains(&0) || name == b"." || name == b".." {
+            return Err(FormatError::Malformed("invalid entry name"));
+        }
+        if last.as_ref().is_some_and(|l| *l >= name) {
+            return Err(FormatError::Malformed("entries not sorted"));
+        }
+        let kind = r.u8()?;
+        let mut meta = Meta {
+            mode: r.u32()?,
+            uid: r.u32()?,
+            gid: r.u32()?,
+            mtime: r.time()?,
+            ctime: r.time()?,
+            xattrs: BTreeMap::new(),
+        };
+        for _ in 0..r.u16()? {
+            let k = r.bytes16()?;
+            let v = r.bytes32()?;
+            meta.xattrs.insert(k, v);
+        }
+        let content = match kind {
+            1 => {
+                let size = r.u64()?;
+                Content::File {
+                    manifest: r.hash()?,
+                    size,
+                }
+            }
+            2 => Content::Dir { tree: r.hash()? },
+            3 => Content::Symlink { target: r.bytes32()? },
+            5 => Content::Fifo,
+            _ => return Err(FormatError::Malformed("unknown entry kind")),
+        };
+        last = Some(name.clone());
+        dir.insert(name, Entry { meta, content });
+    }
+    r.end()?;
+    Ok(dir)
+}
+
+pub fn decode_commit(blob: &[u8]) -> Result<Commit, FormatError> {
+    let mut r = payload(blob, Tag::Commit)?;
+    let root = r.hash()?;
+    let parent = match r.u8()? {
+        0 => None,
+        1 => Some(r.hash()?),
+        _ => return Err(FormatError::Malformed("bad parent flag")),
+    };
+    let time = r.time()?;
+    let writer =
+        String::from_utf8(r.bytes16()?).map_err(|_| FormatError::Malformed("writer is not UTF-8"))?;
+    let message =
+        String::from_utf8(r.bytes32()?).map_err(|_| FormatError::Malformed("message is not UTF-8"))?;
+    r.end()?;
+    Ok(Commit {
+        root,
+        parent,
+        time,
+        writer,
+        message,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample_dir() -> Dir {
+        let mut dir = Dir::new();
+        let meta = Meta {
+            mode: 0o644,
+            uid: 1000,
+            gid: 1000,
+            mtime: Time {
+                secs: 1_700_000_000,
+                nanos: 123_456_789,
+            },
+            ctime: Time {
+                secs: 1_700_000_001,
+                nanos: 0,
+            },
+            xattrs: [(b"user.k".to_vec(), b"v".to_vec())].into_iter().collect(),
+        };
+        let empty = Hash::of(&encode_manifest(&Manifest::default()));
+        dir.insert(
+            b"a.txt".to_vec(),
+            Entry {
+                meta: meta.clone(),
+                content: Content::File {
+                    manifest: empty,
+                    size: 0,
+                },
+            },
+        );
+        dir.insert(
+            b"link".to_vec(),
+            Entry {
+                meta: meta.clone(),
+                content: Content::Symlink {
+                    target: b"a.txt".to_vec(),
+                },
+            },
+        );
+        dir.insert(
+            b"sub".to_vec(),
+            Entry {
+                meta,
+                content: Content::Dir {
+                    tree: Hash::of(&encode_dir(&Dir::new())),
+                },
+            },
+        );
+        dir
+    }
+
+    #[test]
+    fn round_trips() {
+        let dir = sample_dir();
+        assert_eq!(decode_dir(&encode_dir(&dir)).unwrap(), dir);
+        let m = Manifest {
+            chunks: vec![(Hash::of(b"x"), 10), (Hash::of(b"y"), 20)],
+        };
+        assert_eq!(decode_manifest(&encode_manifest(&m)).unwrap(), m);
+        let c = Commit {
+            root: Hash::of(b"r"),
+            parent: Some(Hash::of(b"p")),
+            time: Time { secs: 5, nanos: 6 },
+            writer: "host:1".into(),
+            message: "msg".into(),
+        };
+        assert_eq!(decode_commit(&encode_commit(&c)).unwrap(), c);
+    }
+
+    /// Golden vectors: these bytes and keys must never change (docs/FORMAT.md).
+    #[test]
+    fn golden_vectors() {
+        let chunk = encode_chunk(b"hello");
+        assert_eq!(hex::encode(&chunk), "010168656c6c6f");
+        assert_eq!(
+            Hash::of(&chunk).hex(),
+            "8cb0d11b45aa844e92436fe452d29b1ca33cc8a42a99110108d2f5e98e775b6f"
+        );
+        let empty_manifest = encode_manifest(&Manifest::default());
+        assert_eq!(hex::encode(&empty_manifest), "0201000000000000000000000000");
+        let empty_dir = encode_dir(&Dir::new());
+        assert_eq!(hex::encode(&empty_dir), "030100000000");
+        assert_eq!(
+            Hash::of(&encode_dir(&sample_dir())).hex(),
+            "13dcbdd1e8b21843f83c8b7c6b7807bbeed905730ce78fc300e55681ea8547e1"
+        );
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn decoders_never_panic(data in proptest::collection::vec(proptest::num::u8::ANY, 0..300)) {
+            let _ = decode_dir(&data);
+            let _ = decode_manifest(&data);
+            let _ = decode_commit(&data);
+            let _ = decode_chunk(&Bytes::from(data));
+        }
+    }
+}

@@ -1,0 +1,198 @@
+//! Blobs and root pointers on top of a [`Dict`]: key naming, verification of
+//! every blob read against its key, and an immutable-blob cache.
+//!
+//! Keys (readable in redis-cli): a blob is `<prefix>b:<64 hex of SHA-256>`, a
+//! volume's root pointer `<prefix>v:<volume>:root`, holding the hex hash of the
+//! volume's current commit.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use parking_lot::Mutex;
+
+use crate::dict::{Dict, DictError};
+use crate::object::{self, Commit, Dir, FormatError, Hash, Manifest};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error(transparent)]
+    Dict(#[from] DictError),
+    #[error("blob {key} is missing from the store")]
+    Missing { key: String },
+    #[error("blob {key} is corrupt: its content does not match its hash")]
+    Corrupt { key: String },
+    #[error("blob {key} is malformed: {error}")]
+    Malformed { key: String, error: FormatError },
+    #[error("volume '{0}' does not exist (create it with `fsclient mkfs`)")]
+    NoVolume(String),
+    #[error("volume root pointer is malformed: {0}")]
+    BadRoot(String),
+}
+
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// A cache of immutable blobs bounded by total bytes, evicting the oldest.
+/// Blobs never change, so a cached blob is never stale.
+struct Cache {
+    limit: usize,
+    used: usize,
+    map: HashMap<Hash, Bytes>,
+    order: VecDeque<Hash>,
+}
+
+impl Cache {
+    fn get(&self, h: &Hash) -> Option<Bytes> {
+        self.map.get(h).cloned()
+    }
+
+    fn insert(&mut self, h: Hash, b: Bytes) {
+        if b.len() > self.limit / 4 || self.map.contains_key(&h) {
+            return;
+        }
+        self.used += b.len();
+        self.map.insert(h, b);
+        self.order.push_back(h);
+        while self.used > self.limit {
+            let Some(old) = self.order.pop_front() else { break };
+            if let Some(b) = self.map.remove(&old) {
+                self.used -= b.len();
+            }
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct BlobStore {
+    dict: Arc<dyn Dict>,
+    prefix: String,
+    cache: Arc<Mutex<Cache>>,
+}
+
+impl BlobStore {
+    pub fn new(dict: Arc<dyn Dict>, prefix: &str, cache_bytes: usize) -> Self {
+        BlobStore {
+            dict,
+            prefix: prefix.to_string(),
+            cache: Arc::new(Mutex::new(Cache {
+                limit: cache_bytes,
+                used: 0,
+                map: HashMap::new(),
+                order: VecDeque::new(),
+            })),
+        }
+    }
+
+    pub fn dict(&self) -> &Arc<dyn Dict> {
+        &self.dict
+    }
+
+    pub fn blob_key(&self, h: &Hash) -> String {
+        format!("{}b:{}", self.prefix, h.hex())
+    }
+
+    pub fn root_key(&self, volume: &str) -> String {
+        format!("{}v:{}:root", self.prefix, volume)
+    }
+
+    /// Stores an encoded blob (if absent) and returns its hash.
+    pub fn put(&self, blob: Bytes) -> StoreResult<Hash> {
+        let h = Hash::of(&blob);
+        self.dict.put_if_absent(&self.blob_key(&h), blob.clone())?;
+        self.cache.lock().insert(h, blob);
+        Ok(h)
+    }
+
+    /// Stores many encoded blobs in one round trip.
+    pub fn put_many(&self, blobs: Vec<Bytes>) -> StoreResult<Vec<Hash>> {
+        let hashes: Vec<Hash> = blobs.iter().map(|b| Hash::of(b)).collect();
+        let items = hashes
+            .iter()
+            .zip(blobs)
+            .map(|(h, b)| (self.blob_key(h), b))
+            .collect();
+        self.dict.put_many_if_absent(items)?;
+        Ok(hashes)
+    }
+
+    /// Reads a blob and checks it against its hash. A mismatch is an error naming
+    /// the key, logged, never bytes returned as good.
+    pub fn get(&self, h: &Hash) -> StoreResult<Bytes> {
+        if let Some(b) = self.cache.lock().get(h) {
+            return Ok(b);
+        }
+        let key = self.blob_key(h);
+        let blob = self.dict.get(&key)?.ok_or_else(|| {
+            tracing::error!(%key, "blob missing");
+            StoreError::Missing { key: key.clone() }
+        })?;
+        if Hash::of(&blob) != *h {
+            tracing::error!(%key, "blob content does not match its hash");
+            return Err(StoreError::Corrupt { key });
+        }
+        self.cache.lock().insert(*h, blob.clone());
+        Ok(blob)
+    }
+
+    /// Reads many blobs in one round trip (those not cached), in order.
+    pub fn get_many(&self, hashes: &[Hash]) -> StoreResult<Vec<Bytes>> {
+        let mut out: Vec<Option<Bytes>> = hashes.iter().map(|h| self.cache.lock().get(h)).collect();
+        let missing: Vec<usize> = (0..hashes.len()).filter(|&i| out[i].is_none()).collect();
+        let keys: Vec<String> = missing.iter().map(|&i| self.blob_key(&hashes[i])).collect();
+        let fetched = self.dict.get_many(&keys)?;
+        for ((&i, key), blob) in missing.iter().zip(keys).zip(fetched) {
+            let blob = blob.ok_or_else(|| StoreError::Missing { key: key.clone() })?;
+            if Hash::of(&blob) != hashes[i] {
+                tracing::error!(%key, "blob content does not match its hash");
+                return Err(StoreError::Corrupt { key });
+            }
+            self.cache.lock().insert(hashes[i], blob.clone());
+            out[i] = Some(blob);
+        }
+        Ok(out.into_iter().map(|b| b.expect("filled above")).collect())
+    }
+
+    fn malformed(&self, h: &Hash, error: FormatError) -> StoreError {
+        let key = self.blob_key(h);
+        tracing::error!(%key, "malformed blob: {error}");
+        StoreError::Malformed { key, error }
+    }
+
+    pub fn dir(&self, h: &Hash) -> StoreResult<Dir> {
+        object::decode_dir(&self.get(h)?).map_err(|e| self.malformed(h, e))
+    }
+
+    pub fn manifest(&self, h: &Hash) -> StoreResult<Manifest> {
+        object::decode_manifest(&self.get(h)?).map_err(|e| self.malformed(h, e))
+    }
+
+    pub fn commit(&self, h: &Hash) -> StoreResult<Commit> {
+        object::decode_commit(&self.get(h)?).map_err(|e| self.malformed(h, e))
+    }
+
+    pub fn chunk(&self, h: &Hash) -> StoreResult<Bytes> {
+        object::decode_chunk(&self.get(h)?).map_err(|e| self.malformed(h, e))
+    }
+
+    /// The current commit of a volume, if the volume exists.
+    pub fn root(&self, volume: &str) -> StoreResult<Option<Hash>> {
+        let Some(raw) = self.dict.get(&self.root_key(volume))? else {
+            return Ok(None);
+        };
+        let text = std::str::from_utf8(&raw).map_err(|_| StoreError::BadRoot("not text".into()))?;
+        Hash::from_hex(text)
+            .map(Some)
+            .ok_or_else(|| StoreError::BadRoot(text.to_string()))
+    }
+
+    /// Swaps a volume's root from `expected` to `new`; false if someone else
+    /// swapped it first.
+    pub fn swap_root(&self, volume: &str, expected: Option<Hash>, new: Hash) -> StoreResult<bool> {
+        let expected = expected.map(|h| h.hex());
+        Ok(self.dict.compare_and_swap(
+            &self.root_key(volume),
+            expected.as_deref().map(str::as_bytes),
+            new.hex().as_bytes(),
+        )?)
+    }
+}

@@ -1,0 +1,233 @@
+//! Core tests on the in-memory dict: operations against a model, merges, damage.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use proptest::prelude::*;
+
+use crate::dict::{Dict, MemoryDict};
+use crate::object::{Content, Hash};
+use crate::store::BlobStore;
+use crate::tree::{self, Chunking, FsError};
+use crate::volume::Volume;
+
+fn small() -> Chunking {
+    Chunking {
+        min: 64,
+        avg: 256,
+        max: 1024,
+    }
+}
+
+fn setup() -> (Arc<MemoryDict>, Volume) {
+    let dict = Arc::new(MemoryDict::new());
+    let store = BlobStore::new(dict.clone(), "t:", 1 << 20);
+    let v = Volume::new(store, "vol");
+    v.create().unwrap();
+    (dict, v)
+}
+
+fn p(path: &str) -> Vec<Vec<u8>> {
+    tree::split_path(path).unwrap()
+}
+
+fn read(v: &Volume, path: &str) -> Result<Vec<u8>, FsError> {
+    let root = v.root()?;
+    match tree::lookup(&v.store, root, &p(path))? {
+        Some(e) => match e.content {
+            Content::File { manifest, .. } => tree::read_to_vec(&v.store, &manifest),
+            _ => Err(FsError::IsDir),
+        },
+        None => Err(FsError::IsDir),
+    }
+}
+
+fn write(v: &Volume, path: &str, data: &[u8]) -> Result<Hash, FsError> {
+    v.change("write", |s, root| {
+        tree::write_file(s, root, &p(path), data, 0o644, small())
+    })
+}
+
+#[test]
+fn files_and_directories() {
+    let (_, v) = setup();
+    v.change("mkdir", |s, r| tree::mkdir(s, r, &p("/docs"), 0o755))
+        .unwrap();
+    write(&v, "/docs/a.txt", b"hello").unwrap();
+    assert_eq!(read(&v, "/docs/a.txt").unwrap(), b"hello");
+    assert!(matches!(
+        v.change("mkdir", |s, r| tree::mkdir(s, r, &p("/docs"), 0o755)),
+        Err(FsError::Exists)
+    ));
+    assert!(matches!(write(&v, "/nope/a", b"x"), Err(FsError::NotFound)));
+    assert!(matches!(write(&v, "/docs/a.txt/x", b"x"), Err(FsError::NotDir)));
+    assert!(matches!(
+        v.change("rmdir", |s, r| tree::rmdir(s, r, &p("/docs"))),
+        Err(FsError::NotEmpty)
+    ));
+    v.change("mv", |s, r| tree::rename(s, r, &p("/docs/a.txt"), &p("/b.txt")))
+        .unwrap();
+    assert_eq!(read(&v, "/b.txt").unwrap(), b"hello");
+    assert!(matches!(read(&v, "/docs/a.txt"), Err(FsError::NotFound)));
+    v.change("rmdir", |s, r| tree::rmdir(s, r, &p("/docs"))).unwrap();
+    assert!(matches!(
+        v.change("mv", |s, r| tree::rename(s, r, &p("/"), &p("/x"))),
+        Err(FsError::Invalid)
+    ));
+    v.change("ln", |s, r| tree::symlink(s, r, &p("/l"), b"b.txt"))
+        .unwrap();
+    let names: Vec<_> = tree::list(&v.store, v.root().unwrap(), &[])
+        .unwrap()
+        .into_keys()
+        .collect();
+    assert_eq!(names, vec![b"b.txt".to_vec(), b"l".to_vec()]);
+    assert!(v.log(100).unwrap().len() >= 6);
+}
+
+#[test]
+fn identical_data_is_stored_once_and_an_edit_touches_few_chunks() {
+    let (dict, v) = setup();
+    let data: Vec<u8> = (0..200_000u32)
+        .flat_map(|i| (i.wrapping_mul(2654435761)).to_le_bytes())
+        .collect();
+    write(&v, "/a", &data).unwrap();
+    let before = dict.keys().len();
+    write(&v, "/b", &data).unwrap();
+    // A second copy adds only directory, manifest-free and commit blobs.
+    assert!(dict.keys().len() - before <= 3, "a copy stored new chunks");
+    let mut edited = data.clone();
+    edited.splice(400_000..400_000, vec![7u8; 1024]);
+    let before = dict.keys().len();
+    write(&v, "/c", &edited).unwrap();
+    let added = dict.keys().len() - before;
+    // New chunks near the edit, plus manifest, directory and commit.
+    assert!(added <= 3 + 4, "an edit in the middle stored {added} new blobs");
+}
+
+#[test]
+fn concurrent_writers_from_one_base_both_survive() {
+    let (dict, a) = setup();
+    let b = Volume::new(
+        BlobStore::new(dict.clone() as Arc<dyn Dict>, "t:", 1 << 20),
+        "vol",
+    );
+    // While b works on its change, a commits: b's root swap fails, and b merges
+    // and retries.
+    b.change("b", |s, root| {
+        a.change("a", |s, r| {
+            tree::write_file(s, r, &p("/from-a"), &b"A"[..], 0o644, small())
+        })?;
+        tree::write_file(s, root, &p("/from-b"), &b"B"[..], 0o644, small())
+    })
+    .unwrap();
+    assert_eq!(a.log(10).unwrap()[0].1.message, "b", "b committed on top of a");
+    assert_eq!(read(&a, "/from-a").unwrap(), b"A");
+    assert_eq!(read(&a, "/from-b").unwrap(), b"B");
+}
+
+#[test]
+fn the_same_file_changed_on_both_sides_keeps_both() {
+    let (dict, a) = setup();
+    write(&a, "/f", b"base").unwrap();
+    let b = Volume::new(
+        BlobStore::new(dict.clone() as Arc<dyn Dict>, "t:", 1 << 20),
+        "vol",
+    );
+    let base_root = b.root().unwrap();
+    write(&a, "/f", b"theirs").unwrap();
+    let ours = tree::write_file(&b.store, base_root, &p("/f"), &b"ours"[..], 0o644, small()).unwrap();
+    // Simulate b's commit from the old base.
+    let merged = crate::merge::merge(&b.store, Some(base_root), ours, a.root().unwrap(), &b.writer).unwrap();
+    let dir = tree::list(&b.store, merged, &[]).unwrap();
+    assert_eq!(dir.len(), 2);
+    let names: Vec<String> = dir
+        .keys()
+        .map(|k| String::from_utf8_lossy(k).into_owned())
+        .collect();
+    assert!(names[1].starts_with("f.conflict-"), "{names:?}");
+    let content = |name: &[u8]| match &dir[name].content {
+        Content::File { manifest, .. } => tree::read_to_vec(&b.store, manifest).unwrap(),
+        _ => panic!(),
+    };
+    assert_eq!(content(b"f"), b"theirs");
+    assert_eq!(content(names[1].as_bytes()), b"ours");
+}
+
+#[test]
+fn a_corrupt_blob_fails_only_its_file_naming_the_key() {
+    let (dict, v) = setup();
+    write(&v, "/good", b"fine").unwrap();
+    write(&v, "/bad", b"will rot").unwrap();
+    let root = v.root().unwrap();
+    let Some(e) = tree::lookup(&v.store, root, &p("/bad")).unwrap() else {
+        panic!()
+    };
+    let Content::File { manifest, .. } = e.content else {
+        panic!()
+    };
+    let chunk = v.store.manifest(&manifest).unwrap().chunks[0].0;
+    let key = v.store.blob_key(&chunk);
+    dict.overwrite(&key, Bytes::from_static(b"\x01\x01garbage"));
+    // A fresh store (empty cache) sees the damage.
+    let fresh = Volume::new(
+        BlobStore::new(dict.clone() as Arc<dyn Dict>, "t:", 1 << 20),
+        "vol",
+    );
+    let err = read(&fresh, "/bad").unwrap_err();
+    assert!(err.to_string().contains(&key), "{err}");
+    assert_eq!(err.errno(), 5);
+    assert_eq!(read(&fresh, "/good").unwrap(), b"fine");
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    Write(u8, Vec<u8>),
+    Remove(u8),
+    Rename(u8, u8),
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        (0u8..6, proptest::collection::vec(any::<u8>(), 0..3000)).prop_map(|(n, d)| Op::Write(n, d)),
+        (0u8..6).prop_map(Op::Remove),
+        (0u8..6, 0u8..6).prop_map(|(a, b)| Op::Rename(a, b)),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(32))]
+    /// Random operations applied to the tree and to a map of paths agree.
+    #[test]
+    fn random_operations_match_a_model(ops in proptest::collection::vec(op(), 1..25)) {
+        let (_, v) = setup();
+        v.change("mkdir", |s, r| tree::mkdir(s, r, &p("/d"), 0o755)).unwrap();
+        let mut model: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+        let name = |n: u8| format!("/d/f{n}");
+        for op in ops {
+            match op {
+                Op::Write(n, data) => {
+                    write(&v, &name(n), &data).unwrap();
+                    model.insert(name(n), data);
+                }
+                Op::Remove(n) => {
+                    let r = v.change("rm", |s, root| tree::unlink(s, root, &p(&name(n))));
+                    prop_assert_eq!(r.is_ok(), model.remove(&name(n)).is_some());
+                }
+                Op::Rename(a, b) => {
+                    let r = v.change("mv", |s, root| tree::rename(s, root, &p(&name(a)), &p(&name(b))));
+                    prop_assert_eq!(r.is_ok(), model.contains_key(&name(a)));
+                    if let Some(d) = model.remove(&name(a)) {
+                        model.insert(name(b), d);
+                    }
+                }
+            }
+        }
+        let listed: Vec<String> = tree::list(&v.store, v.root().unwrap(), &p("/d")).unwrap()
+            .into_keys().map(|k| format!("/d/{}", String::from_utf8_lossy(&k))).collect();
+        prop_assert_eq!(listed, model.keys().cloned().collect::<Vec<_>>());
+        for (path, data) in &model {
+            prop_assert_eq!(&read(&v, path).unwrap(), data);
+        }
+    }
+}

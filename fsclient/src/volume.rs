@@ -1,0 +1,120 @@
+//! A volume: a named root pointer and its history of commits.
+//!
+//! A change is a function from the current root tree to a new one. [`Volume::change`]
+//! applies it, stores the new commit, and swaps the root pointer from the commit
+//! it started from. If another client swapped first, it merges (three-way, see
+//! [`crate::merge`]) with what is there now and tries again, backing off with
+//! jitter. A change either lands, merged with everything committed before it,
+//! or returns an error; it is never silently dropped.
+
+use std::time::Duration;
+
+use crate::merge;
+use crate::object::{self, Commit, Hash, Time};
+use crate::store::{BlobStore, StoreError};
+use crate::tree::{self, FsError, FsResult};
+
+pub struct Volume {
+    pub store: BlobStore,
+    pub name: String,
+    /// Who this client is, recorded in commits and conflict names.
+    pub writer: String,
+}
+
+/// Attempts before a change gives up (each conflict is merged and retried).
+const MAX_ATTEMPTS: u32 = 50;
+
+impl Volume {
+    pub fn new(store: BlobStore, name: &str) -> Volume {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+        Volume {
+            store,
+            name: name.to_string(),
+            writer: format!("{}:{}", host.trim(), std::process::id()),
+        }
+    }
+
+    /// Creates the volume with an empty root directory. Fails if it exists.
+    pub fn create(&self) -> FsResult<Hash> {
+        let root = tree::empty_dir(&self.store)?;
+        let commit = self.store.put(object::encode_commit(&Commit {
+            root,
+            parent: None,
+            time: Time::now(),
+            writer: self.writer.clone(),
+            message: "mkfs".into(),
+        }))?;
+        if !self.store.swap_root(&self.name, None, commit)? {
+            return Err(FsError::Exists);
+        }
+        Ok(commit)
+    }
+
+    /// The current commit's hash and content.
+    pub fn head(&self) -> FsResult<(Hash, Commit)> {
+        let h = self
+            .store
+            .root(&self.name)?
+            .ok_or_else(|| StoreError::NoVolume(self.name.clone()))?;
+        Ok((h, self.store.commit(&h)?))
+    }
+
+    /// The current root directory.
+    pub fn root(&self) -> FsResult<Hash> {
+        Ok(self.head()?.1.root)
+    }
+
+    /// Applies `op` to the current tree and commits the result.
+    pub fn change(
+        &self,
+        message: &str,
+        op: impl FnOnce(&BlobStore, Hash) -> FsResult<Hash>,
+    ) -> FsResult<Hash> {
+        let (mut base_hash, base) = self.head()?;
+        let mut base_root = base.root;
+        let mut ours = op(&self.store, base_root)?;
+        for attempt in 0..MAX_ATTEMPTS {
+            if ours == base_root {
+                return Ok(base_hash);
+            }
+            let commit = self.store.put(object::encode_commit(&Commit {
+                root: ours,
+                parent: Some(base_hash),
+                time: Time::now(),
+                writer: self.writer.clone(),
+                message: message.to_string(),
+            }))?;
+            if self.store.swap_root(&self.name, Some(base_hash), commit)? {
+                return Ok(commit);
+            }
+            // Someone committed first: merge with theirs and try from there.
+            let (theirs_hash, theirs) = self.head()?;
+            ours = merge::merge(&self.store, Some(base_root), ours, theirs.root, &self.writer)?;
+            base_hash = theirs_hash;
+            base_root = theirs.root;
+            let backoff = 1u64 << attempt.min(6);
+            let jitter = rand::random::<u64>() % (backoff * 1000);
+            std::thread::sleep(Duration::from_micros(backoff * 500 + jitter));
+        }
+        Err(FsError::Io(std::io::Error::other(
+            "could not commit: the volume root kept changing (too many concurrent writers)",
+        )))
+    }
+
+    /// Commits from the head back to the first, newest first.
+    pub fn log(&self, limit: usize) -> FsResult<Vec<(Hash, Commit)>> {
+        let (mut h, mut c) = self.head()?;
+        let mut out = Vec::new();
+        loop {
+            let parent = c.parent;
+            out.push((h, c));
+            match parent {
+                Some(p) if out.len() < limit => {
+                    h = p;
+                    c = self.store.commit(&p)?;
+                }
+                _ => return Ok(out),
+            }
+        }
+    }
+}
