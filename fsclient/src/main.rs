@@ -1,1 +1,402 @@
-fn main() {}
+//! `fsclient`: the dictfs file system from the command line.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand};
+use fsclient::dict::RespDict;
+use fsclient::object::{Content, Entry, Hash};
+use fsclient::store::BlobStore;
+use fsclient::tree::{self, Chunking, FsError, FsResult};
+use fsclient::volume::Volume;
+
+/// fsclient — a file system kept as a content-addressed Merkle tree in any
+/// Redis-speaking store (kvd, redis-server, Valkey).
+///
+/// Every change is one commit that atomically swaps the volume's root pointer;
+/// concurrent writers are merged, never lost. Examples:
+///
+///     fsclient mkfs
+///     fsclient put ./photos /photos
+///     fsclient ls -l /photos
+///     fsclient get /photos/cat.jpg ./cat.jpg
+///     fsclient log
+#[derive(Parser)]
+#[command(version, about, long_about)]
+struct Cli {
+    /// The store: redis://[:password@]host:port (kvd listens on 7379 by default).
+    #[arg(long, env = "DICTFS_STORE", default_value = "redis://127.0.0.1:7379")]
+    store: String,
+    /// The volume: one file system tree (several can share a store).
+    #[arg(long, env = "DICTFS_VOLUME", default_value = "main")]
+    volume: String,
+    /// Prefix of every key this file system writes, so several can share a store.
+    #[arg(long, default_value = "dfs:")]
+    prefix: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create the volume (an empty root directory).
+    Mkfs,
+    /// List a directory (or show a file).
+    Ls {
+        #[arg(default_value = "/")]
+        path: String,
+        /// Long format: kind, mode, size, mtime, name.
+        #[arg(short)]
+        long: bool,
+    },
+    /// Show an entry's metadata.
+    Stat { path: String },
+    /// Print files to standard output.
+    Cat {
+        #[arg(required = true)]
+        paths: Vec<String>,
+    },
+    /// Copy a local file or directory tree into the volume (one commit).
+    Put { local: PathBuf, remote: String },
+    /// Copy a file or directory tree out of the volume.
+    Get { remote: String, local: PathBuf },
+    /// Create a directory.
+    Mkdir {
+        path: String,
+        /// Create missing parents, and do not fail if it exists.
+        #[arg(short)]
+        parents: bool,
+    },
+    /// Remove a file (or, with -r, a directory tree).
+    Rm {
+        path: String,
+        #[arg(short)]
+        recursive: bool,
+    },
+    /// Move or rename.
+    Mv { from: String, to: String },
+    /// Make a symbolic link (`ln -s TARGET PATH`).
+    Ln {
+        #[arg(short, required = true)]
+        symbolic: bool,
+        target: String,
+        path: String,
+    },
+    /// Show the commit history, newest first.
+    Log {
+        #[arg(short = 'n', default_value_t = 20)]
+        count: usize,
+    },
+    /// Total size of the files under a path.
+    Du {
+        #[arg(default_value = "/")]
+        path: String,
+    },
+}
+
+/// An error worded as coreutils words it: `cannot stat 'x': No such file or directory`.
+struct Failure(String);
+
+fn fail(what: &str, path: &str, e: FsError) -> Failure {
+    Failure(format!("{what} '{path}': {e}"))
+}
+
+fn p(path: &str) -> FsResult<Vec<Vec<u8>>> {
+    tree::split_path(path)
+}
+
+fn kind_char(e: &Entry) -> char {
+    match e.content {
+        Content::File { .. } => '-',
+        Content::Dir { .. } => 'd',
+        Content::Symlink { .. } => 'l',
+        Content::Fifo => 'p',
+    }
+}
+
+fn size_of(e: &Entry) -> u64 {
+    match &e.content {
+        Content::File { size, .. } => *size,
+        Content::Symlink { target } => target.len() as u64,
+        _ => 0,
+    }
+}
+
+fn put_tree(store: &BlobStore, root: Hash, local: &Path, remote: &[Vec<u8>]) -> FsResult<Hash> {
+    let meta = std::fs::symlink_metadata(local)?;
+    let mode = std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o7777;
+    if meta.is_dir() {
+        let mut root = match tree::lookup(store, root, remote) {
+            Ok(Some(Entry {
+                content: Content::Dir { .. },
+                ..
+            }))
+            | Ok(None) => root,
+            Ok(Some(_)) => return Err(FsError::NotDir),
+            Err(FsError::NotFound) => tree::mkdir(store, root, remote, mode)?,
+            Err(e) => return Err(e),
+        };
+        let mut children: Vec<_> = std::fs::read_dir(local)?.collect::<Result<_, _>>()?;
+        children.sort_by_key(|c| c.file_name());
+        for child in children {
+            let mut path = remote.to_vec();
+            path.push(child.file_name().as_encoded_bytes().to_vec());
+            root = put_tree(store, root, &child.path(), &path)?;
+        }
+        Ok(root)
+    } else if meta.file_type().is_symlink() {
+        let target = std::fs::read_link(local)?;
+        let root = match tree::lookup(store, root, remote) {
+            Ok(Some(_)) => tree::unlink(store, root, remote)?,
+            Err(FsError::NotFound) => root,
+            Ok(None) => return Err(FsError::IsDir),
+            Err(e) => return Err(e),
+        };
+        tree::symlink(store, root, remote, target.as_os_str().as_encoded_bytes())
+    } else {
+        let file = std::fs::File::open(local)?;
+        tree::write_file(store, root, remote, file, mode, Chunking::default())
+    }
+}
+
+fn get_tree(store: &BlobStore, entry: Option<Entry>, root: Hash, local: &Path) -> FsResult<()> {
+    let content = match entry {
+        None => Content::Dir { tree: root },
+        Some(e) => e.content,
+    };
+    match content {
+        Content::File { manifest, .. } => {
+            let mut out = std::io::BufWriter::new(std::fs::File::create(local)?);
+            tree::read_file(store, &manifest, &mut out)?;
+            out.flush()?;
+        }
+        Content::Dir { tree } => {
+            std::fs::create_dir_all(local)?;
+            for (name, e) in store.dir(&tree)? {
+                let child = local.join(std::ffi::OsStr::from_bytes_lossy(&name));
+                get_tree(store, Some(e), root, &child)?;
+            }
+        }
+        Content::Symlink { target } => {
+            std::os::unix::fs::symlink(std::ffi::OsStr::from_bytes_lossy(&target), local)?;
+        }
+        Content::Fifo => {}
+    }
+    Ok(())
+}
+
+trait FromBytesLossy {
+    fn from_bytes_lossy(b: &[u8]) -> &std::ffi::OsStr;
+}
+
+impl FromBytesLossy for std::ffi::OsStr {
+    fn from_bytes_lossy(b: &[u8]) -> &std::ffi::OsStr {
+        std::os::unix::ffi::OsStrExt::from_bytes(b)
+    }
+}
+
+fn du(store: &BlobStore, tree: Hash) -> FsResult<u64> {
+    let mut total = 0;
+    for e in store.dir(&tree)?.values() {
+        total += match e.content {
+            Content::Dir { tree } => du(store, tree)?,
+            _ => size_of(e),
+        };
+    }
+    Ok(total)
+}
+
+fn run(cli: Cli) -> Result<(), Failure> {
+    let dict = RespDict::open(&cli.store).map_err(|e| Failure(format!("cannot reach {}: {e}", cli.store)))?;
+    let store = BlobStore::new(Arc::new(dict), &cli.prefix, 256 * 1024 * 1024);
+    let v = Volume::new(store.clone(), &cli.volume);
+    match cli.command {
+        Command::Mkfs => {
+            v.create().map_err(|e| match e {
+                FsError::Exists => Failure(format!("volume '{}' already exists", cli.volume)),
+                e => Failure(format!("cannot create volume '{}': {e}", cli.volume)),
+            })?;
+            println!("created volume '{}' in {}", cli.volume, cli.store);
+        }
+        Command::Ls { path, long } => {
+            let names = p(&path).map_err(|e| fail("cannot access", &path, e))?;
+            let root = v.root().map_err(|e| fail("cannot access", &path, e))?;
+            let entry = tree::lookup(&store, root, &names).map_err(|e| fail("cannot access", &path, e))?;
+            let listing: Vec<(Vec<u8>, Entry)> = match entry {
+                Some(e) if !matches!(e.content, Content::Dir { .. }) => {
+                    vec![(names.last().cloned().unwrap_or_default(), e)]
+                }
+                _ => tree::list(&store, root, &names)
+                    .map_err(|e| fail("cannot access", &path, e))?
+                    .into_iter()
+                    .collect(),
+            };
+            let mut out = std::io::stdout().lock();
+            for (name, e) in listing {
+                let name = tree::show(&name);
+                let line = if long {
+                    format!(
+                        "{}{:04o} {:>12} {} {}",
+                        kind_char(&e),
+                        e.meta.mode & 0o7777,
+                        size_of(&e),
+                        e.meta.mtime.secs,
+                        name
+                    )
+                } else {
+                    name
+                };
+                let _ = writeln!(out, "{line}");
+            }
+        }
+        Command::Stat { path } => {
+            let names = p(&path).map_err(|e| fail("cannot stat", &path, e))?;
+            let root = v.root().map_err(|e| fail("cannot stat", &path, e))?;
+            match tree::lookup(&store, root, &names).map_err(|e| fail("cannot stat", &path, e))? {
+                None => println!("  File: {path}\n  Type: directory (volume root)"),
+                Some(e) => {
+                    let kind = match e.content {
+                        Content::File { .. } => "regular file",
+                        Content::Dir { .. } => "directory",
+                        Content::Symlink { .. } => "symbolic link",
+                        Content::Fifo => "fifo",
+                    };
+                    println!(
+                        "  File: {path}\n  Size: {}\n  Type: {kind}\n  Mode: {:04o}  Uid: {}  Gid: {}\nModify: {}.{:09}\nChange: {}.{:09}",
+                        size_of(&e),
+                        e.meta.mode,
+                        e.meta.uid,
+                        e.meta.gid,
+                        e.meta.mtime.secs,
+                        e.meta.mtime.nanos,
+                        e.meta.ctime.secs,
+                        e.meta.ctime.nanos
+                    );
+                }
+            }
+        }
+        Command::Cat { paths } => {
+            let root = v.root().map_err(|e| Failure(e.to_string()))?;
+            let mut out = std::io::stdout().lock();
+            for path in paths {
+                let names = p(&path).map_err(|e| Failure(format!("{path}: {e}")))?;
+                match tree::lookup(&store, root, &names).map_err(|e| Failure(format!("{path}: {e}")))? {
+                    Some(Entry {
+                        content: Content::File { manifest, .. },
+                        ..
+                    }) => {
+                        tree::read_file(&store, &manifest, &mut out)
+                            .map_err(|e| Failure(format!("{path}: {e}")))?;
+                    }
+                    _ => return Err(Failure(format!("{path}: {}", FsError::IsDir))),
+                }
+            }
+        }
+        Command::Put { local, remote } => {
+            let names = p(&remote).map_err(|e| fail("cannot create", &remote, e))?;
+            v.change(&format!("put {remote}"), |s, root| {
+                put_tree(s, root, &local, &names)
+            })
+            .map_err(|e| fail("cannot copy to", &remote, e))?;
+        }
+        Command::Get { remote, local } => {
+            let names = p(&remote).map_err(|e| fail("cannot stat", &remote, e))?;
+            let root = v.root().map_err(|e| fail("cannot stat", &remote, e))?;
+            let entry = tree::lookup(&store, root, &names).map_err(|e| fail("cannot stat", &remote, e))?;
+            get_tree(&store, entry, root, &local).map_err(|e| fail("cannot copy", &remote, e))?;
+        }
+        Command::Mkdir { path, parents } => {
+            let names = p(&path).map_err(|e| fail("cannot create directory", &path, e))?;
+            v.change(&format!("mkdir {path}"), |s, mut root| {
+                if !parents {
+                    return tree::mkdir(s, root, &names, 0o755);
+                }
+                for i in 1..=names.len() {
+                    match tree::mkdir(s, root, &names[..i], 0o755) {
+                        Ok(r) => root = r,
+                        Err(FsError::Exists) => {}
+                        Err(e) => return Err(e),
+                    }
+                }
+                Ok(root)
+            })
+            .map_err(|e| fail("cannot create directory", &path, e))?;
+        }
+        Command::Rm { path, recursive } => {
+            let names = p(&path).map_err(|e| fail("cannot remove", &path, e))?;
+            v.change(&format!("rm {path}"), |s, root| {
+                if recursive {
+                    tree::remove_all(s, root, &names)
+                } else {
+                    tree::unlink(s, root, &names)
+                }
+            })
+            .map_err(|e| fail("cannot remove", &path, e))?;
+        }
+        Command::Mv { from, to } => {
+            let (f, t) = (p(&from), p(&to));
+            let what = format!("cannot move '{from}' to");
+            let (f, t) = (
+                f.map_err(|e| fail(&what, &to, e))?,
+                t.map_err(|e| fail(&what, &to, e))?,
+            );
+            v.change(&format!("mv {from} {to}"), |s, root| {
+                tree::rename(s, root, &f, &t)
+            })
+            .map_err(|e| fail(&what, &to, e))?;
+        }
+        Command::Ln { target, path, .. } => {
+            let names = p(&path).map_err(|e| fail("failed to create symbolic link", &path, e))?;
+            v.change(&format!("ln -s {target} {path}"), |s, root| {
+                tree::symlink(s, root, &names, target.as_bytes())
+            })
+            .map_err(|e| fail("failed to create symbolic link", &path, e))?;
+        }
+        Command::Log { count } => {
+            for (h, c) in v.log(count).map_err(|e| Failure(e.to_string()))? {
+                println!(
+                    "commit {}\nwriter {}\ntime   {}.{:09}\n\n    {}\n",
+                    h.hex(),
+                    c.writer,
+                    c.time.secs,
+                    c.time.nanos,
+                    c.message
+                );
+            }
+        }
+        Command::Du { path } => {
+            let names = p(&path).map_err(|e| fail("cannot access", &path, e))?;
+            let root = v.root().map_err(|e| fail("cannot access", &path, e))?;
+            let total =
+                match tree::lookup(&store, root, &names).map_err(|e| fail("cannot access", &path, e))? {
+                    None => du(&store, root),
+                    Some(Entry {
+                        content: Content::Dir { tree },
+                        ..
+                    }) => du(&store, tree),
+                    Some(e) => Ok(size_of(&e)),
+                }
+                .map_err(|e| fail("cannot access", &path, e))?;
+            println!("{total}\t{path}");
+        }
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("FSCLIENT_LOG").unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure(message)) => {
+            eprintln!("fsclient: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -40,6 +40,14 @@ pub fn kvd_bin() -> PathBuf {
     dir.parent().map(|p| p.join("kvd")).unwrap_or(here)
 }
 
+/// Path of the fsclient binary, found like [`kvd_bin`] (`$FSCLIENT_BIN` first).
+pub fn fsclient_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("FSCLIENT_BIN") {
+        return PathBuf::from(p);
+    }
+    kvd_bin().with_file_name("fsclient")
+}
+
 /// Whether a redis-server binary is on PATH.
 pub fn have_redis() -> bool {
     Command::new("redis-server")

@@ -1,0 +1,144 @@
+//! The fsclient CLI end to end against a real kvd and a real redis-server.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use protocol_tests::{fsclient_bin, require_redis, Server};
+
+fn fsclient(server: &Server, args: &[&str]) -> Output {
+    Command::new(fsclient_bin())
+        .arg("--store")
+        .arg(format!("redis://127.0.0.1:{}", server.port))
+        .args(args)
+        .output()
+        .expect("fsclient runs (cargo build --workspace first)")
+}
+
+fn ok(server: &Server, args: &[&str]) -> String {
+    let out = fsclient(server, args);
+    assert!(
+        out.status.success(),
+        "fsclient {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A tree of files: small, empty, larger than one chunk, nested, a symlink.
+fn make_tree(dir: &Path) {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    std::fs::create_dir_all(dir.join("a/b/c")).unwrap();
+    std::fs::write(dir.join("empty"), b"").unwrap();
+    std::fs::write(dir.join("small.txt"), b"hello dictfs\n").unwrap();
+    let big: Vec<u8> = (0..5 * 1024 * 1024).map(|_| rng.gen()).collect();
+    std::fs::write(dir.join("a/big.bin"), &big).unwrap();
+    for i in 0..50 {
+        let len = rng.gen_range(0..20_000);
+        let data: Vec<u8> = (0..len).map(|_| rng.gen()).collect();
+        std::fs::write(dir.join(format!("a/b/c/f{i}")), data).unwrap();
+    }
+    std::os::unix::fs::symlink("small.txt", dir.join("link")).unwrap();
+}
+
+fn same_trees(a: &Path, b: &Path) {
+    let out = Command::new("diff").arg("-r").arg(a).arg(b).output().unwrap();
+    assert!(
+        out.status.success(),
+        "trees differ:\n{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+fn round_trip_and_concurrent_writers(server: &Server) {
+    ok(server, &["mkfs"]);
+    let err = fsclient(server, &["mkfs"]);
+    assert!(!err.status.success());
+    let src = tempfile::tempdir().unwrap();
+    make_tree(src.path());
+    ok(server, &["put", src.path().to_str().unwrap(), "/tree"]);
+    let dst = tempfile::tempdir().unwrap();
+    ok(
+        server,
+        &["get", "/tree", dst.path().join("out").to_str().unwrap()],
+    );
+    same_trees(src.path(), &dst.path().join("out"));
+    assert_eq!(ok(server, &["cat", "/tree/small.txt"]), "hello dictfs\n");
+    let missing = fsclient(server, &["stat", "/tree/nope"]);
+    assert_eq!(
+        String::from_utf8_lossy(&missing.stderr).trim(),
+        "fsclient: cannot stat '/tree/nope': No such file or directory"
+    );
+
+    // Two writers at once in one directory: every file of both survives.
+    ok(server, &["mkdir", "/shared"]);
+    let writers: Vec<_> = ["x", "y"]
+        .into_iter()
+        .map(|w| {
+            let port = server.port;
+            std::thread::spawn(move || {
+                let file = tempfile::NamedTempFile::new().unwrap();
+                std::fs::write(file.path(), w.repeat(100)).unwrap();
+                for i in 0..15 {
+                    let out = Command::new(fsclient_bin())
+                        .args(["--store", &format!("redis://127.0.0.1:{port}")])
+                        .args(["put", file.path().to_str().unwrap(), &format!("/shared/{w}{i}")])
+                        .output()
+                        .unwrap();
+                    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+                }
+            })
+        })
+        .collect();
+    for w in writers {
+        w.join().unwrap();
+    }
+    let listing = ok(server, &["ls", "/shared"]);
+    let names: Vec<&str> = listing.lines().collect();
+    assert_eq!(names.len(), 30, "{listing}");
+    assert_eq!(ok(server, &["cat", "/shared/y7"]), "y".repeat(100));
+}
+
+#[test]
+fn cli_against_kvd() {
+    let kvd = Server::kvd(&[]).unwrap();
+    round_trip_and_concurrent_writers(&kvd);
+}
+
+#[test]
+fn cli_against_redis_server() {
+    require_redis();
+    let redis = Server::redis(&[]).unwrap();
+    round_trip_and_concurrent_writers(&redis);
+}
+
+#[test]
+fn a_corrupted_blob_fails_its_file_naming_the_key_and_nothing_else() {
+    let kvd = Server::kvd(&[]).unwrap();
+    ok(&kvd, &["mkfs"]);
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("good"), b"good data").unwrap();
+    std::fs::write(dir.path().join("bad"), b"soon corrupt").unwrap();
+    ok(&kvd, &["put", dir.path().to_str().unwrap(), "/"]);
+    // Find the chunk blob of "bad" (its content is unique) and damage it.
+    let mut c = kvd.connect().unwrap();
+    let keys = c.cmd("KEYS dfs:b:*").unwrap();
+    let protocol_tests::Value::Array(keys) = keys else {
+        panic!()
+    };
+    let mut damaged = None;
+    for k in keys {
+        let key = k.as_str();
+        let v = c.call(&["GET", &key]).unwrap().as_str();
+        if v.ends_with("soon corrupt") {
+            c.call(&["SET", &key, "\u{1}\u{1}rotten"]).unwrap();
+            damaged = Some(key);
+        }
+    }
+    let damaged = damaged.expect("found the chunk");
+    let out = fsclient(&kvd, &["cat", "/bad"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&damaged), "error does not name the key: {err}");
+    assert_eq!(ok(&kvd, &["cat", "/good"]), "good data");
+}
