@@ -89,33 +89,60 @@ impl Dict for MemoryDict {
     }
 }
 
-/// A RESP store reached through the `redis` crate: kvd, redis-server, Valkey.
+/// A RESP store reached through the `redis` crate: kvd, redis-server, Valkey,
+/// or a Redis Cluster (detected at connect: `INFO cluster` says
+/// `cluster_enabled:1`).
 ///
-/// Connections are pooled (one per concurrent caller); a connection that
+/// Single server: connections are pooled (one per concurrent caller); one that
 /// errors is dropped and a new one made on the next call, so a restarted server
-/// is picked up. The root swap uses WATCH / GET / MULTI / SET / EXEC on one
-/// dedicated connection, since WATCH state belongs to the connection.
+/// is picked up. Cluster: the `redis` crate's cluster client routes each key to
+/// its slot's node and follows `MOVED`/`ASK`. The root swap uses WATCH / GET /
+/// MULTI / SET / EXEC on one dedicated connection, since WATCH state belongs to
+/// the connection; in a cluster that connection goes straight to the node that
+/// owns the root key's slot.
 pub struct RespDict {
-    client: redis::Client,
+    url: String,
+    single: redis::Client,
     pool: Mutex<Vec<redis::Connection>>,
+    cluster: Option<Mutex<redis::cluster::ClusterConnection>>,
 }
 
 fn backend(e: redis::RedisError) -> DictError {
     DictError::Backend(e.to_string())
 }
 
+/// `url` with its host and port replaced (credentials kept).
+fn with_address(url: &str, host: &str, port: u16) -> String {
+    let (scheme, rest) = url.split_once("://").unwrap_or(("redis", url));
+    let creds = rest
+        .split_once('@')
+        .map(|(c, _)| format!("{c}@"))
+        .unwrap_or_default();
+    format!("{scheme}://{creds}{host}:{port}")
+}
+
 impl RespDict {
-    /// Connects to `redis://[:password@]host:port[/db]` (or `rediss://` where
-    /// the build has TLS).
+    /// Connects to `redis://[[user]:password@]host:port[/db]`.
     pub fn open(url: &str) -> DictResult<RespDict> {
-        let client = redis::Client::open(url).map_err(backend)?;
-        let dict = RespDict {
-            client,
+        let single = redis::Client::open(url).map_err(backend)?;
+        let mut dict = RespDict {
+            url: url.to_string(),
+            single,
             pool: Mutex::new(Vec::new()),
+            cluster: None,
         };
         // Fail early with a clear error if the store is not there.
-        dict.with_conn(|c| redis::cmd("PING").query::<String>(c))?;
+        let info: String = dict.with_conn(|c| redis::cmd("INFO").arg("cluster").query(c))?;
+        if info.contains("cluster_enabled:1") {
+            let client = redis::cluster::ClusterClient::new(vec![url]).map_err(backend)?;
+            dict.cluster = Some(Mutex::new(client.get_connection().map_err(backend)?));
+        }
         Ok(dict)
+    }
+
+    /// Whether the store is a Redis Cluster.
+    pub fn is_cluster(&self) -> bool {
+        self.cluster.is_some()
     }
 
     fn with_conn<T>(&self, f: impl FnOnce(&mut redis::Connection) -> redis::RedisResult<T>) -> DictResult<T> {
@@ -124,7 +151,7 @@ impl RespDict {
             Some(c) => c,
             None => {
                 let c = self
-                    .client
+                    .single
                     .get_connection_with_timeout(Duration::from_secs(10))
                     .map_err(backend)?;
                 c.set_read_timeout(Some(Duration::from_secs(60)))
@@ -141,11 +168,71 @@ impl RespDict {
             Err(e) => Err(backend(e)),
         }
     }
+
+    /// Runs a keyed command on the right node: the pool for a single server, the
+    /// cluster connection (which routes by key) for a cluster.
+    fn run<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> DictResult<T> {
+        match &self.cluster {
+            Some(c) => cmd.query(&mut *c.lock()).map_err(backend),
+            None => self.with_conn(|c| cmd.query(c)),
+        }
+    }
+
+    /// A direct connection to the node serving `key`'s slot.
+    fn connection_for(&self, key: &str) -> DictResult<redis::Connection> {
+        let Some(cluster) = &self.cluster else {
+            return self
+                .single
+                .get_connection_with_timeout(Duration::from_secs(10))
+                .map_err(backend);
+        };
+        let mut c = cluster.lock();
+        let slot: i64 = redis::cmd("CLUSTER")
+            .arg("KEYSLOT")
+            .arg(key)
+            .query(&mut *c)
+            .map_err(backend)?;
+        let ranges: Vec<redis::Value> = redis::cmd("CLUSTER")
+            .arg("SLOTS")
+            .query(&mut *c)
+            .map_err(backend)?;
+        drop(c);
+        for range in ranges {
+            let redis::Value::Array(parts) = range else {
+                continue;
+            };
+            let num = |v: &redis::Value| match v {
+                redis::Value::Int(n) => Some(*n),
+                _ => None,
+            };
+            let (Some(start), Some(end)) = (parts.first().and_then(num), parts.get(1).and_then(num)) else {
+                continue;
+            };
+            if slot < start || slot > end {
+                continue;
+            }
+            let Some(redis::Value::Array(node)) = parts.get(2) else {
+                continue;
+            };
+            let host = match node.first() {
+                Some(redis::Value::BulkString(h)) => String::from_utf8_lossy(h).into_owned(),
+                _ => continue,
+            };
+            let Some(port) = node.get(1).and_then(num) else {
+                continue;
+            };
+            let client = redis::Client::open(with_address(&self.url, &host, port as u16)).map_err(backend)?;
+            return client
+                .get_connection_with_timeout(Duration::from_secs(10))
+                .map_err(backend);
+        }
+        Err(DictError::Backend(format!("no cluster node serves slot {slot}")))
+    }
 }
 
 impl Dict for RespDict {
     fn get(&self, key: &str) -> DictResult<Option<Bytes>> {
-        self.with_conn(|c| redis::cmd("GET").arg(key).query::<Option<Vec<u8>>>(c))
+        self.run::<Option<Vec<u8>>>(redis::cmd("GET").arg(key))
             .map(|v| v.map(Bytes::from))
     }
 
@@ -153,52 +240,62 @@ impl Dict for RespDict {
         if keys.is_empty() {
             return Ok(Vec::new());
         }
-        self.with_conn(|c| {
-            let mut pipe = redis::pipe();
-            for k in keys {
-                pipe.cmd("GET").arg(k);
+        let values: Vec<Option<Vec<u8>>> = match &self.cluster {
+            Some(c) => {
+                let mut pipe = redis::cluster::cluster_pipe();
+                for k in keys {
+                    pipe.cmd("GET").arg(k);
+                }
+                pipe.query(&mut c.lock()).map_err(backend)?
             }
-            pipe.query::<Vec<Option<Vec<u8>>>>(c)
-        })
-        .map(|vs| vs.into_iter().map(|v| v.map(Bytes::from)).collect())
+            None => self.with_conn(|c| {
+                let mut pipe = redis::pipe();
+                for k in keys {
+                    pipe.cmd("GET").arg(k);
+                }
+                pipe.query(c)
+            })?,
+        };
+        Ok(values.into_iter().map(|v| v.map(Bytes::from)).collect())
     }
 
     fn put_if_absent(&self, key: &str, value: Bytes) -> DictResult<()> {
-        self.with_conn(|c| {
-            redis::cmd("SET")
-                .arg(key)
-                .arg(&value[..])
-                .arg("NX")
-                .query::<Option<String>>(c)
-        })
-        .map(|_| ())
+        self.run::<Option<String>>(redis::cmd("SET").arg(key).arg(&value[..]).arg("NX"))
+            .map(|_| ())
     }
 
     fn put_many_if_absent(&self, items: Vec<(String, Bytes)>) -> DictResult<()> {
         if items.is_empty() {
             return Ok(());
         }
-        self.with_conn(|c| {
-            let mut pipe = redis::pipe();
-            for (k, v) in &items {
-                pipe.cmd("SET").arg(k).arg(&v[..]).arg("NX").ignore();
+        match &self.cluster {
+            Some(c) => {
+                let mut pipe = redis::cluster::cluster_pipe();
+                for (k, v) in &items {
+                    pipe.cmd("SET").arg(k).arg(&v[..]).arg("NX").ignore();
+                }
+                pipe.query::<()>(&mut c.lock()).map_err(backend)
             }
-            pipe.query::<()>(c)
-        })
+            None => self.with_conn(|c| {
+                let mut pipe = redis::pipe();
+                for (k, v) in &items {
+                    pipe.cmd("SET").arg(k).arg(&v[..]).arg("NX").ignore();
+                }
+                pipe.query::<()>(c)
+            }),
+        }
     }
 
     fn delete(&self, key: &str) -> DictResult<()> {
-        self.with_conn(|c| redis::cmd("DEL").arg(key).query::<i64>(c))
-            .map(|_| ())
+        self.run::<i64>(redis::cmd("DEL").arg(key)).map(|_| ())
     }
 
     fn contains(&self, key: &str) -> DictResult<bool> {
-        self.with_conn(|c| redis::cmd("EXISTS").arg(key).query::<i64>(c))
-            .map(|n| n > 0)
+        self.run::<i64>(redis::cmd("EXISTS").arg(key)).map(|n| n > 0)
     }
 
     fn compare_and_swap(&self, key: &str, expected: Option<&[u8]>, new: &[u8]) -> DictResult<bool> {
-        self.with_conn(|c| {
+        let swap = |c: &mut redis::Connection| -> redis::RedisResult<bool> {
             redis::cmd("WATCH").arg(key).query::<()>(c)?;
             let current: Option<Vec<u8>> = redis::cmd("GET").arg(key).query(c)?;
             if current.as_deref() != expected {
@@ -208,7 +305,25 @@ impl Dict for RespDict {
             let result: Option<Vec<String>> = redis::pipe().atomic().cmd("SET").arg(key).arg(new).query(c)?;
             // EXEC answers nil when the watched key changed meanwhile.
             Ok(result.is_some())
-        })
+        };
+        if self.cluster.is_none() {
+            return self.with_conn(swap);
+        }
+        // A slot can move between looking up its node and using it; the node then
+        // answers MOVED, and the lookup is repeated.
+        let mut last = None;
+        for _ in 0..5 {
+            let mut conn = self.connection_for(key)?;
+            match swap(&mut conn) {
+                Ok(done) => return Ok(done),
+                Err(e) if e.redirect_node().is_some() => {
+                    last = Some(e);
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                Err(e) => return Err(backend(e)),
+            }
+        }
+        Err(backend(last.expect("at least one attempt")))
     }
 }
 

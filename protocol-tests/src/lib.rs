@@ -194,6 +194,50 @@ impl Drop for Server {
     }
 }
 
+/// A Redis Cluster of stock redis-server processes on loopback ports, created
+/// with `redis-cli --cluster create` (masters only).
+pub struct RedisCluster {
+    pub nodes: Vec<Server>,
+}
+
+impl RedisCluster {
+    pub fn start(size: usize) -> Result<RedisCluster> {
+        let mut nodes = Vec::new();
+        for _ in 0..size {
+            nodes.push(Server::redis(&[
+                "--cluster-enabled",
+                "yes",
+                "--cluster-node-timeout",
+                "5000",
+            ])?);
+        }
+        let addrs: Vec<String> = nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)).collect();
+        let out = Command::new("redis-cli")
+            .args(["--cluster", "create"])
+            .args(&addrs)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .output()
+            .context("running redis-cli --cluster create")?;
+        if !out.status.success() {
+            bail!("cluster create failed: {}", String::from_utf8_lossy(&out.stdout));
+        }
+        let deadline = Instant::now() + Duration::from_secs(20);
+        for node in &nodes {
+            loop {
+                let info = node.connect()?.cmd("CLUSTER INFO")?.as_str();
+                if info.contains("cluster_state:ok") {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    bail!("cluster did not become ready: {info}");
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+        Ok(RedisCluster { nodes })
+    }
+}
+
 /// Resident memory of a process in bytes (Linux).
 pub fn rss_of(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/statm"))

@@ -113,6 +113,19 @@ fn cli_against_redis_server() {
 }
 
 #[test]
+fn cli_against_a_redis_cluster() {
+    require_redis();
+    let cluster = protocol_tests::RedisCluster::start(3).unwrap();
+    // Talk to one node; fsclient finds the others and routes by slot.
+    round_trip_and_concurrent_writers(&cluster.nodes[0]);
+    // The blobs really are spread over the nodes.
+    for node in &cluster.nodes {
+        let keys = node.connect().unwrap().cmd("DBSIZE").unwrap().as_int().unwrap();
+        assert!(keys > 0, "node {} holds nothing", node.port);
+    }
+}
+
+#[test]
 fn a_corrupted_blob_fails_its_file_naming_the_key_and_nothing_else() {
     let kvd = Server::kvd(&[]).unwrap();
     ok(&kvd, &["mkfs"]);
