@@ -47,6 +47,16 @@ enum Which {
         #[arg(long, default_value_t = 3)]
         rounds: usize,
     },
+    /// fsclient through kvd and through redis-server: put/get of a large file and
+    /// of many small files; chunking + SHA-256 against sha256sum; dedup.
+    Fs {
+        /// Size of the large file, MiB.
+        #[arg(long, default_value_t = 1024)]
+        big_mib: u64,
+        /// Number of 4 KiB files.
+        #[arg(long, default_value_t = 10_000)]
+        small: usize,
+    },
 }
 
 #[derive(Serialize)]
@@ -58,6 +68,7 @@ struct Row {
     ratio: f64,
 }
 
+mod fs;
 mod storage;
 
 /// Runs redis-benchmark once (64-byte values, 50 clients); returns
@@ -165,6 +176,11 @@ fn main() -> Result<()> {
         } => {
             let report = storage::run(load_gib, startup_keys, rounds)?;
             let path = save("storage", &report)?;
+            println!("saved {}", path.display());
+        }
+        Which::Fs { big_mib, small } => {
+            let report = fs::run(big_mib, small)?;
+            let path = save("fs", &report)?;
             println!("saved {}", path.display());
         }
     }

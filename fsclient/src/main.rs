@@ -124,40 +124,60 @@ fn size_of(e: &Entry) -> u64 {
     }
 }
 
-fn put_tree(store: &BlobStore, root: Hash, local: &Path, remote: &[Vec<u8>]) -> FsResult<Hash> {
+/// Builds the entry for a local file, symlink or directory tree, storing its
+/// blobs bottom-up: each directory blob is written once, whatever its size.
+fn build_entry(store: &BlobStore, local: &Path) -> FsResult<Entry> {
     let meta = std::fs::symlink_metadata(local)?;
     let mode = std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o7777;
     if meta.is_dir() {
-        let mut root = match tree::lookup(store, root, remote) {
-            Ok(Some(Entry {
-                content: Content::Dir { .. },
-                ..
-            }))
-            | Ok(None) => root,
-            Ok(Some(_)) => return Err(FsError::NotDir),
-            Err(FsError::NotFound) => tree::mkdir(store, root, remote, mode)?,
-            Err(e) => return Err(e),
-        };
-        let mut children: Vec<_> = std::fs::read_dir(local)?.collect::<Result<_, _>>()?;
-        children.sort_by_key(|c| c.file_name());
-        for child in children {
-            let mut path = remote.to_vec();
-            path.push(child.file_name().as_encoded_bytes().to_vec());
-            root = put_tree(store, root, &child.path(), &path)?;
+        let mut dir = fsclient::object::Dir::new();
+        for child in std::fs::read_dir(local)? {
+            let child = child?;
+            let name = child.file_name().as_encoded_bytes().to_vec();
+            dir.insert(name, build_entry(store, &child.path())?);
         }
-        Ok(root)
+        tree::dir_entry(store, &dir, mode)
     } else if meta.file_type().is_symlink() {
         let target = std::fs::read_link(local)?;
-        let root = match tree::lookup(store, root, remote) {
-            Ok(Some(_)) => tree::unlink(store, root, remote)?,
-            Err(FsError::NotFound) => root,
-            Ok(None) => return Err(FsError::IsDir),
-            Err(e) => return Err(e),
-        };
-        tree::symlink(store, root, remote, target.as_os_str().as_encoded_bytes())
+        Ok(Entry {
+            meta: tree::new_meta(0o777),
+            content: Content::Symlink {
+                target: target.as_os_str().as_encoded_bytes().to_vec(),
+            },
+        })
     } else {
-        let file = std::fs::File::open(local)?;
-        tree::write_file(store, root, remote, file, mode, Chunking::default())
+        tree::file_entry(store, std::fs::File::open(local)?, mode, Chunking::default())
+    }
+}
+
+/// `put`: into an existing directory, the local directory's children are added
+/// (replacing same names); anywhere else the local tree becomes the entry.
+fn put_tree(store: &BlobStore, root: Hash, local: &Path, remote: &[Vec<u8>]) -> FsResult<Hash> {
+    let built = build_entry(store, local)?;
+    let target = match tree::lookup(store, root, remote) {
+        Ok(e) => Some(e),
+        Err(FsError::NotFound) => None,
+        Err(e) => return Err(e),
+    };
+    match (target, &built.content) {
+        // The root, or an existing directory, receiving a directory's children.
+        (Some(None), Content::Dir { tree })
+        | (
+            Some(Some(Entry {
+                content: Content::Dir { .. },
+                ..
+            })),
+            Content::Dir { tree },
+        ) => tree::insert_many(store, root, remote, store.dir(tree)?),
+        (Some(None), _) => Err(FsError::IsDir),
+        (
+            Some(Some(Entry {
+                content: Content::Dir { .. },
+                ..
+            })),
+            _,
+        ) => Err(FsError::IsDir),
+        _ => tree::update(store, root, remote, &mut |_| Ok(Some(built.clone()))),
     }
 }
 

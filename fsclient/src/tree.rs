@@ -196,6 +196,11 @@ pub fn mkdir(store: &BlobStore, root: Hash, path: &[Vec<u8>], mode: u32) -> FsRe
     })
 }
 
+/// The lengths of the chunks `data` is cut into (for measuring the chunker).
+pub fn chunk_boundaries(data: &[u8], chunking: Chunking) -> impl Iterator<Item = usize> + '_ {
+    fastcdc::v2020::FastCDC::new(data, chunking.min, chunking.avg, chunking.max).map(|c| c.length)
+}
+
 /// Chunks `data` (streamed: memory stays bounded by a chunk and a batch) and
 /// stores it; returns the manifest's hash and the size.
 pub fn store_data(store: &BlobStore, data: impl Read, chunking: Chunking) -> FsResult<(Hash, u64)> {
@@ -217,6 +222,56 @@ pub fn store_data(store: &BlobStore, data: impl Read, chunking: Chunking) -> FsR
     store.put_many(batch)?;
     let size = manifest.size();
     Ok((store.put(object::encode_manifest(&manifest))?, size))
+}
+
+/// A new file entry holding `data` (stored).
+pub fn file_entry(store: &BlobStore, data: impl Read, mode: u32, chunking: Chunking) -> FsResult<Entry> {
+    let (manifest, size) = store_data(store, data, chunking)?;
+    Ok(Entry {
+        meta: new_meta(mode),
+        content: Content::File { manifest, size },
+    })
+}
+
+/// Stores a directory built in memory; returns its entry.
+pub fn dir_entry(store: &BlobStore, dir: &Dir, mode: u32) -> FsResult<Entry> {
+    Ok(Entry {
+        meta: new_meta(mode),
+        content: Content::Dir {
+            tree: store.put(object::encode_dir(dir))?,
+        },
+    })
+}
+
+/// Adds (or replaces) many entries in the directory at `dir_path` with one
+/// rewrite of it, instead of one per entry.
+pub fn insert_many(store: &BlobStore, root: Hash, dir_path: &[Vec<u8>], entries: Dir) -> FsResult<Hash> {
+    if dir_path.is_empty() {
+        let mut dir = store.dir(&root)?;
+        dir.extend(entries);
+        return Ok(store.put(object::encode_dir(&dir))?);
+    }
+    update(store, root, dir_path, &mut |e| match e {
+        Some(Entry {
+            content: Content::Dir { tree },
+            meta,
+        }) => {
+            let mut dir = store.dir(tree)?;
+            dir.extend(entries.clone());
+            let mut meta = meta.clone();
+            let now = Time::now();
+            meta.mtime = now;
+            meta.ctime = now;
+            Ok(Some(Entry {
+                meta,
+                content: Content::Dir {
+                    tree: store.put(object::encode_dir(&dir))?,
+                },
+            }))
+        }
+        Some(_) => Err(FsError::NotDir),
+        None => Err(FsError::NotFound),
+    })
 }
 
 /// Creates or replaces the regular file at `path` with `data`.

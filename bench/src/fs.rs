@@ -1,0 +1,250 @@
+//! `bench fs`: fsclient's put and get through kvd and through redis-server in the
+//! same run, hashing + chunking against `sha256sum` (the ceiling), and dedup.
+
+use std::io::Write;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::Result;
+use fsclient::dict::RespDict;
+use fsclient::object::{Content, Hash};
+use fsclient::store::BlobStore;
+use fsclient::tree::{self, Chunking};
+use fsclient::volume::Volume;
+use protocol_tests::{require_redis, Server};
+use rand::{Rng, SeedableRng};
+use serde::Serialize;
+
+#[derive(Serialize)]
+pub struct Report {
+    rows: Vec<Row>,
+    hashing: Hashing,
+    dedup: Dedup,
+}
+
+#[derive(Serialize)]
+struct Row {
+    store: &'static str,
+    big_put_mb_s: f64,
+    big_get_mb_s: f64,
+    small_put_files_s: f64,
+    small_get_files_s: f64,
+}
+
+#[derive(Serialize)]
+struct Hashing {
+    mb: u64,
+    chunk_and_hash_mb_s: f64,
+    sha256sum_mb_s: f64,
+    ratio: f64,
+}
+
+#[derive(Serialize)]
+struct Dedup {
+    file_mib: u64,
+    inserted_bytes: u64,
+    new_chunks: usize,
+    new_chunk_bytes: u64,
+}
+
+fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut v = vec![0u8; len];
+    rng.fill(&mut v[..]);
+    v
+}
+
+fn volume(port: u16) -> Result<Volume> {
+    let dict = RespDict::open(&format!("redis://127.0.0.1:{port}"))?;
+    let store = BlobStore::new(Arc::new(dict), "bench:", 64 << 20);
+    let v = Volume::new(store, "bench");
+    v.create()?;
+    Ok(v)
+}
+
+fn file_manifest(v: &Volume, path: &str) -> Result<Hash> {
+    let root = v.root()?;
+    match tree::lookup(&v.store, root, &tree::split_path(path)?)? {
+        Some(e) => match e.content {
+            Content::File { manifest, .. } => Ok(manifest),
+            _ => anyhow::bail!("{path} is not a file"),
+        },
+        None => anyhow::bail!("{path} is the root"),
+    }
+}
+
+fn measure(store: &'static str, port: u16, big: &[u8], small: usize) -> Result<Row> {
+    let v = volume(port)?;
+    let mb = big.len() as f64 / 1e6;
+    let t = Instant::now();
+    v.change("big", |s, r| {
+        tree::write_file(s, r, &tree::split_path("/big")?, big, 0o644, Chunking::default())
+    })?;
+    let big_put = mb / t.elapsed().as_secs_f64();
+    let manifest = file_manifest(&v, "/big")?;
+    // A fresh store: nothing cached.
+    let fresh = volume_reader(port)?;
+    let t = Instant::now();
+    let mut sink = std::io::sink();
+    let n = tree::read_file(&fresh, &manifest, &mut sink)?;
+    sink.flush()?;
+    anyhow::ensure!(n == big.len() as u64, "read back {n} bytes");
+    let big_get = mb / t.elapsed().as_secs_f64();
+
+    let files: Vec<Vec<u8>> = (0..small).map(|i| random_bytes(4096, 1000 + i as u64)).collect();
+    let t = Instant::now();
+    v.change("small", |s, root| {
+        let root = tree::mkdir(s, root, &tree::split_path("/small")?, 0o755)?;
+        let mut dir = fsclient::object::Dir::new();
+        for (i, data) in files.iter().enumerate() {
+            dir.insert(
+                format!("f{i}").into_bytes(),
+                tree::file_entry(s, &data[..], 0o644, Chunking::default())?,
+            );
+        }
+        tree::insert_many(s, root, &tree::split_path("/small")?, dir)
+    })?;
+    let small_put = small as f64 / t.elapsed().as_secs_f64();
+    let fresh = volume_reader(port)?;
+    let root = v.root()?;
+    let t = Instant::now();
+    for (name, e) in tree::list(&fresh, root, &tree::split_path("/small")?)? {
+        if let Content::File { manifest, .. } = e.content {
+            tree::read_to_vec(&fresh, &manifest)?;
+        } else {
+            anyhow::bail!("{} is not a file", tree::show(&name));
+        }
+    }
+    let small_get = small as f64 / t.elapsed().as_secs_f64();
+    Ok(Row {
+        store,
+        big_put_mb_s: big_put,
+        big_get_mb_s: big_get,
+        small_put_files_s: small_put,
+        small_get_files_s: small_get,
+    })
+}
+
+fn volume_reader(port: u16) -> Result<BlobStore> {
+    let dict = RespDict::open(&format!("redis://127.0.0.1:{port}"))?;
+    Ok(BlobStore::new(Arc::new(dict), "bench:", 64 << 20))
+}
+
+fn hashing(data: &[u8]) -> Result<Hashing> {
+    // Chunking + SHA-256 of every chunk blob, no store: the client's CPU cost.
+    let t = Instant::now();
+    let mut n = 0;
+    let c = Chunking::default();
+    for chunk in fastcdc_chunks(data, c) {
+        n += Hash::of(&fsclient::object::encode_chunk(chunk)).0[0] as usize;
+    }
+    let ours = data.len() as f64 / 1e6 / t.elapsed().as_secs_f64();
+    std::hint::black_box(n);
+    let file = tempfile::NamedTempFile::new()?;
+    std::fs::write(file.path(), data)?;
+    // Warm the page cache so sha256sum measures hashing, not the disk.
+    std::fs::read(file.path())?;
+    let t = Instant::now();
+    let status = std::process::Command::new("sha256sum")
+        .arg(file.path())
+        .stdout(std::process::Stdio::null())
+        .status()?;
+    anyhow::ensure!(status.success(), "sha256sum failed");
+    let theirs = data.len() as f64 / 1e6 / t.elapsed().as_secs_f64();
+    Ok(Hashing {
+        mb: data.len() as u64 / 1_000_000,
+        chunk_and_hash_mb_s: ours,
+        sha256sum_mb_s: theirs,
+        ratio: ours / theirs,
+    })
+}
+
+/// The chunks `data` is cut into.
+fn fastcdc_chunks(data: &[u8], c: Chunking) -> impl Iterator<Item = &[u8]> {
+    let mut pos = 0usize;
+    tree::chunk_boundaries(data, c).map(move |len| {
+        let s = &data[pos..pos + len];
+        pos += len;
+        s
+    })
+}
+
+fn dedup(port: u16, mib: u64) -> Result<Dedup> {
+    let dict = RespDict::open(&format!("redis://127.0.0.1:{port}"))?;
+    let v = Volume::new(BlobStore::new(Arc::new(dict), "dedup:", 64 << 20), "dedup");
+    v.create()?;
+    let data = random_bytes((mib << 20) as usize, 99);
+    v.change("a", |s, r| {
+        tree::write_file(
+            s,
+            r,
+            &tree::split_path("/a")?,
+            &data[..],
+            0o644,
+            Chunking::default(),
+        )
+    })?;
+    let mut edited = data.clone();
+    let mid = edited.len() / 2;
+    edited.splice(mid..mid, random_bytes(1024, 5));
+    v.change("b", |s, r| {
+        tree::write_file(
+            s,
+            r,
+            &tree::split_path("/b")?,
+            &edited[..],
+            0o644,
+            Chunking::default(),
+        )
+    })?;
+    let a = v.store.manifest(&file_manifest(&v, "/a")?)?;
+    let b = v.store.manifest(&file_manifest(&v, "/b")?)?;
+    let known: std::collections::HashSet<Hash> = a.chunks.iter().map(|(h, _)| *h).collect();
+    let new: Vec<&(Hash, u32)> = b.chunks.iter().filter(|(h, _)| !known.contains(h)).collect();
+    Ok(Dedup {
+        file_mib: mib,
+        inserted_bytes: 1024,
+        new_chunks: new.len(),
+        new_chunk_bytes: new.iter().map(|(_, l)| *l as u64).sum(),
+    })
+}
+
+pub fn run(big_mib: u64, small: usize) -> Result<Report> {
+    require_redis();
+    let big = random_bytes((big_mib << 20) as usize, 42);
+    let kvd = Server::kvd(&[])?;
+    let redis = Server::redis(&[])?;
+    let rows = vec![
+        measure("kvd", kvd.port, &big, small)?,
+        measure("redis-server", redis.port, &big, small)?,
+    ];
+    println!("fsclient through each store ({big_mib} MiB file; {small} files of 4 KiB)");
+    println!(
+        "{:<13} {:>11} {:>11} {:>13} {:>13}",
+        "store", "put MB/s", "get MB/s", "put files/s", "get files/s"
+    );
+    for r in &rows {
+        println!(
+            "{:<13} {:>11.0} {:>11.0} {:>13.0} {:>13.0}",
+            r.store, r.big_put_mb_s, r.big_get_mb_s, r.small_put_files_s, r.small_get_files_s
+        );
+    }
+    println!(
+        "kvd/redis: put {:.2}, get {:.2}, small put {:.2}, small get {:.2}",
+        rows[0].big_put_mb_s / rows[1].big_put_mb_s,
+        rows[0].big_get_mb_s / rows[1].big_get_mb_s,
+        rows[0].small_put_files_s / rows[1].small_put_files_s,
+        rows[0].small_get_files_s / rows[1].small_get_files_s
+    );
+    let hashing = hashing(&big)?;
+    println!(
+        "chunking + SHA-256: {:.0} MB/s; sha256sum: {:.0} MB/s (ratio {:.2})",
+        hashing.chunk_and_hash_mb_s, hashing.sha256sum_mb_s, hashing.ratio
+    );
+    let dedup = dedup(kvd.port, 256)?;
+    println!(
+        "dedup: {} MiB file, then a copy with 1 KiB inserted in the middle: {} new chunks, {} new bytes",
+        dedup.file_mib, dedup.new_chunks, dedup.new_chunk_bytes
+    );
+    Ok(Report { rows, hashing, dedup })
+}
