@@ -9,7 +9,7 @@
 //! and ours under a conflict name (`name.conflict-<writer>-<time>`), including a
 //! file one side deleted and the other changed (the change is kept).
 
-use crate::object::{self, Content, Dir, Entry, Hash, Time};
+use crate::object::{Content, Dir, Entry, Hash, Time};
 use crate::store::BlobStore;
 use crate::tree::FsResult;
 
@@ -105,5 +105,5 @@ pub fn merge(
         );
         out.insert(n, ours);
     }
-    Ok(store.put(object::encode_dir(&out))?)
+    Ok(store.put_dir(&out)?)
 }

@@ -45,6 +45,8 @@ pub enum Tag {
     Chunk = 1,
     File = 2,
     Dir = 3,
+    /// An index over the parts of a large directory.
+    DirIndex = 4,
     Commit = 5,
 }
 
@@ -54,6 +56,7 @@ impl Tag {
             1 => Some(Tag::Chunk),
             2 => Some(Tag::File),
             3 => Some(Tag::Dir),
+            4 => Some(Tag::DirIndex),
             5 => Some(Tag::Commit),
             _ => None,
         }
@@ -233,6 +236,44 @@ pub fn encode_dir(dir: &Dir) -> Bytes {
         }
     }
     b.freeze()
+}
+
+/// One child of a directory index: the first name it holds, and its blob.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IndexChild {
+    pub first: Vec<u8>,
+    pub blob: Hash,
+}
+
+pub fn encode_dir_index(children: &[IndexChild]) -> Bytes {
+    let mut b = start(Tag::DirIndex, children.len() * 48);
+    b.put_u32_le(children.len() as u32);
+    for c in children {
+        put_bytes16(&mut b, &c.first);
+        b.put_slice(&c.blob.0);
+    }
+    b.freeze()
+}
+
+pub fn decode_dir_index(blob: &[u8]) -> Result<Vec<IndexChild>, FormatError> {
+    let mut r = payload(blob, Tag::DirIndex)?;
+    let n = r.u32()? as usize;
+    if n < 2 || n > r.buf.len() / 34 {
+        return Err(FormatError::Malformed("bad index child count"));
+    }
+    let mut out: Vec<IndexChild> = Vec::with_capacity(n);
+    for _ in 0..n {
+        let first = r.bytes16()?;
+        if out.last().is_some_and(|l| l.first >= first) {
+            return Err(FormatError::Malformed("index children not sorted"));
+        }
+        out.push(IndexChild {
+            first,
+            blob: r.hash()?,
+        });
+    }
+    r.end()?;
+    Ok(out)
 }
 
 pub fn encode_commit(c: &Commit) -> Bytes {
@@ -523,6 +564,7 @@ mod tests {
             let _ = decode_dir(&data);
             let _ = decode_manifest(&data);
             let _ = decode_commit(&data);
+            let _ = decode_dir_index(&data);
             let _ = decode_chunk(&Bytes::from(data));
         }
     }

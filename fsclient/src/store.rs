@@ -62,6 +62,19 @@ impl Cache {
     }
 }
 
+/// Directories with more entries than this are split into parts.
+pub const SPLIT_ABOVE: usize = 1024;
+
+/// Whether a part of a large directory ends after `name`: about one name in 256,
+/// decided by the name alone (salted by the tree level), so the same entries always
+/// split the same way, whatever order they were added in.
+fn boundary(name: &[u8], level: u8) -> bool {
+    let mut salted = Vec::with_capacity(name.len() + 1);
+    salted.push(level);
+    salted.extend_from_slice(name);
+    Hash::of(&salted).0[0] == 0
+}
+
 #[derive(Clone)]
 pub struct BlobStore {
     dict: Arc<dyn Dict>,
@@ -158,8 +171,77 @@ impl BlobStore {
         StoreError::Malformed { key, error }
     }
 
+    /// A whole directory, read through its index if it is a large one.
     pub fn dir(&self, h: &Hash) -> StoreResult<Dir> {
-        object::decode_dir(&self.get(h)?).map_err(|e| self.malformed(h, e))
+        let blob = self.get(h)?;
+        match object::split(&blob).map_err(|e| self.malformed(h, e))?.0 {
+            object::Tag::DirIndex => {
+                let children = object::decode_dir_index(&blob).map_err(|e| self.malformed(h, e))?;
+                let mut dir = Dir::new();
+                for child in children {
+                    dir.extend(self.dir(&child.blob)?);
+                }
+                Ok(dir)
+            }
+            _ => object::decode_dir(&blob).map_err(|e| self.malformed(h, e)),
+        }
+    }
+
+    /// Stores a directory: one blob up to [`SPLIT_ABOVE`] entries, else a tree of
+    /// parts under index blobs (docs/FORMAT.md, "Large directories"). The same
+    /// entries always give the same blobs, so after a change only the parts that
+    /// changed are new; parts already known to be stored are not sent again.
+    pub fn put_dir(&self, dir: &Dir) -> StoreResult<Hash> {
+        if dir.len() <= SPLIT_ABOVE {
+            return self.put(object::encode_dir(dir));
+        }
+        let mut level: Vec<object::IndexChild> = Vec::new();
+        let mut part = Dir::new();
+        let entries: Vec<_> = dir.iter().collect();
+        for (i, (name, entry)) in entries.iter().enumerate() {
+            part.insert((*name).clone(), (*entry).clone());
+            if boundary(name, 0) || i + 1 == entries.len() {
+                let first = part.keys().next().cloned().expect("part is not empty");
+                let blob = self.put_known(object::encode_dir(&std::mem::take(&mut part)))?;
+                level.push(object::IndexChild { first, blob });
+            }
+        }
+        let mut depth = 1;
+        while level.len() > SPLIT_ABOVE {
+            let mut next = Vec::new();
+            let mut group: Vec<object::IndexChild> = Vec::new();
+            let n = level.len();
+            for (i, child) in level.into_iter().enumerate() {
+                let cut = boundary(&child.first, depth);
+                group.push(child);
+                if (cut && group.len() >= 2) || i + 1 == n {
+                    let first = group[0].first.clone();
+                    let group = std::mem::take(&mut group);
+                    let blob = if group.len() == 1 {
+                        group[0].blob
+                    } else {
+                        self.put_known(object::encode_dir_index(&group))?
+                    };
+                    next.push(object::IndexChild { first, blob });
+                }
+            }
+            level = next;
+            depth += 1;
+        }
+        if level.len() == 1 {
+            return Ok(level[0].blob);
+        }
+        self.put_known(object::encode_dir_index(&level))
+    }
+
+    /// Like [`BlobStore::put`], skipping the store when the blob is cached (and so
+    /// known to be stored already).
+    fn put_known(&self, blob: Bytes) -> StoreResult<Hash> {
+        let h = Hash::of(&blob);
+        if self.cache.lock().get(&h).is_some() {
+            return Ok(h);
+        }
+        self.put(blob)
     }
 
     pub fn manifest(&self, h: &Hash) -> StoreResult<Manifest> {

@@ -239,7 +239,10 @@ enum Edit {
 }
 
 fn edit() -> impl Strategy<Value = Edit> {
-    prop_oneof![(0u8..5, any::<u8>()).prop_map(|(n, c)| Edit::Write(n, c)), (0u8..5).prop_map(Edit::Remove)]
+    prop_oneof![
+        (0u8..5, any::<u8>()).prop_map(|(n, c)| Edit::Write(n, c)),
+        (0u8..5).prop_map(Edit::Remove)
+    ]
 }
 
 /// Applies edits to a tree; returns the new root and, per name, the content the
@@ -251,7 +254,15 @@ fn apply(store: &BlobStore, mut root: Hash, edits: &[Edit], side: u8) -> (Hash, 
             Edit::Write(n, c) => {
                 let name = format!("f{n}").into_bytes();
                 let data = vec![side, *c, *n];
-                root = tree::write_file(store, root, std::slice::from_ref(&name), &data[..], 0o644, small()).unwrap();
+                root = tree::write_file(
+                    store,
+                    root,
+                    std::slice::from_ref(&name),
+                    &data[..],
+                    0o644,
+                    small(),
+                )
+                .unwrap();
                 written.insert(name, data);
             }
             Edit::Remove(n) => {
@@ -293,4 +304,65 @@ proptest! {
             prop_assert!(found, "write of {} lost", String::from_utf8_lossy(name));
         }
     }
+}
+
+#[test]
+fn a_large_directory_is_split_and_one_new_name_stores_few_blobs() {
+    let (dict, v) = setup();
+    v.change("mkdir", |s, r| tree::mkdir(s, r, &p("/big"), 0o755))
+        .unwrap();
+    let empty_file = tree::file_entry(&v.store, &b""[..], 0o644, small()).unwrap();
+    let names: crate::object::Dir = (0..20_000)
+        .map(|i| (format!("file-{i:06}").into_bytes(), empty_file.clone()))
+        .collect();
+    v.change("fill", |s, r| tree::insert_many(s, r, &p("/big"), names.clone()))
+        .unwrap();
+    let root = v.root().unwrap();
+    let Some(e) = tree::lookup(&v.store, root, &p("/big")).unwrap() else {
+        panic!()
+    };
+    let Content::Dir { tree: big } = e.content else {
+        panic!()
+    };
+    let blob = v.store.get(&big).unwrap();
+    assert_eq!(
+        blob[0],
+        crate::object::Tag::DirIndex as u8,
+        "a 20,000-entry directory is an index"
+    );
+    assert!(blob.len() < 64 * 1024, "the index is small: {} bytes", blob.len());
+    assert_eq!(tree::list(&v.store, root, &p("/big")).unwrap(), names);
+    // A fresh client (empty cache) adds one name.
+    let fresh = Volume::new(
+        BlobStore::new(dict.clone() as Arc<dyn Dict>, "t:", 1 << 20),
+        "vol",
+    );
+    let before = dict.keys().len();
+    write(&fresh, "/big/new-name", b"x").unwrap();
+    let added = dict.keys().len() - before;
+    // The new file's chunk and manifest, the changed part, the index, the root
+    // directory and the commit.
+    assert!(added <= 8, "adding one name stored {added} blobs");
+    assert_eq!(read(&fresh, "/big/new-name").unwrap(), b"x");
+    assert_eq!(
+        tree::list(&fresh.store, fresh.root().unwrap(), &p("/big"))
+            .unwrap()
+            .len(),
+        20_001
+    );
+}
+
+#[test]
+fn split_directories_do_not_depend_on_history() {
+    let store = BlobStore::new(Arc::new(MemoryDict::new()), "h:", 1 << 20);
+    let e = tree::file_entry(&store, &b"x"[..], 0o644, small()).unwrap();
+    let all: crate::object::Dir = (0..5000)
+        .map(|i| (format!("n{i}").into_bytes(), e.clone()))
+        .collect();
+    let mut partial = all.clone();
+    partial.remove(&b"n77".to_vec());
+    let one = store.put_dir(&all).unwrap();
+    let mut grown = store.dir(&store.put_dir(&partial).unwrap()).unwrap();
+    grown.insert(b"n77".to_vec(), e.clone());
+    assert_eq!(store.put_dir(&grown).unwrap(), one);
 }

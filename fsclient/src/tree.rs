@@ -182,7 +182,7 @@ pub fn update(
             child.meta.ctime = now;
         }
     }
-    Ok(store.put(object::encode_dir(&dir))?)
+    Ok(store.put_dir(&dir)?)
 }
 
 pub fn mkdir(store: &BlobStore, root: Hash, path: &[Vec<u8>], mode: u32) -> FsResult<Hash> {
@@ -238,7 +238,7 @@ pub fn dir_entry(store: &BlobStore, dir: &Dir, mode: u32) -> FsResult<Entry> {
     Ok(Entry {
         meta: new_meta(mode),
         content: Content::Dir {
-            tree: store.put(object::encode_dir(dir))?,
+            tree: store.put_dir(dir)?,
         },
     })
 }
@@ -249,7 +249,7 @@ pub fn insert_many(store: &BlobStore, root: Hash, dir_path: &[Vec<u8>], entries:
     if dir_path.is_empty() {
         let mut dir = store.dir(&root)?;
         dir.extend(entries);
-        return Ok(store.put(object::encode_dir(&dir))?);
+        return Ok(store.put_dir(&dir)?);
     }
     update(store, root, dir_path, &mut |e| match e {
         Some(Entry {
@@ -265,7 +265,7 @@ pub fn insert_many(store: &BlobStore, root: Hash, dir_path: &[Vec<u8>], entries:
             Ok(Some(Entry {
                 meta,
                 content: Content::Dir {
-                    tree: store.put(object::encode_dir(&dir))?,
+                    tree: store.put_dir(&dir)?,
                 },
             }))
         }
