@@ -360,7 +360,7 @@ fn split_directories_do_not_depend_on_history() {
         .map(|i| (format!("n{i}").into_bytes(), e.clone()))
         .collect();
     let mut partial = all.clone();
-    partial.remove(&b"n77".to_vec());
+    partial.remove(b"n77".as_slice());
     let one = store.put_dir(&all).unwrap();
     let mut grown = store.dir(&store.put_dir(&partial).unwrap()).unwrap();
     grown.insert(b"n77".to_vec(), e.clone());
