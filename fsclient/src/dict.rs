@@ -140,6 +140,11 @@ impl RespDict {
         Ok(dict)
     }
 
+    /// The server's `INFO <section>` text (of one node, for a cluster).
+    pub fn server_info(&self, section: &str) -> DictResult<String> {
+        self.with_conn(|c| redis::cmd("INFO").arg(section).query(c))
+    }
+
     /// Whether the store is a Redis Cluster.
     pub fn is_cluster(&self) -> bool {
         self.cluster.is_some()

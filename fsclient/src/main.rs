@@ -94,6 +94,8 @@ enum Command {
         #[arg(default_value = "/")]
         path: String,
     },
+    /// The volume's size, and what the store reports about its own space.
+    Df,
 }
 
 /// An error worded as coreutils words it: `cannot stat 'x': No such file or directory`.
@@ -126,7 +128,7 @@ fn size_of(e: &Entry) -> u64 {
 
 /// Builds the entry for a local file, symlink or directory tree, storing its
 /// blobs bottom-up: each directory blob is written once, whatever its size.
-fn build_entry(store: &BlobStore, local: &Path) -> FsResult<Entry> {
+fn build_entry(store: &BlobStore, local: &Path, progress: &indicatif::ProgressBar) -> FsResult<Entry> {
     let meta = std::fs::symlink_metadata(local)?;
     let mode = std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o7777;
     if meta.is_dir() {
@@ -134,7 +136,7 @@ fn build_entry(store: &BlobStore, local: &Path) -> FsResult<Entry> {
         for child in std::fs::read_dir(local)? {
             let child = child?;
             let name = child.file_name().as_encoded_bytes().to_vec();
-            dir.insert(name, build_entry(store, &child.path())?);
+            dir.insert(name, build_entry(store, &child.path(), progress)?);
         }
         tree::dir_entry(store, &dir, mode)
     } else if meta.file_type().is_symlink() {
@@ -146,14 +148,33 @@ fn build_entry(store: &BlobStore, local: &Path) -> FsResult<Entry> {
             },
         })
     } else {
-        tree::file_entry(store, std::fs::File::open(local)?, mode, Chunking::default())
+        let file = progress.wrap_read(std::fs::File::open(local)?);
+        tree::file_entry(store, file, mode, Chunking::default())
+    }
+}
+
+/// Bytes of regular files under `local` (for the progress bar).
+fn local_size(local: &Path) -> u64 {
+    match std::fs::symlink_metadata(local) {
+        Ok(m) if m.is_dir() => std::fs::read_dir(local)
+            .map(|rd| rd.filter_map(Result::ok).map(|e| local_size(&e.path())).sum())
+            .unwrap_or(0),
+        Ok(m) if m.is_file() => m.len(),
+        _ => 0,
     }
 }
 
 /// `put`: into an existing directory, the local directory's children are added
 /// (replacing same names); anywhere else the local tree becomes the entry.
 fn put_tree(store: &BlobStore, root: Hash, local: &Path, remote: &[Vec<u8>]) -> FsResult<Hash> {
-    let built = build_entry(store, local)?;
+    let progress = indicatif::ProgressBar::new(local_size(local));
+    progress.set_style(
+        indicatif::ProgressStyle::with_template("{bytes}/{total_bytes} {wide_bar} {bytes_per_sec} {eta}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let built = build_entry(store, local, &progress);
+    progress.finish_and_clear();
+    let built = built?;
     let target = match tree::lookup(store, root, remote) {
         Ok(e) => Some(e),
         Err(FsError::NotFound) => None,
@@ -229,8 +250,10 @@ fn du(store: &BlobStore, tree: Hash) -> FsResult<u64> {
 }
 
 fn run(cli: Cli) -> Result<(), Failure> {
-    let dict = RespDict::open(&cli.store).map_err(|e| Failure(format!("cannot reach {}: {e}", cli.store)))?;
-    let store = BlobStore::new(Arc::new(dict), &cli.prefix, 256 * 1024 * 1024);
+    let dict = Arc::new(
+        RespDict::open(&cli.store).map_err(|e| Failure(format!("cannot reach {}: {e}", cli.store)))?,
+    );
+    let store = BlobStore::new(dict.clone(), &cli.prefix, 256 * 1024 * 1024);
     let v = Volume::new(store.clone(), &cli.volume);
     match cli.command {
         Command::Mkfs => {
@@ -400,6 +423,28 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 }
                 .map_err(|e| fail("cannot access", &path, e))?;
             println!("{total}\t{path}");
+        }
+        Command::Df => {
+            let root = v.root().map_err(|e| Failure(e.to_string()))?;
+            let files = du(&store, root).map_err(|e| Failure(e.to_string()))?;
+            println!("volume {}: {files} bytes in files", cli.volume);
+            let mut fields = Vec::new();
+            for section in ["memory", "persistence"] {
+                let info = dict.server_info(section).map_err(|e| Failure(e.to_string()))?;
+                for line in info.lines() {
+                    let wanted = [
+                        "used_memory_human",
+                        "kvd_storage_engine",
+                        "kvd_live_bytes",
+                        "kvd_dead_bytes",
+                        "kvd_dir",
+                    ];
+                    if wanted.iter().any(|w| line.starts_with(&format!("{w}:"))) {
+                        fields.push(line.trim().replacen(':', " ", 1));
+                    }
+                }
+            }
+            println!("store {}: {}", cli.store, fields.join(", "));
         }
     }
     Ok(())

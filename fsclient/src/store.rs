@@ -5,7 +5,6 @@
 //! volume's root pointer `<prefix>v:<volume>:root`, holding the hex hash of the
 //! volume's current commit.
 
-use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -32,32 +31,29 @@ pub enum StoreError {
 
 pub type StoreResult<T> = Result<T, StoreError>;
 
-/// A cache of immutable blobs bounded by total bytes, evicting the oldest.
+/// A least-recently-used cache of immutable blobs, bounded by total bytes.
 /// Blobs never change, so a cached blob is never stale.
 struct Cache {
     limit: usize,
     used: usize,
-    map: HashMap<Hash, Bytes>,
-    order: VecDeque<Hash>,
+    lru: lru::LruCache<Hash, Bytes>,
 }
 
 impl Cache {
-    fn get(&self, h: &Hash) -> Option<Bytes> {
-        self.map.get(h).cloned()
+    fn get(&mut self, h: &Hash) -> Option<Bytes> {
+        self.lru.get(h).cloned()
     }
 
     fn insert(&mut self, h: Hash, b: Bytes) {
-        if b.len() > self.limit / 4 || self.map.contains_key(&h) {
+        // A blob bigger than a quarter of the cache would evict too much.
+        if b.len() > self.limit / 4 || self.lru.contains(&h) {
             return;
         }
         self.used += b.len();
-        self.map.insert(h, b);
-        self.order.push_back(h);
+        self.lru.put(h, b);
         while self.used > self.limit {
-            let Some(old) = self.order.pop_front() else { break };
-            if let Some(b) = self.map.remove(&old) {
-                self.used -= b.len();
-            }
+            let Some((_, old)) = self.lru.pop_lru() else { break };
+            self.used -= old.len();
         }
     }
 }
@@ -90,8 +86,7 @@ impl BlobStore {
             cache: Arc::new(Mutex::new(Cache {
                 limit: cache_bytes,
                 used: 0,
-                map: HashMap::new(),
-                order: VecDeque::new(),
+                lru: lru::LruCache::unbounded(),
             })),
         }
     }
