@@ -354,8 +354,8 @@ impl DiskStore {
         Ok(())
     }
 
-    /// Appends a record to the active segment, rotating when it is full.
-    /// Returns the location of the new record.
+    /// Appends a new record to the active segment (with the next sequence
+    /// number), rotating when it is full. Returns the new record's location.
     fn append(
         &self,
         kind: Kind,
@@ -363,11 +363,24 @@ impl DiskStore {
         value: &[u8],
         expires_at: Option<u64>,
     ) -> Result<Loc, StoreError> {
-        let len = HEADER + key.len() + value.len();
         let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
+        self.append_with_seq(kind, seq, expires_at, key, value)
+    }
+
+    /// Appends a record with a given sequence number: a new one, or a copy made
+    /// by compaction (which keeps the original's number).
+    fn append_with_seq(
+        &self,
+        kind: Kind,
+        seq: u64,
+        expires_at: Option<u64>,
+        key: &[u8],
+        value: &[u8],
+    ) -> Result<Loc, StoreError> {
+        let header = record::header(kind, seq, expires_at, key, value);
+        let len = (HEADER + key.len() + value.len()) as u64;
         loop {
             let active = self.active.read().clone();
-            let header = record::header(kind, seq, expires_at, key, value);
             let placed = active
                 .append(&header, key, value)
                 .map_err(|e| self.write_failed(e))?;
@@ -381,7 +394,7 @@ impl DiskStore {
                     seq,
                 });
             }
-            self.rotate(&active, len as u64)?;
+            self.rotate(&active, len)?;
         }
     }
 
@@ -496,7 +509,7 @@ impl DiskStore {
                     let current = shard.get(&pos);
                     if current.is_some_and(|l| l.segment == seg.id && l.offset == offset as u64) {
                         // Same sequence number: the copy is the same write, not a new one.
-                        let moved = self.append_copy(h, &key, value)?;
+                        let moved = self.append_with_seq(h.kind, h.seq, h.expires_at, &key, value)?;
                         self.adopt(&moved);
                         shard.insert(&pos, moved);
                     }
@@ -505,11 +518,11 @@ impl DiskStore {
                     // Still needed while an older put of the key may survive in
                     // another segment: keep it unless the key lives again.
                     if self.index.read(&pos).get(&pos).is_none() {
-                        self.append_copy(h, &key, value)?;
+                        self.append_with_seq(h.kind, h.seq, h.expires_at, &key, value)?;
                     }
                 }
                 Kind::Clear => {
-                    self.append_copy(h, &key, value)?;
+                    self.append_with_seq(h.kind, h.seq, h.expires_at, &key, value)?;
                 }
             }
             offset += len;
@@ -523,29 +536,6 @@ impl DiskStore {
         let _ = std::fs::remove_file(self.dir.join(segment::hint_name(seg.id)));
         tracing::info!(segment = seg.id, bytes = reclaimed, "compacted");
         Ok(reclaimed)
-    }
-
-    /// Appends a copy of a record keeping its sequence number.
-    fn append_copy(&self, h: record::Header, key: &[u8], value: &[u8]) -> Result<Loc, StoreError> {
-        let len = HEADER + key.len() + value.len();
-        loop {
-            let active = self.active.read().clone();
-            let header = record::header(h.kind, h.seq, h.expires_at, key, value);
-            let placed = active
-                .append(&header, key, value)
-                .map_err(|e| self.write_failed(e))?;
-            if let Some(offset) = placed {
-                return Ok(Loc {
-                    segment: active.id,
-                    offset,
-                    key_len: key.len() as u32,
-                    value_len: value.len() as u32,
-                    expires_at: h.expires_at,
-                    seq: h.seq,
-                });
-            }
-            self.rotate(&active, len as u64)?;
-        }
     }
 
     /// Writes and fsyncs everything appended so far, in every segment.
