@@ -7,6 +7,7 @@
 //! [`object`] defines the bytes; docs/FORMAT.md specifies them.
 
 pub mod dict;
+pub mod history;
 pub mod merge;
 pub mod object;
 pub mod store;

@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
 use fsclient::dict::RespDict;
+use fsclient::history;
 use fsclient::object::{Content, Entry, Hash};
 use fsclient::store::BlobStore;
 use fsclient::tree::{self, Chunking, FsError, FsResult};
@@ -57,6 +58,9 @@ enum Command {
     Cat {
         #[arg(required = true)]
         paths: Vec<String>,
+        /// Read from this version instead of the current one.
+        #[arg(long)]
+        at: Option<String>,
     },
     /// Copy a local file or directory tree into the volume (one commit).
     Put { local: PathBuf, remote: String },
@@ -96,6 +100,41 @@ enum Command {
     },
     /// The volume's size, and what the store reports about its own space.
     Df,
+    /// Named snapshots: versions kept under a name.
+    Snapshot {
+        #[command(subcommand)]
+        action: SnapshotAction,
+    },
+    /// Paths that differ between two versions (HEAD, HEAD~N, a snapshot name, a
+    /// commit hash); the second defaults to HEAD.
+    Diff { from: String, to: Option<String> },
+    /// Bring back a path as it was in a version (as a new commit).
+    Restore {
+        path: String,
+        /// The version to take it from (a snapshot name, HEAD~N, a commit hash).
+        #[arg(long)]
+        from: String,
+    },
+    /// Read and check every blob reachable from a version (default HEAD);
+    /// report damage by path. Exits 1 if anything is damaged.
+    Fsck {
+        #[arg(long, default_value = "HEAD")]
+        at: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum SnapshotAction {
+    /// Name the current version (or --at another one).
+    Create {
+        name: String,
+        #[arg(long)]
+        at: Option<String>,
+    },
+    List,
+    Delete {
+        name: String,
+    },
 }
 
 /// An error worded as coreutils words it: `cannot stat 'x': No such file or directory`.
@@ -320,8 +359,12 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 }
             }
         }
-        Command::Cat { paths } => {
-            let root = v.root().map_err(|e| Failure(e.to_string()))?;
+        Command::Cat { paths, at } => {
+            let root = match at {
+                None => v.root(),
+                Some(version) => history::resolve(&v, &version).and_then(|c| Ok(store.commit(&c)?.root)),
+            }
+            .map_err(|e| Failure(e.to_string()))?;
             let mut out = std::io::stdout().lock();
             for path in paths {
                 let names = p(&path).map_err(|e| Failure(format!("{path}: {e}")))?;
@@ -445,6 +488,70 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 }
             }
             println!("store {}: {}", cli.store, fields.join(", "));
+        }
+        Command::Snapshot { action } => match action {
+            SnapshotAction::Create { name, at } => {
+                let commit = at
+                    .map(|a| history::resolve(&v, &a))
+                    .transpose()
+                    .map_err(|e| Failure(format!("cannot find that version: {e}")))?;
+                let h = history::create_snapshot(&v, &name, commit)
+                    .map_err(|e| fail("cannot create snapshot", &name, e))?;
+                println!("snapshot '{name}' = commit {}", h.hex());
+            }
+            SnapshotAction::List => {
+                for (name, h) in history::snapshots(&v).map_err(|e| Failure(e.to_string()))? {
+                    let time = store.commit(&h).map(|c| c.time.secs).unwrap_or(0);
+                    println!("{name}\t{}\t{time}", h.hex());
+                }
+            }
+            SnapshotAction::Delete { name } => {
+                history::delete_snapshot(&v, &name).map_err(|e| fail("cannot delete snapshot", &name, e))?;
+            }
+        },
+        Command::Diff { from, to } => {
+            let to = to.unwrap_or_else(|| "HEAD".into());
+            let root_of = |version: &str| -> Result<Hash, Failure> {
+                let c = history::resolve(&v, version).map_err(|e| fail("cannot find version", version, e))?;
+                Ok(store.commit(&c).map_err(|e| Failure(e.to_string()))?.root)
+            };
+            let (a, b) = (root_of(&from)?, root_of(&to)?);
+            for change in history::diff(&store, a, b).map_err(|e| Failure(e.to_string()))? {
+                match change {
+                    history::Change::Added(p) => println!("+ {p}"),
+                    history::Change::Removed(p) => println!("- {p}"),
+                    history::Change::Modified(p) => println!("M {p}"),
+                }
+            }
+        }
+        Command::Restore { path, from } => {
+            let names = p(&path).map_err(|e| fail("cannot restore", &path, e))?;
+            let c = history::resolve(&v, &from).map_err(|e| fail("cannot find version", &from, e))?;
+            let old_root = store.commit(&c).map_err(|e| Failure(e.to_string()))?.root;
+            let entry = tree::lookup(&store, old_root, &names)
+                .map_err(|e| fail(&format!("cannot restore (in {from})"), &path, e))?
+                .ok_or_else(|| Failure("cannot restore the root itself; restore its entries".into()))?;
+            v.change(&format!("restore {path} from {from}"), |s, root| {
+                tree::update(s, root, &names, &mut |_| Ok(Some(entry.clone())))
+            })
+            .map_err(|e| fail("cannot restore", &path, e))?;
+        }
+        Command::Fsck { at } => {
+            let c = history::resolve(&v, &at).map_err(|e| fail("cannot find version", &at, e))?;
+            let root = store.commit(&c).map_err(|e| Failure(e.to_string()))?.root;
+            let check = history::fsck(&store, root);
+            for (path, problem) in &check.damaged {
+                println!("damaged: {path}: {problem}");
+            }
+            println!(
+                "{} blobs checked ({} bytes of file data), {} damaged paths",
+                check.blobs,
+                check.bytes,
+                check.damaged.len()
+            );
+            if !check.damaged.is_empty() {
+                return Err(Failure(format!("{} damaged paths", check.damaged.len())));
+            }
         }
     }
     Ok(())

@@ -238,11 +238,13 @@ pub fn encode_dir(dir: &Dir) -> Bytes {
     b.freeze()
 }
 
-/// One child of a directory index: the first name it holds, and its blob.
+/// One child of a directory index: the first name it holds, its blob, and its
+/// level (0: a part holding entries, a tag-3 blob; n > 0: an index).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct IndexChild {
     pub first: Vec<u8>,
     pub blob: Hash,
+    pub level: u8,
 }
 
 pub fn encode_dir_index(children: &[IndexChild]) -> Bytes {
@@ -251,6 +253,7 @@ pub fn encode_dir_index(children: &[IndexChild]) -> Bytes {
     for c in children {
         put_bytes16(&mut b, &c.first);
         b.put_slice(&c.blob.0);
+        b.put_u8(c.level);
     }
     b.freeze()
 }
@@ -258,7 +261,7 @@ pub fn encode_dir_index(children: &[IndexChild]) -> Bytes {
 pub fn decode_dir_index(blob: &[u8]) -> Result<Vec<IndexChild>, FormatError> {
     let mut r = payload(blob, Tag::DirIndex)?;
     let n = r.u32()? as usize;
-    if n < 2 || n > r.buf.len() / 34 {
+    if n < 2 || n > r.buf.len() / 35 {
         return Err(FormatError::Malformed("bad index child count"));
     }
     let mut out: Vec<IndexChild> = Vec::with_capacity(n);
@@ -267,9 +270,11 @@ pub fn decode_dir_index(blob: &[u8]) -> Result<Vec<IndexChild>, FormatError> {
         if out.last().is_some_and(|l| l.first >= first) {
             return Err(FormatError::Malformed("index children not sorted"));
         }
+        let blob = r.hash()?;
         out.push(IndexChild {
             first,
-            blob: r.hash()?,
+            blob,
+            level: r.u8()?,
         });
     }
     r.end()?;

@@ -182,6 +182,26 @@ impl BlobStore {
         }
     }
 
+    /// The blobs holding a directory's entries: itself if it is one blob, else
+    /// the parts under its index (reading only the index blobs).
+    pub fn dir_parts(&self, h: &Hash) -> StoreResult<Vec<Hash>> {
+        let blob = self.get(h)?;
+        match object::split(&blob).map_err(|e| self.malformed(h, e))?.0 {
+            object::Tag::DirIndex => {
+                let mut parts = Vec::new();
+                for child in object::decode_dir_index(&blob).map_err(|e| self.malformed(h, e))? {
+                    if child.level == 0 {
+                        parts.push(child.blob);
+                    } else {
+                        parts.extend(self.dir_parts(&child.blob)?);
+                    }
+                }
+                Ok(parts)
+            }
+            _ => Ok(vec![*h]),
+        }
+    }
+
     /// Stores a directory: one blob up to [`SPLIT_ABOVE`] entries, else a tree of
     /// parts under index blobs (docs/FORMAT.md, "Large directories"). The same
     /// entries always give the same blobs, so after a change only the parts that
@@ -198,7 +218,11 @@ impl BlobStore {
             if boundary(name, 0) || i + 1 == entries.len() {
                 let first = part.keys().next().cloned().expect("part is not empty");
                 let blob = self.put_known(object::encode_dir(&std::mem::take(&mut part)))?;
-                level.push(object::IndexChild { first, blob });
+                level.push(object::IndexChild {
+                    first,
+                    blob,
+                    level: 0,
+                });
             }
         }
         let mut depth = 1;
@@ -210,14 +234,16 @@ impl BlobStore {
                 let cut = boundary(&child.first, depth);
                 group.push(child);
                 if (cut && group.len() >= 2) || i + 1 == n {
-                    let first = group[0].first.clone();
                     let group = std::mem::take(&mut group);
-                    let blob = if group.len() == 1 {
-                        group[0].blob
+                    next.push(if group.len() == 1 {
+                        group.into_iter().next().expect("one child")
                     } else {
-                        self.put_known(object::encode_dir_index(&group))?
-                    };
-                    next.push(object::IndexChild { first, blob });
+                        object::IndexChild {
+                            first: group[0].first.clone(),
+                            blob: self.put_known(object::encode_dir_index(&group))?,
+                            level: depth,
+                        }
+                    });
                 }
             }
             level = next;

@@ -366,3 +366,63 @@ fn split_directories_do_not_depend_on_history() {
     grown.insert(b"n77".to_vec(), e.clone());
     assert_eq!(store.put_dir(&grown).unwrap(), one);
 }
+
+#[test]
+fn diff_reads_only_what_changed() {
+    let (dict, v) = setup();
+    v.change("mkdir", |s, r| tree::mkdir(s, r, &p("/a"), 0o755))
+        .unwrap();
+    let names: crate::object::Dir = (0..3000)
+        .map(|i| {
+            (
+                format!("f{i}").into_bytes(),
+                tree::file_entry(&v.store, format!("{i}").as_bytes(), 0o644, small()).unwrap(),
+            )
+        })
+        .collect();
+    v.change("fill", |s, r| tree::insert_many(s, r, &p("/a"), names.clone()))
+        .unwrap();
+    let before = v.root().unwrap();
+    write(&v, "/a/f17", b"changed").unwrap();
+    let after = v.root().unwrap();
+    // A client with an empty cache counts its reads.
+    let counting = Arc::new(Counting {
+        inner: dict.clone(),
+        gets: Default::default(),
+    });
+    let store = BlobStore::new(counting.clone(), "t:", 1 << 20);
+    let changes = crate::history::diff(&store, before, after).unwrap();
+    assert_eq!(changes, vec![crate::history::Change::Modified("/a/f17".into())]);
+    let gets = counting.gets.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(gets <= 12, "diff read {gets} blobs");
+}
+
+/// A dict that counts reads.
+struct Counting {
+    inner: Arc<MemoryDict>,
+    gets: std::sync::atomic::AtomicUsize,
+}
+
+impl Dict for Counting {
+    fn get(&self, key: &str) -> crate::dict::DictResult<Option<Bytes>> {
+        self.gets.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.inner.get(key)
+    }
+    fn put_if_absent(&self, key: &str, value: Bytes) -> crate::dict::DictResult<()> {
+        self.inner.put_if_absent(key, value)
+    }
+    fn delete(&self, key: &str) -> crate::dict::DictResult<()> {
+        self.inner.delete(key)
+    }
+    fn contains(&self, key: &str) -> crate::dict::DictResult<bool> {
+        self.inner.contains(key)
+    }
+    fn compare_and_swap(
+        &self,
+        key: &str,
+        expected: Option<&[u8]>,
+        new: &[u8],
+    ) -> crate::dict::DictResult<bool> {
+        self.inner.compare_and_swap(key, expected, new)
+    }
+}

@@ -155,3 +155,69 @@ fn a_corrupted_blob_fails_its_file_naming_the_key_and_nothing_else() {
     assert!(err.contains(&damaged), "error does not name the key: {err}");
     assert_eq!(ok(&kvd, &["cat", "/good"]), "good data");
 }
+
+#[test]
+fn snapshots_diff_restore_and_fsck() {
+    let kvd = Server::kvd(&[]).unwrap();
+    ok(&kvd, &["mkfs"]);
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("docs")).unwrap();
+    std::fs::write(dir.path().join("docs/plan.txt"), b"version one").unwrap();
+    std::fs::write(dir.path().join("keep.txt"), b"unchanged").unwrap();
+    ok(&kvd, &["put", dir.path().to_str().unwrap(), "/"]);
+    ok(&kvd, &["snapshot", "create", "before"]);
+    assert!(!fsclient(&kvd, &["snapshot", "create", "before"]).status.success());
+
+    // Change and delete things after the snapshot.
+    std::fs::write(dir.path().join("docs/plan.txt"), b"version two").unwrap();
+    ok(
+        &kvd,
+        &[
+            "put",
+            dir.path().join("docs/plan.txt").to_str().unwrap(),
+            "/docs/plan.txt",
+        ],
+    );
+    ok(&kvd, &["rm", "/keep.txt"]);
+    ok(&kvd, &["mkdir", "/new"]);
+
+    // The snapshot still shows the old tree.
+    assert_eq!(
+        ok(&kvd, &["cat", "--at", "before", "/docs/plan.txt"]),
+        "version one"
+    );
+    assert_eq!(ok(&kvd, &["cat", "--at", "before", "/keep.txt"]), "unchanged");
+    assert!(ok(&kvd, &["snapshot", "list"]).starts_with("before\t"));
+    let diff = ok(&kvd, &["diff", "before"]);
+    let mut lines: Vec<&str> = diff.lines().collect();
+    lines.sort();
+    assert_eq!(lines, ["+ /new", "- /keep.txt", "M /docs/plan.txt"]);
+    assert_eq!(ok(&kvd, &["diff", "HEAD", "HEAD"]), "");
+
+    // Restore brings the deleted file back byte-identical.
+    ok(&kvd, &["restore", "/keep.txt", "--from", "before"]);
+    assert_eq!(ok(&kvd, &["cat", "/keep.txt"]), "unchanged");
+    ok(&kvd, &["snapshot", "delete", "before"]);
+    assert_eq!(ok(&kvd, &["snapshot", "list"]), "");
+
+    // fsck: clean, then a chunk damaged by hand is found and named by path.
+    assert!(ok(&kvd, &["fsck"]).contains(", 0 damaged paths"));
+    let mut c = kvd.connect().unwrap();
+    let protocol_tests::Value::Array(keys) = c.cmd("KEYS dfs:b:*").unwrap() else {
+        panic!()
+    };
+    for k in keys {
+        let key = k.as_str();
+        if c.call(&["GET", &key]).unwrap().as_str().ends_with("version two") {
+            c.call(&["DEL", &key]).unwrap();
+        }
+    }
+    let out = fsclient(&kvd, &["fsck"]);
+    assert!(!out.status.success());
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        report.contains("damaged: /docs/plan.txt: blob dfs:b:"),
+        "{report}"
+    );
+    assert!(report.contains(", 1 damaged paths"), "{report}");
+}

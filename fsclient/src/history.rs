@@ -1,0 +1,255 @@
+//! Using a volume's history: named snapshots, resolving versions, comparing
+//! them, and checking that everything a version needs is intact.
+//!
+//! Snapshots are a list kept under `<prefix>v:<volume>:snapshots` (one
+//! `name hex` line per snapshot, sorted), changed only by compare-and-swap, so
+//! two clients naming snapshots at once both succeed.
+
+use std::collections::BTreeMap;
+
+use crate::object::{Content, Dir, Entry, Hash};
+use crate::store::{BlobStore, StoreError};
+use crate::tree::{FsError, FsResult};
+use crate::volume::Volume;
+
+fn snapshots_key(v: &Volume) -> String {
+    format!(
+        "{}:snapshots",
+        v.store.root_key(&v.name).trim_end_matches(":root")
+    )
+}
+
+/// The named snapshots of a volume: name -> commit.
+pub fn snapshots(v: &Volume) -> FsResult<BTreeMap<String, Hash>> {
+    let raw = v.store.dict().get(&snapshots_key(v)).map_err(StoreError::from)?;
+    let mut out = BTreeMap::new();
+    for line in raw
+        .as_deref()
+        .map(String::from_utf8_lossy)
+        .unwrap_or_default()
+        .lines()
+    {
+        let Some((name, hex)) = line.rsplit_once(' ') else {
+            continue;
+        };
+        if let Some(h) = Hash::from_hex(hex) {
+            out.insert(name.to_string(), h);
+        }
+    }
+    Ok(out)
+}
+
+fn change_snapshots(v: &Volume, f: &dyn Fn(&mut BTreeMap<String, Hash>) -> FsResult<()>) -> FsResult<()> {
+    let key = snapshots_key(v);
+    for _ in 0..50 {
+        let raw = v.store.dict().get(&key).map_err(StoreError::from)?;
+        let mut list = snapshots(v)?;
+        f(&mut list)?;
+        let text: String = list.iter().map(|(n, h)| format!("{n} {}\n", h.hex())).collect();
+        if v.store
+            .dict()
+            .compare_and_swap(&key, raw.as_deref(), text.as_bytes())
+            .map_err(StoreError::from)?
+        {
+            return Ok(());
+        }
+    }
+    Err(FsError::Io(std::io::Error::other("snapshot list kept changing")))
+}
+
+/// Names the current commit (or `commit`) `name`.
+pub fn create_snapshot(v: &Volume, name: &str, commit: Option<Hash>) -> FsResult<Hash> {
+    if name.is_empty() || name.contains(char::is_whitespace) || name.contains('/') {
+        return Err(FsError::Invalid);
+    }
+    let commit = match commit {
+        Some(c) => c,
+        None => v.head()?.0,
+    };
+    change_snapshots(v, &|list| {
+        if list.contains_key(name) {
+            return Err(FsError::Exists);
+        }
+        list.insert(name.to_string(), commit);
+        Ok(())
+    })?;
+    Ok(commit)
+}
+
+pub fn delete_snapshot(v: &Volume, name: &str) -> FsResult<()> {
+    change_snapshots(v, &|list| list.remove(name).map(|_| ()).ok_or(FsError::NotFound))
+}
+
+/// A version: `HEAD`, `HEAD~N` (N commits back), a snapshot name, or a commit's
+/// full hex hash.
+pub fn resolve(v: &Volume, version: &str) -> FsResult<Hash> {
+    if let Some(back) = version.strip_prefix("HEAD") {
+        let steps: usize = match back.strip_prefix('~') {
+            Some(n) => n.parse().map_err(|_| FsError::Invalid)?,
+            None if back.is_empty() => 0,
+            None => return Err(FsError::Invalid),
+        };
+        let log = v.log(steps + 1)?;
+        return log.get(steps).map(|(h, _)| *h).ok_or(FsError::NotFound);
+    }
+    if let Some(h) = snapshots(v)?.get(version) {
+        return Ok(*h);
+    }
+    Hash::from_hex(version).ok_or(FsError::NotFound)
+}
+
+/// One difference between two trees.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Change {
+    Added(String),
+    Removed(String),
+    Modified(String),
+}
+
+/// The paths that differ between two root directories. Subtrees with the same
+/// hash are skipped without being read, so the cost follows the size of the
+/// change, not of the tree.
+pub fn diff(store: &BlobStore, a: Hash, b: Hash) -> FsResult<Vec<Change>> {
+    let mut out = Vec::new();
+    diff_dirs(store, a, b, "", &mut out)?;
+    Ok(out)
+}
+
+fn diff_dirs(store: &BlobStore, a: Hash, b: Hash, path: &str, out: &mut Vec<Change>) -> FsResult<()> {
+    if a == b {
+        return Ok(());
+    }
+    // A part present on both sides holds the same entries on both, and a name
+    // lives in exactly one part per side, so only the other parts need reading.
+    let (pa, pb) = (store.dir_parts(&a)?, store.dir_parts(&b)?);
+    let shared: std::collections::HashSet<Hash> = pa.iter().filter(|h| pb.contains(h)).copied().collect();
+    let read = |parts: &[Hash]| -> FsResult<Dir> {
+        let mut dir = Dir::new();
+        for part in parts.iter().filter(|h| !shared.contains(h)) {
+            dir.extend(store.dir(part)?);
+        }
+        Ok(dir)
+    };
+    let (da, db) = (read(&pa)?, read(&pb)?);
+    let names: std::collections::BTreeSet<&Vec<u8>> = da.keys().chain(db.keys()).collect();
+    for name in names {
+        let p = format!("{path}/{}", String::from_utf8_lossy(name));
+        match (da.get(name), db.get(name)) {
+            (Some(x), Some(y)) if x == y => {}
+            (
+                Some(Entry {
+                    content: Content::Dir { tree: ta },
+                    ..
+                }),
+                Some(Entry {
+                    content: Content::Dir { tree: tb },
+                    ..
+                }),
+            ) => diff_dirs(store, *ta, *tb, &p, out)?,
+            (Some(_), Some(_)) => out.push(Change::Modified(p)),
+            (Some(_), None) => out.push(Change::Removed(p)),
+            (None, Some(_)) => out.push(Change::Added(p)),
+            (None, None) => {}
+        }
+    }
+    Ok(())
+}
+
+/// What `fsck` found.
+#[derive(Debug, Default)]
+pub struct Check {
+    pub blobs: u64,
+    pub bytes: u64,
+    /// (path, problem) for everything that cannot be read back intact.
+    pub damaged: Vec<(String, String)>,
+}
+
+/// Reads every blob reachable from `root` and checks it (presence, hash,
+/// format, sizes), reporting damage by path and carrying on past it. A blob
+/// shared by several paths is read once; if it is damaged, every path that
+/// needs it is reported.
+pub fn fsck(store: &BlobStore, root: Hash) -> Check {
+    let mut walk = Walk {
+        store,
+        check: Check::default(),
+        verdicts: std::collections::HashMap::new(),
+    };
+    walk.dir(root, "/");
+    walk.check
+}
+
+struct Walk<'a> {
+    store: &'a BlobStore,
+    check: Check,
+    /// Directories and files already checked: `None` if intact, else the problem.
+    verdicts: std::collections::HashMap<Hash, Option<String>>,
+}
+
+impl Walk<'_> {
+    fn dir(&mut self, tree: Hash, path: &str) {
+        if let Some(verdict) = self.verdicts.get(&tree) {
+            if let Some(problem) = verdict.clone() {
+                self.check.damaged.push((path.to_string(), problem));
+            }
+            return;
+        }
+        let dir: Dir = match self.store.dir(&tree) {
+            Ok(d) => d,
+            Err(e) => {
+                self.verdicts.insert(tree, Some(e.to_string()));
+                self.check.damaged.push((path.to_string(), e.to_string()));
+                return;
+            }
+        };
+        self.verdicts.insert(tree, None);
+        self.check.blobs += 1;
+        for (name, e) in dir {
+            let p = format!(
+                "{}/{}",
+                path.trim_end_matches('/'),
+                String::from_utf8_lossy(&name)
+            );
+            match e.content {
+                Content::Dir { tree } => self.dir(tree, &p),
+                Content::File { manifest, size } => self.file(manifest, size, &p),
+                Content::Symlink { .. } | Content::Fifo => {}
+            }
+        }
+    }
+
+    fn file(&mut self, manifest: Hash, size: u64, path: &str) {
+        let verdict = match self.verdicts.get(&manifest) {
+            Some(v) => v.clone(),
+            None => {
+                let v = self.read_file(manifest, size).err().map(|e| e.to_string());
+                self.verdicts.insert(manifest, v.clone());
+                v
+            }
+        };
+        if let Some(problem) = verdict {
+            self.check.damaged.push((path.to_string(), problem));
+        }
+    }
+
+    fn read_file(&mut self, manifest: Hash, size: u64) -> Result<(), StoreError> {
+        let store = self.store;
+        let m = store.manifest(&manifest)?;
+        self.check.blobs += 1;
+        if m.size() != size {
+            return Err(StoreError::Corrupt {
+                key: store.blob_key(&manifest),
+            });
+        }
+        for (h, len) in &m.chunks {
+            let data = store.chunk(h)?;
+            if data.len() != *len as usize {
+                return Err(StoreError::Corrupt {
+                    key: store.blob_key(h),
+                });
+            }
+            self.check.blobs += 1;
+            self.check.bytes += data.len() as u64;
+        }
+        Ok(())
+    }
+}
