@@ -25,7 +25,7 @@ use fsclient::volume::Volume;
 ///     fsclient get /photos/cat.jpg ./cat.jpg
 ///     fsclient log
 #[derive(Parser)]
-#[command(version, about, long_about)]
+#[command(version, about, long_about, verbatim_doc_comment)]
 struct Cli {
     /// The store: redis://[:password@]host:port (kvd listens on 7379 by default).
     #[arg(long, env = "DICTFS_STORE", default_value = "redis://127.0.0.1:7379")]

@@ -16,7 +16,7 @@ use kvd::config::Config;
 /// Settings come from the command line and from an optional Redis-style config
 /// file (`name value` per line, the names CONFIG GET shows); the command line wins.
 #[derive(Parser, Debug)]
-#[command(version, about, long_about)]
+#[command(version, about, long_about, verbatim_doc_comment)]
 struct Cli {
     /// Config file with one `name value` per line (Redis's format).
     #[arg(long, value_name = "FILE")]
