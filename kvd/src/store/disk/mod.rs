@@ -242,6 +242,8 @@ impl DiskStore {
             }
             let seg = Segment::open_sealed(path, id)?;
             seg.total.store(end, Ordering::Relaxed);
+            let tombstones = recovery.tombstones.get(&id).copied().unwrap_or(0);
+            seg.tombstones.store(tombstones, Ordering::Relaxed);
             recovery.stats.segments += 1;
             segments.insert(id, SegmentRef::new(seg));
         }
@@ -385,6 +387,9 @@ impl DiskStore {
                 .append(&header, key, value)
                 .map_err(|e| self.write_failed(e))?;
             if let Some(offset) = placed {
+                if kind != Kind::Put {
+                    active.tombstones.fetch_add(1, Ordering::Relaxed);
+                }
                 return Ok(Loc {
                     segment: active.id,
                     offset,
@@ -491,6 +496,11 @@ impl DiskStore {
         if seg.compacting.swap(true, Ordering::AcqRel) {
             return Ok(0);
         }
+        // Nothing live (a sealed segment never gains live records) and no
+        // deletes to carry over: drop it without reading it.
+        if seg.live.load(Ordering::Acquire) == 0 && seg.tombstones.load(Ordering::Acquire) == 0 {
+            return Ok(self.drop_segment(seg));
+        }
         let bytes = seg.bytes();
         let mut offset = 0usize;
         while offset < bytes.len() {
@@ -530,12 +540,18 @@ impl DiskStore {
         // The copies must be durable before the originals go.
         self.flush_and_sync()
             .map_err(|e| io_err("syncing compacted data", e))?;
+        Ok(self.drop_segment(seg))
+    }
+
+    /// Removes a compacted segment from the table and deletes its files;
+    /// returns its size.
+    fn drop_segment(&self, seg: &SegmentRef) -> u64 {
         self.segments.write().remove(&seg.id);
-        let reclaimed = seg.bytes().len() as u64;
+        let reclaimed = seg.len();
         let _ = std::fs::remove_file(&seg.path);
         let _ = std::fs::remove_file(self.dir.join(segment::hint_name(seg.id)));
         tracing::info!(segment = seg.id, bytes = reclaimed, "compacted");
-        Ok(reclaimed)
+        reclaimed
     }
 
     /// Writes and fsyncs everything appended so far, in every segment.
@@ -820,6 +836,8 @@ struct Recovery {
     deleted: HashMap<Bytes, u64>,
     clear_seq: u64,
     max_seq: u64,
+    /// Delete and clear records per segment.
+    tombstones: HashMap<u64, u64>,
     stats: StartupStats,
 }
 
@@ -827,6 +845,9 @@ impl Recovery {
     fn apply(&mut self, segment: u64, offset: u64, h: record::Header, key: Bytes) {
         self.stats.records += 1;
         self.max_seq = self.max_seq.max(h.seq);
+        if h.kind != Kind::Put {
+            *self.tombstones.entry(segment).or_default() += 1;
+        }
         match h.kind {
             Kind::Clear => self.clear_seq = self.clear_seq.max(h.seq),
             Kind::Delete => {

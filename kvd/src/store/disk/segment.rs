@@ -55,6 +55,9 @@ pub struct Segment {
     pub total: AtomicU64,
     /// Set when the segment is being compacted away, so it is picked only once.
     pub compacting: AtomicBool,
+    /// Delete and clear records in the segment: while there are none and nothing
+    /// is live, compaction can drop the segment without reading it.
+    pub tombstones: AtomicU64,
 }
 
 /// A shared segment (its `Arc` comes from [`crate::sync`], so the model checker
@@ -133,6 +136,7 @@ impl Segment {
             live: AtomicU64::new(0),
             total: AtomicU64::new(0),
             compacting: AtomicBool::new(false),
+            tombstones: AtomicU64::new(0),
         }
     }
 

@@ -269,3 +269,26 @@ fn damage_after_start_up_is_an_error_not_bad_bytes() {
     assert_eq!(get(&s, "victim").as_deref(), Some("fixed"));
     assert_eq!(get(&s, "filler5").map(|v| v.len()), Some(100));
 }
+
+#[test]
+fn wholly_dead_segments_are_dropped_and_values_survive() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = DiskStore::open(dir.path(), opts(8 * 1024)).unwrap();
+    for round in 0..20 {
+        for i in 0..20 {
+            put(&s, &format!("k{i}"), &format!("{round}-{}", "x".repeat(300)));
+        }
+    }
+    let segments_before = s.segments.read().len();
+    let reclaimed = s.compact_now(0.99).unwrap();
+    assert!(reclaimed > 0);
+    assert!(s.segments.read().len() < segments_before);
+    let check = |s: &DiskStore| {
+        for i in 0..20 {
+            assert_eq!(get(s, &format!("k{i}")), Some(format!("19-{}", "x".repeat(300))));
+        }
+    };
+    check(&s);
+    let s = reopen(dir.path(), s, 8 * 1024);
+    check(&s);
+}
