@@ -931,7 +931,7 @@ impl Recovery {
 /// reads a few bytes per key instead of every value.
 ///
 /// ```text
-/// "KVDHINT1" | segment length u64 | entries | CRC-32 of everything before it
+/// "KVDHINT1" | segment length u64 | entries | CRC-32C of everything before it
 /// entry: kind u8 | seq u64 | expires u64 | key len u32 | value len u32 | offset u64 | key
 /// ```
 mod hints {
@@ -992,7 +992,7 @@ mod hints {
         if offset != len {
             return Ok(());
         }
-        let crc = crc32fast::hash(&out);
+        let crc = crc32c::crc32c(&out);
         out.extend_from_slice(&crc.to_le_bytes());
         let path = dir.join(segment::hint_name(seg.id));
         let tmp = path.with_extension("hint.tmp");
@@ -1013,7 +1013,7 @@ mod hints {
             return None;
         }
         let (body, crc) = data.split_at(data.len() - 4);
-        if crc32fast::hash(body) != u32::from_le_bytes(crc.try_into().ok()?) {
+        if crc32c::crc32c(body) != u32::from_le_bytes(crc.try_into().ok()?) {
             tracing::warn!(segment = id, "hint file damaged; scanning the segment instead");
             return None;
         }
