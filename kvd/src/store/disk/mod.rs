@@ -191,11 +191,18 @@ impl DiskStore {
     pub fn open(dir: &Path, options: Options) -> std::io::Result<Arc<DiskStore>> {
         std::fs::create_dir_all(dir)?;
         let lock = std::fs::File::create(dir.join("LOCK"))?;
-        if lock.try_lock().is_err() {
-            return Err(std::io::Error::other(format!(
-                "data directory {} is in use by another kvd",
-                dir.display()
-            )));
+        // A previous owner that is just stopping (a restart, or a store being
+        // dropped while its storage thread finishes an fsync) releases the lock
+        // within moments; only one that keeps it is an error.
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while lock.try_lock().is_err() {
+            if Instant::now() > deadline {
+                return Err(std::io::Error::other(format!(
+                    "data directory {} is in use by another kvd",
+                    dir.display()
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(20));
         }
         let started = Instant::now();
         let mut recovery = Recovery::default();
