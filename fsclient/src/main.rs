@@ -1,6 +1,7 @@
 //! `fsclient`: the dictfs file system from the command line.
 
 use std::io::Write;
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -255,26 +256,16 @@ fn get_tree(store: &BlobStore, entry: Option<Entry>, root: Hash, local: &Path) -
         Content::Dir { tree } => {
             std::fs::create_dir_all(local)?;
             for (name, e) in store.dir(&tree)? {
-                let child = local.join(std::ffi::OsStr::from_bytes_lossy(&name));
+                let child = local.join(std::ffi::OsStr::from_bytes(&name));
                 get_tree(store, Some(e), root, &child)?;
             }
         }
         Content::Symlink { target } => {
-            std::os::unix::fs::symlink(std::ffi::OsStr::from_bytes_lossy(&target), local)?;
+            std::os::unix::fs::symlink(std::ffi::OsStr::from_bytes(&target), local)?;
         }
         Content::Fifo => {}
     }
     Ok(())
-}
-
-trait FromBytesLossy {
-    fn from_bytes_lossy(b: &[u8]) -> &std::ffi::OsStr;
-}
-
-impl FromBytesLossy for std::ffi::OsStr {
-    fn from_bytes_lossy(b: &[u8]) -> &std::ffi::OsStr {
-        std::os::unix::ffi::OsStrExt::from_bytes(b)
-    }
 }
 
 fn du(store: &BlobStore, tree: Hash) -> FsResult<u64> {
