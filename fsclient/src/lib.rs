@@ -1,17 +1,21 @@
 //! dictfs's file system client: a whole file system as an immutable Merkle tree
 //! in a key-value store, changed by one atomic root swap.
 //!
-//! Data flows one way: the CLI (and, later, the FUSE adapter) -> [`volume`]
+//! Data flows one way: the CLI -> [`volume`]
 //! (commits, conflicts) -> [`tree`] (path operations on immutable trees) and
 //! [`merge`] -> [`store`] (blobs, verification, cache) -> [`dict`] (the store).
-//! [`object`] defines the bytes; docs/FORMAT.md specifies them.
+//! [`object`] defines the bytes; docs/FORMAT.md specifies them. A mount is
+//! [`mount`] (FUSE types, translation only) -> [`vfs`] (inodes, handles, the
+//! dirty overlay, commits) -> the same layers.
 
 pub mod dict;
 pub mod history;
 pub mod merge;
+pub mod mount;
 pub mod object;
 pub mod store;
 pub mod tree;
+pub mod vfs;
 pub mod volume;
 
 #[cfg(test)]

@@ -116,6 +116,40 @@ enum Command {
         #[arg(long)]
         from: String,
     },
+    /// Mount the volume at a directory (FUSE): `fsclient mount [URL] DIR`.
+    ///
+    /// Runs in the foreground until unmounted (Ctrl-C, SIGTERM, or
+    /// `fsclient umount DIR`); everything written is committed first.
+    /// Changes are committed on fsync, on close of a written file, and every
+    /// --commit-interval; other clients' commits show up as often.
+    #[command(verbatim_doc_comment)]
+    Mount {
+        /// `[URL] MOUNTPOINT`: the store URL (else --store) and the directory.
+        #[arg(num_args = 1..=2, required = true, value_names = ["URL", "MOUNTPOINT"])]
+        args: Vec<String>,
+        /// Detach: return once the file system is mounted, serve in the background.
+        #[arg(long)]
+        daemon: bool,
+        /// With --daemon, write the log here (else it is discarded).
+        #[arg(long)]
+        log_file: Option<PathBuf>,
+        /// Let other users use the mount (FUSE's allow_other; needs root or
+        /// user_allow_other in /etc/fuse.conf).
+        #[arg(long)]
+        allow_other: bool,
+        /// Milliseconds between commits and checks for other clients' commits.
+        #[arg(long, default_value_t = 1000)]
+        commit_interval_ms: u64,
+        /// Threads serving the kernel's requests.
+        #[arg(long, default_value_t = 4)]
+        threads: usize,
+        /// Do not commit on every close of a written file (faster for many
+        /// small files; their commit then waits for the interval or fsync).
+        #[arg(long)]
+        no_commit_on_close: bool,
+    },
+    /// Unmount a mounted volume, committing what is written first.
+    Umount { mountpoint: PathBuf },
     /// Read and check every blob reachable from a version (default HEAD);
     /// report damage by path. Exits 1 if anything is damaged.
     Fsck {
@@ -279,13 +313,145 @@ fn du(store: &BlobStore, tree: Hash) -> FsResult<u64> {
     Ok(total)
 }
 
+/// Whether `dir` is a dictfs mount (per /proc/self/mounts).
+fn is_mounted(dir: &Path) -> bool {
+    let Ok(dir) = std::fs::canonicalize(dir) else {
+        return false;
+    };
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    mounts.lines().any(|l| {
+        let f: Vec<&str> = l.split(' ').collect();
+        f.len() > 2 && Path::new(f[1]) == dir && f[2] == "fuse.dictfs"
+    })
+}
+
+/// Starts this program again without --daemon, detached, and waits until the
+/// file system is mounted (or the child fails).
+fn daemonize(mountpoint: &Path, log_file: Option<&Path>) -> Result<(), Failure> {
+    use std::os::unix::process::CommandExt;
+    let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).filter(|a| a != "--daemon").collect();
+    let log = match log_file {
+        Some(p) => std::process::Stdio::from(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+                .map_err(|e| Failure(format!("cannot open log file '{}': {e}", p.display())))?,
+        ),
+        None => std::process::Stdio::null(),
+    };
+    let exe = std::env::current_exe().map_err(|e| Failure(format!("cannot find own executable: {e}")))?;
+    let mut cmd = std::process::Command::new(exe);
+    cmd.args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(log);
+    // SAFETY: setsid is async-signal-safe; it only detaches from the terminal.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().map_err(|e| Failure(format!("cannot start: {e}")))?;
+    for _ in 0..300 {
+        if is_mounted(mountpoint) {
+            println!("mounted at {} (pid {})", mountpoint.display(), child.id());
+            return Ok(());
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(Failure(format!(
+                "mount failed ({status}); see the log (--log-file)"
+            )));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    Err(Failure(format!(
+        "'{}' was not mounted within 15 s",
+        mountpoint.display()
+    )))
+}
+
+fn umount(mountpoint: &Path) -> Result<(), Failure> {
+    let shown = mountpoint.display();
+    if !is_mounted(mountpoint) {
+        return Err(Failure(format!("cannot unmount '{shown}': not a dictfs mount")));
+    }
+    // fsync on the root directory commits everything written so far.
+    if let Err(e) = std::fs::File::open(mountpoint).and_then(|d| d.sync_all()) {
+        eprintln!("fsclient: warning: could not commit before unmounting '{shown}': {e}");
+    }
+    let fusermount = std::process::Command::new("fusermount3")
+        .arg("-u")
+        .arg(mountpoint)
+        .status();
+    if matches!(fusermount, Ok(s) if s.success()) {
+        return Ok(());
+    }
+    let c = std::ffi::CString::new(mountpoint.as_os_str().as_bytes())
+        .map_err(|_| Failure(format!("cannot unmount '{shown}': bad path")))?;
+    // SAFETY: a valid NUL-terminated path.
+    if unsafe { libc::umount2(c.as_ptr(), 0) } != 0 {
+        let e = std::io::Error::last_os_error();
+        return Err(Failure(format!("cannot unmount '{shown}': {e}")));
+    }
+    Ok(())
+}
+
 fn run(cli: Cli) -> Result<(), Failure> {
+    let cli = match cli.command {
+        Command::Umount { mountpoint } => return umount(&mountpoint),
+        Command::Mount { ref args, .. } if args.len() == 2 => Cli {
+            store: args[0].clone(),
+            ..cli
+        },
+        _ => cli,
+    };
     let dict = Arc::new(
         RespDict::open(&cli.store).map_err(|e| Failure(format!("cannot reach {}: {e}", cli.store)))?,
     );
     let store = BlobStore::new(dict.clone(), &cli.prefix, 256 * 1024 * 1024);
     let v = Volume::new(store.clone(), &cli.volume);
     match cli.command {
+        Command::Umount { .. } => unreachable!("handled above"),
+        Command::Mount {
+            args,
+            daemon,
+            log_file,
+            allow_other,
+            commit_interval_ms,
+            threads,
+            no_commit_on_close,
+        } => {
+            let mountpoint = PathBuf::from(args.last().expect("clap requires one"));
+            if daemon {
+                return daemonize(&mountpoint, log_file.as_deref());
+            }
+            let opts = fsclient::vfs::Options {
+                commit_on_close: !no_commit_on_close,
+                ..Default::default()
+            };
+            let vfs = fsclient::vfs::Vfs::new(v, opts).map_err(|e| {
+                Failure(format!(
+                    "cannot open volume '{}' in {}: {e}",
+                    cli.volume, cli.store
+                ))
+            })?;
+            let mount = fsclient::mount::MountOptions {
+                mountpoint: mountpoint.clone(),
+                allow_other,
+                threads,
+                commit_interval: std::time::Duration::from_millis(commit_interval_ms.max(10)),
+            };
+            let shown = mountpoint.display().to_string();
+            fsclient::mount::serve(Arc::new(vfs), &mount, || {
+                eprintln!(
+                    "fsclient: volume '{}' mounted at {shown}; Ctrl-C unmounts",
+                    cli.volume
+                )
+            })
+            .map_err(|e| Failure(format!("cannot mount at '{shown}': {e}")))?;
+        }
         Command::Mkfs => {
             v.create().map_err(|e| match e {
                 FsError::Exists => Failure(format!("volume '{}' already exists", cli.volume)),

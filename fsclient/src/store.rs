@@ -142,6 +142,11 @@ impl BlobStore {
         Ok(blob)
     }
 
+    /// Whether a blob is in the memory cache (a read of it costs no round trip).
+    pub fn is_cached(&self, h: &Hash) -> bool {
+        self.cache.lock().lru.contains(h)
+    }
+
     /// Reads many blobs in one round trip (those not cached), in order.
     pub fn get_many(&self, hashes: &[Hash]) -> StoreResult<Vec<Bytes>> {
         let mut out: Vec<Option<Bytes>> = hashes.iter().map(|h| self.cache.lock().get(h)).collect();

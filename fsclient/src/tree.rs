@@ -27,6 +27,18 @@ pub enum FsError {
     NameTooLong,
     #[error("Invalid argument")]
     Invalid,
+    #[error("Operation not permitted")]
+    NotPermitted,
+    #[error("No data available")]
+    NoData,
+    #[error("Numerical result out of range")]
+    Range,
+    #[error("Operation not supported")]
+    NotSupported,
+    #[error("Bad file descriptor")]
+    BadHandle,
+    #[error("Stale file handle")]
+    Stale,
     #[error("Input/output error: {0}")]
     Store(#[from] StoreError),
     #[error("Input/output error: {0}")]
@@ -44,6 +56,12 @@ impl FsError {
             FsError::NotEmpty => 39,
             FsError::NameTooLong => 36,
             FsError::Invalid => 22,
+            FsError::NotPermitted => 1,
+            FsError::NoData => 61,
+            FsError::Range => 34,
+            FsError::NotSupported => 95,
+            FsError::BadHandle => 9,
+            FsError::Stale => 116,
             FsError::Store(_) | FsError::Io(_) => 5,
         }
     }

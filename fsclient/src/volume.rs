@@ -70,12 +70,25 @@ impl Volume {
         message: &str,
         op: impl FnOnce(&BlobStore, Hash) -> FsResult<Hash>,
     ) -> FsResult<Hash> {
-        let (mut base_hash, base) = self.head()?;
-        let mut base_root = base.root;
-        let mut ours = op(&self.store, base_root)?;
+        let (base_hash, base) = self.head()?;
+        let ours = op(&self.store, base.root)?;
+        Ok(self.commit_tree(base_hash, base.root, ours, message)?.0)
+    }
+
+    /// Commits the tree `ours`, made from the commit `base_hash` (whose tree is
+    /// `base_root`): swaps the root pointer from `base_hash`, and if another
+    /// client swapped first, merges with theirs and tries again. Returns the
+    /// commit that landed and its tree (`ours`, or the merge of it).
+    pub fn commit_tree(
+        &self,
+        mut base_hash: Hash,
+        mut base_root: Hash,
+        mut ours: Hash,
+        message: &str,
+    ) -> FsResult<(Hash, Hash)> {
         for attempt in 0..MAX_ATTEMPTS {
             if ours == base_root {
-                return Ok(base_hash);
+                return Ok((base_hash, base_root));
             }
             let commit = self.store.put(object::encode_commit(&Commit {
                 root: ours,
@@ -85,7 +98,7 @@ impl Volume {
                 message: message.to_string(),
             }))?;
             if self.store.swap_root(&self.name, Some(base_hash), commit)? {
-                return Ok(commit);
+                return Ok((commit, ours));
             }
             // Someone committed first: merge with theirs and try from there.
             let (theirs_hash, theirs) = self.head()?;

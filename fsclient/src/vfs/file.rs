@@ -1,0 +1,409 @@
+//! A file's content while it is being read and written: the stored manifest
+//! plus an overlay of bytes written since, turned back into chunks by
+//! [`FileData::materialize`].
+//!
+//! Invariants (kept by every method here):
+//! - `extents` never overlap and never touch (adjacent writes are joined), and
+//!   every extent ends at or before `size`.
+//! - A byte at offset `x < size` is: the extent covering `x` if there is one;
+//!   else the manifest's byte if `x < valid`; else zero. `valid <= base_size`,
+//!   and `valid < base_size` only after a truncation (bytes past it are gone).
+//! - `base_size` is the size of the manifest `manifest`.
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use crate::object::{self, Hash, Manifest};
+use crate::store::{BlobStore, StoreError};
+use crate::tree::{Chunking, FsError, FsResult};
+
+/// A manifest with the offset of each chunk, for finding a byte's chunk.
+#[derive(Debug, Default)]
+pub struct ChunkMap {
+    /// `(hash, start offset, length)` of each chunk, in order.
+    pub chunks: Vec<(Hash, u64, u32)>,
+}
+
+impl ChunkMap {
+    pub fn new(m: &Manifest) -> ChunkMap {
+        let mut at = 0u64;
+        let chunks = m
+            .chunks
+            .iter()
+            .map(|&(h, len)| {
+                let c = (h, at, len);
+                at += len as u64;
+                c
+            })
+            .collect();
+        ChunkMap { chunks }
+    }
+
+    pub fn size(&self) -> u64 {
+        self.chunks.last().map_or(0, |&(_, s, l)| s + l as u64)
+    }
+
+    /// Index of the chunk holding byte `offset` (`None` past the end).
+    pub fn find(&self, offset: u64) -> Option<usize> {
+        let i = self.chunks.partition_point(|&(_, s, _)| s <= offset);
+        (i > 0 && offset < self.size()).then(|| i - 1)
+    }
+
+    fn manifest(&self) -> Manifest {
+        Manifest {
+            chunks: self.chunks.iter().map(|&(h, _, l)| (h, l)).collect(),
+        }
+    }
+}
+
+/// A chunk's data, checked against its expected length.
+pub fn chunk_data(store: &BlobStore, h: &Hash, len: u32) -> FsResult<Bytes> {
+    let blob = store.get(h)?;
+    let data = object::decode_chunk(&blob).map_err(|error| StoreError::Malformed {
+        key: store.blob_key(h),
+        error,
+    })?;
+    if data.len() != len as usize {
+        return Err(StoreError::Corrupt {
+            key: store.blob_key(h),
+        }
+        .into());
+    }
+    Ok(data)
+}
+
+pub struct FileData {
+    /// The manifest the overlay is on top of.
+    pub manifest: Hash,
+    map: Arc<ChunkMap>,
+    base_size: u64,
+    valid: u64,
+    pub size: u64,
+    extents: BTreeMap<u64, Vec<u8>>,
+    /// Bytes held in `extents`.
+    pub dirty_bytes: usize,
+    /// Whether the content differs from `manifest` (writes or truncation).
+    pub changed: bool,
+}
+
+/// What a read needs, taken under the file's lock and used after it is let go,
+/// so a slow fetch from the store does not block writers of the file.
+pub struct ReadView {
+    map: Arc<ChunkMap>,
+    valid: u64,
+    /// The requested range clamped to the file size.
+    start: u64,
+    end: u64,
+    /// Overlay pieces inside the range: (offset, bytes).
+    overlay: Vec<(u64, Vec<u8>)>,
+}
+
+impl FileData {
+    /// A file with the given stored manifest (decoded by the caller).
+    pub fn new(manifest: Hash, m: &Manifest) -> FileData {
+        let map = Arc::new(ChunkMap::new(m));
+        let size = map.size();
+        FileData {
+            manifest,
+            map,
+            base_size: size,
+            valid: size,
+            size,
+            extents: BTreeMap::new(),
+            dirty_bytes: 0,
+            changed: false,
+        }
+    }
+
+    /// A new empty file, not stored yet (its empty manifest is stored by
+    /// [`FileData::materialize`]).
+    pub fn empty() -> FileData {
+        let m = Manifest::default();
+        let mut f = FileData::new(Hash::of(&object::encode_manifest(&m)), &m);
+        f.changed = true;
+        f
+    }
+
+    /// Takes what is needed to read `len` bytes at `offset`.
+    pub fn view(&self, offset: u64, len: u64) -> ReadView {
+        let start = offset.min(self.size);
+        let end = offset.saturating_add(len).min(self.size);
+        let mut overlay = Vec::new();
+        // The extent starting before `start` may reach into the range.
+        let first = self
+            .extents
+            .range(..=start)
+            .next_back()
+            .map(|(&s, _)| s)
+            .unwrap_or(start);
+        for (&s, data) in self.extents.range(first..end) {
+            let e = s + data.len() as u64;
+            if e <= start {
+                continue;
+            }
+            let (a, b) = (s.max(start), e.min(end));
+            overlay.push((a, data[(a - s) as usize..(b - s) as usize].to_vec()));
+        }
+        ReadView {
+            map: self.map.clone(),
+            valid: self.valid,
+            start,
+            end,
+            overlay,
+        }
+    }
+
+    /// Writes `data` at `offset`, growing the file if it ends past the end.
+    pub fn write(&mut self, offset: u64, data: &[u8]) {
+        if data.is_empty() {
+            return;
+        }
+        let end = offset + data.len() as u64;
+        // Appending to the extent that ends exactly here (sequential writes).
+        let nothing_after = self.extents.range(offset..=end).next().is_none();
+        if let Some((&s, ext)) = self.extents.range_mut(..offset).next_back() {
+            if s + ext.len() as u64 == offset && nothing_after {
+                ext.extend_from_slice(data);
+                self.dirty_bytes += data.len();
+                self.grow(end);
+                return;
+            }
+        }
+        // Otherwise join every extent that overlaps or touches [offset, end].
+        let touching: Vec<u64> = self
+            .extents
+            .range(..=end)
+            .rev()
+            .take_while(|(&s, e)| s + e.len() as u64 >= offset)
+            .map(|(&s, _)| s)
+            .collect();
+        let lo = touching.iter().copied().min().unwrap_or(offset).min(offset);
+        let hi = touching
+            .iter()
+            .map(|s| s + self.extents[s].len() as u64)
+            .max()
+            .unwrap_or(end)
+            .max(end);
+        let mut joined = vec![0u8; (hi - lo) as usize];
+        for s in touching {
+            let old = self.extents.remove(&s).expect("listed above");
+            self.dirty_bytes -= old.len();
+            joined[(s - lo) as usize..(s - lo) as usize + old.len()].copy_from_slice(&old);
+        }
+        joined[(offset - lo) as usize..(end - lo) as usize].copy_from_slice(data);
+        self.dirty_bytes += joined.len();
+        self.extents.insert(lo, joined);
+        self.grow(end);
+    }
+
+    fn grow(&mut self, end: u64) {
+        self.size = self.size.max(end);
+        self.changed = true;
+    }
+
+    /// Sets the size: cuts what is past it, or extends with zeros.
+    pub fn truncate(&mut self, size: u64) {
+        if size < self.size {
+            let cut: Vec<u64> = self.extents.range(..).map(|(&s, _)| s).collect();
+            for s in cut {
+                let len = self.extents[&s].len() as u64;
+                if s >= size {
+                    self.dirty_bytes -= len as usize;
+                    self.extents.remove(&s);
+                } else if s + len > size {
+                    let e = self.extents.get_mut(&s).expect("listed above");
+                    self.dirty_bytes -= (s + len - size) as usize;
+                    e.truncate((size - s) as usize);
+                }
+            }
+            self.valid = self.valid.min(size);
+        }
+        if size != self.size {
+            self.size = size;
+            self.changed = true;
+        }
+    }
+
+    /// Stores the content as chunks and a manifest, and makes that the new base
+    /// (the overlay is emptied). Only the chunks around changed bytes are
+    /// re-cut: chunks before the first change are kept, and after the last
+    /// change the chunker re-joins the old boundaries (content-defined cuts
+    /// depend only on the bytes since the previous cut), keeping the rest.
+    pub fn materialize(&mut self, store: &BlobStore, chunking: Chunking) -> FsResult<()> {
+        if !self.changed {
+            return Ok(());
+        }
+        let old = self.map.clone();
+        let first_change = self
+            .extents
+            .keys()
+            .next()
+            .copied()
+            .unwrap_or(u64::MAX)
+            .min(self.valid);
+        let first_change = if self.size != self.base_size {
+            first_change.min(self.base_size.min(self.size))
+        } else {
+            first_change
+        };
+        // Re-cut from the start of the chunk holding the first change; if it is
+        // at or past the old end, from the old last chunk (cut by the end of
+        // the file, not by content).
+        let from_chunk = match old.find(first_change) {
+            Some(i) => i,
+            None => old.chunks.len().saturating_sub(1),
+        };
+        let from = old.chunks.get(from_chunk).map_or(0, |c| c.1).min(self.size);
+        let last_change = self
+            .extents
+            .iter()
+            .next_back()
+            .map_or(0, |(&s, e)| s + e.len() as u64);
+        // Old boundaries are reusable only where old bytes are still there.
+        let may_rejoin = self.valid == self.base_size && self.size == self.base_size;
+
+        let mut chunks: Vec<(Hash, u64, u32)> = old.chunks[..from_chunk.min(old.chunks.len())].to_vec();
+        let mut batch = Vec::new();
+        let mut batch_bytes = 0usize;
+        let reader = ContentReader {
+            store,
+            file: self,
+            at: from,
+        };
+        let cdc = fastcdc::v2020::StreamCDC::new(reader, chunking.min, chunking.avg, chunking.max);
+        for c in cdc {
+            let c = c.map_err(|e| match e {
+                fastcdc::v2020::Error::IoError(io) => FsError::Io(io),
+                other => FsError::Io(std::io::Error::other(other.to_string())),
+            })?;
+            let blob = object::encode_chunk(&c.data);
+            let start = from + c.offset;
+            chunks.push((Hash::of(&blob), start, c.length as u32));
+            batch_bytes += blob.len();
+            batch.push(blob);
+            if batch_bytes >= 16 << 20 {
+                store.put_many(std::mem::take(&mut batch))?;
+                batch_bytes = 0;
+            }
+            let end = start + c.length as u64;
+            if may_rejoin && end >= last_change && end < self.base_size {
+                // A cut on an old boundary (not the old last one, which the end
+                // of the file made): the rest is unchanged.
+                if let Some(j) = old.find(end) {
+                    if old.chunks[j].1 == end {
+                        chunks.extend_from_slice(&old.chunks[j..]);
+                        break;
+                    }
+                }
+            }
+        }
+        store.put_many(batch)?;
+        let map = ChunkMap { chunks };
+        debug_assert_eq!(map.size(), self.size);
+        let manifest = store.put(object::encode_manifest(&map.manifest()))?;
+        self.manifest = manifest;
+        self.base_size = map.size();
+        self.valid = self.base_size;
+        self.size = self.base_size;
+        self.map = Arc::new(map);
+        self.extents.clear();
+        self.dirty_bytes = 0;
+        self.changed = false;
+        Ok(())
+    }
+}
+
+impl ReadView {
+    /// The bytes of the range, fetching chunks from the store as needed.
+    /// Also returns the index of the last chunk read (for read-ahead).
+    pub fn read(&self, store: &BlobStore) -> FsResult<(Vec<u8>, Option<usize>)> {
+        let mut out = vec![0u8; (self.end - self.start) as usize];
+        let base_end = self.end.min(self.valid);
+        let mut at = self.start;
+        let mut last = None;
+        while at < base_end {
+            // Skip the base where the overlay covers it anyway.
+            if let Some((s, d)) = self
+                .overlay
+                .iter()
+                .find(|(s, d)| *s <= at && at < s + d.len() as u64)
+            {
+                at = s + d.len() as u64;
+                continue;
+            }
+            let Some(i) = self.map.find(at) else { break };
+            let (h, cs, cl) = self.map.chunks[i];
+            let data = chunk_data(store, &h, cl)?;
+            let to = (cs + cl as u64).min(base_end);
+            out[(at - self.start) as usize..(to - self.start) as usize]
+                .copy_from_slice(&data[(at - cs) as usize..(to - cs) as usize]);
+            last = Some(i);
+            at = to;
+        }
+        for (s, d) in &self.overlay {
+            let o = (s - self.start) as usize;
+            out[o..o + d.len()].copy_from_slice(d);
+        }
+        Ok((out, last))
+    }
+
+    /// Hashes of the `n` chunks after chunk `i`, for read-ahead.
+    pub fn following(&self, i: usize, n: usize) -> Vec<(Hash, u32)> {
+        self.map
+            .chunks
+            .iter()
+            .skip(i + 1)
+            .take(n)
+            .map(|&(h, _, l)| (h, l))
+            .collect()
+    }
+}
+
+/// The file's bytes from `at` to its end, as a `Read` for the chunker.
+struct ContentReader<'a> {
+    store: &'a BlobStore,
+    file: &'a FileData,
+    at: u64,
+}
+
+impl Read for ContentReader<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let f = self.file;
+        if self.at >= f.size {
+            return Ok(0);
+        }
+        // Read up to the next place the source changes (extent, chunk, valid).
+        let mut end = (self.at + buf.len() as u64).min(f.size);
+        if let Some((&s, e)) = f.extents.range(..=self.at).next_back() {
+            let e_end = s + e.len() as u64;
+            if self.at < e_end {
+                let n = (end.min(e_end) - self.at) as usize;
+                let o = (self.at - s) as usize;
+                buf[..n].copy_from_slice(&e[o..o + n]);
+                self.at += n as u64;
+                return Ok(n);
+            }
+        }
+        if let Some((&s, _)) = f.extents.range(self.at..).next() {
+            end = end.min(s);
+        }
+        let n;
+        if self.at < f.valid {
+            let i = f.map.find(self.at).expect("valid bytes are in the manifest");
+            let (h, cs, cl) = f.map.chunks[i];
+            end = end.min(cs + cl as u64).min(f.valid);
+            let data = chunk_data(self.store, &h, cl).map_err(std::io::Error::other)?;
+            n = (end - self.at) as usize;
+            let o = (self.at - cs) as usize;
+            buf[..n].copy_from_slice(&data[o..o + n]);
+        } else {
+            n = (end - self.at) as usize;
+            buf[..n].fill(0);
+        }
+        self.at += n as u64;
+        Ok(n)
+    }
+}

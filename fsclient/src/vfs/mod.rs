@@ -1,0 +1,1189 @@
+//! A live, writable view of a volume with inode numbers and open handles: what
+//! a mount needs, without any FUSE types (the adapter in [`crate::mount`]
+//! translates).
+//!
+//! The view is a tree of nodes loaded on demand from the volume's current
+//! commit. Changes are made to the nodes (a dirty overlay; file bytes go to a
+//! per-file overlay, see [`file`]) and become one commit when [`Vfs::commit`]
+//! runs: on fsync, on close of a written file, and every commit interval. A
+//! commit that loses the root swap is merged ([`crate::merge`]) and the view
+//! adopts the merged tree, keeping the inode numbers of everything that is
+//! still there. Other clients' commits are adopted by [`Vfs::sync`].
+//!
+//! Locking: one mutex guards the node table (`State`); each file's bytes have
+//! their own mutex, always taken after the state's, never before. Reads copy
+//! what they need and fetch chunks with no lock held; uploads of a file's
+//! bytes hold only that file's lock.
+//!
+//! Invariants:
+//! - a directory node is `dirty` if its listing or any entry below it changed
+//!   since its `tree` was stored; a dirty directory's parent is dirty too, so a
+//!   commit walks only dirty directories;
+//! - a node is in its parent's `children` exactly when `linked`; an unlinked
+//!   node lives on only while the kernel remembers it or a handle is open.
+
+pub mod file;
+mod prefetch;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+
+use crate::object::{self, Content, Dir, Entry, Hash, Manifest, Meta, Time};
+use crate::store::BlobStore;
+use crate::tree::{self, Chunking, FsError, FsResult};
+use crate::volume::Volume;
+use file::FileData;
+
+/// An inode number, as the kernel sees it. Never reused within a mount.
+pub type Ino = u64;
+/// The root directory's inode number (FUSE's).
+pub const ROOT: Ino = 1;
+/// Longest name a directory entry may have (as on Linux).
+pub const NAME_MAX: usize = 255;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    File,
+    Dir,
+    Symlink,
+    Fifo,
+}
+
+/// What `stat` shows.
+#[derive(Clone, Debug)]
+pub struct Attr {
+    pub ino: Ino,
+    pub kind: Kind,
+    pub size: u64,
+    /// Permission bits, with setuid/setgid/sticky.
+    pub perm: u16,
+    pub nlink: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub mtime: Time,
+    pub ctime: Time,
+}
+
+/// Who is asking (new files are theirs).
+#[derive(Clone, Copy, Debug)]
+pub struct Caller {
+    pub uid: u32,
+    pub gid: u32,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub enum TimeSet {
+    Now,
+    At(Time),
+}
+
+/// The changes of a `setattr`; `None` leaves a field alone. Access times are
+/// not kept (the format has none; `atime` reads as `mtime`).
+#[derive(Clone, Debug, Default)]
+pub struct SetAttr {
+    pub mode: Option<u32>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub size: Option<u64>,
+    pub mtime: Option<TimeSet>,
+    pub ctime: Option<Time>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RenameMode {
+    /// rename(2): replace the target if there is one.
+    Replace,
+    /// RENAME_NOREPLACE: fail with EEXIST if the target exists.
+    NoReplace,
+    /// RENAME_EXCHANGE: swap the two, which must both exist.
+    Exchange,
+}
+
+/// One line of a directory listing.
+#[derive(Clone, Debug)]
+pub struct DirEntry {
+    pub ino: Ino,
+    pub kind: Kind,
+    pub name: Vec<u8>,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct Statfs {
+    pub block_size: u32,
+    pub blocks: u64,
+    pub blocks_free: u64,
+    pub files: u64,
+    pub files_free: u64,
+}
+
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub chunking: Chunking,
+    /// Commit when a handle that wrote is closed (close-to-open consistency
+    /// across machines); otherwise such writes wait for the interval.
+    pub commit_on_close: bool,
+    /// A file's unstored bytes past this are cut into chunks and stored (not
+    /// yet committed), so memory stays bounded however large the file.
+    pub spill_bytes: usize,
+    /// Chunks fetched ahead of a reader.
+    pub readahead_chunks: usize,
+    pub readahead_threads: usize,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            chunking: Chunking::default(),
+            commit_on_close: true,
+            spill_bytes: 64 << 20,
+            readahead_chunks: 4,
+            readahead_threads: 4,
+        }
+    }
+}
+
+enum Body {
+    Dir(DirNode),
+    /// A regular file: its stored manifest and size until someone reads or
+    /// writes it, then its bytes.
+    File {
+        manifest: Hash,
+        size: u64,
+        data: Option<Arc<Mutex<FileData>>>,
+    },
+    Symlink(Vec<u8>),
+    Fifo,
+}
+
+struct DirNode {
+    /// The stored directory this node was loaded from or last committed as.
+    tree: Hash,
+    /// Children by name, once loaded.
+    children: Option<BTreeMap<Vec<u8>, Ino>>,
+    dirty: bool,
+}
+
+struct Node {
+    parent: Ino,
+    name: Vec<u8>,
+    meta: Meta,
+    body: Body,
+    /// How many times the kernel was told of this node and not yet told to forget.
+    lookups: u64,
+    /// Open handles.
+    open: u32,
+    linked: bool,
+}
+
+impl Node {
+    fn kind(&self) -> Kind {
+        match self.body {
+            Body::Dir(_) => Kind::Dir,
+            Body::File { .. } => Kind::File,
+            Body::Symlink(_) => Kind::Symlink,
+            Body::Fifo => Kind::Fifo,
+        }
+    }
+
+    fn dir(&mut self) -> FsResult<&mut DirNode> {
+        match &mut self.body {
+            Body::Dir(d) => Ok(d),
+            _ => Err(FsError::NotDir),
+        }
+    }
+}
+
+fn kind_of(content: &Content) -> Kind {
+    match content {
+        Content::File { .. } => Kind::File,
+        Content::Dir { .. } => Kind::Dir,
+        Content::Symlink { .. } => Kind::Symlink,
+        Content::Fifo => Kind::Fifo,
+    }
+}
+
+struct Handle {
+    ino: Ino,
+    append: bool,
+    wrote: bool,
+    /// A directory handle's listing, taken when reading starts, so offsets
+    /// stay meaningful while the directory changes.
+    listing: Option<Arc<Vec<DirEntry>>>,
+}
+
+struct State {
+    nodes: HashMap<Ino, Node>,
+    next_ino: Ino,
+    /// The commit the view is based on, and its tree.
+    base_commit: Hash,
+    base_root: Hash,
+    /// Whether anything changed since `base_commit`.
+    dirty: bool,
+    /// Files written since their bytes were last stored (a hint for commit).
+    dirty_files: HashSet<Ino>,
+    handles: HashMap<u64, Handle>,
+    next_fh: u64,
+}
+
+pub struct Vfs {
+    volume: Volume,
+    opts: Options,
+    state: Mutex<State>,
+    /// One commit at a time.
+    commit_lock: Mutex<()>,
+    prefetch: prefetch::Prefetcher,
+}
+
+fn check_name(name: &[u8]) -> FsResult<()> {
+    if name.len() > NAME_MAX {
+        return Err(FsError::NameTooLong);
+    }
+    if name.is_empty() || name == b"." || name == b".." || name.contains(&b'/') || name.contains(&0) {
+        return Err(FsError::Invalid);
+    }
+    Ok(())
+}
+
+fn now_meta(meta: &mut Meta) {
+    let now = Time::now();
+    meta.mtime = now;
+    meta.ctime = now;
+}
+
+impl State {
+    fn node(&self, ino: Ino) -> FsResult<&Node> {
+        self.nodes.get(&ino).ok_or(FsError::Stale)
+    }
+
+    fn node_mut(&mut self, ino: Ino) -> FsResult<&mut Node> {
+        self.nodes.get_mut(&ino).ok_or(FsError::Stale)
+    }
+
+    fn add_node(&mut self, parent: Ino, name: Vec<u8>, entry: Entry) -> Ino {
+        let ino = self.next_ino;
+        self.next_ino += 1;
+        let body = match entry.content {
+            Content::File { manifest, size } => Body::File {
+                manifest,
+                size,
+                data: None,
+            },
+            Content::Dir { tree } => Body::Dir(DirNode {
+                tree,
+                children: None,
+                dirty: false,
+            }),
+            Content::Symlink { target } => Body::Symlink(target),
+            Content::Fifo => Body::Fifo,
+        };
+        self.nodes.insert(
+            ino,
+            Node {
+                parent,
+                name,
+                meta: entry.meta,
+                body,
+                lookups: 0,
+                open: 0,
+                linked: true,
+            },
+        );
+        ino
+    }
+
+    /// Loads a directory's children (reading its blobs) if not loaded yet.
+    fn load(&mut self, store: &BlobStore, ino: Ino) -> FsResult<()> {
+        let d = self.node_mut(ino)?.dir()?;
+        if d.children.is_some() {
+            return Ok(());
+        }
+        let tree = d.tree;
+        let entries = store.dir(&tree)?;
+        let mut children = BTreeMap::new();
+        for (name, entry) in entries {
+            let child = self.add_node(ino, name.clone(), entry);
+            children.insert(name, child);
+        }
+        self.node_mut(ino)?.dir()?.children = Some(children);
+        Ok(())
+    }
+
+    fn children(&mut self, store: &BlobStore, ino: Ino) -> FsResult<&mut BTreeMap<Vec<u8>, Ino>> {
+        self.load(store, ino)?;
+        Ok(self
+            .node_mut(ino)?
+            .dir()?
+            .children
+            .as_mut()
+            .expect("loaded above"))
+    }
+
+    fn child(&mut self, store: &BlobStore, parent: Ino, name: &[u8]) -> FsResult<Option<Ino>> {
+        Ok(self.children(store, parent)?.get(name).copied())
+    }
+
+    /// Marks a directory and those above it as needing a rewrite.
+    fn mark_dirty(&mut self, mut ino: Ino) {
+        self.dirty = true;
+        while let Some(node) = self.nodes.get_mut(&ino) {
+            let parent = node.parent;
+            match &mut node.body {
+                Body::Dir(d) if !d.dirty => d.dirty = true,
+                _ => return,
+            }
+            if ino == ROOT || !node.linked {
+                return;
+            }
+            ino = parent;
+        }
+    }
+
+    /// Records that a node's own entry changed (its metadata or content).
+    fn entry_changed(&mut self, ino: Ino) {
+        let Some(node) = self.nodes.get(&ino) else { return };
+        if node.linked && ino != ROOT {
+            let parent = node.parent;
+            self.mark_dirty(parent);
+        }
+        self.dirty = true;
+    }
+
+    /// A directory's listing changed: its times, and it needs a rewrite.
+    fn listing_changed(&mut self, dir: Ino) {
+        if let Some(node) = self.nodes.get_mut(&dir) {
+            now_meta(&mut node.meta);
+        }
+        self.mark_dirty(dir);
+        self.entry_changed(dir);
+    }
+
+    fn nlink(&mut self, store: &BlobStore, ino: Ino) -> FsResult<u32> {
+        let node = self.node(ino)?;
+        if !node.linked {
+            return Ok(0);
+        }
+        if node.kind() != Kind::Dir {
+            return Ok(1);
+        }
+        let subdirs: Vec<Ino> = self.children(store, ino)?.values().copied().collect();
+        let n = subdirs
+            .iter()
+            .filter(|c| matches!(self.nodes.get(c).map(|n| &n.body), Some(Body::Dir(_))))
+            .count();
+        Ok(2 + n as u32)
+    }
+
+    fn attr(&mut self, store: &BlobStore, ino: Ino) -> FsResult<Attr> {
+        let nlink = self.nlink(store, ino)?;
+        let node = self.node(ino)?;
+        let size = match &node.body {
+            Body::File { data: Some(d), .. } => d.lock().size,
+            Body::File { size, .. } => *size,
+            Body::Symlink(t) => t.len() as u64,
+            Body::Dir(_) => 4096,
+            Body::Fifo => 0,
+        };
+        Ok(Attr {
+            ino,
+            kind: node.kind(),
+            size,
+            perm: (node.meta.mode & 0o7777) as u16,
+            nlink,
+            uid: node.meta.uid,
+            gid: node.meta.gid,
+            mtime: node.meta.mtime,
+            ctime: node.meta.ctime,
+        })
+    }
+
+    /// Takes a node out of the tree; it is dropped once nothing refers to it.
+    fn unlink_node(&mut self, ino: Ino) {
+        if let Some(n) = self.nodes.get_mut(&ino) {
+            n.linked = false;
+        }
+        self.drop_if_unused(ino);
+    }
+
+    fn drop_if_unused(&mut self, ino: Ino) {
+        let Some(n) = self.nodes.get(&ino) else { return };
+        if n.linked || n.lookups > 0 || n.open > 0 || ino == ROOT {
+            return;
+        }
+        let node = self.nodes.remove(&ino).expect("checked above");
+        self.dirty_files.remove(&ino);
+        if let Body::Dir(DirNode {
+            children: Some(children),
+            ..
+        }) = node.body
+        {
+            for child in children.into_values() {
+                self.unlink_node(child);
+            }
+        }
+    }
+
+    /// The stored entry for a node, storing what changed below it first.
+    fn entry(&mut self, store: &BlobStore, chunking: Chunking, ino: Ino) -> FsResult<Entry> {
+        let content = match &self.node(ino)?.body {
+            Body::Dir(_) => Content::Dir {
+                tree: self.build(store, chunking, ino)?,
+            },
+            Body::File { data: Some(data), .. } => {
+                let mut f = data.lock();
+                f.materialize(store, chunking)?;
+                Content::File {
+                    manifest: f.manifest,
+                    size: f.size,
+                }
+            }
+            Body::File { manifest, size, .. } => Content::File {
+                manifest: *manifest,
+                size: *size,
+            },
+            Body::Symlink(target) => Content::Symlink {
+                target: target.clone(),
+            },
+            Body::Fifo => Content::Fifo,
+        };
+        Ok(Entry {
+            meta: self.node(ino)?.meta.clone(),
+            content,
+        })
+    }
+
+    /// Stores a directory if it is dirty; returns its tree.
+    fn build(&mut self, store: &BlobStore, chunking: Chunking, ino: Ino) -> FsResult<Hash> {
+        let d = self.node_mut(ino)?.dir()?;
+        let (true, Some(children)) = (d.dirty, &d.children) else {
+            return Ok(d.tree);
+        };
+        let children: Vec<(Vec<u8>, Ino)> = children.iter().map(|(n, &i)| (n.clone(), i)).collect();
+        let mut dir = Dir::new();
+        for (name, child) in children {
+            dir.insert(name, self.entry(store, chunking, child)?);
+        }
+        let tree = store.put_dir(&dir)?;
+        let d = self.node_mut(ino)?.dir()?;
+        d.tree = tree;
+        d.dirty = false;
+        Ok(tree)
+    }
+
+    /// Makes a clean directory node show `tree`, keeping the inode numbers of
+    /// names that are still there with the same kind.
+    fn adopt_dir(&mut self, store: &BlobStore, ino: Ino, tree: Hash) -> FsResult<()> {
+        let d = self.node_mut(ino)?.dir()?;
+        if d.tree == tree && !d.dirty {
+            return Ok(());
+        }
+        d.tree = tree;
+        d.dirty = false;
+        let Some(old) = d.children.take() else {
+            return Ok(());
+        };
+        let entries = store.dir(&tree)?;
+        let mut children = BTreeMap::new();
+        for (name, &child) in &old {
+            if !entries.contains_key(name) {
+                self.unlink_node(child);
+            }
+        }
+        for (name, entry) in entries {
+            let same = old
+                .get(&name)
+                .copied()
+                .filter(|c| self.nodes.get(c).map(Node::kind) == Some(kind_of(&entry.content)));
+            let child = match same {
+                Some(c) => {
+                    self.adopt_entry(store, c, entry)?;
+                    c
+                }
+                None => {
+                    if let Some(&c) = old.get(&name) {
+                        self.unlink_node(c);
+                    }
+                    self.add_node(ino, name.clone(), entry)
+                }
+            };
+            children.insert(name, child);
+        }
+        self.node_mut(ino)?.dir()?.children = Some(children);
+        Ok(())
+    }
+
+    fn adopt_entry(&mut self, store: &BlobStore, ino: Ino, entry: Entry) -> FsResult<()> {
+        let node = self.node_mut(ino)?;
+        node.meta = entry.meta;
+        match (entry.content, &mut node.body) {
+            (Content::Dir { tree }, Body::Dir(_)) => self.adopt_dir(store, ino, tree)?,
+            (
+                Content::File { manifest, size },
+                Body::File {
+                    manifest: m,
+                    size: s,
+                    data,
+                },
+            ) => {
+                let unchanged = match data {
+                    Some(d) => {
+                        let d = d.lock();
+                        d.changed || d.manifest == manifest
+                    }
+                    None => *m == manifest,
+                };
+                if !unchanged {
+                    *m = manifest;
+                    *s = size;
+                    *data = None;
+                }
+            }
+            (Content::Symlink { target }, Body::Symlink(t)) => *t = target,
+            _ => {}
+        }
+        Ok(())
+    }
+
+    fn handle(&mut self, fh: u64) -> FsResult<&mut Handle> {
+        self.handles.get_mut(&fh).ok_or(FsError::BadHandle)
+    }
+
+    fn open_handle(&mut self, ino: Ino, append: bool) -> FsResult<u64> {
+        self.node_mut(ino)?.open += 1;
+        let fh = self.next_fh;
+        self.next_fh += 1;
+        self.handles.insert(
+            fh,
+            Handle {
+                ino,
+                append,
+                wrote: false,
+                listing: None,
+            },
+        );
+        Ok(fh)
+    }
+
+    fn is_ancestor(&self, maybe_ancestor: Ino, mut ino: Ino) -> bool {
+        loop {
+            if ino == maybe_ancestor {
+                return true;
+            }
+            match self.nodes.get(&ino) {
+                Some(n) if ino != ROOT && n.linked => ino = n.parent,
+                _ => return false,
+            }
+        }
+    }
+}
+
+impl Vfs {
+    /// Opens a view of the volume's current commit.
+    pub fn new(volume: Volume, opts: Options) -> FsResult<Vfs> {
+        let (base_commit, commit) = volume.head()?;
+        let mut nodes = HashMap::new();
+        nodes.insert(
+            ROOT,
+            Node {
+                parent: ROOT,
+                name: Vec::new(),
+                meta: tree::new_meta(0o755),
+                body: Body::Dir(DirNode {
+                    tree: commit.root,
+                    children: None,
+                    dirty: false,
+                }),
+                lookups: 1,
+                open: 0,
+                linked: true,
+            },
+        );
+        let prefetch = prefetch::Prefetcher::new(volume.store.clone(), opts.readahead_threads);
+        Ok(Vfs {
+            state: Mutex::new(State {
+                nodes,
+                next_ino: ROOT + 1,
+                base_commit,
+                base_root: commit.root,
+                dirty: false,
+                dirty_files: HashSet::new(),
+                handles: HashMap::new(),
+                next_fh: 1,
+            }),
+            volume,
+            opts,
+            commit_lock: Mutex::new(()),
+            prefetch,
+        })
+    }
+
+    fn store(&self) -> &BlobStore {
+        &self.volume.store
+    }
+
+    pub fn volume(&self) -> &Volume {
+        &self.volume
+    }
+
+    /// Looks up a name; the kernel now remembers the node (see [`Vfs::forget`]).
+    pub fn lookup(&self, parent: Ino, name: &[u8]) -> FsResult<Attr> {
+        if name.len() > NAME_MAX {
+            return Err(FsError::NameTooLong);
+        }
+        let mut st = self.state.lock();
+        let ino = st.child(self.store(), parent, name)?.ok_or(FsError::NotFound)?;
+        let attr = st.attr(self.store(), ino)?;
+        st.node_mut(ino)?.lookups += 1;
+        Ok(attr)
+    }
+
+    /// The kernel forgets `n` lookups of a node.
+    pub fn forget(&self, ino: Ino, n: u64) {
+        let mut st = self.state.lock();
+        if let Some(node) = st.nodes.get_mut(&ino) {
+            node.lookups = node.lookups.saturating_sub(n);
+        }
+        st.drop_if_unused(ino);
+    }
+
+    pub fn getattr(&self, ino: Ino) -> FsResult<Attr> {
+        self.state.lock().attr(self.store(), ino)
+    }
+
+    /// The bytes of a file, loaded on first use.
+    fn file_data(&self, ino: Ino) -> FsResult<Arc<Mutex<FileData>>> {
+        let manifest = match &self.state.lock().node(ino)?.body {
+            Body::File { data: Some(d), .. } => return Ok(d.clone()),
+            Body::File { manifest, .. } => *manifest,
+            Body::Dir(_) => return Err(FsError::IsDir),
+            _ => return Err(FsError::Invalid),
+        };
+        // Fetched with no lock held; another caller may install it first.
+        let m = self.store().manifest(&manifest)?;
+        let mut st = self.state.lock();
+        match &mut st.node_mut(ino)?.body {
+            Body::File { data: Some(d), .. } => Ok(d.clone()),
+            Body::File { data, .. } => {
+                let d = Arc::new(Mutex::new(FileData::new(manifest, &m)));
+                *data = Some(d.clone());
+                Ok(d)
+            }
+            _ => Err(FsError::Stale),
+        }
+    }
+
+    pub fn setattr(&self, ino: Ino, set: SetAttr) -> FsResult<Attr> {
+        let data = match set.size {
+            Some(_) => Some(self.file_data(ino)?),
+            None => None,
+        };
+        let mut st = self.state.lock();
+        let node = st.node_mut(ino)?;
+        if let Some(mode) = set.mode {
+            node.meta.mode = mode & 0o7777;
+        }
+        if let Some(uid) = set.uid {
+            node.meta.uid = uid;
+        }
+        if let Some(gid) = set.gid {
+            node.meta.gid = gid;
+        }
+        let now = Time::now();
+        if let (Some(size), Some(data)) = (set.size, &data) {
+            data.lock().truncate(size);
+            node.meta.mtime = now;
+        }
+        match set.mtime {
+            Some(TimeSet::Now) => node.meta.mtime = now,
+            Some(TimeSet::At(t)) => node.meta.mtime = t,
+            None => {}
+        }
+        node.meta.ctime = set.ctime.unwrap_or(now);
+        if data.is_some() {
+            st.dirty_files.insert(ino);
+        }
+        st.entry_changed(ino);
+        st.attr(self.store(), ino)
+    }
+
+    pub fn readlink(&self, ino: Ino) -> FsResult<Vec<u8>> {
+        match &self.state.lock().node(ino)?.body {
+            Body::Symlink(t) => Ok(t.clone()),
+            _ => Err(FsError::Invalid),
+        }
+    }
+
+    /// Adds a new entry to a directory; fails if the name is taken.
+    fn make(&self, caller: Caller, parent: Ino, name: &[u8], mode: u32, content: Content) -> FsResult<Attr> {
+        check_name(name)?;
+        let mut st = self.state.lock();
+        if st.child(self.store(), parent, name)?.is_some() {
+            return Err(FsError::Exists);
+        }
+        let mut meta = tree::new_meta(mode & 0o7777);
+        meta.uid = caller.uid;
+        meta.gid = caller.gid;
+        // A setgid directory gives its group to what is made in it, and its
+        // setgid bit to new directories (as ext4 and xfs do).
+        let parent_meta = &st.node(parent)?.meta;
+        if parent_meta.mode & 0o2000 != 0 {
+            meta.gid = parent_meta.gid;
+            if matches!(content, Content::Dir { .. }) {
+                meta.mode |= 0o2000;
+            }
+        }
+        let is_file = matches!(content, Content::File { .. });
+        let ino = st.add_node(parent, name.to_vec(), Entry { meta, content });
+        if is_file {
+            // Its (empty) manifest is stored with the commit.
+            if let Body::File { data, .. } = &mut st.node_mut(ino)?.body {
+                *data = Some(Arc::new(Mutex::new(FileData::empty())));
+            }
+            st.dirty_files.insert(ino);
+        }
+        if let Body::Dir(d) = &mut st.node_mut(ino)?.body {
+            d.children = Some(BTreeMap::new());
+            d.dirty = true;
+        }
+        st.children(self.store(), parent)?.insert(name.to_vec(), ino);
+        st.listing_changed(parent);
+        st.mark_dirty(ino);
+        let attr = st.attr(self.store(), ino)?;
+        st.node_mut(ino)?.lookups += 1;
+        Ok(attr)
+    }
+
+    /// mknod(2): regular files and FIFOs (devices and sockets cannot be stored).
+    pub fn mknod(&self, caller: Caller, parent: Ino, name: &[u8], mode: u32) -> FsResult<Attr> {
+        let content = match mode & libc::S_IFMT {
+            libc::S_IFREG | 0 => Content::File {
+                manifest: Hash::of(&object::encode_manifest(&Manifest::default())),
+                size: 0,
+            },
+            libc::S_IFIFO => Content::Fifo,
+            _ => return Err(FsError::NotPermitted),
+        };
+        self.make(caller, parent, name, mode, content)
+    }
+
+    pub fn mkdir(&self, caller: Caller, parent: Ino, name: &[u8], mode: u32) -> FsResult<Attr> {
+        let tree = Hash::of(&object::encode_dir(&Dir::new()));
+        self.make(caller, parent, name, mode, Content::Dir { tree })
+    }
+
+    pub fn symlink(&self, caller: Caller, parent: Ino, name: &[u8], target: &[u8]) -> FsResult<Attr> {
+        if target.len() > 4095 {
+            return Err(FsError::NameTooLong);
+        }
+        let content = Content::Symlink {
+            target: target.to_vec(),
+        };
+        self.make(caller, parent, name, 0o777, content)
+    }
+
+    /// Hard links need the inode table of format version 2 (not built yet).
+    pub fn link(&self, _ino: Ino, _parent: Ino, _name: &[u8]) -> FsResult<Attr> {
+        Err(FsError::NotPermitted)
+    }
+
+    fn remove(&self, parent: Ino, name: &[u8], dir: bool) -> FsResult<()> {
+        check_name(name)?;
+        let mut st = self.state.lock();
+        let ino = st.child(self.store(), parent, name)?.ok_or(FsError::NotFound)?;
+        match (st.node(ino)?.kind() == Kind::Dir, dir) {
+            (true, false) => return Err(FsError::IsDir),
+            (false, true) => return Err(FsError::NotDir),
+            (true, true) => {
+                if !st.children(self.store(), ino)?.is_empty() {
+                    return Err(FsError::NotEmpty);
+                }
+            }
+            (false, false) => {}
+        }
+        st.children(self.store(), parent)?.remove(name);
+        st.unlink_node(ino);
+        st.listing_changed(parent);
+        Ok(())
+    }
+
+    pub fn unlink(&self, parent: Ino, name: &[u8]) -> FsResult<()> {
+        self.remove(parent, name, false)
+    }
+
+    pub fn rmdir(&self, parent: Ino, name: &[u8]) -> FsResult<()> {
+        self.remove(parent, name, true)
+    }
+
+    pub fn rename(
+        &self,
+        parent: Ino,
+        name: &[u8],
+        to_parent: Ino,
+        to_name: &[u8],
+        mode: RenameMode,
+    ) -> FsResult<()> {
+        check_name(name)?;
+        check_name(to_name)?;
+        let store = self.store();
+        let mut st = self.state.lock();
+        let from = st.child(store, parent, name)?.ok_or(FsError::NotFound)?;
+        // Loads the target directory (and checks it is one).
+        let to = st.child(store, to_parent, to_name)?;
+        if to == Some(from) {
+            return Ok(());
+        }
+        let from_dir = st.node(from)?.kind() == Kind::Dir;
+        if from_dir && st.is_ancestor(from, to_parent) {
+            return Err(FsError::Invalid);
+        }
+        match (mode, to) {
+            (RenameMode::Exchange, None) => return Err(FsError::NotFound),
+            (RenameMode::Exchange, Some(to)) => {
+                if st.node(to)?.kind() == Kind::Dir && st.is_ancestor(to, parent) {
+                    return Err(FsError::Invalid);
+                }
+                st.children(store, parent)?.insert(name.to_vec(), to);
+                st.children(store, to_parent)?.insert(to_name.to_vec(), from);
+                for (ino, p, n) in [(to, parent, name), (from, to_parent, to_name)] {
+                    let node = st.node_mut(ino)?;
+                    node.parent = p;
+                    node.name = n.to_vec();
+                    node.meta.ctime = Time::now();
+                }
+                st.listing_changed(parent);
+                st.listing_changed(to_parent);
+                return Ok(());
+            }
+            (RenameMode::NoReplace, Some(_)) => return Err(FsError::Exists),
+            (RenameMode::Replace, Some(to)) => {
+                match (st.node(to)?.kind() == Kind::Dir, from_dir) {
+                    (true, true) => {
+                        if !st.children(store, to)?.is_empty() {
+                            return Err(FsError::NotEmpty);
+                        }
+                    }
+                    (true, false) => return Err(FsError::IsDir),
+                    (false, true) => return Err(FsError::NotDir),
+                    (false, false) => {}
+                }
+                st.unlink_node(to);
+            }
+            (_, None) => {}
+        }
+        st.children(store, parent)?.remove(name);
+        st.children(store, to_parent)?.insert(to_name.to_vec(), from);
+        let node = st.node_mut(from)?;
+        node.parent = to_parent;
+        node.name = to_name.to_vec();
+        node.meta.ctime = Time::now();
+        st.listing_changed(parent);
+        st.listing_changed(to_parent);
+        Ok(())
+    }
+
+    /// Opens a file; `flags` are open(2)'s.
+    pub fn open(&self, ino: Ino, flags: i32) -> FsResult<u64> {
+        let kind = self.state.lock().node(ino)?.kind();
+        if kind == Kind::File {
+            // Loaded now, so the bytes stay readable if the name is unlinked.
+            self.file_data(ino)?;
+        }
+        let append = flags & libc::O_APPEND != 0;
+        self.state.lock().open_handle(ino, append)
+    }
+
+    /// Creates and opens a regular file.
+    pub fn create(
+        &self,
+        caller: Caller,
+        parent: Ino,
+        name: &[u8],
+        mode: u32,
+        flags: i32,
+    ) -> FsResult<(Attr, u64)> {
+        let attr = self.mknod(caller, parent, name, libc::S_IFREG | (mode & 0o7777))?;
+        let fh = self.open(attr.ino, flags)?;
+        Ok((attr, fh))
+    }
+
+    pub fn read(&self, ino: Ino, offset: u64, size: u32) -> FsResult<Vec<u8>> {
+        let file = self.file_data(ino)?;
+        let view = file.lock().view(offset, size as u64);
+        let (bytes, last) = view.read(self.store())?;
+        if let Some(i) = last {
+            self.prefetch.want(
+                view.following(i, self.opts.readahead_chunks)
+                    .into_iter()
+                    .map(|(h, _)| h),
+            );
+        }
+        Ok(bytes)
+    }
+
+    pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> FsResult<u32> {
+        let ino = self.state.lock().handle(fh)?.ino;
+        let file = self.file_data(ino)?;
+        let spill = {
+            let mut st = self.state.lock();
+            let handle = st.handle(fh)?;
+            handle.wrote = true;
+            let append = handle.append;
+            let mut f = file.lock();
+            let at = if append { f.size } else { offset };
+            f.write(at, data);
+            let spill = f.dirty_bytes > self.opts.spill_bytes;
+            drop(f);
+            if let Ok(node) = st.node_mut(ino) {
+                now_meta(&mut node.meta);
+            }
+            st.dirty_files.insert(ino);
+            st.entry_changed(ino);
+            spill
+        };
+        if spill {
+            file.lock().materialize(self.store(), self.opts.chunking)?;
+        }
+        Ok(data.len() as u32)
+    }
+
+    /// close(2) of a handle (called for each close of each descriptor).
+    pub fn flush(&self, fh: u64) -> FsResult<()> {
+        let wrote = self.state.lock().handle(fh)?.wrote;
+        if wrote && self.opts.commit_on_close {
+            self.commit()?;
+            if let Ok(h) = self.state.lock().handle(fh) {
+                h.wrote = false;
+            }
+        }
+        Ok(())
+    }
+
+    /// The last close of an open.
+    pub fn release(&self, fh: u64) {
+        let mut st = self.state.lock();
+        if let Some(h) = st.handles.remove(&fh) {
+            if let Some(n) = st.nodes.get_mut(&h.ino) {
+                n.open = n.open.saturating_sub(1);
+            }
+            st.drop_if_unused(h.ino);
+        }
+    }
+
+    /// fsync(2), fsyncdir, syncfs: everything is committed when this returns.
+    pub fn fsync(&self) -> FsResult<()> {
+        self.commit()
+    }
+
+    pub fn opendir(&self, ino: Ino) -> FsResult<u64> {
+        let mut st = self.state.lock();
+        st.node_mut(ino)?.dir()?;
+        st.open_handle(ino, false)
+    }
+
+    /// The listing behind a directory handle, with `.` and `..` first. Taken
+    /// at the first call (offset 0) and kept until `releasedir`.
+    pub fn readdir(&self, fh: u64, offset: u64) -> FsResult<Arc<Vec<DirEntry>>> {
+        let mut st = self.state.lock();
+        let h = st.handle(fh)?;
+        if let (Some(listing), true) = (&h.listing, offset > 0) {
+            return Ok(listing.clone());
+        }
+        let ino = h.ino;
+        let parent = st.node(ino)?.parent;
+        let children: Vec<(Vec<u8>, Ino)> = st
+            .children(self.store(), ino)?
+            .iter()
+            .map(|(n, &i)| (n.clone(), i))
+            .collect();
+        let mut out = Vec::with_capacity(children.len() + 2);
+        out.push(DirEntry {
+            ino,
+            kind: Kind::Dir,
+            name: b".".to_vec(),
+        });
+        out.push(DirEntry {
+            ino: parent,
+            kind: Kind::Dir,
+            name: b"..".to_vec(),
+        });
+        for (name, child) in children {
+            out.push(DirEntry {
+                ino: child,
+                kind: st.node(child)?.kind(),
+                name,
+            });
+        }
+        let listing = Arc::new(out);
+        st.handle(fh)?.listing = Some(listing.clone());
+        Ok(listing)
+    }
+
+    /// The kernel was told of a node by a listing (readdirplus).
+    pub fn count_lookup(&self, ino: Ino) {
+        if let Some(n) = self.state.lock().nodes.get_mut(&ino) {
+            n.lookups += 1;
+        }
+    }
+
+    pub fn releasedir(&self, fh: u64) {
+        self.release(fh)
+    }
+
+    /// The store cannot tell its capacity through the Redis protocol in
+    /// general, so this reports what is used and a large free space (1 PiB),
+    /// as network file systems without quotas do.
+    pub fn statfs(&self) -> Statfs {
+        const PIB_BLOCKS: u64 = (1u64 << 50) / 4096;
+        Statfs {
+            block_size: 4096,
+            blocks: PIB_BLOCKS,
+            blocks_free: PIB_BLOCKS,
+            files: 1 << 40,
+            files_free: 1 << 40,
+        }
+    }
+
+    pub fn getxattr(&self, ino: Ino, name: &[u8]) -> FsResult<Vec<u8>> {
+        let st = self.state.lock();
+        st.node(ino)?
+            .meta
+            .xattrs
+            .get(name)
+            .cloned()
+            .ok_or(FsError::NoData)
+    }
+
+    /// Names, each followed by a NUL, as listxattr(2) returns them.
+    pub fn listxattr(&self, ino: Ino) -> FsResult<Vec<u8>> {
+        let st = self.state.lock();
+        let mut out = Vec::new();
+        for name in st.node(ino)?.meta.xattrs.keys() {
+            out.extend_from_slice(name);
+            out.push(0);
+        }
+        Ok(out)
+    }
+
+    /// setxattr(2); `flags` may be XATTR_CREATE or XATTR_REPLACE.
+    pub fn setxattr(&self, ino: Ino, name: &[u8], value: &[u8], flags: i32) -> FsResult<()> {
+        if name.is_empty() || name.len() > 255 {
+            return Err(FsError::Range);
+        }
+        if value.len() > 65536 {
+            return Err(FsError::Range);
+        }
+        // ACLs and security labels would need enforcing; they are not kept.
+        if name.starts_with(b"system.") || name.starts_with(b"security.") {
+            return Err(FsError::NotSupported);
+        }
+        let mut st = self.state.lock();
+        let node = st.node_mut(ino)?;
+        let exists = node.meta.xattrs.contains_key(name);
+        if flags & libc::XATTR_CREATE != 0 && exists {
+            return Err(FsError::Exists);
+        }
+        if flags & libc::XATTR_REPLACE != 0 && !exists {
+            return Err(FsError::NoData);
+        }
+        node.meta.xattrs.insert(name.to_vec(), value.to_vec());
+        node.meta.ctime = Time::now();
+        st.entry_changed(ino);
+        Ok(())
+    }
+
+    pub fn removexattr(&self, ino: Ino, name: &[u8]) -> FsResult<()> {
+        let mut st = self.state.lock();
+        let node = st.node_mut(ino)?;
+        node.meta.xattrs.remove(name).ok_or(FsError::NoData)?;
+        node.meta.ctime = Time::now();
+        st.entry_changed(ino);
+        Ok(())
+    }
+
+    /// Whether anything is waiting to be committed.
+    pub fn is_dirty(&self) -> bool {
+        self.state.lock().dirty
+    }
+
+    /// Commits every change made so far as one commit (merged with whatever
+    /// other clients committed meanwhile), and adopts the result.
+    pub fn commit(&self) -> FsResult<()> {
+        let _one = self.commit_lock.lock();
+        let store = self.store();
+        // The bulk of the bytes first, holding only each file's own lock.
+        let files: Vec<Arc<Mutex<FileData>>> = {
+            let st = self.state.lock();
+            st.dirty_files
+                .iter()
+                .filter_map(|i| match st.nodes.get(i).map(|n| &n.body) {
+                    Some(Body::File { data: Some(d), .. }) => Some(d.clone()),
+                    _ => None,
+                })
+                .collect()
+        };
+        for f in files {
+            f.lock().materialize(store, self.opts.chunking)?;
+        }
+        let mut st = self.state.lock();
+        if !st.dirty {
+            return Ok(());
+        }
+        let ours = st.build(store, self.opts.chunking, ROOT)?;
+        let (base_commit, base_root) = (st.base_commit, st.base_root);
+        let (commit, root) = self.volume.commit_tree(base_commit, base_root, ours, "mount")?;
+        st.base_commit = commit;
+        st.base_root = root;
+        st.dirty = false;
+        st.dirty_files.clear();
+        if root != ours {
+            st.adopt_dir(store, ROOT, root)?;
+        }
+        Ok(())
+    }
+
+    /// Commits local changes, or else adopts other clients' newer commit.
+    pub fn sync(&self) -> FsResult<()> {
+        if self.is_dirty() {
+            return self.commit();
+        }
+        let head = self.volume.store.root(&self.volume.name)?;
+        let Some(head) = head else { return Ok(()) };
+        if head == self.state.lock().base_commit {
+            return Ok(());
+        }
+        let _one = self.commit_lock.lock();
+        let root = self.store().commit(&head)?.root;
+        let mut st = self.state.lock();
+        if st.dirty {
+            drop(st);
+            drop(_one);
+            return self.commit();
+        }
+        st.adopt_dir(self.store(), ROOT, root)?;
+        st.base_commit = head;
+        st.base_root = root;
+        Ok(())
+    }
+}
+
+/// Runs [`Vfs::sync`] every `every` until `stop` is set.
+pub fn spawn_syncer(vfs: Arc<Vfs>, every: Duration, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let step = Duration::from_millis(20).min(every);
+        let mut waited = Duration::ZERO;
+        while !stop.load(Ordering::Relaxed) {
+            std::thread::sleep(step);
+            waited += step;
+            if waited < every {
+                continue;
+            }
+            waited = Duration::ZERO;
+            if let Err(e) = vfs.sync() {
+                tracing::warn!("commit or refresh failed (will retry): {e}");
+            }
+        }
+    })
+}
