@@ -1,13 +1,23 @@
 #!/usr/bin/env bash
 # Installs what dictfs's tests and benchmarks need on a fresh Debian/Ubuntu
 # machine: redis-server and redis-tools (the peer the differential tests and
-# benchmarks compare kvd with). Safe to run again: it installs only what is missing.
+# benchmarks compare kvd with), fuse3 (fusermount3, for `fsclient mount`), and
+# the everyday programs the mount tests run on a mount (rsync, sqlite3, git,
+# make, a C compiler, flock). Safe to run again: it installs only what is missing.
 set -euo pipefail
 
 need=()
-command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
-command -v redis-cli >/dev/null 2>&1 || need+=(redis-tools)
-command -v redis-benchmark >/dev/null 2>&1 || need+=(redis-tools)
+want() { command -v "$1" >/dev/null 2>&1 || need+=("$2"); }
+want redis-server redis-server
+want redis-cli redis-tools
+want redis-benchmark redis-tools
+want fusermount3 fuse3
+want rsync rsync
+want sqlite3 sqlite3
+want git git
+want make make
+want cc gcc
+want flock util-linux
 
 if [ ${#need[@]} -gt 0 ]; then
   echo "setup: installing ${need[*]}"
@@ -21,4 +31,7 @@ if ! command -v cargo >/dev/null 2>&1; then
   echo "setup: cargo not found; install the Rust toolchain (https://rustup.rs)" >&2
   exit 1
 fi
-echo "setup: redis $(redis-server --version | awk '{print $3}'), $(cargo --version)"
+if [ ! -e /dev/fuse ]; then
+  echo "setup: warning: /dev/fuse is missing; mounting (and the mount tests) need the fuse kernel module" >&2
+fi
+echo "setup: redis $(redis-server --version | awk '{print $3}'), $(fusermount3 --version 2>&1 | head -1), $(cargo --version)"

@@ -321,7 +321,7 @@ fn is_mounted(dir: &Path) -> bool {
     let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
     mounts.lines().any(|l| {
         let f: Vec<&str> = l.split(' ').collect();
-        f.len() > 2 && Path::new(f[1]) == dir && f[2] == "fuse.dictfs"
+        f.len() > 2 && Path::new(f[1]) == dir && f[0].starts_with("dictfs:") && f[2].starts_with("fuse")
     })
 }
 
@@ -366,6 +366,7 @@ fn daemonize(mountpoint: &Path, log_file: Option<&Path>) -> Result<(), Failure> 
         }
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
+    let _ = child.kill();
     Err(Failure(format!(
         "'{}' was not mounted within 15 s",
         mountpoint.display()

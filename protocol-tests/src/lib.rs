@@ -488,3 +488,112 @@ impl Value {
         matches!(self, Value::Error(_))
     }
 }
+
+/// Whether `dir` is mounted (per /proc/self/mounts).
+pub fn is_mounted(dir: &Path) -> bool {
+    let Ok(dir) = std::fs::canonicalize(dir) else {
+        return false;
+    };
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    mounts
+        .lines()
+        .any(|l| l.split(' ').nth(1).map(Path::new) == Some(dir.as_path()))
+}
+
+/// Fails loudly (rather than skipping) when FUSE is not usable: the mount tests
+/// need /dev/fuse and root (CI has both; scripts/setup.sh installs fuse3).
+pub fn require_fuse() {
+    assert!(
+        Path::new("/dev/fuse").exists(),
+        "/dev/fuse is missing: the mount tests need FUSE (run scripts/setup.sh as root)"
+    );
+}
+
+/// A volume mounted by a real `fsclient mount` process at a temporary
+/// directory; unmounted (SIGTERM, which commits and unmounts) on drop.
+pub struct Mount {
+    pub dir: tempfile::TempDir,
+    pub store: String,
+    pub volume: String,
+    child: Option<Child>,
+}
+
+impl Mount {
+    /// Mounts `volume` of the store at `url` (creating the volume if needed),
+    /// committing every 200 ms; `extra` are more `mount` options.
+    pub fn start(url: &str, volume: &str, extra: &[&str]) -> Result<Mount> {
+        require_fuse();
+        // Creates the volume unless it exists (then this fails harmlessly).
+        Command::new(fsclient_bin())
+            .args(["--store", url, "--volume", volume, "mkfs"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .context("running fsclient mkfs")?;
+        let dir = tempfile::Builder::new().prefix("dictfs-mnt").tempdir()?;
+        let child = Command::new(fsclient_bin())
+            .args(["--store", url, "--volume", volume, "mount"])
+            .arg(dir.path())
+            .args(["--commit-interval-ms", "200"])
+            .args(extra)
+            .stdin(Stdio::null())
+            .spawn()
+            .context("starting fsclient mount")?;
+        let mut m = Mount {
+            dir,
+            store: url.to_string(),
+            volume: volume.to_string(),
+            child: Some(child),
+        };
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while !is_mounted(m.path()) {
+            if let Some(Ok(Some(status))) = m.child.as_mut().map(|c| c.try_wait()) {
+                bail!("fsclient mount exited with {status} before mounting");
+            }
+            if Instant::now() > deadline {
+                bail!("{} was not mounted within 15 s", m.path().display());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(m)
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Unmounts with SIGTERM (what Ctrl-C does) and waits for the process;
+    /// returns whether it exited cleanly with the mount gone.
+    pub fn stop(&mut self) -> bool {
+        let Some(mut child) = self.child.take() else {
+            return true;
+        };
+        unsafe {
+            libc::kill(child.id() as i32, libc::SIGTERM);
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let status = loop {
+            match child.try_wait() {
+                Ok(Some(s)) => break Some(s),
+                Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+                _ => break None,
+            }
+        };
+        let clean = status.is_some_and(|s| s.success()) && !is_mounted(self.path());
+        if status.is_none() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if is_mounted(self.path()) {
+            let _ = Command::new("fusermount3").arg("-uz").arg(self.path()).status();
+            let _ = Command::new("umount").arg("-l").arg(self.path()).status();
+        }
+        clean
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

@@ -24,6 +24,8 @@
 
 pub mod file;
 mod prefetch;
+#[cfg(test)]
+mod tests;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -1,0 +1,237 @@
+//! Tests of the live view on the in-memory dict: file bytes against a model,
+//! re-chunking against a fresh chunking, namespace operations, two clients.
+
+use std::sync::Arc;
+
+use proptest::prelude::*;
+
+use super::file::FileData;
+use super::*;
+use crate::dict::MemoryDict;
+use crate::object::Manifest;
+
+fn small() -> Chunking {
+    Chunking {
+        min: 64,
+        avg: 256,
+        max: 1024,
+    }
+}
+
+fn store() -> BlobStore {
+    BlobStore::new(Arc::new(MemoryDict::new()), "t:", 1 << 22)
+}
+
+fn opts() -> Options {
+    Options {
+        chunking: small(),
+        spill_bytes: 4096,
+        readahead_threads: 1,
+        ..Default::default()
+    }
+}
+
+fn vfs_on(dict: &Arc<MemoryDict>, create: bool) -> Vfs {
+    let v = Volume::new(BlobStore::new(dict.clone(), "t:", 1 << 22), "vol");
+    if create {
+        v.create().unwrap();
+    }
+    Vfs::new(v, opts()).unwrap()
+}
+
+const ME: Caller = Caller { uid: 1000, gid: 1000 };
+
+#[derive(Clone, Debug)]
+enum FileOp {
+    Write(u64, Vec<u8>),
+    Truncate(u64),
+    Materialize,
+}
+
+fn file_op() -> impl Strategy<Value = FileOp> {
+    prop_oneof![
+        4 => (0u64..6000, proptest::collection::vec(any::<u8>(), 1..700)).prop_map(|(o, d)| FileOp::Write(o, d)),
+        1 => (0u64..6000).prop_map(FileOp::Truncate),
+        1 => Just(FileOp::Materialize),
+    ]
+}
+
+fn read_all(f: &FileData, store: &BlobStore) -> Vec<u8> {
+    f.view(0, u64::MAX / 2).read(store).unwrap().0
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+    /// Writes, truncations and stores of a file agree with a byte vector, and
+    /// every stored manifest is exactly what chunking the whole content afresh
+    /// gives (re-chunking only around changes must not change the result).
+    #[test]
+    fn file_bytes_match_a_model(
+        initial in proptest::collection::vec(any::<u8>(), 0..5000),
+        ops in proptest::collection::vec(file_op(), 1..30),
+    ) {
+        let store = store();
+        let (h, size) = tree::store_data(&store, &initial[..], small()).unwrap();
+        prop_assert_eq!(size, initial.len() as u64);
+        let mut f = FileData::new(h, &store.manifest(&h).unwrap());
+        let mut model = initial.clone();
+        for op in ops {
+            match op {
+                FileOp::Write(o, d) => {
+                    let end = o as usize + d.len();
+                    if model.len() < end {
+                        model.resize(end, 0);
+                    }
+                    model[o as usize..end].copy_from_slice(&d);
+                    f.write(o, &d);
+                }
+                FileOp::Truncate(n) => {
+                    model.resize(n as usize, 0);
+                    f.truncate(n);
+                }
+                FileOp::Materialize => {
+                    f.materialize(&store, small()).unwrap();
+                    let (fresh, _) = tree::store_data(&store, &model[..], small()).unwrap();
+                    prop_assert_eq!(f.manifest, fresh, "re-chunked manifest differs from a fresh chunking");
+                }
+            }
+            prop_assert_eq!(f.size, model.len() as u64);
+            prop_assert_eq!(&read_all(&f, &store), &model);
+        }
+        f.materialize(&store, small()).unwrap();
+        prop_assert_eq!(tree::read_to_vec(&store, &f.manifest).unwrap(), model);
+    }
+}
+
+#[test]
+fn a_middle_edit_of_a_large_file_stores_only_nearby_chunks() {
+    let store = store();
+    let data: Vec<u8> = (0..200_000u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
+    let (h, _) = tree::store_data(&store, &data[..], small()).unwrap();
+    let before = store.manifest(&h).unwrap();
+    let mut f = FileData::new(h, &before);
+    f.write(100_000, b"an edit in the middle");
+    f.materialize(&store, small()).unwrap();
+    let after: Manifest = store.manifest(&f.manifest).unwrap();
+    let old: std::collections::HashSet<_> = before.chunks.iter().collect();
+    let new_chunks = after.chunks.iter().filter(|c| !old.contains(c)).count();
+    assert!(new_chunks <= 3, "{new_chunks} new chunks for a 21-byte edit");
+    assert!(before.chunks.len() > 100);
+}
+
+#[test]
+fn namespace_operations_and_their_errors() {
+    let dict = Arc::new(MemoryDict::new());
+    let vfs = vfs_on(&dict, true);
+    let d = vfs.mkdir(ME, ROOT, b"d", 0o755).unwrap();
+    assert_eq!(d.kind, Kind::Dir);
+    assert_eq!((d.uid, d.gid, d.perm), (1000, 1000, 0o755));
+    assert!(matches!(vfs.mkdir(ME, ROOT, b"d", 0o755), Err(FsError::Exists)));
+    assert!(matches!(vfs.lookup(ROOT, b"nope"), Err(FsError::NotFound)));
+    assert!(matches!(
+        vfs.lookup(ROOT, &[b'x'; 256]),
+        Err(FsError::NameTooLong)
+    ));
+    let (f, fh) = vfs.create(ME, d.ino, b"f", 0o644, libc::O_RDWR).unwrap();
+    vfs.write(fh, 0, b"hello world").unwrap();
+    assert_eq!(vfs.read(f.ino, 6, 100).unwrap(), b"world");
+    assert!(matches!(vfs.rmdir(ROOT, b"d"), Err(FsError::NotEmpty)));
+    assert!(matches!(vfs.unlink(ROOT, b"d"), Err(FsError::IsDir)));
+    assert!(matches!(vfs.rmdir(d.ino, b"f"), Err(FsError::NotDir)));
+    assert!(matches!(
+        vfs.rename(ROOT, b"d", d.ino, b"inside", RenameMode::Replace),
+        Err(FsError::Invalid)
+    ));
+    vfs.rename(d.ino, b"f", ROOT, b"g", RenameMode::Replace).unwrap();
+    assert_eq!(vfs.lookup(ROOT, b"g").unwrap().ino, f.ino);
+    assert_eq!(vfs.getattr(ROOT).unwrap().nlink, 3);
+
+    // Unlinked while open: still readable through the handle's inode.
+    vfs.unlink(ROOT, b"g").unwrap();
+    assert!(matches!(vfs.lookup(ROOT, b"g"), Err(FsError::NotFound)));
+    assert_eq!(vfs.read(f.ino, 0, 5).unwrap(), b"hello");
+    vfs.release(fh);
+    vfs.forget(f.ino, 2);
+    assert!(matches!(vfs.getattr(f.ino), Err(FsError::Stale)));
+
+    // Commit, then a fresh view of the volume sees the result.
+    let (h, fh) = vfs.create(ME, d.ino, b"kept", 0o600, libc::O_WRONLY).unwrap();
+    vfs.write(fh, 0, &vec![7u8; 10_000]).unwrap();
+    vfs.setxattr(h.ino, b"user.k", b"v", 0).unwrap();
+    vfs.flush(fh).unwrap();
+    assert!(!vfs.is_dirty());
+    let other = vfs_on(&dict, false);
+    let dd = other.lookup(ROOT, b"d").unwrap();
+    let kept = other.lookup(dd.ino, b"kept").unwrap();
+    assert_eq!((kept.size, kept.perm), (10_000, 0o600));
+    assert_eq!(other.read(kept.ino, 9_990, 100).unwrap(), vec![7u8; 10]);
+    assert_eq!(other.getxattr(kept.ino, b"user.k").unwrap(), b"v");
+    assert!(matches!(other.lookup(ROOT, b"g"), Err(FsError::NotFound)));
+}
+
+#[test]
+fn two_views_merge_and_adopt_each_others_commits() {
+    let dict = Arc::new(MemoryDict::new());
+    let a = vfs_on(&dict, true);
+    let b = vfs_on(&dict, false);
+    let shared_a = a.mkdir(ME, ROOT, b"shared", 0o755).unwrap();
+    a.commit().unwrap();
+    b.sync().unwrap();
+    let shared_b = b.lookup(ROOT, b"shared").unwrap();
+    // Both create files in the same directory without seeing each other.
+    for i in 0..20 {
+        let name = format!("a{i}");
+        let (_, fh) = a
+            .create(ME, shared_a.ino, name.as_bytes(), 0o644, libc::O_WRONLY)
+            .unwrap();
+        a.write(fh, 0, name.as_bytes()).unwrap();
+        a.release(fh);
+        let name = format!("b{i}");
+        let (_, fh) = b
+            .create(ME, shared_b.ino, name.as_bytes(), 0o644, libc::O_WRONLY)
+            .unwrap();
+        b.write(fh, 0, name.as_bytes()).unwrap();
+        b.release(fh);
+    }
+    let kept_ino = a.lookup(shared_a.ino, b"a3").unwrap().ino;
+    a.commit().unwrap();
+    b.commit().unwrap(); // loses the swap, merges
+    a.sync().unwrap(); // adopts the merge
+    for v in [&a, &b] {
+        let shared = v.lookup(ROOT, b"shared").unwrap().ino;
+        let fh = v.opendir(shared).unwrap();
+        let names: Vec<Vec<u8>> = v.readdir(fh, 0).unwrap().iter().map(|e| e.name.clone()).collect();
+        assert_eq!(
+            names.len(),
+            42,
+            "{:?}",
+            names.iter().map(|n| tree::show(n)).collect::<Vec<_>>()
+        );
+        v.releasedir(fh);
+        let b7 = v.lookup(shared, b"b7").unwrap();
+        assert_eq!(v.read(b7.ino, 0, 10).unwrap(), b"b7");
+    }
+    // Inode numbers of things that stayed are kept across adoption.
+    assert_eq!(a.lookup(shared_a.ino, b"a3").unwrap().ino, kept_ino);
+}
+
+#[test]
+fn a_file_larger_than_the_spill_limit_is_stored_while_written() {
+    let dict = Arc::new(MemoryDict::new());
+    let vfs = vfs_on(&dict, true);
+    let (f, fh) = vfs.create(ME, ROOT, b"big", 0o644, libc::O_WRONLY).unwrap();
+    let block: Vec<u8> = (0..1000u32).map(|i| (i * 7 % 251) as u8).collect();
+    for i in 0..100u64 {
+        vfs.write(fh, i * 1000, &block).unwrap();
+        // The overlay never holds much more than the spill limit.
+        let data = vfs.file_data(f.ino).unwrap();
+        assert!(data.lock().dirty_bytes <= opts().spill_bytes + block.len());
+    }
+    vfs.flush(fh).unwrap();
+    let other = vfs_on(&dict, false);
+    let big = other.lookup(ROOT, b"big").unwrap();
+    assert_eq!(big.size, 100_000);
+    assert_eq!(other.read(big.ino, 99_000, 1000).unwrap(), block);
+}

@@ -1,0 +1,704 @@
+//! The file system on real FUSE mounts (`fsclient mount`), over a real kvd and
+//! a real redis-server: POSIX behaviour and its errors, everyday programs,
+//! a random read/write/truncate/mmap exerciser checked against a local copy,
+//! two mounts of one volume, and unmount/remount.
+//!
+//! Needs root and /dev/fuse (CI has both; scripts/setup.sh installs fuse3,
+//! rsync, sqlite3).
+
+use std::ffi::CString;
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use protocol_tests::{require_redis, Mount, Server};
+use rand::{Rng, SeedableRng};
+
+fn url(s: &Server) -> String {
+    format!("redis://127.0.0.1:{}", s.port)
+}
+
+fn errno<T: std::fmt::Debug>(r: std::io::Result<T>) -> i32 {
+    match r {
+        Ok(v) => panic!("expected an error, got {v:?}"),
+        Err(e) => e.raw_os_error().expect("an OS error"),
+    }
+}
+
+fn cpath(p: &Path) -> CString {
+    CString::new(p.as_os_str().as_bytes()).unwrap()
+}
+
+/// renameat2(2) with flags, as std has no wrapper.
+fn rename2(from: &Path, to: &Path, flags: libc::c_uint) -> std::io::Result<()> {
+    let (a, b) = (cpath(from), cpath(to));
+    // SAFETY: valid NUL-terminated paths.
+    let r = unsafe { libc::renameat2(libc::AT_FDCWD, a.as_ptr(), libc::AT_FDCWD, b.as_ptr(), flags) };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+fn xattr_get(p: &Path, name: &str) -> std::io::Result<Vec<u8>> {
+    let (p, n) = (cpath(p), CString::new(name).unwrap());
+    let mut buf = vec![0u8; 1024];
+    // SAFETY: buffer and length match.
+    let r = unsafe { libc::getxattr(p.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    buf.truncate(r as usize);
+    Ok(buf)
+}
+
+fn xattr_set(p: &Path, name: &str, value: &[u8], flags: i32) -> std::io::Result<()> {
+    let (p, n) = (cpath(p), CString::new(name).unwrap());
+    // SAFETY: value pointer and length match.
+    let r = unsafe { libc::setxattr(p.as_ptr(), n.as_ptr(), value.as_ptr().cast(), value.len(), flags) };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn xattr_list(p: &Path) -> Vec<String> {
+    let p = cpath(p);
+    let mut buf = vec![0u8; 4096];
+    // SAFETY: buffer and length match.
+    let r = unsafe { libc::listxattr(p.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    assert!(r >= 0, "listxattr: {}", std::io::Error::last_os_error());
+    buf.truncate(r as usize);
+    buf.split(|&b| b == 0)
+        .filter(|s| !s.is_empty())
+        .map(|s| String::from_utf8_lossy(s).into_owned())
+        .collect()
+}
+
+fn posix_suite(root: &Path) {
+    let p = |s: &str| root.join(s);
+
+    // Create, write, read back; sizes and kinds.
+    fs::write(p("a"), b"hello").unwrap();
+    assert_eq!(fs::read(p("a")).unwrap(), b"hello");
+    assert_eq!(fs::metadata(p("a")).unwrap().len(), 5);
+    assert!(fs::metadata(root).unwrap().is_dir());
+
+    // Errors of creating and removing.
+    fs::create_dir(p("d")).unwrap();
+    assert_eq!(errno(fs::create_dir(p("d"))), libc::EEXIST);
+    assert_eq!(
+        errno(OpenOptions::new().write(true).create_new(true).open(p("a"))),
+        libc::EEXIST
+    );
+    fs::write(p("d/inner"), b"x").unwrap();
+    assert_eq!(errno(fs::remove_dir(p("d"))), libc::ENOTEMPTY);
+    assert_eq!(errno(fs::remove_file(p("d"))), libc::EISDIR);
+    assert_eq!(errno(fs::remove_dir(p("a"))), libc::ENOTDIR);
+    assert_eq!(errno(fs::read(p("missing"))), libc::ENOENT);
+    assert_eq!(errno(fs::read(p("a/below"))), libc::ENOTDIR);
+    assert_eq!(errno(OpenOptions::new().write(true).open(p("d"))), libc::EISDIR);
+    fs::remove_file(p("d/inner")).unwrap();
+    fs::remove_dir(p("d")).unwrap();
+    assert_eq!(errno(fs::metadata(p("d"))), libc::ENOENT);
+
+    // Names: 255 bytes is the limit.
+    let long = "n".repeat(255);
+    fs::write(p(&long), b"long").unwrap();
+    assert_eq!(fs::read(p(&long)).unwrap(), b"long");
+    assert_eq!(errno(fs::write(p(&"n".repeat(256)), b"x")), libc::ENAMETOOLONG);
+
+    // Deep paths.
+    let deep: String = (0..40).map(|i| format!("level{i}/")).collect();
+    fs::create_dir_all(p(&deep)).unwrap();
+    fs::write(p(&format!("{deep}leaf")), b"deep").unwrap();
+    assert_eq!(fs::read(p(&format!("{deep}leaf"))).unwrap(), b"deep");
+
+    // Rename over an existing file replaces it; the old target is gone.
+    fs::write(p("r1"), b"one").unwrap();
+    fs::write(p("r2"), b"two").unwrap();
+    fs::rename(p("r1"), p("r2")).unwrap();
+    assert_eq!(fs::read(p("r2")).unwrap(), b"one");
+    assert_eq!(errno(fs::metadata(p("r1"))), libc::ENOENT);
+    // A directory over a non-empty one, a file over a directory, into itself.
+    fs::create_dir_all(p("rd1/sub")).unwrap();
+    fs::create_dir_all(p("rd2/sub")).unwrap();
+    assert_eq!(errno(fs::rename(p("rd1"), p("rd2"))), libc::ENOTEMPTY);
+    assert_eq!(errno(fs::rename(p("r2"), p("rd1"))), libc::EISDIR);
+    assert_eq!(errno(fs::rename(p("rd1"), p("rd1/sub/x"))), libc::EINVAL);
+    fs::remove_dir(p("rd2/sub")).unwrap();
+    fs::rename(p("rd1"), p("rd2")).unwrap();
+    assert!(p("rd2/sub").is_dir());
+    // RENAME_NOREPLACE and RENAME_EXCHANGE.
+    fs::write(p("x1"), b"first").unwrap();
+    fs::write(p("x2"), b"second").unwrap();
+    assert_eq!(
+        errno(rename2(&p("x1"), &p("x2"), libc::RENAME_NOREPLACE)),
+        libc::EEXIST
+    );
+    rename2(&p("x1"), &p("x2"), libc::RENAME_EXCHANGE).unwrap();
+    assert_eq!(fs::read(p("x1")).unwrap(), b"second");
+    assert_eq!(fs::read(p("x2")).unwrap(), b"first");
+    rename2(&p("x1"), &p("x3"), libc::RENAME_NOREPLACE).unwrap();
+    assert_eq!(
+        errno(rename2(&p("x1"), &p("x2"), libc::RENAME_EXCHANGE)),
+        libc::ENOENT
+    );
+
+    // Unlink of an open file: still readable and writable until closed.
+    fs::write(p("open"), b"still here").unwrap();
+    let mut f = OpenOptions::new().read(true).write(true).open(p("open")).unwrap();
+    fs::remove_file(p("open")).unwrap();
+    assert_eq!(errno(fs::metadata(p("open"))), libc::ENOENT);
+    let mut s = String::new();
+    f.read_to_string(&mut s).unwrap();
+    assert_eq!(s, "still here");
+    f.write_all(b"!").unwrap();
+    f.seek(SeekFrom::Start(0)).unwrap();
+    s.clear();
+    f.read_to_string(&mut s).unwrap();
+    assert_eq!(s, "still here!");
+    drop(f);
+
+    // O_APPEND from two handles: both writes land, neither overwrites.
+    let mut a1 = OpenOptions::new()
+        .append(true)
+        .create(true)
+        .open(p("log"))
+        .unwrap();
+    let mut a2 = OpenOptions::new().append(true).open(p("log")).unwrap();
+    for i in 0..10 {
+        a1.write_all(format!("a{i}\n").as_bytes()).unwrap();
+        a2.write_all(format!("b{i}\n").as_bytes()).unwrap();
+    }
+    drop((a1, a2));
+    let log = fs::read_to_string(p("log")).unwrap();
+    assert_eq!(log.lines().count(), 20, "{log}");
+    assert!((0..10).all(|i| log.contains(&format!("a{i}\n")) && log.contains(&format!("b{i}\n"))));
+
+    // Truncate down and up; the extension reads as zeros; sparse writes.
+    fs::write(p("t"), b"0123456789").unwrap();
+    let f = OpenOptions::new().write(true).open(p("t")).unwrap();
+    f.set_len(4).unwrap();
+    f.set_len(8).unwrap();
+    drop(f);
+    assert_eq!(fs::read(p("t")).unwrap(), b"0123\0\0\0\0");
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(p("sparse"))
+        .unwrap();
+    f.seek(SeekFrom::Start(10 << 20)).unwrap();
+    f.write_all(b"end").unwrap();
+    drop(f);
+    let data = fs::read(p("sparse")).unwrap();
+    assert_eq!(data.len(), (10 << 20) + 3);
+    assert!(data[..10 << 20].iter().all(|&b| b == 0));
+    assert_eq!(&data[10 << 20..], b"end");
+
+    // mtime and ctime move on write; chmod moves ctime only.
+    fs::write(p("times"), b"1").unwrap();
+    let before = fs::metadata(p("times")).unwrap();
+    std::thread::sleep(Duration::from_millis(20));
+    fs::write(p("times"), b"22").unwrap();
+    let after = fs::metadata(p("times")).unwrap();
+    assert!(after.modified().unwrap() > before.modified().unwrap());
+    assert!(after.ctime_nsec() != before.ctime_nsec() || after.ctime() > before.ctime());
+    std::thread::sleep(Duration::from_millis(20));
+    fs::set_permissions(p("times"), fs::Permissions::from_mode(0o600)).unwrap();
+    let chmodded = fs::metadata(p("times")).unwrap();
+    assert_eq!(chmodded.mode() & 0o7777, 0o600);
+    assert_eq!(chmodded.modified().unwrap(), after.modified().unwrap());
+    assert!((chmodded.ctime(), chmodded.ctime_nsec()) > (after.ctime(), after.ctime_nsec()));
+    // utimensat with explicit times (nanoseconds kept), UTIME_OMIT and UTIME_NOW.
+    let set = |mtime: libc::timespec| {
+        let times = [
+            libc::timespec {
+                tv_sec: 0,
+                tv_nsec: libc::UTIME_OMIT,
+            },
+            mtime,
+        ];
+        let c = cpath(&p("times"));
+        // SAFETY: a valid path and two timespecs.
+        assert_eq!(
+            unsafe { libc::utimensat(libc::AT_FDCWD, c.as_ptr(), times.as_ptr(), 0) },
+            0
+        );
+    };
+    set(libc::timespec {
+        tv_sec: 1_000_000_000,
+        tv_nsec: 123_456_789,
+    });
+    let m = fs::metadata(p("times")).unwrap();
+    assert_eq!((m.mtime(), m.mtime_nsec()), (1_000_000_000, 123_456_789));
+    set(libc::timespec {
+        tv_sec: 0,
+        tv_nsec: libc::UTIME_NOW,
+    });
+    assert!(fs::metadata(p("times")).unwrap().mtime() > 1_700_000_000);
+    // chown (we are root).
+    std::os::unix::fs::chown(p("times"), Some(1234), Some(5678)).unwrap();
+    let m = fs::metadata(p("times")).unwrap();
+    assert_eq!((m.uid(), m.gid()), (1234, 5678));
+
+    // Symlinks: readlink, follow, dangling, loops.
+    std::os::unix::fs::symlink("a", p("sl")).unwrap();
+    assert_eq!(fs::read_link(p("sl")).unwrap(), Path::new("a"));
+    assert_eq!(fs::read(p("sl")).unwrap(), b"hello");
+    std::os::unix::fs::symlink("nowhere", p("dangling")).unwrap();
+    assert_eq!(errno(fs::read(p("dangling"))), libc::ENOENT);
+    std::os::unix::fs::symlink("loop2", p("loop1")).unwrap();
+    std::os::unix::fs::symlink("loop1", p("loop2")).unwrap();
+    assert_eq!(errno(fs::read(p("loop1"))), libc::ELOOP);
+    assert_eq!(errno(std::os::unix::fs::symlink("a", p("sl"))), libc::EEXIST);
+
+    // FIFOs via mknod; devices cannot be stored.
+    let fifo = cpath(&p("fifo"));
+    // SAFETY: a valid path.
+    assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o644) }, 0);
+    assert!(fs::metadata(p("fifo")).unwrap().file_type().is_fifo());
+    let dev = cpath(&p("dev"));
+    // SAFETY: a valid path.
+    assert_eq!(unsafe { libc::mknod(dev.as_ptr(), libc::S_IFCHR | 0o644, 0) }, -1);
+    assert_eq!(std::io::Error::last_os_error().raw_os_error(), Some(libc::EPERM));
+
+    // Extended attributes.
+    xattr_set(&p("a"), "user.color", b"blue", 0).unwrap();
+    assert_eq!(xattr_get(&p("a"), "user.color").unwrap(), b"blue");
+    assert_eq!(errno(xattr_get(&p("a"), "user.none")), libc::ENODATA);
+    assert_eq!(
+        errno(xattr_set(&p("a"), "user.color", b"red", libc::XATTR_CREATE)),
+        libc::EEXIST
+    );
+    assert_eq!(
+        errno(xattr_set(&p("a"), "user.new", b"x", libc::XATTR_REPLACE)),
+        libc::ENODATA
+    );
+    xattr_set(&p("a"), "user.size", b"L", 0).unwrap();
+    assert_eq!(xattr_list(&p("a")), vec!["user.color", "user.size"]);
+    let (c, n) = (cpath(&p("a")), CString::new("user.color").unwrap());
+    // SAFETY: valid strings.
+    assert_eq!(unsafe { libc::removexattr(c.as_ptr(), n.as_ptr()) }, 0);
+    assert_eq!(xattr_list(&p("a")), vec!["user.size"]);
+
+    // Directory listings: nlink counts subdirectories; readdir sees everything.
+    fs::create_dir_all(p("ls/s1")).unwrap();
+    fs::create_dir_all(p("ls/s2")).unwrap();
+    for i in 0..300 {
+        fs::write(p(&format!("ls/f{i:03}")), i.to_string()).unwrap();
+    }
+    assert_eq!(fs::metadata(p("ls")).unwrap().nlink(), 4);
+    let mut names: Vec<String> = fs::read_dir(p("ls"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(names.len(), 302);
+    assert_eq!(names[0], "f000");
+    assert_eq!(fs::read_to_string(p("ls/f299")).unwrap(), "299");
+
+    // statfs answers, with the name limit.
+    let c = cpath(root);
+    // SAFETY: a valid path and a zeroed struct for the kernel to fill.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    assert_eq!(unsafe { libc::statvfs(c.as_ptr(), &mut st) }, 0);
+    assert_eq!(st.f_namemax, 255);
+    assert!(st.f_bavail > 0);
+
+    // flock and POSIX locks between processes of one mount.
+    fs::write(p("lockfile"), b"").unwrap();
+    let holder = File::open(p("lockfile")).unwrap();
+    // SAFETY: a valid descriptor.
+    assert_eq!(
+        unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&holder), libc::LOCK_EX) },
+        0
+    );
+    let other = Command::new("flock")
+        .args(["-n", p("lockfile").to_str().unwrap(), "true"])
+        .status()
+        .unwrap();
+    assert!(
+        !other.success(),
+        "a second process got an exclusive flock that is held"
+    );
+    drop(holder);
+    let other = Command::new("flock")
+        .args(["-n", p("lockfile").to_str().unwrap(), "true"])
+        .status()
+        .unwrap();
+    assert!(other.success(), "the lock was released on close");
+}
+
+/// A random sequence of writes, reads, truncates and mmap accesses applied to
+/// a file on the mount and to a reference file on local disk; they must agree
+/// after every step (like fsx).
+fn exercise(mount_file: &Path, reference: &Path, seed: u64, ops: usize) {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let open = |p: &Path| {
+        OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o644)
+            .open(p)
+            .unwrap()
+    };
+    let (mut m, mut r) = (open(mount_file), open(reference));
+    const MAX: u64 = 3 << 20;
+    for step in 0..ops {
+        let size = r.metadata().unwrap().len();
+        match rng.gen_range(0..10) {
+            0..=3 => {
+                let off = rng.gen_range(0..MAX);
+                let len = rng.gen_range(1..200_000);
+                let data: Vec<u8> = (0..len).map(|_| rng.gen()).collect();
+                for f in [&mut m, &mut r] {
+                    f.seek(SeekFrom::Start(off)).unwrap();
+                    f.write_all(&data).unwrap();
+                }
+            }
+            4..=6 => {
+                let off = rng.gen_range(0..size + 10);
+                let len = rng.gen_range(1..300_000);
+                let mut a = vec![0u8; len];
+                let mut b = vec![0u8; len];
+                m.seek(SeekFrom::Start(off)).unwrap();
+                r.seek(SeekFrom::Start(off)).unwrap();
+                let na = read_full(&mut m, &mut a);
+                let nb = read_full(&mut r, &mut b);
+                assert_eq!(na, nb, "step {step}: read length at {off}");
+                assert!(a[..na] == b[..nb], "step {step}: read of {len} at {off} differs");
+            }
+            7 => {
+                let to = rng.gen_range(0..MAX);
+                m.set_len(to).unwrap();
+                r.set_len(to).unwrap();
+            }
+            8 if size > 0 => {
+                // A shared writable mapping: write through it, then msync.
+                let off = rng.gen_range(0..size);
+                let len = rng.gen_range(1..=(size - off).min(100_000)) as usize;
+                let data: Vec<u8> = (0..len).map(|_| rng.gen()).collect();
+                mmap_write(&m, off, &data);
+                r.seek(SeekFrom::Start(off)).unwrap();
+                r.write_all(&data).unwrap();
+            }
+            9 => {
+                m.sync_all().unwrap();
+            }
+            _ => {}
+        }
+        assert_eq!(
+            m.metadata().unwrap().len(),
+            r.metadata().unwrap().len(),
+            "step {step}: sizes differ"
+        );
+    }
+    drop(m);
+    assert!(
+        fs::read(mount_file).unwrap() == fs::read(reference).unwrap(),
+        "final contents differ"
+    );
+}
+
+fn read_full(f: &mut File, buf: &mut [u8]) -> usize {
+    let mut n = 0;
+    while n < buf.len() {
+        match f.read(&mut buf[n..]).unwrap() {
+            0 => break,
+            k => n += k,
+        }
+    }
+    n
+}
+
+fn mmap_write(f: &File, off: u64, data: &[u8]) {
+    let page = 4096u64;
+    let start = off / page * page;
+    let len = (off - start) as usize + data.len();
+    // SAFETY: a fresh shared mapping of a range inside the file, unmapped below.
+    unsafe {
+        let p = libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            std::os::fd::AsRawFd::as_raw_fd(f),
+            start as i64,
+        );
+        assert_ne!(p, libc::MAP_FAILED, "mmap: {}", std::io::Error::last_os_error());
+        std::ptr::copy_nonoverlapping(
+            data.as_ptr(),
+            (p as *mut u8).add((off - start) as usize),
+            data.len(),
+        );
+        assert_eq!(libc::msync(p, len, libc::MS_SYNC), 0);
+        libc::munmap(p, len);
+    }
+}
+
+fn run(cmd: &str, dir: &Path) -> String {
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(cmd)
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "`{cmd}` failed in {}:\n{}{}",
+        dir.display(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn have(program: &str) -> bool {
+    Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {program}"))
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+#[test]
+fn posix_behaviour_on_kvd() {
+    let kvd = Server::kvd(&[]).unwrap();
+    let m = Mount::start(&url(&kvd), "main", &[]).unwrap();
+    posix_suite(m.path());
+}
+
+#[test]
+fn posix_behaviour_on_redis() {
+    require_redis();
+    let redis = Server::redis(&[]).unwrap();
+    let m = Mount::start(&url(&redis), "main", &[]).unwrap();
+    posix_suite(m.path());
+}
+
+#[test]
+fn random_operations_match_a_local_file() {
+    let kvd = Server::kvd(&[]).unwrap();
+    let m = Mount::start(&url(&kvd), "main", &[]).unwrap();
+    let local = tempfile::tempdir().unwrap();
+    for seed in 0..3 {
+        exercise(
+            &m.path().join(format!("fsx{seed}")),
+            &local.path().join(format!("fsx{seed}")),
+            seed,
+            400,
+        );
+    }
+}
+
+#[test]
+fn everyday_programs() {
+    for program in ["git", "tar", "rsync", "make", "cc", "sqlite3", "diff"] {
+        assert!(
+            have(program),
+            "{program} is missing; scripts/setup.sh installs it"
+        );
+    }
+    let kvd = Server::kvd(&[]).unwrap();
+    let m = Mount::start(&url(&kvd), "main", &[]).unwrap();
+    let root = m.path();
+
+    // git
+    fs::create_dir(root.join("repo")).unwrap();
+    let repo = root.join("repo");
+    run(
+        "git init -q && git config user.email t@t && git config user.name t",
+        &repo,
+    );
+    for i in 0..20 {
+        fs::write(
+            repo.join(format!("file{i}.txt")),
+            format!("line {i}\n").repeat(i + 1),
+        )
+        .unwrap();
+    }
+    run("git add . && git commit -qm first", &repo);
+    fs::write(repo.join("file3.txt"), "changed\n").unwrap();
+    run("git commit -qam second && git gc -q", &repo);
+    let log = run("git log --oneline", &repo);
+    assert_eq!(log.lines().count(), 2, "{log}");
+    assert_eq!(run("git status --porcelain", &repo), "");
+    run("git fsck --full", &repo);
+
+    // tar: extract a tree made locally, re-create from the mount, same bytes.
+    let local = tempfile::tempdir().unwrap();
+    let src = local.path().join("src");
+    fs::create_dir_all(src.join("a/b")).unwrap();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+    for i in 0..30 {
+        let data: Vec<u8> = (0..rng.gen_range(0..300_000)).map(|_| rng.gen()).collect();
+        fs::write(src.join(format!("a/b/f{i}")), data).unwrap();
+    }
+    std::os::unix::fs::symlink("a/b/f1", src.join("link")).unwrap();
+    run("tar -C src -cf src.tar .", local.path());
+    fs::create_dir(root.join("untar")).unwrap();
+    run(
+        &format!(
+            "tar -C {} -xf {}/src.tar",
+            root.join("untar").display(),
+            local.path().display()
+        ),
+        root,
+    );
+    run(
+        &format!("diff -r {} {}", src.display(), root.join("untar").display()),
+        root,
+    );
+    run(
+        &format!(
+            "tar -C {} -cf {}/again.tar .",
+            root.join("untar").display(),
+            local.path().display()
+        ),
+        root,
+    );
+    fs::create_dir(local.path().join("again")).unwrap();
+    run("tar -C again -xf again.tar && diff -r src again", local.path());
+
+    // cp -a and rsync -a keep contents, modes and times.
+    run(
+        &format!("cp -a {} {}", src.display(), root.join("copy").display()),
+        root,
+    );
+    run(
+        &format!("diff -r {} {}", src.display(), root.join("copy").display()),
+        root,
+    );
+    run(
+        &format!("rsync -a {}/ {}/", src.display(), root.join("synced").display()),
+        root,
+    );
+    run(
+        &format!("diff -r {} {}", src.display(), root.join("synced").display()),
+        root,
+    );
+    let (a, b) = (
+        fs::metadata(src.join("a/b/f2")).unwrap(),
+        fs::metadata(root.join("synced/a/b/f2")).unwrap(),
+    );
+    assert_eq!((a.mtime(), a.mode()), (b.mtime(), b.mode()));
+
+    // make and a C compiler.
+    let proj = root.join("proj");
+    fs::create_dir(&proj).unwrap();
+    fs::write(
+        proj.join("main.c"),
+        "#include <stdio.h>\nint main(void){puts(\"built on dictfs\");return 0;}\n",
+    )
+    .unwrap();
+    fs::write(proj.join("Makefile"), "hello: main.c\n\tcc -O1 -o hello main.c\n").unwrap();
+    run("make -s", &proj);
+    assert_eq!(run("./hello", &proj), "built on dictfs\n");
+
+    // sqlite3 (uses POSIX locks and random writes).
+    let db = root.join("db.sqlite");
+    let sql = "create table t(k integer primary key, v text);\
+               with recursive n(i) as (select 1 union all select i+1 from n where i<2000) \
+               insert into t select i, printf('value %d', i) from n;\
+               select count(*), sum(k) from t;";
+    let out = run(&format!("sqlite3 {} \"{sql}\"", db.display()), root);
+    assert_eq!(out.trim(), "2000|2001000");
+    let out = run(
+        &format!(
+            "sqlite3 {} 'pragma integrity_check; select v from t where k=1234;'",
+            db.display()
+        ),
+        root,
+    );
+    assert_eq!(out.trim(), "ok\nvalue 1234");
+}
+
+#[test]
+fn two_mounts_of_one_volume_see_each_other() {
+    let kvd = Server::kvd(&[]).unwrap();
+    let a = Mount::start(&url(&kvd), "shared", &["--no-commit-on-close"]).unwrap();
+    let b = Mount::start(&url(&kvd), "shared", &["--no-commit-on-close"]).unwrap();
+    fs::create_dir(a.path().join("dir")).unwrap();
+    fs::File::open(a.path()).unwrap().sync_all().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !b.path().join("dir").exists() {
+        assert!(Instant::now() < deadline, "B never saw A's directory");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Both create 1,000 files in the same directory at once.
+    let make = |root: std::path::PathBuf, tag: &'static str| {
+        std::thread::spawn(move || {
+            for i in 0..1000 {
+                fs::write(root.join(format!("dir/{tag}{i:04}")), format!("{tag}{i}")).unwrap();
+            }
+        })
+    };
+    let (ta, tb) = (
+        make(a.path().to_path_buf(), "a"),
+        make(b.path().to_path_buf(), "b"),
+    );
+    ta.join().unwrap();
+    tb.join().unwrap();
+    let count = |m: &Mount| fs::read_dir(m.path().join("dir")).unwrap().count();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while count(&a) != 2000 || count(&b) != 2000 {
+        assert!(
+            Instant::now() < deadline,
+            "after 20 s: A sees {}, B sees {} of 2000",
+            count(&a),
+            count(&b)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    for m in [&a, &b] {
+        assert_eq!(fs::read_to_string(m.path().join("dir/a0999")).unwrap(), "a999");
+        assert_eq!(fs::read_to_string(m.path().join("dir/b0500")).unwrap(), "b500");
+    }
+    // A file written and closed on A reads intact on B.
+    let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+    let data: Vec<u8> = (0..3_000_000).map(|_| rng.gen()).collect();
+    fs::write(a.path().join("big.bin"), &data).unwrap();
+    fs::File::open(a.path().join("big.bin"))
+        .unwrap()
+        .sync_all()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if fs::read(b.path().join("big.bin")).ok().as_deref() == Some(&data[..]) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "B never read A's file intact");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn unmount_and_remount_keeps_everything() {
+    let kvd = Server::kvd(&[]).unwrap();
+    let mut m = Mount::start(&url(&kvd), "main", &[]).unwrap();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+    let big: Vec<u8> = (0..6_000_000).map(|_| rng.gen()).collect();
+    fs::create_dir_all(m.path().join("x/y")).unwrap();
+    fs::write(m.path().join("x/y/big"), &big).unwrap();
+    fs::write(m.path().join("small"), b"small").unwrap();
+    std::os::unix::fs::symlink("x/y/big", m.path().join("ln")).unwrap();
+    // Written but not closed-and-committed before the unmount: the unmount commits it.
+    let mut open = File::create(m.path().join("pending")).unwrap();
+    open.write_all(b"pending bytes").unwrap();
+    drop(open);
+    assert!(m.stop(), "fsclient mount did not exit cleanly on SIGTERM");
+    let m2 = Mount::start(&url(&kvd), "main", &[]).unwrap();
+    assert!(fs::read(m2.path().join("x/y/big")).unwrap() == big);
+    assert_eq!(fs::read(m2.path().join("small")).unwrap(), b"small");
+    assert_eq!(fs::read(m2.path().join("pending")).unwrap(), b"pending bytes");
+    assert!(fs::read(m2.path().join("ln")).unwrap() == big);
+}
