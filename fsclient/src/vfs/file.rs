@@ -229,7 +229,7 @@ impl FileData {
 
     /// Stores the content as chunks and a manifest, and makes that the new base
     /// (the overlay is emptied). Only the chunks around changed bytes are
-    /// re-cut: chunks before the first change are kept, and after the last
+    /// re-cut: chunks ending before the first change are kept, and after the last
     /// change the chunker re-joins the old boundaries (content-defined cuts
     /// depend only on the bytes since the previous cut), keeping the rest.
     pub fn materialize(&mut self, store: &BlobStore, chunking: Chunking) -> FsResult<()> {
@@ -249,13 +249,14 @@ impl FileData {
         } else {
             first_change
         };
-        // Re-cut from the start of the chunk holding the first change; if it is
-        // at or past the old end, from the old last chunk (cut by the end of
-        // the file, not by content).
-        let from_chunk = match old.find(first_change) {
-            Some(i) => i,
-            None => old.chunks.len().saturating_sub(1),
-        };
+        // Re-cut from the start of the chunk holding the byte *before* the
+        // first change: FastCDC decides a cut after looking at the byte at the
+        // cut, so a chunk's end depends on the first byte of the next one.
+        // Past the old end, that is the old last chunk (which the end of the
+        // file cut, not its content).
+        let from_chunk = old
+            .find(first_change.saturating_sub(1).min(old.size().saturating_sub(1)))
+            .unwrap_or(0);
         let from = old.chunks.get(from_chunk).map_or(0, |c| c.1).min(self.size);
         let last_change = self
             .extents

@@ -61,7 +61,7 @@ fn read_all(f: &FileData, store: &BlobStore) -> Vec<u8> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(64))]
+    #![proptest_config(ProptestConfig::with_cases(256))]
     /// Writes, truncations and stores of a file agree with a byte vector, and
     /// every stored manifest is exactly what chunking the whole content afresh
     /// gives (re-chunking only around changes must not change the result).
