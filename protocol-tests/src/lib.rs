@@ -66,6 +66,20 @@ pub fn require_redis() {
     );
 }
 
+const PORT_TAKEN: &str = "port taken by another server";
+
+/// Starts a server, again on a new port if another test's server took the
+/// one it was given (tests run in parallel; free_port() cannot reserve).
+fn retry_if_port_taken(mut start: impl FnMut() -> Result<Server>) -> Result<Server> {
+    for _ in 0..4 {
+        match start() {
+            Err(e) if e.to_string().starts_with(PORT_TAKEN) => continue,
+            other => return other,
+        }
+    }
+    start()
+}
+
 /// A server process on a loopback port, killed on drop.
 pub struct Server {
     pub port: u16,
@@ -88,7 +102,10 @@ impl Server {
     /// Starts kvd on the data directory `dir` (which outlives the server, for
     /// restart tests).
     pub fn kvd_in(dir: &Path, extra: &[&str]) -> Result<Server> {
-        let port = free_port();
+        retry_if_port_taken(|| Server::kvd_on(free_port(), dir, extra))
+    }
+
+    fn kvd_on(port: u16, dir: &Path, extra: &[&str]) -> Result<Server> {
         let bin = kvd_bin();
         if !bin.exists() {
             bail!("{} not found: run `cargo build --workspace` first", bin.display());
@@ -114,7 +131,10 @@ impl Server {
 
     /// Starts a stock redis-server with no persistence (the in-memory peer).
     pub fn redis(extra: &[&str]) -> Result<Server> {
-        let port = free_port();
+        retry_if_port_taken(|| Server::redis_on(free_port(), extra))
+    }
+
+    fn redis_on(port: u16, extra: &[&str]) -> Result<Server> {
         let dir = tempfile::tempdir()?;
         let child = Command::new("redis-server")
             .args([
@@ -150,11 +170,30 @@ impl Server {
                 bail!("{} exited during start-up: {status}", self.name);
             }
             if TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
-                return Ok(self);
+                // Another test's server may have taken the port between
+                // free_port() and our bind: make sure it is ours.
+                match self.owner_pid() {
+                    Some(pid) if pid != self.child.id() => {
+                        let _ = self.child.kill();
+                        let _ = self.child.wait();
+                        bail!("{PORT_TAKEN}: port {} belongs to process {pid}", self.port);
+                    }
+                    _ => return Ok(self),
+                }
             }
             std::thread::sleep(Duration::from_millis(20));
         }
         bail!("{} did not start listening on port {}", self.name, self.port)
+    }
+
+    /// The `process_id` the server on our port reports (`None` if it will not
+    /// say, e.g. before AUTH).
+    fn owner_pid(&self) -> Option<u32> {
+        let mut c = Conn::connect(self.port).ok()?;
+        let info = c.cmd("INFO server").ok()?.as_str();
+        info.lines()
+            .find_map(|l| l.strip_prefix("process_id:"))
+            .and_then(|p| p.trim().parse().ok())
     }
 
     pub fn connect(&self) -> Result<Conn> {
