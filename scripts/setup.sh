@@ -3,7 +3,7 @@
 # machine: redis-server and redis-tools (the peer the differential tests and
 # benchmarks compare kvd with), fuse3 (fusermount3, for `fsclient mount`), and
 # the everyday programs the mount tests run on a mount (rsync, sqlite3, git,
-# make, a C compiler, flock). Safe to run again: it installs only what is missing.
+# make, a C compiler, flock), and fio and bindfs for `bench mount`. Safe to run again: it installs only what is missing.
 set -euo pipefail
 
 need=()
@@ -18,6 +18,8 @@ want git git
 want make make
 want cc gcc
 want flock util-linux
+want fio fio          # bench mount
+want bindfs bindfs    # bench mount: the FUSE pass-through peer
 
 if [ ${#need[@]} -gt 0 ]; then
   echo "setup: installing ${need[*]}"

@@ -57,6 +57,18 @@ enum Which {
         #[arg(long, default_value_t = 10_000)]
         small: usize,
     },
+    /// The mounted file system (over kvd and over redis-server) against bindfs
+    /// over tmpfs and local disk, with fio: sequential write and read, 4 KiB
+    /// random reads, and creating/stat-ing/deleting many files in one directory.
+    /// Needs root, /dev/fuse, fio and bindfs (scripts/setup.sh installs them).
+    Mount {
+        /// Size of the file written and read, MiB.
+        #[arg(long, default_value_t = 1024)]
+        file_mib: u64,
+        /// Files created, stat-ed and deleted.
+        #[arg(long, default_value_t = 10_000)]
+        files: usize,
+    },
 }
 
 #[derive(Serialize)]
@@ -69,6 +81,7 @@ struct Row {
 }
 
 mod fs;
+mod mount;
 mod storage;
 
 /// Runs redis-benchmark once (64-byte values, 50 clients); returns
@@ -176,6 +189,11 @@ fn main() -> Result<()> {
         } => {
             let report = storage::run(load_gib, startup_keys, rounds)?;
             let path = save("storage", &report)?;
+            println!("saved {}", path.display());
+        }
+        Which::Mount { file_mib, files } => {
+            let report = mount::run(file_mib, files)?;
+            let path = save("mount", &report)?;
             println!("saved {}", path.display());
         }
         Which::Fs { big_mib, small } => {
