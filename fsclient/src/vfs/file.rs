@@ -127,6 +127,12 @@ impl FileData {
         f
     }
 
+    pub fn debug_base(&self) -> (u64, u64, u64, usize) {
+        (self.base_size, self.valid, self.size, self.map.chunks.len())
+    }
+    pub fn debug_ext(&self) -> Vec<(u64, usize)> {
+        self.extents.iter().map(|(k, v)| (*k, v.len())).collect()
+    }
     /// Takes what is needed to read `len` bytes at `offset`.
     pub fn view(&self, offset: u64, len: u64) -> ReadView {
         let start = offset.min(self.size);
@@ -233,9 +239,28 @@ impl FileData {
     /// change the chunker re-joins the old boundaries (content-defined cuts
     /// depend only on the bytes since the previous cut), keeping the rest.
     pub fn materialize(&mut self, store: &BlobStore, chunking: Chunking) -> FsResult<()> {
-        if !self.changed {
-            return Ok(());
+        if self.changed {
+            self.store_content(store, chunking, false)?;
         }
+        Ok(())
+    }
+
+    /// Stores the written bytes up to a cut point some way before the end of
+    /// the last written extent, and keeps the rest in the overlay: what a
+    /// large sequential write needs to keep memory bounded without re-reading
+    /// and re-hashing everything after it (a file extended by fallocate or
+    /// truncate would otherwise be chunked to its end at every spill).
+    pub fn spill(&mut self, store: &BlobStore, chunking: Chunking) -> FsResult<()> {
+        if self.changed && !self.store_content(store, chunking, true)? {
+            self.store_content(store, chunking, false)?;
+        }
+        Ok(())
+    }
+
+    /// Re-cuts and stores; with `partial`, only up to a cut that the bytes
+    /// after it cannot move (and returns false, changing nothing, if that
+    /// would drop old bytes the overlay does not hold).
+    fn store_content(&mut self, store: &BlobStore, chunking: Chunking, partial: bool) -> FsResult<bool> {
         let old = self.map.clone();
         let first_change = self
             .extents
@@ -254,9 +279,17 @@ impl FileData {
         // cut, so a chunk's end depends on the first byte of the next one.
         // Past the old end, that is the old last chunk (which the end of the
         // file cut, not its content).
-        let from_chunk = old
+        let by_change = old
             .find(first_change.saturating_sub(1).min(old.size().saturating_sub(1)))
             .unwrap_or(0);
+        // And a cut also depends on how many bytes follow the chunk's start
+        // when that is less than `max` (the chunker's window is shortened near
+        // the end): chunks that close to the old or new end are re-cut too.
+        let window_end = self.base_size.min(self.size);
+        let by_end = old
+            .chunks
+            .partition_point(|&(_, s, _)| s + chunking.max as u64 <= window_end);
+        let from_chunk = by_change.min(by_end);
         let from = old.chunks.get(from_chunk).map_or(0, |c| c.1).min(self.size);
         let last_change = self
             .extents
@@ -265,6 +298,17 @@ impl FileData {
             .map_or(0, |(&s, e)| s + e.len() as u64);
         // Old boundaries are reusable only where old bytes are still there.
         let may_rejoin = self.valid == self.base_size && self.size == self.base_size;
+        // A partial store reads up to the end of the written bytes and keeps
+        // only chunks the chunker saw a whole window (max size) past the start
+        // of: FastCDC's cut depends on up to `max` bytes and one more.
+        let limit = if partial {
+            last_change.min(self.size)
+        } else {
+            self.size
+        };
+        if partial && (limit < from + chunking.max as u64 + 1 || limit < self.valid) {
+            return Ok(false);
+        }
 
         let mut chunks: Vec<(Hash, u64, u32)> = old.chunks[..from_chunk.min(old.chunks.len())].to_vec();
         let mut batch = Vec::new();
@@ -273,6 +317,7 @@ impl FileData {
             store,
             file: self,
             at: from,
+            end: limit,
         };
         let cdc = fastcdc::v2020::StreamCDC::new(reader, chunking.min, chunking.avg, chunking.max);
         for c in cdc {
@@ -280,8 +325,11 @@ impl FileData {
                 fastcdc::v2020::Error::IoError(io) => FsError::Io(io),
                 other => FsError::Io(std::io::Error::other(other.to_string())),
             })?;
-            let blob = object::encode_chunk(&c.data);
             let start = from + c.offset;
+            if partial && start + chunking.max as u64 + 1 > limit {
+                break;
+            }
+            let blob = object::encode_chunk(&c.data);
             chunks.push((Hash::of(&blob), start, c.length as u32));
             batch_bytes += blob.len();
             batch.push(blob);
@@ -303,6 +351,29 @@ impl FileData {
         }
         store.put_many(batch)?;
         let map = ChunkMap { chunks };
+        if partial {
+            let cut = map.size();
+            if cut < self.valid {
+                return Ok(false);
+            }
+            // The base now ends at `cut`; what is written past it stays.
+            let keys: Vec<u64> = self.extents.range(..cut).map(|(&k, _)| k).collect();
+            for k in keys {
+                let e = self.extents.remove(&k).expect("listed above");
+                self.dirty_bytes -= e.len();
+                let end = k + e.len() as u64;
+                if end > cut {
+                    let rest = e[(cut - k) as usize..].to_vec();
+                    self.dirty_bytes += rest.len();
+                    self.extents.insert(cut, rest);
+                }
+            }
+            // `manifest` is stale until the next full store (`changed` stays).
+            self.base_size = cut;
+            self.valid = cut;
+            self.map = Arc::new(map);
+            return Ok(true);
+        }
         debug_assert_eq!(map.size(), self.size);
         let manifest = store.put(object::encode_manifest(&map.manifest()))?;
         self.manifest = manifest;
@@ -313,7 +384,7 @@ impl FileData {
         self.extents.clear();
         self.dirty_bytes = 0;
         self.changed = false;
-        Ok(())
+        Ok(true)
     }
 }
 
@@ -363,21 +434,22 @@ impl ReadView {
     }
 }
 
-/// The file's bytes from `at` to its end, as a `Read` for the chunker.
+/// The file's bytes from `at` to `end`, as a `Read` for the chunker.
 struct ContentReader<'a> {
     store: &'a BlobStore,
     file: &'a FileData,
     at: u64,
+    end: u64,
 }
 
 impl Read for ContentReader<'_> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         let f = self.file;
-        if self.at >= f.size {
+        if self.at >= self.end {
             return Ok(0);
         }
         // Read up to the next place the source changes (extent, chunk, valid).
-        let mut end = (self.at + buf.len() as u64).min(f.size);
+        let mut end = (self.at + buf.len() as u64).min(self.end);
         if let Some((&s, e)) = f.extents.range(..=self.at).next_back() {
             let e_end = s + e.len() as u64;
             if self.at < e_end {

@@ -946,7 +946,7 @@ impl Vfs {
             spill
         };
         if spill {
-            file.lock().materialize(self.store(), self.opts.chunking)?;
+            file.lock().spill(self.store(), self.opts.chunking)?;
         }
         Ok(data.len() as u32)
     }

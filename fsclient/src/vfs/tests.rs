@@ -46,6 +46,7 @@ enum FileOp {
     Write(u64, Vec<u8>),
     Truncate(u64),
     Materialize,
+    Spill,
 }
 
 fn file_op() -> impl Strategy<Value = FileOp> {
@@ -53,6 +54,7 @@ fn file_op() -> impl Strategy<Value = FileOp> {
         4 => (0u64..6000, proptest::collection::vec(any::<u8>(), 1..700)).prop_map(|(o, d)| FileOp::Write(o, d)),
         1 => (0u64..6000).prop_map(FileOp::Truncate),
         1 => Just(FileOp::Materialize),
+        1 => Just(FileOp::Spill),
     ]
 }
 
@@ -94,6 +96,7 @@ proptest! {
                     let (fresh, _) = tree::store_data(&store, &model[..], small()).unwrap();
                     prop_assert_eq!(f.manifest, fresh, "re-chunked manifest differs from a fresh chunking");
                 }
+                FileOp::Spill => f.spill(&store, small()).unwrap(),
             }
             prop_assert_eq!(f.size, model.len() as u64);
             prop_assert_eq!(&read_all(&f, &store), &model);
