@@ -18,7 +18,7 @@ use bytes::Bytes;
 
 use crate::object::{self, Hash, Manifest};
 use crate::store::{BlobStore, StoreError};
-use crate::tree::{Chunking, FsError, FsResult};
+use crate::tree::{Chunking, FsResult};
 
 /// A manifest with the offset of each chunk, for finding a byte's chunk.
 #[derive(Debug, Default)]
@@ -261,6 +261,18 @@ impl FileData {
     /// after it cannot move (and returns false, changing nothing, if that
     /// would drop old bytes the overlay does not hold).
     fn store_content(&mut self, store: &BlobStore, chunking: Chunking, partial: bool) -> FsResult<bool> {
+        let started = std::time::Instant::now();
+        let r = self.store_content_inner(store, chunking, partial);
+        tracing::debug!(partial, size = self.size, elapsed = ?started.elapsed(), "stored file content");
+        r
+    }
+
+    fn store_content_inner(
+        &mut self,
+        store: &BlobStore,
+        chunking: Chunking,
+        partial: bool,
+    ) -> FsResult<bool> {
         let old = self.map.clone();
         let first_change = self
             .extents
@@ -291,6 +303,15 @@ impl FileData {
             .partition_point(|&(_, s, _)| s + chunking.max as u64 <= window_end);
         let from_chunk = by_change.min(by_end);
         let from = old.chunks.get(from_chunk).map_or(0, |c| c.1).min(self.size);
+        tracing::debug!(
+            from,
+            from_chunk,
+            first_change,
+            base = self.base_size,
+            valid = self.valid,
+            size = self.size,
+            "re-cutting"
+        );
         let last_change = self
             .extents
             .iter()
@@ -313,42 +334,71 @@ impl FileData {
         let mut chunks: Vec<(Hash, u64, u32)> = old.chunks[..from_chunk.min(old.chunks.len())].to_vec();
         let mut batch = Vec::new();
         let mut batch_bytes = 0usize;
-        let reader = ContentReader {
+        let mut reader = ContentReader {
             store,
             file: self,
             at: from,
             end: limit,
         };
-        let cdc = fastcdc::v2020::StreamCDC::new(reader, chunking.min, chunking.avg, chunking.max);
-        for c in cdc {
-            let c = c.map_err(|e| match e {
-                fastcdc::v2020::Error::IoError(io) => FsError::Io(io),
-                other => FsError::Io(std::io::Error::other(other.to_string())),
-            })?;
-            let start = from + c.offset;
-            if partial && start + chunking.max as u64 + 1 > limit {
+        let max = chunking.max as usize;
+        // The stream is cut with a window of `max` bytes (or what is left), as
+        // FastCDC's streaming chunker does, from a buffer reused across calls.
+        let mut buf = STREAM_BUFFER.with(|b| std::mem::take(&mut *b.borrow_mut()));
+        buf.resize(2 * max, 0);
+        let (mut lo, mut hi) = (0usize, 0usize);
+        let mut pos = from;
+        let mut zero_stored = false;
+        let zero = zero_chunk(chunking);
+        while pos < limit {
+            if partial && pos + max as u64 + 1 > limit {
                 break;
             }
-            let blob = object::encode_chunk(&c.data);
-            chunks.push((Hash::of(&blob), start, c.length as u32));
-            batch_bytes += blob.len();
-            batch.push(blob);
-            if batch_bytes >= 16 << 20 {
-                store.put_many(std::mem::take(&mut batch))?;
-                batch_bytes = 0;
-            }
-            let end = start + c.length as u64;
-            if may_rejoin && end >= last_change && end < self.base_size {
+            let (hash, len) = if pos + max as u64 <= limit && self.is_zeros(pos, max as u64, &zero.hash) {
+                // A window of nothing but zeros (a hole, or a file extended by
+                // truncate/fallocate) cuts and hashes the same everywhere.
+                if !zero_stored {
+                    store.put(zero.blob.clone())?;
+                    zero_stored = true;
+                }
+                (lo, hi) = (0, 0);
+                reader.at = pos + zero.len as u64;
+                (zero.hash, zero.len)
+            } else {
+                while hi - lo < max && reader.at < limit {
+                    if hi == buf.len() {
+                        buf.copy_within(lo..hi, 0);
+                        (lo, hi) = (0, hi - lo);
+                    }
+                    hi += reader.read(&mut buf[hi..])?;
+                }
+                let window = &buf[lo..hi.min(lo + max)];
+                let cdc = fastcdc::v2020::FastCDC::new(window, chunking.min, chunking.avg, chunking.max);
+                let len = cdc.cut(0, window.len()).1;
+                let blob = object::encode_chunk(&window[..len]);
+                let hash = Hash::of(&blob);
+                lo += len;
+                batch_bytes += blob.len();
+                batch.push(blob);
+                if batch_bytes >= 16 << 20 {
+                    store.put_many(std::mem::take(&mut batch))?;
+                    batch_bytes = 0;
+                }
+                (hash, len as u32)
+            };
+            chunks.push((hash, pos, len));
+            pos += len as u64;
+            if may_rejoin && pos >= last_change && pos < self.base_size {
                 // A cut on an old boundary (not the old last one, which the end
                 // of the file made): the rest is unchanged.
-                if let Some(j) = old.find(end) {
-                    if old.chunks[j].1 == end {
+                if let Some(j) = old.find(pos) {
+                    if old.chunks[j].1 == pos {
                         chunks.extend_from_slice(&old.chunks[j..]);
                         break;
                     }
                 }
             }
         }
+        STREAM_BUFFER.with(|b| *b.borrow_mut() = buf);
         store.put_many(batch)?;
         let map = ChunkMap { chunks };
         if partial {
@@ -431,6 +481,69 @@ impl ReadView {
             .take(n)
             .map(|&(h, _, l)| (h, l))
             .collect()
+    }
+}
+
+thread_local! {
+    /// The chunker's window buffer, kept per thread: fresh memory is slow to
+    /// touch on some machines, and a file is re-cut at every commit.
+    static STREAM_BUFFER: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// The chunk FastCDC cuts from a window of zeros, for a chunking.
+#[derive(Clone)]
+struct ZeroChunk {
+    len: u32,
+    hash: Hash,
+    blob: bytes::Bytes,
+}
+
+fn zero_chunk(c: Chunking) -> ZeroChunk {
+    static CACHE: std::sync::OnceLock<parking_lot::Mutex<Vec<((u32, u32, u32), ZeroChunk)>>> =
+        std::sync::OnceLock::new();
+    let cache = CACHE.get_or_init(Default::default);
+    let key = (c.min, c.avg, c.max);
+    if let Some((_, z)) = cache.lock().iter().find(|(k, _)| *k == key) {
+        return z.clone();
+    }
+    let zeros = vec![0u8; c.max as usize];
+    let len = fastcdc::v2020::FastCDC::new(&zeros, c.min, c.avg, c.max)
+        .cut(0, zeros.len())
+        .1;
+    let blob = object::encode_chunk(&zeros[..len]);
+    let z = ZeroChunk {
+        len: len as u32,
+        hash: Hash::of(&blob),
+        blob,
+    };
+    cache.lock().push((key, z.clone()));
+    z
+}
+
+impl FileData {
+    /// Whether `[at, at + len)` is known to read as zeros without looking:
+    /// no extent overlaps it, and below `valid` it lies in stored chunks of
+    /// zeros (`zero`), as a pre-sized file's unwritten part does once stored.
+    fn is_zeros(&self, at: u64, len: u64, zero: &Hash) -> bool {
+        let end = at + len;
+        let no_extent = self
+            .extents
+            .range(..end)
+            .next_back()
+            .is_none_or(|(&s, e)| s + e.len() as u64 <= at);
+        if !no_extent {
+            return false;
+        }
+        if at >= self.valid {
+            return true;
+        }
+        let Some(first) = self.map.find(at) else {
+            return false;
+        };
+        self.map.chunks[first..]
+            .iter()
+            .take_while(|&&(_, s, _)| s < end.min(self.valid))
+            .all(|(h, _, _)| h == zero)
     }
 }
 

@@ -238,3 +238,21 @@ fn a_file_larger_than_the_spill_limit_is_stored_while_written() {
     assert_eq!(big.size, 100_000);
     assert_eq!(other.read(big.ino, 99_000, 1000).unwrap(), block);
 }
+
+#[test]
+fn a_presized_file_is_cut_like_its_content_and_holes_cost_no_reading() {
+    let store = store();
+    let mut f = FileData::empty();
+    let mut model = vec![0u8; 50_000];
+    f.truncate(50_000);
+    let data: Vec<u8> = (0..3000u32).map(|i| (i * 31 % 253) as u8).collect();
+    for at in [0usize, 20_000, 47_000] {
+        f.write(at as u64, &data);
+        model[at..at + data.len()].copy_from_slice(&data);
+        f.spill(&store, small()).unwrap();
+        f.materialize(&store, small()).unwrap();
+        let (fresh, _) = tree::store_data(&store, &model[..], small()).unwrap();
+        assert_eq!(f.manifest, fresh);
+    }
+    assert_eq!(tree::read_to_vec(&store, &f.manifest).unwrap(), model);
+}
