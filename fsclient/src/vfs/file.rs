@@ -499,8 +499,8 @@ struct ZeroChunk {
 }
 
 fn zero_chunk(c: Chunking) -> ZeroChunk {
-    static CACHE: std::sync::OnceLock<parking_lot::Mutex<Vec<((u32, u32, u32), ZeroChunk)>>> =
-        std::sync::OnceLock::new();
+    type Known = Vec<((u32, u32, u32), ZeroChunk)>;
+    static CACHE: std::sync::OnceLock<parking_lot::Mutex<Known>> = std::sync::OnceLock::new();
     let cache = CACHE.get_or_init(Default::default);
     let key = (c.min, c.avg, c.max);
     if let Some((_, z)) = cache.lock().iter().find(|(k, _)| *k == key) {
