@@ -17,6 +17,7 @@ pub mod store;
 pub mod tree;
 pub mod vfs;
 pub mod volume;
+pub mod write_behind;
 
 #[cfg(test)]
 mod tests;

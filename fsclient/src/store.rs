@@ -76,6 +76,7 @@ pub struct BlobStore {
     dict: Arc<dyn Dict>,
     prefix: String,
     cache: Arc<Mutex<Cache>>,
+    behind: Arc<crate::write_behind::WriteBehind>,
 }
 
 impl BlobStore {
@@ -88,6 +89,7 @@ impl BlobStore {
                 used: 0,
                 lru: lru::LruCache::unbounded(),
             })),
+            behind: Arc::new(crate::write_behind::WriteBehind::new()),
         }
     }
 
@@ -129,6 +131,9 @@ impl BlobStore {
         if let Some(b) = self.cache.lock().get(h) {
             return Ok(b);
         }
+        if let Some(b) = self.behind.get(h) {
+            return Ok(b);
+        }
         let key = self.blob_key(h);
         let blob = self.dict.get(&key)?.ok_or_else(|| {
             tracing::error!(%key, "blob missing");
@@ -142,6 +147,27 @@ impl BlobStore {
         Ok(blob)
     }
 
+    /// Stores encoded blobs in the background (see [`crate::write_behind`]):
+    /// readable at once through this store, in the store itself after
+    /// [`BlobStore::flush_writes`]. Returns their hashes.
+    pub fn put_many_behind(&self, blobs: Vec<Bytes>) -> Vec<Hash> {
+        let batch: Vec<_> = blobs
+            .into_iter()
+            .map(|b| {
+                let h = Hash::of(&b);
+                (h, self.blob_key(&h), b)
+            })
+            .collect();
+        let hashes = batch.iter().map(|(h, _, _)| *h).collect();
+        self.behind.put(&self.dict, batch);
+        hashes
+    }
+
+    /// Waits until every blob stored in the background is in the store.
+    pub fn flush_writes(&self) -> StoreResult<()> {
+        Ok(self.behind.flush(&self.dict, |h| self.blob_key(h))?)
+    }
+
     /// Whether a blob is in the memory cache (a read of it costs no round trip).
     pub fn is_cached(&self, h: &Hash) -> bool {
         self.cache.lock().lru.contains(h)
@@ -149,7 +175,10 @@ impl BlobStore {
 
     /// Reads many blobs in one round trip (those not cached), in order.
     pub fn get_many(&self, hashes: &[Hash]) -> StoreResult<Vec<Bytes>> {
-        let mut out: Vec<Option<Bytes>> = hashes.iter().map(|h| self.cache.lock().get(h)).collect();
+        let mut out: Vec<Option<Bytes>> = hashes
+            .iter()
+            .map(|h| self.cache.lock().get(h).or_else(|| self.behind.get(h)))
+            .collect();
         let missing: Vec<usize> = (0..hashes.len()).filter(|&i| out[i].is_none()).collect();
         let keys: Vec<String> = missing.iter().map(|&i| self.blob_key(&hashes[i])).collect();
         let fetched = self.dict.get_many(&keys)?;

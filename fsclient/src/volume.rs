@@ -86,6 +86,8 @@ impl Volume {
         mut ours: Hash,
         message: &str,
     ) -> FsResult<(Hash, Hash)> {
+        // No root may name a blob that is still on its way to the store.
+        self.store.flush_writes()?;
         for attempt in 0..MAX_ATTEMPTS {
             if ours == base_root {
                 return Ok((base_hash, base_root));

@@ -380,7 +380,7 @@ impl FileData {
                 batch_bytes += blob.len();
                 batch.push(blob);
                 if batch_bytes >= 16 << 20 {
-                    store.put_many(std::mem::take(&mut batch))?;
+                    store.put_many_behind(std::mem::take(&mut batch));
                     batch_bytes = 0;
                 }
                 (hash, len as u32)
@@ -399,7 +399,7 @@ impl FileData {
             }
         }
         STREAM_BUFFER.with(|b| *b.borrow_mut() = buf);
-        store.put_many(batch)?;
+        store.put_many_behind(batch);
         let map = ChunkMap { chunks };
         if partial {
             let cut = map.size();
