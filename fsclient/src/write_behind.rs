@@ -38,6 +38,12 @@ pub struct WriteBehind {
 /// Batches queued at most (each up to ~16 MiB): bounds the memory in flight.
 const QUEUE: usize = 4;
 
+impl Default for WriteBehind {
+    fn default() -> Self {
+        WriteBehind::new()
+    }
+}
+
 impl WriteBehind {
     pub fn new() -> WriteBehind {
         WriteBehind {
