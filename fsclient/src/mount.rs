@@ -22,9 +22,11 @@ use crate::object::Time;
 use crate::tree::FsError;
 use crate::vfs::{self, Attr, Caller, Kind, RenameMode, SetAttr, TimeSet, Vfs};
 
-/// How long the kernel may cache names and attributes. Other clients' changes
-/// arrive with the poll interval anyway; this keeps `stat` storms cheap.
-const TTL: Duration = Duration::from_secs(1);
+/// How long the kernel may cache names and attributes. Changes made through
+/// this mount update the kernel's cache as they happen, and other clients'
+/// changes are pushed out of it when adopted (see [`invalidate`]), so this only
+/// bounds how long a missed invalidation could last.
+const TTL: Duration = Duration::from_secs(10);
 
 pub struct MountOptions {
     pub mountpoint: PathBuf,
@@ -526,6 +528,30 @@ impl Filesystem for Adapter {
     }
 }
 
+/// Tells the kernel to forget what other clients' adopted commits changed.
+/// Runs on its own thread: an invalidation sent from inside a request handler
+/// can deadlock with the kernel waiting on that request.
+fn invalidate(
+    vfs: Arc<Vfs>,
+    notifier: fuser::Notifier,
+    stop: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            for inv in vfs.take_invalidations() {
+                // Errors mean the kernel did not have it cached: nothing to do.
+                let _ = match inv {
+                    vfs::Invalidate::Entry { parent, name } => {
+                        notifier.inval_entry(INodeNo(parent), OsStr::from_bytes(&name))
+                    }
+                    vfs::Invalidate::Inode(ino) => notifier.inval_inode(INodeNo(ino), 0, 0),
+                };
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    })
+}
+
 /// Mounts the view and serves it until the file system is unmounted (by
 /// `fsclient umount`, `fusermount3 -u`, or SIGINT/SIGTERM to this process,
 /// which unmount it). Everything written is committed before this returns.
@@ -559,12 +585,14 @@ pub fn serve(vfs: Arc<Vfs>, opts: &MountOptions, on_mounted: impl FnOnce()) -> s
     });
     let stop = Arc::new(AtomicBool::new(false));
     let syncer = vfs::spawn_syncer(vfs.clone(), opts.commit_interval, stop.clone());
+    let invalidator = invalidate(vfs.clone(), session.notifier(), stop.clone());
     on_mounted();
     let served = session.run();
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     signal_handle.close();
     let _ = signal_thread.join();
     let _ = syncer.join();
+    let _ = invalidator.join();
     // The kernel may not send DESTROY on every way of unmounting; commit here too.
     if let Err(e) = vfs.commit() {
         tracing::error!("final commit failed: {e}");

@@ -679,6 +679,24 @@ fn two_mounts_of_one_volume_see_each_other() {
         assert!(Instant::now() < deadline, "B never read A's file intact");
         std::thread::sleep(Duration::from_millis(100));
     }
+    // A changed file's cached attributes and a removed name are pushed out of
+    // the other mount's kernel cache when it adopts the commit, well before
+    // the kernel's own 10 s timeout.
+    assert_eq!(fs::metadata(a.path().join("dir/b0001")).unwrap().len(), 2);
+    assert!(a.path().join("dir/b0002").exists());
+    fs::write(b.path().join("dir/b0001"), b"now much longer").unwrap();
+    fs::remove_file(b.path().join("dir/b0002")).unwrap();
+    fs::File::open(b.path()).unwrap().sync_all().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while fs::metadata(a.path().join("dir/b0001")).unwrap().len() != 15 || a.path().join("dir/b0002").exists()
+    {
+        assert!(
+            Instant::now() < deadline,
+            "A still shows B's old attributes or removed name after 5 s"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(fs::read(a.path().join("dir/b0001")).unwrap(), b"now much longer");
 }
 
 #[test]

@@ -425,7 +425,7 @@ impl FileData {
             return Ok(true);
         }
         debug_assert_eq!(map.size(), self.size);
-        let manifest = store.put(object::encode_manifest(&map.manifest()))?;
+        let manifest = store.put_many_behind(vec![object::encode_manifest(&map.manifest())])[0];
         self.manifest = manifest;
         self.base_size = map.size();
         self.valid = self.base_size;

@@ -105,6 +105,15 @@ pub enum RenameMode {
     Exchange,
 }
 
+/// Something the kernel may have cached that another client's commit changed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Invalidate {
+    /// The name in a directory now means something else (or nothing).
+    Entry { parent: Ino, name: Vec<u8> },
+    /// A node's attributes or content changed.
+    Inode(Ino),
+}
+
 /// One line of a directory listing.
 #[derive(Clone, Debug)]
 pub struct DirEntry {
@@ -229,6 +238,8 @@ struct State {
     dirty_files: HashSet<Ino>,
     handles: HashMap<u64, Handle>,
     next_fh: u64,
+    /// Collected while adopting other clients' commits, for the kernel.
+    invalidations: Vec<Invalidate>,
 }
 
 pub struct Vfs {
@@ -489,9 +500,14 @@ impl State {
         };
         let entries = store.dir(&tree)?;
         let mut children = BTreeMap::new();
+        self.invalidations.push(Invalidate::Inode(ino));
         for (name, &child) in &old {
             if !entries.contains_key(name) {
                 self.unlink_node(child);
+                self.invalidations.push(Invalidate::Entry {
+                    parent: ino,
+                    name: name.clone(),
+                });
             }
         }
         for (name, entry) in entries {
@@ -507,6 +523,10 @@ impl State {
                 None => {
                     if let Some(&c) = old.get(&name) {
                         self.unlink_node(c);
+                        self.invalidations.push(Invalidate::Entry {
+                            parent: ino,
+                            name: name.clone(),
+                        });
                     }
                     self.add_node(ino, name.clone(), entry)
                 }
@@ -519,6 +539,7 @@ impl State {
 
     fn adopt_entry(&mut self, store: &BlobStore, ino: Ino, entry: Entry) -> FsResult<()> {
         let node = self.node_mut(ino)?;
+        let meta_changed = node.meta != entry.meta;
         node.meta = entry.meta;
         match (entry.content, &mut node.body) {
             (Content::Dir { tree }, Body::Dir(_)) => self.adopt_dir(store, ino, tree)?,
@@ -541,10 +562,14 @@ impl State {
                     *m = manifest;
                     *s = size;
                     *data = None;
+                    self.invalidations.push(Invalidate::Inode(ino));
                 }
             }
             (Content::Symlink { target }, Body::Symlink(t)) => *t = target,
             _ => {}
+        }
+        if meta_changed {
+            self.invalidations.push(Invalidate::Inode(ino));
         }
         Ok(())
     }
@@ -614,6 +639,7 @@ impl Vfs {
                 dirty_files: HashSet::new(),
                 handles: HashMap::new(),
                 next_fh: 1,
+                invalidations: Vec::new(),
             }),
             volume,
             opts,
@@ -1103,6 +1129,12 @@ impl Vfs {
         node.meta.ctime = Time::now();
         st.entry_changed(ino);
         Ok(())
+    }
+
+    /// What the kernel should forget because other clients' commits were
+    /// adopted since the last call (see [`Invalidate`]).
+    pub fn take_invalidations(&self) -> Vec<Invalidate> {
+        std::mem::take(&mut self.state.lock().invalidations)
     }
 
     /// Whether anything is waiting to be committed.
