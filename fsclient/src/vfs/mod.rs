@@ -176,6 +176,9 @@ struct DirNode {
     /// Children by name, once loaded.
     children: Option<BTreeMap<Vec<u8>, Ino>>,
     dirty: bool,
+    /// How many children are directories (for nlink), once counted; reset
+    /// whenever a directory child comes or goes.
+    subdirs: Option<u32>,
 }
 
 struct Node {
@@ -289,6 +292,7 @@ impl State {
                 tree,
                 children: None,
                 dirty: false,
+                subdirs: None,
             }),
             Content::Symlink { target } => Body::Symlink(target),
             Content::Fifo => Body::Fifo,
@@ -374,20 +378,33 @@ impl State {
         self.entry_changed(dir);
     }
 
+    /// A directory child of `dir` was added or removed.
+    fn subdirs_changed(&mut self, dir: Ino) {
+        if let Some(Node {
+            body: Body::Dir(d), ..
+        }) = self.nodes.get_mut(&dir)
+        {
+            d.subdirs = None;
+        }
+    }
+
     fn nlink(&mut self, store: &BlobStore, ino: Ino) -> FsResult<u32> {
         let node = self.node(ino)?;
         if !node.linked {
             return Ok(0);
         }
-        if node.kind() != Kind::Dir {
-            return Ok(1);
+        match &node.body {
+            Body::Dir(DirNode { subdirs: Some(n), .. }) => return Ok(2 + n),
+            Body::Dir(_) => {}
+            _ => return Ok(1),
         }
-        let subdirs: Vec<Ino> = self.children(store, ino)?.values().copied().collect();
-        let n = subdirs
+        let children: Vec<Ino> = self.children(store, ino)?.values().copied().collect();
+        let n = children
             .iter()
             .filter(|c| matches!(self.nodes.get(c).map(|n| &n.body), Some(Body::Dir(_))))
-            .count();
-        Ok(2 + n as u32)
+            .count() as u32;
+        self.node_mut(ino)?.dir()?.subdirs = Some(n);
+        Ok(2 + n)
     }
 
     fn attr(&mut self, store: &BlobStore, ino: Ino) -> FsResult<Attr> {
@@ -495,6 +512,7 @@ impl State {
         }
         d.tree = tree;
         d.dirty = false;
+        d.subdirs = None;
         let Some(old) = d.children.take() else {
             return Ok(());
         };
@@ -622,6 +640,7 @@ impl Vfs {
                     tree: commit.root,
                     children: None,
                     dirty: false,
+                    subdirs: None,
                 }),
                 lookups: 1,
                 open: 0,
@@ -775,6 +794,8 @@ impl Vfs {
         if let Body::Dir(d) = &mut st.node_mut(ino)?.body {
             d.children = Some(BTreeMap::new());
             d.dirty = true;
+            d.subdirs = Some(0);
+            st.subdirs_changed(parent);
         }
         st.children(self.store(), parent)?.insert(name.to_vec(), ino);
         st.listing_changed(parent);
@@ -834,6 +855,9 @@ impl Vfs {
         st.children(self.store(), parent)?.remove(name);
         st.unlink_node(ino);
         st.listing_changed(parent);
+        if dir {
+            st.subdirs_changed(parent);
+        }
         Ok(())
     }
 
@@ -866,6 +890,14 @@ impl Vfs {
         let from_dir = st.node(from)?.kind() == Kind::Dir;
         if from_dir && st.is_ancestor(from, to_parent) {
             return Err(FsError::Invalid);
+        }
+        let to_dir = match to {
+            Some(t) => st.node(t)?.kind() == Kind::Dir,
+            None => false,
+        };
+        if from_dir || to_dir {
+            st.subdirs_changed(parent);
+            st.subdirs_changed(to_parent);
         }
         match (mode, to) {
             (RenameMode::Exchange, None) => return Err(FsError::NotFound),
