@@ -173,12 +173,15 @@ impl Server {
                 // Another test's server may have taken the port between
                 // free_port() and our bind: make sure it is ours.
                 match self.owner_pid() {
-                    Some(pid) if pid != self.child.id() => {
+                    Ok(Some(pid)) if pid != self.child.id() => {
                         let _ = self.child.kill();
                         let _ = self.child.wait();
                         bail!("{PORT_TAKEN}: port {} belongs to process {pid}", self.port);
                     }
-                    _ => return Ok(self),
+                    // Ours, or one that will not say before AUTH.
+                    Ok(_) => return Ok(self),
+                    // Gone again (e.g. another test's server stopping): look again.
+                    Err(_) => {}
                 }
             }
             std::thread::sleep(Duration::from_millis(20));
@@ -186,14 +189,19 @@ impl Server {
         bail!("{} did not start listening on port {}", self.name, self.port)
     }
 
-    /// The `process_id` the server on our port reports (`None` if it will not
-    /// say, e.g. before AUTH).
-    fn owner_pid(&self) -> Option<u32> {
-        let mut c = Conn::connect(self.port).ok()?;
-        let info = c.cmd("INFO server").ok()?.as_str();
-        info.lines()
+    /// The `process_id` the server on our port reports: `Ok(None)` if it
+    /// answers but will not say (before AUTH), an error if it did not answer.
+    fn owner_pid(&self) -> Result<Option<u32>> {
+        let mut c = Conn::connect(self.port)?;
+        let reply = c.cmd("INFO server")?;
+        if reply.is_error() {
+            return Ok(None);
+        }
+        Ok(reply
+            .as_str()
+            .lines()
             .find_map(|l| l.strip_prefix("process_id:"))
-            .and_then(|p| p.trim().parse().ok())
+            .and_then(|p| p.trim().parse().ok()))
     }
 
     pub fn connect(&self) -> Result<Conn> {
@@ -599,6 +607,11 @@ impl Mount {
 
     pub fn path(&self) -> &Path {
         self.dir.path()
+    }
+
+    /// The `fsclient mount` process (for memory measurements).
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, |c| c.id())
     }
 
     /// Unmounts with SIGTERM (what Ctrl-C does) and waits for the process;

@@ -15,7 +15,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use protocol_tests::{require_redis, Mount, Server};
+use protocol_tests::{fsclient_bin, is_mounted, require_redis, Mount, Server};
 use rand::{Rng, SeedableRng};
 
 fn url(s: &Server) -> String {
@@ -719,4 +719,104 @@ fn unmount_and_remount_keeps_everything() {
     assert_eq!(fs::read(m2.path().join("small")).unwrap(), b"small");
     assert_eq!(fs::read(m2.path().join("pending")).unwrap(), b"pending bytes");
     assert!(fs::read(m2.path().join("ln")).unwrap() == big);
+}
+
+#[test]
+fn daemon_mount_and_umount_commands() {
+    protocol_tests::require_fuse();
+    let kvd = Server::kvd(&[]).unwrap();
+    let store = url(&kvd);
+    let fsclient = |args: &[&str]| {
+        Command::new(fsclient_bin())
+            .args(["--store", &store])
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    assert!(fsclient(&["mkfs"]).status.success());
+    let dir = tempfile::tempdir().unwrap();
+    let mnt = dir.path().to_str().unwrap();
+    let out = fsclient(&["mount", "--daemon", mnt]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(is_mounted(dir.path()));
+    // Written and not yet committed by the interval: umount commits it first.
+    fs::write(dir.path().join("via-daemon"), b"daemon").unwrap();
+    let out = fsclient(&["umount", mnt]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(!is_mounted(dir.path()));
+    let out = fsclient(&["cat", "/via-daemon"]);
+    assert_eq!(out.stdout, b"daemon");
+    // Unmounting what is not mounted is a clear error.
+    let out = fsclient(&["umount", mnt]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not a dictfs mount"));
+}
+
+#[test]
+fn a_corrupt_blob_is_an_io_error_for_its_file_only() {
+    let kvd = Server::kvd(&[]).unwrap();
+    let mut m = Mount::start(&url(&kvd), "main", &[]).unwrap();
+    let bad: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+    fs::write(m.path().join("bad"), &bad).unwrap();
+    fs::write(m.path().join("good"), b"fine").unwrap();
+    assert!(m.stop());
+    // Overwrite the file's only chunk with other bytes, behind dictfs's back.
+    let key = format!(
+        "dfs:b:{}",
+        fsclient::object::Hash::of(&fsclient::object::encode_chunk(&bad)).hex()
+    );
+    let mut c = kvd.connect().unwrap();
+    assert_eq!(c.call(&["EXISTS", &key]).unwrap().as_int(), Some(1));
+    c.call(&["SET", &key, "garbage"]).unwrap();
+    let m = Mount::start(&url(&kvd), "main", &[]).unwrap();
+    assert_eq!(errno(fs::read(m.path().join("bad"))), libc::EIO);
+    assert_eq!(fs::read(m.path().join("good")).unwrap(), b"fine");
+    assert!(
+        fs::metadata(m.path().join("bad")).is_ok(),
+        "the name and attributes stay readable"
+    );
+}
+
+#[test]
+fn memory_stays_bounded_while_writing_a_large_file() {
+    let kvd = Server::kvd(&[]).unwrap();
+    let m = Mount::start(&url(&kvd), "main", &[]).unwrap();
+    let pid = m.pid();
+    let block: Vec<u8> = (0..1u32 << 20)
+        .map(|i| (i.wrapping_mul(2654435761) >> 7) as u8)
+        .collect();
+    let mut f = File::create(m.path().join("large")).unwrap();
+    const MIB: u64 = 1536;
+    for i in 0..MIB {
+        // Different bytes per MiB, so nothing deduplicates.
+        let mut b = block.clone();
+        b[..8].copy_from_slice(&i.to_le_bytes());
+        f.write_all(&b).unwrap();
+    }
+    f.sync_all().unwrap();
+    drop(f);
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let peak_kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
+        .unwrap();
+    assert_eq!(fs::metadata(m.path().join("large")).unwrap().len(), MIB << 20);
+    eprintln!(
+        "fsclient peak memory {} MiB while writing {MIB} MiB",
+        peak_kib / 1024
+    );
+    // Blob cache 256 MiB, overlay and upload queue 64 MiB each, kernel
+    // request buffers: well under half the file.
+    assert!(
+        peak_kib < 640 * 1024,
+        "fsclient's peak memory was {} MiB while writing {MIB} MiB",
+        peak_kib / 1024
+    );
+    let mut r = File::open(m.path().join("large")).unwrap();
+    let mut buf = vec![0u8; 1 << 20];
+    r.seek(SeekFrom::Start(1234 << 20)).unwrap();
+    r.read_exact(&mut buf).unwrap();
+    assert_eq!(&buf[..8], &1234u64.to_le_bytes());
+    assert_eq!(&buf[8..], &block[8..]);
 }
