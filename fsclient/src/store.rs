@@ -77,6 +77,15 @@ pub struct BlobStore {
     prefix: String,
     cache: Arc<Mutex<Cache>>,
     behind: Arc<crate::write_behind::WriteBehind>,
+    fetching: Arc<Mutex<std::collections::HashMap<Hash, Arc<Flight>>>>,
+}
+
+/// A fetch in progress, which others wanting the same blob wait for.
+#[derive(Default)]
+struct Flight {
+    /// `Some(Some(blob))` when fetched, `Some(None)` when that failed.
+    done: Mutex<Option<Option<Bytes>>>,
+    cv: parking_lot::Condvar,
 }
 
 impl BlobStore {
@@ -90,6 +99,7 @@ impl BlobStore {
                 lru: lru::LruCache::unbounded(),
             })),
             behind: Arc::new(crate::write_behind::WriteBehind::new()),
+            fetching: Default::default(),
         }
     }
 
@@ -134,6 +144,39 @@ impl BlobStore {
         if let Some(b) = self.behind.get(h) {
             return Ok(b);
         }
+        // One fetch per blob at a time: a reader that wants a chunk the
+        // read-ahead is already fetching waits for it instead of fetching and
+        // hashing it again.
+        let (flight, leader) = {
+            let mut fetching = self.fetching.lock();
+            match fetching.get(h) {
+                Some(f) => (f.clone(), false),
+                None => {
+                    let f = Arc::new(Flight::default());
+                    fetching.insert(*h, f.clone());
+                    (f, true)
+                }
+            }
+        };
+        if !leader {
+            let mut done = flight.done.lock();
+            while done.is_none() {
+                flight.cv.wait(&mut done);
+            }
+            if let Some(Some(b)) = done.as_ref() {
+                return Ok(b.clone());
+            }
+            // The other fetch failed: fetch ourselves, for our own error.
+            return self.fetch(h);
+        }
+        let result = self.fetch(h);
+        *flight.done.lock() = Some(result.as_ref().ok().cloned());
+        flight.cv.notify_all();
+        self.fetching.lock().remove(h);
+        result
+    }
+
+    fn fetch(&self, h: &Hash) -> StoreResult<Bytes> {
         let key = self.blob_key(h);
         let blob = self.dict.get(&key)?.ok_or_else(|| {
             tracing::error!(%key, "blob missing");
