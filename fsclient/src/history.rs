@@ -168,13 +168,24 @@ pub struct Check {
 /// format, sizes), reporting damage by path and carrying on past it. A blob
 /// shared by several paths is read once; if it is damaged, every path that
 /// needs it is reported.
-pub fn fsck(store: &BlobStore, root: Hash) -> Check {
+pub fn fsck(store: &BlobStore, tree: crate::links::Tree) -> Check {
     let mut walk = Walk {
         store,
         check: Check::default(),
         verdicts: std::collections::HashMap::new(),
+        inodes: Default::default(),
     };
-    walk.dir(root, "/");
+    match crate::links::load(store, tree.inodes) {
+        Ok(inodes) => {
+            walk.check.blobs += tree.inodes.is_some() as u64;
+            walk.inodes = inodes;
+        }
+        Err(e) => walk
+            .check
+            .damaged
+            .push(("(inode table: every hard-linked file)".into(), e.to_string())),
+    }
+    walk.dir(tree.root, "/");
     walk.check
 }
 
@@ -183,6 +194,7 @@ struct Walk<'a> {
     check: Check,
     /// Directories and files already checked: `None` if intact, else the problem.
     verdicts: std::collections::HashMap<Hash, Option<String>>,
+    inodes: crate::object::Inodes,
 }
 
 impl Walk<'_> {
@@ -209,10 +221,18 @@ impl Walk<'_> {
                 path.trim_end_matches('/'),
                 String::from_utf8_lossy(&name)
             );
+            let e = match e.content {
+                Content::Inode { id } if !self.inodes.contains_key(&id) => {
+                    let problem = format!("hard link to inode {id}, which is not in the inode table");
+                    self.check.damaged.push((p, problem));
+                    continue;
+                }
+                _ => crate::links::resolve(&self.inodes, e),
+            };
             match e.content {
                 Content::Dir { tree } => self.dir(tree, &p),
                 Content::File { manifest, size } => self.file(manifest, size, &p),
-                Content::Symlink { .. } | Content::Fifo => {}
+                Content::Symlink { .. } | Content::Fifo | Content::Inode { .. } => {}
             }
         }
     }

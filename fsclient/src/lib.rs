@@ -10,6 +10,7 @@
 
 pub mod dict;
 pub mod history;
+pub mod links;
 pub mod merge;
 pub mod mount;
 pub mod object;

@@ -9,7 +9,8 @@ use std::sync::Arc;
 use clap::{Parser, Subcommand};
 use fsclient::dict::RespDict;
 use fsclient::history;
-use fsclient::object::{Content, Entry, Hash};
+use fsclient::links;
+use fsclient::object::{Content, Entry, Hash, Inodes};
 use fsclient::store::BlobStore;
 use fsclient::tree::{self, Chunking, FsError, FsResult};
 use fsclient::volume::Volume;
@@ -188,7 +189,31 @@ fn kind_char(e: &Entry) -> char {
         Content::File { .. } => '-',
         Content::Dir { .. } => 'd',
         Content::Symlink { .. } => 'l',
-        Content::Fifo => 'p',
+        Content::Fifo | Content::Inode { .. } => 'p',
+    }
+}
+
+/// A version of the volume, for reading: its root and its inode table.
+struct Version {
+    root: Hash,
+    inodes: Inodes,
+}
+
+impl Version {
+    fn of(store: &BlobStore, commit: &fsclient::object::Commit) -> FsResult<Version> {
+        Ok(Version {
+            root: commit.root,
+            inodes: links::load(store, commit.inodes)?,
+        })
+    }
+
+    fn head(v: &Volume) -> FsResult<Version> {
+        Version::of(&v.store, &v.head()?.1)
+    }
+
+    /// The entry at a path, hard links resolved (`None` for the root).
+    fn lookup(&self, store: &BlobStore, names: &[Vec<u8>]) -> FsResult<Option<Entry>> {
+        Ok(tree::lookup(store, self.root, names)?.map(|e| links::resolve(&self.inodes, e)))
     }
 }
 
@@ -276,10 +301,10 @@ fn put_tree(store: &BlobStore, root: Hash, local: &Path, remote: &[Vec<u8>]) -> 
     }
 }
 
-fn get_tree(store: &BlobStore, entry: Option<Entry>, root: Hash, local: &Path) -> FsResult<()> {
+fn get_tree(store: &BlobStore, version: &Version, entry: Option<Entry>, local: &Path) -> FsResult<()> {
     let content = match entry {
-        None => Content::Dir { tree: root },
-        Some(e) => e.content,
+        None => Content::Dir { tree: version.root },
+        Some(e) => links::resolve(&version.inodes, e).content,
     };
     match content {
         Content::File { manifest, .. } => {
@@ -291,23 +316,24 @@ fn get_tree(store: &BlobStore, entry: Option<Entry>, root: Hash, local: &Path) -
             std::fs::create_dir_all(local)?;
             for (name, e) in store.dir(&tree)? {
                 let child = local.join(std::ffi::OsStr::from_bytes(&name));
-                get_tree(store, Some(e), root, &child)?;
+                get_tree(store, version, Some(e), &child)?;
             }
         }
         Content::Symlink { target } => {
             std::os::unix::fs::symlink(std::ffi::OsStr::from_bytes(&target), local)?;
         }
-        Content::Fifo => {}
+        Content::Fifo | Content::Inode { .. } => {}
     }
     Ok(())
 }
 
-fn du(store: &BlobStore, tree: Hash) -> FsResult<u64> {
+fn du(store: &BlobStore, inodes: &Inodes, tree: Hash) -> FsResult<u64> {
     let mut total = 0;
-    for e in store.dir(&tree)?.values() {
+    for e in store.dir(&tree)?.into_values() {
+        let e = links::resolve(inodes, e);
         total += match e.content {
-            Content::Dir { tree } => du(store, tree)?,
-            _ => size_of(e),
+            Content::Dir { tree } => du(store, inodes, tree)?,
+            _ => size_of(&e),
         };
     }
     Ok(total)
@@ -462,15 +488,18 @@ fn run(cli: Cli) -> Result<(), Failure> {
         }
         Command::Ls { path, long } => {
             let names = p(&path).map_err(|e| fail("cannot access", &path, e))?;
-            let root = v.root().map_err(|e| fail("cannot access", &path, e))?;
-            let entry = tree::lookup(&store, root, &names).map_err(|e| fail("cannot access", &path, e))?;
+            let version = Version::head(&v).map_err(|e| fail("cannot access", &path, e))?;
+            let entry = version
+                .lookup(&store, &names)
+                .map_err(|e| fail("cannot access", &path, e))?;
             let listing: Vec<(Vec<u8>, Entry)> = match entry {
                 Some(e) if !matches!(e.content, Content::Dir { .. }) => {
                     vec![(names.last().cloned().unwrap_or_default(), e)]
                 }
-                _ => tree::list(&store, root, &names)
+                _ => tree::list(&store, version.root, &names)
                     .map_err(|e| fail("cannot access", &path, e))?
                     .into_iter()
+                    .map(|(n, e)| (n, links::resolve(&version.inodes, e)))
                     .collect(),
             };
             let mut out = std::io::stdout().lock();
@@ -493,15 +522,18 @@ fn run(cli: Cli) -> Result<(), Failure> {
         }
         Command::Stat { path } => {
             let names = p(&path).map_err(|e| fail("cannot stat", &path, e))?;
-            let root = v.root().map_err(|e| fail("cannot stat", &path, e))?;
-            match tree::lookup(&store, root, &names).map_err(|e| fail("cannot stat", &path, e))? {
+            let version = Version::head(&v).map_err(|e| fail("cannot stat", &path, e))?;
+            match version
+                .lookup(&store, &names)
+                .map_err(|e| fail("cannot stat", &path, e))?
+            {
                 None => println!("  File: {path}\n  Type: directory (volume root)"),
                 Some(e) => {
                     let kind = match e.content {
                         Content::File { .. } => "regular file",
                         Content::Dir { .. } => "directory",
                         Content::Symlink { .. } => "symbolic link",
-                        Content::Fifo => "fifo",
+                        Content::Fifo | Content::Inode { .. } => "fifo",
                     };
                     println!(
                         "  File: {path}\n  Size: {}\n  Type: {kind}\n  Mode: {:04o}  Uid: {}  Gid: {}\nModify: {}.{:09}\nChange: {}.{:09}",
@@ -518,15 +550,18 @@ fn run(cli: Cli) -> Result<(), Failure> {
             }
         }
         Command::Cat { paths, at } => {
-            let root = match at {
-                None => v.root(),
-                Some(version) => history::resolve(&v, &version).and_then(|c| Ok(store.commit(&c)?.root)),
+            let version = match at {
+                None => Version::head(&v),
+                Some(at) => history::resolve(&v, &at).and_then(|c| Version::of(&store, &store.commit(&c)?)),
             }
             .map_err(|e| Failure(e.to_string()))?;
             let mut out = std::io::stdout().lock();
             for path in paths {
                 let names = p(&path).map_err(|e| Failure(format!("{path}: {e}")))?;
-                match tree::lookup(&store, root, &names).map_err(|e| Failure(format!("{path}: {e}")))? {
+                match version
+                    .lookup(&store, &names)
+                    .map_err(|e| Failure(format!("{path}: {e}")))?
+                {
                     Some(Entry {
                         content: Content::File { manifest, .. },
                         ..
@@ -547,9 +582,11 @@ fn run(cli: Cli) -> Result<(), Failure> {
         }
         Command::Get { remote, local } => {
             let names = p(&remote).map_err(|e| fail("cannot stat", &remote, e))?;
-            let root = v.root().map_err(|e| fail("cannot stat", &remote, e))?;
-            let entry = tree::lookup(&store, root, &names).map_err(|e| fail("cannot stat", &remote, e))?;
-            get_tree(&store, entry, root, &local).map_err(|e| fail("cannot copy", &remote, e))?;
+            let version = Version::head(&v).map_err(|e| fail("cannot stat", &remote, e))?;
+            let entry = version
+                .lookup(&store, &names)
+                .map_err(|e| fail("cannot stat", &remote, e))?;
+            get_tree(&store, &version, entry, &local).map_err(|e| fail("cannot copy", &remote, e))?;
         }
         Command::Mkdir { path, parents } => {
             let names = p(&path).map_err(|e| fail("cannot create directory", &path, e))?;
@@ -612,22 +649,24 @@ fn run(cli: Cli) -> Result<(), Failure> {
         }
         Command::Du { path } => {
             let names = p(&path).map_err(|e| fail("cannot access", &path, e))?;
-            let root = v.root().map_err(|e| fail("cannot access", &path, e))?;
-            let total =
-                match tree::lookup(&store, root, &names).map_err(|e| fail("cannot access", &path, e))? {
-                    None => du(&store, root),
-                    Some(Entry {
-                        content: Content::Dir { tree },
-                        ..
-                    }) => du(&store, tree),
-                    Some(e) => Ok(size_of(&e)),
-                }
-                .map_err(|e| fail("cannot access", &path, e))?;
+            let version = Version::head(&v).map_err(|e| fail("cannot access", &path, e))?;
+            let total = match version
+                .lookup(&store, &names)
+                .map_err(|e| fail("cannot access", &path, e))?
+            {
+                None => du(&store, &version.inodes, version.root),
+                Some(Entry {
+                    content: Content::Dir { tree },
+                    ..
+                }) => du(&store, &version.inodes, tree),
+                Some(e) => Ok(size_of(&e)),
+            }
+            .map_err(|e| fail("cannot access", &path, e))?;
             println!("{total}\t{path}");
         }
         Command::Df => {
-            let root = v.root().map_err(|e| Failure(e.to_string()))?;
-            let files = du(&store, root).map_err(|e| Failure(e.to_string()))?;
+            let version = Version::head(&v).map_err(|e| Failure(e.to_string()))?;
+            let files = du(&store, &version.inodes, version.root).map_err(|e| Failure(e.to_string()))?;
             println!("volume {}: {files} bytes in files", cli.volume);
             let mut fields = Vec::new();
             for section in ["memory", "persistence"] {
@@ -685,8 +724,15 @@ fn run(cli: Cli) -> Result<(), Failure> {
         Command::Restore { path, from } => {
             let names = p(&path).map_err(|e| fail("cannot restore", &path, e))?;
             let c = history::resolve(&v, &from).map_err(|e| fail("cannot find version", &from, e))?;
-            let old_root = store.commit(&c).map_err(|e| Failure(e.to_string()))?.root;
-            let entry = tree::lookup(&store, old_root, &names)
+            let old = store
+                .commit(&c)
+                .map_err(FsError::from)
+                .and_then(|c| Version::of(&store, &c))
+                .map_err(|e| Failure(e.to_string()))?;
+            // Hard links inside what is restored come back as plain files.
+            let entry = old
+                .lookup(&store, &names)
+                .and_then(|e| e.map(|e| links::detach(&store, &old.inodes, e)).transpose())
                 .map_err(|e| fail(&format!("cannot restore (in {from})"), &path, e))?
                 .ok_or_else(|| Failure("cannot restore the root itself; restore its entries".into()))?;
             v.change(&format!("restore {path} from {from}"), |s, root| {
@@ -696,8 +742,8 @@ fn run(cli: Cli) -> Result<(), Failure> {
         }
         Command::Fsck { at } => {
             let c = history::resolve(&v, &at).map_err(|e| fail("cannot find version", &at, e))?;
-            let root = store.commit(&c).map_err(|e| Failure(e.to_string()))?.root;
-            let check = history::fsck(&store, root);
+            let tree = store.commit(&c).map_err(|e| Failure(e.to_string()))?.tree();
+            let check = history::fsck(&store, tree);
             for (path, problem) in &check.damaged {
                 println!("damaged: {path}: {problem}");
             }

@@ -48,6 +48,8 @@ pub enum Tag {
     /// An index over the parts of a large directory.
     DirIndex = 4,
     Commit = 5,
+    /// The hard-linked files of a commit: inode id -> entry and link count.
+    Inodes = 6,
 }
 
 impl Tag {
@@ -58,6 +60,7 @@ impl Tag {
             3 => Some(Tag::Dir),
             4 => Some(Tag::DirIndex),
             5 => Some(Tag::Commit),
+            6 => Some(Tag::Inodes),
             _ => None,
         }
     }
@@ -125,6 +128,11 @@ pub enum Content {
         target: Vec<u8>,
     },
     Fifo,
+    /// A name of a hard-linked file: its metadata and content are the inode
+    /// table's entry `id` (the entry's own metadata is all zeros).
+    Inode {
+        id: u64,
+    },
 }
 
 impl Content {
@@ -134,9 +142,13 @@ impl Content {
             Content::Dir { .. } => 2,
             Content::Symlink { .. } => 3,
             Content::Fifo => 5,
+            Content::Inode { .. } => 6,
         }
     }
 }
+
+/// A commit's hard-linked files: inode id -> (entry, number of names).
+pub type Inodes = BTreeMap<u64, (Entry, u32)>;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Entry {
@@ -168,6 +180,18 @@ pub struct Commit {
     /// Who wrote it (host and process), for `log` and conflict copy names.
     pub writer: String,
     pub message: String,
+    /// The inode table (tag 6), if any file has more than one name.
+    pub inodes: Option<Hash>,
+}
+
+impl Commit {
+    /// The file system this commit holds.
+    pub fn tree(&self) -> crate::links::Tree {
+        crate::links::Tree {
+            root: self.root,
+            inodes: self.inodes,
+        }
+    }
 }
 
 fn start(tag: Tag, capacity: usize) -> BytesMut {
@@ -214,16 +238,35 @@ pub fn encode_dir(dir: &Dir) -> Bytes {
     b.put_u32_le(dir.len() as u32);
     for (name, e) in dir {
         put_bytes16(&mut b, name);
+        put_entry(&mut b, e);
+    }
+    b.freeze()
+}
+
+/// The inode table: ids ascending, each with its link count and entry.
+pub fn encode_inodes(inodes: &Inodes) -> Bytes {
+    let mut b = start(Tag::Inodes, 80 * inodes.len());
+    b.put_u32_le(inodes.len() as u32);
+    for (id, (e, nlink)) in inodes {
+        b.put_u64_le(*id);
+        b.put_u32_le(*nlink);
+        put_entry(&mut b, e);
+    }
+    b.freeze()
+}
+
+fn put_entry(b: &mut BytesMut, e: &Entry) {
+    {
         b.put_u8(e.content.kind());
         b.put_u32_le(e.meta.mode);
         b.put_u32_le(e.meta.uid);
         b.put_u32_le(e.meta.gid);
-        put_time(&mut b, e.meta.mtime);
-        put_time(&mut b, e.meta.ctime);
+        put_time(b, e.meta.mtime);
+        put_time(b, e.meta.ctime);
         b.put_u16_le(e.meta.xattrs.len() as u16);
         for (k, v) in &e.meta.xattrs {
-            put_bytes16(&mut b, k);
-            put_bytes32(&mut b, v);
+            put_bytes16(b, k);
+            put_bytes32(b, v);
         }
         match &e.content {
             Content::File { manifest, size } => {
@@ -231,11 +274,11 @@ pub fn encode_dir(dir: &Dir) -> Bytes {
                 b.put_slice(&manifest.0);
             }
             Content::Dir { tree } => b.put_slice(&tree.0),
-            Content::Symlink { target } => put_bytes32(&mut b, target),
+            Content::Symlink { target } => put_bytes32(b, target),
             Content::Fifo => {}
+            Content::Inode { id } => b.put_u64_le(*id),
         }
     }
-    b.freeze()
 }
 
 /// One child of a directory index: the first name it holds, its blob, and its
@@ -294,6 +337,12 @@ pub fn encode_commit(c: &Commit) -> Bytes {
     put_time(&mut b, c.time);
     put_bytes16(&mut b, c.writer.as_bytes());
     put_bytes32(&mut b, c.message.as_bytes());
+    // An extension: commits without an inode table end here, byte for byte
+    // as before it existed.
+    if let Some(h) = c.inodes {
+        b.put_u8(1);
+        b.put_slice(&h.0);
+    }
     b.freeze()
 }
 
@@ -417,6 +466,36 @@ pub fn decode_dir(blob: &[u8]) -> Result<Dir, FormatError> {
         if last.as_ref().is_some_and(|l| *l >= name) {
             return Err(FormatError::Malformed("entries not sorted"));
         }
+        let entry = entry(&mut r)?;
+        last = Some(name.clone());
+        dir.insert(name, entry);
+    }
+    r.end()?;
+    Ok(dir)
+}
+
+pub fn decode_inodes(blob: &[u8]) -> Result<Inodes, FormatError> {
+    let mut r = payload(blob, Tag::Inodes)?;
+    let n = r.u32()? as usize;
+    let mut out = Inodes::new();
+    for _ in 0..n {
+        let id = r.u64()?;
+        if out.last_key_value().is_some_and(|(&l, _)| l >= id) {
+            return Err(FormatError::Malformed("inodes not sorted"));
+        }
+        let nlink = r.u32()?;
+        let e = entry(&mut r)?;
+        if matches!(e.content, Content::Dir { .. } | Content::Inode { .. }) {
+            return Err(FormatError::Malformed("an inode must be a file, symlink or fifo"));
+        }
+        out.insert(id, (e, nlink));
+    }
+    r.end()?;
+    Ok(out)
+}
+
+fn entry(r: &mut Reader<'_>) -> Result<Entry, FormatError> {
+    {
         let kind = r.u8()?;
         let mut meta = Meta {
             mode: r.u32()?,
@@ -442,13 +521,11 @@ pub fn decode_dir(blob: &[u8]) -> Result<Dir, FormatError> {
             2 => Content::Dir { tree: r.hash()? },
             3 => Content::Symlink { target: r.bytes32()? },
             5 => Content::Fifo,
+            6 => Content::Inode { id: r.u64()? },
             _ => return Err(FormatError::Malformed("unknown entry kind")),
         };
-        last = Some(name.clone());
-        dir.insert(name, Entry { meta, content });
+        Ok(Entry { meta, content })
     }
-    r.end()?;
-    Ok(dir)
 }
 
 pub fn decode_commit(blob: &[u8]) -> Result<Commit, FormatError> {
@@ -464,6 +541,11 @@ pub fn decode_commit(blob: &[u8]) -> Result<Commit, FormatError> {
         String::from_utf8(r.bytes16()?).map_err(|_| FormatError::Malformed("writer is not UTF-8"))?;
     let message =
         String::from_utf8(r.bytes32()?).map_err(|_| FormatError::Malformed("message is not UTF-8"))?;
+    let inodes = match r.buf.is_empty() {
+        true => None,
+        false if r.u8()? == 1 => Some(r.hash()?),
+        false => return Err(FormatError::Malformed("bad inode table flag")),
+    };
     r.end()?;
     Ok(Commit {
         root,
@@ -471,6 +553,7 @@ pub fn decode_commit(blob: &[u8]) -> Result<Commit, FormatError> {
         time,
         writer,
         message,
+        inodes,
     })
 }
 
@@ -540,13 +623,82 @@ mod tests {
             time: Time { secs: 5, nanos: 6 },
             writer: "host:1".into(),
             message: "msg".into(),
+            inodes: None,
         };
         assert_eq!(decode_commit(&encode_commit(&c)).unwrap(), c);
+        let c = Commit {
+            inodes: Some(Hash::of(b"i")),
+            ..c
+        };
+        assert_eq!(decode_commit(&encode_commit(&c)).unwrap(), c);
+        let mut inodes = Inodes::new();
+        let file = dir
+            .values()
+            .find(|e| matches!(e.content, Content::File { .. }))
+            .unwrap();
+        inodes.insert(7, (file.clone(), 2));
+        inodes.insert(1 << 62, (file.clone(), 3));
+        assert_eq!(decode_inodes(&encode_inodes(&inodes)).unwrap(), inodes);
+        let mut linked = Dir::new();
+        linked.insert(
+            b"x".to_vec(),
+            Entry {
+                meta: Meta::default(),
+                content: Content::Inode { id: 7 },
+            },
+        );
+        assert_eq!(decode_dir(&encode_dir(&linked)).unwrap(), linked);
+        // A directory cannot be an inode.
+        let d = dir
+            .values()
+            .find(|e| matches!(e.content, Content::Dir { .. }))
+            .unwrap();
+        inodes.insert(9, (d.clone(), 1));
+        assert!(decode_inodes(&encode_inodes(&inodes)).is_err());
     }
 
     /// Golden vectors: these bytes and keys must never change (docs/FORMAT.md).
     #[test]
     fn golden_vectors() {
+        // A commit without an inode table is byte for byte what it was before
+        // tables existed; with one, one flag byte and the hash follow.
+        let mut c = Commit {
+            root: Hash(std::array::from_fn(|i| i as u8)),
+            parent: None,
+            time: Time {
+                secs: 1_700_000_000,
+                nanos: 5,
+            },
+            writer: "w".into(),
+            message: "m".into(),
+            inodes: None,
+        };
+        let v1 = "0501000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f00\
+                  00f153650000000005000000010077010000006d";
+        assert_eq!(hex::encode(encode_commit(&c)), v1);
+        c.inodes = Some(Hash([0xaa; 32]));
+        assert_eq!(
+            hex::encode(encode_commit(&c)),
+            format!("{v1}01{}", "aa".repeat(32))
+        );
+        let mut inodes = Inodes::new();
+        let fifo = Entry {
+            meta: Meta {
+                mode: 0o644,
+                uid: 1,
+                gid: 2,
+                mtime: Time { secs: 3, nanos: 4 },
+                ctime: Time { secs: 5, nanos: 6 },
+                xattrs: BTreeMap::new(),
+            },
+            content: Content::Fifo,
+        };
+        inodes.insert(7, (fifo, 2));
+        assert_eq!(
+            hex::encode(encode_inodes(&inodes)),
+            "06010100000007000000000000000200000005a4010000010000000200000003000000000000000400\
+             00000500000000000000060000000000"
+        );
         let chunk = encode_chunk(b"hello");
         assert_eq!(hex::encode(&chunk), "010168656c6c6f");
         assert_eq!(
@@ -568,6 +720,7 @@ mod tests {
         fn decoders_never_panic(data in proptest::collection::vec(proptest::num::u8::ANY, 0..300)) {
             let _ = decode_dir(&data);
             let _ = decode_manifest(&data);
+            let _ = decode_inodes(&data);
             let _ = decode_commit(&data);
             let _ = decode_dir_index(&data);
             let _ = decode_chunk(&Bytes::from(data));

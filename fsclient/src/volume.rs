@@ -9,7 +9,7 @@
 
 use std::time::Duration;
 
-use crate::merge;
+use crate::links::{self, Tree};
 use crate::object::{self, Commit, Hash, Time};
 use crate::store::{BlobStore, StoreError};
 use crate::tree::{self, FsError, FsResult};
@@ -43,6 +43,7 @@ impl Volume {
             time: Time::now(),
             writer: self.writer.clone(),
             message: "mkfs".into(),
+            inodes: None,
         }))?;
         if !self.store.swap_root(&self.name, None, commit)? {
             return Err(FsError::Exists);
@@ -71,42 +72,50 @@ impl Volume {
         op: impl FnOnce(&BlobStore, Hash) -> FsResult<Hash>,
     ) -> FsResult<Hash> {
         let (base_hash, base) = self.head()?;
-        let ours = op(&self.store, base.root)?;
-        Ok(self.commit_tree(base_hash, base.root, ours, message)?.0)
+        let root = op(&self.store, base.root)?;
+        // A change by path may have removed names of hard-linked files.
+        let mut inodes = links::load(&self.store, base.inodes)?;
+        links::fix_counts(&self.store, root, &mut inodes)?;
+        let ours = Tree {
+            root,
+            inodes: links::store(&self.store, &inodes)?,
+        };
+        Ok(self.commit_tree(base_hash, base.tree(), ours, message)?.0)
     }
 
     /// Commits the tree `ours`, made from the commit `base_hash` (whose tree is
-    /// `base_root`): swaps the root pointer from `base_hash`, and if another
+    /// `base`): swaps the root pointer from `base_hash`, and if another
     /// client swapped first, merges with theirs and tries again. Returns the
     /// commit that landed and its tree (`ours`, or the merge of it).
     pub fn commit_tree(
         &self,
         mut base_hash: Hash,
-        mut base_root: Hash,
-        mut ours: Hash,
+        mut base: Tree,
+        mut ours: Tree,
         message: &str,
-    ) -> FsResult<(Hash, Hash)> {
+    ) -> FsResult<(Hash, Tree)> {
         // No root may name a blob that is still on its way to the store.
         self.store.flush_writes()?;
         for attempt in 0..MAX_ATTEMPTS {
-            if ours == base_root {
-                return Ok((base_hash, base_root));
+            if ours == base {
+                return Ok((base_hash, base));
             }
             let commit = self.store.put(object::encode_commit(&Commit {
-                root: ours,
+                root: ours.root,
                 parent: Some(base_hash),
                 time: Time::now(),
                 writer: self.writer.clone(),
                 message: message.to_string(),
+                inodes: ours.inodes,
             }))?;
             if self.store.swap_root(&self.name, Some(base_hash), commit)? {
                 return Ok((commit, ours));
             }
             // Someone committed first: merge with theirs and try from there.
             let (theirs_hash, theirs) = self.head()?;
-            ours = merge::merge(&self.store, Some(base_root), ours, theirs.root, &self.writer)?;
+            ours = links::merge_trees(&self.store, Some(base), ours, theirs.tree(), &self.writer)?;
             base_hash = theirs_hash;
-            base_root = theirs.root;
+            base = theirs.tree();
             let backoff = 1u64 << attempt.min(6);
             let jitter = rand::random::<u64>() % (backoff * 1000);
             std::thread::sleep(Duration::from_micros(backoff * 500 + jitter));

@@ -269,6 +269,26 @@ fn posix_suite(root: &Path) {
     assert_eq!(unsafe { libc::mknod(dev.as_ptr(), libc::S_IFCHR | 0o644, 0) }, -1);
     assert_eq!(std::io::Error::last_os_error().raw_os_error(), Some(libc::EPERM));
 
+    // Hard links: one inode under two names; writes show through both.
+    fs::write(p("h1"), b"linked").unwrap();
+    fs::hard_link(p("h1"), p("ls_h2")).unwrap();
+    let (m1, m2) = (fs::metadata(p("h1")).unwrap(), fs::metadata(p("ls_h2")).unwrap());
+    assert_eq!((m1.ino(), m1.nlink()), (m2.ino(), 2));
+    OpenOptions::new()
+        .append(true)
+        .open(p("ls_h2"))
+        .unwrap()
+        .write_all(b" twice")
+        .unwrap();
+    assert_eq!(fs::read(p("h1")).unwrap(), b"linked twice");
+    assert_eq!(errno(fs::hard_link(p("h1"), p("ls_h2"))), libc::EEXIST);
+    fs::create_dir(p("hd")).unwrap();
+    assert_eq!(errno(fs::hard_link(p("hd"), p("hd2"))), libc::EPERM);
+    fs::remove_file(p("h1")).unwrap();
+    assert_eq!(fs::metadata(p("ls_h2")).unwrap().nlink(), 1);
+    assert_eq!(fs::read(p("ls_h2")).unwrap(), b"linked twice");
+    fs::remove_file(p("ls_h2")).unwrap();
+
     // Extended attributes.
     xattr_set(&p("a"), "user.color", b"blue", 0).unwrap();
     assert_eq!(xattr_get(&p("a"), "user.color").unwrap(), b"blue");
@@ -709,6 +729,7 @@ fn unmount_and_remount_keeps_everything() {
     fs::write(m.path().join("x/y/big"), &big).unwrap();
     fs::write(m.path().join("small"), b"small").unwrap();
     std::os::unix::fs::symlink("x/y/big", m.path().join("ln")).unwrap();
+    fs::hard_link(m.path().join("small"), m.path().join("x/small-link")).unwrap();
     // Written but not closed-and-committed before the unmount: the unmount commits it.
     let mut open = File::create(m.path().join("pending")).unwrap();
     open.write_all(b"pending bytes").unwrap();
@@ -719,6 +740,22 @@ fn unmount_and_remount_keeps_everything() {
     assert_eq!(fs::read(m2.path().join("small")).unwrap(), b"small");
     assert_eq!(fs::read(m2.path().join("pending")).unwrap(), b"pending bytes");
     assert!(fs::read(m2.path().join("ln")).unwrap() == big);
+    let (a, b) = (
+        fs::metadata(m2.path().join("small")).unwrap(),
+        fs::metadata(m2.path().join("x/small-link")).unwrap(),
+    );
+    assert_eq!((a.ino(), a.nlink()), (b.ino(), 2));
+    // The command line reads through hard links too, and fsck checks them.
+    let cli = |args: &[&str]| {
+        Command::new(fsclient_bin())
+            .args(["--store", &url(&kvd)])
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    assert_eq!(cli(&["cat", "/x/small-link"]).stdout, b"small");
+    let fsck = cli(&["fsck"]);
+    assert!(fsck.status.success(), "{}", String::from_utf8_lossy(&fsck.stdout));
 }
 
 #[test]

@@ -34,7 +34,8 @@ use std::time::Duration;
 
 use parking_lot::Mutex;
 
-use crate::object::{self, Content, Dir, Entry, Hash, Manifest, Meta, Time};
+use crate::links::{self, Tree};
+use crate::object::{self, Content, Dir, Entry, Hash, Inodes, Manifest, Meta, Time};
 use crate::store::BlobStore;
 use crate::tree::{self, Chunking, FsError, FsResult};
 use crate::volume::Volume;
@@ -191,6 +192,10 @@ struct Node {
     /// Open handles.
     open: u32,
     linked: bool,
+    /// For a file with several names (hard links): its inode id, and how
+    /// many names it has. Its entry then lives in the inode table.
+    link: Option<u64>,
+    nlink: u32,
 }
 
 impl Node {
@@ -216,7 +221,8 @@ fn kind_of(content: &Content) -> Kind {
         Content::File { .. } => Kind::File,
         Content::Dir { .. } => Kind::Dir,
         Content::Symlink { .. } => Kind::Symlink,
-        Content::Fifo => Kind::Fifo,
+        // What it is is in the inode table; an inode is never a directory.
+        Content::Fifo | Content::Inode { .. } => Kind::Fifo,
     }
 }
 
@@ -234,7 +240,11 @@ struct State {
     next_ino: Ino,
     /// The commit the view is based on, and its tree.
     base_commit: Hash,
-    base_root: Hash,
+    base: Tree,
+    /// That commit's inode table (entries of inodes not loaded as nodes).
+    inodes: Inodes,
+    /// Nodes of hard-linked files, by inode id.
+    links: HashMap<u64, Ino>,
     /// Whether anything changed since `base_commit`.
     dirty: bool,
     /// Files written since their bytes were last stored (a hint for commit).
@@ -280,6 +290,25 @@ impl State {
     }
 
     fn add_node(&mut self, parent: Ino, name: Vec<u8>, entry: Entry) -> Ino {
+        let Content::Inode { id } = entry.content else {
+            return self.add_plain(parent, name, entry);
+        };
+        // Every name of a hard-linked file is the same node.
+        if let Some(&ino) = self.links.get(&id) {
+            if self.nodes.contains_key(&ino) {
+                return ino;
+            }
+        }
+        let nlink = self.inodes.get(&id).map_or(1, |(_, n)| *n);
+        let ino = self.add_plain(parent, name, links::resolve(&self.inodes, entry));
+        let node = self.nodes.get_mut(&ino).expect("just added");
+        node.link = Some(id);
+        node.nlink = nlink;
+        self.links.insert(id, ino);
+        ino
+    }
+
+    fn add_plain(&mut self, parent: Ino, name: Vec<u8>, entry: Entry) -> Ino {
         let ino = self.next_ino;
         self.next_ino += 1;
         let body = match entry.content {
@@ -295,7 +324,7 @@ impl State {
                 subdirs: None,
             }),
             Content::Symlink { target } => Body::Symlink(target),
-            Content::Fifo => Body::Fifo,
+            Content::Fifo | Content::Inode { .. } => Body::Fifo,
         };
         self.nodes.insert(
             ino,
@@ -307,6 +336,8 @@ impl State {
                 lookups: 0,
                 open: 0,
                 linked: true,
+                link: None,
+                nlink: 1,
             },
         );
         ino
@@ -362,7 +393,8 @@ impl State {
     /// Records that a node's own entry changed (its metadata or content).
     fn entry_changed(&mut self, ino: Ino) {
         let Some(node) = self.nodes.get(&ino) else { return };
-        if node.linked && ino != ROOT {
+        // A hard-linked file's entry is in the inode table, not a directory.
+        if node.linked && ino != ROOT && node.link.is_none() {
             let parent = node.parent;
             self.mark_dirty(parent);
         }
@@ -396,7 +428,7 @@ impl State {
         match &node.body {
             Body::Dir(DirNode { subdirs: Some(n), .. }) => return Ok(2 + n),
             Body::Dir(_) => {}
-            _ => return Ok(1),
+            _ => return Ok(node.nlink),
         }
         let children: Vec<Ino> = self.children(store, ino)?.values().copied().collect();
         let n = children
@@ -438,12 +470,35 @@ impl State {
         self.drop_if_unused(ino);
     }
 
+    /// One name of a node is gone: a hard-linked file loses a link (and
+    /// leaves the tree with its last); anything else leaves the tree.
+    fn drop_name(&mut self, ino: Ino) {
+        if let Some(n) = self.nodes.get_mut(&ino) {
+            if n.link.is_some() {
+                n.nlink = n.nlink.saturating_sub(1);
+                n.meta.ctime = Time::now();
+                self.dirty = true;
+                if n.nlink > 0 {
+                    return;
+                }
+            }
+        }
+        self.unlink_node(ino);
+    }
+
     fn drop_if_unused(&mut self, ino: Ino) {
         let Some(n) = self.nodes.get(&ino) else { return };
         if n.linked || n.lookups > 0 || n.open > 0 || ino == ROOT {
             return;
         }
         let node = self.nodes.remove(&ino).expect("checked above");
+        if let Some(id) = node.link {
+            if self.links.get(&id) == Some(&ino) {
+                self.links.remove(&id);
+                // Gone with its last name: not in the next table either.
+                self.inodes.remove(&id);
+            }
+        }
         self.dirty_files.remove(&ino);
         if let Body::Dir(DirNode {
             children: Some(children),
@@ -458,6 +513,17 @@ impl State {
 
     /// The stored entry for a node, storing what changed below it first.
     fn entry(&mut self, store: &BlobStore, chunking: Chunking, ino: Ino) -> FsResult<Entry> {
+        if let Some(id) = self.node(ino)?.link {
+            return Ok(Entry {
+                meta: Meta::default(),
+                content: Content::Inode { id },
+            });
+        }
+        self.plain_entry(store, chunking, ino)
+    }
+
+    /// The entry with the node's own metadata and content.
+    fn plain_entry(&mut self, store: &BlobStore, chunking: Chunking, ino: Ino) -> FsResult<Entry> {
         let content = match &self.node(ino)?.body {
             Body::Dir(_) => Content::Dir {
                 tree: self.build(store, chunking, ino)?,
@@ -503,6 +569,50 @@ impl State {
         Ok(tree)
     }
 
+    /// The inode table as it is now: the base's, with the entries of the
+    /// hard-linked nodes (their bytes stored first), without dropped ones.
+    fn build_inodes(&mut self, store: &BlobStore, chunking: Chunking) -> FsResult<Option<Hash>> {
+        let mut table = self.inodes.clone();
+        let nodes: Vec<(u64, Ino)> = self.links.iter().map(|(&id, &ino)| (id, ino)).collect();
+        for (id, ino) in nodes {
+            let node = self.node(ino)?;
+            if !node.linked || node.nlink == 0 {
+                table.remove(&id);
+                continue;
+            }
+            let nlink = node.nlink;
+            table.insert(id, (self.plain_entry(store, chunking, ino)?, nlink));
+        }
+        links::store(store, &table)
+    }
+
+    /// Adopts another commit's inode table: the hard-linked nodes take their
+    /// entries and link counts from it (or leave the tree if not in it).
+    fn adopt_inodes(&mut self, store: &BlobStore, inodes: Inodes) -> FsResult<()> {
+        self.inodes = inodes;
+        let nodes: Vec<(u64, Ino)> = self.links.iter().map(|(&id, &ino)| (id, ino)).collect();
+        for (id, ino) in nodes {
+            match self.inodes.get(&id).cloned() {
+                Some((entry, nlink)) => {
+                    self.adopt_entry(store, ino, entry)?;
+                    if let Some(n) = self.nodes.get_mut(&ino) {
+                        n.nlink = nlink;
+                    }
+                }
+                None => self.unlink_node(ino),
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes the view show `tree` (after a merge, or another client's commit).
+    fn adopt(&mut self, store: &BlobStore, tree: Tree) -> FsResult<()> {
+        let inodes = links::load(store, tree.inodes)?;
+        self.inodes = inodes.clone();
+        self.adopt_dir(store, ROOT, tree.root)?;
+        self.adopt_inodes(store, inodes)
+    }
+
     /// Makes a clean directory node show `tree`, keeping the inode numbers of
     /// names that are still there with the same kind.
     fn adopt_dir(&mut self, store: &BlobStore, ino: Ino, tree: Hash) -> FsResult<()> {
@@ -521,7 +631,7 @@ impl State {
         self.invalidations.push(Invalidate::Inode(ino));
         for (name, &child) in &old {
             if !entries.contains_key(name) {
-                self.unlink_node(child);
+                self.drop_name(child);
                 self.invalidations.push(Invalidate::Entry {
                     parent: ino,
                     name: name.clone(),
@@ -532,15 +642,21 @@ impl State {
             let same = old
                 .get(&name)
                 .copied()
-                .filter(|c| self.nodes.get(c).map(Node::kind) == Some(kind_of(&entry.content)));
+                .filter(|c| match (self.nodes.get(c), &entry.content) {
+                    // A name of the same hard-linked file (adopt_inodes updates it).
+                    (Some(n), Content::Inode { id }) => n.link == Some(*id),
+                    (Some(n), content) => n.link.is_none() && n.kind() == kind_of(content),
+                    (None, _) => false,
+                });
             let child = match same {
+                Some(c) if matches!(entry.content, Content::Inode { .. }) => c,
                 Some(c) => {
                     self.adopt_entry(store, c, entry)?;
                     c
                 }
                 None => {
                     if let Some(&c) = old.get(&name) {
-                        self.unlink_node(c);
+                        self.drop_name(c);
                         self.invalidations.push(Invalidate::Entry {
                             parent: ino,
                             name: name.clone(),
@@ -645,15 +761,20 @@ impl Vfs {
                 lookups: 1,
                 open: 0,
                 linked: true,
+                link: None,
+                nlink: 1,
             },
         );
+        let inodes = links::load(&volume.store, commit.inodes)?;
         let prefetch = prefetch::Prefetcher::new(volume.store.clone(), opts.readahead_threads);
         Ok(Vfs {
             state: Mutex::new(State {
                 nodes,
                 next_ino: ROOT + 1,
                 base_commit,
-                base_root: commit.root,
+                base: commit.tree(),
+                inodes,
+                links: HashMap::new(),
                 dirty: false,
                 dirty_files: HashSet::new(),
                 handles: HashMap::new(),
@@ -833,9 +954,45 @@ impl Vfs {
         self.make(caller, parent, name, 0o777, content)
     }
 
-    /// Hard links need the inode table of format version 2 (not built yet).
-    pub fn link(&self, _ino: Ino, _parent: Ino, _name: &[u8]) -> FsResult<Attr> {
-        Err(FsError::NotPermitted)
+    /// link(2): another name for a file. The file moves into the inode table
+    /// (see [`crate::links`]) on its second name.
+    pub fn link(&self, ino: Ino, parent: Ino, name: &[u8]) -> FsResult<Attr> {
+        check_name(name)?;
+        let mut st = self.state.lock();
+        let node = st.node(ino)?;
+        if node.kind() == Kind::Dir {
+            return Err(FsError::NotPermitted);
+        }
+        if !node.linked {
+            return Err(FsError::NotFound);
+        }
+        if st.child(self.store(), parent, name)?.is_some() {
+            return Err(FsError::Exists);
+        }
+        if st.node(ino)?.link.is_none() {
+            let id = loop {
+                let id = rand::random::<u64>() >> 1;
+                if id != 0 && !st.inodes.contains_key(&id) && !st.links.contains_key(&id) {
+                    break id;
+                }
+            };
+            // Its first name's entry becomes a reference to the table.
+            let first_parent = st.node(ino)?.parent;
+            st.mark_dirty(first_parent);
+            let node = st.node_mut(ino)?;
+            node.link = Some(id);
+            node.nlink = 1;
+            st.links.insert(id, ino);
+        }
+        let node = st.node_mut(ino)?;
+        node.nlink += 1;
+        node.meta.ctime = Time::now();
+        st.children(self.store(), parent)?.insert(name.to_vec(), ino);
+        st.listing_changed(parent);
+        st.dirty = true;
+        let attr = st.attr(self.store(), ino)?;
+        st.node_mut(ino)?.lookups += 1;
+        Ok(attr)
     }
 
     fn remove(&self, parent: Ino, name: &[u8], dir: bool) -> FsResult<()> {
@@ -853,7 +1010,7 @@ impl Vfs {
             (false, false) => {}
         }
         st.children(self.store(), parent)?.remove(name);
-        st.unlink_node(ino);
+        st.drop_name(ino);
         st.listing_changed(parent);
         if dir {
             st.subdirs_changed(parent);
@@ -929,7 +1086,7 @@ impl Vfs {
                     (false, true) => return Err(FsError::NotDir),
                     (false, false) => {}
                 }
-                st.unlink_node(to);
+                st.drop_name(to);
             }
             (_, None) => {}
         }
@@ -1197,15 +1354,20 @@ impl Vfs {
         if !st.dirty {
             return Ok(());
         }
-        let ours = st.build(store, self.opts.chunking, ROOT)?;
-        let (base_commit, base_root) = (st.base_commit, st.base_root);
-        let (commit, root) = self.volume.commit_tree(base_commit, base_root, ours, "mount")?;
+        let ours = Tree {
+            root: st.build(store, self.opts.chunking, ROOT)?,
+            inodes: st.build_inodes(store, self.opts.chunking)?,
+        };
+        let (base_commit, base) = (st.base_commit, st.base);
+        let (commit, tree) = self.volume.commit_tree(base_commit, base, ours, "mount")?;
         st.base_commit = commit;
-        st.base_root = root;
+        st.base = tree;
         st.dirty = false;
         st.dirty_files.clear();
-        if root != ours {
-            st.adopt_dir(store, ROOT, root)?;
+        if tree != ours {
+            st.adopt(store, tree)?;
+        } else {
+            st.inodes = links::load(store, tree.inodes)?;
         }
         Ok(())
     }
@@ -1221,16 +1383,16 @@ impl Vfs {
             return Ok(());
         }
         let _one = self.commit_lock.lock();
-        let root = self.store().commit(&head)?.root;
+        let tree = self.store().commit(&head)?.tree();
         let mut st = self.state.lock();
         if st.dirty {
             drop(st);
             drop(_one);
             return self.commit();
         }
-        st.adopt_dir(self.store(), ROOT, root)?;
+        st.adopt(self.store(), tree)?;
         st.base_commit = head;
-        st.base_root = root;
+        st.base = tree;
         Ok(())
     }
 }

@@ -256,3 +256,101 @@ fn a_presized_file_is_cut_like_its_content_and_holes_cost_no_reading() {
     }
     assert_eq!(tree::read_to_vec(&store, &f.manifest).unwrap(), model);
 }
+
+#[test]
+fn hard_links_share_one_inode_across_commits_and_views() {
+    let dict = Arc::new(MemoryDict::new());
+    let vfs = vfs_on(&dict, true);
+    let d = vfs.mkdir(ME, ROOT, b"d", 0o755).unwrap();
+    let (f, fh) = vfs.create(ME, ROOT, b"f", 0o640, libc::O_RDWR).unwrap();
+    vfs.write(fh, 0, b"one").unwrap();
+    assert!(matches!(
+        vfs.link(d.ino, ROOT, b"dirlink"),
+        Err(FsError::NotPermitted)
+    ));
+    assert!(matches!(vfs.link(f.ino, ROOT, b"f"), Err(FsError::Exists)));
+    let g = vfs.link(f.ino, d.ino, b"g").unwrap();
+    assert_eq!((g.ino, g.nlink), (f.ino, 2));
+    // Writing through one name shows through the other.
+    vfs.write(fh, 3, b" two").unwrap();
+    assert_eq!(
+        vfs.read(vfs.lookup(d.ino, b"g").unwrap().ino, 0, 100).unwrap(),
+        b"one two"
+    );
+    vfs.release(fh);
+    vfs.commit().unwrap();
+
+    // A fresh view of the commit: both names, one inode, two links.
+    let other = vfs_on(&dict, false);
+    let od = other.lookup(ROOT, b"d").unwrap();
+    let (a, b) = (
+        other.lookup(ROOT, b"f").unwrap(),
+        other.lookup(od.ino, b"g").unwrap(),
+    );
+    assert_eq!(a.ino, b.ino);
+    assert_eq!((a.nlink, a.perm, a.size), (2, 0o640, 7));
+    assert_eq!(other.read(b.ino, 0, 100).unwrap(), b"one two");
+    let fh = other.open(a.ino, libc::O_WRONLY).unwrap();
+    other.write(fh, 0, b"ONE").unwrap();
+    other.release(fh);
+    // Removing one name keeps the file under the other.
+    other.unlink(ROOT, b"f").unwrap();
+    assert_eq!(other.getattr(b.ino).unwrap().nlink, 1);
+    other.commit().unwrap();
+
+    let third = vfs_on(&dict, false);
+    let td = third.lookup(ROOT, b"d").unwrap();
+    let g = third.lookup(td.ino, b"g").unwrap();
+    assert_eq!(g.nlink, 1);
+    assert_eq!(third.read(g.ino, 0, 100).unwrap(), b"ONE two");
+    assert!(matches!(third.lookup(ROOT, b"f"), Err(FsError::NotFound)));
+    // The first view adopts all of it.
+    vfs.sync().unwrap();
+    assert_eq!(vfs.getattr(f.ino).unwrap().nlink, 1);
+    assert_eq!(vfs.read(f.ino, 0, 100).unwrap(), b"ONE two");
+    // The last name gone: the inode table is gone too.
+    third.unlink(td.ino, b"g").unwrap();
+    third.commit().unwrap();
+    let (_, head) = third.volume().head().unwrap();
+    assert_eq!(head.inodes, None);
+}
+
+#[test]
+fn hard_links_made_concurrently_with_other_changes_merge() {
+    let dict = Arc::new(MemoryDict::new());
+    let a = vfs_on(&dict, true);
+    let (f, fh) = a.create(ME, ROOT, b"f", 0o644, libc::O_WRONLY).unwrap();
+    a.write(fh, 0, b"shared").unwrap();
+    a.release(fh);
+    a.commit().unwrap();
+    let b = vfs_on(&dict, false);
+    // A links f; B, not knowing, creates another file and renames f.
+    a.link(f.ino, ROOT, b"f2").unwrap();
+    a.commit().unwrap();
+    b.rename(ROOT, b"f", ROOT, b"renamed", RenameMode::Replace)
+        .unwrap();
+    let (_, fh) = b.create(ME, ROOT, b"new", 0o644, libc::O_WRONLY).unwrap();
+    b.write(fh, 0, b"n").unwrap();
+    b.release(fh);
+    b.commit().unwrap();
+    a.sync().unwrap();
+    for v in [&a, &b] {
+        let names: Vec<Vec<u8>> = {
+            let fh = v.opendir(ROOT).unwrap();
+            let l = v.readdir(fh, 0).unwrap().iter().map(|e| e.name.clone()).collect();
+            v.releasedir(fh);
+            l
+        };
+        assert!(names.contains(&b"new".to_vec()), "{names:?}");
+        assert!(names.contains(&b"f2".to_vec()), "{names:?}");
+        let f2 = v.lookup(ROOT, b"f2").unwrap();
+        assert_eq!(v.read(f2.ino, 0, 100).unwrap(), b"shared");
+    }
+    // Every name the merge kept counts as a link, and the table says so.
+    let (_, head) = b.volume().head().unwrap();
+    let inodes = links::load(&b.volume().store, head.inodes).unwrap();
+    let counts = links::count(&b.volume().store, head.root).unwrap();
+    for (id, (_, nlink)) in &inodes {
+        assert_eq!(counts.get(id), Some(nlink));
+    }
+}
