@@ -18,6 +18,7 @@ want git git
 want make make
 want cc gcc
 want flock util-linux
+want openssl openssl   # the TLS test makes its own certificates
 want fio fio          # bench mount
 want bindfs bindfs    # bench mount: the FUSE pass-through peer
 

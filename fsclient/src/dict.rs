@@ -122,8 +122,16 @@ fn with_address(url: &str, host: &str, port: u16) -> String {
 }
 
 impl RespDict {
-    /// Connects to `redis://[[user]:password@]host:port[/db]`.
+    /// Connects to `redis://[[user]:password@]host:port[/db]`, or with TLS to
+    /// `rediss://…` (the server's certificate is checked against the system's
+    /// roots, or the file `SSL_CERT_FILE` names; `rediss://…/#insecure` skips
+    /// the check, for self-signed test setups only).
     pub fn open(url: &str) -> DictResult<RespDict> {
+        if url.starts_with("rediss://") {
+            // rustls needs its cryptography chosen once per process; an error
+            // means one was chosen already.
+            let _ = rustls::crypto::ring::default_provider().install_default();
+        }
         let single = redis::Client::open(url).map_err(backend)?;
         let mut dict = RespDict {
             url: url.to_string(),

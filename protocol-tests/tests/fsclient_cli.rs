@@ -221,3 +221,100 @@ fn snapshots_diff_restore_and_fsck() {
     );
     assert!(report.contains(", 1 damaged paths"), "{report}");
 }
+
+/// A redis-server that speaks only TLS, with a certificate from a CA made for
+/// the test (openssl), killed on drop.
+struct TlsRedis {
+    child: std::process::Child,
+    port: u16,
+    dir: tempfile::TempDir,
+}
+
+impl Drop for TlsRedis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn tls_redis() -> TlsRedis {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let sh = |cmd: &str| {
+        let out = Command::new("sh")
+            .arg("-c")
+            .arg(cmd)
+            .current_dir(d)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{cmd}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    sh("openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.crt -days 2 -subj '/CN=dictfs test CA'");
+    sh("openssl req -newkey rsa:2048 -nodes -keyout server.key -out server.csr -subj /CN=localhost");
+    sh("printf 'subjectAltName=IP:127.0.0.1,DNS:localhost' > ext && \
+        openssl x509 -req -in server.csr -CA ca.crt -CAkey ca.key -CAcreateserial -out server.crt -days 2 -extfile ext");
+    let port = protocol_tests::free_port();
+    let child = Command::new("redis-server")
+        .args([
+            "--port",
+            "0",
+            "--tls-port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+        ])
+        .args(["--tls-cert-file", "server.crt", "--tls-key-file", "server.key"])
+        .args(["--tls-ca-cert-file", "ca.crt", "--tls-auth-clients", "no"])
+        .args(["--save", "", "--appendonly", "no"])
+        .current_dir(d)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "TLS redis-server did not start"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    TlsRedis { child, port, dir }
+}
+
+#[test]
+fn tls_store_with_rediss_urls() {
+    require_redis();
+    let r = tls_redis();
+    let url = format!("rediss://127.0.0.1:{}", r.port);
+    let ca = r.dir.path().join("ca.crt");
+    let run = |url: &str, trust: bool, args: &[&str]| {
+        let mut c = Command::new(fsclient_bin());
+        if trust {
+            c.env("SSL_CERT_FILE", &ca);
+        }
+        c.args(["--store", url]).args(args).output().unwrap()
+    };
+    let out = run(&url, true, &["mkfs"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let src = tempfile::tempdir().unwrap();
+    make_tree(src.path());
+    assert!(run(&url, true, &["put", src.path().to_str().unwrap(), "/t"])
+        .status
+        .success());
+    let dst = tempfile::tempdir().unwrap();
+    let out = run(&url, true, &["get", "/t", dst.path().join("t").to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    same_trees(src.path(), &dst.path().join("t"));
+    // A certificate nobody vouches for is refused, with the reason.
+    let out = run(&url, false, &["ls", "/"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("certificate"));
+    // Unless the user says so.
+    let out = run(&format!("{url}/#insecure"), false, &["ls", "/"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "t");
+}
