@@ -45,7 +45,19 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Create the volume (an empty root directory).
-    Mkfs,
+    ///
+    /// Files are cut into content-defined chunks of about --chunk-avg bytes
+    /// (between --chunk-min and --chunk-max); fixed for the volume's life.
+    /// Sizes take K and M suffixes (powers of 2).
+    #[command(verbatim_doc_comment)]
+    Mkfs {
+        #[arg(long, default_value = "256K", value_parser = parse_size)]
+        chunk_min: u32,
+        #[arg(long, default_value = "1M", value_parser = parse_size)]
+        chunk_avg: u32,
+        #[arg(long, default_value = "4M", value_parser = parse_size)]
+        chunk_max: u32,
+    },
     /// List a directory (or show a file).
     Ls {
         #[arg(default_value = "/")]
@@ -180,6 +192,21 @@ fn fail(what: &str, path: &str, e: FsError) -> Failure {
     Failure(format!("{what} '{path}': {e}"))
 }
 
+/// `4096`, `256K`, `1M`.
+fn parse_size(s: &str) -> Result<u32, String> {
+    let (digits, shift) = match s.strip_suffix(['K', 'k']) {
+        Some(d) => (d, 10),
+        None => match s.strip_suffix(['M', 'm']) {
+            Some(d) => (d, 20),
+            None => (s, 0),
+        },
+    };
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("'{s}' is not a size like 4096, 256K or 1M"))?;
+    u32::try_from(n << shift).map_err(|_| format!("'{s}' is too large"))
+}
+
 fn p(path: &str) -> FsResult<Vec<Vec<u8>>> {
     tree::split_path(path)
 }
@@ -227,7 +254,12 @@ fn size_of(e: &Entry) -> u64 {
 
 /// Builds the entry for a local file, symlink or directory tree, storing its
 /// blobs bottom-up: each directory blob is written once, whatever its size.
-fn build_entry(store: &BlobStore, local: &Path, progress: &indicatif::ProgressBar) -> FsResult<Entry> {
+fn build_entry(
+    store: &BlobStore,
+    local: &Path,
+    chunking: Chunking,
+    progress: &indicatif::ProgressBar,
+) -> FsResult<Entry> {
     let meta = std::fs::symlink_metadata(local)?;
     let mode = std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o7777;
     if meta.is_dir() {
@@ -235,7 +267,7 @@ fn build_entry(store: &BlobStore, local: &Path, progress: &indicatif::ProgressBa
         for child in std::fs::read_dir(local)? {
             let child = child?;
             let name = child.file_name().as_encoded_bytes().to_vec();
-            dir.insert(name, build_entry(store, &child.path(), progress)?);
+            dir.insert(name, build_entry(store, &child.path(), chunking, progress)?);
         }
         tree::dir_entry(store, &dir, mode)
     } else if meta.file_type().is_symlink() {
@@ -248,7 +280,7 @@ fn build_entry(store: &BlobStore, local: &Path, progress: &indicatif::ProgressBa
         })
     } else {
         let file = progress.wrap_read(std::fs::File::open(local)?);
-        tree::file_entry(store, file, mode, Chunking::default())
+        tree::file_entry(store, file, mode, chunking)
     }
 }
 
@@ -265,13 +297,19 @@ fn local_size(local: &Path) -> u64 {
 
 /// `put`: into an existing directory, the local directory's children are added
 /// (replacing same names); anywhere else the local tree becomes the entry.
-fn put_tree(store: &BlobStore, root: Hash, local: &Path, remote: &[Vec<u8>]) -> FsResult<Hash> {
+fn put_tree(
+    store: &BlobStore,
+    root: Hash,
+    local: &Path,
+    remote: &[Vec<u8>],
+    chunking: Chunking,
+) -> FsResult<Hash> {
     let progress = indicatif::ProgressBar::new(local_size(local));
     progress.set_style(
         indicatif::ProgressStyle::with_template("{bytes}/{total_bytes} {wide_bar} {bytes_per_sec} {eta}")
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
-    let built = build_entry(store, local, &progress);
+    let built = build_entry(store, local, chunking, &progress);
     progress.finish_and_clear();
     let built = built?;
     let target = match tree::lookup(store, root, remote) {
@@ -454,7 +492,11 @@ fn run(cli: Cli) -> Result<(), Failure> {
             if daemon {
                 return daemonize(&mountpoint, log_file.as_deref());
             }
+            let chunking = v
+                .chunking()
+                .map_err(|e| Failure(format!("cannot read volume settings: {e}")))?;
             let opts = fsclient::vfs::Options {
+                chunking,
                 commit_on_close: !no_commit_on_close,
                 ..Default::default()
             };
@@ -479,8 +521,17 @@ fn run(cli: Cli) -> Result<(), Failure> {
             })
             .map_err(|e| Failure(format!("cannot mount at '{shown}': {e}")))?;
         }
-        Command::Mkfs => {
-            v.create().map_err(|e| match e {
+        Command::Mkfs {
+            chunk_min,
+            chunk_avg,
+            chunk_max,
+        } => {
+            let chunking = Chunking {
+                min: chunk_min,
+                avg: chunk_avg,
+                max: chunk_max,
+            };
+            v.create_with(chunking).map_err(|e| match e {
                 FsError::Exists => Failure(format!("volume '{}' already exists", cli.volume)),
                 e => Failure(format!("cannot create volume '{}': {e}", cli.volume)),
             })?;
@@ -575,8 +626,9 @@ fn run(cli: Cli) -> Result<(), Failure> {
         }
         Command::Put { local, remote } => {
             let names = p(&remote).map_err(|e| fail("cannot create", &remote, e))?;
+            let chunking = v.chunking().map_err(|e| fail("cannot copy to", &remote, e))?;
             v.change(&format!("put {remote}"), |s, root| {
-                put_tree(s, root, &local, &names)
+                put_tree(s, root, &local, &names, chunking)
             })
             .map_err(|e| fail("cannot copy to", &remote, e))?;
         }

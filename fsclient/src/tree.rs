@@ -88,6 +88,51 @@ impl Default for Chunking {
     }
 }
 
+impl Chunking {
+    /// Checks the bounds FastCDC accepts (and min < avg < max).
+    pub fn validate(self) -> Result<Chunking, String> {
+        use fastcdc::v2020::{AVERAGE_MAX, AVERAGE_MIN, MAXIMUM_MAX, MAXIMUM_MIN, MINIMUM_MAX, MINIMUM_MIN};
+        let ok = (MINIMUM_MIN..=MINIMUM_MAX).contains(&self.min)
+            && (AVERAGE_MIN..=AVERAGE_MAX).contains(&self.avg)
+            && (MAXIMUM_MIN..=MAXIMUM_MAX).contains(&self.max)
+            && self.min < self.avg
+            && self.avg < self.max;
+        if ok {
+            Ok(self)
+        } else {
+            Err(format!(
+                "bad chunk sizes min={} avg={} max={}: need {MINIMUM_MIN} <= min <= {MINIMUM_MAX}, \
+                 {AVERAGE_MIN} <= avg <= {AVERAGE_MAX}, {MAXIMUM_MIN} <= max <= {MAXIMUM_MAX}, min < avg < max",
+                self.min, self.avg, self.max
+            ))
+        }
+    }
+
+    /// The text kept in a volume's config key: `min=N avg=N max=N`.
+    pub fn to_config(self) -> String {
+        format!("min={} avg={} max={}", self.min, self.avg, self.max)
+    }
+
+    pub fn from_config(text: &str) -> Result<Chunking, String> {
+        let mut c = Chunking::default();
+        for field in text.split_whitespace() {
+            let (k, v) = field
+                .split_once('=')
+                .ok_or_else(|| format!("bad volume config field '{field}'"))?;
+            let v: u32 = v
+                .parse()
+                .map_err(|_| format!("bad volume config value '{field}'"))?;
+            match k {
+                "min" => c.min = v,
+                "avg" => c.avg = v,
+                "max" => c.max = v,
+                _ => {} // unknown settings of later versions
+            }
+        }
+        c.validate()
+    }
+}
+
 /// Splits a path like `/a/b/c` into its names, checking each.
 pub fn split_path(path: &str) -> FsResult<Vec<Vec<u8>>> {
     let mut out = Vec::new();

@@ -12,7 +12,7 @@ use std::time::Duration;
 use crate::links::{self, Tree};
 use crate::object::{self, Commit, Hash, Time};
 use crate::store::{BlobStore, StoreError};
-use crate::tree::{self, FsError, FsResult};
+use crate::tree::{self, Chunking, FsError, FsResult};
 
 pub struct Volume {
     pub store: BlobStore,
@@ -36,6 +36,32 @@ impl Volume {
 
     /// Creates the volume with an empty root directory. Fails if it exists.
     pub fn create(&self) -> FsResult<Hash> {
+        self.create_with(Chunking::default())
+    }
+
+    /// The key holding the volume's settings (chosen at creation).
+    pub fn config_key(&self) -> String {
+        format!(
+            "{}config",
+            self.store.root_key(&self.name).trim_end_matches("root")
+        )
+    }
+
+    /// Creates the volume, cutting its files with `chunking`.
+    pub fn create_with(&self, chunking: Chunking) -> FsResult<Hash> {
+        let chunking = chunking
+            .validate()
+            .map_err(|e| FsError::Io(std::io::Error::new(std::io::ErrorKind::InvalidInput, e)))?;
+        {
+            // Written before the root: a volume never exists without it. A
+            // leftover from a failed mkfs of the same name is replaced.
+            let (dict, key) = (self.store.dict(), self.config_key());
+            let set = || -> Result<bool, crate::dict::DictError> {
+                let current = dict.get(&key)?;
+                dict.compare_and_swap(&key, current.as_deref(), chunking.to_config().as_bytes())
+            };
+            set().map_err(crate::store::StoreError::from)?;
+        }
         let root = tree::empty_dir(&self.store)?;
         let commit = self.store.put(object::encode_commit(&Commit {
             root,
@@ -49,6 +75,20 @@ impl Volume {
             return Err(FsError::Exists);
         }
         Ok(commit)
+    }
+
+    /// How the volume's files are cut into chunks (its config, else the default).
+    pub fn chunking(&self) -> FsResult<Chunking> {
+        match self
+            .store
+            .dict()
+            .get(&self.config_key())
+            .map_err(crate::store::StoreError::from)?
+        {
+            None => Ok(Chunking::default()),
+            Some(text) => Chunking::from_config(&String::from_utf8_lossy(&text))
+                .map_err(|e| FsError::Io(std::io::Error::new(std::io::ErrorKind::InvalidData, e))),
+        }
     }
 
     /// The current commit's hash and content.

@@ -318,3 +318,46 @@ fn tls_store_with_rediss_urls() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "t");
 }
+
+#[test]
+fn chunk_sizes_are_chosen_per_volume_at_mkfs() {
+    let kvd = Server::kvd(&[]).unwrap();
+    let bad = fsclient(&kvd, &["mkfs", "--chunk-min", "1M", "--chunk-avg", "64K"]);
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("bad chunk sizes"));
+    ok(
+        &kvd,
+        &[
+            "mkfs",
+            "--chunk-min",
+            "16K",
+            "--chunk-avg",
+            "64K",
+            "--chunk-max",
+            "256K",
+        ],
+    );
+    let dir = tempfile::tempdir().unwrap();
+    use rand::{Rng, SeedableRng};
+    let data: Vec<u8> = {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(9);
+        (0..2 << 20).map(|_| rng.gen()).collect()
+    };
+    std::fs::write(dir.path().join("f"), &data).unwrap();
+    ok(&kvd, &["put", dir.path().join("f").to_str().unwrap(), "/f"]);
+    let mut c = kvd.connect().unwrap();
+    let keys = c.cmd("KEYS dfs:b:*").unwrap();
+    let n = match keys {
+        protocol_tests::Value::Array(items) => items.len(),
+        other => panic!("{other:?}"),
+    };
+    // 2 MiB in chunks of 16..256 KiB: at least 8 chunks (the default would
+    // give about 2), plus the manifest and two directories.
+    assert!(n >= 8 + 3, "{n} blobs");
+    assert_eq!(
+        c.cmd("GET dfs:v:main:config").unwrap(),
+        protocol_tests::Value::Bulk(b"min=16384 avg=65536 max=262144".to_vec())
+    );
+    let out = fsclient(&kvd, &["cat", "/f"]);
+    assert!(out.stdout == data);
+}
