@@ -21,6 +21,7 @@ want flock util-linux
 want openssl openssl   # the TLS test makes its own certificates
 want fio fio          # bench mount
 want bindfs bindfs    # bench mount: the FUSE pass-through peer
+want restic restic    # bench fs: the dedup peer
 
 if [ ${#need[@]} -gt 0 ]; then
   echo "setup: installing ${need[*]}"

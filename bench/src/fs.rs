@@ -45,6 +45,54 @@ struct Dedup {
     inserted_bytes: u64,
     new_chunks: usize,
     new_chunk_bytes: u64,
+    /// What restic's repository grew by when backing up the edited copy after
+    /// the original (None if restic is not installed).
+    restic_second_backup_bytes: Option<u64>,
+}
+
+fn dir_bytes(dir: &std::path::Path) -> u64 {
+    let mut total = 0;
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let Ok(m) = e.metadata() else { continue };
+        total += if m.is_dir() { dir_bytes(&e.path()) } else { m.len() };
+    }
+    total
+}
+
+/// Backs up `a`, then `b`, with restic into a fresh repository; returns how
+/// much the second backup added.
+fn restic_second_backup(a: &[u8], b: &[u8]) -> Result<Option<u64>> {
+    use std::process::Command;
+    if Command::new("restic").arg("version").output().is_err() {
+        return Ok(None);
+    }
+    let tmp = tempfile::tempdir()?;
+    let repo = tmp.path().join("repo");
+    std::fs::create_dir(tmp.path().join("a"))?;
+    std::fs::create_dir(tmp.path().join("b"))?;
+    std::fs::write(tmp.path().join("a/file"), a)?;
+    std::fs::write(tmp.path().join("b/file"), b)?;
+    let restic = |args: &[&str]| -> Result<()> {
+        let out = Command::new("restic")
+            .arg("--repo")
+            .arg(&repo)
+            .args(["--quiet", "--no-cache"])
+            .args(args)
+            .env("RESTIC_PASSWORD", "bench")
+            .current_dir(tmp.path())
+            .output()?;
+        anyhow::ensure!(
+            out.status.success(),
+            "restic {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(())
+    };
+    restic(&["init"])?;
+    restic(&["backup", "a"])?;
+    let before = dir_bytes(&repo);
+    restic(&["backup", "b"])?;
+    Ok(Some(dir_bytes(&repo) - before))
 }
 
 fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
@@ -206,6 +254,7 @@ fn dedup(port: u16, mib: u64) -> Result<Dedup> {
         inserted_bytes: 1024,
         new_chunks: new.len(),
         new_chunk_bytes: new.iter().map(|(_, l)| *l as u64).sum(),
+        restic_second_backup_bytes: restic_second_backup(&data, &edited)?,
     })
 }
 
@@ -246,5 +295,9 @@ pub fn run(big_mib: u64, small: usize) -> Result<Report> {
         "dedup: {} MiB file, then a copy with 1 KiB inserted in the middle: {} new chunks, {} new bytes",
         dedup.file_mib, dedup.new_chunks, dedup.new_chunk_bytes
     );
+    match dedup.restic_second_backup_bytes {
+        Some(n) => println!("restic, same two files: the second backup added {n} bytes to its repository"),
+        None => println!("restic is not installed (scripts/setup.sh installs it): no comparison"),
+    }
     Ok(Report { rows, hashing, dedup })
 }
