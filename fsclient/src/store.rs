@@ -202,6 +202,14 @@ impl BlobStore {
             })
             .collect();
         let hashes = batch.iter().map(|(h, _, _)| *h).collect();
+        {
+            // Just written: likely read again soon (and readable while the
+            // store is away).
+            let mut cache = self.cache.lock();
+            for (h, _, b) in &batch {
+                cache.insert(*h, b.clone());
+            }
+        }
         self.behind.put(&self.dict, batch);
         hashes
     }

@@ -105,7 +105,8 @@ impl Server {
         retry_if_port_taken(|| Server::kvd_on(free_port(), dir, extra))
     }
 
-    fn kvd_on(port: u16, dir: &Path, extra: &[&str]) -> Result<Server> {
+    /// Starts kvd on a given port (to restart one where its clients expect it).
+    pub fn kvd_on(port: u16, dir: &Path, extra: &[&str]) -> Result<Server> {
         let bin = kvd_bin();
         if !bin.exists() {
             bail!("{} not found: run `cargo build --workspace` first", bin.display());

@@ -857,3 +857,30 @@ fn memory_stays_bounded_while_writing_a_large_file() {
     assert_eq!(&buf[..8], &1234u64.to_le_bytes());
     assert_eq!(&buf[8..], &block[8..]);
 }
+
+#[test]
+fn the_store_going_away_is_an_io_error_and_nothing_is_lost() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut kvd = Server::kvd_in(dir.path(), &["--appendfsync", "always"]).unwrap();
+    let port = kvd.port;
+    let mut m = Mount::start(&url(&kvd), "main", &[]).unwrap();
+    fs::write(m.path().join("before"), b"committed on close").unwrap();
+    kvd.kill9();
+    // Written while the store is down: accepted locally, but fsync must not
+    // claim it is safe.
+    let mut f = File::create(m.path().join("during")).unwrap();
+    f.write_all(b"written during the outage").unwrap();
+    assert_eq!(errno(f.sync_all()), libc::EIO);
+    assert_eq!(fs::read(m.path().join("before")).unwrap(), b"committed on close");
+    // The store comes back where it was: the next fsync commits everything.
+    let kvd = Server::kvd_on(port, dir.path(), &[]).unwrap();
+    f.sync_all().unwrap();
+    drop(f);
+    assert!(m.stop());
+    let m = Mount::start(&url(&kvd), "main", &[]).unwrap();
+    assert_eq!(fs::read(m.path().join("before")).unwrap(), b"committed on close");
+    assert_eq!(
+        fs::read(m.path().join("during")).unwrap(),
+        b"written during the outage"
+    );
+}
