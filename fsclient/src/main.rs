@@ -165,6 +165,12 @@ enum Command {
     Umount { mountpoint: PathBuf },
     /// Read and check every blob reachable from a version (default HEAD);
     /// report damage by path. Exits 1 if anything is damaged.
+    /// Sizes of a version (default HEAD): logical bytes, bytes its distinct
+    /// blobs take in the store, dedup ratio, blobs by type, history length.
+    Stats {
+        #[arg(long, default_value = "HEAD")]
+        at: String,
+    },
     Fsck {
         #[arg(long, default_value = "HEAD")]
         at: String,
@@ -791,6 +797,30 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 tree::update(s, root, &names, &mut |_| Ok(Some(entry.clone())))
             })
             .map_err(|e| fail("cannot restore", &path, e))?;
+        }
+        Command::Stats { at } => {
+            let c = history::resolve(&v, &at).map_err(|e| fail("cannot find version", &at, e))?;
+            let tree = store.commit(&c).map_err(|e| Failure(e.to_string()))?.tree();
+            let s = history::stats(&store, tree).map_err(|e| Failure(e.to_string()))?;
+            let history = v.log(usize::MAX).map_err(|e| Failure(e.to_string()))?.len();
+            let snapshots = history::snapshots(&v).map_err(|e| Failure(e.to_string()))?.len();
+            let ratio = s.logical_bytes as f64 / s.chunk_bytes.max(1) as f64;
+            println!("version:          {at} ({})", c.hex());
+            println!(
+                "files:            {} ({} with several names), {} directories",
+                s.files, s.hard_linked_files, s.dirs
+            );
+            println!("logical bytes:    {}", s.logical_bytes);
+            println!(
+                "stored bytes:     {} (distinct blobs of this version)",
+                s.stored_bytes
+            );
+            println!("dedup ratio:      {ratio:.2} (file bytes / distinct chunk bytes)");
+            println!(
+                "blobs:            {} chunks ({} bytes), {} manifests, {} directory blobs",
+                s.chunks, s.chunk_bytes, s.manifests, s.dir_blobs
+            );
+            println!("history:          {history} commits, {snapshots} snapshots");
         }
         Command::Fsck { at } => {
             let c = history::resolve(&v, &at).map_err(|e| fail("cannot find version", &at, e))?;

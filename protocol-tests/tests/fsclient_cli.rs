@@ -361,3 +361,24 @@ fn chunk_sizes_are_chosen_per_volume_at_mkfs() {
     let out = fsclient(&kvd, &["cat", "/f"]);
     assert!(out.stdout == data);
 }
+
+#[test]
+fn stats_count_distinct_blobs_once() {
+    let kvd = Server::kvd(&[]).unwrap();
+    ok(&kvd, &["mkfs"]);
+    let dir = tempfile::tempdir().unwrap();
+    let data: Vec<u8> = (0..3_000_000u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 11) as u8)
+        .collect();
+    std::fs::write(dir.path().join("f"), &data).unwrap();
+    ok(&kvd, &["put", dir.path().join("f").to_str().unwrap(), "/a"]);
+    ok(&kvd, &["put", dir.path().join("f").to_str().unwrap(), "/b"]);
+    let out = ok(&kvd, &["stats"]);
+    assert!(
+        out.contains("files:            2 (0 with several names), 0 directories"),
+        "{out}"
+    );
+    assert!(out.contains("logical bytes:    6000000"), "{out}");
+    assert!(out.contains("dedup ratio:      2.00"), "{out}");
+    assert!(out.contains("history:          3 commits"), "{out}");
+}
