@@ -39,6 +39,8 @@ pub enum FsError {
     BadHandle,
     #[error("Stale file handle")]
     Stale,
+    #[error("Read-only file system")]
+    ReadOnly,
     #[error("Input/output error: {0}")]
     Store(#[from] StoreError),
     #[error("Input/output error: {0}")]
@@ -62,6 +64,7 @@ impl FsError {
             FsError::NotSupported => 95,
             FsError::BadHandle => 9,
             FsError::Stale => 116,
+            FsError::ReadOnly => 30,
             FsError::Store(_) | FsError::Io(_) => 5,
         }
     }

@@ -884,3 +884,51 @@ fn the_store_going_away_is_an_io_error_and_nothing_is_lost() {
         b"written during the outage"
     );
 }
+
+#[test]
+fn snapshots_show_in_the_mount_read_only_and_restore_brings_files_back() {
+    let kvd = Server::kvd(&[]).unwrap();
+    let m = Mount::start(&url(&kvd), "main", &[]).unwrap();
+    let data: Vec<u8> = (0..3_000_000u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 9) as u8)
+        .collect();
+    fs::create_dir(m.path().join("docs")).unwrap();
+    fs::write(m.path().join("docs/report"), &data).unwrap();
+    fs::write(m.path().join("docs/note"), b"keep me").unwrap();
+    let cli = |args: &[&str]| {
+        let out = Command::new(fsclient_bin())
+            .args(["--store", &url(&kvd)])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out.stdout
+    };
+    cli(&["snapshot", "create", "monday"]);
+    // Change one file, delete the other.
+    fs::write(m.path().join("docs/report"), b"overwritten").unwrap();
+    fs::remove_file(m.path().join("docs/note")).unwrap();
+    fs::File::open(m.path()).unwrap().sync_all().unwrap();
+    // The snapshot still shows the old tree, through the mount and the CLI.
+    let snap = m.path().join(".snapshots/monday/docs");
+    assert!(fs::read(snap.join("report")).unwrap() == data);
+    assert_eq!(fs::read(snap.join("note")).unwrap(), b"keep me");
+    assert_eq!(cli(&["cat", "--at", "monday", "/docs/note"]), b"keep me");
+    assert_eq!(errno(fs::write(snap.join("note"), b"x")), libc::EROFS);
+    assert_eq!(errno(fs::remove_file(snap.join("note"))), libc::EROFS);
+    assert!(fs::read_dir(m.path().join(".history")).unwrap().count() >= 3);
+    // Restore brings the deleted file back byte-identical, and the mount sees it.
+    cli(&["restore", "/docs/report", "--from", "monday"]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while fs::read(m.path().join("docs/report")).ok().as_deref() != Some(&data[..]) {
+        assert!(
+            Instant::now() < deadline,
+            "the mount never showed the restored file"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}

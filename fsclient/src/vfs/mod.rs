@@ -45,6 +45,34 @@ use file::FileData;
 pub type Ino = u64;
 /// The root directory's inode number (FUSE's).
 pub const ROOT: Ino = 1;
+/// Read-only views of old versions in the root directory: every named
+/// snapshot, and the latest commits by time.
+pub const VIEWS: [&[u8]; 2] = [b".snapshots", b".history"];
+/// Commits listed in `.history`.
+pub const HISTORY_LEN: usize = 100;
+
+/// `2026-11-25T07:50:01Z` for a time (UTC), for `.history`.
+fn utc_name(t: Time) -> String {
+    // Days since 1970-01-01 to a civil date (Howard Hinnant's algorithm).
+    let days = t.secs.div_euclid(86_400);
+    let secs = t.secs.rem_euclid(86_400);
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        secs / 3600,
+        secs / 60 % 60,
+        secs % 60
+    )
+}
+
 /// Longest name a directory entry may have (as on Linux).
 pub const NAME_MAX: usize = 255;
 
@@ -196,6 +224,10 @@ struct Node {
     /// many names it has. Its entry then lives in the inode table.
     link: Option<u64>,
     nlink: u32,
+    /// Part of a read-only view of an old version (`.snapshots`, `.history`):
+    /// that version's inode table. Names of its hard-linked files resolve to
+    /// their entries but are separate nodes (they show their link count).
+    old: Option<Arc<Inodes>>,
 }
 
 impl Node {
@@ -253,6 +285,9 @@ struct State {
     next_fh: u64,
     /// Collected while adopting other clients' commits, for the kernel.
     invalidations: Vec<Invalidate>,
+    /// The root's read-only views of old versions, once looked at: view name
+    /// -> (its node, when it was last listed, the commit of each child node).
+    views: HashMap<&'static [u8], (Ino, std::time::Instant, HashMap<Ino, Hash>)>,
 }
 
 pub struct Vfs {
@@ -290,6 +325,17 @@ impl State {
     }
 
     fn add_node(&mut self, parent: Ino, name: Vec<u8>, entry: Entry) -> Ino {
+        if let Some(old) = self.nodes.get(&parent).and_then(|p| p.old.clone()) {
+            let nlink = match entry.content {
+                Content::Inode { id } => old.get(&id).map_or(1, |(_, n)| *n),
+                _ => 1,
+            };
+            let ino = self.add_plain(parent, name, links::resolve(&old, entry));
+            let node = self.nodes.get_mut(&ino).expect("just added");
+            node.old = Some(old);
+            node.nlink = nlink;
+            return ino;
+        }
         let Content::Inode { id } = entry.content else {
             return self.add_plain(parent, name, entry);
         };
@@ -338,6 +384,7 @@ impl State {
                 linked: true,
                 link: None,
                 nlink: 1,
+                old: None,
             },
         );
         ino
@@ -368,6 +415,22 @@ impl State {
             .children
             .as_mut()
             .expect("loaded above"))
+    }
+
+    /// Fails with EROFS for a node of an old version's view.
+    fn writable(&self, ino: Ino) -> FsResult<()> {
+        match self.node(ino)?.old {
+            Some(_) => Err(FsError::ReadOnly),
+            None => Ok(()),
+        }
+    }
+
+    /// Fails if a new name would hide one of the root's views of old versions.
+    fn free_name(&self, parent: Ino, name: &[u8]) -> FsResult<()> {
+        if parent == ROOT && VIEWS.contains(&name) {
+            return Err(FsError::Exists);
+        }
+        Ok(())
     }
 
     fn child(&mut self, store: &BlobStore, parent: Ino, name: &[u8]) -> FsResult<Option<Ino>> {
@@ -763,6 +826,7 @@ impl Vfs {
                 linked: true,
                 link: None,
                 nlink: 1,
+                old: None,
             },
         );
         let inodes = links::load(&volume.store, commit.inodes)?;
@@ -780,6 +844,7 @@ impl Vfs {
                 handles: HashMap::new(),
                 next_fh: 1,
                 invalidations: Vec::new(),
+                views: HashMap::new(),
             }),
             volume,
             opts,
@@ -801,11 +866,148 @@ impl Vfs {
         if name.len() > NAME_MAX {
             return Err(FsError::NameTooLong);
         }
+        let view = VIEWS.iter().find(|v| parent == ROOT && **v == name);
+        let ino = match view {
+            Some(view) => Some(self.view(view)?),
+            None => {
+                self.refresh_if_view(parent)?;
+                None
+            }
+        };
         let mut st = self.state.lock();
-        let ino = st.child(self.store(), parent, name)?.ok_or(FsError::NotFound)?;
+        let ino = match ino {
+            Some(ino) => ino,
+            None => st.child(self.store(), parent, name)?.ok_or(FsError::NotFound)?,
+        };
         let attr = st.attr(self.store(), ino)?;
         st.node_mut(ino)?.lookups += 1;
         Ok(attr)
+    }
+
+    /// The node of a view of old versions (`.snapshots`, `.history`), its
+    /// listing brought up to date (at most once a second).
+    fn view(&self, name: &'static [u8]) -> FsResult<Ino> {
+        let now = std::time::Instant::now();
+        {
+            let st = self.state.lock();
+            if let Some((ino, listed, _)) = st.views.get(name) {
+                if st.nodes.contains_key(ino) && now.duration_since(*listed) < Duration::from_secs(1) {
+                    return Ok(*ino);
+                }
+            }
+        }
+        // What the view lists now, read with no lock held.
+        let wanted: Vec<(Vec<u8>, Hash)> = if name == b".snapshots" {
+            crate::history::snapshots(&self.volume)?
+                .into_iter()
+                .map(|(n, h)| (n.into_bytes(), h))
+                .collect()
+        } else {
+            let mut out: Vec<(Vec<u8>, Hash)> = Vec::new();
+            for (h, c) in self.volume.log(HISTORY_LEN)? {
+                let mut n = utc_name(c.time);
+                // Several commits in one second: the older get a suffix.
+                let mut k = 1;
+                while out.iter().any(|(o, _)| *o == n.as_bytes()) {
+                    k += 1;
+                    n = format!("{}-{k}", utc_name(c.time));
+                }
+                out.push((n.into_bytes(), h));
+            }
+            out
+        };
+        let mut versions = Vec::new();
+        for (n, h) in wanted {
+            let c = self.store().commit(&h)?;
+            versions.push((
+                n,
+                h,
+                c.root,
+                c.time,
+                Arc::new(links::load(self.store(), c.inodes)?),
+            ));
+        }
+        let mut st = self.state.lock();
+        let ino = match st
+            .views
+            .get(name)
+            .map(|v| v.0)
+            .filter(|i| st.nodes.contains_key(i))
+        {
+            Some(ino) => ino,
+            None => {
+                let empty = Hash::of(&object::encode_dir(&Dir::new()));
+                let mut meta = tree::new_meta(0o555);
+                meta.uid = 0;
+                meta.gid = 0;
+                let ino = st.add_plain(
+                    ROOT,
+                    name.to_vec(),
+                    Entry {
+                        meta,
+                        content: Content::Dir { tree: empty },
+                    },
+                );
+                let node = st.node_mut(ino)?;
+                node.old = Some(Arc::new(Inodes::new()));
+                node.dir()?.children = Some(BTreeMap::new());
+                st.views.insert(name, (ino, now, HashMap::new()));
+                ino
+            }
+        };
+        let mut commits = st
+            .views
+            .get_mut(name)
+            .map(|v| std::mem::take(&mut v.2))
+            .unwrap_or_default();
+        let old: BTreeMap<Vec<u8>, Ino> =
+            std::mem::take(st.node_mut(ino)?.dir()?.children.get_or_insert_default());
+        let mut children = BTreeMap::new();
+        for (n, h, root, time, inodes) in versions {
+            let keep = old.get(&n).copied().filter(|c| commits.get(c) == Some(&h));
+            let child = match keep {
+                Some(c) => c,
+                None => {
+                    let mut meta = tree::new_meta(0o755);
+                    meta.mtime = time;
+                    meta.ctime = time;
+                    let c = st.add_plain(
+                        ino,
+                        n.clone(),
+                        Entry {
+                            meta,
+                            content: Content::Dir { tree: root },
+                        },
+                    );
+                    st.node_mut(c)?.old = Some(inodes);
+                    commits.insert(c, h);
+                    c
+                }
+            };
+            children.insert(n, child);
+        }
+        for (n, c) in old {
+            if children.get(&n) != Some(&c) {
+                commits.remove(&c);
+                st.unlink_node(c);
+                st.invalidations.push(Invalidate::Entry { parent: ino, name: n });
+            }
+        }
+        st.node_mut(ino)?.dir()?.children = Some(children);
+        st.node_mut(ino)?.dir()?.subdirs = None;
+        st.views.insert(name, (ino, now, commits));
+        Ok(ino)
+    }
+
+    fn refresh_if_view(&self, ino: Ino) -> FsResult<()> {
+        let view = {
+            let st = self.state.lock();
+            st.views.iter().find(|(_, v)| v.0 == ino).map(|(n, _)| *n)
+        };
+        match view {
+            Some(name) => self.view(name).map(|_| ()),
+            None => Ok(()),
+        }
     }
 
     /// The kernel forgets `n` lookups of a node.
@@ -844,6 +1046,7 @@ impl Vfs {
     }
 
     pub fn setattr(&self, ino: Ino, set: SetAttr) -> FsResult<Attr> {
+        self.state.lock().writable(ino)?;
         let data = match set.size {
             Some(_) => Some(self.file_data(ino)?),
             None => None,
@@ -888,6 +1091,8 @@ impl Vfs {
     fn make(&self, caller: Caller, parent: Ino, name: &[u8], mode: u32, content: Content) -> FsResult<Attr> {
         check_name(name)?;
         let mut st = self.state.lock();
+        st.writable(parent)?;
+        st.free_name(parent, name)?;
         if st.child(self.store(), parent, name)?.is_some() {
             return Err(FsError::Exists);
         }
@@ -959,6 +1164,9 @@ impl Vfs {
     pub fn link(&self, ino: Ino, parent: Ino, name: &[u8]) -> FsResult<Attr> {
         check_name(name)?;
         let mut st = self.state.lock();
+        st.writable(parent)?;
+        st.writable(ino)?;
+        st.free_name(parent, name)?;
         let node = st.node(ino)?;
         if node.kind() == Kind::Dir {
             return Err(FsError::NotPermitted);
@@ -998,6 +1206,7 @@ impl Vfs {
     fn remove(&self, parent: Ino, name: &[u8], dir: bool) -> FsResult<()> {
         check_name(name)?;
         let mut st = self.state.lock();
+        st.writable(parent)?;
         let ino = st.child(self.store(), parent, name)?.ok_or(FsError::NotFound)?;
         match (st.node(ino)?.kind() == Kind::Dir, dir) {
             (true, false) => return Err(FsError::IsDir),
@@ -1038,6 +1247,9 @@ impl Vfs {
         check_name(to_name)?;
         let store = self.store();
         let mut st = self.state.lock();
+        st.writable(parent)?;
+        st.writable(to_parent)?;
+        st.free_name(to_parent, to_name)?;
         let from = st.child(store, parent, name)?.ok_or(FsError::NotFound)?;
         // Loads the target directory (and checks it is one).
         let to = st.child(store, to_parent, to_name)?;
@@ -1103,6 +1315,9 @@ impl Vfs {
 
     /// Opens a file; `flags` are open(2)'s.
     pub fn open(&self, ino: Ino, flags: i32) -> FsResult<u64> {
+        if flags & libc::O_ACCMODE != libc::O_RDONLY || flags & libc::O_TRUNC != 0 {
+            self.state.lock().writable(ino)?;
+        }
         let kind = self.state.lock().node(ino)?.kind();
         if kind == Kind::File {
             // Loaded now, so the bytes stay readable if the name is unlinked.
@@ -1203,12 +1418,20 @@ impl Vfs {
     /// The listing behind a directory handle, with `.` and `..` first. Taken
     /// at the first call (offset 0) and kept until `releasedir`.
     pub fn readdir(&self, fh: u64, offset: u64) -> FsResult<Arc<Vec<DirEntry>>> {
+        let ino = {
+            let mut st = self.state.lock();
+            let h = st.handle(fh)?;
+            if let (Some(listing), true) = (&h.listing, offset > 0) {
+                return Ok(listing.clone());
+            }
+            h.ino
+        };
+        // A view of old versions is listed afresh. The root does not list the
+        // views (as ZFS hides .zfs): `find`, `du` or a backup of the whole
+        // mount would otherwise walk every old version. They are there when
+        // named: `ls .snapshots`.
+        self.refresh_if_view(ino)?;
         let mut st = self.state.lock();
-        let h = st.handle(fh)?;
-        if let (Some(listing), true) = (&h.listing, offset > 0) {
-            return Ok(listing.clone());
-        }
-        let ino = h.ino;
         let parent = st.node(ino)?.parent;
         let children: Vec<(Vec<u8>, Ino)> = st
             .children(self.store(), ino)?
@@ -1297,6 +1520,7 @@ impl Vfs {
             return Err(FsError::NotSupported);
         }
         let mut st = self.state.lock();
+        st.writable(ino)?;
         let node = st.node_mut(ino)?;
         let exists = node.meta.xattrs.contains_key(name);
         if flags & libc::XATTR_CREATE != 0 && exists {
@@ -1313,6 +1537,7 @@ impl Vfs {
 
     pub fn removexattr(&self, ino: Ino, name: &[u8]) -> FsResult<()> {
         let mut st = self.state.lock();
+        st.writable(ino)?;
         let node = st.node_mut(ino)?;
         node.meta.xattrs.remove(name).ok_or(FsError::NoData)?;
         node.meta.ctime = Time::now();

@@ -354,3 +354,104 @@ fn hard_links_made_concurrently_with_other_changes_merge() {
         assert_eq!(counts.get(id), Some(nlink));
     }
 }
+
+#[test]
+fn old_versions_are_read_only_views_in_the_root() {
+    let dict = Arc::new(MemoryDict::new());
+    let vfs = vfs_on(&dict, true);
+    let (f, fh) = vfs.create(ME, ROOT, b"f", 0o644, libc::O_WRONLY).unwrap();
+    vfs.write(fh, 0, b"version one").unwrap();
+    vfs.flush(fh).unwrap();
+    vfs.release(fh);
+    crate::history::create_snapshot(vfs.volume(), "before", None).unwrap();
+    let fh = vfs.open(f.ino, libc::O_WRONLY | libc::O_TRUNC).unwrap();
+    vfs.setattr(
+        f.ino,
+        SetAttr {
+            size: Some(0),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    vfs.write(fh, 0, b"two").unwrap();
+    vfs.flush(fh).unwrap();
+    vfs.release(fh);
+
+    let snaps = vfs.lookup(ROOT, b".snapshots").unwrap();
+    let before = vfs.lookup(snaps.ino, b"before").unwrap();
+    let old = vfs.lookup(before.ino, b"f").unwrap();
+    assert_ne!(old.ino, f.ino);
+    assert_eq!(vfs.read(old.ino, 0, 100).unwrap(), b"version one");
+    assert_eq!(vfs.read(f.ino, 0, 100).unwrap(), b"two");
+    // Nothing in a view can change.
+    assert!(matches!(
+        vfs.open(old.ino, libc::O_WRONLY),
+        Err(FsError::ReadOnly)
+    ));
+    assert!(matches!(vfs.unlink(before.ino, b"f"), Err(FsError::ReadOnly)));
+    assert!(matches!(
+        vfs.mkdir(ME, snaps.ino, b"x", 0o755),
+        Err(FsError::ReadOnly)
+    ));
+    assert!(matches!(
+        vfs.setxattr(old.ino, b"user.a", b"b", 0),
+        Err(FsError::ReadOnly)
+    ));
+    assert!(matches!(
+        vfs.rename(before.ino, b"f", ROOT, b"g", RenameMode::Replace),
+        Err(FsError::ReadOnly)
+    ));
+    // The names are taken in the root.
+    assert!(matches!(
+        vfs.mkdir(ME, ROOT, b".history", 0o755),
+        Err(FsError::Exists)
+    ));
+    // .history lists commits by time, newest holding the current content.
+    let hist = vfs.lookup(ROOT, b".history").unwrap();
+    let fh = vfs.opendir(hist.ino).unwrap();
+    let names: Vec<Vec<u8>> = vfs
+        .readdir(fh, 0)
+        .unwrap()
+        .iter()
+        .map(|e| e.name.clone())
+        .collect();
+    vfs.releasedir(fh);
+    assert!(names.len() >= 2 + 3, "{names:?}"); // . .. and mkfs + two commits
+    assert!(
+        names[2].starts_with(b"20") && names[2].ends_with(b"Z"),
+        "{names:?}"
+    );
+    let fh = vfs.opendir(ROOT).unwrap();
+    let root: Vec<Vec<u8>> = vfs
+        .readdir(fh, 0)
+        .unwrap()
+        .iter()
+        .map(|e| e.name.clone())
+        .collect();
+    vfs.releasedir(fh);
+    // Hidden from the root's listing (tools walking the tree skip them).
+    assert!(!root.contains(&b".snapshots".to_vec()) && !root.contains(&b".history".to_vec()));
+    // A snapshot deleted is gone from the view at its next listing.
+    crate::history::delete_snapshot(vfs.volume(), "before").unwrap();
+    std::thread::sleep(Duration::from_millis(1100));
+    assert!(matches!(vfs.lookup(snaps.ino, b"before"), Err(FsError::NotFound)));
+}
+
+#[test]
+fn utc_names() {
+    assert_eq!(utc_name(Time { secs: 0, nanos: 0 }), "1970-01-01T00:00:00Z");
+    assert_eq!(
+        utc_name(Time {
+            secs: 1_795_589_401,
+            nanos: 0
+        }),
+        "2026-11-25T06:50:01Z"
+    );
+    assert_eq!(
+        utc_name(Time {
+            secs: 951_782_400,
+            nanos: 0
+        }),
+        "2000-02-29T00:00:00Z"
+    );
+}
