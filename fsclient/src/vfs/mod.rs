@@ -285,9 +285,16 @@ struct State {
     next_fh: u64,
     /// Collected while adopting other clients' commits, for the kernel.
     invalidations: Vec<Invalidate>,
-    /// The root's read-only views of old versions, once looked at: view name
-    /// -> (its node, when it was last listed, the commit of each child node).
-    views: HashMap<&'static [u8], (Ino, std::time::Instant, HashMap<Ino, Hash>)>,
+    /// The root's read-only views of old versions, once looked at.
+    views: HashMap<&'static [u8], View>,
+}
+
+/// A view of old versions (`.snapshots`, `.history`).
+struct View {
+    ino: Ino,
+    listed: std::time::Instant,
+    /// The commit each child node shows.
+    commits: HashMap<Ino, Hash>,
 }
 
 pub struct Vfs {
@@ -890,9 +897,9 @@ impl Vfs {
         let now = std::time::Instant::now();
         {
             let st = self.state.lock();
-            if let Some((ino, listed, _)) = st.views.get(name) {
-                if st.nodes.contains_key(ino) && now.duration_since(*listed) < Duration::from_secs(1) {
-                    return Ok(*ino);
+            if let Some(v) = st.views.get(name) {
+                if st.nodes.contains_key(&v.ino) && now.duration_since(v.listed) < Duration::from_secs(1) {
+                    return Ok(v.ino);
                 }
             }
         }
@@ -931,7 +938,7 @@ impl Vfs {
         let ino = match st
             .views
             .get(name)
-            .map(|v| v.0)
+            .map(|v| v.ino)
             .filter(|i| st.nodes.contains_key(i))
         {
             Some(ino) => ino,
@@ -951,14 +958,19 @@ impl Vfs {
                 let node = st.node_mut(ino)?;
                 node.old = Some(Arc::new(Inodes::new()));
                 node.dir()?.children = Some(BTreeMap::new());
-                st.views.insert(name, (ino, now, HashMap::new()));
+                let view = View {
+                    ino,
+                    listed: now,
+                    commits: HashMap::new(),
+                };
+                st.views.insert(name, view);
                 ino
             }
         };
         let mut commits = st
             .views
             .get_mut(name)
-            .map(|v| std::mem::take(&mut v.2))
+            .map(|v| std::mem::take(&mut v.commits))
             .unwrap_or_default();
         let old: BTreeMap<Vec<u8>, Ino> =
             std::mem::take(st.node_mut(ino)?.dir()?.children.get_or_insert_default());
@@ -995,14 +1007,19 @@ impl Vfs {
         }
         st.node_mut(ino)?.dir()?.children = Some(children);
         st.node_mut(ino)?.dir()?.subdirs = None;
-        st.views.insert(name, (ino, now, commits));
+        let view = View {
+            ino,
+            listed: now,
+            commits,
+        };
+        st.views.insert(name, view);
         Ok(ino)
     }
 
     fn refresh_if_view(&self, ino: Ino) -> FsResult<()> {
         let view = {
             let st = self.state.lock();
-            st.views.iter().find(|(_, v)| v.0 == ino).map(|(n, _)| *n)
+            st.views.iter().find(|(_, v)| v.ino == ino).map(|(n, _)| *n)
         };
         match view {
             Some(name) => self.view(name).map(|_| ()),
