@@ -194,12 +194,17 @@ impl BlobStore {
     /// readable at once through this store, in the store itself after
     /// [`BlobStore::flush_writes`]. Returns their hashes.
     pub fn put_many_behind(&self, blobs: Vec<Bytes>) -> Vec<Hash> {
+        let hashed = blobs.into_iter().map(|b| (Hash::of(&b), b)).collect();
+        self.put_hashed_behind(hashed)
+    }
+
+    /// [`BlobStore::put_many_behind`] for blobs whose hashes the caller has
+    /// just computed (hashing is the most expensive part of writing).
+    pub fn put_hashed_behind(&self, blobs: Vec<(Hash, Bytes)>) -> Vec<Hash> {
+        debug_assert!(blobs.iter().all(|(h, b)| Hash::of(b) == *h));
         let batch: Vec<_> = blobs
             .into_iter()
-            .map(|b| {
-                let h = Hash::of(&b);
-                (h, self.blob_key(&h), b)
-            })
+            .map(|(h, b)| (h, self.blob_key(&h), b))
             .collect();
         let hashes = batch.iter().map(|(h, _, _)| *h).collect();
         {
