@@ -135,6 +135,15 @@ fn xattr(reply: ReplyXattr, size: u32, r: Result<Vec<u8>, FsError>) {
     }
 }
 
+/// Runs a request's handler. A panic (a bug) fails that one request with EIO
+/// (fuser answers EIO for a reply dropped unsent) instead of ending the kernel
+/// request thread it ran on.
+fn guard(what: &str, handler: impl FnOnce()) {
+    if std::panic::catch_unwind(std::panic::AssertUnwindSafe(handler)).is_err() {
+        tracing::error!("bug: the {what} handler panicked; the request got EIO");
+    }
+}
+
 impl Filesystem for Adapter {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         // Big writes (1 MiB) and reads; directory listings with attributes.
@@ -155,7 +164,9 @@ impl Filesystem for Adapter {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        entry(reply, self.vfs.lookup(parent.0, name.as_bytes()))
+        guard("lookup", || {
+            entry(reply, self.vfs.lookup(parent.0, name.as_bytes()))
+        });
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
@@ -163,10 +174,10 @@ impl Filesystem for Adapter {
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        match self.vfs.getattr(ino.0) {
+        guard("getattr", || match self.vfs.getattr(ino.0) {
             Ok(a) => reply.attr(&TTL, &file_attr(&a)),
             Err(e) => reply.error(errno(e)),
-        }
+        });
     }
 
     fn setattr(
@@ -187,28 +198,30 @@ impl Filesystem for Adapter {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
-        let set = SetAttr {
-            mode,
-            uid,
-            gid,
-            size,
-            mtime: mtime.map(|t| match t {
-                TimeOrNow::Now => TimeSet::Now,
-                TimeOrNow::SpecificTime(t) => TimeSet::At(time(t)),
-            }),
-            ctime: ctime.map(time),
-        };
-        match self.vfs.setattr(ino.0, set) {
-            Ok(a) => reply.attr(&TTL, &file_attr(&a)),
-            Err(e) => reply.error(errno(e)),
-        }
+        guard("setattr", || {
+            let set = SetAttr {
+                mode,
+                uid,
+                gid,
+                size,
+                mtime: mtime.map(|t| match t {
+                    TimeOrNow::Now => TimeSet::Now,
+                    TimeOrNow::SpecificTime(t) => TimeSet::At(time(t)),
+                }),
+                ctime: ctime.map(time),
+            };
+            match self.vfs.setattr(ino.0, set) {
+                Ok(a) => reply.attr(&TTL, &file_attr(&a)),
+                Err(e) => reply.error(errno(e)),
+            }
+        });
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
-        match self.vfs.readlink(ino.0) {
+        guard("readlink", || match self.vfs.readlink(ino.0) {
             Ok(t) => reply.data(&t),
             Err(e) => reply.error(errno(e)),
-        }
+        });
     }
 
     fn mknod(
@@ -221,36 +234,46 @@ impl Filesystem for Adapter {
         _rdev: u32,
         reply: ReplyEntry,
     ) {
-        let mode = mode & !(umask & 0o777);
-        entry(
-            reply,
-            self.vfs.mknod(caller(req), parent.0, name.as_bytes(), mode),
-        )
+        guard("mknod", || {
+            let mode = mode & !(umask & 0o777);
+            entry(
+                reply,
+                self.vfs.mknod(caller(req), parent.0, name.as_bytes(), mode),
+            )
+        });
     }
 
     fn mkdir(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, reply: ReplyEntry) {
-        let mode = mode & !(umask & 0o777);
-        entry(
-            reply,
-            self.vfs.mkdir(caller(req), parent.0, name.as_bytes(), mode),
-        )
+        guard("mkdir", || {
+            let mode = mode & !(umask & 0o777);
+            entry(
+                reply,
+                self.vfs.mkdir(caller(req), parent.0, name.as_bytes(), mode),
+            )
+        });
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        empty(reply, self.vfs.unlink(parent.0, name.as_bytes()))
+        guard("unlink", || {
+            empty(reply, self.vfs.unlink(parent.0, name.as_bytes()))
+        });
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        empty(reply, self.vfs.rmdir(parent.0, name.as_bytes()))
+        guard("rmdir", || {
+            empty(reply, self.vfs.rmdir(parent.0, name.as_bytes()))
+        });
     }
 
     fn symlink(&self, req: &Request, parent: INodeNo, link_name: &OsStr, target: &Path, reply: ReplyEntry) {
-        let target = target.as_os_str().as_bytes();
-        entry(
-            reply,
-            self.vfs
-                .symlink(caller(req), parent.0, link_name.as_bytes(), target),
-        )
+        guard("symlink", || {
+            let target = target.as_os_str().as_bytes();
+            entry(
+                reply,
+                self.vfs
+                    .symlink(caller(req), parent.0, link_name.as_bytes(), target),
+            )
+        });
     }
 
     fn rename(
@@ -263,32 +286,38 @@ impl Filesystem for Adapter {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
-        let mode = if flags.contains(RenameFlags::RENAME_EXCHANGE) {
-            RenameMode::Exchange
-        } else if flags.contains(RenameFlags::RENAME_NOREPLACE) {
-            RenameMode::NoReplace
-        } else if flags.is_empty() {
-            RenameMode::Replace
-        } else {
-            return reply.error(Errno::EINVAL); // RENAME_WHITEOUT is for overlay file systems
-        };
-        let r = self
-            .vfs
-            .rename(parent.0, name.as_bytes(), newparent.0, newname.as_bytes(), mode);
-        empty(reply, r)
+        guard("rename", || {
+            let mode = if flags.contains(RenameFlags::RENAME_EXCHANGE) {
+                RenameMode::Exchange
+            } else if flags.contains(RenameFlags::RENAME_NOREPLACE) {
+                RenameMode::NoReplace
+            } else if flags.is_empty() {
+                RenameMode::Replace
+            } else {
+                return reply.error(Errno::EINVAL); // RENAME_WHITEOUT is for overlay file systems
+            };
+            let r = self
+                .vfs
+                .rename(parent.0, name.as_bytes(), newparent.0, newname.as_bytes(), mode);
+            empty(reply, r)
+        });
     }
 
     fn link(&self, _req: &Request, ino: INodeNo, newparent: INodeNo, newname: &OsStr, reply: ReplyEntry) {
-        entry(reply, self.vfs.link(ino.0, newparent.0, newname.as_bytes()))
+        guard("link", || {
+            entry(reply, self.vfs.link(ino.0, newparent.0, newname.as_bytes()))
+        });
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        // The page cache may outlive a close: local writes keep it current,
-        // and other clients' changes invalidate it when adopted.
-        match self.vfs.open(ino.0, flags.0) {
-            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE),
-            Err(e) => reply.error(errno(e)),
-        }
+        guard("open", || {
+            // The page cache may outlive a close: local writes keep it current,
+            // and other clients' changes invalidate it when adopted.
+            match self.vfs.open(ino.0, flags.0) {
+                Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE),
+                Err(e) => reply.error(errno(e)),
+            }
+        });
     }
 
     fn read(
@@ -302,10 +331,10 @@ impl Filesystem for Adapter {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        match self.vfs.read(ino.0, offset, size) {
+        guard("read", || match self.vfs.read(ino.0, offset, size) {
             Ok(data) => reply.data(&data),
             Err(e) => reply.error(errno(e)),
-        }
+        });
     }
 
     fn write(
@@ -320,10 +349,10 @@ impl Filesystem for Adapter {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        match self.vfs.write(fh.0, offset, data) {
+        guard("write", || match self.vfs.write(fh.0, offset, data) {
             Ok(n) => reply.written(n),
             Err(e) => reply.error(errno(e)),
-        }
+        });
     }
 
     fn flush(
@@ -334,7 +363,7 @@ impl Filesystem for Adapter {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
-        empty(reply, self.vfs.flush(fh.0))
+        guard("flush", || empty(reply, self.vfs.flush(fh.0)));
     }
 
     fn release(
@@ -347,33 +376,37 @@ impl Filesystem for Adapter {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        self.vfs.release(fh.0);
-        reply.ok();
+        guard("release", || {
+            self.vfs.release(fh.0);
+            reply.ok();
+        });
     }
 
     fn fsync(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
-        empty(reply, self.vfs.fsync())
+        guard("fsync", || empty(reply, self.vfs.fsync()));
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        match self.vfs.opendir(ino.0) {
+        guard("opendir", || match self.vfs.opendir(ino.0) {
             Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
             Err(e) => reply.error(errno(e)),
-        }
+        });
     }
 
     fn readdir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
-        let listing = match self.vfs.readdir(fh.0, offset) {
-            Ok(l) => l,
-            Err(e) => return reply.error(errno(e)),
-        };
-        for (i, e) in listing.iter().enumerate().skip(offset as usize) {
-            let name = OsStr::from_bytes(&e.name);
-            if reply.add(INodeNo(e.ino), i as u64 + 1, file_type(e.kind), name) {
-                break;
+        guard("readdir", || {
+            let listing = match self.vfs.readdir(fh.0, offset) {
+                Ok(l) => l,
+                Err(e) => return reply.error(errno(e)),
+            };
+            for (i, e) in listing.iter().enumerate().skip(offset as usize) {
+                let name = OsStr::from_bytes(&e.name);
+                if reply.add(INodeNo(e.ino), i as u64 + 1, file_type(e.kind), name) {
+                    break;
+                }
             }
-        }
-        reply.ok()
+            reply.ok()
+        });
     }
 
     fn readdirplus(
@@ -384,32 +417,34 @@ impl Filesystem for Adapter {
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
-        let listing = match self.vfs.readdir(fh.0, offset) {
-            Ok(l) => l,
-            Err(e) => return reply.error(errno(e)),
-        };
-        for (i, e) in listing.iter().enumerate().skip(offset as usize) {
-            // An entry removed since the listing was taken is left out.
-            let Ok(attr) = self.vfs.getattr(e.ino) else {
-                continue;
+        guard("readdirplus", || {
+            let listing = match self.vfs.readdir(fh.0, offset) {
+                Ok(l) => l,
+                Err(e) => return reply.error(errno(e)),
             };
-            let name = OsStr::from_bytes(&e.name);
-            if reply.add(
-                INodeNo(e.ino),
-                i as u64 + 1,
-                name,
-                &TTL,
-                &file_attr(&attr),
-                Generation(0),
-            ) {
-                break;
+            for (i, e) in listing.iter().enumerate().skip(offset as usize) {
+                // An entry removed since the listing was taken is left out.
+                let Ok(attr) = self.vfs.getattr(e.ino) else {
+                    continue;
+                };
+                let name = OsStr::from_bytes(&e.name);
+                if reply.add(
+                    INodeNo(e.ino),
+                    i as u64 + 1,
+                    name,
+                    &TTL,
+                    &file_attr(&attr),
+                    Generation(0),
+                ) {
+                    break;
+                }
+                // The kernel now holds a reference to every entry but . and ..
+                if e.name != b"." && e.name != b".." {
+                    self.vfs.count_lookup(e.ino);
+                }
             }
-            // The kernel now holds a reference to every entry but . and ..
-            if e.name != b"." && e.name != b".." {
-                self.vfs.count_lookup(e.ino);
-            }
-        }
-        reply.ok()
+            reply.ok()
+        });
     }
 
     fn releasedir(
@@ -420,26 +455,30 @@ impl Filesystem for Adapter {
         _flags: OpenFlags,
         reply: ReplyEmpty,
     ) {
-        self.vfs.releasedir(fh.0);
-        reply.ok()
+        guard("releasedir", || {
+            self.vfs.releasedir(fh.0);
+            reply.ok()
+        });
     }
 
     fn fsyncdir(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
-        empty(reply, self.vfs.fsync())
+        guard("fsyncdir", || empty(reply, self.vfs.fsync()));
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
-        let s = self.vfs.statfs();
-        reply.statfs(
-            s.blocks,
-            s.blocks_free,
-            s.blocks_free,
-            s.files,
-            s.files_free,
-            s.block_size,
-            vfs::NAME_MAX as u32,
-            s.block_size,
-        )
+        guard("statfs", || {
+            let s = self.vfs.statfs();
+            reply.statfs(
+                s.blocks,
+                s.blocks_free,
+                s.blocks_free,
+                s.files,
+                s.files_free,
+                s.block_size,
+                vfs::NAME_MAX as u32,
+                s.block_size,
+            )
+        });
     }
 
     fn setxattr(
@@ -452,25 +491,31 @@ impl Filesystem for Adapter {
         _position: u32,
         reply: ReplyEmpty,
     ) {
-        empty(reply, self.vfs.setxattr(ino.0, name.as_bytes(), value, flags))
+        guard("setxattr", || {
+            empty(reply, self.vfs.setxattr(ino.0, name.as_bytes(), value, flags))
+        });
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
-        xattr(reply, size, self.vfs.getxattr(ino.0, name.as_bytes()))
+        guard("getxattr", || {
+            xattr(reply, size, self.vfs.getxattr(ino.0, name.as_bytes()))
+        });
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
-        xattr(reply, size, self.vfs.listxattr(ino.0))
+        guard("listxattr", || xattr(reply, size, self.vfs.listxattr(ino.0)));
     }
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        empty(reply, self.vfs.removexattr(ino.0, name.as_bytes()))
+        guard("removexattr", || {
+            empty(reply, self.vfs.removexattr(ino.0, name.as_bytes()))
+        });
     }
 
     /// Permission bits are checked by the kernel (`default_permissions`); this
     /// answers whether the node exists.
     fn access(&self, _req: &Request, ino: INodeNo, _mask: AccessFlags, reply: ReplyEmpty) {
-        empty(reply, self.vfs.getattr(ino.0).map(|_| ()))
+        guard("access", || empty(reply, self.vfs.getattr(ino.0).map(|_| ())));
     }
 
     fn create(
@@ -483,20 +528,22 @@ impl Filesystem for Adapter {
         flags: i32,
         reply: ReplyCreate,
     ) {
-        let mode = mode & !(umask & 0o777);
-        match self
-            .vfs
-            .create(caller(req), parent.0, name.as_bytes(), mode, flags)
-        {
-            Ok((a, fh)) => reply.created(
-                &TTL,
-                &file_attr(&a),
-                Generation(0),
-                FileHandle(fh),
-                FopenFlags::empty(),
-            ),
-            Err(e) => reply.error(errno(e)),
-        }
+        guard("create", || {
+            let mode = mode & !(umask & 0o777);
+            match self
+                .vfs
+                .create(caller(req), parent.0, name.as_bytes(), mode, flags)
+            {
+                Ok((a, fh)) => reply.created(
+                    &TTL,
+                    &file_attr(&a),
+                    Generation(0),
+                    FileHandle(fh),
+                    FopenFlags::empty(),
+                ),
+                Err(e) => reply.error(errno(e)),
+            }
+        });
     }
 
     /// posix_fallocate: only plain allocation (mode 0), which extends the size.
@@ -510,23 +557,25 @@ impl Filesystem for Adapter {
         mode: i32,
         reply: ReplyEmpty,
     ) {
-        if mode != 0 {
-            return reply.error(Errno::EOPNOTSUPP);
-        }
-        let r = self.vfs.getattr(ino.0).and_then(|a| {
-            let end = offset.saturating_add(length);
-            if end > a.size {
-                self.vfs.setattr(
-                    ino.0,
-                    SetAttr {
-                        size: Some(end),
-                        ..Default::default()
-                    },
-                )?;
+        guard("fallocate", || {
+            if mode != 0 {
+                return reply.error(Errno::EOPNOTSUPP);
             }
-            Ok(())
+            let r = self.vfs.getattr(ino.0).and_then(|a| {
+                let end = offset.saturating_add(length);
+                if end > a.size {
+                    self.vfs.setattr(
+                        ino.0,
+                        SetAttr {
+                            size: Some(end),
+                            ..Default::default()
+                        },
+                    )?;
+                }
+                Ok(())
+            });
+            empty(reply, r)
         });
-        empty(reply, r)
     }
 }
 

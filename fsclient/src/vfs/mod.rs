@@ -1651,8 +1651,11 @@ pub fn spawn_syncer(vfs: Arc<Vfs>, every: Duration, stop: Arc<AtomicBool>) -> st
                 continue;
             }
             waited = Duration::ZERO;
-            if let Err(e) = vfs.sync() {
-                tracing::warn!("commit or refresh failed (will retry): {e}");
+            // A bug must not end the commits of a mount: log it, try again.
+            match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| vfs.sync())) {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::warn!("commit or refresh failed (will retry): {e}"),
+                Err(_) => tracing::error!("bug: a commit or refresh panicked (will retry)"),
             }
         }
     })
