@@ -38,6 +38,10 @@ struct Cli {
     /// Prefix of every key this file system writes, so several can share a store.
     #[arg(long, default_value = "dfs:")]
     prefix: String,
+    /// Memory for the cache of blobs read (MiB). Blobs never change, so the
+    /// cache is never stale; a bigger one helps random reads of large files.
+    #[arg(long, default_value_t = 256)]
+    cache_mib: usize,
     #[command(subcommand)]
     command: Command,
 }
@@ -481,7 +485,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
     let dict = Arc::new(
         RespDict::open(&cli.store).map_err(|e| Failure(format!("cannot reach {}: {e}", cli.store)))?,
     );
-    let store = BlobStore::new(dict.clone(), &cli.prefix, 256 * 1024 * 1024);
+    let store = BlobStore::new(dict.clone(), &cli.prefix, cli.cache_mib.max(16) << 20);
     let v = Volume::new(store.clone(), &cli.volume);
     match cli.command {
         Command::Umount { .. } => unreachable!("handled above"),
