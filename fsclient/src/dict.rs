@@ -37,6 +37,10 @@ pub trait Dict: Send + Sync {
     /// Sets `key` to `new` if its current value is `expected` (`None`: absent).
     /// Returns whether it did; linearizable with every other access to `key`.
     fn compare_and_swap(&self, key: &str, expected: Option<&[u8]>, new: &[u8]) -> DictResult<bool>;
+    /// The store's capacity and free space in bytes, where it can tell.
+    fn capacity(&self) -> DictResult<Option<(u64, u64)>> {
+        Ok(None)
+    }
 }
 
 /// An in-process dictionary, for unit tests.
@@ -244,6 +248,24 @@ impl RespDict {
 }
 
 impl Dict for RespDict {
+    /// kvd says in `INFO persistence` how big its data directory's disk is;
+    /// Redis cannot tell, nor can one node speak for a cluster.
+    fn capacity(&self) -> DictResult<Option<(u64, u64)>> {
+        if self.is_cluster() {
+            return Ok(None);
+        }
+        let info = self.server_info("persistence")?;
+        let field = |name: &str| {
+            info.lines()
+                .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+        };
+        match (field("kvd_disk_total_bytes"), field("kvd_disk_free_bytes")) {
+            (Some(total), Some(free)) if total > 0 => Ok(Some((total, free))),
+            _ => Ok(None),
+        }
+    }
+
     fn get(&self, key: &str) -> DictResult<Option<Bytes>> {
         self.run::<Option<Vec<u8>>>(redis::cmd("GET").arg(key))
             .map(|v| v.map(Bytes::from))

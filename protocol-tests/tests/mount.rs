@@ -932,3 +932,29 @@ fn snapshots_show_in_the_mount_read_only_and_restore_brings_files_back() {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+fn statvfs(p: &Path) -> libc::statvfs {
+    let c = cpath(p);
+    // SAFETY: a valid path and a zeroed struct for the kernel to fill.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    assert_eq!(unsafe { libc::statvfs(c.as_ptr(), &mut st) }, 0);
+    st
+}
+
+#[test]
+fn statfs_reports_kvds_disk_and_a_large_default_for_redis() {
+    let kvd = Server::kvd(&[]).unwrap();
+    let m = Mount::start(&url(&kvd), "main", &[]).unwrap();
+    let (mounted, disk) = (statvfs(m.path()), statvfs(&kvd.data));
+    let bytes = |s: &libc::statvfs, n: u64| n * s.f_frsize;
+    assert_eq!(
+        bytes(&mounted, mounted.f_blocks),
+        bytes(&disk, disk.f_blocks) / 4096 * 4096,
+        "the mount's size is the size of kvd's disk"
+    );
+    require_redis();
+    let redis = Server::redis(&[]).unwrap();
+    let r = Mount::start(&url(&redis), "main", &[]).unwrap();
+    let s = statvfs(r.path());
+    assert_eq!(bytes(&s, s.f_bavail), 1 << 50, "redis cannot tell: 1 PiB free");
+}

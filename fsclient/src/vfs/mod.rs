@@ -143,6 +143,9 @@ pub enum Invalidate {
     Inode(Ino),
 }
 
+/// When the store was asked its (total, free) bytes, and what it said.
+type Capacity = (std::time::Instant, Option<(u64, u64)>);
+
 /// One line of a directory listing.
 #[derive(Clone, Debug)]
 pub struct DirEntry {
@@ -303,6 +306,8 @@ pub struct Vfs {
     state: Mutex<State>,
     /// One commit at a time.
     commit_lock: Mutex<()>,
+    /// The store's capacity when last asked.
+    capacity: Mutex<Option<Capacity>>,
     prefetch: prefetch::Prefetcher,
 }
 
@@ -856,6 +861,7 @@ impl Vfs {
             volume,
             opts,
             commit_lock: Mutex::new(()),
+            capacity: Mutex::new(None),
             prefetch,
         })
     }
@@ -1489,15 +1495,24 @@ impl Vfs {
         self.release(fh)
     }
 
-    /// The store cannot tell its capacity through the Redis protocol in
-    /// general, so this reports what is used and a large free space (1 PiB),
-    /// as network file systems without quotas do.
+    /// The store's capacity where it can tell (kvd reports its disk), else
+    /// 1 PiB free, as network file systems without quotas do. Asked at most
+    /// every few seconds (`df` calls this often).
     pub fn statfs(&self) -> Statfs {
-        const PIB_BLOCKS: u64 = (1u64 << 50) / 4096;
+        const PIB: u64 = 1 << 50;
+        let mut cached = self.capacity.lock();
+        let fresh = cached
+            .as_ref()
+            .is_some_and(|(at, _)| at.elapsed() < Duration::from_secs(5));
+        if !fresh {
+            let asked = self.store().dict().capacity().unwrap_or(None);
+            *cached = Some((std::time::Instant::now(), asked));
+        }
+        let (total, free) = cached.as_ref().and_then(|(_, c)| *c).unwrap_or((PIB, PIB));
         Statfs {
             block_size: 4096,
-            blocks: PIB_BLOCKS,
-            blocks_free: PIB_BLOCKS,
+            blocks: total / 4096,
+            blocks_free: free / 4096,
             files: 1 << 40,
             files_free: 1 << 40,
         }

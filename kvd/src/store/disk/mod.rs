@@ -763,9 +763,14 @@ impl Store for DiskStore {
         let (live, total) = self.space();
         let c = self.compaction.lock().clone();
         let err = self.write_error.lock().clone();
+        let (disk_total, disk_free) = disk_space(&self.dir).unwrap_or((0, 0));
         vec![
             ("kvd_storage_engine", "disk".into()),
             ("kvd_dir", self.dir.display().to_string()),
+            // The file system holding the data directory: what clients (a
+            // dictfs mount's statfs) can report as capacity.
+            ("kvd_disk_total_bytes", disk_total.to_string()),
+            ("kvd_disk_free_bytes", disk_free.to_string()),
             ("kvd_appendfsync", self.fsync_policy().name().into()),
             ("kvd_segments", self.segments.read().len().to_string()),
             ("kvd_live_bytes", live.to_string()),
@@ -1062,3 +1067,16 @@ mod hints {
 
 #[cfg(test)]
 mod tests;
+
+/// Size and space available to this process of the file system holding `dir`.
+fn disk_space(dir: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+    // SAFETY: a valid NUL-terminated path and a zeroed struct statvfs fills.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(path.as_ptr(), &mut st) } != 0 {
+        return None;
+    }
+    let frsize = st.f_frsize as u64;
+    Some((st.f_blocks as u64 * frsize, st.f_bavail as u64 * frsize))
+}
