@@ -442,7 +442,19 @@ impl FileData {
 impl ReadView {
     /// The bytes of the range, fetching chunks from the store as needed.
     /// Also returns the index of the last chunk read (for read-ahead).
-    pub fn read(&self, store: &BlobStore) -> FsResult<(Vec<u8>, Option<usize>)> {
+    pub fn read(&self, store: &BlobStore) -> FsResult<(Bytes, Option<usize>)> {
+        // The common case, a read inside one stored chunk with nothing written
+        // over it: the chunk's own bytes, not copied.
+        if self.overlay.is_empty() && self.end <= self.valid && self.start < self.end {
+            if let Some(i) = self.map.find(self.start) {
+                let (h, cs, cl) = self.map.chunks[i];
+                if self.end <= cs + cl as u64 {
+                    let data = chunk_data(store, &h, cl)?;
+                    let bytes = data.slice((self.start - cs) as usize..(self.end - cs) as usize);
+                    return Ok((bytes, Some(i)));
+                }
+            }
+        }
         let mut out = vec![0u8; (self.end - self.start) as usize];
         let base_end = self.end.min(self.valid);
         let mut at = self.start;
@@ -470,7 +482,7 @@ impl ReadView {
             let o = (s - self.start) as usize;
             out[o..o + d.len()].copy_from_slice(d);
         }
-        Ok((out, last))
+        Ok((out.into(), last))
     }
 
     /// Hashes of the `n` chunks after chunk `i`, for read-ahead.

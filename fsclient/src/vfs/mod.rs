@@ -1364,7 +1364,7 @@ impl Vfs {
         Ok((attr, fh))
     }
 
-    pub fn read(&self, ino: Ino, offset: u64, size: u32) -> FsResult<Vec<u8>> {
+    pub fn read(&self, ino: Ino, offset: u64, size: u32) -> FsResult<bytes::Bytes> {
         let file = self.file_data(ino)?;
         let view = file.lock().view(offset, size as u64);
         let (bytes, last) = view.read(self.store())?;

@@ -59,7 +59,7 @@ fn file_op() -> impl Strategy<Value = FileOp> {
 }
 
 fn read_all(f: &FileData, store: &BlobStore) -> Vec<u8> {
-    f.view(0, u64::MAX / 2).read(store).unwrap().0
+    f.view(0, u64::MAX / 2).read(store).unwrap().0.to_vec()
 }
 
 proptest! {
@@ -139,7 +139,7 @@ fn namespace_operations_and_their_errors() {
     ));
     let (f, fh) = vfs.create(ME, d.ino, b"f", 0o644, libc::O_RDWR).unwrap();
     vfs.write(fh, 0, b"hello world").unwrap();
-    assert_eq!(vfs.read(f.ino, 6, 100).unwrap(), b"world");
+    assert_eq!(vfs.read(f.ino, 6, 100).unwrap().to_vec(), b"world");
     assert!(matches!(vfs.rmdir(ROOT, b"d"), Err(FsError::NotEmpty)));
     assert!(matches!(vfs.unlink(ROOT, b"d"), Err(FsError::IsDir)));
     assert!(matches!(vfs.rmdir(d.ino, b"f"), Err(FsError::NotDir)));
@@ -154,7 +154,7 @@ fn namespace_operations_and_their_errors() {
     // Unlinked while open: still readable through the handle's inode.
     vfs.unlink(ROOT, b"g").unwrap();
     assert!(matches!(vfs.lookup(ROOT, b"g"), Err(FsError::NotFound)));
-    assert_eq!(vfs.read(f.ino, 0, 5).unwrap(), b"hello");
+    assert_eq!(vfs.read(f.ino, 0, 5).unwrap().to_vec(), b"hello");
     vfs.release(fh);
     vfs.forget(f.ino, 2);
     assert!(matches!(vfs.getattr(f.ino), Err(FsError::Stale)));
@@ -169,7 +169,7 @@ fn namespace_operations_and_their_errors() {
     let dd = other.lookup(ROOT, b"d").unwrap();
     let kept = other.lookup(dd.ino, b"kept").unwrap();
     assert_eq!((kept.size, kept.perm), (10_000, 0o600));
-    assert_eq!(other.read(kept.ino, 9_990, 100).unwrap(), vec![7u8; 10]);
+    assert_eq!(other.read(kept.ino, 9_990, 100).unwrap().to_vec(), vec![7u8; 10]);
     assert_eq!(other.getxattr(kept.ino, b"user.k").unwrap(), b"v");
     assert!(matches!(other.lookup(ROOT, b"g"), Err(FsError::NotFound)));
 }
@@ -214,7 +214,7 @@ fn two_views_merge_and_adopt_each_others_commits() {
         );
         v.releasedir(fh);
         let b7 = v.lookup(shared, b"b7").unwrap();
-        assert_eq!(v.read(b7.ino, 0, 10).unwrap(), b"b7");
+        assert_eq!(v.read(b7.ino, 0, 10).unwrap().to_vec(), b"b7");
     }
     // Inode numbers of things that stayed are kept across adoption.
     assert_eq!(a.lookup(shared_a.ino, b"a3").unwrap().ino, kept_ino);
@@ -236,7 +236,7 @@ fn a_file_larger_than_the_spill_limit_is_stored_while_written() {
     let other = vfs_on(&dict, false);
     let big = other.lookup(ROOT, b"big").unwrap();
     assert_eq!(big.size, 100_000);
-    assert_eq!(other.read(big.ino, 99_000, 1000).unwrap(), block);
+    assert_eq!(other.read(big.ino, 99_000, 1000).unwrap().to_vec(), block);
 }
 
 #[test]
@@ -274,7 +274,9 @@ fn hard_links_share_one_inode_across_commits_and_views() {
     // Writing through one name shows through the other.
     vfs.write(fh, 3, b" two").unwrap();
     assert_eq!(
-        vfs.read(vfs.lookup(d.ino, b"g").unwrap().ino, 0, 100).unwrap(),
+        vfs.read(vfs.lookup(d.ino, b"g").unwrap().ino, 0, 100)
+            .unwrap()
+            .to_vec(),
         b"one two"
     );
     vfs.release(fh);
@@ -289,7 +291,7 @@ fn hard_links_share_one_inode_across_commits_and_views() {
     );
     assert_eq!(a.ino, b.ino);
     assert_eq!((a.nlink, a.perm, a.size), (2, 0o640, 7));
-    assert_eq!(other.read(b.ino, 0, 100).unwrap(), b"one two");
+    assert_eq!(other.read(b.ino, 0, 100).unwrap().to_vec(), b"one two");
     let fh = other.open(a.ino, libc::O_WRONLY).unwrap();
     other.write(fh, 0, b"ONE").unwrap();
     other.release(fh);
@@ -302,12 +304,12 @@ fn hard_links_share_one_inode_across_commits_and_views() {
     let td = third.lookup(ROOT, b"d").unwrap();
     let g = third.lookup(td.ino, b"g").unwrap();
     assert_eq!(g.nlink, 1);
-    assert_eq!(third.read(g.ino, 0, 100).unwrap(), b"ONE two");
+    assert_eq!(third.read(g.ino, 0, 100).unwrap().to_vec(), b"ONE two");
     assert!(matches!(third.lookup(ROOT, b"f"), Err(FsError::NotFound)));
     // The first view adopts all of it.
     vfs.sync().unwrap();
     assert_eq!(vfs.getattr(f.ino).unwrap().nlink, 1);
-    assert_eq!(vfs.read(f.ino, 0, 100).unwrap(), b"ONE two");
+    assert_eq!(vfs.read(f.ino, 0, 100).unwrap().to_vec(), b"ONE two");
     // The last name gone: the inode table is gone too.
     third.unlink(td.ino, b"g").unwrap();
     third.commit().unwrap();
@@ -344,7 +346,7 @@ fn hard_links_made_concurrently_with_other_changes_merge() {
         assert!(names.contains(&b"new".to_vec()), "{names:?}");
         assert!(names.contains(&b"f2".to_vec()), "{names:?}");
         let f2 = v.lookup(ROOT, b"f2").unwrap();
-        assert_eq!(v.read(f2.ino, 0, 100).unwrap(), b"shared");
+        assert_eq!(v.read(f2.ino, 0, 100).unwrap().to_vec(), b"shared");
     }
     // Every name the merge kept counts as a link, and the table says so.
     let (_, head) = b.volume().head().unwrap();
@@ -381,8 +383,8 @@ fn old_versions_are_read_only_views_in_the_root() {
     let before = vfs.lookup(snaps.ino, b"before").unwrap();
     let old = vfs.lookup(before.ino, b"f").unwrap();
     assert_ne!(old.ino, f.ino);
-    assert_eq!(vfs.read(old.ino, 0, 100).unwrap(), b"version one");
-    assert_eq!(vfs.read(f.ino, 0, 100).unwrap(), b"two");
+    assert_eq!(vfs.read(old.ino, 0, 100).unwrap().to_vec(), b"version one");
+    assert_eq!(vfs.read(f.ino, 0, 100).unwrap().to_vec(), b"two");
     // Nothing in a view can change.
     assert!(matches!(
         vfs.open(old.ino, libc::O_WRONLY),
