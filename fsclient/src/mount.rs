@@ -126,6 +126,13 @@ fn empty(reply: ReplyEmpty, r: Result<(), FsError>) {
     }
 }
 
+fn data(reply: ReplyData, r: Result<impl AsRef<[u8]>, FsError>) {
+    match r {
+        Ok(d) => reply.data(d.as_ref()),
+        Err(e) => reply.error(errno(e)),
+    }
+}
+
 fn xattr(reply: ReplyXattr, size: u32, r: Result<Vec<u8>, FsError>) {
     match r {
         Ok(v) if size == 0 => reply.size(v.len() as u32),
@@ -218,10 +225,7 @@ impl Filesystem for Adapter {
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
-        guard("readlink", || match self.vfs.readlink(ino.0) {
-            Ok(t) => reply.data(&t),
-            Err(e) => reply.error(errno(e)),
-        });
+        guard("readlink", || data(reply, self.vfs.readlink(ino.0)));
     }
 
     fn mknod(
@@ -331,10 +335,7 @@ impl Filesystem for Adapter {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        guard("read", || match self.vfs.read(ino.0, offset, size) {
-            Ok(data) => reply.data(&data),
-            Err(e) => reply.error(errno(e)),
-        });
+        guard("read", || data(reply, self.vfs.read(ino.0, offset, size)));
     }
 
     fn write(

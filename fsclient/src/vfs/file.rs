@@ -261,18 +261,6 @@ impl FileData {
     /// after it cannot move (and returns false, changing nothing, if that
     /// would drop old bytes the overlay does not hold).
     fn store_content(&mut self, store: &BlobStore, chunking: Chunking, partial: bool) -> FsResult<bool> {
-        let started = std::time::Instant::now();
-        let r = self.store_content_inner(store, chunking, partial);
-        tracing::debug!(partial, size = self.size, elapsed = ?started.elapsed(), "stored file content");
-        r
-    }
-
-    fn store_content_inner(
-        &mut self,
-        store: &BlobStore,
-        chunking: Chunking,
-        partial: bool,
-    ) -> FsResult<bool> {
         let old = self.map.clone();
         let first_change = self
             .extents

@@ -429,6 +429,27 @@ impl State {
             .expect("loaded above"))
     }
 
+    /// Whether `ino` may go where something of the other kind is expected to
+    /// go (unlink/rmdir, and the target of a rename): a directory only for a
+    /// directory, and only if empty.
+    fn removable_as(&mut self, store: &BlobStore, ino: Ino, as_dir: bool) -> FsResult<()> {
+        match (self.node(ino)?.kind() == Kind::Dir, as_dir) {
+            (true, false) => Err(FsError::IsDir),
+            (false, true) => Err(FsError::NotDir),
+            (true, true) if !self.children(store, ino)?.is_empty() => Err(FsError::NotEmpty),
+            _ => Ok(()),
+        }
+    }
+
+    /// Records a node's new place after a rename.
+    fn place(&mut self, ino: Ino, parent: Ino, name: &[u8]) -> FsResult<()> {
+        let node = self.node_mut(ino)?;
+        node.parent = parent;
+        node.name = name.to_vec();
+        node.meta.ctime = Time::now();
+        Ok(())
+    }
+
     /// Fails with EROFS for a node of an old version's view.
     fn writable(&self, ino: Ino) -> FsResult<()> {
         match self.node(ino)?.old {
@@ -646,7 +667,7 @@ impl State {
 
     /// The inode table as it is now: the base's, with the entries of the
     /// hard-linked nodes (their bytes stored first), without dropped ones.
-    fn build_inodes(&mut self, store: &BlobStore, chunking: Chunking) -> FsResult<Option<Hash>> {
+    fn build_inodes(&mut self, store: &BlobStore, chunking: Chunking) -> FsResult<(Option<Hash>, Inodes)> {
         let mut table = self.inodes.clone();
         let nodes: Vec<(u64, Ino)> = self.links.iter().map(|(&id, &ino)| (id, ino)).collect();
         for (id, ino) in nodes {
@@ -658,13 +679,12 @@ impl State {
             let nlink = node.nlink;
             table.insert(id, (self.plain_entry(store, chunking, ino)?, nlink));
         }
-        links::store(store, &table)
+        Ok((links::store(store, &table)?, table))
     }
 
     /// Adopts another commit's inode table: the hard-linked nodes take their
     /// entries and link counts from it (or leave the tree if not in it).
-    fn adopt_inodes(&mut self, store: &BlobStore, inodes: Inodes) -> FsResult<()> {
-        self.inodes = inodes;
+    fn adopt_inodes(&mut self, store: &BlobStore) -> FsResult<()> {
         let nodes: Vec<(u64, Ino)> = self.links.iter().map(|(&id, &ino)| (id, ino)).collect();
         for (id, ino) in nodes {
             match self.inodes.get(&id).cloned() {
@@ -682,10 +702,10 @@ impl State {
 
     /// Makes the view show `tree` (after a merge, or another client's commit).
     fn adopt(&mut self, store: &BlobStore, tree: Tree) -> FsResult<()> {
-        let inodes = links::load(store, tree.inodes)?;
-        self.inodes = inodes.clone();
+        // The table first: names met while adopting the tree resolve in it.
+        self.inodes = links::load(store, tree.inodes)?;
         self.adopt_dir(store, ROOT, tree.root)?;
-        self.adopt_inodes(store, inodes)
+        self.adopt_inodes(store)
     }
 
     /// Makes a clean directory node show `tree`, keeping the inode numbers of
@@ -1231,16 +1251,7 @@ impl Vfs {
         let mut st = self.state.lock();
         st.writable(parent)?;
         let ino = st.child(self.store(), parent, name)?.ok_or(FsError::NotFound)?;
-        match (st.node(ino)?.kind() == Kind::Dir, dir) {
-            (true, false) => return Err(FsError::IsDir),
-            (false, true) => return Err(FsError::NotDir),
-            (true, true) => {
-                if !st.children(self.store(), ino)?.is_empty() {
-                    return Err(FsError::NotEmpty);
-                }
-            }
-            (false, false) => {}
-        }
+        st.removable_as(self.store(), ino, dir)?;
         st.children(self.store(), parent)?.remove(name);
         st.drop_name(ino);
         st.listing_changed(parent);
@@ -1299,38 +1310,22 @@ impl Vfs {
                 }
                 st.children(store, parent)?.insert(name.to_vec(), to);
                 st.children(store, to_parent)?.insert(to_name.to_vec(), from);
-                for (ino, p, n) in [(to, parent, name), (from, to_parent, to_name)] {
-                    let node = st.node_mut(ino)?;
-                    node.parent = p;
-                    node.name = n.to_vec();
-                    node.meta.ctime = Time::now();
-                }
+                st.place(to, parent, name)?;
+                st.place(from, to_parent, to_name)?;
                 st.listing_changed(parent);
                 st.listing_changed(to_parent);
                 return Ok(());
             }
             (RenameMode::NoReplace, Some(_)) => return Err(FsError::Exists),
             (RenameMode::Replace, Some(to)) => {
-                match (st.node(to)?.kind() == Kind::Dir, from_dir) {
-                    (true, true) => {
-                        if !st.children(store, to)?.is_empty() {
-                            return Err(FsError::NotEmpty);
-                        }
-                    }
-                    (true, false) => return Err(FsError::IsDir),
-                    (false, true) => return Err(FsError::NotDir),
-                    (false, false) => {}
-                }
+                st.removable_as(store, to, from_dir)?;
                 st.drop_name(to);
             }
             (_, None) => {}
         }
         st.children(store, parent)?.remove(name);
         st.children(store, to_parent)?.insert(to_name.to_vec(), from);
-        let node = st.node_mut(from)?;
-        node.parent = to_parent;
-        node.name = to_name.to_vec();
-        node.meta.ctime = Time::now();
+        st.place(from, to_parent, to_name)?;
         st.listing_changed(parent);
         st.listing_changed(to_parent);
         Ok(())
@@ -1611,10 +1606,9 @@ impl Vfs {
         if !st.dirty {
             return Ok(());
         }
-        let ours = Tree {
-            root: st.build(store, self.opts.chunking, ROOT)?,
-            inodes: st.build_inodes(store, self.opts.chunking)?,
-        };
+        let root = st.build(store, self.opts.chunking, ROOT)?;
+        let (inodes, table) = st.build_inodes(store, self.opts.chunking)?;
+        let ours = Tree { root, inodes };
         let (base_commit, base) = (st.base_commit, st.base);
         let (commit, tree) = self.volume.commit_tree(base_commit, base, ours, "mount")?;
         st.base_commit = commit;
@@ -1624,7 +1618,7 @@ impl Vfs {
         if tree != ours {
             st.adopt(store, tree)?;
         } else {
-            st.inodes = links::load(store, tree.inodes)?;
+            st.inodes = table;
         }
         Ok(())
     }
