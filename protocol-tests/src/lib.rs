@@ -48,6 +48,34 @@ pub fn fsclient_bin() -> PathBuf {
     kvd_bin().with_file_name("fsclient")
 }
 
+/// Runs `fsclient --store URL ARGS...` and returns what it did.
+pub fn fsclient_at(url: &str, args: &[&str]) -> std::process::Output {
+    Command::new(fsclient_bin())
+        .args(["--store", url])
+        .args(args)
+        .output()
+        .expect("fsclient runs (cargo build --workspace first)")
+}
+
+/// Runs a shell command in `dir`; fails the test with its output if it
+/// fails; returns its standard output.
+pub fn sh(cmd: &str, dir: &Path) -> String {
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(cmd)
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "`{cmd}` failed in {}:\n{}{}",
+        dir.display(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// Whether a redis-server binary is on PATH.
 pub fn have_redis() -> bool {
     Command::new("redis-server")

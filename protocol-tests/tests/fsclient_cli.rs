@@ -6,12 +6,7 @@ use std::process::{Command, Output};
 use protocol_tests::{fsclient_bin, require_redis, Server};
 
 fn fsclient(server: &Server, args: &[&str]) -> Output {
-    Command::new(fsclient_bin())
-        .arg("--store")
-        .arg(format!("redis://127.0.0.1:{}", server.port))
-        .args(args)
-        .output()
-        .expect("fsclient runs (cargo build --workspace first)")
+    protocol_tests::fsclient_at(&format!("redis://127.0.0.1:{}", server.port), args)
 }
 
 fn ok(server: &Server, args: &[&str]) -> String {
@@ -240,19 +235,7 @@ impl Drop for TlsRedis {
 fn tls_redis() -> TlsRedis {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let sh = |cmd: &str| {
-        let out = Command::new("sh")
-            .arg("-c")
-            .arg(cmd)
-            .current_dir(d)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{cmd}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
+    let sh = |cmd: &str| protocol_tests::sh(cmd, d);
     sh("openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.crt -days 2 -subj '/CN=dictfs test CA'");
     sh("openssl req -newkey rsa:2048 -nodes -keyout server.key -out server.csr -subj /CN=localhost");
     sh("printf 'subjectAltName=IP:127.0.0.1,DNS:localhost' > ext && \

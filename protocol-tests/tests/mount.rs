@@ -15,7 +15,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use protocol_tests::{fsclient_bin, is_mounted, require_redis, Mount, Server};
+use protocol_tests::{fsclient_at, is_mounted, require_redis, sh, Mount, Server};
 use rand::{Rng, SeedableRng};
 
 fn url(s: &Server) -> String {
@@ -465,23 +465,6 @@ fn mmap_write(f: &File, off: u64, data: &[u8]) {
     }
 }
 
-fn run(cmd: &str, dir: &Path) -> String {
-    let out = Command::new("sh")
-        .arg("-c")
-        .arg(cmd)
-        .current_dir(dir)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "`{cmd}` failed in {}:\n{}{}",
-        dir.display(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 fn have(program: &str) -> bool {
     Command::new("sh")
         .arg("-c")
@@ -535,7 +518,7 @@ fn everyday_programs() {
     // git
     fs::create_dir(root.join("repo")).unwrap();
     let repo = root.join("repo");
-    run(
+    sh(
         "git init -q && git config user.email t@t && git config user.name t",
         &repo,
     );
@@ -546,13 +529,13 @@ fn everyday_programs() {
         )
         .unwrap();
     }
-    run("git add . && git commit -qm first", &repo);
+    sh("git add . && git commit -qm first", &repo);
     fs::write(repo.join("file3.txt"), "changed\n").unwrap();
-    run("git commit -qam second && git gc -q", &repo);
-    let log = run("git log --oneline", &repo);
+    sh("git commit -qam second && git gc -q", &repo);
+    let log = sh("git log --oneline", &repo);
     assert_eq!(log.lines().count(), 2, "{log}");
-    assert_eq!(run("git status --porcelain", &repo), "");
-    run("git fsck --full", &repo);
+    assert_eq!(sh("git status --porcelain", &repo), "");
+    sh("git fsck --full", &repo);
 
     // tar: extract a tree made locally, re-create from the mount, same bytes.
     let local = tempfile::tempdir().unwrap();
@@ -564,9 +547,9 @@ fn everyday_programs() {
         fs::write(src.join(format!("a/b/f{i}")), data).unwrap();
     }
     std::os::unix::fs::symlink("a/b/f1", src.join("link")).unwrap();
-    run("tar -C src -cf src.tar .", local.path());
+    sh("tar -C src -cf src.tar .", local.path());
     fs::create_dir(root.join("untar")).unwrap();
-    run(
+    sh(
         &format!(
             "tar -C {} -xf {}/src.tar",
             root.join("untar").display(),
@@ -574,11 +557,11 @@ fn everyday_programs() {
         ),
         root,
     );
-    run(
+    sh(
         &format!("diff -r {} {}", src.display(), root.join("untar").display()),
         root,
     );
-    run(
+    sh(
         &format!(
             "tar -C {} -cf {}/again.tar .",
             root.join("untar").display(),
@@ -587,22 +570,22 @@ fn everyday_programs() {
         root,
     );
     fs::create_dir(local.path().join("again")).unwrap();
-    run("tar -C again -xf again.tar && diff -r src again", local.path());
+    sh("tar -C again -xf again.tar && diff -r src again", local.path());
 
     // cp -a and rsync -a keep contents, modes and times.
-    run(
+    sh(
         &format!("cp -a {} {}", src.display(), root.join("copy").display()),
         root,
     );
-    run(
+    sh(
         &format!("diff -r {} {}", src.display(), root.join("copy").display()),
         root,
     );
-    run(
+    sh(
         &format!("rsync -a {}/ {}/", src.display(), root.join("synced").display()),
         root,
     );
-    run(
+    sh(
         &format!("diff -r {} {}", src.display(), root.join("synced").display()),
         root,
     );
@@ -621,8 +604,8 @@ fn everyday_programs() {
     )
     .unwrap();
     fs::write(proj.join("Makefile"), "hello: main.c\n\tcc -O1 -o hello main.c\n").unwrap();
-    run("make -s", &proj);
-    assert_eq!(run("./hello", &proj), "built on dictfs\n");
+    sh("make -s", &proj);
+    assert_eq!(sh("./hello", &proj), "built on dictfs\n");
 
     // sqlite3 (uses POSIX locks and random writes).
     let db = root.join("db.sqlite");
@@ -630,9 +613,9 @@ fn everyday_programs() {
                with recursive n(i) as (select 1 union all select i+1 from n where i<2000) \
                insert into t select i, printf('value %d', i) from n;\
                select count(*), sum(k) from t;";
-    let out = run(&format!("sqlite3 {} \"{sql}\"", db.display()), root);
+    let out = sh(&format!("sqlite3 {} \"{sql}\"", db.display()), root);
     assert_eq!(out.trim(), "2000|2001000");
-    let out = run(
+    let out = sh(
         &format!(
             "sqlite3 {} 'pragma integrity_check; select v from t where k=1234;'",
             db.display()
@@ -746,13 +729,7 @@ fn unmount_and_remount_keeps_everything() {
     );
     assert_eq!((a.ino(), a.nlink()), (b.ino(), 2));
     // The command line reads through hard links too, and fsck checks them.
-    let cli = |args: &[&str]| {
-        Command::new(fsclient_bin())
-            .args(["--store", &url(&kvd)])
-            .args(args)
-            .output()
-            .unwrap()
-    };
+    let cli = |args: &[&str]| fsclient_at(&url(&kvd), args);
     assert_eq!(cli(&["cat", "/x/small-link"]).stdout, b"small");
     let fsck = cli(&["fsck"]);
     assert!(fsck.status.success(), "{}", String::from_utf8_lossy(&fsck.stdout));
@@ -763,13 +740,7 @@ fn daemon_mount_and_umount_commands() {
     protocol_tests::require_fuse();
     let kvd = Server::kvd(&[]).unwrap();
     let store = url(&kvd);
-    let fsclient = |args: &[&str]| {
-        Command::new(fsclient_bin())
-            .args(["--store", &store])
-            .args(args)
-            .output()
-            .unwrap()
-    };
+    let fsclient = |args: &[&str]| fsclient_at(&store, args);
     assert!(fsclient(&["mkfs"]).status.success());
     let dir = tempfile::tempdir().unwrap();
     let mnt = dir.path().to_str().unwrap();
@@ -896,11 +867,7 @@ fn snapshots_show_in_the_mount_read_only_and_restore_brings_files_back() {
     fs::write(m.path().join("docs/report"), &data).unwrap();
     fs::write(m.path().join("docs/note"), b"keep me").unwrap();
     let cli = |args: &[&str]| {
-        let out = Command::new(fsclient_bin())
-            .args(["--store", &url(&kvd)])
-            .args(args)
-            .output()
-            .unwrap();
+        let out = fsclient_at(&url(&kvd), args);
         assert!(
             out.status.success(),
             "{args:?}: {}",

@@ -41,6 +41,19 @@ fn vfs_on(dict: &Arc<MemoryDict>, create: bool) -> Vfs {
 
 const ME: Caller = Caller { uid: 1000, gid: 1000 };
 
+/// A directory's listing (with `.` and `..`), by name.
+fn listing(vfs: &Vfs, dir: Ino) -> Vec<Vec<u8>> {
+    let fh = vfs.opendir(dir).unwrap();
+    let names = vfs
+        .readdir(fh, 0)
+        .unwrap()
+        .iter()
+        .map(|e| e.name.clone())
+        .collect();
+    vfs.releasedir(fh);
+    names
+}
+
 #[derive(Clone, Debug)]
 enum FileOp {
     Write(u64, Vec<u8>),
@@ -204,15 +217,13 @@ fn two_views_merge_and_adopt_each_others_commits() {
     a.sync().unwrap(); // adopts the merge
     for v in [&a, &b] {
         let shared = v.lookup(ROOT, b"shared").unwrap().ino;
-        let fh = v.opendir(shared).unwrap();
-        let names: Vec<Vec<u8>> = v.readdir(fh, 0).unwrap().iter().map(|e| e.name.clone()).collect();
+        let names = listing(v, shared);
         assert_eq!(
             names.len(),
             42,
             "{:?}",
             names.iter().map(|n| tree::show(n)).collect::<Vec<_>>()
         );
-        v.releasedir(fh);
         let b7 = v.lookup(shared, b"b7").unwrap();
         assert_eq!(v.read(b7.ino, 0, 10).unwrap().to_vec(), b"b7");
     }
@@ -337,12 +348,7 @@ fn hard_links_made_concurrently_with_other_changes_merge() {
     b.commit().unwrap();
     a.sync().unwrap();
     for v in [&a, &b] {
-        let names: Vec<Vec<u8>> = {
-            let fh = v.opendir(ROOT).unwrap();
-            let l = v.readdir(fh, 0).unwrap().iter().map(|e| e.name.clone()).collect();
-            v.releasedir(fh);
-            l
-        };
+        let names = listing(v, ROOT);
         assert!(names.contains(&b"new".to_vec()), "{names:?}");
         assert!(names.contains(&b"f2".to_vec()), "{names:?}");
         let f2 = v.lookup(ROOT, b"f2").unwrap();
@@ -410,27 +416,13 @@ fn old_versions_are_read_only_views_in_the_root() {
     ));
     // .history lists commits by time, newest holding the current content.
     let hist = vfs.lookup(ROOT, b".history").unwrap();
-    let fh = vfs.opendir(hist.ino).unwrap();
-    let names: Vec<Vec<u8>> = vfs
-        .readdir(fh, 0)
-        .unwrap()
-        .iter()
-        .map(|e| e.name.clone())
-        .collect();
-    vfs.releasedir(fh);
+    let names = listing(&vfs, hist.ino);
     assert!(names.len() >= 2 + 3, "{names:?}"); // . .. and mkfs + two commits
     assert!(
         names[2].starts_with(b"20") && names[2].ends_with(b"Z"),
         "{names:?}"
     );
-    let fh = vfs.opendir(ROOT).unwrap();
-    let root: Vec<Vec<u8>> = vfs
-        .readdir(fh, 0)
-        .unwrap()
-        .iter()
-        .map(|e| e.name.clone())
-        .collect();
-    vfs.releasedir(fh);
+    let root = listing(&vfs, ROOT);
     // Hidden from the root's listing (tools walking the tree skip them).
     assert!(!root.contains(&b".snapshots".to_vec()) && !root.contains(&b".history".to_vec()));
     // A snapshot deleted is gone from the view at its next listing.
