@@ -339,6 +339,20 @@ impl Db {
         }
     }
 
+    /// Marks every watcher of a key matching `pred` as touched: a slot leaving
+    /// this node breaks the WATCHes on its keys, since EXEC can no longer run here.
+    pub fn touch_watched_where(&self, pred: impl Fn(&Bytes) -> bool) {
+        if self.watches.count.load(Ordering::Acquire) == 0 {
+            return;
+        }
+        let map = self.watches.map.lock();
+        for (_, list) in map.iter().filter(|(k, _)| pred(k)) {
+            for flag in list.iter().filter_map(Weak::upgrade) {
+                flag.dirty.store(true, Ordering::Release);
+            }
+        }
+    }
+
     fn touch_existing_watched(&self) {
         if self.watches.count.load(Ordering::Acquire) == 0 {
             return;

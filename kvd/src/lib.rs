@@ -7,6 +7,7 @@
 //! protocol version; [`server`] owns connections and sessions.
 
 pub mod clients;
+pub mod cluster;
 pub mod command;
 pub mod config;
 pub mod db;

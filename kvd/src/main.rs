@@ -59,6 +59,91 @@ struct Cli {
     /// Largest bulk string a request may carry (Redis's proto-max-bulk-len), e.g. 512mb.
     #[arg(long, value_name = "SIZE")]
     proto_max_bulk_len: Option<String>,
+    /// Run as a cluster node. Without --seed this node founds a new cluster
+    /// (and owns every slot); with --seed it joins the cluster those nodes are
+    /// in. Membership and slot ownership are kept in --dir.
+    #[arg(long)]
+    cluster: bool,
+    /// A node already in the cluster, as HOST:PORT (its client port; gossip
+    /// goes to PORT+10000) or HOST:PORT@GOSSIPPORT. Repeat or comma-separate.
+    #[arg(long, value_name = "HOST:PORT", value_delimiter = ',', requires = "cluster")]
+    seed: Vec<String>,
+    /// Shared secret of the cluster: peers prove they know it before they may
+    /// gossip, forward or move data. Required with --cluster.
+    #[arg(long, env = "KVD_CLUSTER_SECRET", hide_env_values = true)]
+    cluster_secret: Option<String>,
+    /// UDP port for gossip (default: --port + 10000, like Redis Cluster's bus port).
+    #[arg(long, value_name = "PORT")]
+    cluster_port: Option<u16>,
+    /// HOST:PORT other nodes and clients should use for this node (default:
+    /// the first --bind address and --port).
+    #[arg(long, value_name = "HOST:PORT")]
+    cluster_announce: Option<String>,
+    /// Answer clients with -MOVED instead of forwarding their commands, for
+    /// cluster-aware clients that cannot be recognised (redis-cli -c).
+    #[arg(long)]
+    cluster_redirect: bool,
+}
+
+/// Cluster settings from the command line, if --cluster was given.
+fn cluster_options(cli: &Cli, config: &Config) -> anyhow::Result<Option<kvd::cluster::Options>> {
+    if !cli.cluster {
+        return Ok(None);
+    }
+    let Some(secret) = cli.cluster_secret.clone().filter(|s| !s.is_empty()) else {
+        anyhow::bail!("--cluster needs --cluster-secret (or KVD_CLUSTER_SECRET): peers authenticate with it");
+    };
+    let host = config
+        .bind
+        .split_whitespace()
+        .next()
+        .unwrap_or("127.0.0.1")
+        .to_string();
+    let gossip_port = match cli.cluster_port {
+        Some(p) => p,
+        None => config.port.checked_add(10000).ok_or_else(|| {
+            anyhow::anyhow!(
+                "--port {} + 10000 is not a port: give --cluster-port",
+                config.port
+            )
+        })?,
+    };
+    let gossip: std::net::SocketAddr = format!("{host}:{gossip_port}")
+        .parse()
+        .map_err(|e| anyhow::anyhow!("gossip address {host}:{gossip_port}: {e}"))?;
+    let mut seeds = Vec::new();
+    for seed in &cli.seed {
+        let (addr, bus) = match seed.split_once('@') {
+            Some((addr, bus)) => (addr, Some(bus)),
+            None => (seed.as_str(), None),
+        };
+        let (h, p) = addr
+            .rsplit_once(':')
+            .ok_or_else(|| anyhow::anyhow!("--seed {seed}: expected HOST:PORT"))?;
+        let port: u16 = p
+            .parse()
+            .map_err(|_| anyhow::anyhow!("--seed {seed}: bad port"))?;
+        let bus = match bus {
+            Some(b) => b
+                .parse()
+                .map_err(|_| anyhow::anyhow!("--seed {seed}: bad gossip port"))?,
+            None => port.checked_add(10000).ok_or_else(|| {
+                anyhow::anyhow!("--seed {seed}: give its gossip port as HOST:PORT@GOSSIPPORT")
+            })?,
+        };
+        seeds.push(format!("{h}:{bus}"));
+    }
+    Ok(Some(kvd::cluster::Options {
+        announce: cli
+            .cluster_announce
+            .clone()
+            .unwrap_or(format!("{host}:{}", config.port)),
+        gossip,
+        seeds,
+        secret,
+        dir: config.dir.clone(),
+        redirect: cli.cluster_redirect,
+    }))
 }
 
 fn build_config(cli: &Cli) -> anyhow::Result<Config> {
@@ -119,9 +204,16 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
+    let cluster = match cluster_options(&cli, &config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("kvd: {e}");
+            return std::process::ExitCode::from(2);
+        }
+    };
     let config_file = cli.config.as_ref().map(|p| p.display().to_string());
     let result = runtime.block_on(async move {
-        let (shared, task) = kvd::server::start(config, config_file).await?;
+        let (shared, task) = kvd::server::start(config, config_file, cluster).await?;
         let stop = shared.shutdown.clone();
         tokio::spawn(async move {
             wait_for_signal().await;

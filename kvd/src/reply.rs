@@ -54,6 +54,9 @@ pub enum Reply {
     /// Several replies to one request, sent one after another (SUBSCRIBE to
     /// several channels answers once per channel).
     Many(Vec<Reply>),
+    /// A reply already encoded for the connection's protocol: one forwarded
+    /// from the node that executed the command, passed through untouched.
+    Raw(Bytes),
 }
 
 impl Reply {
@@ -77,7 +80,11 @@ impl Reply {
     }
 
     pub fn is_error(&self) -> bool {
-        matches!(self, Reply::Error(_))
+        match self {
+            Reply::Error(_) => true,
+            Reply::Raw(frame) => frame.first() == Some(&b'-'),
+            _ => false,
+        }
     }
 
     /// Appends the wire form of this reply to `out`.
@@ -137,6 +144,7 @@ impl Reply {
                     Protocol::Resp2 => bulk(out, text.as_bytes()),
                 }
             }
+            Reply::Raw(frame) => out.extend_from_slice(frame),
             Reply::Many(replies) => {
                 for r in replies {
                     r.encode(proto, out);

@@ -80,6 +80,8 @@ pub struct Shared {
     pub run_id: String,
     /// Cancelled by SHUTDOWN or a signal; every task watches it.
     pub shutdown: CancellationToken,
+    /// Set when this node is part of a cluster (`--cluster`).
+    pub cluster: std::sync::OnceLock<Arc<crate::cluster::Cluster>>,
 }
 
 impl Shared {
@@ -98,6 +100,7 @@ impl Shared {
             started: Instant::now(),
             run_id,
             shutdown: CancellationToken::new(),
+            cluster: std::sync::OnceLock::new(),
         })
     }
 }
@@ -136,6 +139,9 @@ pub struct Session {
     last_cmd: &'static str,
     /// A write ran since the store was last flushed.
     pub wrote: bool,
+    /// Cluster state of the connection (peer identity, redirects, where its
+    /// transaction lives); unused outside cluster mode.
+    pub cluster: crate::cluster::SessionState,
 }
 
 impl Session {
@@ -154,6 +160,7 @@ impl Session {
             max_bulk_len: shared.config.read().proto_max_bulk_len,
             last_cmd: "",
             wrote: false,
+            cluster: crate::cluster::SessionState::default(),
         }
     }
 
@@ -208,6 +215,10 @@ impl Session {
             w.keys.push((key, state));
         }
         self.client.state.lock().watching = w.keys.len();
+    }
+
+    pub fn is_watching(&self) -> bool {
+        self.watching.is_some()
     }
 
     pub fn unwatch_all(&mut self, shared: &Shared) {
@@ -439,7 +450,7 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
 }
 
 /// Runs one connection until it closes, is killed, or the server shuts down.
-async fn serve(shared: &Shared, session: &mut Session, socket: TcpStream) -> std::io::Result<()> {
+async fn serve(shared: &Arc<Shared>, session: &mut Session, socket: TcpStream) -> std::io::Result<()> {
     let (mut rd, mut wr) = socket.into_split();
     let mut rbuf = BytesMut::with_capacity(16 * 1024);
     let mut wbuf = BytesMut::with_capacity(16 * 1024);
@@ -455,7 +466,12 @@ async fn serve(shared: &Shared, session: &mut Session, socket: TcpStream) -> std
                 Ok(true) if args.is_empty() => continue,
                 Ok(true) => {
                     batch += 1;
-                    let reply = command::execute(shared, session, &args);
+                    let reply = match shared.cluster.get() {
+                        Some(cluster) => {
+                            crate::cluster::dispatch::dispatch(shared, cluster, session, &args).await
+                        }
+                        None => command::execute(shared, session, &args),
+                    };
                     if reply.is_error() {
                         shared.stats.error_replies.fetch_add(1, Ordering::Relaxed);
                     }
@@ -635,11 +651,12 @@ async fn housekeeping(shared: Arc<Shared>) {
     }
 }
 
-/// Starts a server with the in-memory engine on `config`; returns the shared
+/// Starts a server (and, with cluster options, joins or founds a cluster); returns the shared
 /// state (for shutdown) and the task. Used by the binary and by tests.
 pub async fn start(
     config: Config,
     config_file: Option<String>,
+    cluster: Option<crate::cluster::Options>,
 ) -> anyhow::Result<(Arc<Shared>, tokio::task::JoinHandle<anyhow::Result<()>>)> {
     let store: Arc<dyn Store> = match config.storage {
         Storage::Memory => Arc::new(MemStore::new()),
@@ -658,6 +675,10 @@ pub async fn start(
         }
     };
     let shared = Shared::new(config, config_file, store);
+    if let Some(options) = cluster {
+        let node = crate::cluster::Cluster::start(options, shared.clone()).await?;
+        let _ = shared.cluster.set(node);
+    }
     let task = tokio::spawn(run(shared.clone()));
     Ok((shared, task))
 }

@@ -46,7 +46,10 @@ pub fn render(shared: &Shared, requested: &[String]) -> String {
             "replication" => replication(),
             "cpu" => cpu(),
             "modules" | "errorstats" => String::new(),
-            "cluster" => "cluster_enabled:0\r\n".to_string(),
+            "cluster" => match shared.cluster.get() {
+                Some(c) => crate::cluster::commands::info_text(c, false),
+                None => "cluster_enabled:0\r\n".to_string(),
+            },
             "keyspace" => keyspace(shared),
             _ => continue,
         };

@@ -22,7 +22,7 @@ use session::SessionCommand;
 use spec::{Lookup, Spec};
 
 /// Commands that run even inside MULTI instead of being queued.
-const NOT_QUEUED: &[&str] = &["exec", "discard", "multi", "watch", "quit", "reset"];
+pub const NOT_QUEUED: &[&str] = &["exec", "discard", "multi", "watch", "quit", "reset"];
 /// Commands allowed to a RESP2 client in subscribed mode.
 const SUBSCRIBED_ALLOWED: &[&str] = &[
     "subscribe",

@@ -307,6 +307,10 @@ impl SessionCommand {
             }
             "command|getkeys" => CommandGetKeys(a.rest()),
             "command|help" => Help("command"),
+            // A cluster node answers these before they get here (crate::cluster::dispatch).
+            n if n.starts_with("cluster|") || matches!(n, "readonly" | "readwrite" | "asking") => {
+                return Err(Reply::error("ERR This instance has cluster support disabled"))
+            }
             other => return Err(Reply::error(format!("ERR unknown command '{other}'"))),
         })
     }

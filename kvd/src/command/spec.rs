@@ -204,6 +204,22 @@ pub static COMMANDS: &[Spec] = &[
         spec!("client|kill", -3, ["admin", "noscript", "loading", "stale"], 0, 0, 0, "connection", "2.4.0", "Terminates open connections.", "O(N) where N is the number of client connections", "ip:port | [ID client-id] [TYPE NORMAL | MASTER | REPLICA | PUBSUB] [USER username] [ADDR ip:port] [LADDR ip:port] [SKIPME yes | no]"),
         spec!("client|help", 2, ["loading", "stale"], 0, 0, 0, "connection", "5.0.0", "Returns helpful text about the different subcommands.", "O(1)", ""),
     ]),
+    // ---- cluster ----
+    container!("cluster", "cluster", "3.0.0", "A container for Redis Cluster commands.", &[
+        spec!("cluster|info", 2, ["loading", "stale"], 0, 0, 0, "cluster", "3.0.0", "Returns information about the state of a node.", "O(1)", ""),
+        spec!("cluster|myid", 2, ["loading", "stale"], 0, 0, 0, "cluster", "3.0.0", "Returns the ID of a node.", "O(1)", ""),
+        spec!("cluster|nodes", 2, ["loading", "stale"], 0, 0, 0, "cluster", "3.0.0", "Returns the cluster configuration for a node.", "O(N) where N is the total number of Cluster nodes", ""),
+        spec!("cluster|slots", 2, ["loading", "stale"], 0, 0, 0, "cluster", "3.0.0", "Returns the mapping of cluster slots to nodes.", "O(N) where N is the total number of Cluster nodes", ""),
+        spec!("cluster|shards", 2, ["loading", "stale"], 0, 0, 0, "cluster", "7.0.0", "Returns the mapping of cluster slots to shards.", "O(N) where N is the total number of cluster nodes", ""),
+        spec!("cluster|keyslot", 3, ["stale"], 0, 0, 0, "cluster", "3.0.0", "Returns the hash slot for a key.", "O(N) where N is the number of bytes in the key", "key"),
+        spec!("cluster|countkeysinslot", 3, ["stale"], 0, 0, 0, "cluster", "3.0.0", "Returns the number of keys in a hash slot.", "O(N) where N is the number of keys on this node (kvd keeps no per-slot index)", "slot"),
+        spec!("cluster|getkeysinslot", 4, ["stale"], 0, 0, 0, "cluster", "3.0.0", "Returns the key names in a hash slot.", "O(N) where N is the number of keys on this node (kvd keeps no per-slot index)", "slot count"),
+        spec!("cluster|leave", 2, ["admin", "stale"], 0, 0, 0, "cluster", "7.0.0", "kvd: hands this node's slots to the other nodes, then leaves the cluster.", "O(1); the hand-off runs in the background", ""),
+        spec!("cluster|help", 2, ["loading", "stale"], 0, 0, 0, "cluster", "5.0.0", "Returns helpful text about the different subcommands.", "O(1)", ""),
+    ]),
+    spec!("readonly", 1, ["loading", "stale", "fast"], 0, 0, 0, "cluster", "3.0.0", "Enables read-only queries for a connection to a Redis Cluster replica node.", "O(1)", ""),
+    spec!("readwrite", 1, ["loading", "stale", "fast"], 0, 0, 0, "cluster", "3.0.0", "Enables read-write queries for a connection to a Reids Cluster replica node.", "O(1)", ""),
+    spec!("asking", 1, ["fast"], 0, 0, 0, "cluster", "3.0.0", "Signals that a cluster client is following an -ASK redirect.", "O(1)", ""),
     // ---- pub/sub ----
     spec!("publish", 3, ["pubsub", "loading", "stale", "fast"], 0, 0, 0, "pubsub", "2.0.0", "Posts a message to a channel.", "O(N+M) where N is the number of clients subscribed to the receiving channel and M is the total number of subscribed patterns (by any client).", "channel message"),
     spec!("subscribe", -2, ["pubsub", "noscript", "loading", "stale"], 0, 0, 0, "pubsub", "2.0.0", "Listens for messages published to channels.", "O(N) where N is the number of channels to subscribe to.", "channel [channel ...]"),

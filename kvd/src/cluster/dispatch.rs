@@ -1,0 +1,451 @@
+//! Per request: run it here, wait for its slot, forward it to the node that
+//! serves it, split it over several nodes, or send the client there.
+//!
+//! The rules (docs/PROTOCOL.md, "Cluster"):
+//!
+//! - A command whose keys all hash to one slot runs where that slot is
+//!   served. Plain clients are served by forwarding (one hop over a pooled
+//!   peer link; the reply is passed through untouched). Clients that asked
+//!   for redirects (READONLY, READWRITE, ASKING, or a CLUSTER SLOTS / SHARDS /
+//!   NODES on the same connection), and every client when `cluster-redirect`
+//!   is on, get Redis Cluster's `-MOVED slot host:port` instead.
+//! - MGET, MSET, DEL, UNLINK, EXISTS and TOUCH whose keys span slots are split
+//!   per slot and their replies joined (not atomic across slots, as in any
+//!   Redis Cluster client that splits them). Other commands spanning slots get
+//!   `-CROSSSLOT`, as from Redis Cluster.
+//! - WATCH and MULTI bind the connection to one slot (`-CROSSSLOT` otherwise).
+//!   A WATCH on a slot served elsewhere is placed there over a connection of
+//!   its own, so the watch lives where the key lives; EXEC then sends the
+//!   queued commands over it. A transaction without WATCH is sent as one
+//!   `MULTI ... EXEC` batch to the slot's server at EXEC time.
+//! - A command forwarded by a peer is never forwarded again: a node that does
+//!   not serve the slot answers `-MOVED` to the forwarder, which follows it (a
+//!   few hops at most, while a slot is changing hands).
+//! - Keyspace-wide commands (DBSIZE, KEYS, SCAN, RANDOMKEY, FLUSHALL, FLUSHDB)
+//!   act on the node they are sent to, as in Redis Cluster.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+
+use super::peer::{parse_reply, LinkError};
+use super::slot::key_slot;
+use super::{Cluster, Route};
+use crate::command::spec::{self, Lookup, Spec};
+use crate::command::{self, NOT_QUEUED};
+use crate::reply::{Protocol, Reply};
+use crate::server::{Session, Shared};
+
+/// Commands whose keys may span slots: split per slot, replies joined.
+const SPLITTABLE: &[&str] = &["mget", "mset", "del", "unlink", "exists", "touch"];
+/// MOVED replies followed for one request before giving up with TRYAGAIN.
+const MAX_HOPS: usize = 5;
+/// How long a request waits for its slot to finish moving here.
+const MAX_WAIT: Duration = Duration::from_secs(30);
+
+fn crossslot() -> Reply {
+    Reply::error("CROSSSLOT Keys in request don't hash to the same slot")
+}
+
+fn moved(slot: u16, addr: &str) -> Reply {
+    Reply::error(format!("MOVED {slot} {addr}"))
+}
+
+fn tryagain(slot: u16) -> Reply {
+    Reply::error(format!(
+        "TRYAGAIN slot {slot} is moving between nodes; retry the command"
+    ))
+}
+
+fn down() -> Reply {
+    Reply::error("CLUSTERDOWN Hash slot not served")
+}
+
+fn link_error(e: LinkError) -> Reply {
+    match e {
+        LinkError::Connect(..) => Reply::error(format!("CLUSTERDOWN {e}")),
+        LinkError::Lost(_) => Reply::error(format!("ERR {e}")),
+    }
+}
+
+/// The address in a `-MOVED slot addr` reply frame.
+fn moved_target(frame: &[u8]) -> Option<String> {
+    let text = frame.strip_prefix(b"-MOVED ")?;
+    let text = std::str::from_utf8(text).ok()?.trim_end();
+    let (_, addr) = text.split_once(' ')?;
+    Some(addr.to_string())
+}
+
+/// Runs one request in a cluster node.
+pub async fn dispatch(
+    shared: &Arc<Shared>,
+    cluster: &Arc<Cluster>,
+    session: &mut Session,
+    args: &[Bytes],
+) -> Reply {
+    if args[0].len() > 4 && args[0][..4].eq_ignore_ascii_case(b"kvd.") {
+        return super::commands::internal(shared, cluster, session, args).await;
+    }
+    let spec = match spec::lookup(args) {
+        Lookup::Found(s)
+            if s.arity_ok(args.len()) && session.authenticated && !session.in_resp2_subscribed_mode() =>
+        {
+            s
+        }
+        _ => return command::execute(shared, session, args),
+    };
+    match spec.name {
+        "watch" => return watch(shared, cluster, session, args).await,
+        "exec" => return exec(shared, cluster, session, args).await,
+        "discard" | "reset" => {
+            session.cluster.end_transaction();
+            return command::execute(shared, session, args);
+        }
+        "unwatch" if session.multi.is_none() => {
+            session.cluster.end_transaction();
+            return command::execute(shared, session, args);
+        }
+        "readonly" | "readwrite" | "asking" if session.multi.is_none() => {
+            session.cluster.aware = true;
+            return Reply::OK;
+        }
+        "publish" if session.multi.is_none() => {
+            super::commands::broadcast_publish(cluster, &args[1], &args[2]);
+            return command::execute(shared, session, args);
+        }
+        name if name.starts_with("cluster|") && session.multi.is_none() => {
+            return super::commands::cluster(shared, cluster, session, spec, args).await;
+        }
+        _ => {}
+    }
+    let positions = spec.key_positions(args.len());
+    if positions.is_empty() {
+        return command::execute(shared, session, args);
+    }
+    let slots: Vec<u16> = positions.iter().map(|&i| key_slot(&args[i])).collect();
+    let first = slots[0];
+    let same = slots.iter().all(|&s| s == first);
+    if session.multi.is_some() && !NOT_QUEUED.contains(&spec.name) {
+        // Queued: it must share the transaction's slot.
+        if !same || session.cluster.txn_slot.is_some_and(|s| s != first) {
+            return session.reject(crossslot());
+        }
+        session.cluster.txn_slot = Some(first);
+        return command::execute(shared, session, args);
+    }
+    if same {
+        return single(shared, cluster, session, first, args, session.proto).await;
+    }
+    if !SPLITTABLE.contains(&spec.name) {
+        return crossslot();
+    }
+    if session.cluster.peer.is_some() {
+        // A forwarder splits; a peer only runs what it serves whole.
+        let auth = cluster.authority();
+        for &s in &slots {
+            match cluster.route(&auth, s) {
+                Route::Local => {}
+                Route::Remote(addr) => return moved(s, &addr),
+                Route::Wait => return tryagain(s),
+                Route::Down => return down(),
+            }
+        }
+        return command::execute(shared, session, args);
+    }
+    split(shared, cluster, session, spec, args, &positions, &slots).await
+}
+
+/// Whether this connection is answered with redirects rather than forwarding.
+fn redirects(cluster: &Cluster, session: &Session) -> bool {
+    session.cluster.peer.is_some() || session.cluster.aware || cluster.redirect.load(Ordering::Relaxed)
+}
+
+/// Runs a request on one slot wherever it is served. Replies from other nodes
+/// come back in `proto` (the session's, unless the caller wants to read them).
+async fn single(
+    shared: &Arc<Shared>,
+    cluster: &Arc<Cluster>,
+    session: &mut Session,
+    slot: u16,
+    args: &[Bytes],
+    proto: Protocol,
+) -> Reply {
+    let deadline = Instant::now() + MAX_WAIT;
+    let mut hops = 0;
+    let mut target: Option<String> = None;
+    loop {
+        let notified = cluster.changed.notified();
+        let route = match target.take() {
+            Some(addr) => Route::Remote(addr),
+            None => {
+                let auth = cluster.authority();
+                let route = cluster.route(&auth, slot);
+                if route == Route::Local {
+                    return command::execute(shared, session, args);
+                }
+                route
+            }
+        };
+        match route {
+            Route::Local => unreachable!("executed above, under the authority guard"),
+            Route::Wait => {
+                if Instant::now() >= deadline {
+                    return tryagain(slot);
+                }
+                let _ = tokio::time::timeout(Duration::from_millis(100), notified).await;
+            }
+            Route::Down => return down(),
+            Route::Remote(addr) if redirects(cluster, session) => {
+                cluster.stats.moved_replies.fetch_add(1, Ordering::Relaxed);
+                return moved(slot, &addr);
+            }
+            Route::Remote(addr) => {
+                let frame = match cluster.peers.link(&addr, proto).await {
+                    Ok(link) => link.call(args).await,
+                    Err(e) => Err(e),
+                };
+                let frame = match frame {
+                    Ok(f) => f,
+                    Err(e) => return link_error(e),
+                };
+                match moved_target(&frame) {
+                    Some(next) => {
+                        hops += 1;
+                        if hops > MAX_HOPS {
+                            return tryagain(slot);
+                        }
+                        if next == cluster.addr || next == addr {
+                            // The other node's view lags ours, or a hand-off is under
+                            // way: look again in a moment.
+                            tokio::time::sleep(Duration::from_millis(20 * hops as u64)).await;
+                        } else {
+                            target = Some(next);
+                        }
+                    }
+                    None => {
+                        cluster.stats.forwarded.fetch_add(1, Ordering::Relaxed);
+                        return Reply::Raw(frame);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A reply from [`single`] in RESP2, parsed so its parts can be joined.
+fn parsed(reply: Reply) -> Reply {
+    match reply {
+        Reply::Raw(frame) => {
+            parse_reply(&frame).unwrap_or_else(|| Reply::error("ERR malformed reply from a peer node"))
+        }
+        other => other,
+    }
+}
+
+/// MGET, MSET, DEL, UNLINK, EXISTS, TOUCH over keys of several slots: one
+/// request per slot, replies joined in key order.
+async fn split(
+    shared: &Arc<Shared>,
+    cluster: &Arc<Cluster>,
+    session: &mut Session,
+    spec: &'static Spec,
+    args: &[Bytes],
+    positions: &[usize],
+    slots: &[u16],
+) -> Reply {
+    let pairs = spec.name == "mset";
+    let mut groups: BTreeMap<u16, Vec<usize>> = BTreeMap::new();
+    for (i, &s) in slots.iter().enumerate() {
+        groups.entry(s).or_default().push(i);
+    }
+    let mut values: Vec<Reply> = vec![Reply::Nil; positions.len()];
+    let mut sum = 0i64;
+    for (slot, members) in groups {
+        let mut sub = vec![args[0].clone()];
+        for &i in &members {
+            sub.push(args[positions[i]].clone());
+            if pairs {
+                sub.push(args[positions[i] + 1].clone());
+            }
+        }
+        match parsed(single(shared, cluster, session, slot, &sub, Protocol::Resp2).await) {
+            Reply::Error(e) => return Reply::Error(e),
+            Reply::Int(n) => sum += n,
+            Reply::Array(items) if items.len() == members.len() => {
+                for (&i, item) in members.iter().zip(items) {
+                    values[i] = item;
+                }
+            }
+            Reply::Simple(_) | Reply::Status(_) => {}
+            other => {
+                return Reply::error(format!(
+                    "ERR unexpected reply to a split {}: {other:?}",
+                    spec.name
+                ))
+            }
+        }
+    }
+    match spec.name {
+        "mget" => Reply::Array(values),
+        "mset" => Reply::OK,
+        _ => Reply::Int(sum),
+    }
+}
+
+/// WATCH: placed where the slot is served, bound to it for the transaction.
+async fn watch(shared: &Arc<Shared>, cluster: &Arc<Cluster>, session: &mut Session, args: &[Bytes]) -> Reply {
+    if session.multi.is_some() {
+        return command::execute(shared, session, args);
+    }
+    let slot = key_slot(&args[1]);
+    if args[2..].iter().any(|k| key_slot(k) != slot) || session.cluster.txn_slot.is_some_and(|s| s != slot) {
+        return crossslot();
+    }
+    let deadline = Instant::now() + MAX_WAIT;
+    let mut target: Option<String> = None;
+    let mut hops = 0;
+    loop {
+        if session.cluster.txn_link.is_none() && target.is_none() {
+            let notified = cluster.changed.notified();
+            let route = {
+                let auth = cluster.authority();
+                let route = cluster.route(&auth, slot);
+                if route == Route::Local {
+                    session.cluster.txn_slot = Some(slot);
+                    return command::execute(shared, session, args);
+                }
+                route
+            };
+            match route {
+                Route::Local => unreachable!("executed above"),
+                Route::Wait if Instant::now() < deadline => {
+                    let _ = tokio::time::timeout(Duration::from_millis(100), notified).await;
+                    continue;
+                }
+                Route::Wait => return tryagain(slot),
+                Route::Down => return down(),
+                Route::Remote(addr) if redirects(cluster, session) => return moved(slot, &addr),
+                Route::Remote(addr) => target = Some(addr),
+            }
+        }
+        if session.cluster.txn_link.is_none() {
+            let addr = target.take().expect("set above");
+            match cluster.peers.dedicated(&addr, session.proto).await {
+                Ok(link) => session.cluster.txn_link = Some((addr, link)),
+                Err(e) => return link_error(e),
+            }
+        }
+        let (_, link) = session.cluster.txn_link.as_ref().expect("set above");
+        let frame = match link.call(args).await {
+            Ok(f) => f,
+            Err(e) => {
+                session.cluster.end_transaction();
+                return link_error(e);
+            }
+        };
+        if let Some(next) = moved_target(&frame) {
+            // Not served there (any more). A first WATCH can go elsewhere; a
+            // later one cannot join watches that stayed behind on that node.
+            if session.cluster.txn_slot.is_some() || hops >= MAX_HOPS {
+                session.cluster.end_transaction();
+                return tryagain(slot);
+            }
+            hops += 1;
+            session.cluster.txn_link = None;
+            target = (next != cluster.addr).then_some(next);
+            tokio::time::sleep(Duration::from_millis(10 * hops as u64)).await;
+            continue;
+        }
+        session.cluster.txn_slot = Some(slot);
+        return Reply::Raw(frame);
+    }
+}
+
+/// EXEC: runs the queued transaction where its slot is served.
+async fn exec(shared: &Arc<Shared>, cluster: &Arc<Cluster>, session: &mut Session, args: &[Bytes]) -> Reply {
+    let failed = session.multi.as_ref().is_none_or(|m| m.failed);
+    let Some(slot) = session.cluster.txn_slot.filter(|_| !failed) else {
+        // No transaction, a doomed one, or one without keys: Redis's own answers, here.
+        session.cluster.end_transaction();
+        return command::execute(shared, session, args);
+    };
+    let queue = session.end_multi().map(|m| m.queue).unwrap_or_default();
+    let mut batch = Vec::with_capacity(queue.len() + 2);
+    batch.push(vec![Bytes::from_static(b"MULTI")]);
+    batch.extend(queue.iter().cloned());
+    batch.push(args.to_vec());
+    if let Some((_, link)) = session.cluster.txn_link.take() {
+        // The WATCH lives on that node: the transaction must run there.
+        session.cluster.end_transaction();
+        return match link.call_batch(&batch).await {
+            Ok(mut frames) => match frames.pop() {
+                Some(f) if moved_target(&f).is_some() => Reply::NilArray,
+                Some(f) => Reply::Raw(f),
+                None => Reply::error("ERR no reply to EXEC from the peer node"),
+            },
+            Err(e) => link_error(e),
+        };
+    }
+    session.cluster.end_transaction();
+    let deadline = Instant::now() + MAX_WAIT;
+    let mut hops = 0;
+    let mut target: Option<String> = None;
+    loop {
+        let notified = cluster.changed.notified();
+        let route = match target.take() {
+            Some(addr) => Route::Remote(addr),
+            None => {
+                let auth = cluster.authority();
+                let route = cluster.route(&auth, slot);
+                if route == Route::Local {
+                    // Put the transaction back and run Redis's EXEC on it.
+                    session.begin_multi();
+                    if let Some(m) = session.multi.as_mut() {
+                        m.queue = queue;
+                    }
+                    return command::execute(shared, session, args);
+                }
+                route
+            }
+        };
+        if session.is_watching() {
+            // Local WATCHes cannot follow the slot to another node.
+            session.unwatch_all(shared);
+            return Reply::NilArray;
+        }
+        match route {
+            Route::Local => unreachable!("executed above"),
+            Route::Wait if Instant::now() < deadline => {
+                let _ = tokio::time::timeout(Duration::from_millis(100), notified).await;
+            }
+            Route::Wait => return tryagain(slot),
+            Route::Down => return down(),
+            Route::Remote(addr) if session.cluster.peer.is_some() => return moved(slot, &addr),
+            Route::Remote(addr) => {
+                let frames = match cluster.peers.link(&addr, session.proto).await {
+                    Ok(link) => link.call_batch(&batch).await,
+                    Err(e) => Err(e),
+                };
+                let exec = match frames {
+                    Ok(mut f) => f.pop().unwrap_or_default(),
+                    Err(e) => return link_error(e),
+                };
+                match moved_target(&exec) {
+                    Some(next) if hops < MAX_HOPS => {
+                        hops += 1;
+                        target = (next != cluster.addr && next != addr).then_some(next);
+                        tokio::time::sleep(Duration::from_millis(10 * hops as u64)).await;
+                    }
+                    Some(_) => return tryagain(slot),
+                    None => {
+                        cluster.stats.forwarded.fetch_add(1, Ordering::Relaxed);
+                        return Reply::Raw(exec);
+                    }
+                }
+            }
+        }
+    }
+}
