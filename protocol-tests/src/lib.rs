@@ -678,3 +678,123 @@ impl Drop for Mount {
         self.stop();
     }
 }
+
+/// A kvd cluster of real processes on loopback ports, grown and shrunk by the
+/// test. Node 0 founds it; the others join with node 0 as their seed.
+pub struct KvdCluster {
+    pub nodes: Vec<Server>,
+    /// Gossip (UDP) port of each node.
+    pub gossip: Vec<u16>,
+    pub secret: String,
+    extra: Vec<String>,
+    _tmp: tempfile::TempDir,
+}
+
+impl KvdCluster {
+    /// Starts `size` nodes and waits until the slots are spread over them.
+    pub fn start(size: usize, extra: &[&str]) -> Result<KvdCluster> {
+        let mut c = KvdCluster {
+            nodes: Vec::new(),
+            gossip: Vec::new(),
+            secret: format!("test-secret-{}", std::process::id()),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+            _tmp: tempfile::tempdir()?,
+        };
+        for _ in 0..size {
+            c.add_node()?;
+        }
+        c.wait_settled(Duration::from_secs(60))?;
+        Ok(c)
+    }
+
+    /// Data directory of node `i`.
+    pub fn dir(&self, i: usize) -> PathBuf {
+        self._tmp.path().join(format!("node{i}"))
+    }
+
+    /// Starts one more node (joining through node 0); does not wait for slots.
+    pub fn add_node(&mut self) -> Result<usize> {
+        self.add_node_with_secret(&self.secret.clone())
+    }
+
+    /// Starts a node that believes the cluster secret is `secret`.
+    pub fn add_node_with_secret(&mut self, secret: &str) -> Result<usize> {
+        let i = self.nodes.len();
+        let dir = self.dir(i);
+        std::fs::create_dir_all(&dir)?;
+        let gossip = free_port();
+        let mut args: Vec<String> = vec![
+            "--cluster".into(),
+            "--cluster-port".into(),
+            gossip.to_string(),
+            "--cluster-secret".into(),
+            secret.to_string(),
+        ];
+        if let (Some(seed), Some(g)) = (self.nodes.first(), self.gossip.first()) {
+            args.push("--seed".into());
+            args.push(format!("127.0.0.1:{}@{g}", seed.port));
+        }
+        args.extend(self.extra.iter().cloned());
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let server = Server::kvd_in(&dir, &args)?;
+        self.nodes.push(server);
+        self.gossip.push(gossip);
+        Ok(i)
+    }
+
+    /// `INFO cluster` of node `i` as field → value.
+    pub fn info(&self, i: usize) -> Result<std::collections::HashMap<String, String>> {
+        let text = self.nodes[i].connect()?.cmd("INFO cluster")?.as_str();
+        Ok(text
+            .lines()
+            .filter_map(|l| l.split_once(':'))
+            .map(|(k, v)| (k.to_string(), v.trim().to_string()))
+            .collect())
+    }
+
+    /// Waits until every running node knows the same members, serves what
+    /// placement gives it, and no slot is in flight.
+    pub fn wait_settled(&self, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        let mut last = String::new();
+        loop {
+            match self.settled() {
+                Ok(true) => return Ok(()),
+                Ok(false) => {}
+                Err(e) => last = format!("{e:#}"),
+            }
+            if Instant::now() > deadline {
+                let states: Vec<String> = (0..self.nodes.len())
+                    .map(|i| format!("{:?}", self.info(i).ok()))
+                    .collect();
+                bail!("cluster did not settle ({last}):\n{}", states.join("\n"));
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    fn settled(&self) -> Result<bool> {
+        let mut owned = 0;
+        let mut epochs = std::collections::HashSet::new();
+        let mut live = 0;
+        for i in 0..self.nodes.len() {
+            let info = self.info(i)?;
+            let get = |k: &str| info.get(k).cloned().unwrap_or_default();
+            match get("kvd_cluster_status").as_str() {
+                "left" => continue,
+                "leaving" => return Ok(false),
+                _ => {}
+            }
+            live += 1;
+            if get("kvd_cluster_slots_to_import") != "0"
+                || get("kvd_cluster_slots_importing") != "0"
+                || get("kvd_cluster_slots_handed_off") != "0"
+            {
+                return Ok(false);
+            }
+            owned += get("kvd_cluster_slots_owned").parse::<usize>().unwrap_or(0);
+            epochs.insert(get("kvd_cluster_placement_epoch"));
+        }
+        Ok(live > 0 && owned == 16384 && epochs.len() == 1)
+    }
+}

@@ -254,6 +254,16 @@ pub fn info_text(cluster: &Cluster, with_redis_fields: bool) -> String {
                 .len(),
         )
     };
+    // Slots placement gives this node that it does not serve yet: 0 once
+    // rebalancing has caught up with the membership.
+    let to_import = {
+        let auth = cluster.authority();
+        (0..SLOTS as u16)
+            .filter(|&s| {
+                view.owner(s).is_some_and(|m| m.id == cluster.id) && *auth.state(s) != SlotState::Owned
+            })
+            .count()
+    };
     let st = &cluster.stats;
     let mut out = String::new();
     if with_redis_fields {
@@ -277,7 +287,7 @@ pub fn info_text(cluster: &Cluster, with_redis_fields: bool) -> String {
     out.push_str(&format!(
         "kvd_cluster_node_id:{}\r\nkvd_cluster_status:{}\r\nkvd_cluster_nodes:{}\r\nkvd_cluster_nodes_live:{}\r\n\
          kvd_cluster_placement_epoch:{}\r\nkvd_cluster_slots_owned:{owned}\r\nkvd_cluster_slots_importing:{importing}\r\n\
-         kvd_cluster_slots_handed_off:{handed}\r\nkvd_cluster_slots_moved_in:{}\r\nkvd_cluster_keys_moved_in:{}\r\n\
+         kvd_cluster_slots_handed_off:{handed}\r\nkvd_cluster_slots_to_import:{to_import}\r\nkvd_cluster_slots_moved_in:{}\r\nkvd_cluster_keys_moved_in:{}\r\n\
          kvd_cluster_keys_dropped_after_handoff:{}\r\nkvd_cluster_forwarded_commands:{}\r\n\
          kvd_cluster_forwards_per_sec:{}\r\nkvd_cluster_moved_replies:{}\r\n",
         cluster.id,

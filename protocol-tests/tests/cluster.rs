@@ -1,0 +1,506 @@
+//! The kvd cluster, on real kvd processes over loopback: commands through any
+//! node, cluster clients routing directly, nodes joining and leaving under a
+//! write load, transactions from every node, and the cluster secret.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use protocol_tests::{KvdCluster, Value};
+
+fn sum_info(c: &KvdCluster, field: &str) -> u64 {
+    (0..c.nodes.len())
+        .filter_map(|i| c.info(i).ok())
+        .map(|info| info.get(field).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0))
+        .sum()
+}
+
+fn bulk(v: &str) -> Value {
+    Value::Bulk(v.as_bytes().to_vec())
+}
+
+#[test]
+fn every_command_works_through_every_node() {
+    let c = KvdCluster::start(3, &[]).expect("cluster");
+    let n = c.nodes.len();
+    for i in 0..n {
+        let mut a = c.nodes[i].connect().unwrap();
+        let mut b = c.nodes[(i + 1) % n].connect().unwrap();
+        // Keys spread over all nodes: written through one, read through another.
+        for k in 0..100 {
+            assert_eq!(
+                a.call(&["SET", &format!("n{i}:k{k}"), &format!("v{k}")])
+                    .unwrap()
+                    .as_str(),
+                "OK"
+            );
+        }
+        for k in 0..100 {
+            assert_eq!(
+                b.call(&["GET", &format!("n{i}:k{k}")]).unwrap(),
+                bulk(&format!("v{k}"))
+            );
+        }
+        // Multi-key commands over several slots are split and joined.
+        let keys: Vec<String> = (0..10).map(|k| format!("n{i}:k{k}")).collect();
+        let mut mget = vec!["MGET".to_string()];
+        mget.extend(keys.iter().cloned());
+        mget.push("missing".into());
+        let Value::Array(got) = b.call(&mget).unwrap() else {
+            panic!("MGET")
+        };
+        assert_eq!(got.len(), 11);
+        assert_eq!(got[3], bulk("v3"));
+        assert_eq!(got[10], Value::Nil);
+        assert_eq!(
+            a.call(&["MSET", "x1", "1", "x2", "2", "x3", "3"])
+                .unwrap()
+                .as_str(),
+            "OK"
+        );
+        assert_eq!(
+            b.call(&["EXISTS", "x1", "x2", "x3", "nope"]).unwrap(),
+            Value::Int(3)
+        );
+        assert_eq!(b.call(&["DEL", "x1", "x2", "nope"]).unwrap(), Value::Int(2));
+        // Counters, expiry, strings: forwarded as if local.
+        assert_eq!(
+            a.call(&["INCRBY", "counter", "5"]).unwrap(),
+            Value::Int(5 * (i as i64 + 1))
+        );
+        assert_eq!(
+            b.call(&["APPEND", &format!("s{i}"), "abc"]).unwrap(),
+            Value::Int(3)
+        );
+        assert_eq!(
+            a.call(&["EXPIRE", &format!("s{i}"), "100"]).unwrap(),
+            Value::Int(1)
+        );
+        assert!(b.call(&["TTL", &format!("s{i}")]).unwrap().as_int().unwrap() > 90);
+        // Cross-slot commands that cannot be split: Redis Cluster's error.
+        let e = a.call(&["RENAME", "alpha", "beta"]).unwrap();
+        assert!(e.as_str().starts_with("CROSSSLOT"), "{e:?}");
+        a.call(&["SET", "{t}alpha", "1"]).unwrap();
+        assert_eq!(b.call(&["RENAME", "{t}alpha", "{t}beta"]).unwrap().as_str(), "OK");
+        assert_eq!(a.call(&["GET", "{t}beta"]).unwrap(), bulk("1"));
+        // A transaction on one slot, from a node that may not serve it.
+        assert_eq!(a.cmd("MULTI").unwrap().as_str(), "OK");
+        assert_eq!(a.call(&["INCR", "{t}n"]).unwrap().as_str(), "QUEUED");
+        assert_eq!(a.call(&["INCR", "{t}n"]).unwrap().as_str(), "QUEUED");
+        assert_eq!(
+            a.call(&["EXEC"]).unwrap(),
+            Value::Array(vec![Value::Int(2 * i as i64 + 1), Value::Int(2 * i as i64 + 2)])
+        );
+        assert_eq!(a.cmd("MULTI").unwrap().as_str(), "OK");
+        a.call(&["SET", "{t}a", "1"]).unwrap();
+        let e = a.call(&["SET", "{u}b", "1"]).unwrap();
+        assert!(e.as_str().starts_with("CROSSSLOT"), "{e:?}");
+        assert!(a.cmd("EXEC").unwrap().as_str().starts_with("EXECABORT"));
+        // WATCH lives where the key lives: a write through another node breaks it.
+        a.call(&["WATCH", "{t}w"]).unwrap();
+        b.call(&["SET", "{t}w", "changed"]).unwrap();
+        a.cmd("MULTI").unwrap();
+        a.call(&["SET", "{t}w", "mine"]).unwrap();
+        assert_eq!(a.cmd("EXEC").unwrap(), Value::Nil);
+        assert_eq!(b.call(&["GET", "{t}w"]).unwrap(), bulk("changed"));
+        // RESP3 replies pass through in RESP3.
+        let mut r3 = c.nodes[i].connect().unwrap();
+        r3.cmd("HELLO 3").unwrap();
+        for k in 0..20 {
+            let raw = r3.call_raw(&["GET", &format!("absent{k}")], 1).unwrap();
+            assert_eq!(raw[0], b"_\r\n");
+        }
+        // Topology commands.
+        let slot = a.call(&["CLUSTER", "KEYSLOT", "foo"]).unwrap();
+        assert_eq!(slot, Value::Int(12182));
+        let nodes = a.cmd("CLUSTER NODES").unwrap().as_str();
+        assert_eq!(nodes.lines().count(), 3, "{nodes}");
+        assert_eq!(nodes.lines().filter(|l| l.contains("myself")).count(), 1);
+        let Value::Array(ranges) = a.cmd("CLUSTER SLOTS").unwrap() else {
+            panic!()
+        };
+        let covered: i64 = ranges
+            .iter()
+            .map(|r| match r {
+                Value::Array(p) => p[1].as_int().unwrap() - p[0].as_int().unwrap() + 1,
+                _ => 0,
+            })
+            .sum();
+        assert_eq!(covered, 16384);
+        assert!(a
+            .cmd("CLUSTER INFO")
+            .unwrap()
+            .as_str()
+            .contains("cluster_state:ok"));
+    }
+    let ids: std::collections::HashSet<String> = (0..n)
+        .map(|i| {
+            c.nodes[i]
+                .connect()
+                .unwrap()
+                .cmd("CLUSTER MYID")
+                .unwrap()
+                .as_str()
+        })
+        .collect();
+    assert_eq!(ids.len(), 3);
+    assert!(
+        sum_info(&c, "kvd_cluster_forwarded_commands") > 0,
+        "plain clients were forwarded"
+    );
+}
+
+#[test]
+fn cluster_clients_route_directly() {
+    let c = KvdCluster::start(3, &[]).expect("cluster");
+    let urls: Vec<String> = c
+        .nodes
+        .iter()
+        .map(|s| format!("redis://127.0.0.1:{}/", s.port))
+        .collect();
+    let client = redis::cluster::ClusterClient::new(urls).unwrap();
+    let mut conn = client.get_connection().unwrap();
+    for k in 0..10_000 {
+        let _: () = redis::cmd("SET")
+            .arg(format!("key:{k}"))
+            .arg(k)
+            .query(&mut conn)
+            .unwrap();
+    }
+    for k in (0..10_000).step_by(7) {
+        let v: i64 = redis::cmd("GET")
+            .arg(format!("key:{k}"))
+            .query(&mut conn)
+            .unwrap();
+        assert_eq!(v, k);
+    }
+    let forwarded = sum_info(&c, "kvd_cluster_forwarded_commands");
+    eprintln!("redis crate cluster client: {forwarded} of ~11,400 commands forwarded");
+    assert!(
+        forwarded < 100,
+        "a cluster client should route by CLUSTER SLOTS: {forwarded} forwarded"
+    );
+    // Every node agrees: read back through plain connections too.
+    let mut plain = c.nodes[1].connect().unwrap();
+    assert_eq!(
+        plain.call(&["GET", "key:9999"]).unwrap(),
+        Value::Bulk(b"9999".to_vec())
+    );
+
+    // redis-cli -c cannot be told from plain redis-cli, so by default it is
+    // forwarded (and works); with --cluster-redirect it follows MOVED.
+    let port = c.nodes[0].port.to_string();
+    let out = std::process::Command::new("redis-cli")
+        .args(["-c", "-p", &port, "GET", "key:1234"])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "1234");
+
+    let r = KvdCluster::start(3, &["--cluster-redirect"]).expect("cluster");
+    let port = r.nodes[0].port.to_string();
+    for k in 0..200 {
+        let out = std::process::Command::new("redis-cli")
+            .args(["-c", "-p", &port, "SET", &format!("k{k}"), &k.to_string()])
+            .output()
+            .unwrap();
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "OK");
+    }
+    for k in 0..200 {
+        let out = std::process::Command::new("redis-cli")
+            .args(["-c", "-p", &port, "GET", &format!("k{k}")])
+            .output()
+            .unwrap();
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), k.to_string());
+    }
+    assert_eq!(sum_info(&r, "kvd_cluster_forwarded_commands"), 0);
+    assert!(
+        sum_info(&r, "kvd_cluster_moved_replies") > 100,
+        "redis-cli -c followed MOVED"
+    );
+}
+
+/// A writer through node 0 that records what was acknowledged.
+struct Load {
+    stop: Arc<AtomicBool>,
+    /// Asked to stop between writes / stopped between writes.
+    pause: Arc<AtomicBool>,
+    parked: Arc<AtomicBool>,
+    acked: Arc<Mutex<HashMap<String, String>>>,
+    retries: Arc<AtomicU64>,
+    thread: Option<std::thread::JoinHandle<Vec<String>>>,
+}
+
+impl Load {
+    fn start(port: u16) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let acked: Arc<Mutex<HashMap<String, String>>> = Arc::default();
+        let retries = Arc::new(AtomicU64::new(0));
+        let pause = Arc::new(AtomicBool::new(false));
+        let parked = Arc::new(AtomicBool::new(false));
+        let (s, a, r) = (stop.clone(), acked.clone(), retries.clone());
+        let (p, pk) = (pause.clone(), parked.clone());
+        let thread = std::thread::spawn(move || {
+            let mut conn = protocol_tests::Conn::connect(port).unwrap();
+            let mut errors = Vec::new();
+            let mut i = 0u64;
+            while !s.load(Ordering::Relaxed) {
+                if p.load(Ordering::Acquire) {
+                    pk.store(true, Ordering::Release);
+                    std::thread::sleep(Duration::from_millis(5));
+                    continue;
+                }
+                pk.store(false, Ordering::Release);
+                let key = format!("load:{}", i % 3000);
+                let value = format!("v{i}");
+                match conn.call(&["SET", &key, &value]) {
+                    Ok(Value::Status(ok)) if ok == "OK" => {
+                        a.lock().unwrap().insert(key, value);
+                    }
+                    Ok(Value::Error(e)) if e.starts_with("TRYAGAIN") => {
+                        r.fetch_add(1, Ordering::Relaxed);
+                        std::thread::sleep(Duration::from_millis(10));
+                        continue;
+                    }
+                    other => errors.push(format!("{key}: {other:?}")),
+                }
+                i += 1;
+            }
+            errors
+        });
+        Load {
+            stop,
+            pause,
+            parked,
+            acked,
+            retries,
+            thread: Some(thread),
+        }
+    }
+
+    /// Stops the writer between two writes, checks every acknowledged value
+    /// through every node, and lets it go on.
+    fn pause_and_check(&self, c: &KvdCluster) {
+        self.pause.store(true, Ordering::Release);
+        while !self.parked.load(Ordering::Acquire) {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let acked = self.acked.lock().unwrap().clone();
+        for i in 0..c.nodes.len() {
+            let mut conn = c.nodes[i].connect().unwrap();
+            for (k, v) in acked.iter() {
+                assert_eq!(
+                    conn.call(&["GET", k]).unwrap(),
+                    Value::Bulk(v.as_bytes().to_vec()),
+                    "{k} through node {i}"
+                );
+            }
+        }
+        self.pause.store(false, Ordering::Release);
+    }
+
+    fn finish(mut self) -> Vec<String> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.take().unwrap().join().unwrap()
+    }
+}
+
+#[test]
+fn nodes_join_and_leave_under_a_write_load_without_losing_a_key() {
+    let mut c = KvdCluster::start(3, &[]).expect("cluster");
+    let mut seed = c.nodes[0].connect().unwrap();
+    for k in 0..20_000 {
+        seed.send(&["SET", &format!("pre:{k}"), &k.to_string()]).unwrap();
+    }
+    for _ in 0..20_000 {
+        seed.read_reply_raw().unwrap();
+    }
+    let load = Load::start(c.nodes[0].port);
+    std::thread::sleep(Duration::from_millis(500));
+    for joiner in [3, 4] {
+        let before = sum_info(&c, "kvd_cluster_keys_moved_in");
+        let total = (0..c.nodes.len())
+            .map(|i| {
+                c.nodes[i]
+                    .connect()
+                    .unwrap()
+                    .cmd("DBSIZE")
+                    .unwrap()
+                    .as_int()
+                    .unwrap()
+            })
+            .sum::<i64>();
+        c.add_node().unwrap();
+        c.wait_settled(Duration::from_secs(60)).unwrap();
+        let moved = sum_info(&c, "kvd_cluster_keys_moved_in") - before;
+        eprintln!(
+            "join of node {}: {moved} of {total} keys moved = {:.3} (1/n = {:.3})",
+            joiner + 1,
+            moved as f64 / total as f64,
+            1.0 / (joiner + 1) as f64
+        );
+        let frac = moved as f64 / total as f64;
+        assert!(
+            frac > 0.5 / (joiner + 1) as f64 && frac < 2.0 / (joiner + 1) as f64,
+            "{frac}"
+        );
+        load.pause_and_check(&c);
+        let mut conn = c.nodes[joiner].connect().unwrap();
+        for k in (0..20_000).step_by(97) {
+            assert_eq!(
+                conn.call(&["GET", &format!("pre:{k}")]).unwrap(),
+                Value::Bulk(k.to_string().into_bytes())
+            );
+        }
+    }
+    // Node 2 leaves: it hands its slots off, then says it has left.
+    assert_eq!(
+        c.nodes[2]
+            .connect()
+            .unwrap()
+            .cmd("CLUSTER LEAVE")
+            .unwrap()
+            .as_str(),
+        "OK"
+    );
+    c.wait_settled(Duration::from_secs(60)).unwrap();
+    assert_eq!(c.info(2).unwrap()["kvd_cluster_status"], "left");
+    assert_eq!(
+        c.nodes[2].connect().unwrap().cmd("DBSIZE").unwrap(),
+        Value::Int(0)
+    );
+    assert!(c.nodes[2].terminate());
+    let gone = c.nodes.remove(2);
+    drop(gone);
+    std::thread::sleep(Duration::from_millis(500));
+    let retries = load.retries.load(Ordering::Relaxed);
+    let acked_count = load.acked.lock().unwrap().len();
+    load.pause_and_check(&c);
+    let errors = load.finish();
+    assert!(
+        errors.is_empty(),
+        "the writer saw errors: {:?}",
+        &errors[..errors.len().min(5)]
+    );
+    eprintln!("writer: {acked_count} keys acknowledged, {retries} TRYAGAIN retries");
+    for i in 0..c.nodes.len() {
+        let mut conn = c.nodes[i].connect().unwrap();
+        for k in (0..20_000).step_by(31) {
+            assert_eq!(
+                conn.call(&["GET", &format!("pre:{k}")]).unwrap(),
+                Value::Bulk(k.to_string().into_bytes())
+            );
+        }
+    }
+    let total: i64 = (0..c.nodes.len())
+        .map(|i| {
+            c.nodes[i]
+                .connect()
+                .unwrap()
+                .cmd("DBSIZE")
+                .unwrap()
+                .as_int()
+                .unwrap()
+        })
+        .sum();
+    assert_eq!(total, 20_000 + 3000, "every key on exactly one node");
+}
+
+#[test]
+fn watch_multi_exec_increments_from_every_node_are_exact() {
+    let c = KvdCluster::start(3, &[]).expect("cluster");
+    let successes = Arc::new(AtomicU64::new(0));
+    let mut threads = Vec::new();
+    for t in 0..6 {
+        let port = c.nodes[t % 3].port;
+        let successes = successes.clone();
+        threads.push(std::thread::spawn(move || {
+            let mut conn = protocol_tests::Conn::connect(port).unwrap();
+            let mut done = 0;
+            while done < 40 {
+                conn.call(&["WATCH", "counter"]).unwrap();
+                let n = conn.call(&["GET", "counter"]).unwrap().as_int().unwrap_or(0);
+                conn.cmd("MULTI").unwrap();
+                conn.call(&["SET", "counter", &(n + 1).to_string()]).unwrap();
+                match conn.cmd("EXEC").unwrap() {
+                    Value::Array(_) => {
+                        done += 1;
+                        successes.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Value::Nil => {}
+                    other => panic!("EXEC: {other:?}"),
+                }
+            }
+        }));
+    }
+    for t in threads {
+        t.join().unwrap();
+    }
+    let total = successes.load(Ordering::Relaxed) as i64;
+    assert_eq!(total, 240);
+    for i in 0..3 {
+        assert_eq!(
+            c.nodes[i]
+                .connect()
+                .unwrap()
+                .call(&["GET", "counter"])
+                .unwrap()
+                .as_int(),
+            Some(total)
+        );
+    }
+}
+
+#[test]
+fn the_cluster_secret_keeps_strangers_out() {
+    let mut c = KvdCluster::start(3, &[]).expect("cluster");
+    // A node with the wrong secret is not heard and gets no slots.
+    let stranger = c.add_node_with_secret("wrong secret").unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    let info = c.info(stranger).unwrap();
+    assert_eq!(info["kvd_cluster_slots_owned"], "0");
+    assert_eq!(info["kvd_cluster_nodes"], "1", "it heard nobody");
+    for i in 0..3 {
+        assert_eq!(
+            c.info(i).unwrap()["kvd_cluster_nodes"],
+            "3",
+            "node {i} heard the stranger"
+        );
+    }
+    let e = c.nodes[stranger].connect().unwrap().call(&["GET", "x"]).unwrap();
+    assert!(e.as_str().starts_with("CLUSTERDOWN"), "{e:?}");
+    // Peer commands need the secret.
+    let mut conn = c.nodes[0].connect().unwrap();
+    let e = conn.call(&["KVD.HANDOFF", "0-16383"]).unwrap();
+    assert!(e.as_str().starts_with("NOPERM"), "{e:?}");
+    let challenge = conn.call(&["KVD.PEER", "CHALLENGE"]).unwrap().as_str();
+    assert_eq!(challenge.len(), 32);
+    let e = conn.call(&["KVD.PEER", "AUTH", "me", &"00".repeat(32)]).unwrap();
+    assert_eq!(e, Value::Error("ERR invalid cluster secret".into()));
+    assert!(conn.closed_within(Duration::from_secs(2)));
+    // Garbage on the gossip port and on the client port harms nobody.
+    let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    for g in &c.gossip[..3] {
+        for n in 0..50u8 {
+            udp.send_to(&vec![n; 1 + n as usize * 20], ("127.0.0.1", *g))
+                .unwrap();
+        }
+    }
+    let mut junk = c.nodes[1].connect().unwrap();
+    junk.send_raw(b"*3\r\n$9999999999\r\nKVD.PEER\r\n\x00\xff garbage\r\n")
+        .unwrap();
+    assert!(junk.closed_within(Duration::from_secs(2)));
+    std::thread::sleep(Duration::from_secs(1));
+    let mut a = c.nodes[0].connect().unwrap();
+    for k in 0..100 {
+        a.call(&["SET", &format!("after{k}"), "1"]).unwrap();
+    }
+    for i in 0..3 {
+        assert_eq!(c.info(i).unwrap()["kvd_cluster_nodes_live"], "3");
+        let mut conn = c.nodes[i].connect().unwrap();
+        assert_eq!(
+            conn.call(&["EXISTS", "after7", "after42", "after99"]).unwrap(),
+            Value::Int(3)
+        );
+    }
+}
