@@ -121,6 +121,21 @@ fn cli_against_a_redis_cluster() {
 }
 
 #[test]
+fn cli_against_a_kvd_cluster_through_any_node() {
+    let cluster = protocol_tests::KvdCluster::start(3, &[]).unwrap();
+    // fsclient sees `cluster_enabled:1` and routes by slot itself.
+    round_trip_and_concurrent_writers(&cluster.nodes[1]);
+    for node in &cluster.nodes {
+        let keys = node.connect().unwrap().cmd("DBSIZE").unwrap().as_int().unwrap();
+        assert!(keys > 0, "node {} holds nothing", node.port);
+    }
+    // Every node serves the same file system.
+    for node in &cluster.nodes {
+        assert_eq!(ok(node, &["cat", "/tree/small.txt"]), "hello dictfs\n");
+    }
+}
+
+#[test]
 fn a_corrupted_blob_fails_its_file_naming_the_key_and_nothing_else() {
     let kvd = Server::kvd(&[]).unwrap();
     ok(&kvd, &["mkfs"]);

@@ -489,6 +489,13 @@ fn posix_behaviour_on_redis() {
 }
 
 #[test]
+fn posix_behaviour_on_a_kvd_cluster() {
+    let cluster = protocol_tests::KvdCluster::start(3, &[]).unwrap();
+    let m = Mount::start(&url(&cluster.nodes[2]), "main", &[]).unwrap();
+    posix_suite(m.path());
+}
+
+#[test]
 fn random_operations_match_a_local_file() {
     let kvd = Server::kvd(&[]).unwrap();
     let m = Mount::start(&url(&kvd), "main", &[]).unwrap();
