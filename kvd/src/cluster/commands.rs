@@ -24,16 +24,23 @@ fn text(args: &[Bytes], i: usize) -> String {
     String::from_utf8_lossy(&args[i]).into_owned()
 }
 
-/// Who serves each slot: this node's own authority for its slots (exact),
-/// gossip for the rest.
+/// Who serves each slot, as clients should see it: this node's own authority
+/// where it knows (its slots, and where it handed slots), gossip for the rest,
+/// and placement where gossip has not caught up yet.
 fn servers(cluster: &Cluster) -> (Arc<super::View>, Vec<Option<Member>>) {
     let view = cluster.view();
     let auth = cluster.authority();
     let me = view.member(&cluster.id).cloned();
+    let others = |m: &&Member| m.id != cluster.id;
     let map = (0..SLOTS as u16)
         .map(|s| match auth.state(s) {
-            SlotState::Owned => me.clone(),
-            _ => view.server(s).filter(|m| m.id != cluster.id).cloned(),
+            SlotState::Owned | SlotState::Importing { .. } => me.clone(),
+            SlotState::HandedOff { to } => view.member(to).cloned(),
+            SlotState::Absent => view
+                .server(s)
+                .filter(others)
+                .or_else(|| view.owner(s).filter(others))
+                .cloned(),
         })
         .collect();
     (view.clone(), map)
