@@ -61,6 +61,15 @@ enum Which {
     /// over tmpfs and local disk, with fio: sequential write and read, 4 KiB
     /// random reads, and creating/stat-ing/deleting many files in one directory.
     /// Needs root, /dev/fuse, fio and bindfs (scripts/setup.sh installs them).
+    /// The kvd cluster: GET/SET through a 3-node cluster (forwarded and routed
+    /// by a cluster-aware client) against one kvd node and a 3-node Redis
+    /// Cluster, and a placement simulation of 1,000 and 10,000 nodes.
+    Cluster {
+        #[arg(long, default_value_t = 200_000)]
+        requests: u64,
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+    },
     Mount {
         /// Size of the file written and read, MiB.
         #[arg(long, default_value_t = 1024)]
@@ -80,6 +89,7 @@ struct Row {
     ratio: f64,
 }
 
+mod cluster;
 mod fs;
 mod mount;
 mod storage;
@@ -91,6 +101,52 @@ fn redis_benchmark(port: u16, tests: &str, requests: u64, pipeline: u32) -> Resu
 }
 
 /// Runs redis-benchmark with a value size and client count.
+pub(crate) fn redis_benchmark_args(
+    port: u16,
+    extra: &[&str],
+    tests: &str,
+    requests: u64,
+    pipeline: u32,
+) -> Result<Vec<(String, f64)>> {
+    let out = Command::new("redis-benchmark")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-t", tests])
+        .args(extra)
+        .args([
+            "-d",
+            "64",
+            "-c",
+            "50",
+            "-n",
+            &requests.to_string(),
+            "-P",
+            &pipeline.to_string(),
+            "--csv",
+        ])
+        .output()
+        .context("running redis-benchmark (scripts/setup.sh installs it)")?;
+    parse_csv(&out)
+}
+
+fn parse_csv(out: &std::process::Output) -> Result<Vec<(String, f64)>> {
+    if !out.status.success() {
+        bail!("redis-benchmark failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut rows = Vec::new();
+    for line in text.lines() {
+        let fields: Vec<&str> = line.split(',').map(|f| f.trim_matches('"')).collect();
+        if fields.len() >= 2 {
+            if let Ok(rps) = fields[1].parse() {
+                rows.push((fields[0].to_string(), rps));
+            }
+        }
+    }
+    if rows.is_empty() {
+        bail!("no results in redis-benchmark output: {text}");
+    }
+    Ok(rows)
+}
+
 fn redis_benchmark_with(
     port: u16,
     tests: &str,
@@ -105,21 +161,7 @@ fn redis_benchmark_with(
         .args(["-n", &requests.to_string(), "-P", &pipeline.to_string(), "--csv"])
         .output()
         .context("running redis-benchmark (scripts/setup.sh installs it)")?;
-    if !out.status.success() {
-        bail!("redis-benchmark failed: {}", String::from_utf8_lossy(&out.stderr));
-    }
-    let text = String::from_utf8_lossy(&out.stdout);
-    let mut rows = Vec::new();
-    for line in text.lines().skip(1) {
-        let fields: Vec<&str> = line.split(',').map(|f| f.trim_matches('"')).collect();
-        if fields.len() >= 2 {
-            rows.push((fields[0].to_string(), fields[1].parse().context("rps")?));
-        }
-    }
-    if rows.is_empty() {
-        bail!("no results in redis-benchmark output: {text}");
-    }
-    Ok(rows)
+    parse_csv(&out)
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -189,6 +231,11 @@ fn main() -> Result<()> {
         } => {
             let report = storage::run(load_gib, startup_keys, rounds)?;
             let path = save("storage", &report)?;
+            println!("saved {}", path.display());
+        }
+        Which::Cluster { requests, rounds } => {
+            let report = cluster::run(requests, rounds)?;
+            let path = save("cluster", &report)?;
             println!("saved {}", path.display());
         }
         Which::Mount { file_mib, files } => {

@@ -456,6 +456,7 @@ async fn serve(shared: &Arc<Shared>, session: &mut Session, socket: TcpStream) -
     let mut wbuf = BytesMut::with_capacity(16 * 1024);
     let mut decoder = RequestDecoder::new(shared.config.read().limits(), session.authenticated);
     let mut args = Vec::new();
+    let mut forwarded: Vec<crate::cluster::dispatch::Pending> = Vec::new();
     loop {
         // Run every complete request already buffered.
         session.client.touch();
@@ -468,6 +469,12 @@ async fn serve(shared: &Arc<Shared>, session: &mut Session, socket: TcpStream) -
                     batch += 1;
                     let reply = match shared.cluster.get() {
                         Some(cluster) => {
+                            if let Some(p) = crate::cluster::dispatch::start_forward(cluster, session, &args)
+                            {
+                                forwarded.push(p);
+                                continue;
+                            }
+                            finish_forwarded(shared, session, &mut forwarded, &mut wbuf).await;
                             crate::cluster::dispatch::dispatch(shared, cluster, session, &args).await
                         }
                         None => command::execute(shared, session, &args),
@@ -485,6 +492,7 @@ async fn serve(shared: &Arc<Shared>, session: &mut Session, socket: TcpStream) -
                     }
                 }
                 Ok(false) => {
+                    finish_forwarded(shared, session, &mut forwarded, &mut wbuf).await;
                     if batch > 0 {
                         shared.stats.commands.fetch_add(batch, Ordering::Relaxed);
                         session.client.state.lock().last_cmd = session.last_cmd;
@@ -501,6 +509,7 @@ async fn serve(shared: &Arc<Shared>, session: &mut Session, socket: TcpStream) -
                 Err(FrameError::Io(e)) => return Err(e),
                 Err(e) => {
                     // Malformed input: Redis's error, then close only this connection.
+                    finish_forwarded(shared, session, &mut forwarded, &mut wbuf).await;
                     Reply::error(format!("ERR {e}")).encode(session.proto, &mut wbuf);
                     flush(shared, session, &mut wr, &mut wbuf).await?;
                     return Ok(());
@@ -564,6 +573,26 @@ async fn serve(shared: &Arc<Shared>, session: &mut Session, socket: TcpStream) -
             _ = shared.shutdown.cancelled() => return Ok(()),
             _ = idle_limit => return Ok(()),
         }
+    }
+}
+
+/// Reads the replies of forwarded commands still in flight, in order, into
+/// the output (cluster mode).
+async fn finish_forwarded(
+    shared: &Arc<Shared>,
+    session: &mut Session,
+    forwarded: &mut Vec<crate::cluster::dispatch::Pending>,
+    wbuf: &mut BytesMut,
+) {
+    let Some(cluster) = shared.cluster.get() else {
+        return;
+    };
+    for p in forwarded.drain(..) {
+        let reply = p.finish(shared, cluster, session).await;
+        if reply.is_error() {
+            shared.stats.error_replies.fetch_add(1, Ordering::Relaxed);
+        }
+        reply.encode(session.proto, wbuf);
     }
 }
 

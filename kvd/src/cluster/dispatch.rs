@@ -158,6 +158,60 @@ pub async fn dispatch(
     split(shared, cluster, session, spec, args, &positions, &slots).await
 }
 
+/// A forwarded request whose reply has not been read yet: a connection sends
+/// a whole pipeline of them before it waits, so forwarding costs one round
+/// trip per batch rather than per command.
+pub struct Pending {
+    args: Vec<Bytes>,
+    reply: tokio::sync::oneshot::Receiver<Result<Vec<Bytes>, LinkError>>,
+}
+
+/// Sends `args` to the node serving its slot without waiting, when that is the
+/// whole story: one slot, served by another node we have a link to, for a
+/// plain client outside a transaction. Anything else is `None`, and the
+/// caller runs [`dispatch`] (after finishing the pending ones, to keep order).
+pub fn start_forward(cluster: &Cluster, session: &Session, args: &[Bytes]) -> Option<Pending> {
+    if session.multi.is_some() || redirects(cluster, session) || !session.authenticated {
+        return None;
+    }
+    let Lookup::Found(spec) = spec::lookup(args) else {
+        return None;
+    };
+    if !spec.arity_ok(args.len()) || spec.name == "watch" || session.in_resp2_subscribed_mode() {
+        return None;
+    }
+    let positions = spec.key_positions(args.len());
+    let slot = key_slot(&args[*positions.first()?]);
+    if positions.iter().any(|&i| key_slot(&args[i]) != slot) {
+        return None;
+    }
+    let Route::Remote(addr) = cluster.route(&cluster.authority(), slot) else {
+        return None;
+    };
+    let link = cluster.peers.pooled(&addr, session.proto)?;
+    let reply = link.start_call(args)?;
+    Some(Pending {
+        args: args.to_vec(),
+        reply,
+    })
+}
+
+impl Pending {
+    /// The reply, in order; anything but a plain answer (a MOVED while a slot
+    /// moves, a lost link) is handled by running the request the slow way.
+    pub async fn finish(self, shared: &Arc<Shared>, cluster: &Arc<Cluster>, session: &mut Session) -> Reply {
+        if let Ok(Ok(mut frames)) = self.reply.await {
+            if let Some(frame) = frames.pop() {
+                if moved_target(&frame).is_none() {
+                    cluster.stats.forwarded.fetch_add(1, Ordering::Relaxed);
+                    return Reply::Raw(frame);
+                }
+            }
+        }
+        dispatch(shared, cluster, session, &self.args).await
+    }
+}
+
 /// Whether this connection is answered with redirects rather than forwarding.
 fn redirects(cluster: &Cluster, session: &Session) -> bool {
     session.cluster.peer.is_some() || session.cluster.aware || cluster.redirect.load(Ordering::Relaxed)

@@ -147,6 +147,19 @@ impl Link {
         frames.pop().ok_or_else(|| LinkError::Lost(self.addr.clone()))
     }
 
+    /// Queues one request now and returns where its reply will arrive: lets a
+    /// connection send a whole pipeline of forwarded commands before waiting.
+    pub fn start_call(&self, args: &[Bytes]) -> Option<oneshot::Receiver<Result<Vec<Bytes>, LinkError>>> {
+        let (tx, rx) = oneshot::channel();
+        let job = Job {
+            request: encode_request(args),
+            count: 1,
+            reply: tx,
+        };
+        self.jobs.send(job).ok()?;
+        Some(rx)
+    }
+
     /// Sends several requests back to back — nothing from other users of the
     /// link comes between them, which is what a forwarded MULTI ... EXEC needs —
     /// and returns their replies.
@@ -401,6 +414,18 @@ impl Peers {
             pool.push(link.clone());
         }
         Ok(link)
+    }
+
+    /// A pooled link to `addr` if one is open (no waiting, no connecting).
+    pub fn pooled(&self, addr: &str, proto: Protocol) -> Option<Arc<Link>> {
+        let pools = self.pools.lock();
+        let pool = pools.get(&(addr.to_string(), proto == Protocol::Resp3))?;
+        let live: Vec<&Arc<Link>> = pool.iter().filter(|l| !l.is_closed()).collect();
+        if live.len() < POOL {
+            return None;
+        }
+        let pick = self.next.fetch_add(1, Ordering::Relaxed);
+        Some(live[pick % live.len()].clone())
     }
 
     /// A link of its own (not pooled), for state that lives on the peer's
