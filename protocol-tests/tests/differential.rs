@@ -65,6 +65,127 @@ fn run_all(resp3: bool) {
     assert_eq!(script::run(&lines, &mut k, &mut r).unwrap().len(), 1);
 }
 
+/// The cluster-only differences documented in docs/PROTOCOL.md ("Cluster"):
+/// keyspace-wide commands act on one node, and commands, WATCHes and
+/// transactions whose keys span slots (other than the split ones) answer
+/// CROSSSLOT. `filter` drops exactly those lines from a script, tracking the
+/// slot a WATCH/MULTI binds the connection to.
+struct ClusterFilter {
+    in_multi: bool,
+    txn_slot: Option<u16>,
+}
+
+impl ClusterFilter {
+    fn keep(&mut self, args: &[Vec<u8>]) -> bool {
+        use kvd::command::spec::{lookup, Lookup};
+        let args: Vec<bytes::Bytes> = args.iter().map(|a| bytes::Bytes::from(a.clone())).collect();
+        let Lookup::Found(spec) = lookup(&args) else {
+            return true;
+        };
+        if !spec.arity_ok(args.len()) {
+            return true;
+        }
+        match spec.name {
+            "keys" | "scan" | "dbsize" | "randomkey" | "flushall" | "flushdb" | "info" => return false,
+            "multi" => self.in_multi = true,
+            "exec" | "discard" | "reset" => {
+                self.in_multi = false;
+                self.txn_slot = None;
+            }
+            "unwatch" if !self.in_multi => self.txn_slot = None,
+            _ => {}
+        }
+        let slots: Vec<u16> = spec
+            .key_positions(args.len())
+            .iter()
+            .map(|&i| kvd::cluster::slot::key_slot(&args[i]))
+            .collect();
+        let Some(&first) = slots.first() else { return true };
+        let one_slot = slots.iter().all(|&s| s == first);
+        let bound = spec.name == "watch" || self.in_multi;
+        if bound {
+            if !one_slot || self.txn_slot.is_some_and(|s| s != first) {
+                return false;
+            }
+            self.txn_slot = Some(first);
+            return true;
+        }
+        one_slot || ["mget", "mset", "del", "unlink", "exists", "touch"].contains(&spec.name)
+    }
+
+    fn filter(lines: Vec<script::Line>) -> Vec<script::Line> {
+        let mut f = ClusterFilter {
+            in_multi: false,
+            txn_slot: None,
+        };
+        lines
+            .into_iter()
+            .filter(|l| match &l.case {
+                script::Case::Exact { args, .. }
+                | script::Case::SameType(args)
+                | script::Case::Sorted(args) => f.keep(args),
+                script::Case::Scan(_) => false,
+                script::Case::Sleep(_) => true,
+            })
+            .collect()
+    }
+}
+
+/// The scripts through one node of a 3-node kvd cluster (most keys live on the
+/// other nodes, so most commands are forwarded) against a standalone
+/// redis-server, minus the documented cluster-only differences.
+fn run_through_cluster(resp3: bool) {
+    require_redis();
+    let cluster = protocol_tests::KvdCluster::start(3, &[]).expect("kvd cluster");
+    let redis = Server::redis(&["--appendonly", "yes"]).expect("start redis-server");
+    let mut failures = Vec::new();
+    let (mut cases, mut skipped) = (0, 0);
+    for (name, lines) in scripts() {
+        for node in &cluster.nodes {
+            node.connect().unwrap().cmd("FLUSHALL").unwrap();
+        }
+        let mut r = redis.connect().unwrap();
+        r.cmd("FLUSHALL").unwrap();
+        let mut k = cluster.nodes[1].connect().unwrap();
+        let total = lines.len();
+        let mut lines = ClusterFilter::filter(lines);
+        skipped += total - lines.len();
+        if resp3 {
+            lines.insert(0, script::parse("~ HELLO 3").unwrap().remove(0));
+        }
+        cases += lines.len();
+        match script::run(&lines, &mut k, &mut r) {
+            Ok(mismatches) => failures.extend(mismatches.into_iter().map(|m| format!("{name} {m}"))),
+            Err(e) => failures.push(format!("{name}: {e:#}")),
+        }
+    }
+    let forwarded: u64 = (0..3)
+        .map(|i| {
+            cluster.info(i).unwrap()["kvd_cluster_forwarded_commands"]
+                .parse::<u64>()
+                .unwrap()
+        })
+        .sum();
+    eprintln!("through a cluster node: {cases} cases, {skipped} cluster-only lines left out, {forwarded} forwarded, {} mismatches", failures.len());
+    assert!(forwarded > 100, "the keys should mostly live on other nodes");
+    assert!(
+        failures.is_empty(),
+        "a kvd cluster node and redis-server disagree on {} of {cases} cases:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
+
+#[test]
+fn resp2_scripts_through_a_cluster_node_match_redis() {
+    run_through_cluster(false);
+}
+
+#[test]
+fn resp3_scripts_through_a_cluster_node_match_redis() {
+    run_through_cluster(true);
+}
+
 #[test]
 fn resp2_scripts_match_redis() {
     run_all(false);

@@ -142,6 +142,11 @@ pub async fn dispatch(
     if !SPLITTABLE.contains(&spec.name) {
         return crossslot();
     }
+    // Malformed requests get Redis's error before anything is split
+    // (`MSET a 1 b`: the pairs would not split).
+    if let Some(Err(reply)) = crate::command::data::DataCommand::parse(spec.name, args) {
+        return reply;
+    }
     if session.cluster.peer.is_some() {
         // A forwarder splits; a peer only runs what it serves whole.
         let auth = cluster.authority();
