@@ -3,7 +3,9 @@
 # machine: redis-server and redis-tools (the peer the differential tests and
 # benchmarks compare kvd with), fuse3 (fusermount3, for `fsclient mount`), and
 # the everyday programs the mount tests run on a mount (rsync, sqlite3, git,
-# make, a C compiler, flock), and fio and bindfs for `bench mount`. Safe to run again: it installs only what is missing.
+# make, a C compiler, flock), redis-py (the Python cluster client the cluster
+# tests use), and fio, bindfs and restic for the benchmarks. Safe to run
+# again: it installs only what is missing.
 set -euo pipefail
 
 need=()
@@ -29,6 +31,20 @@ if [ ${#need[@]} -gt 0 ]; then
   [ "$(id -u)" -eq 0 ] || sudo="sudo"
   $sudo apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+
+# redis-py, for the test that a stock Python RedisCluster client routes
+# directly against a kvd cluster.
+want python3 python3
+if ! python3 -c 'import redis' 2>/dev/null; then
+  if ! python3 -m pip --version >/dev/null 2>&1; then
+    sudo=""
+    [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends python3 python3-pip >/dev/null
+  fi
+  echo "setup: installing redis-py (pip)"
+  python3 -m pip install --quiet redis 2>/dev/null || python3 -m pip install --quiet --break-system-packages redis
 fi
 
 if ! command -v cargo >/dev/null 2>&1; then

@@ -134,6 +134,35 @@ fn every_command_works_through_every_node() {
             .as_str()
             .contains("cluster_state:ok"));
     }
+    // COUNTKEYSINSLOT / GETKEYSINSLOT answer for the keys a node holds.
+    let slot = c.nodes[0]
+        .connect()
+        .unwrap()
+        .call(&["CLUSTER", "KEYSLOT", "n0:k5"])
+        .unwrap()
+        .as_int()
+        .unwrap();
+    let slot = slot.to_string();
+    let mut holders = 0;
+    for i in 0..n {
+        let mut conn = c.nodes[i].connect().unwrap();
+        let count = conn
+            .call(&["CLUSTER", "COUNTKEYSINSLOT", &slot])
+            .unwrap()
+            .as_int()
+            .unwrap();
+        if count > 0 {
+            holders += 1;
+            let keys = conn
+                .call(&["CLUSTER", "GETKEYSINSLOT", &slot, "100"])
+                .unwrap()
+                .text();
+            assert!(keys.split(' ').any(|k| k == "n0:k5"), "{keys}");
+        }
+        let e = conn.call(&["CLUSTER", "COUNTKEYSINSLOT", "16384"]).unwrap();
+        assert_eq!(e, Value::Error("ERR Invalid slot".into()));
+    }
+    assert_eq!(holders, 1, "one node holds the slot's keys");
     let ids: std::collections::HashSet<String> = (0..n)
         .map(|i| {
             c.nodes[i]
@@ -186,6 +215,38 @@ fn cluster_clients_route_directly() {
     assert_eq!(
         plain.call(&["GET", "key:9999"]).unwrap(),
         Value::Bulk(b"9999".to_vec())
+    );
+
+    // redis-py's RedisCluster (scripts/setup.sh installs it) routes by slot too.
+    let before = sum_info(&c, "kvd_cluster_forwarded_commands");
+    let script = format!(
+        "import redis\n\
+         rc = redis.cluster.RedisCluster(host='127.0.0.1', port={})\n\
+         for i in range(10000): rc.set(f'py:{{i}}', i)\n\
+         bad = [i for i in range(10000) if rc.get(f'py:{{i}}') != str(i).encode()]\n\
+         print(len(bad))\n",
+        c.nodes[2].port
+    );
+    let out = std::process::Command::new("python3")
+        .args(["-c", &script])
+        .output()
+        .expect("python3 (scripts/setup.sh installs it and redis-py)");
+    assert!(
+        out.status.success(),
+        "redis-py: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "0",
+        "redis-py read back wrong values"
+    );
+    let py_forwarded = sum_info(&c, "kvd_cluster_forwarded_commands") - before;
+    eprintln!("redis-py RedisCluster: {py_forwarded} of 20,000 commands forwarded");
+    assert!(py_forwarded < 100, "{py_forwarded} forwarded");
+    assert_eq!(
+        plain.call(&["GET", "py:4242"]).unwrap(),
+        Value::Bulk(b"4242".to_vec())
     );
 
     // redis-cli -c cannot be told from plain redis-cli, so by default it is
