@@ -576,8 +576,8 @@ async fn serve(shared: &Arc<Shared>, session: &mut Session, socket: TcpStream) -
     }
 }
 
-/// Reads the replies of forwarded commands still in flight, in order, into
-/// the output (cluster mode).
+/// Sends the forwarded commands collected from this batch and writes their
+/// replies, in order, into the output (cluster mode).
 async fn finish_forwarded(
     shared: &Arc<Shared>,
     session: &mut Session,
@@ -587,13 +587,17 @@ async fn finish_forwarded(
     let Some(cluster) = shared.cluster.get() else {
         return;
     };
-    for p in forwarded.drain(..) {
-        let reply = p.finish(shared, cluster, session).await;
+    if forwarded.is_empty() {
+        return;
+    }
+    let proto = session.proto;
+    crate::cluster::dispatch::finish_all(shared, cluster, session, forwarded, |reply| {
         if reply.is_error() {
             shared.stats.error_replies.fetch_add(1, Ordering::Relaxed);
         }
-        reply.encode(session.proto, wbuf);
-    }
+        reply.encode(proto, wbuf);
+    })
+    .await;
 }
 
 fn push_message(msg: Message) -> Reply {

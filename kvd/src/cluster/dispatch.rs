@@ -121,10 +121,13 @@ pub async fn dispatch(
         }
         _ => {}
     }
-    let positions = spec.key_positions(args.len());
-    if positions.is_empty() {
-        return command::execute(shared, session, args);
+    if spec.keys(args.len()).next().is_none() {
+        return command::execute_found(shared, session, spec, args);
     }
+    if let Some(slot) = one_slot(spec, args).filter(|_| session.multi.is_none()) {
+        return single(shared, cluster, session, spec, slot, args, session.proto).await;
+    }
+    let positions = spec.key_positions(args.len());
     let slots: Vec<u16> = positions.iter().map(|&i| key_slot(&args[i])).collect();
     let first = slots[0];
     let same = slots.iter().all(|&s| s == first);
@@ -137,7 +140,7 @@ pub async fn dispatch(
         return command::execute(shared, session, args);
     }
     if same {
-        return single(shared, cluster, session, first, args, session.proto).await;
+        return single(shared, cluster, session, spec, first, args, session.proto).await;
     }
     if !SPLITTABLE.contains(&spec.name) {
         return crossslot();
@@ -163,18 +166,19 @@ pub async fn dispatch(
     split(shared, cluster, session, spec, args, &positions, &slots).await
 }
 
-/// A forwarded request whose reply has not been read yet: a connection sends
-/// a whole pipeline of them before it waits, so forwarding costs one round
-/// trip per batch rather than per command.
+/// A request to forward whose reply has not been read yet. A connection
+/// collects the forwards of a whole pipeline and sends those for one link as
+/// one job ([`finish_all`]), so forwarding costs one round trip and one wake-up
+/// per batch rather than per command.
 pub struct Pending {
     args: Vec<Bytes>,
-    reply: tokio::sync::oneshot::Receiver<Result<Vec<Bytes>, LinkError>>,
+    link: Arc<super::peer::Link>,
 }
 
-/// Sends `args` to the node serving its slot without waiting, when that is the
-/// whole story: one slot, served by another node we have a link to, for a
-/// plain client outside a transaction. Anything else is `None`, and the
-/// caller runs [`dispatch`] (after finishing the pending ones, to keep order).
+/// Takes `args` for forwarding when that is the whole story: one slot, served
+/// by another node we have a link to, for a plain client outside a
+/// transaction. Anything else is `None`, and the caller runs [`dispatch`]
+/// (after [`finish_all`], to keep replies in order).
 pub fn start_forward(cluster: &Cluster, session: &Session, args: &[Bytes]) -> Option<Pending> {
     if session.multi.is_some() || redirects(cluster, session) || !session.authenticated {
         return None;
@@ -185,36 +189,73 @@ pub fn start_forward(cluster: &Cluster, session: &Session, args: &[Bytes]) -> Op
     if !spec.arity_ok(args.len()) || spec.name == "watch" || session.in_resp2_subscribed_mode() {
         return None;
     }
-    let positions = spec.key_positions(args.len());
-    let slot = key_slot(&args[*positions.first()?]);
-    if positions.iter().any(|&i| key_slot(&args[i]) != slot) {
-        return None;
-    }
+    let slot = one_slot(spec, args)?;
     let Route::Remote(addr) = cluster.route(&cluster.authority(), slot) else {
         return None;
     };
     let link = cluster.peers.pooled(&addr, session.proto)?;
-    let reply = link.start_call(args)?;
     Some(Pending {
         args: args.to_vec(),
-        reply,
+        link,
     })
 }
 
-impl Pending {
-    /// The reply, in order; anything but a plain answer (a MOVED while a slot
-    /// moves, a lost link) is handled by running the request the slow way.
-    pub async fn finish(self, shared: &Arc<Shared>, cluster: &Arc<Cluster>, session: &mut Session) -> Reply {
-        if let Ok(Ok(mut frames)) = self.reply.await {
-            if let Some(frame) = frames.pop() {
-                if moved_target(&frame).is_none() {
-                    cluster.stats.forwarded.fetch_add(1, Ordering::Relaxed);
-                    return Reply::Raw(frame);
-                }
-            }
+/// The slot of a command's keys when they all share one (no allocation).
+fn one_slot(spec: &Spec, args: &[Bytes]) -> Option<u16> {
+    let mut keys = spec.keys(args.len());
+    let slot = key_slot(&args[keys.next()?]);
+    keys.all(|i| key_slot(&args[i]) == slot).then_some(slot)
+}
+
+/// Sends the collected forwards (one job per run of requests for the same
+/// link) and returns their replies in order; a reply that is not a plain
+/// answer (a MOVED while a slot moves, a lost link) is redone the slow way.
+pub async fn finish_all(
+    shared: &Arc<Shared>,
+    cluster: &Arc<Cluster>,
+    session: &mut Session,
+    pending: &mut Vec<Pending>,
+    mut emit: impl FnMut(Reply),
+) {
+    let mut jobs = Vec::new();
+    let mut start = 0;
+    while start < pending.len() {
+        let mut end = start + 1;
+        while end < pending.len() && Arc::ptr_eq(&pending[end].link, &pending[start].link) {
+            end += 1;
         }
-        dispatch(shared, cluster, session, &self.args).await
+        let requests: Vec<&[Bytes]> = pending[start..end].iter().map(|p| p.args.as_slice()).collect();
+        jobs.push((start..end, pending[start].link.start_batch(&requests)));
+        start = end;
     }
+    for (range, rx) in jobs {
+        let lost = || LinkError::Lost(pending[range.start].link.addr().to_string());
+        let frames = match rx {
+            Some(rx) => rx.await.unwrap_or_else(|_| Err(lost())),
+            None => Err(lost()),
+        };
+        let frames = match frames {
+            Ok(f) => f,
+            Err(e) => {
+                // The requests may or may not have run there: say so, never rerun them.
+                for _ in range {
+                    emit(link_error(e.clone()));
+                }
+                continue;
+            }
+        };
+        for (p, frame) in pending[range].iter().zip(frames) {
+            let reply = if moved_target(&frame).is_none() {
+                cluster.stats.forwarded.fetch_add(1, Ordering::Relaxed);
+                Reply::Raw(frame)
+            } else {
+                // Not executed there (the slot moved): route it again.
+                dispatch(shared, cluster, session, &p.args).await
+            };
+            emit(reply);
+        }
+    }
+    pending.clear();
 }
 
 /// Whether this connection is answered with redirects rather than forwarding.
@@ -228,6 +269,7 @@ async fn single(
     shared: &Arc<Shared>,
     cluster: &Arc<Cluster>,
     session: &mut Session,
+    spec: &'static Spec,
     slot: u16,
     args: &[Bytes],
     proto: Protocol,
@@ -243,7 +285,7 @@ async fn single(
                 let auth = cluster.authority();
                 let route = cluster.route(&auth, slot);
                 if route == Route::Local {
-                    return command::execute(shared, session, args);
+                    return command::execute_found(shared, session, spec, args);
                 }
                 route
             }
@@ -330,7 +372,7 @@ async fn split(
                 sub.push(args[positions[i] + 1].clone());
             }
         }
-        match parsed(single(shared, cluster, session, slot, &sub, Protocol::Resp2).await) {
+        match parsed(single(shared, cluster, session, spec, slot, &sub, Protocol::Resp2).await) {
             Reply::Error(e) => return Reply::Error(e),
             Reply::Int(n) => sum += n,
             Reply::Array(items) if items.len() == members.len() => {

@@ -147,13 +147,20 @@ impl Link {
         frames.pop().ok_or_else(|| LinkError::Lost(self.addr.clone()))
     }
 
-    /// Queues one request now and returns where its reply will arrive: lets a
-    /// connection send a whole pipeline of forwarded commands before waiting.
-    pub fn start_call(&self, args: &[Bytes]) -> Option<oneshot::Receiver<Result<Vec<Bytes>, LinkError>>> {
+    /// Queues requests now and returns where their replies will arrive: lets a
+    /// connection send a whole pipeline of forwarded commands as one job.
+    pub fn start_batch(
+        &self,
+        requests: &[&[Bytes]],
+    ) -> Option<oneshot::Receiver<Result<Vec<Bytes>, LinkError>>> {
+        let mut request = BytesMut::new();
+        for args in requests {
+            encode_request_into(args, &mut request);
+        }
         let (tx, rx) = oneshot::channel();
         let job = Job {
-            request: encode_request(args),
-            count: 1,
+            request: request.freeze(),
+            count: requests.len(),
             reply: tx,
         };
         self.jobs.send(job).ok()?;
@@ -179,6 +186,10 @@ impl Link {
             .map_err(|_| LinkError::Lost(self.addr.clone()))?;
         rx.await
             .unwrap_or_else(|_| Err(LinkError::Lost(self.addr.clone())))
+    }
+
+    pub fn addr(&self) -> &str {
+        &self.addr
     }
 
     pub fn is_closed(&self) -> bool {
@@ -284,18 +295,64 @@ async fn run_link(addr: String, conn: Conn, mut jobs: mpsc::UnboundedReceiver<Jo
     }
 }
 
-/// The length of the complete reply frame at the start of `buf`, if there is one.
+/// The length of the complete reply frame at the start of `buf`, if there is
+/// one. A scan of the framing only (nothing is decoded or allocated): this runs
+/// for every forwarded reply. Both protocols' types are accepted; `proto` only
+/// documents what the link speaks.
 pub fn frame_len(buf: &[u8], proto: Protocol) -> Result<Option<usize>, String> {
-    if buf.is_empty() {
+    let _ = proto;
+    frame_end(buf, 0)
+}
+
+fn line_end(buf: &[u8], from: usize) -> Option<usize> {
+    memchr::memchr(b'\n', &buf[from..]).map(|i| from + i + 1)
+}
+
+fn frame_end(buf: &[u8], at: usize) -> Result<Option<usize>, String> {
+    let Some(&kind) = buf.get(at) else { return Ok(None) };
+    let Some(end) = line_end(buf, at) else {
         return Ok(None);
+    };
+    if end < at + 3 || buf[end - 2] != b'\r' {
+        return Err("malformed reply line".into());
     }
-    match proto {
-        Protocol::Resp2 => redis_protocol::resp2::decode::decode(buf)
-            .map(|r| r.map(|(_, n)| n))
-            .map_err(|e| e.to_string()),
-        Protocol::Resp3 => redis_protocol::resp3::decode::complete::decode(buf)
-            .map(|r| r.map(|(_, n)| n))
-            .map_err(|e| e.to_string()),
+    let header = &buf[at + 1..end - 2];
+    let number = || -> Result<i64, String> {
+        std::str::from_utf8(header)
+            .ok()
+            .and_then(|t| t.parse().ok())
+            .ok_or_else(|| "malformed length in reply".to_string())
+    };
+    match kind {
+        b'+' | b'-' | b':' | b'_' | b'#' | b',' | b'(' => Ok(Some(end)),
+        b'$' | b'!' | b'=' => {
+            let n = number()?;
+            if n < 0 {
+                return Ok(Some(end));
+            }
+            let total = end + n as usize + 2;
+            Ok((buf.len() >= total).then_some(total))
+        }
+        b'*' | b'~' | b'>' | b'%' | b'|' => {
+            let n = number()?;
+            if n < 0 {
+                return Ok(Some(end));
+            }
+            let items = if matches!(kind, b'%' | b'|') { 2 * n } else { n };
+            let mut pos = end;
+            for _ in 0..items {
+                match frame_end(buf, pos)? {
+                    Some(next) => pos = next,
+                    None => return Ok(None),
+                }
+            }
+            if kind == b'|' {
+                // An attribute map precedes the reply it annotates.
+                return frame_end(buf, pos);
+            }
+            Ok(Some(pos))
+        }
+        other => Err(format!("unknown reply type byte {other:#x}")),
     }
 }
 
@@ -320,7 +377,13 @@ pub fn parse_reply(frame: &[u8]) -> Option<Reply> {
 }
 
 pub fn encode_request(args: &[Bytes]) -> Bytes {
-    let mut out = BytesMut::with_capacity(16 + args.iter().map(|a| a.len() + 16).sum::<usize>());
+    let mut out = BytesMut::new();
+    encode_request_into(args, &mut out);
+    out.freeze()
+}
+
+fn encode_request_into(args: &[Bytes], out: &mut BytesMut) {
+    out.reserve(16 + args.iter().map(|a| a.len() + 16).sum::<usize>());
     out.put_u8(b'*');
     out.extend_from_slice(args.len().to_string().as_bytes());
     out.extend_from_slice(b"\r\n");
@@ -331,7 +394,6 @@ pub fn encode_request(args: &[Bytes]) -> Bytes {
         out.extend_from_slice(a);
         out.extend_from_slice(b"\r\n");
     }
-    out.freeze()
 }
 
 /// A connection during its handshake, before its task takes it over.

@@ -49,6 +49,11 @@ pub fn execute(shared: &Shared, session: &mut Session, args: &[Bytes]) -> Reply 
             return session.reject(Reply::error(text));
         }
     };
+    execute_found(shared, session, spec, args)
+}
+
+/// [`execute`] for a request whose command the caller has already looked up.
+pub fn execute_found(shared: &Shared, session: &mut Session, spec: &'static Spec, args: &[Bytes]) -> Reply {
     if !spec.arity_ok(args.len()) {
         let text = format!("ERR wrong number of arguments for '{}' command", spec.name);
         if spec.name == "exec" {

@@ -73,21 +73,23 @@ impl Spec {
 
     /// Positions of the key arguments in `args` (name at 0), from first/last/step.
     pub fn key_positions(&self, argc: usize) -> Vec<usize> {
-        if self.first_key <= 0 {
-            return Vec::new();
-        }
+        self.keys(argc).collect()
+    }
+
+    /// The same positions without allocating (the cluster's per-request path).
+    pub fn keys(&self, argc: usize) -> impl Iterator<Item = usize> {
         let last = if self.last_key < 0 {
             argc as i32 + self.last_key
         } else {
             self.last_key
         };
-        let mut out = Vec::new();
-        let mut i = self.first_key;
-        while i <= last && (i as usize) < argc {
-            out.push(i as usize);
-            i += self.step.max(1);
-        }
-        out
+        let (first, step) = (self.first_key, self.step.max(1) as usize);
+        let end = if first <= 0 {
+            0
+        } else {
+            (last + 1).clamp(0, argc as i32) as usize
+        };
+        (first.max(1) as usize..end).step_by(step)
     }
 }
 
