@@ -65,9 +65,12 @@ enum Which {
     /// by a cluster-aware client) against one kvd node and a 3-node Redis
     /// Cluster, and a placement simulation of 1,000 and 10,000 nodes.
     Cluster {
-        #[arg(long, default_value_t = 200_000)]
+        /// Requests per run (times the pipeline depth). Runs shorter than a few
+        /// seconds are not measurable: redis-benchmark --cluster reports in
+        /// coarse time steps.
+        #[arg(long, default_value_t = 1_000_000)]
         requests: u64,
-        #[arg(long, default_value_t = 3)]
+        #[arg(long, default_value_t = 1)]
         rounds: usize,
     },
     Mount {
