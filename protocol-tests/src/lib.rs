@@ -6,6 +6,7 @@
 //! `redis_protocol` crate's decoders, which also checks that every byte kvd sends
 //! is well-formed RESP.
 
+pub mod linearizability;
 pub mod script;
 
 use std::io::{Read, Write};
