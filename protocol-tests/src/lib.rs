@@ -743,6 +743,31 @@ impl KvdCluster {
         Ok(i)
     }
 
+    /// Kills node `i` with SIGKILL (nothing flushed beyond what kvd promised).
+    pub fn kill9(&mut self, i: usize) {
+        self.nodes[i].kill9();
+    }
+
+    /// Starts node `i` again on its port, gossip port and data directory,
+    /// introducing it to another node (a restarted founder needs a seed too).
+    pub fn restart(&mut self, i: usize) -> Result<()> {
+        let seed = if i == 0 { 1 } else { 0 };
+        let args: Vec<String> = vec![
+            "--cluster".into(),
+            "--cluster-port".into(),
+            self.gossip[i].to_string(),
+            "--cluster-secret".into(),
+            self.secret.clone(),
+            "--seed".into(),
+            format!("127.0.0.1:{}@{}", self.nodes[seed].port, self.gossip[seed]),
+        ];
+        let mut args = args;
+        args.extend(self.extra.iter().cloned());
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        self.nodes[i] = Server::kvd_on(self.nodes[i].port, &self.dir(i), &args)?;
+        Ok(())
+    }
+
     /// `INFO cluster` of node `i` as field → value.
     pub fn info(&self, i: usize) -> Result<std::collections::HashMap<String, String>> {
         let text = self.nodes[i].connect()?.cmd("INFO cluster")?.as_str();
