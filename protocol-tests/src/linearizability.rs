@@ -30,7 +30,9 @@ pub enum Op {
 pub struct Event {
     pub op: Op,
     pub invoked: Instant,
-    pub completed: Instant,
+    /// When its reply arrived; `None` when none did (a timeout): the operation
+    /// may have taken effect at any time after its invocation, or never.
+    pub completed: Option<Instant>,
 }
 
 fn step(state: Option<i64>, op: &Op) -> Option<Option<i64>> {
@@ -55,11 +57,19 @@ pub fn check(history: &[Event], initial: Option<i64>) -> bool {
         ret: usize,
     }
     let n = history.len();
+    let never = history
+        .iter()
+        .flat_map(|e| [Some(e.invoked), e.completed])
+        .flatten()
+        .max()
+        .map(|t| t + std::time::Duration::from_secs(3600));
     let mut times: Vec<(Instant, bool, usize)> = Vec::with_capacity(2 * n);
     for (i, e) in history.iter().enumerate() {
         times.push((e.invoked, true, i));
-        times.push((e.completed, false, i));
+        times.push((e.completed.or(never).unwrap_or(e.invoked), false, i));
     }
+    // Operations that must be in the order; those without a reply may be left out.
+    let mut must = history.iter().filter(|e| e.completed.is_some()).count();
     // At equal times a return sorts before a call: the operations did not overlap.
     times.sort_by(|a, b| a.0.cmp(&b.0).then(a.1.cmp(&b.1)));
     // Node 0 is the head sentinel; events are 1..=2n.
@@ -109,7 +119,7 @@ pub fn check(history: &[Event], initial: Option<i64>) -> bool {
     let mut stack: Vec<(usize, Option<i64>)> = Vec::new();
     let mut state = initial;
     let mut entry = nodes[0].next;
-    while nodes[0].next != 0 {
+    while must > 0 {
         if entry == 0 {
             // Walked past the end without finding a return: cannot happen in a
             // well-formed list (every call is followed by its return).
@@ -120,6 +130,9 @@ pub fn check(history: &[Event], initial: Option<i64>) -> bool {
             if let Some(next_state) = step(state, &history[node.op].op) {
                 done[node.op / 64] |= 1 << (node.op % 64);
                 if seen.insert((done.clone(), next_state)) {
+                    if history[node.op].completed.is_some() {
+                        must -= 1;
+                    }
                     stack.push((entry, state));
                     state = next_state;
                     unlink(&mut nodes, entry);
@@ -137,6 +150,9 @@ pub fn check(history: &[Event], initial: Option<i64>) -> bool {
                 return false;
             };
             let op = nodes[call].op;
+            if history[op].completed.is_some() {
+                must += 1;
+            }
             done[op / 64] &= !(1 << (op % 64));
             state = previous;
             let ret = nodes[call].ret;
@@ -158,8 +174,24 @@ mod tests {
         Event {
             op,
             invoked: start + Duration::from_millis(a),
-            completed: start + Duration::from_millis(b),
+            completed: Some(start + Duration::from_millis(b)),
         }
+    }
+
+    #[test]
+    fn an_operation_without_a_reply_may_or_may_not_have_happened() {
+        let t = Instant::now();
+        let lost = |a: u64| Event {
+            op: Op::Write(9),
+            invoked: t + Duration::from_millis(a),
+            completed: None,
+        };
+        // Seen by a later read: it happened.
+        assert!(check(&[lost(0), ev(t, Op::Read(Some(9)), 10, 20)], None));
+        // Not seen: it did not (yet).
+        assert!(check(&[lost(0), ev(t, Op::Read(None), 10, 20)], None));
+        // But it cannot have happened before it was invoked.
+        assert!(!check(&[ev(t, Op::Read(Some(9)), 0, 5), lost(10)], None));
     }
 
     #[test]

@@ -614,7 +614,7 @@ fn cas_histories_stay_linearizable_while_slots_move() {
                 events.push(Event {
                     op: Op::Read(value),
                     invoked: read_start,
-                    completed: read_end,
+                    completed: Some(read_end),
                 });
                 match exec {
                     Value::Array(_) => {
@@ -625,7 +625,7 @@ fn cas_histories_stay_linearizable_while_slots_move() {
                                 new: next,
                             },
                             invoked,
-                            completed,
+                            completed: Some(completed),
                         });
                     }
                     // Aborted: another client changed the key, or its slot moved.

@@ -12,12 +12,15 @@
 //! - [`migrate`]: the background mover that brings slots to where placement
 //!   says they belong.
 //! - [`commands`]: `CLUSTER ...` and the internal `KVD.*` peer commands.
+//! - [`paxos`]: CASPaxos, the algorithm replication will use per key (not
+//!   wired in yet: the replication issue).
 
 pub mod authority;
 pub mod commands;
 pub mod dispatch;
 pub mod membership;
 pub mod migrate;
+pub mod paxos;
 pub mod peer;
 pub mod ring;
 pub mod slot;
