@@ -664,9 +664,10 @@ fn cas_histories_stay_linearizable_while_slots_move() {
     c.wait_settled(Duration::from_secs(60)).unwrap();
     std::thread::sleep(Duration::from_secs(1));
     let after = holder(&c);
-    assert!(
-        after != before && after != leaver,
-        "lin:a moved: node {before} -> {leaver} -> {after}"
+    // The leave moved lin:a for sure (the join may have too, or may not).
+    assert_ne!(
+        after, leaver,
+        "lin:a stayed on the node that left: {before} -> {leaver} -> {after}"
     );
     stop.store(true, Ordering::Relaxed);
     let successes: u64 = threads.into_iter().map(|t| t.join().unwrap()).sum();
