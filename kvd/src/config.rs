@@ -38,6 +38,8 @@ pub struct Config {
     pub segment_size: u64,
     /// Percentage of dead bytes at which a sealed segment is compacted.
     pub compact_dead_percent: u8,
+    /// Cluster mode: answer every client with -MOVED instead of forwarding.
+    pub cluster_redirect: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -64,6 +66,7 @@ impl Default for Config {
             appendfsync: crate::store::disk::Fsync::EverySec,
             segment_size: 64 * 1024 * 1024,
             compact_dead_percent: 50,
+            cluster_redirect: false,
         }
     }
 }
@@ -84,6 +87,7 @@ pub const NAMES: &[&str] = &[
     "appendfsync",
     "segment-size",
     "compact-dead-percent",
+    "cluster-redirect",
     // Read-only facts clients such as redis-benchmark ask about: kvd writes no RDB
     // snapshots and no AOF.
     "save",
@@ -121,6 +125,7 @@ impl Config {
             "appendfsync" => self.appendfsync.name().into(),
             "segment-size" => self.segment_size.to_string(),
             "compact-dead-percent" => self.compact_dead_percent.to_string(),
+            "cluster-redirect" => if self.cluster_redirect { "yes" } else { "no" }.into(),
             "save" => String::new(),
             "appendonly" => if self.storage == Storage::Disk {
                 "yes"
@@ -169,6 +174,13 @@ impl Config {
                     .ok()
                     .filter(|&n: &u8| (1..=100).contains(&n))
                     .ok_or_else(|| "argument must be between 1 and 100 inclusive".to_string())?
+            }
+            "cluster-redirect" => {
+                self.cluster_redirect = match value.to_ascii_lowercase().as_str() {
+                    "yes" => true,
+                    "no" => false,
+                    _ => return Err("argument must be 'yes' or 'no'".into()),
+                }
             }
             "bind" | "port" | "dir" | "threads" | "storage" | "segment-size" if at_runtime => {
                 return Err("can't set immutable config".into())

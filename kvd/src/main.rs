@@ -80,7 +80,8 @@ struct Cli {
     #[arg(long, value_name = "HOST:PORT")]
     cluster_announce: Option<String>,
     /// Answer clients with -MOVED instead of forwarding their commands, for
-    /// cluster-aware clients that cannot be recognised (redis-cli -c).
+    /// cluster-aware clients that cannot be recognised (redis-cli -c). Also
+    /// `CONFIG SET cluster-redirect yes|no` at run time.
     #[arg(long)]
     cluster_redirect: bool,
 }
@@ -142,7 +143,7 @@ fn cluster_options(cli: &Cli, config: &Config) -> anyhow::Result<Option<kvd::clu
         seeds,
         secret,
         dir: config.dir.clone(),
-        redirect: cli.cluster_redirect,
+        redirect: config.cluster_redirect,
     }))
 }
 
@@ -174,6 +175,10 @@ fn build_config(cli: &Cli) -> anyhow::Result<Config> {
     set("appendfsync", cli.appendfsync.clone())?;
     set("segment-size", cli.segment_size.clone())?;
     set("proto-max-bulk-len", cli.proto_max_bulk_len.clone())?;
+    set(
+        "cluster-redirect",
+        cli.cluster_redirect.then(|| "yes".to_string()),
+    )?;
     Ok(config)
 }
 

@@ -279,6 +279,32 @@ fn cluster_clients_route_directly() {
         sum_info(&r, "kvd_cluster_moved_replies") > 100,
         "redis-cli -c followed MOVED"
     );
+    // The same switch at run time: plain clients are forwarded again.
+    for node in &r.nodes {
+        let mut conn = node.connect().unwrap();
+        assert_eq!(
+            conn.call(&["CONFIG", "GET", "cluster-redirect"]).unwrap().text(),
+            "cluster-redirect yes"
+        );
+        assert_eq!(
+            conn.call(&["CONFIG", "SET", "cluster-redirect", "no"])
+                .unwrap()
+                .as_str(),
+            "OK"
+        );
+    }
+    let mut plain = r.nodes[0].connect().unwrap();
+    for k in 0..200 {
+        assert_eq!(
+            plain.call(&["GET", &format!("k{k}")]).unwrap(),
+            Value::Bulk(k.to_string().into_bytes())
+        );
+    }
+    assert!(sum_info(&r, "kvd_cluster_forwarded_commands") > 0);
+    let e = plain
+        .call(&["CONFIG", "SET", "cluster-redirect", "maybe"])
+        .unwrap();
+    assert!(e.as_str().contains("'yes' or 'no'"), "{e:?}");
 }
 
 /// A writer through node 0 that records what was acknowledged.

@@ -581,6 +581,11 @@ impl SessionCommand {
                         ));
                     }
                 }
+                if let Some(cluster) = shared.cluster.get() {
+                    cluster
+                        .redirect
+                        .store(config.cluster_redirect, std::sync::atomic::Ordering::Relaxed);
+                }
                 *shared.config.write() = config;
                 Reply::OK
             }
