@@ -237,9 +237,16 @@ pub async fn finish_all(
         let frames = match frames {
             Ok(f) => f,
             Err(e) => {
-                // The requests may or may not have run there: say so, never rerun them.
-                for _ in range {
-                    emit(link_error(e.clone()));
+                // Writes may or may not have run there: say so, never rerun them.
+                // Reads are safe to send again (the slow path reports the peer's state).
+                for p in &pending[range] {
+                    let read =
+                        matches!(spec::lookup(&p.args), Lookup::Found(s) if s.flags.contains(&"readonly"));
+                    if read {
+                        emit(dispatch(shared, cluster, session, &p.args).await);
+                    } else {
+                        emit(link_error(e.clone()));
+                    }
                 }
                 continue;
             }
@@ -276,6 +283,7 @@ async fn single(
 ) -> Reply {
     let deadline = Instant::now() + MAX_WAIT;
     let mut hops = 0;
+    let mut retried = false;
     let mut target: Option<String> = None;
     loop {
         let notified = cluster.changed.notified();
@@ -310,6 +318,12 @@ async fn single(
                 };
                 let frame = match frame {
                     Ok(f) => f,
+                    // A read that met a link dying (its peer just went down) is
+                    // safe to send again, which now reports the peer's state.
+                    Err(LinkError::Lost(_)) if spec.flags.contains(&"readonly") && !retried => {
+                        retried = true;
+                        continue;
+                    }
                     Err(e) => return link_error(e),
                 };
                 match moved_target(&frame) {
