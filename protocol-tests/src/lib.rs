@@ -723,6 +723,18 @@ impl KvdCluster {
         let i = self.nodes.len();
         let dir = self.dir(i);
         std::fs::create_dir_all(&dir)?;
+        // The gossip port is picked like the client port and may be taken by the
+        // time kvd binds it: try another then.
+        let mut attempt = 0;
+        loop {
+            match self.start_node(i, &dir, secret) {
+                Err(e) if attempt < 3 && e.to_string().contains("exited during start-up") => attempt += 1,
+                other => return other,
+            }
+        }
+    }
+
+    fn start_node(&mut self, i: usize, dir: &Path, secret: &str) -> Result<usize> {
         let gossip = free_port();
         let mut args: Vec<String> = vec![
             "--cluster".into(),
@@ -737,7 +749,7 @@ impl KvdCluster {
         }
         args.extend(self.extra.iter().cloned());
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let server = Server::kvd_in(&dir, &args)?;
+        let server = Server::kvd_in(dir, &args)?;
         self.nodes.push(server);
         self.gossip.push(gossip);
         Ok(i)
