@@ -16,6 +16,22 @@ fn sum_info(c: &KvdCluster, field: &str) -> u64 {
         .sum()
 }
 
+/// SET `<prefix><k>` to `k` for k in 0..n, pipelined.
+fn set_numbered(conn: &mut protocol_tests::Conn, prefix: &str, n: usize) {
+    for k in 0..n {
+        conn.send(&["SET", &format!("{prefix}{k}"), &k.to_string()])
+            .unwrap();
+    }
+    for _ in 0..n {
+        assert_eq!(
+            Value::parse(&conn.read_reply_raw().unwrap(), false)
+                .unwrap()
+                .as_str(),
+            "OK"
+        );
+    }
+}
+
 fn bulk(v: &str) -> Value {
     Value::Bulk(v.as_bytes().to_vec())
 }
@@ -395,13 +411,7 @@ impl Load {
 #[test]
 fn nodes_join_and_leave_under_a_write_load_without_losing_a_key() {
     let mut c = KvdCluster::start(3, &[]).expect("cluster");
-    let mut seed = c.nodes[0].connect().unwrap();
-    for k in 0..20_000 {
-        seed.send(&["SET", &format!("pre:{k}"), &k.to_string()]).unwrap();
-    }
-    for _ in 0..20_000 {
-        seed.read_reply_raw().unwrap();
-    }
+    set_numbered(&mut c.nodes[0].connect().unwrap(), "pre:", 20_000);
     let load = Load::start(c.nodes[0].port);
     std::thread::sleep(Duration::from_millis(500));
     for joiner in [3, 4] {
@@ -736,12 +746,7 @@ fn cas_histories_stay_linearizable_while_slots_move() {
 fn a_killed_node_comes_back_with_its_slots_and_keys() {
     let mut c = KvdCluster::start(3, &[]).expect("cluster");
     let mut conn = c.nodes[0].connect().unwrap();
-    for k in 0..3000 {
-        conn.send(&["SET", &format!("k{k}"), &k.to_string()]).unwrap();
-    }
-    for _ in 0..3000 {
-        conn.read_reply_raw().unwrap();
-    }
+    set_numbered(&mut conn, "k", 3000);
     let id = c.nodes[2]
         .connect()
         .unwrap()

@@ -26,6 +26,26 @@ fn scripts() -> Vec<(String, Vec<Line>)> {
         .collect()
 }
 
+/// Runs one script against both connections (in RESP3 after a HELLO 3 when
+/// asked), adding its mismatches to `failures`; returns the number of cases.
+fn compare(
+    name: &str,
+    mut lines: Vec<script::Line>,
+    resp3: bool,
+    k: &mut Conn,
+    r: &mut Conn,
+    failures: &mut Vec<String>,
+) -> usize {
+    if resp3 {
+        lines.insert(0, script::parse("~ HELLO 3").unwrap().remove(0));
+    }
+    match script::run(&lines, k, r) {
+        Ok(mismatches) => failures.extend(mismatches.into_iter().map(|m| format!("{name} {m}"))),
+        Err(e) => failures.push(format!("{name}: {e:#}")),
+    }
+    lines.len()
+}
+
 fn run_all(resp3: bool) {
     require_redis();
     let kvd = Server::kvd(&[]).expect("start kvd");
@@ -33,20 +53,13 @@ fn run_all(resp3: bool) {
     let redis = Server::redis(&["--appendonly", "yes"]).expect("start redis-server");
     let mut failures = Vec::new();
     let mut cases = 0;
-    for (name, mut lines) in scripts() {
+    for (name, lines) in scripts() {
         let mut k = kvd.connect().unwrap();
         let mut r = redis.connect().unwrap();
         for conn in [&mut k, &mut r] {
             conn.cmd("FLUSHALL").unwrap();
         }
-        if resp3 {
-            lines.insert(0, script::parse("~ HELLO 3").unwrap().remove(0));
-        }
-        cases += lines.len();
-        match script::run(&lines, &mut k, &mut r) {
-            Ok(mismatches) => failures.extend(mismatches.into_iter().map(|m| format!("{name} {m}"))),
-            Err(e) => failures.push(format!("{name}: {e:#}")),
-        }
+        cases += compare(&name, lines, resp3, &mut k, &mut r, &mut failures);
     }
     let proto = if resp3 { "RESP3" } else { "RESP2" };
     eprintln!("{proto}: {cases} cases, {} mismatches", failures.len());
@@ -148,16 +161,9 @@ fn run_through_cluster(resp3: bool) {
         r.cmd("FLUSHALL").unwrap();
         let mut k = cluster.nodes[1].connect().unwrap();
         let total = lines.len();
-        let mut lines = ClusterFilter::filter(lines);
+        let lines = ClusterFilter::filter(lines);
         skipped += total - lines.len();
-        if resp3 {
-            lines.insert(0, script::parse("~ HELLO 3").unwrap().remove(0));
-        }
-        cases += lines.len();
-        match script::run(&lines, &mut k, &mut r) {
-            Ok(mismatches) => failures.extend(mismatches.into_iter().map(|m| format!("{name} {m}"))),
-            Err(e) => failures.push(format!("{name}: {e:#}")),
-        }
+        cases += compare(&name, lines, resp3, &mut k, &mut r, &mut failures);
     }
     let forwarded: u64 = (0..3)
         .map(|i| {

@@ -79,6 +79,27 @@ fn moved_target(frame: &[u8]) -> Option<String> {
     Some(addr.to_string())
 }
 
+/// After `addr` answered `-MOVED next`: counts the hop and says where to send
+/// the request now — `Some(None)` to look the route up again, after a pause,
+/// when the answer points back at this node or at `addr` itself (the other
+/// node's view lags ours, or a hand-off is under way); `None` when out of hops.
+async fn follow_moved(
+    cluster: &Cluster,
+    addr: &str,
+    next: String,
+    hops: &mut usize,
+) -> Option<Option<String>> {
+    *hops += 1;
+    if *hops > MAX_HOPS {
+        return None;
+    }
+    if next == cluster.addr || next == addr {
+        tokio::time::sleep(Duration::from_millis(20 * *hops as u64)).await;
+        return Some(None);
+    }
+    Some(Some(next))
+}
+
 /// Runs one request in a cluster node.
 pub async fn dispatch(
     shared: &Arc<Shared>,
@@ -327,19 +348,10 @@ async fn single(
                     Err(e) => return link_error(e),
                 };
                 match moved_target(&frame) {
-                    Some(next) => {
-                        hops += 1;
-                        if hops > MAX_HOPS {
-                            return tryagain(slot);
-                        }
-                        if next == cluster.addr || next == addr {
-                            // The other node's view lags ours, or a hand-off is under
-                            // way: look again in a moment.
-                            tokio::time::sleep(Duration::from_millis(20 * hops as u64)).await;
-                        } else {
-                            target = Some(next);
-                        }
-                    }
+                    Some(next) => match follow_moved(cluster, &addr, next, &mut hops).await {
+                        Some(next) => target = next,
+                        None => return tryagain(slot),
+                    },
                     None => {
                         cluster.stats.forwarded.fetch_add(1, Ordering::Relaxed);
                         return Reply::Raw(frame);
@@ -464,14 +476,16 @@ async fn watch(shared: &Arc<Shared>, cluster: &Arc<Cluster>, session: &mut Sessi
         if let Some(next) = moved_target(&frame) {
             // Not served there (any more). A first WATCH can go elsewhere; a
             // later one cannot join watches that stayed behind on that node.
-            if session.cluster.txn_slot.is_some() || hops >= MAX_HOPS {
+            let (addr, _) = session.cluster.txn_link.take().expect("set above");
+            let followed = match session.cluster.txn_slot {
+                None => follow_moved(cluster, &addr, next, &mut hops).await,
+                Some(_) => None,
+            };
+            let Some(next) = followed else {
                 session.cluster.end_transaction();
                 return tryagain(slot);
-            }
-            hops += 1;
-            session.cluster.txn_link = None;
-            target = (next != cluster.addr).then_some(next);
-            tokio::time::sleep(Duration::from_millis(10 * hops as u64)).await;
+            };
+            target = next;
             continue;
         }
         session.cluster.txn_slot = Some(slot);
@@ -549,12 +563,10 @@ async fn exec(shared: &Arc<Shared>, cluster: &Arc<Cluster>, session: &mut Sessio
                     Err(e) => return link_error(e),
                 };
                 match moved_target(&exec) {
-                    Some(next) if hops < MAX_HOPS => {
-                        hops += 1;
-                        target = (next != cluster.addr && next != addr).then_some(next);
-                        tokio::time::sleep(Duration::from_millis(10 * hops as u64)).await;
-                    }
-                    Some(_) => return tryagain(slot),
+                    Some(next) => match follow_moved(cluster, &addr, next, &mut hops).await {
+                        Some(next) => target = next,
+                        None => return tryagain(slot),
+                    },
                     None => {
                         cluster.stats.forwarded.fetch_add(1, Ordering::Relaxed);
                         return Reply::Raw(exec);

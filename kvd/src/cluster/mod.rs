@@ -305,21 +305,16 @@ impl Cluster {
 
     async fn publish(&self) {
         if self.publish_pending.swap(false, Ordering::AcqRel) {
-            let (serves, owned) = {
+            let (serves, settled) = {
                 let auth = self.authority.read();
                 let owned = auth.slots_where(|s| *s == SlotState::Owned);
-                (
-                    slot::format_ranges(&slot::ranges(owned.iter().copied())),
-                    owned.len(),
-                )
+                // Nothing served and nothing in flight either way.
+                let settled = owned.is_empty() && auth.slots_where(|s| *s != SlotState::Absent).is_empty();
+                (slot::format_ranges(&slot::ranges(owned)), settled)
             };
             self.membership.publish("slots", serves).await;
             let leaving = *self.status.lock() == Status::Leaving;
-            let handed = self
-                .authority
-                .read()
-                .slots_where(|s| matches!(s, SlotState::HandedOff { .. } | SlotState::Importing { .. }));
-            if leaving && owned == 0 && handed.is_empty() {
+            if leaving && settled {
                 *self.status.lock() = Status::Left;
                 self.membership
                     .publish("status", Status::Left.as_str().into())

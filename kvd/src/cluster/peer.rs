@@ -206,7 +206,7 @@ async fn run_link(addr: String, conn: Conn, mut jobs: mpsc::UnboundedReceiver<Jo
     let Conn {
         stream,
         mut buf,
-        proto,
+        proto: _,
     } = conn;
     let (mut rd, mut wr) = stream.into_split();
     let waiting: Arc<Mutex<VecDeque<Waiting>>> = Arc::default();
@@ -223,7 +223,7 @@ async fn run_link(addr: String, conn: Conn, mut jobs: mpsc::UnboundedReceiver<Jo
                     break;
                 }
                 loop {
-                    match frame_len(&buf, proto) {
+                    match frame_len(&buf) {
                         Ok(Some(len)) => {
                             let frame = buf.split_to(len).freeze();
                             let mut w = waiting.lock();
@@ -296,11 +296,9 @@ async fn run_link(addr: String, conn: Conn, mut jobs: mpsc::UnboundedReceiver<Jo
 }
 
 /// The length of the complete reply frame at the start of `buf`, if there is
-/// one. A scan of the framing only (nothing is decoded or allocated): this runs
-/// for every forwarded reply. Both protocols' types are accepted; `proto` only
-/// documents what the link speaks.
-pub fn frame_len(buf: &[u8], proto: Protocol) -> Result<Option<usize>, String> {
-    let _ = proto;
+/// one, in either protocol. A scan of the framing only (nothing is decoded or
+/// allocated): this runs for every forwarded reply.
+pub fn frame_len(buf: &[u8]) -> Result<Option<usize>, String> {
     frame_end(buf, 0)
 }
 
@@ -411,7 +409,7 @@ impl Conn {
             .await
             .map_err(|e| e.to_string())?;
         loop {
-            if let Some(len) = frame_len(&self.buf, self.proto)? {
+            if let Some(len) = frame_len(&self.buf)? {
                 let frame = self.buf.split_to(len);
                 if self.proto == Protocol::Resp3 {
                     // Only HELLO's map is read in RESP3 here: success or error is all that matters.
@@ -520,10 +518,10 @@ mod tests {
 
     #[test]
     fn frames_are_measured_in_both_protocols() {
-        assert_eq!(frame_len(b"+OK\r\n", Protocol::Resp2), Ok(Some(5)));
-        assert_eq!(frame_len(b"$3\r\nab", Protocol::Resp2), Ok(None));
-        assert_eq!(frame_len(b"*2\r\n:1\r\n_\r\n+x", Protocol::Resp3), Ok(Some(11)));
-        assert!(frame_len(b"?x\r\n", Protocol::Resp2).is_err());
+        assert_eq!(frame_len(b"+OK\r\n"), Ok(Some(5)));
+        assert_eq!(frame_len(b"$3\r\nab"), Ok(None));
+        assert_eq!(frame_len(b"*2\r\n:1\r\n_\r\n+x"), Ok(Some(11)));
+        assert!(frame_len(b"?x\r\n").is_err());
         assert_eq!(
             parse_reply(b"*2\r\n$1\r\na\r\n$-1\r\n"),
             Some(Reply::Array(vec![Reply::Bulk(Bytes::from("a")), Reply::Nil]))
