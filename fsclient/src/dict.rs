@@ -41,9 +41,66 @@ pub trait Dict: Send + Sync {
     fn capacity(&self) -> DictResult<Option<(u64, u64)>> {
         Ok(None)
     }
+
+    // What garbage collection needs (see `crate::gc`). The defaults say the
+    // backend cannot; a file system on such a store works, but cannot be collected.
+
+    /// Calls `each` with batches of the keys starting with `prefix`, on every node
+    /// of a cluster. A key present for the whole scan is reported at least once.
+    fn scan_prefix(
+        &self,
+        prefix: &str,
+        each: &mut dyn FnMut(Vec<String>) -> DictResult<()>,
+    ) -> DictResult<()> {
+        let _ = (prefix, each);
+        Err(unsupported("listing keys"))
+    }
+    /// The byte lengths of values (`None`: absent), in one round trip where it can.
+    fn sizes(&self, keys: &[String]) -> DictResult<Vec<Option<u64>>> {
+        let _ = keys;
+        Err(unsupported("value sizes"))
+    }
+    /// Deletes keys, in one round trip where it can.
+    fn delete_many(&self, keys: &[String]) -> DictResult<()> {
+        keys.iter().try_for_each(|k| self.delete(k))
+    }
+    /// Appends `value` to the string at `key` (absent: empty).
+    fn append(&self, key: &str, value: &[u8]) -> DictResult<()> {
+        let _ = (key, value);
+        Err(unsupported("appending"))
+    }
+    /// Adds one to the integer at `key` (absent counts as 0); returns the result.
+    fn incr(&self, key: &str) -> DictResult<u64> {
+        let _ = key;
+        Err(unsupported("counters"))
+    }
+    /// Sets `key` to `value`, expiring after `ttl`; with `only_if_absent`, only if
+    /// it does not exist. Returns whether it was set.
+    fn put_expiring(&self, key: &str, value: &[u8], ttl: Duration, only_if_absent: bool) -> DictResult<bool> {
+        let _ = (key, value, ttl, only_if_absent);
+        Err(unsupported("expiring keys"))
+    }
+    /// Atomically: reads the integer at `counter` (absent: 0), appends `record` to
+    /// `log` and makes `log` expire after `ttl`. Returns the counter. The two keys
+    /// must be in one cluster slot (a shared `{hash tag}`).
+    fn read_and_append(&self, counter: &str, log: &str, record: &[u8], ttl: Duration) -> DictResult<u64> {
+        let _ = (counter, log, record, ttl);
+        Err(unsupported("atomic appends"))
+    }
 }
 
-/// An in-process dictionary, for unit tests.
+fn unsupported(what: &str) -> DictError {
+    DictError::Backend(format!("this store does not support {what}"))
+}
+
+/// The integer a counter key holds (absent or unreadable: 0).
+fn counter_value(raw: Option<&[u8]>) -> u64 {
+    raw.and_then(|v| std::str::from_utf8(v).ok()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// An in-process dictionary, for unit tests. Expiry times are recorded, not
+/// acted on (no test lives that long).
 #[derive(Default)]
 pub struct MemoryDict {
     map: Mutex<HashMap<String, Bytes>>,
@@ -91,6 +148,68 @@ impl Dict for MemoryDict {
         map.insert(key.to_string(), Bytes::copy_from_slice(new));
         Ok(true)
     }
+
+    fn scan_prefix(
+        &self,
+        prefix: &str,
+        each: &mut dyn FnMut(Vec<String>) -> DictResult<()>,
+    ) -> DictResult<()> {
+        let keys: Vec<String> = self
+            .map
+            .lock()
+            .keys()
+            .filter(|k| k.starts_with(prefix))
+            .cloned()
+            .collect();
+        for batch in keys.chunks(100) {
+            each(batch.to_vec())?;
+        }
+        Ok(())
+    }
+
+    fn sizes(&self, keys: &[String]) -> DictResult<Vec<Option<u64>>> {
+        let map = self.map.lock();
+        Ok(keys.iter().map(|k| map.get(k).map(|v| v.len() as u64)).collect())
+    }
+
+    fn append(&self, key: &str, value: &[u8]) -> DictResult<()> {
+        let mut map = self.map.lock();
+        let mut joined = map.get(key).map(|v| v.to_vec()).unwrap_or_default();
+        joined.extend_from_slice(value);
+        map.insert(key.to_string(), Bytes::from(joined));
+        Ok(())
+    }
+
+    fn incr(&self, key: &str) -> DictResult<u64> {
+        let mut map = self.map.lock();
+        let n = counter_value(map.get(key).map(|v| &v[..])) + 1;
+        map.insert(key.to_string(), Bytes::from(n.to_string()));
+        Ok(n)
+    }
+
+    fn put_expiring(
+        &self,
+        key: &str,
+        value: &[u8],
+        _ttl: Duration,
+        only_if_absent: bool,
+    ) -> DictResult<bool> {
+        let mut map = self.map.lock();
+        if only_if_absent && map.contains_key(key) {
+            return Ok(false);
+        }
+        map.insert(key.to_string(), Bytes::copy_from_slice(value));
+        Ok(true)
+    }
+
+    fn read_and_append(&self, counter: &str, log: &str, record: &[u8], _ttl: Duration) -> DictResult<u64> {
+        let mut map = self.map.lock();
+        let n = counter_value(map.get(counter).map(|v| &v[..]));
+        let mut joined = map.get(log).map(|v| v.to_vec()).unwrap_or_default();
+        joined.extend_from_slice(record);
+        map.insert(log.to_string(), Bytes::from(joined));
+        Ok(n)
+    }
 }
 
 /// A RESP store reached through the `redis` crate: kvd, redis-server, Valkey,
@@ -109,6 +228,9 @@ pub struct RespDict {
     single: redis::Client,
     pool: Mutex<Vec<redis::Connection>>,
     cluster: Option<Mutex<redis::cluster::ClusterConnection>>,
+    /// Direct connections to the node of a hash tag (cluster only), for the
+    /// multi-key transactions of garbage collection; dropped on any error.
+    tagged: Mutex<HashMap<String, redis::Connection>>,
 }
 
 fn backend(e: redis::RedisError) -> DictError {
@@ -142,6 +264,7 @@ impl RespDict {
             single,
             pool: Mutex::new(Vec::new()),
             cluster: None,
+            tagged: Mutex::new(HashMap::new()),
         };
         // Fail early with a clear error if the store is not there.
         let info: String = dict.with_conn(|c| redis::cmd("INFO").arg("cluster").query(c))?;
@@ -195,6 +318,46 @@ impl RespDict {
         }
     }
 
+    /// The `(start, end, url)` of every slot range of a cluster, from CLUSTER SLOTS.
+    fn slot_ranges(&self, c: &mut redis::cluster::ClusterConnection) -> DictResult<Vec<(i64, i64, String)>> {
+        let ranges: Vec<redis::Value> = redis::cmd("CLUSTER").arg("SLOTS").query(c).map_err(backend)?;
+        let num = |v: &redis::Value| match v {
+            redis::Value::Int(n) => Some(*n),
+            _ => None,
+        };
+        let mut out = Vec::new();
+        for range in ranges {
+            let redis::Value::Array(parts) = range else {
+                continue;
+            };
+            let (Some(start), Some(end)) = (parts.first().and_then(num), parts.get(1).and_then(num)) else {
+                continue;
+            };
+            let Some(redis::Value::Array(node)) = parts.get(2) else {
+                continue;
+            };
+            let host = match node.first() {
+                Some(redis::Value::BulkString(h)) => String::from_utf8_lossy(h).into_owned(),
+                _ => continue,
+            };
+            let Some(port) = node.get(1).and_then(num) else {
+                continue;
+            };
+            out.push((start, end, with_address(&self.url, &host, port as u16)));
+        }
+        Ok(out)
+    }
+
+    fn connect(url: &str) -> DictResult<redis::Connection> {
+        let conn = redis::Client::open(url)
+            .map_err(backend)?
+            .get_connection_with_timeout(Duration::from_secs(10))
+            .map_err(backend)?;
+        conn.set_read_timeout(Some(Duration::from_secs(60)))
+            .map_err(backend)?;
+        Ok(conn)
+    }
+
     /// A direct connection to the node serving `key`'s slot.
     fn connection_for(&self, key: &str) -> DictResult<redis::Connection> {
         let Some(cluster) = &self.cluster else {
@@ -209,42 +372,98 @@ impl RespDict {
             .arg(key)
             .query(&mut *c)
             .map_err(backend)?;
-        let ranges: Vec<redis::Value> = redis::cmd("CLUSTER")
-            .arg("SLOTS")
-            .query(&mut *c)
-            .map_err(backend)?;
+        let ranges = self.slot_ranges(&mut c)?;
         drop(c);
-        for range in ranges {
-            let redis::Value::Array(parts) = range else {
-                continue;
-            };
-            let num = |v: &redis::Value| match v {
-                redis::Value::Int(n) => Some(*n),
-                _ => None,
-            };
-            let (Some(start), Some(end)) = (parts.first().and_then(num), parts.get(1).and_then(num)) else {
-                continue;
-            };
-            if slot < start || slot > end {
-                continue;
-            }
-            let Some(redis::Value::Array(node)) = parts.get(2) else {
-                continue;
-            };
-            let host = match node.first() {
-                Some(redis::Value::BulkString(h)) => String::from_utf8_lossy(h).into_owned(),
-                _ => continue,
-            };
-            let Some(port) = node.get(1).and_then(num) else {
-                continue;
-            };
-            let client = redis::Client::open(with_address(&self.url, &host, port as u16)).map_err(backend)?;
-            return client
-                .get_connection_with_timeout(Duration::from_secs(10))
-                .map_err(backend);
+        match ranges
+            .into_iter()
+            .find(|(start, end, _)| (*start..=*end).contains(&slot))
+        {
+            Some((_, _, url)) => Self::connect(&url),
+            None => Err(DictError::Backend(format!("no cluster node serves slot {slot}"))),
         }
-        Err(DictError::Backend(format!("no cluster node serves slot {slot}")))
     }
+
+    /// Runs `f` on a connection to the node of `key`'s slot, kept for the next
+    /// call with the same hash tag (a cluster) or taken from the pool (one server).
+    fn on_node_of<T>(
+        &self,
+        key: &str,
+        f: impl FnOnce(&mut redis::Connection) -> redis::RedisResult<T>,
+    ) -> DictResult<T> {
+        if self.cluster.is_none() {
+            return self.with_conn(f);
+        }
+        let tag = hash_tag(key).to_string();
+        let cached = self.tagged.lock().remove(&tag);
+        let mut conn = match cached {
+            Some(c) => c,
+            None => self.connection_for(key)?,
+        };
+        let out = f(&mut conn).map_err(backend)?;
+        self.tagged.lock().insert(tag, conn);
+        Ok(out)
+    }
+
+    /// Connections to every node that serves slots (the one server if not a cluster).
+    fn every_node(&self) -> DictResult<Vec<redis::Connection>> {
+        let Some(cluster) = &self.cluster else {
+            return Ok(vec![Self::connect(&self.url)?]);
+        };
+        let ranges = self.slot_ranges(&mut cluster.lock())?;
+        let mut urls: Vec<String> = ranges.into_iter().map(|(_, _, url)| url).collect();
+        urls.sort();
+        urls.dedup();
+        urls.iter().map(|u| Self::connect(u)).collect()
+    }
+
+    /// A pipeline of `cmd key` for every key, routed by key in a cluster.
+    fn pipelined<T: redis::FromRedisValue>(&self, cmd: &str, keys: &[String]) -> DictResult<Vec<T>> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        match &self.cluster {
+            Some(c) => {
+                let mut pipe = redis::cluster::cluster_pipe();
+                for k in keys {
+                    pipe.cmd(cmd).arg(k);
+                }
+                pipe.query(&mut c.lock()).map_err(backend)
+            }
+            None => self.with_conn(|c| {
+                let mut pipe = redis::pipe();
+                for k in keys {
+                    pipe.cmd(cmd).arg(k);
+                }
+                pipe.query(c)
+            }),
+        }
+    }
+}
+
+/// The part of a key that picks its cluster slot: the first non-empty `{tag}`,
+/// else the whole key (Redis Cluster's rule).
+fn hash_tag(key: &str) -> &str {
+    if let Some(open) = key.find('{') {
+        if let Some(len) = key[open + 1..].find('}') {
+            if len > 0 {
+                return &key[open + 1..open + 1 + len];
+            }
+        }
+    }
+    key
+}
+
+/// `prefix` with glob characters escaped, then `*`: a SCAN MATCH pattern.
+fn prefix_pattern(prefix: &str) -> String {
+    let mut out = String::with_capacity(prefix.len() + 2);
+    for ch in prefix.chars() {
+        if matches!(ch, '*' | '?' | '[' | ']' | '\\') {
+            out.push('\\');
+        }
+        out.push(ch);
+    }
+    out.push('*');
+    out
 }
 
 impl Dict for RespDict {
@@ -272,25 +491,7 @@ impl Dict for RespDict {
     }
 
     fn get_many(&self, keys: &[String]) -> DictResult<Vec<Option<Bytes>>> {
-        if keys.is_empty() {
-            return Ok(Vec::new());
-        }
-        let values: Vec<Option<Vec<u8>>> = match &self.cluster {
-            Some(c) => {
-                let mut pipe = redis::cluster::cluster_pipe();
-                for k in keys {
-                    pipe.cmd("GET").arg(k);
-                }
-                pipe.query(&mut c.lock()).map_err(backend)?
-            }
-            None => self.with_conn(|c| {
-                let mut pipe = redis::pipe();
-                for k in keys {
-                    pipe.cmd("GET").arg(k);
-                }
-                pipe.query(c)
-            })?,
-        };
+        let values: Vec<Option<Vec<u8>>> = self.pipelined("GET", keys)?;
         Ok(values.into_iter().map(|v| v.map(Bytes::from)).collect())
     }
 
@@ -359,6 +560,84 @@ impl Dict for RespDict {
             }
         }
         Err(backend(last.expect("at least one attempt")))
+    }
+
+    fn scan_prefix(
+        &self,
+        prefix: &str,
+        each: &mut dyn FnMut(Vec<String>) -> DictResult<()>,
+    ) -> DictResult<()> {
+        let pattern = prefix_pattern(prefix);
+        for mut conn in self.every_node()? {
+            let mut cursor: u64 = 0;
+            loop {
+                let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+                    .arg(cursor)
+                    .arg("MATCH")
+                    .arg(&pattern)
+                    .arg("COUNT")
+                    .arg(1000)
+                    .query(&mut conn)
+                    .map_err(backend)?;
+                if !keys.is_empty() {
+                    each(keys)?;
+                }
+                if next == 0 {
+                    break;
+                }
+                cursor = next;
+            }
+        }
+        Ok(())
+    }
+
+    fn sizes(&self, keys: &[String]) -> DictResult<Vec<Option<u64>>> {
+        // STRLEN says 0 for a missing key; no stored value here is empty.
+        let lengths: Vec<u64> = self.pipelined("STRLEN", keys)?;
+        Ok(lengths.into_iter().map(|n| (n > 0).then_some(n)).collect())
+    }
+
+    fn delete_many(&self, keys: &[String]) -> DictResult<()> {
+        self.pipelined::<i64>("DEL", keys).map(|_| ())
+    }
+
+    fn append(&self, key: &str, value: &[u8]) -> DictResult<()> {
+        self.run::<i64>(redis::cmd("APPEND").arg(key).arg(value))
+            .map(|_| ())
+    }
+
+    fn incr(&self, key: &str) -> DictResult<u64> {
+        self.run(redis::cmd("INCR").arg(key))
+    }
+
+    fn put_expiring(&self, key: &str, value: &[u8], ttl: Duration, only_if_absent: bool) -> DictResult<bool> {
+        let mut cmd = redis::cmd("SET");
+        cmd.arg(key)
+            .arg(value)
+            .arg("PX")
+            .arg(ttl.as_millis().max(1) as u64);
+        if only_if_absent {
+            cmd.arg("NX");
+        }
+        self.run::<Option<String>>(&cmd).map(|r| r.is_some())
+    }
+
+    fn read_and_append(&self, counter: &str, log: &str, record: &[u8], ttl: Duration) -> DictResult<u64> {
+        let ms = ttl.as_millis().max(1) as u64;
+        let (value, _, _): (Option<Vec<u8>>, i64, i64) = self.on_node_of(log, |c| {
+            redis::pipe()
+                .atomic()
+                .cmd("GET")
+                .arg(counter)
+                .cmd("APPEND")
+                .arg(log)
+                .arg(record)
+                .cmd("PEXPIRE")
+                .arg(log)
+                .arg(ms)
+                .query(c)
+        })?;
+        Ok(counter_value(value.as_deref()))
     }
 }
 

@@ -167,17 +167,49 @@ enum Command {
     },
     /// Unmount a mounted volume, committing what is written first.
     Umount { mountpoint: PathBuf },
-    /// Read and check every blob reachable from a version (default HEAD);
-    /// report damage by path. Exits 1 if anything is damaged.
     /// Sizes of a version (default HEAD): logical bytes, bytes its distinct
     /// blobs take in the store, dedup ratio, blobs by type, history length.
     Stats {
         #[arg(long, default_value = "HEAD")]
         at: String,
     },
+    /// Read and check every blob reachable from a version (default HEAD);
+    /// report damage by path. Exits 1 if anything is damaged.
     Fsck {
         #[arg(long, default_value = "HEAD")]
         at: String,
+    },
+    /// Delete the blobs no kept version of any volume needs (all volumes under
+    /// --prefix: blobs are shared between them).
+    ///
+    /// Kept: every volume's current version, its named snapshots, and the
+    /// versions the retention rules pick (below); the commit records of the rest
+    /// stay (so `log` is whole), their files go. Safe while other clients read
+    /// and write: a writer's new or reused blobs are leased, and writers pause
+    /// only during the short deletion windows. Examples:
+    ///
+    ///     fsclient gc --dry-run
+    ///     fsclient gc --keep-within 1d --keep-daily 30
+    ///
+    /// --keep-within must be longer than any client works from an old version
+    /// (a mount refreshes every commit interval): 0 suits tests and idle stores.
+    #[command(verbatim_doc_comment)]
+    Gc {
+        /// Report what would be deleted and the bytes freed; delete nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Keep every version younger than this (90s, 15m, 2h, 7d).
+        #[arg(long, default_value = "1h", value_parser = fsclient::gc::policy::parse_duration)]
+        keep_within: std::time::Duration,
+        /// Keep the newest version of each of the last N hours that have one.
+        #[arg(long, default_value_t = 24)]
+        keep_hourly: u32,
+        /// Keep the newest version of each of the last N days that have one.
+        #[arg(long, default_value_t = 7)]
+        keep_daily: u32,
+        /// Candidates examined per deletion window (writers wait while one is open).
+        #[arg(long, default_value_t = 20_000)]
+        window: usize,
     },
 }
 
@@ -797,6 +829,13 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 .and_then(|e| e.map(|e| links::detach(&store, &old.inodes, e)).transpose())
                 .map_err(|e| fail(&format!("cannot restore (in {from})"), &path, e))?
                 .ok_or_else(|| Failure("cannot restore the root itself; restore its entries".into()))?;
+            // The old version may be collected meanwhile; the lease keeps what
+            // the restored entry needs until the commit references it.
+            if let Some(h) = entry.content.blob() {
+                store
+                    .protect(fsclient::gc::lease::Kind::Tree, [&h])
+                    .map_err(|e| Failure(e.to_string()))?;
+            }
             v.change(&format!("restore {path} from {from}"), |s, root| {
                 tree::update(s, root, &names, &mut |_| Ok(Some(entry.clone())))
             })
@@ -825,6 +864,49 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 s.chunks, s.chunk_bytes, s.manifests, s.dir_blobs
             );
             println!("history:          {history} commits, {snapshots} snapshots");
+        }
+        Command::Gc {
+            dry_run,
+            keep_within,
+            keep_hourly,
+            keep_daily,
+            window,
+        } => {
+            let opts = fsclient::gc::Options {
+                policy: fsclient::gc::Policy {
+                    within: keep_within,
+                    hourly: keep_hourly,
+                    daily: keep_daily,
+                },
+                dry_run,
+                window,
+                progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+            };
+            let started = std::time::Instant::now();
+            let r = fsclient::gc::collect(&store, &opts).map_err(|e| Failure(format!("gc: {e}")))?;
+            let secs = started.elapsed().as_secs_f64();
+            let verb = if dry_run { "would delete" } else { "deleted" };
+            println!("volumes:          {}", r.volumes);
+            println!(
+                "versions kept:    {} (files of {} older ones let go)",
+                r.kept_commits, r.pruned_commits
+            );
+            println!("blobs in store:   {}", r.candidates);
+            println!(
+                "marked:           {} blobs, {} chunk references ({:.0} blobs/s, mark set {} KiB)",
+                r.marked_interior,
+                r.marked_chunk_refs,
+                (r.marked_interior + r.marked_chunk_refs) as f64 / secs.max(1e-9),
+                r.mark_set_bytes >> 10
+            );
+            println!("leased by writers: {}", r.leased);
+            println!(
+                "{verb}:{} {} blobs, {} bytes",
+                " ".repeat(16 - verb.len()),
+                r.deleted,
+                r.bytes_freed
+            );
+            println!("took:             {secs:.2}s ({} deletion windows)", r.windows);
         }
         Command::Fsck { at } => {
             let c = history::resolve(&v, &at).map_err(|e| fail("cannot find version", &at, e))?;

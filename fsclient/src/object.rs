@@ -136,6 +136,15 @@ pub enum Content {
 }
 
 impl Content {
+    /// The blob this entry's data lives in: a file's manifest, a directory's tree.
+    pub fn blob(&self) -> Option<Hash> {
+        match self {
+            Content::File { manifest, .. } => Some(*manifest),
+            Content::Dir { tree } => Some(*tree),
+            Content::Symlink { .. } | Content::Fifo | Content::Inode { .. } => None,
+        }
+    }
+
     fn kind(&self) -> u8 {
         match self {
             Content::File { .. } => 1,

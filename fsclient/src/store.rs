@@ -77,6 +77,7 @@ pub struct BlobStore {
     prefix: String,
     cache: Arc<Mutex<Cache>>,
     behind: Arc<crate::write_behind::WriteBehind>,
+    leases: Arc<crate::gc::lease::Leases>,
     fetching: Arc<Mutex<std::collections::HashMap<Hash, Arc<Flight>>>>,
 }
 
@@ -99,12 +100,54 @@ impl BlobStore {
                 lru: lru::LruCache::unbounded(),
             })),
             behind: Arc::new(crate::write_behind::WriteBehind::new()),
+            leases: Arc::new(crate::gc::lease::Leases::new(prefix)),
             fetching: Default::default(),
         }
     }
 
     pub fn dict(&self) -> &Arc<dyn Dict> {
         &self.dict
+    }
+
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// Leases blobs against garbage collection before they are uploaded or
+    /// relied on (see [`crate::gc::lease`]). If a collection ran since the
+    /// last lease, the cache is emptied: blobs are still immutable, but those it
+    /// holds may no longer be stored, and [`BlobStore::put_known`] trusts it.
+    pub fn protect<'h>(
+        &self,
+        kind: crate::gc::lease::Kind,
+        hashes: impl IntoIterator<Item = &'h Hash>,
+    ) -> StoreResult<()> {
+        let mut records = Vec::new();
+        for h in hashes {
+            crate::gc::lease::record(kind, h, &mut records);
+        }
+        if records.is_empty() {
+            return Ok(());
+        }
+        if self.leases.protect(self.dict.as_ref(), &records)? {
+            let mut cache = self.cache.lock();
+            cache.lru.clear();
+            cache.used = 0;
+        }
+        Ok(())
+    }
+
+    /// Starts a commit: the blobs leased so far are for it (see
+    /// [`crate::gc::lease::Leases::seal`]); pass the answer to
+    /// [`BlobStore::release_leases`] after the root swap.
+    pub fn seal_leases(&self) -> u64 {
+        self.leases.seal()
+    }
+
+    /// After a successful root swap: what the commit references is reachable
+    /// now, and needs no lease.
+    pub fn release_leases(&self, sealed: u64) -> StoreResult<()> {
+        Ok(self.leases.release(self.dict.as_ref(), sealed)?)
     }
 
     pub fn blob_key(&self, h: &Hash) -> String {
@@ -118,6 +161,11 @@ impl BlobStore {
     /// Stores an encoded blob (if absent) and returns its hash.
     pub fn put(&self, blob: Bytes) -> StoreResult<Hash> {
         let h = Hash::of(&blob);
+        self.protect(crate::gc::lease::Kind::Blob, [&h])?;
+        self.store_leased(h, blob)
+    }
+
+    fn store_leased(&self, h: Hash, blob: Bytes) -> StoreResult<Hash> {
         self.dict.put_if_absent(&self.blob_key(&h), blob.clone())?;
         self.cache.lock().insert(h, blob);
         Ok(h)
@@ -126,6 +174,7 @@ impl BlobStore {
     /// Stores many encoded blobs in one round trip.
     pub fn put_many(&self, blobs: Vec<Bytes>) -> StoreResult<Vec<Hash>> {
         let hashes: Vec<Hash> = blobs.iter().map(|b| Hash::of(b)).collect();
+        self.protect(crate::gc::lease::Kind::Blob, &hashes)?;
         let items = hashes
             .iter()
             .zip(blobs)
@@ -193,15 +242,16 @@ impl BlobStore {
     /// Stores encoded blobs in the background (see [`crate::write_behind`]):
     /// readable at once through this store, in the store itself after
     /// [`BlobStore::flush_writes`]. Returns their hashes.
-    pub fn put_many_behind(&self, blobs: Vec<Bytes>) -> Vec<Hash> {
+    pub fn put_many_behind(&self, blobs: Vec<Bytes>) -> StoreResult<Vec<Hash>> {
         let hashed = blobs.into_iter().map(|b| (Hash::of(&b), b)).collect();
         self.put_hashed_behind(hashed)
     }
 
     /// [`BlobStore::put_many_behind`] for blobs whose hashes the caller has
     /// just computed (hashing is the most expensive part of writing).
-    pub fn put_hashed_behind(&self, blobs: Vec<(Hash, Bytes)>) -> Vec<Hash> {
+    pub fn put_hashed_behind(&self, blobs: Vec<(Hash, Bytes)>) -> StoreResult<Vec<Hash>> {
         debug_assert!(blobs.iter().all(|(h, b)| Hash::of(b) == *h));
+        self.protect(crate::gc::lease::Kind::Blob, blobs.iter().map(|(h, _)| h))?;
         let batch: Vec<_> = blobs
             .into_iter()
             .map(|(h, b)| (h, self.blob_key(&h), b))
@@ -218,7 +268,7 @@ impl BlobStore {
             }
         }
         self.behind.put(&self.dict, batch);
-        hashes
+        Ok(hashes)
     }
 
     /// Waits until every blob stored in the background is in the store.
@@ -351,10 +401,12 @@ impl BlobStore {
     /// known to be stored already).
     fn put_known(&self, blob: Bytes) -> StoreResult<Hash> {
         let h = Hash::of(&blob);
+        // Leased first: the lease is what makes the cache's word trustworthy.
+        self.protect(crate::gc::lease::Kind::Blob, [&h])?;
         if self.cache.lock().get(&h).is_some() {
             return Ok(h);
         }
-        self.put(blob)
+        self.store_leased(h, blob)
     }
 
     pub fn manifest(&self, h: &Hash) -> StoreResult<Manifest> {

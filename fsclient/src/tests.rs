@@ -414,6 +414,18 @@ impl Dict for Counting {
     fn delete(&self, key: &str) -> crate::dict::DictResult<()> {
         self.inner.delete(key)
     }
+    fn append(&self, key: &str, value: &[u8]) -> crate::dict::DictResult<()> {
+        self.inner.append(key, value)
+    }
+    fn read_and_append(
+        &self,
+        counter: &str,
+        log: &str,
+        record: &[u8],
+        ttl: std::time::Duration,
+    ) -> crate::dict::DictResult<u64> {
+        self.inner.read_and_append(counter, log, record, ttl)
+    }
     fn contains(&self, key: &str) -> crate::dict::DictResult<bool> {
         self.inner.contains(key)
     }

@@ -71,9 +71,11 @@ impl Volume {
             message: "mkfs".into(),
             inodes: None,
         }))?;
+        let sealed = self.store.seal_leases();
         if !self.store.swap_root(&self.name, None, commit)? {
             return Err(FsError::Exists);
         }
+        self.store.release_leases(sealed)?;
         Ok(commit)
     }
 
@@ -120,24 +122,31 @@ impl Volume {
             root,
             inodes: links::store(&self.store, &inodes)?,
         };
-        Ok(self.commit_tree(base_hash, base.tree(), ours, message)?.0)
+        // Everything this change leased is in `ours` (or garbage).
+        let sealed = self.store.seal_leases();
+        Ok(self.commit_tree(base_hash, base.tree(), ours, message, sealed)?.0)
     }
 
     /// Commits the tree `ours`, made from the commit `base_hash` (whose tree is
     /// `base`): swaps the root pointer from `base_hash`, and if another
     /// client swapped first, merges with theirs and tries again. Returns the
     /// commit that landed and its tree (`ours`, or the merge of it).
+    ///
+    /// `sealed` is what [`BlobStore::seal_leases`] answered before anything in
+    /// `ours` was made: once the root names `ours`, those leases are released.
     pub fn commit_tree(
         &self,
         mut base_hash: Hash,
         mut base: Tree,
         mut ours: Tree,
         message: &str,
+        sealed: u64,
     ) -> FsResult<(Hash, Tree)> {
         // No root may name a blob that is still on its way to the store.
         self.store.flush_writes()?;
         for attempt in 0..MAX_ATTEMPTS {
             if ours == base {
+                self.store.release_leases(sealed)?;
                 return Ok((base_hash, base));
             }
             let commit = self.store.put(object::encode_commit(&Commit {
@@ -149,6 +158,7 @@ impl Volume {
                 inodes: ours.inodes,
             }))?;
             if self.store.swap_root(&self.name, Some(base_hash), commit)? {
+                self.store.release_leases(sealed)?;
                 return Ok((commit, ours));
             }
             // Someone committed first: merge with theirs and try from there.

@@ -373,7 +373,7 @@ impl FileData {
             chunks.push((hash, pos, len));
             pos += len as u64;
             if batch_bytes >= BATCH_BYTES {
-                hash_and_store(store, &mut chunks, std::mem::take(&mut batch));
+                hash_and_store(store, &mut chunks, std::mem::take(&mut batch))?;
                 batch_bytes = 0;
             }
             if may_rejoin && pos >= last_change && pos < self.base_size {
@@ -388,7 +388,7 @@ impl FileData {
             }
         }
         STREAM_BUFFER.with(|b| *b.borrow_mut() = buf);
-        hash_and_store(store, &mut chunks, batch);
+        hash_and_store(store, &mut chunks, batch)?;
         let map = ChunkMap { chunks };
         if partial {
             let cut = map.size();
@@ -414,7 +414,7 @@ impl FileData {
             return Ok(true);
         }
         debug_assert_eq!(map.size(), self.size);
-        let manifest = store.put_many_behind(vec![object::encode_manifest(&map.manifest())])[0];
+        let manifest = store.put_many_behind(vec![object::encode_manifest(&map.manifest())])?[0];
         self.manifest = manifest;
         self.base_size = map.size();
         self.valid = self.base_size;
@@ -493,7 +493,11 @@ const BATCH_BYTES: usize = if cfg!(test) { 4 << 10 } else { 16 << 20 };
 /// overlap with cutting the next ones); fills in their hashes at their places
 /// in `chunks`. (Hashing on two threads was measured: no faster here, where
 /// the store's own work takes the other core.)
-fn hash_and_store(store: &BlobStore, chunks: &mut [(Hash, u64, u32)], batch: Vec<(usize, bytes::Bytes)>) {
+fn hash_and_store(
+    store: &BlobStore,
+    chunks: &mut [(Hash, u64, u32)],
+    batch: Vec<(usize, bytes::Bytes)>,
+) -> FsResult<()> {
     let hashed = batch
         .into_iter()
         .map(|(i, blob)| {
@@ -502,7 +506,8 @@ fn hash_and_store(store: &BlobStore, chunks: &mut [(Hash, u64, u32)], batch: Vec
             (h, blob)
         })
         .collect();
-    store.put_hashed_behind(hashed);
+    store.put_hashed_behind(hashed)?;
+    Ok(())
 }
 
 thread_local! {

@@ -1588,6 +1588,9 @@ impl Vfs {
     pub fn commit(&self) -> FsResult<()> {
         let _one = self.commit_lock.lock();
         let store = self.store();
+        // Whatever was leased until now is for this commit (every dirty file is
+        // materialized below); leases taken from here on wait for the next.
+        let sealed = store.seal_leases();
         // The bulk of the bytes first, holding only each file's own lock.
         let files: Vec<Arc<Mutex<FileData>>> = {
             let st = self.state.lock();
@@ -1610,7 +1613,9 @@ impl Vfs {
         let (inodes, table) = st.build_inodes(store, self.opts.chunking)?;
         let ours = Tree { root, inodes };
         let (base_commit, base) = (st.base_commit, st.base);
-        let (commit, tree) = self.volume.commit_tree(base_commit, base, ours, "mount")?;
+        let (commit, tree) = self
+            .volume
+            .commit_tree(base_commit, base, ours, "mount", sealed)?;
         st.base_commit = commit;
         st.base = tree;
         st.dirty = false;
