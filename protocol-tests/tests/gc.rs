@@ -230,7 +230,7 @@ fn collections_racing_two_mounts_lose_nothing() {
                     let which = (i * 7 + w) % contents.len();
                     std::fs::write(dir.join(&name), &contents[which]).unwrap();
                     live.insert(name, which);
-                    if i % 4 == 0 {
+                    if i.is_multiple_of(4) {
                         let gone = format!("f{}", (i + 5) % 11);
                         if live.remove(&gone).is_some() {
                             std::fs::remove_file(dir.join(&gone)).unwrap();
