@@ -155,6 +155,18 @@ fn diff_dirs(store: &BlobStore, a: Hash, b: Hash, path: &str, out: &mut Vec<Chan
     Ok(())
 }
 
+/// For each commit, whether its files are still stored: garbage collection
+/// keeps every commit record but lets the files of old ones go (their root
+/// directory is then missing). One round trip; a store that cannot tell says
+/// every commit is whole.
+pub fn whole(store: &BlobStore, commits: &[crate::object::Commit]) -> Vec<bool> {
+    let keys: Vec<String> = commits.iter().map(|c| store.blob_key(&c.root)).collect();
+    match store.dict().sizes(&keys) {
+        Ok(sizes) => sizes.iter().map(Option::is_some).collect(),
+        Err(_) => vec![true; commits.len()],
+    }
+}
+
 /// What `fsck` found.
 #[derive(Debug, Default)]
 pub struct Check {

@@ -730,10 +730,13 @@ fn run(cli: Cli) -> Result<(), Failure> {
             .map_err(|e| fail("failed to create symbolic link", &path, e))?;
         }
         Command::Log { count } => {
-            for (h, c) in v.log(count).map_err(|e| Failure(e.to_string()))? {
+            let log = v.log(count).map_err(|e| Failure(e.to_string()))?;
+            let commits: Vec<_> = log.iter().map(|(_, c)| c.clone()).collect();
+            for ((h, c), whole) in log.into_iter().zip(history::whole(&store, &commits)) {
                 println!(
-                    "commit {}\nwriter {}\ntime   {}.{:09}\n\n    {}\n",
+                    "commit {}{}\nwriter {}\ntime   {}.{:09}\n\n    {}\n",
                     h.hex(),
+                    if whole { "" } else { " (files collected)" },
                     c.writer,
                     c.time.secs,
                     c.time.nanos,

@@ -52,6 +52,11 @@ impl Volume {
         let chunking = chunking
             .validate()
             .map_err(|e| FsError::Io(std::io::Error::new(std::io::ErrorKind::InvalidInput, e)))?;
+        // Not a guard (the root swap below is), but it spares an existing
+        // volume a new config and the store a stray empty directory.
+        if self.store.root(&self.name)?.is_some() {
+            return Err(FsError::Exists);
+        }
         {
             // Written before the root: a volume never exists without it. A
             // leftover from a failed mkfs of the same name is replaced.
@@ -72,10 +77,12 @@ impl Volume {
             inodes: None,
         }))?;
         let sealed = self.store.seal_leases();
-        if !self.store.swap_root(&self.name, None, commit)? {
+        let created = self.store.swap_root(&self.name, None, commit)?;
+        // Either way the lease has done its work: the blobs are in a root, or garbage.
+        self.store.release_leases(sealed)?;
+        if !created {
             return Err(FsError::Exists);
         }
-        self.store.release_leases(sealed)?;
         Ok(commit)
     }
 

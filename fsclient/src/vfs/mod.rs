@@ -937,7 +937,11 @@ impl Vfs {
                 .collect()
         } else {
             let mut out: Vec<(Vec<u8>, Hash)> = Vec::new();
-            for (h, c) in self.volume.log(HISTORY_LEN)? {
+            let log = self.volume.log(HISTORY_LEN)?;
+            let commits: Vec<_> = log.iter().map(|(_, c)| c.clone()).collect();
+            let whole = crate::history::whole(self.store(), &commits);
+            // Versions whose files were collected are not shown.
+            for ((h, c), _) in log.into_iter().zip(whole).filter(|(_, w)| *w) {
                 let mut n = utc_name(c.time);
                 // Several commits in one second: the older get a suffix.
                 let mut k = 1;
