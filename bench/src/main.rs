@@ -57,10 +57,6 @@ enum Which {
         #[arg(long, default_value_t = 10_000)]
         small: usize,
     },
-    /// The mounted file system (over kvd and over redis-server) against bindfs
-    /// over tmpfs and local disk, with fio: sequential write and read, 4 KiB
-    /// random reads, and creating/stat-ing/deleting many files in one directory.
-    /// Needs root, /dev/fuse, fio and bindfs (scripts/setup.sh installs them).
     /// The kvd cluster: GET/SET through a 3-node cluster (forwarded and routed
     /// by a cluster-aware client) against one kvd node and a 3-node Redis
     /// Cluster, and a placement simulation of 1,000 and 10,000 nodes.
@@ -73,6 +69,18 @@ enum Which {
         #[arg(long, default_value_t = 1)]
         rounds: usize,
     },
+    /// `fsclient gc` on a store of many blobs (throughput, the collector's peak
+    /// memory), and `fsclient diff` of a one-file change in a 100,000-file tree
+    /// against reading the whole tree.
+    Gc {
+        /// Blobs in the store (nine tenths live, one tenth garbage).
+        #[arg(long, default_value_t = 10_000_000)]
+        blobs: u64,
+    },
+    /// The mounted file system (over kvd and over redis-server) against bindfs
+    /// over tmpfs and local disk, with fio: sequential write and read, 4 KiB
+    /// random reads, and creating/stat-ing/deleting many files in one directory.
+    /// Needs root, /dev/fuse, fio and bindfs (scripts/setup.sh installs them).
     Mount {
         /// Size of the file written and read, MiB.
         #[arg(long, default_value_t = 1024)]
@@ -94,6 +102,7 @@ struct Row {
 
 mod cluster;
 mod fs;
+mod gc;
 mod mount;
 mod storage;
 
@@ -244,6 +253,11 @@ fn main() -> Result<()> {
         Which::Mount { file_mib, files } => {
             let report = mount::run(file_mib, files)?;
             let path = save("mount", &report)?;
+            println!("saved {}", path.display());
+        }
+        Which::Gc { blobs } => {
+            let report = gc::run(blobs)?;
+            let path = save("gc", &report)?;
             println!("saved {}", path.display());
         }
         Which::Fs { big_mib, small } => {

@@ -178,6 +178,11 @@ enum Command {
     Fsck {
         #[arg(long, default_value = "HEAD")]
         at: String,
+        /// Rename each damaged file or directory of HEAD to NAME.damaged (one
+        /// commit), so that nothing mistakes it for intact data. The store has no
+        /// second copy to fetch a good one from (kvd replication is not built yet).
+        #[arg(long, conflicts_with = "at")]
+        repair: bool,
     },
     /// Delete the blobs no kept version of any volume needs (all volumes under
     /// --prefix: blobs are shared between them).
@@ -896,10 +901,10 @@ fn run(cli: Cli) -> Result<(), Failure> {
             );
             println!("blobs in store:   {}", r.candidates);
             println!(
-                "marked:           {} blobs, {} chunk references ({:.0} blobs/s, mark set {} KiB)",
+                "marked:           {} directories and commits, {} files and chunks ({:.0}/s, mark set {} KiB)",
                 r.marked_interior,
-                r.marked_chunk_refs,
-                (r.marked_interior + r.marked_chunk_refs) as f64 / secs.max(1e-9),
+                r.marked_leaves,
+                (r.marked_interior + r.marked_leaves) as f64 / secs.max(1e-9),
                 r.mark_set_bytes >> 10
             );
             println!("leased by writers: {}", r.leased);
@@ -911,7 +916,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
             );
             println!("took:             {secs:.2}s ({} deletion windows)", r.windows);
         }
-        Command::Fsck { at } => {
+        Command::Fsck { at, repair } => {
             let c = history::resolve(&v, &at).map_err(|e| fail("cannot find version", &at, e))?;
             let tree = store.commit(&c).map_err(|e| Failure(e.to_string()))?.tree();
             let check = history::fsck(&store, tree);
@@ -924,6 +929,30 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 check.bytes,
                 check.damaged.len()
             );
+            if repair && !check.damaged.is_empty() {
+                let mut marked = Vec::new();
+                v.change("fsck --repair", |s, mut root| {
+                    marked.clear();
+                    for (path, _) in &check.damaged {
+                        let Ok(from) = p(path) else { continue };
+                        let Some((name, parent)) = from.split_last() else {
+                            continue;
+                        };
+                        let mut to = parent.to_vec();
+                        to.push([name.as_slice(), b".damaged"].concat());
+                        // A damaged path under a damaged directory cannot be reached.
+                        if let Ok(r) = tree::rename(s, root, &from, &to) {
+                            root = r;
+                            marked.push(path.clone());
+                        }
+                    }
+                    Ok(root)
+                })
+                .map_err(|e| Failure(format!("fsck --repair: {e}")))?;
+                for path in &marked {
+                    println!("renamed: {path} -> {path}.damaged");
+                }
+            }
             if !check.damaged.is_empty() {
                 return Err(Failure(format!("{} damaged paths", check.damaged.len())));
             }

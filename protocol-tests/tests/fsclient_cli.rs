@@ -230,6 +230,21 @@ fn snapshots_diff_restore_and_fsck() {
         "{report}"
     );
     assert!(report.contains(", 1 damaged paths"), "{report}");
+
+    // --repair has no second copy to fetch, so it marks the file by its name.
+    let out = fsclient(&kvd, &["fsck", "--repair"]);
+    assert!(!out.status.success(), "the damage is still there");
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        report.contains("renamed: /docs/plan.txt -> /docs/plan.txt.damaged"),
+        "{report}"
+    );
+    assert_eq!(ok(&kvd, &["ls", "/docs"]).trim(), "plan.txt.damaged");
+    let report = String::from_utf8_lossy(&fsclient(&kvd, &["fsck"]).stdout).into_owned();
+    assert!(
+        report.contains("damaged: /docs/plan.txt.damaged: blob dfs:b:"),
+        "{report}"
+    );
 }
 
 /// A redis-server that speaks only TLS, with a certificate from a CA made for

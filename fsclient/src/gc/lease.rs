@@ -21,6 +21,9 @@ pub const LEASE_TTL: Duration = Duration::from_secs(2 * 3600);
 /// How long a writer waits on an open window before checking whether the
 /// collector that opened it is still alive.
 const STALE_AFTER: Duration = Duration::from_secs(5);
+/// How often a waiting writer looks at the epoch: the collector pauses at
+/// least 10 ms between windows.
+const POLL: Duration = Duration::from_millis(2);
 
 /// What a lease record asks the collector to keep.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -136,7 +139,6 @@ impl Leases {
         }
         drop(registered);
         let started = Instant::now();
-        let mut pause = Duration::from_millis(2);
         loop {
             let held = self.held.read();
             let generation = self.generation.load(Ordering::SeqCst);
@@ -162,8 +164,15 @@ impl Leases {
                     tracing::warn!("closed the deletion window of a garbage collector that stopped");
                 }
             }
-            std::thread::sleep(pause);
-            pause = (pause * 2).min(Duration::from_millis(10));
+            // Wait for the window to close, watching the epoch alone (cheap),
+            // then lease again.
+            while started.elapsed() <= STALE_AFTER || dict.contains(&self.keys.lock)? {
+                std::thread::sleep(POLL);
+                let now = dict.get(&self.keys.epoch)?;
+                if now.as_deref() != Some(epoch.to_string().as_bytes()) {
+                    break;
+                }
+            }
         }
     }
 

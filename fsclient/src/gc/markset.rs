@@ -1,10 +1,10 @@
 //! The set of blobs found reachable, in bounded memory.
 //!
-//! Directories, indexes, manifests, commits and inode tables ("interior" blobs:
-//! the walk must know exactly which it has visited, or it would skip a subtree)
-//! are kept exactly. Chunks, the great majority of blobs, go into a Bloom filter
-//! sized for the number of candidates: about 1.2 bytes per blob at a 1% false
-//! positive rate. A false positive only keeps a garbage chunk until the next
+//! Directories, indexes, commits and inode tables ("interior" blobs: the walk
+//! must know exactly which it has visited, or it would skip a subtree) are kept
+//! exactly, about 40 bytes each. Chunks and file manifests, the great majority
+//! of blobs, go into a Bloom filter sized for the number of candidates: 10 bits
+//! per candidate, under 1% false positives. A false positive only keeps a garbage chunk until the next
 //! collection (each run salts the filter differently); it never deletes a live one.
 
 use std::collections::HashSet;

@@ -78,10 +78,11 @@ impl Default for Options {
 pub struct Report {
     pub volumes: u64,
     pub candidates: u64,
-    /// Distinct interior blobs (commits, directories, manifests, inode tables) marked.
+    /// Distinct interior blobs (commits, directories, inode tables) marked.
     pub marked_interior: u64,
-    /// Chunk references marked (a chunk shared by two files counts twice).
-    pub marked_chunk_refs: u64,
+    /// File manifests and chunks marked, with repeats (a chunk shared by two
+    /// files counts twice).
+    pub marked_leaves: u64,
     pub kept_commits: u64,
     /// Commits whose files the policy let go (their commit blobs stay).
     pub pruned_commits: u64,
@@ -96,7 +97,7 @@ pub struct Report {
 /// How long the collector's lock lives unless renewed (once per window).
 const LOCK_TTL: Duration = Duration::from_secs(120);
 /// The least pause between two deletion windows.
-const WINDOW_GAP: Duration = Duration::from_millis(30);
+const WINDOW_GAP: Duration = Duration::from_millis(10);
 /// Blobs fetched per round trip while marking.
 const FETCH_BATCH: usize = 256;
 
@@ -144,6 +145,17 @@ struct Collector<'a> {
     lock_renewed: Instant,
 }
 
+/// A blob to walk. Interior blobs are walked once (the set of them is exact).
+/// A manifest is walked whenever a newly walked directory names it and is
+/// marked in the Bloom filter: its children are chunks, so walking it twice
+/// costs a read and is never wrong, and an exact set of millions of manifests
+/// would be most of the collector's memory.
+#[derive(Clone, Copy)]
+enum Walk {
+    Interior(Hash),
+    Manifest(Hash),
+}
+
 fn bar(show: bool, len: Option<u64>, what: &'static str) -> indicatif::ProgressBar {
     if !show {
         return indicatif::ProgressBar::hidden();
@@ -175,7 +187,7 @@ impl Collector<'_> {
         }
         marking.finish_and_clear();
         tracing::info!(
-            "marked {} blobs and {} chunk references in {:.1}s",
+            "marked {} directories and commits and {} files and chunks in {:.1}s",
             self.marks.interior_len(),
             self.marks.leaf_marks(),
             started.elapsed().as_secs_f64()
@@ -198,7 +210,7 @@ impl Collector<'_> {
         }
         deleting.finish_and_clear();
         self.report.marked_interior = self.marks.interior_len();
-        self.report.marked_chunk_refs = self.marks.leaf_marks();
+        self.report.marked_leaves = self.marks.leaf_marks();
         self.report.mark_set_bytes = self.marks.memory_bytes();
         if !self.opts.dry_run {
             self.tidy_registry()?;
@@ -271,8 +283,8 @@ impl Collector<'_> {
             let c = self.store.commit(&h).map_err(|e| damaged(self.store, &h, e))?;
             if keeper.as_mut().is_none_or(|k| k.keep(c.time)) {
                 self.report.kept_commits += 1;
-                todo.push(c.root);
-                todo.extend(c.inodes);
+                todo.push(Walk::Interior(c.root));
+                todo.extend(c.inodes.map(Walk::Interior));
             } else {
                 self.report.pruned_commits += 1;
             }
@@ -287,26 +299,50 @@ impl Collector<'_> {
         for h in snapshots.into_values() {
             self.marks.insert_interior(h);
             let c = self.store.commit(&h).map_err(|e| damaged(self.store, &h, e))?;
-            todo.push(c.root);
-            todo.extend(c.inodes);
+            todo.push(Walk::Interior(c.root));
+            todo.extend(c.inodes.map(Walk::Interior));
         }
         self.mark_from(todo, progress)
     }
 
     /// Marks everything reachable from `todo` that is not marked yet. A blob
     /// that cannot be read stops the collection: its subtree would go unmarked.
-    fn mark_from(&mut self, mut todo: Vec<Hash>, progress: &indicatif::ProgressBar) -> GcResult<()> {
+    fn mark_from(&mut self, mut todo: Vec<Walk>, progress: &indicatif::ProgressBar) -> GcResult<()> {
         while !todo.is_empty() {
             let take = todo.len().min(FETCH_BATCH);
             let batch: Vec<Hash> = todo
                 .split_off(todo.len() - take)
                 .into_iter()
-                .filter(|h| self.marks.insert_interior(*h))
+                .filter_map(|w| match w {
+                    Walk::Interior(h) => self.marks.insert_interior(h).then_some(h),
+                    Walk::Manifest(h) => {
+                        self.marks.insert_leaf(&h);
+                        Some(h)
+                    }
+                })
                 .collect();
-            let blobs = match self.store.get_many(&batch) {
-                Ok(b) => b,
-                Err(e) => return Err(first_damage(self.store, &batch, e)),
-            };
+            // Straight from the store, not through the blob cache: a walk of
+            // everything would only churn it (and grow the collector's memory).
+            let keys: Vec<String> = batch.iter().map(|h| self.store.blob_key(h)).collect();
+            let mut blobs = Vec::with_capacity(batch.len());
+            let fetched = self.store.dict().get_many(&keys)?;
+            for ((h, key), blob) in batch.iter().zip(keys).zip(fetched) {
+                match blob {
+                    Some(b) if Hash::of(&b) == *h => blobs.push(b),
+                    Some(_) => {
+                        return Err(GcError::Damaged {
+                            key,
+                            error: "corrupt: its content does not match its hash".into(),
+                        })
+                    }
+                    None => {
+                        return Err(GcError::Damaged {
+                            key,
+                            error: "missing".into(),
+                        })
+                    }
+                }
+            }
             progress.inc(batch.len() as u64);
             for (h, blob) in batch.iter().zip(blobs) {
                 self.children(h, &blob, &mut todo)?;
@@ -316,15 +352,15 @@ impl Collector<'_> {
     }
 
     /// Pushes the interior children of a blob on `todo`; marks its chunks.
-    fn children(&mut self, h: &Hash, blob: &[u8], todo: &mut Vec<Hash>) -> GcResult<()> {
+    fn children(&mut self, h: &Hash, blob: &[u8], todo: &mut Vec<Walk>) -> GcResult<()> {
         let bad = |e: object::FormatError| GcError::Damaged {
             key: self.store.blob_key(h),
             error: e.to_string(),
         };
         let (tag, _) = object::split(blob).map_err(bad)?;
-        let file_or_dir = |content: &Content, todo: &mut Vec<Hash>| match content {
-            Content::File { manifest, .. } => todo.push(*manifest),
-            Content::Dir { tree } => todo.push(*tree),
+        let file_or_dir = |content: &Content, todo: &mut Vec<Walk>| match content {
+            Content::File { manifest, .. } => todo.push(Walk::Manifest(*manifest)),
+            Content::Dir { tree } => todo.push(Walk::Interior(*tree)),
             Content::Symlink { .. } | Content::Fifo | Content::Inode { .. } => {}
         };
         match tag {
@@ -344,12 +380,12 @@ impl Collector<'_> {
                 object::decode_dir_index(blob)
                     .map_err(bad)?
                     .into_iter()
-                    .map(|c| c.blob),
+                    .map(|c| Walk::Interior(c.blob)),
             ),
             Tag::Commit => {
                 let c = object::decode_commit(blob).map_err(bad)?;
-                todo.push(c.root);
-                todo.extend(c.inodes);
+                todo.push(Walk::Interior(c.root));
+                todo.extend(c.inodes.map(Walk::Interior));
             }
             Tag::Inodes => {
                 for (e, _) in object::decode_inodes(blob).map_err(bad)?.values() {
@@ -391,7 +427,7 @@ impl Collector<'_> {
             .zip(dict.sizes(&keys)?)
             .filter_map(|(h, size)| size.map(|_| h))
             .collect();
-        self.mark_from(present, progress)?;
+        self.mark_from(present.into_iter().map(Walk::Interior).collect(), progress)?;
         Ok((leased, live))
     }
 
@@ -506,17 +542,6 @@ fn damaged(store: &BlobStore, h: &Hash, e: StoreError) -> GcError {
             key: store.blob_key(h),
             error: other.to_string(),
         },
-    }
-}
-
-fn first_damage(store: &BlobStore, batch: &[Hash], e: StoreError) -> GcError {
-    match e {
-        StoreError::Dict(d) => GcError::Store(StoreError::Dict(d)),
-        StoreError::Missing { key } | StoreError::Corrupt { key } => GcError::Damaged {
-            key,
-            error: "missing or corrupt".into(),
-        },
-        other => damaged(store, &batch[0], other),
     }
 }
 
