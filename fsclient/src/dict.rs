@@ -624,17 +624,20 @@ impl Dict for RespDict {
 
     fn read_and_append(&self, counter: &str, log: &str, record: &[u8], ttl: Duration) -> DictResult<u64> {
         let ms = ttl.as_millis().max(1) as u64;
-        let (value, _, _): (Option<Vec<u8>>, i64, i64) = self.on_node_of(log, |c| {
+        // The append comes first: a store that cannot run the transaction as one
+        // step (a replicated kvd runs it key by key) still reads the counter
+        // after the append, which is the order the lease protocol needs.
+        let (_, _, value): (i64, i64, Option<Vec<u8>>) = self.on_node_of(log, |c| {
             redis::pipe()
                 .atomic()
-                .cmd("GET")
-                .arg(counter)
                 .cmd("APPEND")
                 .arg(log)
                 .arg(record)
                 .cmd("PEXPIRE")
                 .arg(log)
                 .arg(ms)
+                .cmd("GET")
+                .arg(counter)
                 .query(c)
         })?;
         Ok(counter_value(value.as_deref()))

@@ -14,6 +14,7 @@ pub mod db;
 pub mod glob;
 pub mod protocol;
 pub mod pubsub;
+pub mod replica;
 pub mod reply;
 pub mod server;
 pub mod store;

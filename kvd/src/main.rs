@@ -84,6 +84,47 @@ struct Cli {
     /// `CONFIG SET cluster-redirect yes|no` at run time.
     #[arg(long)]
     cluster_redirect: bool,
+    /// Keep every key on this many nodes of --peers (a replicated cluster: each
+    /// change is a CASPaxos round on the key's replicas, so a key stays readable
+    /// and writable while a majority of its replicas is up). Needs --peers and
+    /// --cluster-secret; not combined with --cluster.
+    #[arg(long, value_name = "R", requires = "peers", conflicts_with = "cluster")]
+    replicas: Option<usize>,
+    /// Every node of the replicated cluster, HOST:PORT, comma-separated, this
+    /// node included: the same list, in the same order, on every node.
+    #[arg(
+        long,
+        value_name = "HOST:PORT,...",
+        value_delimiter = ',',
+        requires = "replicas"
+    )]
+    peers: Vec<String>,
+}
+
+/// Replication settings from the command line, if --replicas was given.
+fn replica_options(cli: &Cli, config: &Config) -> anyhow::Result<Option<kvd::replica::Options>> {
+    let Some(replicas) = cli.replicas else {
+        return Ok(None);
+    };
+    let Some(secret) = cli.cluster_secret.clone().filter(|s| !s.is_empty()) else {
+        anyhow::bail!(
+            "--replicas needs --cluster-secret (or KVD_CLUSTER_SECRET): peers authenticate with it"
+        );
+    };
+    if replicas == 0 {
+        anyhow::bail!("--replicas must be at least 1");
+    }
+    let host = config.bind.split_whitespace().next().unwrap_or("127.0.0.1");
+    Ok(Some(kvd::replica::Options {
+        me: cli
+            .cluster_announce
+            .clone()
+            .unwrap_or(format!("{host}:{}", config.port)),
+        nodes: cli.peers.clone(),
+        replicas,
+        secret,
+        dir: config.dir.clone(),
+    }))
 }
 
 /// Cluster settings from the command line, if --cluster was given.
@@ -216,9 +257,16 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::from(2);
         }
     };
+    let replicas = match replica_options(&cli, &config) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("kvd: {e}");
+            return std::process::ExitCode::from(2);
+        }
+    };
     let config_file = cli.config.as_ref().map(|p| p.display().to_string());
     let result = runtime.block_on(async move {
-        let (shared, task) = kvd::server::start(config, config_file, cluster).await?;
+        let (shared, task) = kvd::server::start(config, config_file, cluster, replicas).await?;
         let stop = shared.shutdown.clone();
         tokio::spawn(async move {
             wait_for_signal().await;

@@ -82,6 +82,8 @@ pub struct Shared {
     pub shutdown: CancellationToken,
     /// Set when this node is part of a cluster (`--cluster`).
     pub cluster: std::sync::OnceLock<Arc<crate::cluster::Cluster>>,
+    /// Set when this node is part of a replicated cluster (`--replicas`).
+    pub replicas: std::sync::OnceLock<Arc<crate::replica::Replicas>>,
 }
 
 impl Shared {
@@ -101,6 +103,7 @@ impl Shared {
             run_id,
             shutdown: CancellationToken::new(),
             cluster: std::sync::OnceLock::new(),
+            replicas: std::sync::OnceLock::new(),
         })
     }
 }
@@ -477,7 +480,12 @@ async fn serve(shared: &Arc<Shared>, session: &mut Session, socket: TcpStream) -
                             finish_forwarded(shared, session, &mut forwarded, &mut wbuf).await;
                             crate::cluster::dispatch::dispatch(shared, cluster, session, &args).await
                         }
-                        None => command::execute(shared, session, &args),
+                        None => match shared.replicas.get() {
+                            Some(rep) => {
+                                crate::replica::dispatch::dispatch(shared, rep, session, &args).await
+                            }
+                            None => command::execute(shared, session, &args),
+                        },
                     };
                     if reply.is_error() {
                         shared.stats.error_replies.fetch_add(1, Ordering::Relaxed);
@@ -690,6 +698,7 @@ pub async fn start(
     config: Config,
     config_file: Option<String>,
     cluster: Option<crate::cluster::Options>,
+    replicas: Option<crate::replica::Options>,
 ) -> anyhow::Result<(Arc<Shared>, tokio::task::JoinHandle<anyhow::Result<()>>)> {
     let store: Arc<dyn Store> = match config.storage {
         Storage::Memory => Arc::new(MemStore::new()),
@@ -711,6 +720,9 @@ pub async fn start(
     if let Some(options) = cluster {
         let node = crate::cluster::Cluster::start(options, shared.clone()).await?;
         let _ = shared.cluster.set(node);
+    }
+    if let Some(options) = replicas {
+        let _ = shared.replicas.set(crate::replica::Replicas::start(options)?);
     }
     let task = tokio::spawn(run(shared.clone()));
     Ok((shared, task))

@@ -368,6 +368,8 @@ pub struct SessionState {
     pub txn_slot: Option<u16>,
     /// A WATCH placed on another node, over a connection of its own.
     pub txn_link: Option<(String, peer::Link)>,
+    /// Replicated nodes: each watched key and its accepted ballot at WATCH.
+    pub watched: Vec<(bytes::Bytes, paxos::Ballot)>,
 }
 
 impl SessionState {

@@ -296,6 +296,16 @@ pub enum Lookup {
     UnknownSubcommand(&'static Spec),
 }
 
+impl Lookup {
+    /// The spec, if the command is known.
+    pub fn found(self) -> Option<&'static Spec> {
+        match self {
+            Lookup::Found(s) => Some(s),
+            _ => None,
+        }
+    }
+}
+
 /// Resolves `args[0]` (and `args[1]` for container commands) to a spec.
 pub fn lookup(args: &[bytes::Bytes]) -> Lookup {
     // Lowercased on the stack: this runs for every request.

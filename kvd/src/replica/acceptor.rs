@@ -1,0 +1,271 @@
+//! The acceptor half of per-key CASPaxos, kept in the node's storage engine.
+//!
+//! Every key of a replicated node is stored as an acceptor *record*: the
+//! ballot of the value accepted last and that value (or its absence: a deleted
+//! key is a record too, a tombstone, or a stale replica's older value could
+//! come back). The record is one value in the storage engine, so the ballot
+//! and the value it names are written together, atomically and durably as
+//! `--appendfsync` says.
+//!
+//! Promises are kept in memory, above a durable *floor*: this node promises only
+//! ballots whose counter is below the limit recorded in `<dir>/paxos-floor`, and
+//! raises that limit (written and synced first) when a higher ballot comes. After
+//! a restart every ballot below the recorded limit is refused, for every key, so a
+//! promise forgotten in the crash can never be broken.
+//!
+//! Record encoding: `0xAC | accepted counter u64 | accepted proposer u64 |
+//! present u8 | expiry ms u64 (0: none) | value`. The storage engine's own
+//! expiry is not used (an expired key keeps its ballot until it is overwritten).
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use bytes::{BufMut, Bytes, BytesMut};
+use parking_lot::Mutex;
+
+use crate::cluster::paxos::Ballot;
+use crate::db::Db;
+use crate::store::{Entry, StoreError, Update};
+
+const MAGIC: u8 = 0xAC;
+const HEADER: usize = 1 + 8 + 8 + 1 + 8;
+/// How far the durable floor is raised at a time (one fsync per this many ballots).
+const FLOOR_STEP: u64 = 1 << 20;
+/// Lock stripes serializing prepare and accept per key.
+const STRIPES: usize = 1024;
+
+/// What an acceptor holds for a key: the accepted ballot and value.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Record {
+    pub accepted: Ballot,
+    pub entry: Option<Entry>,
+}
+
+impl Record {
+    pub fn encode(&self) -> Bytes {
+        let value = self.entry.as_ref().map(|e| &e.value[..]).unwrap_or_default();
+        let mut b = BytesMut::with_capacity(HEADER + value.len());
+        b.put_u8(MAGIC);
+        b.put_u64_le(self.accepted.counter);
+        b.put_u64_le(self.accepted.proposer);
+        b.put_u8(self.entry.is_some() as u8);
+        b.put_u64_le(self.entry.as_ref().and_then(|e| e.expires_at).unwrap_or(0));
+        b.put_slice(value);
+        b.freeze()
+    }
+
+    /// A stored record; `None` for bytes that are not one (a value written
+    /// before the node was replicated).
+    pub fn decode(raw: &Bytes) -> Option<Record> {
+        if raw.len() < HEADER || raw[0] != MAGIC {
+            return None;
+        }
+        let u64_at = |at: usize| u64::from_le_bytes(raw[at..at + 8].try_into().expect("8 bytes"));
+        let accepted = Ballot {
+            counter: u64_at(1),
+            proposer: u64_at(9),
+        };
+        let entry = (raw[17] == 1).then(|| Entry {
+            value: raw.slice(HEADER..),
+            expires_at: Some(u64_at(18)).filter(|&t| t != 0),
+        });
+        Some(Record { accepted, entry })
+    }
+
+    /// The entry as a reader sees it at `now`: expired is absent.
+    pub fn live(&self, now: u64) -> Option<&Entry> {
+        self.entry
+            .as_ref()
+            .filter(|e| e.expires_at.is_none_or(|t| t > now))
+    }
+}
+
+pub struct Acceptor {
+    floor_path: PathBuf,
+    /// Ballots with a counter below this may be promised without touching disk.
+    limit: AtomicU64,
+    /// Below this, nothing is promised or accepted (the limit before the last start).
+    floor: u64,
+    promises: Vec<Mutex<HashMap<Bytes, Ballot>>>,
+}
+
+impl Acceptor {
+    /// Opens the acceptor of `dir`: everything below the recorded limit is refused.
+    pub fn open(dir: &std::path::Path) -> std::io::Result<Acceptor> {
+        let floor_path = dir.join("paxos-floor");
+        let floor = match std::fs::read_to_string(&floor_path) {
+            Ok(s) => s.trim().parse().unwrap_or(0),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
+            Err(e) => return Err(e),
+        };
+        Ok(Acceptor {
+            floor_path,
+            limit: AtomicU64::new(floor),
+            floor,
+            promises: (0..STRIPES).map(|_| Mutex::new(HashMap::new())).collect(),
+        })
+    }
+
+    /// The lowest counter this acceptor takes at all (proposers start above it).
+    pub fn floor(&self) -> u64 {
+        self.floor
+    }
+
+    fn stripe(&self, key: &Bytes) -> &Mutex<HashMap<Bytes, Ballot>> {
+        let h = key.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+            (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3)
+        });
+        &self.promises[h as usize % STRIPES]
+    }
+
+    /// Makes sure promising `b` survives a crash: raises the durable limit first.
+    fn cover(&self, b: Ballot) -> std::io::Result<()> {
+        if b.counter < self.limit.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        let new = b.counter + FLOOR_STEP;
+        let tmp = self.floor_path.with_extension("tmp");
+        {
+            use std::io::Write;
+            let mut f = std::fs::File::create(&tmp)?;
+            writeln!(f, "{new}")?;
+            f.sync_all()?;
+        }
+        std::fs::rename(&tmp, &self.floor_path)?;
+        if let Some(parent) = self.floor_path.parent() {
+            std::fs::File::open(parent)?.sync_all()?;
+        }
+        self.limit.fetch_max(new, Ordering::SeqCst);
+        Ok(())
+    }
+
+    fn read(db: &Db, key: &Bytes) -> Result<Record, StoreError> {
+        Ok(db
+            .store()
+            .get(key)?
+            .and_then(|e| Record::decode(&e.value))
+            .unwrap_or_default())
+    }
+
+    /// What this node has accepted for `key` (a read that promises nothing).
+    pub fn query(&self, db: &Db, key: &Bytes) -> Result<Record, StoreError> {
+        Self::read(db, key)
+    }
+
+    /// Phase 1: promise `b` unless a ballot ≥ `b` was promised (or `b` is under
+    /// the floor); answers the accepted record. `Err(Ok(ballot))` is the ballot
+    /// that beat `b`.
+    pub fn prepare(&self, db: &Db, key: &Bytes, b: Ballot) -> Result<Record, Result<Ballot, StoreError>> {
+        let floor = Ballot {
+            counter: self.floor,
+            proposer: 0,
+        };
+        let mut promises = self.stripe(key).lock();
+        let promised = promises.get(key).copied().unwrap_or_default().max(floor);
+        let record = Self::read(db, key).map_err(Err)?;
+        let promised = promised.max(record.accepted);
+        if b <= promised {
+            return Err(Ok(promised));
+        }
+        self.cover(b)
+            .map_err(|e| Err(StoreError::Write(format!("recording a ballot: {e}"))))?;
+        promises.insert(key.clone(), b);
+        Ok(record)
+    }
+
+    /// Phase 2: accept `entry` at `b` unless a higher ballot was promised.
+    pub fn accept(
+        &self,
+        db: &Db,
+        key: &Bytes,
+        b: Ballot,
+        entry: Option<Entry>,
+    ) -> Result<(), Result<Ballot, StoreError>> {
+        let floor = Ballot {
+            counter: self.floor,
+            proposer: 0,
+        };
+        let mut promises = self.stripe(key).lock();
+        let promised = promises.get(key).copied().unwrap_or_default().max(floor);
+        if b < promised {
+            return Err(Ok(promised));
+        }
+        let current = Self::read(db, key).map_err(Err)?;
+        if b < current.accepted {
+            return Err(Ok(current.accepted));
+        }
+        self.cover(b)
+            .map_err(|e| Err(StoreError::Write(format!("recording a ballot: {e}"))))?;
+        let record = Record { accepted: b, entry }.encode();
+        db.store()
+            .update(key, false, &mut |_| {
+                Update::Put(Entry {
+                    value: record.clone(),
+                    expires_at: None,
+                })
+            })
+            .map_err(Err)?;
+        // The promise is now implied by the accepted ballot.
+        promises.remove(key);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn b(counter: u64, proposer: u64) -> Ballot {
+        Ballot { counter, proposer }
+    }
+
+    #[test]
+    fn records_round_trip() {
+        for r in [
+            Record::default(),
+            Record {
+                accepted: b(7, 3),
+                entry: Some(Entry {
+                    value: Bytes::from_static(b"hello"),
+                    expires_at: Some(99),
+                }),
+            },
+            Record {
+                accepted: b(1, 1),
+                entry: Some(Entry {
+                    value: Bytes::new(),
+                    expires_at: None,
+                }),
+            },
+        ] {
+            assert_eq!(Record::decode(&r.encode()), Some(r));
+        }
+        assert_eq!(Record::decode(&Bytes::from_static(b"plain value")), None);
+    }
+
+    #[test]
+    fn promises_only_go_up_and_survive_a_restart_as_a_floor() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::new(std::sync::Arc::new(crate::store::MemStore::new()));
+        let key = Bytes::from_static(b"k");
+        let a = Acceptor::open(dir.path()).unwrap();
+        assert_eq!(a.prepare(&db, &key, b(5, 1)).unwrap(), Record::default());
+        assert_eq!(a.prepare(&db, &key, b(4, 2)).unwrap_err().unwrap(), b(5, 1));
+        assert_eq!(a.accept(&db, &key, b(4, 2), None).unwrap_err().unwrap(), b(5, 1));
+        let v = Some(Entry {
+            value: Bytes::from_static(b"v"),
+            expires_at: None,
+        });
+        a.accept(&db, &key, b(5, 1), v.clone()).unwrap();
+        assert_eq!(a.query(&db, &key).unwrap().entry, v);
+        // A restart forgets promises but not the floor: an old ballot is refused
+        // even for a key never promised anything.
+        drop(a);
+        let a = Acceptor::open(dir.path()).unwrap();
+        assert!(a.floor() > 5);
+        let other = Bytes::from_static(b"other");
+        assert!(a.prepare(&db, &other, b(6, 1)).is_err());
+        assert!(a.prepare(&db, &other, b(a.floor() + 1, 1)).is_ok());
+    }
+}

@@ -1,0 +1,344 @@
+//! Client and peer requests on a replicated node.
+//!
+//! A command on one key is one CASPaxos round ([`super::proposer`]), run on a
+//! scratch copy of the key made from what a majority of its replicas hold: the
+//! typed command code ([`crate::command::data`]) is the same as on a single
+//! node. Commands on several keys that Redis Cluster splits (MGET, MSET, DEL,
+//! UNLINK, EXISTS, TOUCH) run key by key. A transaction runs as one round
+//! when its commands touch one key (the file system's root swap: WATCH key,
+//! GET, MULTI, SET, EXEC); EXEC fails, as Redis's does, if a watched key's
+//! accepted ballot changed since WATCH.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use super::acceptor::Record;
+use super::proposer::{self, Msg};
+use super::{number, text, Replicas};
+use crate::cluster::paxos::Ballot;
+use crate::command::data::DataCommand;
+use crate::command::spec::{self, Lookup};
+use crate::command::{self};
+use crate::db::{now_ms, Db};
+use crate::reply::Reply;
+use crate::server::{Session, Shared};
+use crate::store::{Entry, MemStore};
+
+/// Commands on several keys that run key by key, and how replies combine.
+const PER_KEY: &[&str] = &["mget", "mset", "del", "unlink", "exists", "touch"];
+
+fn unsupported(what: &str) -> Reply {
+    Reply::error(format!(
+        "ERR '{what}' is not supported by a replicated kvd yet (docs/PROTOCOL.md, \"Replication\")"
+    ))
+}
+
+pub async fn dispatch(
+    shared: &Arc<Shared>,
+    rep: &Arc<Replicas>,
+    session: &mut Session,
+    args: &[Bytes],
+) -> Reply {
+    if args[0].len() > 4 && args[0][..4].eq_ignore_ascii_case(b"kvd.") {
+        return internal(shared, rep, session, args);
+    }
+    let spec = match spec::lookup(args) {
+        Lookup::Found(s)
+            if s.arity_ok(args.len()) && session.authenticated && !session.in_resp2_subscribed_mode() =>
+        {
+            s
+        }
+        _ => return command::execute(shared, session, args),
+    };
+    match spec.name {
+        "exec" => return exec(shared, rep, session, args).await,
+        "watch" if session.multi.is_none() => return watch(shared, rep, session, args).await,
+        "unwatch" | "discard" | "reset" => {
+            session.cluster.watched.clear();
+            return command::execute(shared, session, args);
+        }
+        "flushall" | "flushdb" | "swapdb" | "move" | "randomkey" | "dbsize" => return unsupported(spec.name),
+        "scan" | "keys" if session.multi.is_none() => {
+            let reply = command::execute(shared, session, args);
+            return hide_deleted(shared, reply);
+        }
+        _ => {}
+    }
+    if session.multi.is_some() {
+        // Queued (or refused) as on a single node; EXEC runs them.
+        return command::execute(shared, session, args);
+    }
+    let positions = spec.key_positions(args.len());
+    let Some(&first) = positions.first() else {
+        return command::execute_found(shared, session, spec, args);
+    };
+    if positions.iter().all(|&i| args[i] == args[first]) {
+        return one_key(shared, rep, session, spec.name, args, &args[first]).await;
+    }
+    if !PER_KEY.contains(&spec.name) {
+        return unsupported(&format!("{} on several keys", spec.name));
+    }
+    // Malformed requests get Redis's error before anything is split.
+    if let Some(Err(reply)) = DataCommand::parse(spec.name, args) {
+        return reply;
+    }
+    let step = if spec.name == "mset" { 2 } else { 1 };
+    let single = match spec.name {
+        "mget" => "GET",
+        "mset" => "SET",
+        other => other,
+    };
+    let mut replies = Vec::new();
+    for part in args[1..].chunks(step) {
+        let mut sub = vec![Bytes::copy_from_slice(single.as_bytes())];
+        sub.extend(part.iter().cloned());
+        let name = single.to_ascii_lowercase();
+        let reply = one_key(shared, rep, session, &name, &sub, &part[0]).await;
+        if reply.is_error() && spec.name != "mget" {
+            return reply;
+        }
+        replies.push(reply);
+    }
+    match spec.name {
+        "mget" => Reply::Array(replies),
+        "mset" => Reply::OK,
+        _ => Reply::Int(
+            replies
+                .iter()
+                .filter_map(|r| if let Reply::Int(n) = r { Some(*n) } else { None })
+                .sum(),
+        ),
+    }
+}
+
+/// A key's scratch copy: a one-key database holding `current`.
+fn scratch(key: &Bytes, current: Option<&Entry>) -> Db {
+    let db = Db::new(Arc::new(MemStore::new()));
+    if let Some(e) = current {
+        // A memory store cannot fail.
+        let _ = db.set(key, e.value.clone(), e.expires_at);
+    }
+    db
+}
+
+/// The key's entry in a scratch copy, as a reader would see it now.
+fn after(db: &Db, key: &Bytes) -> Option<Entry> {
+    let now = now_ms();
+    db.store()
+        .get(key)
+        .ok()
+        .flatten()
+        .filter(|e| e.expires_at.is_none_or(|t| t > now))
+}
+
+/// Runs one command on one key as a CASPaxos round.
+async fn one_key(
+    shared: &Arc<Shared>,
+    rep: &Arc<Replicas>,
+    session: &mut Session,
+    name: &str,
+    args: &[Bytes],
+    key: &Bytes,
+) -> Reply {
+    match DataCommand::parse(name, args) {
+        Some(Ok(_)) => {}
+        Some(Err(reply)) => return reply,
+        None => return unsupported(name),
+    }
+    let read_only = spec::lookup(args)
+        .found()
+        .is_some_and(|s| s.flags.contains(&"readonly"));
+    let max_len = session.max_bulk_len;
+    let mut f = |current: &Record| {
+        let live = current.live(now_ms());
+        let db = scratch(key, live);
+        let cmd = match DataCommand::parse(name, args) {
+            Some(Ok(cmd)) => cmd,
+            _ => return (Reply::error("ERR the command stopped parsing"), live.cloned()),
+        };
+        let reply = cmd.apply(&db, max_len);
+        (reply, after(&db, key))
+    };
+    let reply = rep.propose(shared, key, read_only, &mut f).await;
+    if !read_only && !reply.is_error() {
+        // Our own acceptor's write reaches the disk before the reply goes out.
+        session.wrote = true;
+    }
+    reply
+}
+
+/// WATCH: remembers each key's accepted ballot as a majority shows it.
+async fn watch(shared: &Arc<Shared>, rep: &Arc<Replicas>, session: &mut Session, args: &[Bytes]) -> Reply {
+    for key in &args[1..] {
+        let mut seen = Ballot::default();
+        let mut f = |current: &Record| {
+            seen = current.accepted;
+            (Reply::OK, current.live(now_ms()).cloned())
+        };
+        let reply = rep.propose(shared, key, true, &mut f).await;
+        if reply.is_error() {
+            return reply;
+        }
+        session.cluster.watched.push((key.clone(), seen));
+    }
+    Reply::OK
+}
+
+async fn exec(shared: &Arc<Shared>, rep: &Arc<Replicas>, session: &mut Session, args: &[Bytes]) -> Reply {
+    if session.multi.is_none() || args.len() != 1 {
+        return command::execute(shared, session, args);
+    }
+    let multi = session.end_multi().expect("checked above");
+    let watched = std::mem::take(&mut session.cluster.watched);
+    if multi.failed {
+        return Reply::error("EXECABORT Transaction discarded because of previous errors.");
+    }
+    // Every queued command must be a data command on one key.
+    let mut keys: Vec<Bytes> = Vec::new();
+    for q in &multi.queue {
+        let Lookup::Found(s) = spec::lookup(q) else {
+            return unsupported("this command inside MULTI");
+        };
+        let positions = s.key_positions(q.len());
+        if positions.is_empty() || DataCommand::parse(s.name, q).is_none() {
+            return unsupported(&format!("{} inside MULTI", s.name));
+        }
+        if positions.iter().any(|&i| q[i] != q[positions[0]]) {
+            return unsupported(&format!("{} on several keys inside MULTI", s.name));
+        }
+        if !keys.contains(&q[positions[0]]) {
+            keys.push(q[positions[0]].clone());
+        }
+    }
+    if keys.len() > 1 {
+        // Several keys: each command is a round of its own, in order — not one
+        // atomic step (a failure can leave some done); WATCH cannot guard that.
+        if !watched.is_empty() {
+            return unsupported("WATCH with a transaction on several keys");
+        }
+        let mut replies = Vec::new();
+        for q in &multi.queue {
+            let s = spec::lookup(q).found().expect("looked up above");
+            let key = q[s.key_positions(q.len())[0]].clone();
+            replies.push(one_key(shared, rep, session, s.name, q, &key).await);
+        }
+        return Reply::Array(replies);
+    }
+    let Some(key) = keys.pop() else {
+        return Reply::Array(Vec::new());
+    };
+    if watched.iter().any(|(k, _)| *k != key) {
+        return unsupported("WATCH of a key the transaction does not change");
+    }
+    let expected = watched.first().map(|(_, b)| *b);
+    let max_len = session.max_bulk_len;
+    let queue = multi.queue;
+    let mut f = |current: &Record| {
+        let live = current.live(now_ms()).cloned();
+        if expected.is_some_and(|b| b != current.accepted) {
+            return (Reply::NilArray, live);
+        }
+        let db = scratch(&key, live.as_ref());
+        let replies = queue
+            .iter()
+            .map(|q| {
+                let name = spec::lookup(q).found().map(|s| s.name).unwrap_or("");
+                match DataCommand::parse(name, q) {
+                    Some(Ok(cmd)) => cmd.apply(&db, max_len),
+                    Some(Err(reply)) => reply,
+                    None => Reply::error("ERR not a data command"),
+                }
+            })
+            .collect();
+        (Reply::Array(replies), after(&db, &key))
+    };
+    let reply = rep.propose(shared, &key, false, &mut f).await;
+    if !reply.is_error() {
+        session.wrote = true;
+    }
+    reply
+}
+
+/// SCAN and KEYS list what this node stores: leave out deleted and expired keys.
+fn hide_deleted(shared: &Shared, reply: Reply) -> Reply {
+    let now = now_ms();
+    let live = |k: &Reply| match k {
+        Reply::Bulk(key) => match shared.db.store().get(key) {
+            Ok(Some(e)) => Record::decode(&e.value).is_none_or(|r| r.live(now).is_some()),
+            _ => false,
+        },
+        _ => true,
+    };
+    match reply {
+        Reply::Array(mut parts) if parts.len() == 2 && matches!(parts[1], Reply::Array(_)) => {
+            if let Reply::Array(keys) = &mut parts[1] {
+                keys.retain(live);
+            }
+            Reply::Array(parts)
+        }
+        Reply::Array(mut keys) => {
+            keys.retain(live);
+            Reply::Array(keys)
+        }
+        other => other,
+    }
+}
+
+/// `KVD.*`: peer authentication and the acceptor's three phases.
+fn internal(shared: &Arc<Shared>, rep: &Arc<Replicas>, session: &mut Session, args: &[Bytes]) -> Reply {
+    let name = String::from_utf8_lossy(&args[0]).to_ascii_lowercase();
+    let sub = args
+        .get(1)
+        .map(|a| String::from_utf8_lossy(a).to_ascii_lowercase());
+    match (name.as_str(), sub.as_deref(), args.len()) {
+        ("kvd.peer", Some("challenge"), 2) => {
+            let c = crate::cluster::peer::challenge();
+            session.cluster.challenge = Some(c.clone());
+            return Reply::bulk_str(&c);
+        }
+        ("kvd.peer", Some("auth"), 4) => {
+            let Some(challenge) = session.cluster.challenge.take() else {
+                return Reply::error("ERR KVD.PEER AUTH without a challenge");
+            };
+            if !crate::cluster::peer::verify(&rep.secret, &challenge, &text(args, 3)) {
+                tracing::warn!(
+                    client = session.client.id,
+                    "a peer failed the cluster secret check"
+                );
+                session.close = true;
+                return Reply::error("ERR invalid cluster secret");
+            }
+            session.cluster.peer = Some(text(args, 2));
+            session.set_authenticated(true);
+            return Reply::OK;
+        }
+        _ => {}
+    }
+    if session.cluster.peer.is_none() {
+        return Reply::error("NOPERM KVD.* commands are for cluster peers");
+    }
+    let bad = || Reply::error(format!("ERR wrong arguments for '{name}'"));
+    let ballot = |i: usize| -> Option<Ballot> {
+        Some(Ballot {
+            counter: number(args, i)?,
+            proposer: number(args, i + 1)?,
+        })
+    };
+    let msg = match (name.as_str(), args.len()) {
+        ("kvd.query", 2) => Msg::Query,
+        ("kvd.prepare", 4) => match ballot(2) {
+            Some(b) => Msg::Prepare(b),
+            None => return bad(),
+        },
+        ("kvd.accept", 5) => match (ballot(2), Record::decode(&args[4])) {
+            (Some(b), Some(r)) => {
+                session.wrote = true;
+                Msg::Accept(b, r.entry)
+            }
+            _ => return bad(),
+        },
+        _ => return Reply::error(format!("ERR unknown command '{name}'")),
+    };
+    proposer::local(shared, rep, &args[1], &msg)
+}
