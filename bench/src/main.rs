@@ -69,6 +69,14 @@ enum Which {
         #[arg(long, default_value_t = 1)]
         rounds: usize,
     },
+    /// A 3-node replicated kvd with R = 1 and R = 3: SET and compare-and-swap
+    /// throughput and latency, and the longest pause in acknowledged writes
+    /// while a node is killed.
+    Replication {
+        /// SET requests per redis-benchmark run.
+        #[arg(long, default_value_t = 200_000)]
+        requests: u64,
+    },
     /// `fsclient gc` on a store of many blobs (throughput, the collector's peak
     /// memory), and `fsclient diff` of a one-file change in a 100,000-file tree
     /// against reading the whole tree.
@@ -104,6 +112,7 @@ mod cluster;
 mod fs;
 mod gc;
 mod mount;
+mod replication;
 mod storage;
 
 /// Runs redis-benchmark once (64-byte values, 50 clients); returns
@@ -253,6 +262,11 @@ fn main() -> Result<()> {
         Which::Mount { file_mib, files } => {
             let report = mount::run(file_mib, files)?;
             let path = save("mount", &report)?;
+            println!("saved {}", path.display());
+        }
+        Which::Replication { requests } => {
+            let report = replication::run(requests)?;
+            let path = save("replication", &report)?;
             println!("saved {}", path.display());
         }
         Which::Gc { blobs } => {

@@ -836,3 +836,64 @@ impl KvdCluster {
         Ok(live > 0 && owned == 16384 && epochs.len() == 1)
     }
 }
+
+/// A replicated kvd cluster (`--replicas R --peers ...`): nodes started with the
+/// same `--peers` list, each with its own data directory; stopped on drop.
+pub struct Replicated {
+    pub ports: Vec<u16>,
+    nodes: Vec<Option<Server>>,
+    replicas: usize,
+    tmp: tempfile::TempDir,
+}
+
+impl Replicated {
+    /// Starts `n` nodes keeping each key on `replicas` of them.
+    pub fn start(n: usize, replicas: usize) -> Replicated {
+        let mut ports: Vec<u16> = Vec::new();
+        while ports.len() < n {
+            let p = free_port();
+            if !ports.contains(&p) {
+                ports.push(p);
+            }
+        }
+        let mut c = Replicated {
+            nodes: (0..n).map(|_| None).collect(),
+            ports,
+            replicas,
+            tmp: tempfile::tempdir().unwrap(),
+        };
+        for i in 0..n {
+            c.restart(i);
+        }
+        c
+    }
+
+    /// Starts node `i` (again) on its port and data directory.
+    pub fn restart(&mut self, i: usize) {
+        let peers: Vec<String> = self.ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+        let dir = self.tmp.path().join(format!("node{i}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let replicas = self.replicas.to_string();
+        let peers = peers.join(",");
+        let args = [
+            "--replicas",
+            &replicas,
+            "--peers",
+            &peers,
+            "--cluster-secret",
+            "test-secret",
+        ];
+        self.nodes[i] = Some(Server::kvd_on(self.ports[i], &dir, &args).unwrap());
+    }
+
+    /// Kills node `i` with SIGKILL.
+    pub fn kill9(&mut self, i: usize) {
+        if let Some(mut s) = self.nodes[i].take() {
+            s.kill9();
+        }
+    }
+
+    pub fn conn(&self, i: usize) -> Conn {
+        Conn::connect(self.ports[i]).unwrap()
+    }
+}

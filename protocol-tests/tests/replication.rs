@@ -7,64 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use protocol_tests::linearizability::{check, Event, Op};
-use protocol_tests::{free_port, Conn, Server, Value};
-
-/// Nodes started with the same `--peers` list, each with its own directory.
-struct Replicated {
-    nodes: Vec<Option<Server>>,
-    ports: Vec<u16>,
-    replicas: usize,
-    tmp: tempfile::TempDir,
-}
-
-impl Replicated {
-    fn start(n: usize, replicas: usize) -> Replicated {
-        let mut ports: Vec<u16> = Vec::new();
-        while ports.len() < n {
-            let p = free_port();
-            if !ports.contains(&p) {
-                ports.push(p);
-            }
-        }
-        let mut c = Replicated {
-            nodes: (0..n).map(|_| None).collect(),
-            ports,
-            replicas,
-            tmp: tempfile::tempdir().unwrap(),
-        };
-        for i in 0..n {
-            c.restart(i);
-        }
-        c
-    }
-
-    fn restart(&mut self, i: usize) {
-        let peers: Vec<String> = self.ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
-        let dir = self.tmp.path().join(format!("node{i}"));
-        std::fs::create_dir_all(&dir).unwrap();
-        let replicas = self.replicas.to_string();
-        let peers = peers.join(",");
-        let args = [
-            "--replicas",
-            &replicas,
-            "--peers",
-            &peers,
-            "--cluster-secret",
-            "test-secret",
-        ];
-        self.nodes[i] = Some(Server::kvd_on(self.ports[i], &dir, &args).unwrap());
-    }
-
-    fn kill9(&mut self, i: usize) {
-        if let Some(mut s) = self.nodes[i].take() {
-            s.kill9();
-        }
-    }
-
-    fn conn(&self, i: usize) -> Conn {
-        Conn::connect(self.ports[i]).unwrap()
-    }
-}
+use protocol_tests::{Conn, Replicated, Value};
 
 #[test]
 fn every_node_serves_every_key_and_a_majority_is_enough() {

@@ -1,0 +1,184 @@
+//! `bench replication`: a 3-node replicated kvd with R = 1 and R = 3 in the
+//! same run — SET throughput and latency (redis-benchmark), compare-and-swap
+//! (WATCH/GET/MULTI/SET/EXEC) throughput and latency — and the longest pause in
+//! acknowledged writes while a node is killed with SIGKILL.
+
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use protocol_tests::{Conn, Replicated, Value};
+use serde::Serialize;
+
+#[derive(Serialize)]
+pub struct Report {
+    rows: Vec<Row>,
+    set_r3_over_r1: f64,
+    cas_r3_over_r1: f64,
+    failover: Failover,
+}
+
+#[derive(Serialize)]
+struct Row {
+    replicas: usize,
+    set_rps: f64,
+    set_p50_ms: f64,
+    set_p99_ms: f64,
+    cas_per_s: f64,
+    cas_p50_ms: f64,
+    cas_p99_ms: f64,
+}
+
+#[derive(Serialize)]
+struct Failover {
+    acknowledged_writes: u64,
+    longest_pause_ms: f64,
+}
+
+/// redis-benchmark SET: (requests/s, p50 ms, p99 ms).
+fn set_bench(port: u16, requests: u64) -> Result<(f64, f64, f64)> {
+    let out = Command::new("redis-benchmark")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-t", "set"])
+        // Random keys (-r): one key for every request would measure contention
+        // on a single register, not replication.
+        .args([
+            "-d",
+            "64",
+            "-c",
+            "50",
+            "-r",
+            "1000000",
+            "-n",
+            &requests.to_string(),
+            "--csv",
+        ])
+        .output()
+        .context("running redis-benchmark")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    for line in text.lines() {
+        let f: Vec<&str> = line.split(',').map(|f| f.trim_matches('"')).collect();
+        if f.len() >= 7 && f[0] == "SET" {
+            return Ok((f[1].parse()?, f[4].parse()?, f[6].parse()?));
+        }
+    }
+    bail!("no SET row in redis-benchmark output: {text}")
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    sorted[((sorted.len() - 1) as f64 * p) as usize].as_secs_f64() * 1e3
+}
+
+/// CAS increments on one key per client for `secs`: (per second, p50, p99).
+fn cas_bench(ports: &[u16], clients: usize, secs: u64) -> Result<(f64, f64, f64)> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let threads: Vec<_> = (0..clients)
+        .map(|t| {
+            let (stop, port) = (stop.clone(), ports[t % ports.len()]);
+            std::thread::spawn(move || -> Result<Vec<Duration>> {
+                let mut conn = Conn::connect(port)?;
+                let key = format!("cas:{t}");
+                let mut latencies = Vec::new();
+                while !stop.load(Ordering::Relaxed) {
+                    let start = Instant::now();
+                    conn.call(&["WATCH", &key])?;
+                    let v = match conn.call(&["GET", &key])? {
+                        Value::Nil => 0,
+                        v => v.as_int().unwrap_or(0),
+                    };
+                    conn.cmd("MULTI")?;
+                    conn.call(&["SET", &key, &(v + 1).to_string()])?;
+                    if let Value::Array(_) = conn.cmd("EXEC")? {
+                        latencies.push(start.elapsed());
+                    }
+                }
+                Ok(latencies)
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_secs(secs));
+    stop.store(true, Ordering::Relaxed);
+    let mut all = Vec::new();
+    for t in threads {
+        all.extend(t.join().expect("cas thread")?);
+    }
+    all.sort();
+    Ok((
+        all.len() as f64 / secs as f64,
+        percentile(&all, 0.5),
+        percentile(&all, 0.99),
+    ))
+}
+
+fn failover() -> Result<Failover> {
+    let mut c = Replicated::start(3, 3);
+    let ports = [c.ports[0], c.ports[2]];
+    let stop = Arc::new(AtomicBool::new(false));
+    let last = Arc::new(Mutex::new(Instant::now()));
+    let longest = Arc::new(Mutex::new(Duration::ZERO));
+    let threads: Vec<_> = (0..8)
+        .map(|t| {
+            let (stop, last, longest) = (stop.clone(), last.clone(), longest.clone());
+            let port = ports[t % 2];
+            std::thread::spawn(move || -> Result<u64> {
+                let mut conn = Conn::connect(port)?;
+                let mut acked = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    let key = format!("f{t}:{acked}");
+                    if !conn.call(&["SET", &key, "x"])?.is_error() {
+                        acked += 1;
+                        let now = Instant::now();
+                        let mut l = last.lock().expect("lock");
+                        let mut g = longest.lock().expect("lock");
+                        *g = (*g).max(now - *l);
+                        *l = now;
+                    }
+                }
+                Ok(acked)
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_secs(2));
+    c.kill9(1);
+    std::thread::sleep(Duration::from_secs(2));
+    stop.store(true, Ordering::Relaxed);
+    let mut acknowledged = 0;
+    for t in threads {
+        acknowledged += t.join().expect("writer")?;
+    }
+    let pause = *longest.lock().expect("lock");
+    Ok(Failover {
+        acknowledged_writes: acknowledged,
+        longest_pause_ms: pause.as_secs_f64() * 1e3,
+    })
+}
+
+pub fn run(requests: u64) -> Result<Report> {
+    let mut rows = Vec::new();
+    for replicas in [1, 3] {
+        let c = Replicated::start(3, replicas);
+        let (set_rps, set_p50_ms, set_p99_ms) = set_bench(c.ports[0], requests)?;
+        let (cas_per_s, cas_p50_ms, cas_p99_ms) = cas_bench(&c.ports, 12, 5)?;
+        rows.push(Row {
+            replicas,
+            set_rps,
+            set_p50_ms,
+            set_p99_ms,
+            cas_per_s,
+            cas_p50_ms,
+            cas_p99_ms,
+        });
+    }
+    let report = Report {
+        set_r3_over_r1: rows[1].set_rps / rows[0].set_rps,
+        cas_r3_over_r1: rows[1].cas_per_s / rows[0].cas_per_s,
+        rows,
+        failover: failover()?,
+    };
+    println!("{}", serde_json::to_string_pretty(&report)?);
+    Ok(report)
+}
