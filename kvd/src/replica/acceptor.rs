@@ -13,6 +13,10 @@
 //! a restart every ballot below the recorded limit is refused, for every key, so a
 //! promise forgotten in the crash can never be broken.
 //!
+//! Invariant: an accepted record is in the log (written, and fsynced with
+//! `--appendfsync always`) before the stripe lock is released, and every phase
+//! reads under that lock, so no answer ever names a record a crash can undo.
+//!
 //! Record encoding: `0xAC | accepted counter u64 | accepted proposer u64 |
 //! present u8 | expiry ms u64 (0: none) | value`. The storage engine's own
 //! expiry is not used (an expired key keeps its ballot until it is overwritten).
@@ -34,6 +38,8 @@ const HEADER: usize = 1 + 8 + 8 + 1 + 8;
 const FLOOR_STEP: u64 = 1 << 20;
 /// Lock stripes serializing prepare and accept per key.
 const STRIPES: usize = 1024;
+/// Promises kept per stripe; past that they are folded into the stripe's floor.
+const STRIPE_PROMISES: usize = 1024;
 
 /// What an acceptor holds for a key: the accepted ballot and value.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -87,7 +93,35 @@ pub struct Acceptor {
     limit: AtomicU64,
     /// Below this, nothing is promised or accepted (the limit before the last start).
     floor: u64,
-    promises: Vec<Mutex<HashMap<Bytes, Ballot>>>,
+    promises: Vec<Mutex<Stripe>>,
+}
+
+/// The promises of the keys of one lock stripe.
+#[derive(Default)]
+struct Stripe {
+    promises: HashMap<Bytes, Ballot>,
+    /// Every key of the stripe counts as promised this much: promises dropped
+    /// to bound memory are folded in here, so none is ever broken (at worst a
+    /// proposer of another key is refused once and tries a higher ballot).
+    floor: Ballot,
+}
+
+impl Stripe {
+    fn promised(&self, key: &Bytes) -> Ballot {
+        self.promises
+            .get(key)
+            .copied()
+            .unwrap_or_default()
+            .max(self.floor)
+    }
+
+    fn promise(&mut self, key: &Bytes, b: Ballot) {
+        if self.promises.len() >= STRIPE_PROMISES && !self.promises.contains_key(key) {
+            let highest = self.promises.drain().map(|(_, b)| b).max().unwrap_or_default();
+            self.floor = self.floor.max(highest);
+        }
+        self.promises.insert(key.clone(), b);
+    }
 }
 
 impl Acceptor {
@@ -103,7 +137,7 @@ impl Acceptor {
             floor_path,
             limit: AtomicU64::new(floor),
             floor,
-            promises: (0..STRIPES).map(|_| Mutex::new(HashMap::new())).collect(),
+            promises: (0..STRIPES).map(|_| Mutex::new(Stripe::default())).collect(),
         })
     }
 
@@ -112,7 +146,7 @@ impl Acceptor {
         self.floor
     }
 
-    fn stripe(&self, key: &Bytes) -> &Mutex<HashMap<Bytes, Ballot>> {
+    fn stripe(&self, key: &Bytes) -> &Mutex<Stripe> {
         let h = key.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
             (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3)
         });
@@ -150,6 +184,7 @@ impl Acceptor {
 
     /// What this node has accepted for `key` (a read that promises nothing).
     pub fn query(&self, db: &Db, key: &Bytes) -> Result<Record, StoreError> {
+        let _stripe = self.stripe(key).lock();
         Self::read(db, key)
     }
 
@@ -161,41 +196,54 @@ impl Acceptor {
             counter: self.floor,
             proposer: 0,
         };
-        let mut promises = self.stripe(key).lock();
-        let promised = promises.get(key).copied().unwrap_or_default().max(floor);
+        let mut stripe = self.stripe(key).lock();
+        let promised = stripe.promised(key).max(floor);
         let record = Self::read(db, key).map_err(Err)?;
+        // The same prepare again (its reply was lost): the same answer.
+        if b == stripe.promised(key) && b > record.accepted && b.counter >= self.floor {
+            return Ok(record);
+        }
         let promised = promised.max(record.accepted);
         if b <= promised {
             return Err(Ok(promised));
         }
         self.cover(b)
             .map_err(|e| Err(StoreError::Write(format!("recording a ballot: {e}"))))?;
-        promises.insert(key.clone(), b);
+        stripe.promise(key, b);
         Ok(record)
     }
 
-    /// Phase 2: accept `entry` at `b` unless a higher ballot was promised.
+    /// Phase 2: accept `entry` at `b` unless a higher ballot was promised. With
+    /// `next`, the same proposer's next ballot is promised at once (the
+    /// CASPaxos paper's one-round-trip optimization: its next change to the key
+    /// skips phase 1 unless someone else prepared in between).
     pub fn accept(
         &self,
         db: &Db,
         key: &Bytes,
         b: Ballot,
         entry: Option<Entry>,
+        next: Option<Ballot>,
     ) -> Result<(), Result<Ballot, StoreError>> {
         let floor = Ballot {
             counter: self.floor,
             proposer: 0,
         };
-        let mut promises = self.stripe(key).lock();
-        let promised = promises.get(key).copied().unwrap_or_default().max(floor);
+        let mut stripe = self.stripe(key).lock();
+        let current = Self::read(db, key).map_err(Err)?;
+        if b == current.accepted && b.counter >= self.floor {
+            // The same accept again (its reply was lost): a ballot names one value.
+            return Ok(());
+        }
+        let promised = stripe.promised(key).max(floor);
         if b < promised {
             return Err(Ok(promised));
         }
-        let current = Self::read(db, key).map_err(Err)?;
         if b < current.accepted {
             return Err(Ok(current.accepted));
         }
-        self.cover(b)
+        let next = next.filter(|n| *n > b);
+        self.cover(next.unwrap_or(b))
             .map_err(|e| Err(StoreError::Write(format!("recording a ballot: {e}"))))?;
         let record = Record { accepted: b, entry }.encode();
         db.store()
@@ -206,8 +254,18 @@ impl Acceptor {
                 })
             })
             .map_err(Err)?;
-        // The promise is now implied by the accepted ballot.
-        promises.remove(key);
+        // In the log before anyone can learn of it: the storage engine buffers
+        // writes until a flush, and an acceptor that reported a value and then
+        // lost it in a crash (SIGKILL loses the buffer) would break Paxos. The
+        // stripe lock is held until then, and every phase takes it.
+        db.store().flush().map_err(Err)?;
+        match next {
+            Some(n) => stripe.promise(key, n),
+            // The promise is now implied by the accepted ballot.
+            None => {
+                stripe.promises.remove(key);
+            }
+        }
         Ok(())
     }
 }
@@ -252,13 +310,20 @@ mod tests {
         let a = Acceptor::open(dir.path()).unwrap();
         assert_eq!(a.prepare(&db, &key, b(5, 1)).unwrap(), Record::default());
         assert_eq!(a.prepare(&db, &key, b(4, 2)).unwrap_err().unwrap(), b(5, 1));
-        assert_eq!(a.accept(&db, &key, b(4, 2), None).unwrap_err().unwrap(), b(5, 1));
+        assert_eq!(
+            a.accept(&db, &key, b(4, 2), None, None).unwrap_err().unwrap(),
+            b(5, 1)
+        );
         let v = Some(Entry {
             value: Bytes::from_static(b"v"),
             expires_at: None,
         });
-        a.accept(&db, &key, b(5, 1), v.clone()).unwrap();
+        a.accept(&db, &key, b(5, 1), v.clone(), Some(b(9, 1))).unwrap();
         assert_eq!(a.query(&db, &key).unwrap().entry, v);
+        // The next ballot came promised with the accept: lower ones are refused,
+        // and it is accepted without a prepare.
+        assert_eq!(a.prepare(&db, &key, b(8, 2)).unwrap_err().unwrap(), b(9, 1));
+        a.accept(&db, &key, b(9, 1), v.clone(), None).unwrap();
         // A restart forgets promises but not the floor: an old ballot is refused
         // even for a key never promised anything.
         drop(a);

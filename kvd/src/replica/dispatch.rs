@@ -171,16 +171,10 @@ async fn one_key(
 /// WATCH: remembers each key's accepted ballot as a majority shows it.
 async fn watch(shared: &Arc<Shared>, rep: &Arc<Replicas>, session: &mut Session, args: &[Bytes]) -> Reply {
     for key in &args[1..] {
-        let mut seen = Ballot::default();
-        let mut f = |current: &Record| {
-            seen = current.accepted;
-            (Reply::OK, current.live(now_ms()).cloned())
-        };
-        let reply = rep.propose(shared, key, true, &mut f).await;
-        if reply.is_error() {
-            return reply;
+        match rep.chosen_ballot(shared, key).await {
+            Ok(seen) => session.cluster.watched.push((key.clone(), seen)),
+            Err(reply) => return reply,
         }
-        session.cluster.watched.push((key.clone(), seen));
     }
     Reply::OK
 }
@@ -331,13 +325,22 @@ fn internal(shared: &Arc<Shared>, rep: &Arc<Replicas>, session: &mut Session, ar
             Some(b) => Msg::Prepare(b),
             None => return bad(),
         },
-        ("kvd.accept", 5) => match (ballot(2), Record::decode(&args[4])) {
-            (Some(b), Some(r)) => {
-                session.wrote = true;
-                Msg::Accept(b, r.entry)
+        ("kvd.accept", 5 | 7) => {
+            let next = match args.len() {
+                7 => match ballot(5) {
+                    Some(n) => Some(n),
+                    None => return bad(),
+                },
+                _ => None,
+            };
+            match (ballot(2), Record::decode(&args[4])) {
+                (Some(b), Some(r)) => {
+                    session.wrote = true;
+                    Msg::Accept(b, r.entry, next)
+                }
+                _ => return bad(),
             }
-            _ => return bad(),
-        },
+        }
         _ => return Reply::error(format!("ERR unknown command '{name}'")),
     };
     proposer::local(shared, rep, &args[1], &msg)

@@ -47,6 +47,8 @@ pub struct Options {
 #[derive(Default)]
 pub struct Stats {
     pub rounds: AtomicU64,
+    /// Changes that took one round trip (phase 1 skipped).
+    pub fast: AtomicU64,
     pub conflicts: AtomicU64,
     pub repairs: AtomicU64,
     pub unavailable: AtomicU64,
@@ -63,6 +65,9 @@ pub struct Replicas {
     proposer_id: u64,
     /// The highest ballot counter this node has seen or used.
     counter: AtomicU64,
+    /// Keys this node changed last: the next ballot the acceptors promised us
+    /// with that change, and the record they accepted (see `proposer`).
+    fast: parking_lot::Mutex<std::collections::HashMap<Bytes, (Ballot, acceptor::Record)>>,
     pub stats: Stats,
 }
 
@@ -95,6 +100,7 @@ impl Replicas {
             replicas,
             secret: options.secret,
             proposer_id,
+            fast: Default::default(),
             stats: Stats::default(),
         }))
     }
@@ -125,10 +131,11 @@ impl Replicas {
     pub fn info(&self) -> String {
         let s = &self.stats;
         format!(
-            "kvd_replicas:{}\r\nkvd_replica_nodes:{}\r\nkvd_paxos_rounds:{}\r\nkvd_paxos_conflicts:{}\r\nkvd_paxos_repairs:{}\r\nkvd_paxos_unavailable:{}\r\n",
+            "kvd_replicas:{}\r\nkvd_replica_nodes:{}\r\nkvd_paxos_rounds:{}\r\nkvd_paxos_one_round_trip:{}\r\nkvd_paxos_conflicts:{}\r\nkvd_paxos_repairs:{}\r\nkvd_paxos_unavailable:{}\r\n",
             self.replicas,
             self.nodes.len(),
             s.rounds.load(Ordering::Relaxed),
+            s.fast.load(Ordering::Relaxed),
             s.conflicts.load(Ordering::Relaxed),
             s.repairs.load(Ordering::Relaxed),
             s.unavailable.load(Ordering::Relaxed),

@@ -8,10 +8,19 @@
 //! it) and no later-acknowledged write can be missing from it; otherwise they
 //! run the full round, writing the highest value back (a repair).
 //!
-//! Retrying is safe only while no acceptor has accepted anything of this
-//! attempt: a value accepted by a minority may still be chosen by a later
-//! round, so a command whose accept phase fell short answers an error that
-//! says its outcome is unknown instead of running again.
+//! A change after a change of our own skips phase 1: each accept also promises
+//! this proposer's next ballot for the key (the CASPaxos paper's one-round-trip
+//! optimization), so while nobody else prepares the key, the next change is
+//! one accept. Anyone else's prepare makes that accept fail where it matters,
+//! and the full round runs.
+//!
+//! Retrying is safe only when every replica refused the attempt or never got
+//! it: a value accepted by even one replica may still be chosen by a later
+//! round, so after an accept phase that fell short the proposer waits for every
+//! replica's answer (or timeout), and if any may have accepted, answers an
+//! error that says the outcome is unknown instead of running again. (The
+//! linearizability test found the version that retried after only a majority
+//! had refused.)
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -32,12 +41,15 @@ use crate::store::{Entry, StoreError};
 const PHASE_TIMEOUT: Duration = Duration::from_millis(1000);
 /// Attempts beaten by other proposers before giving up.
 const ATTEMPTS: usize = 20;
+/// Keys remembered for one-round-trip changes (forgotten all at once past this).
+const FAST_KEYS: usize = 100_000;
 
 #[derive(Clone)]
 pub enum Msg {
     Query,
     Prepare(Ballot),
-    Accept(Ballot, Option<Entry>),
+    /// Accept the value at the ballot, and promise the second ballot next.
+    Accept(Ballot, Option<Entry>, Option<Ballot>),
 }
 
 /// One replica's answer.
@@ -68,7 +80,7 @@ pub fn local(shared: &Shared, rep: &Replicas, key: &Bytes, msg: &Msg) -> Reply {
             Err(Ok(beaten)) => ballot_error(beaten),
             Err(Err(e)) => store_error(e),
         },
-        Msg::Accept(b, entry) => match acceptor.accept(&shared.db, key, *b, entry.clone()) {
+        Msg::Accept(b, entry, next) => match acceptor.accept(&shared.db, key, *b, entry.clone(), *next) {
             Ok(()) => Reply::OK,
             Err(Ok(beaten)) => ballot_error(beaten),
             Err(Err(e)) => store_error(e),
@@ -87,17 +99,24 @@ pub fn request(key: &Bytes, msg: &Msg) -> Vec<Bytes> {
             n(b.counter),
             n(b.proposer),
         ],
-        Msg::Accept(b, entry) => vec![
-            Bytes::from_static(b"KVD.ACCEPT"),
-            key.clone(),
-            n(b.counter),
-            n(b.proposer),
-            Record {
-                accepted: *b,
-                entry: entry.clone(),
+        Msg::Accept(b, entry, next) => {
+            let mut args = vec![
+                Bytes::from_static(b"KVD.ACCEPT"),
+                key.clone(),
+                n(b.counter),
+                n(b.proposer),
+                Record {
+                    accepted: *b,
+                    entry: entry.clone(),
+                }
+                .encode(),
+            ];
+            if let Some(next) = next {
+                args.push(n(next.counter));
+                args.push(n(next.proposer));
             }
-            .encode(),
-        ],
+            args
+        }
     }
 }
 
@@ -128,31 +147,58 @@ struct Gathered {
     accepted: usize,
     beaten: Option<Ballot>,
     failures: Vec<String>,
+    /// Failures after which the message may have arrived (a lost link, a
+    /// timeout), as opposed to never sent (the node could not be reached).
+    maybe_delivered: usize,
+}
+
+/// Why a replica gave no answer, and whether the message may have arrived.
+struct Failure {
+    text: String,
+    maybe_delivered: bool,
 }
 
 impl Replicas {
-    async fn ask(
-        self: &Arc<Self>,
-        shared: &Arc<Shared>,
-        node: usize,
-        key: &Bytes,
-        msg: &Msg,
-    ) -> Result<Answer, String> {
-        if node == self.me {
-            return answer(local(shared, self, key, msg));
-        }
+    /// One phase on a peer. A link found broken is replaced and the message sent
+    /// once more: acceptors answer a repeated prepare or accept as they did the
+    /// first time, so a message that did arrive before the link broke is harmless.
+    async fn ask_peer(self: Arc<Self>, node: usize, key: Bytes, msg: Msg) -> Result<Answer, Failure> {
         let addr = &self.nodes[node];
-        let request = request(key, msg);
-        let call = self.peers.call(addr, &request);
-        match tokio::time::timeout(PHASE_TIMEOUT, call).await {
-            Ok(Ok(reply)) => answer(reply),
-            Ok(Err(e)) => Err(format!("{addr}: {e}")),
-            Err(_) => Err(format!("{addr}: no answer within {PHASE_TIMEOUT:?}")),
+        let request = request(&key, &msg);
+        let mut last = Failure {
+            text: String::new(),
+            maybe_delivered: false,
+        };
+        for _ in 0..2 {
+            match tokio::time::timeout(PHASE_TIMEOUT, self.peers.call(addr, &request)).await {
+                Ok(Ok(reply)) => {
+                    return answer(reply).map_err(|text| Failure {
+                        text,
+                        maybe_delivered: true,
+                    })
+                }
+                Ok(Err(e)) => {
+                    let maybe = last.maybe_delivered || matches!(e, crate::cluster::peer::LinkError::Lost(_));
+                    last = Failure {
+                        text: format!("{addr}: {e}"),
+                        maybe_delivered: maybe,
+                    };
+                }
+                Err(_) => {
+                    return Err(Failure {
+                        text: format!("{addr}: no answer within {PHASE_TIMEOUT:?}"),
+                        maybe_delivered: true,
+                    })
+                }
+            }
         }
+        Err(last)
     }
 
-    /// Sends a phase to every holder; returns once a majority has succeeded or
-    /// a majority can no longer succeed.
+    /// Sends a phase to every holder; returns once a majority has succeeded, or
+    /// a majority can no longer succeed and (for an accept) every holder has
+    /// answered or timed out: whether a failed accept may be retried depends on
+    /// all of them.
     async fn phase(
         self: &Arc<Self>,
         shared: &Arc<Shared>,
@@ -160,16 +206,41 @@ impl Replicas {
         key: &Bytes,
         msg: &Msg,
     ) -> Gathered {
+        let wait_all = matches!(msg, Msg::Accept(..));
         let need = majority(holders.len());
-        let mut pending: FuturesUnordered<_> =
-            holders.iter().map(|&n| self.ask(shared, n, key, msg)).collect();
+        // Each peer's call is a task of its own: it goes on after a majority has
+        // answered, so every reachable replica gets every message.
+        let mut pending: FuturesUnordered<tokio::task::JoinHandle<Result<Answer, Failure>>> = holders
+            .iter()
+            .filter(|&&n| n != self.me)
+            .map(|&n| tokio::spawn(self.clone().ask_peer(n, key.clone(), msg.clone())))
+            .collect();
         let mut g = Gathered {
             records: Vec::new(),
             accepted: 0,
             beaten: None,
             failures: Vec::new(),
+            maybe_delivered: 0,
         };
-        while let Some(a) = pending.next().await {
+        let mut local = holders.contains(&self.me).then(|| {
+            answer(local(shared, self, key, msg)).map_err(|text| Failure {
+                text,
+                maybe_delivered: false,
+            })
+        });
+        loop {
+            let a = match local.take() {
+                Some(a) => a,
+                None => match pending.next().await {
+                    Some(joined) => joined.unwrap_or_else(|e| {
+                        Err(Failure {
+                            text: format!("a replica call failed: {e}"),
+                            maybe_delivered: true,
+                        })
+                    }),
+                    None => break,
+                },
+            };
             match a {
                 Ok(Answer::Record(r)) => g.records.push(r),
                 Ok(Answer::Accepted) => g.accepted += 1,
@@ -177,11 +248,14 @@ impl Replicas {
                     self.saw(b);
                     g.beaten = g.beaten.max(Some(b));
                 }
-                Err(e) => g.failures.push(e),
+                Err(f) => {
+                    g.maybe_delivered += f.maybe_delivered as usize;
+                    g.failures.push(f.text);
+                }
             }
             let ok = g.records.len() + g.accepted;
             let lost = holders.len() - ok - pending.len();
-            if ok >= need || holders.len() - lost < need {
+            if ok >= need || (holders.len() - lost < need && !wait_all) {
                 break;
             }
         }
@@ -206,6 +280,28 @@ impl Replicas {
             let g = self.phase(shared, &holders, key, &Msg::Query).await;
             if g.records.len() >= need && g.records.iter().all(|r| r.accepted == g.records[0].accepted) {
                 return f(&g.records[0]).0;
+            }
+        }
+        // One round trip when this node made the key's last change and nobody
+        // prepared since: the acceptors promised our next ballot with it, so
+        // phase 1 is done; if someone did prepare, the accept is refused
+        // everywhere that matters and the full round below runs.
+        let cached = self.fast.lock().remove(key);
+        if let Some((next, last)) = cached {
+            let current = last.live(now_ms()).cloned();
+            let (reply, new) = f(&last);
+            if new != current {
+                let follow = self.next_ballot();
+                let msg = Msg::Accept(next, new.clone(), Some(follow));
+                let g = self.phase(shared, &holders, key, &msg).await;
+                if g.accepted >= need {
+                    self.stats.fast.fetch_add(1, Ordering::Relaxed);
+                    self.remember(key, follow, next, new);
+                    return reply;
+                }
+                if g.accepted > 0 || g.maybe_delivered > 0 {
+                    return self.uncertain(&g, holders.len());
+                }
             }
         }
         for attempt in 0..ATTEMPTS {
@@ -235,26 +331,75 @@ impl Replicas {
             if new == current {
                 self.stats.repairs.fetch_add(1, Ordering::Relaxed);
             }
-            let g = self.phase(shared, &holders, key, &Msg::Accept(b, new)).await;
+            let follow = self.next_ballot();
+            let g = self
+                .phase(shared, &holders, key, &Msg::Accept(b, new.clone(), Some(follow)))
+                .await;
             if g.accepted >= need {
+                self.remember(key, follow, b, new);
                 return reply;
             }
-            if g.accepted == 0 && g.beaten.is_some() {
-                // Nothing of this attempt was accepted anywhere: safe to run again.
+            if g.accepted == 0 && g.maybe_delivered == 0 {
+                // Every replica refused this attempt or never got it: nothing of
+                // it can ever be chosen, so it is safe to run again.
+                if g.beaten.is_none() {
+                    return unavailable(self, &g.failures);
+                }
                 self.stats.conflicts.fetch_add(1, Ordering::Relaxed);
                 backoff(attempt).await;
                 continue;
             }
-            self.stats.unavailable.fetch_add(1, Ordering::Relaxed);
-            return Reply::error(format!(
-                "ERR the write reached {} of {} replicas, fewer than a majority: it may or may not take effect ({})",
-                g.accepted,
-                holders.len(),
-                g.failures.join("; ")
-            ));
+            return self.uncertain(&g, holders.len());
         }
         self.stats.unavailable.fetch_add(1, Ordering::Relaxed);
         Reply::error("TRYAGAIN too many concurrent writers to this key; try again")
+    }
+}
+
+impl Replicas {
+    /// The ballot a majority of the key's replicas hold its value at (WATCH):
+    /// asked without promising; if the answers differ, the value is written back
+    /// first (so what is returned is the ballot a later EXEC will find).
+    pub async fn chosen_ballot(self: &Arc<Self>, shared: &Arc<Shared>, key: &Bytes) -> Result<Ballot, Reply> {
+        let holders = self.holders(key);
+        let need = majority(holders.len());
+        for _ in 0..3 {
+            let g = self.phase(shared, &holders, key, &Msg::Query).await;
+            if g.records.len() >= need && g.records.iter().all(|r| r.accepted == g.records[0].accepted) {
+                return Ok(g.records[0].accepted);
+            }
+            if g.records.len() < need {
+                return Err(unavailable(self, &g.failures));
+            }
+            let mut same = |r: &Record| (Reply::OK, r.live(now_ms()).cloned());
+            let reply = self.propose(shared, key, false, &mut same).await;
+            if reply.is_error() {
+                return Err(reply);
+            }
+        }
+        Err(Reply::error(
+            "TRYAGAIN the replicas of this key keep changing; try again",
+        ))
+    }
+
+    /// Notes that a majority accepted `entry` at `accepted` and promised `next`.
+    fn remember(&self, key: &Bytes, next: Ballot, accepted: Ballot, entry: Option<Entry>) {
+        let mut fast = self.fast.lock();
+        if fast.len() >= FAST_KEYS {
+            fast.clear();
+        }
+        fast.insert(key.clone(), (next, Record { accepted, entry }));
+    }
+
+    /// A write that reached some replicas but not a majority.
+    fn uncertain(&self, g: &Gathered, replicas: usize) -> Reply {
+        self.stats.unavailable.fetch_add(1, Ordering::Relaxed);
+        Reply::error(format!(
+            "ERR the write reached {} of {} replicas, fewer than a majority: it may or may not take effect ({})",
+            g.accepted,
+            replicas,
+            g.failures.join("; ")
+        ))
     }
 }
 
