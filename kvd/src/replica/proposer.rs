@@ -266,20 +266,21 @@ impl Replicas {
     /// its reply; `f` answers the reply and the key's new value (the live value
     /// it was given, unchanged, when it changes nothing). `read_only` commands
     /// try the cheaper read first.
-    pub async fn propose(
+    pub async fn propose_at(
         self: &Arc<Self>,
         shared: &Arc<Shared>,
         key: &Bytes,
         read_only: bool,
         f: &mut (dyn FnMut(&Record) -> (Reply, Option<Entry>) + Send),
-    ) -> Reply {
+    ) -> (Reply, Ballot) {
+        let none = Ballot::default();
         let holders = self.holders(key);
         let need = majority(holders.len());
         self.stats.rounds.fetch_add(1, Ordering::Relaxed);
         if read_only {
             let g = self.phase(shared, &holders, key, &Msg::Query).await;
             if g.records.len() >= need && g.records.iter().all(|r| r.accepted == g.records[0].accepted) {
-                return f(&g.records[0]).0;
+                return (f(&g.records[0]).0, g.records[0].accepted);
             }
         }
         // One round trip when this node made the key's last change and nobody
@@ -297,10 +298,10 @@ impl Replicas {
                 if g.accepted >= need {
                     self.stats.fast.fetch_add(1, Ordering::Relaxed);
                     self.remember(key, follow, next, new);
-                    return reply;
+                    return (reply, next);
                 }
                 if g.accepted > 0 || g.maybe_delivered > 0 {
-                    return self.uncertain(&g, holders.len());
+                    return (self.uncertain(&g, holders.len()), none);
                 }
             }
         }
@@ -313,7 +314,7 @@ impl Replicas {
                     backoff(attempt).await;
                     continue;
                 }
-                return unavailable(self, &g.failures);
+                return (unavailable(self, &g.failures), none);
             }
             let highest = g
                 .records
@@ -326,7 +327,7 @@ impl Replicas {
             let (reply, new) = f(&highest);
             if new == current && agree {
                 // Nothing to change, and a majority holds this value: it is chosen.
-                return reply;
+                return (reply, highest.accepted);
             }
             if new == current {
                 self.stats.repairs.fetch_add(1, Ordering::Relaxed);
@@ -337,49 +338,50 @@ impl Replicas {
                 .await;
             if g.accepted >= need {
                 self.remember(key, follow, b, new);
-                return reply;
+                return (reply, b);
             }
             if g.accepted == 0 && g.maybe_delivered == 0 {
                 // Every replica refused this attempt or never got it: nothing of
                 // it can ever be chosen, so it is safe to run again.
                 if g.beaten.is_none() {
-                    return unavailable(self, &g.failures);
+                    return (unavailable(self, &g.failures), none);
                 }
                 self.stats.conflicts.fetch_add(1, Ordering::Relaxed);
                 backoff(attempt).await;
                 continue;
             }
-            return self.uncertain(&g, holders.len());
+            return (self.uncertain(&g, holders.len()), none);
         }
         self.stats.unavailable.fetch_add(1, Ordering::Relaxed);
-        Reply::error("TRYAGAIN too many concurrent writers to this key; try again")
+        (
+            Reply::error("TRYAGAIN too many concurrent writers to this key; try again"),
+            none,
+        )
+    }
+
+    /// [`Replicas::propose_at`] without the ballot.
+    pub async fn propose(
+        self: &Arc<Self>,
+        shared: &Arc<Shared>,
+        key: &Bytes,
+        read_only: bool,
+        f: &mut (dyn FnMut(&Record) -> (Reply, Option<Entry>) + Send),
+    ) -> Reply {
+        self.propose_at(shared, key, read_only, f).await.0
     }
 }
 
 impl Replicas {
-    /// The ballot a majority of the key's replicas hold its value at (WATCH):
-    /// asked without promising; if the answers differ, the value is written back
-    /// first (so what is returned is the ballot a later EXEC will find).
+    /// The ballot at which a majority of the key's replicas holds its current
+    /// value (WATCH): a read round, which writes the value back first if the
+    /// replicas disagree, so the answer is what a later EXEC finds unless the
+    /// key changes.
     pub async fn chosen_ballot(self: &Arc<Self>, shared: &Arc<Shared>, key: &Bytes) -> Result<Ballot, Reply> {
-        let holders = self.holders(key);
-        let need = majority(holders.len());
-        for _ in 0..3 {
-            let g = self.phase(shared, &holders, key, &Msg::Query).await;
-            if g.records.len() >= need && g.records.iter().all(|r| r.accepted == g.records[0].accepted) {
-                return Ok(g.records[0].accepted);
-            }
-            if g.records.len() < need {
-                return Err(unavailable(self, &g.failures));
-            }
-            let mut same = |r: &Record| (Reply::OK, r.live(now_ms()).cloned());
-            let reply = self.propose(shared, key, false, &mut same).await;
-            if reply.is_error() {
-                return Err(reply);
-            }
+        let mut same = |r: &Record| (Reply::OK, r.live(now_ms()).cloned());
+        match self.propose_at(shared, key, true, &mut same).await {
+            (reply, _) if reply.is_error() => Err(reply),
+            (_, ballot) => Ok(ballot),
         }
-        Err(Reply::error(
-            "TRYAGAIN the replicas of this key keep changing; try again",
-        ))
     }
 
     /// Notes that a majority accepted `entry` at `accepted` and promised `next`.
