@@ -74,6 +74,18 @@ fn every_node_serves_every_key_and_a_majority_is_enough() {
         assert_eq!(conn.cmd("GET while-down").unwrap().as_str(), "yes", "node {i}");
         assert_eq!(conn.cmd("GET refused").unwrap(), Value::Nil, "node {i}");
     }
+    // INFO cluster counts the rounds; clients are not sent elsewhere.
+    let info = c.conn(0).cmd("INFO cluster").unwrap().as_str();
+    assert!(
+        info.contains("cluster_enabled:0") && info.contains("kvd_replicas:3"),
+        "{info}"
+    );
+    let rounds: u64 = info
+        .lines()
+        .find_map(|l| l.strip_prefix("kvd_paxos_rounds:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap();
+    assert!(rounds > 10, "{info}");
     // Peers only: the acceptor's commands need the cluster secret.
     assert!(c
         .conn(0)

@@ -48,7 +48,11 @@ pub fn render(shared: &Shared, requested: &[String]) -> String {
             "modules" | "errorstats" => String::new(),
             "cluster" => match shared.cluster.get() {
                 Some(c) => crate::cluster::commands::info_text(c, false),
-                None => "cluster_enabled:0\r\n".to_string(),
+                None => match shared.replicas.get() {
+                    // Clients talk to any node, which runs the round itself.
+                    Some(r) => format!("cluster_enabled:0\r\n{}", r.info()),
+                    None => "cluster_enabled:0\r\n".to_string(),
+                },
             },
             "keyspace" => keyspace(shared),
             _ => continue,
