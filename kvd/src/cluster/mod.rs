@@ -12,8 +12,8 @@
 //! - [`migrate`]: the background mover that brings slots to where placement
 //!   says they belong.
 //! - [`commands`]: `CLUSTER ...` and the internal `KVD.*` peer commands.
-//! - [`paxos`]: CASPaxos, the algorithm replication will use per key (not
-//!   wired in yet: the replication issue).
+//! - [`paxos`]: CASPaxos's rules and ballots, which replication
+//!   ([`crate::replica`], a mode of its own for now) runs per key.
 
 pub mod authority;
 pub mod commands;
