@@ -886,6 +886,18 @@ impl Replicated {
         self.nodes[i] = Some(Server::kvd_on(self.ports[i], &dir, &args).unwrap());
     }
 
+    /// Freezes node `i` (SIGSTOP): to its peers it is cut off — their calls time
+    /// out rather than being refused — and it resumes with everything it had in
+    /// flight, like a node on the far side of a healed partition.
+    pub fn freeze(&self, i: usize, frozen: bool) {
+        if let Some(s) = &self.nodes[i] {
+            let signal = if frozen { libc::SIGSTOP } else { libc::SIGCONT };
+            unsafe {
+                libc::kill(s.pid() as i32, signal);
+            }
+        }
+    }
+
     /// Kills node `i` with SIGKILL.
     pub fn kill9(&mut self, i: usize) {
         if let Some(mut s) = self.nodes[i].take() {

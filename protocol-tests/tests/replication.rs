@@ -211,11 +211,12 @@ fn a_node_killed_during_a_write_load_loses_no_acknowledged_write() {
 }
 
 /// Compare-and-swap increments (WATCH, GET, MULTI, SET, EXEC) from clients on
-/// every node, while a node is killed and restarted: every key's recorded
-/// history is linearizable. A CAS whose outcome is unknown (its node died, or
-/// the write reached only a minority) is recorded as such.
+/// every node, while a node is killed and restarted, and then another is cut
+/// off (frozen with SIGSTOP: its peers' calls time out) and comes back: every
+/// key's recorded history is linearizable. A CAS whose outcome is unknown (its
+/// node died, or the write reached only a minority) is recorded as such.
 #[test]
-fn cas_histories_stay_linearizable_while_a_node_is_killed() {
+fn cas_histories_stay_linearizable_while_a_node_is_killed_or_cut_off() {
     let mut c = Replicated::start(3, 3);
     let ports = c.ports.clone();
     let keys = ["lin:a", "lin:b", "lin:c"];
@@ -308,6 +309,10 @@ fn cas_histories_stay_linearizable_while_a_node_is_killed() {
     c.kill9(1);
     std::thread::sleep(Duration::from_millis(1500));
     c.restart(1);
+    std::thread::sleep(Duration::from_millis(1500));
+    c.freeze(2, true);
+    std::thread::sleep(Duration::from_millis(2500));
+    c.freeze(2, false);
     std::thread::sleep(Duration::from_millis(1500));
     stop.store(true, Ordering::Relaxed);
     let successes: u64 = threads.into_iter().map(|t| t.join().unwrap()).sum();
