@@ -722,7 +722,9 @@ pub async fn start(
         let _ = shared.cluster.set(node);
     }
     if let Some(options) = replicas {
-        let _ = shared.replicas.set(crate::replica::Replicas::start(options)?);
+        let rep = crate::replica::Replicas::start(options)?;
+        crate::replica::repair::spawn(shared.clone(), rep.clone());
+        let _ = shared.replicas.set(rep);
     }
     let task = tokio::spawn(run(shared.clone()));
     Ok((shared, task))

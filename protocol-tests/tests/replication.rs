@@ -97,8 +97,9 @@ fn every_node_serves_every_key_and_a_majority_is_enough() {
 
 /// Writers on every node SET fresh keys and INCR counters; one node is
 /// killed with SIGKILL and later restarted. Every acknowledged write reads
-/// back through every node afterwards, and each counter equals its
-/// acknowledged increments (plus at most the ones whose outcome was unknown).
+/// back through every node afterwards, each counter equals its acknowledged
+/// increments (plus at most the ones whose outcome was unknown), and the
+/// restarted node comes to hold every key again by itself.
 #[test]
 fn a_node_killed_during_a_write_load_loses_no_acknowledged_write() {
     let mut c = Replicated::start(3, 3);
@@ -204,6 +205,29 @@ fn a_node_killed_during_a_write_load_loses_no_acknowledged_write() {
         }
     }
     assert!(total > 300, "only {total} writes acknowledged");
+    // Anti-entropy brings the restarted node back to holding every key itself
+    // (KEYS lists what a node stores), without anything being read.
+    let wanted: std::collections::HashSet<String> = results
+        .iter()
+        .flat_map(|(acked, _, _)| acked.iter().map(|(k, _)| k.clone()))
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let Value::Array(held) = c.conn(1).cmd("KEYS w*").unwrap() else {
+            panic!("KEYS answers an array")
+        };
+        let held: std::collections::HashSet<String> = held.iter().map(Value::as_str).collect();
+        let missing = wanted.difference(&held).count();
+        if missing == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the restarted node still lacks {missing} of {} keys",
+            wanted.len()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
     eprintln!(
         "{total} acknowledged writes, none lost; longest pause between acknowledgements {:?}",
         *longest_pause.lock().unwrap()

@@ -11,14 +11,16 @@
 //! every key, and a command succeeds while a majority of its key's replicas
 //! answer. docs/PROTOCOL.md, "Replication", says what is guaranteed.
 //!
+//! [`repair`] brings replicas that fell behind up to date in the background.
+//!
 //! Not built yet (the replication issue stays open): changing the node list
-//! (joins and leaves; the list is fixed at start), background catch-up of a
-//! node that was away (a key is repaired when a round finds replicas
-//! disagreeing), and atomic transactions over several keys.
+//! (joins and leaves; the list is fixed at start) and atomic transactions over
+//! several keys.
 
 pub mod acceptor;
 pub mod dispatch;
 pub mod proposer;
+pub mod repair;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -52,6 +54,11 @@ pub struct Stats {
     pub conflicts: AtomicU64,
     pub repairs: AtomicU64,
     pub unavailable: AtomicU64,
+    /// Anti-entropy: keys checked, whole passes over this node's keys, and
+    /// keys found with a replica behind in the last finished pass.
+    pub repair_scanned: AtomicU64,
+    pub repair_passes: AtomicU64,
+    pub behind_last_pass: AtomicU64,
 }
 
 pub struct Replicas {
@@ -131,7 +138,7 @@ impl Replicas {
     pub fn info(&self) -> String {
         let s = &self.stats;
         format!(
-            "kvd_replicas:{}\r\nkvd_replica_nodes:{}\r\nkvd_paxos_rounds:{}\r\nkvd_paxos_one_round_trip:{}\r\nkvd_paxos_conflicts:{}\r\nkvd_paxos_repairs:{}\r\nkvd_paxos_unavailable:{}\r\n",
+            "kvd_replicas:{}\r\nkvd_replica_nodes:{}\r\nkvd_paxos_rounds:{}\r\nkvd_paxos_one_round_trip:{}\r\nkvd_paxos_conflicts:{}\r\nkvd_paxos_repairs:{}\r\nkvd_paxos_unavailable:{}\r\nkvd_repair_keys_checked:{}\r\nkvd_repair_passes:{}\r\nkvd_repair_keys_behind_last_pass:{}\r\n",
             self.replicas,
             self.nodes.len(),
             s.rounds.load(Ordering::Relaxed),
@@ -139,6 +146,9 @@ impl Replicas {
             s.conflicts.load(Ordering::Relaxed),
             s.repairs.load(Ordering::Relaxed),
             s.unavailable.load(Ordering::Relaxed),
+            s.repair_scanned.load(Ordering::Relaxed),
+            s.repair_passes.load(Ordering::Relaxed),
+            s.behind_last_pass.load(Ordering::Relaxed),
         )
     }
 }

@@ -206,6 +206,18 @@ impl Replicas {
         key: &Bytes,
         msg: &Msg,
     ) -> Gathered {
+        self.gather(shared, holders, key, msg, false).await
+    }
+
+    /// [`Replicas::phase`], or with `every` set, waits for every holder's answer.
+    async fn gather(
+        self: &Arc<Self>,
+        shared: &Arc<Shared>,
+        holders: &[usize],
+        key: &Bytes,
+        msg: &Msg,
+        every: bool,
+    ) -> Gathered {
         let wait_all = matches!(msg, Msg::Accept(..));
         let need = majority(holders.len());
         // Each peer's call is a task of its own: it goes on after a majority has
@@ -255,6 +267,9 @@ impl Replicas {
             }
             let ok = g.records.len() + g.accepted;
             let lost = holders.len() - ok - pending.len();
+            if every {
+                continue;
+            }
             if ok >= need || (holders.len() - lost < need && !wait_all) {
                 break;
             }
@@ -372,6 +387,32 @@ impl Replicas {
 }
 
 impl Replicas {
+    /// The records of every holder that answers a query or prepare.
+    pub(super) async fn phase_all(
+        self: &Arc<Self>,
+        shared: &Arc<Shared>,
+        holders: &[usize],
+        key: &Bytes,
+        msg: &Msg,
+    ) -> Vec<Record> {
+        self.gather(shared, holders, key, msg, true).await.records
+    }
+
+    /// Accepts `entry` at `b` on every holder; whether a majority took it.
+    pub(super) async fn accept_all(
+        self: &Arc<Self>,
+        shared: &Arc<Shared>,
+        holders: &[usize],
+        key: &Bytes,
+        b: Ballot,
+        entry: Option<Entry>,
+    ) -> bool {
+        let g = self
+            .gather(shared, holders, key, &Msg::Accept(b, entry, None), true)
+            .await;
+        g.accepted >= majority(holders.len())
+    }
+
     /// The ballot at which a majority of the key's replicas holds its current
     /// value (WATCH): a read round, which writes the value back first if the
     /// replicas disagree, so the answer is what a later EXEC finds unless the

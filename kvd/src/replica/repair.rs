@@ -1,0 +1,97 @@
+//! Anti-entropy: brings every replica of every key up to date in the background,
+//! so a node that was away (or missed a write) holds all its keys again
+//! without waiting for them to be read.
+//!
+//! Each node walks its own keys in batches, asks all of a key's replicas what
+//! they accepted (waiting for every reachable one), and where one is behind —
+//! an older ballot, or nothing — runs a repair round: prepare with a fresh
+//! ballot, then accept the highest value at it on every replica. That is an
+//! ordinary CASPaxos round whose change is the identity, so it is as safe as
+//! any write. A key a node does not hold at all is found by the nodes that do.
+//! A replica that refuses (after a restart it refuses ballots below its floor)
+//! is caught on a later pass, once the proposer's ballots have risen past it.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use super::acceptor::Record;
+use super::proposer::Msg;
+use super::Replicas;
+use crate::cluster::paxos::majority;
+use crate::server::Shared;
+use crate::store::Entry;
+
+/// Keys examined per batch, and the pause between batches.
+const BATCH: usize = 200;
+const PAUSE: Duration = Duration::from_millis(100);
+/// The pause after a whole pass over this node's keys.
+const PASS_PAUSE: Duration = Duration::from_secs(2);
+
+pub fn spawn(shared: Arc<Shared>, rep: Arc<Replicas>) {
+    tokio::spawn(async move {
+        let mut cursor = 0u64;
+        let mut behind_this_pass = 0u64;
+        loop {
+            tokio::select! {
+                _ = shared.shutdown.cancelled() => return,
+                _ = tokio::time::sleep(if cursor == 0 { PASS_PAUSE } else { PAUSE }) => {}
+            }
+            let mut batch: Vec<(Bytes, Entry)> = Vec::new();
+            cursor = shared.db.store().scan(cursor, BATCH, &mut batch);
+            for (key, _) in batch {
+                if rep.holders(&key).len() < 2 {
+                    continue;
+                }
+                rep.stats.repair_scanned.fetch_add(1, Ordering::Relaxed);
+                if rep.repair(&shared, &key).await {
+                    behind_this_pass += 1;
+                }
+            }
+            if cursor == 0 {
+                rep.stats
+                    .behind_last_pass
+                    .store(behind_this_pass, Ordering::Relaxed);
+                rep.stats.repair_passes.fetch_add(1, Ordering::Relaxed);
+                behind_this_pass = 0;
+            }
+        }
+    });
+}
+
+impl Replicas {
+    /// Checks one key's replicas and repairs those behind (an older ballot, or
+    /// nothing); whether any was. Replicas that do not answer wait for a later pass.
+    pub async fn repair(self: &Arc<Self>, shared: &Arc<Shared>, key: &Bytes) -> bool {
+        let holders = self.holders(key);
+        let records = self.phase_all(shared, &holders, key, &Msg::Query).await;
+        let Some(highest) = records.iter().map(|r| r.accepted).max() else {
+            return false;
+        };
+        if records.iter().all(|r| r.accepted == highest) {
+            return false;
+        }
+        self.write_back(shared, &holders, key).await;
+        true
+    }
+
+    /// One identity round that accepts on every replica (no shortcut).
+    async fn write_back(self: &Arc<Self>, shared: &Arc<Shared>, holders: &[usize], key: &Bytes) {
+        let b = self.next_ballot();
+        let records = self.phase_all(shared, holders, key, &Msg::Prepare(b)).await;
+        if records.len() < majority(holders.len()) {
+            return;
+        }
+        let highest: Record = records
+            .iter()
+            .max_by_key(|r| r.accepted)
+            .cloned()
+            .unwrap_or_default();
+        // The value as it is (an expired one stays expired: its entry is kept).
+        if self.accept_all(shared, holders, key, b, highest.entry).await {
+            self.stats.repairs.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
