@@ -7,8 +7,10 @@
 #
 #   PORT=7379 NODES=3 DATA=./data MNT=./mnt ./scripts/run.sh
 #
-# NODES=1 runs a single kvd without cluster mode. The cluster secret is made
-# once and kept in DATA/cluster-secret.
+# NODES=1 runs a single kvd without cluster mode. REPLICAS=3 runs the nodes as
+# a replicated cluster instead (every key on 3 of them: stop any one and the
+# file system goes on; data in DATA/replicated/nodeN). The cluster secret is
+# made once and kept in DATA/cluster-secret.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -17,6 +19,7 @@ cargo build --release -p kvd -p fsclient
 
 port="${PORT:-7379}"
 nodes="${NODES:-3}"
+replicas="${REPLICAS:-}"
 data="${DATA:-$PWD/data}"
 mnt="${MNT:-$PWD/mnt}"
 mkdir -p "$data" "$mnt"
@@ -41,8 +44,16 @@ if [ "$nodes" -le 1 ]; then
 else
   [ -s "$data/cluster-secret" ] || (umask 077 && head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$data/cluster-secret")
   export KVD_CLUSTER_SECRET="$(cat "$data/cluster-secret")"
+  peers="$(seq -s, -f "127.0.0.1:%g" "$port" $((port + nodes - 1)))"
   for i in $(seq 0 $((nodes - 1))); do
     p=$((port + i))
+    if [ -n "$replicas" ]; then
+      dir="$data/replicated/node$((i + 1))"
+      mkdir -p "$dir"
+      KVD_LOG=warn ./target/release/kvd --port "$p" --dir "$dir" --replicas "$replicas" --peers "$peers" &
+      pids+=($!)
+      continue
+    fi
     dir="$data/node$((i + 1))"
     mkdir -p "$dir"
     if [ "$i" -eq 0 ]; then
@@ -63,7 +74,7 @@ for _ in $(seq 100); do
   redis-cli -p "$port" ping >/dev/null 2>&1 && break
   sleep 0.1
 done
-if [ "$nodes" -gt 1 ]; then
+if [ "$nodes" -gt 1 ] && [ -z "$replicas" ]; then
   echo "run: waiting for the $nodes nodes to share the slots..."
   for _ in $(seq 300); do
     settled=yes
@@ -90,7 +101,7 @@ done
 
 cat <<TXT
 
-A $nodes-node kvd cluster is serving 127.0.0.1:$port..$((port + nodes - 1)) (data in
+A $nodes-node kvd cluster${replicas:+ (every key on $replicas nodes)} is serving 127.0.0.1:$port..$((port + nodes - 1)) (data in
 $data), and the dictfs volume 'main' is mounted at:
 
   $mnt
