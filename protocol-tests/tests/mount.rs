@@ -496,6 +496,15 @@ fn posix_behaviour_on_a_kvd_cluster() {
 }
 
 #[test]
+fn posix_behaviour_on_a_replicated_kvd() {
+    // Every key on all three nodes; the mount talks to one, which runs each
+    // command as a CASPaxos round on the key's replicas.
+    let c = protocol_tests::Replicated::start(3, 3);
+    let m = Mount::start(&format!("redis://127.0.0.1:{}", c.ports[1]), "main", &[]).unwrap();
+    posix_suite(m.path());
+}
+
+#[test]
 fn random_operations_match_a_local_file() {
     let kvd = Server::kvd(&[]).unwrap();
     let m = Mount::start(&url(&kvd), "main", &[]).unwrap();
