@@ -357,32 +357,8 @@ pub async fn internal(
     args: &[Bytes],
 ) -> Reply {
     let name = String::from_utf8_lossy(&args[0]).to_ascii_lowercase();
-    let sub = args
-        .get(1)
-        .map(|a| String::from_utf8_lossy(a).to_ascii_lowercase());
-    match (name.as_str(), sub.as_deref(), args.len()) {
-        ("kvd.peer", Some("challenge"), 2) => {
-            let c = peer::challenge();
-            session.cluster.challenge = Some(c.clone());
-            return Reply::bulk_str(&c);
-        }
-        ("kvd.peer", Some("auth"), 4) => {
-            let Some(challenge) = session.cluster.challenge.take() else {
-                return Reply::error("ERR KVD.PEER AUTH without a challenge");
-            };
-            if !peer::verify(&cluster.secret, &challenge, &text(args, 3)) {
-                tracing::warn!(
-                    client = session.client.id,
-                    "a peer failed the cluster secret check"
-                );
-                session.close = true;
-                return Reply::error("ERR invalid cluster secret");
-            }
-            session.cluster.peer = Some(text(args, 2));
-            session.set_authenticated(true);
-            return Reply::OK;
-        }
-        _ => {}
+    if let Some(reply) = peer::handshake(&cluster.secret, session, args) {
+        return reply;
     }
     let Some(peer_id) = session.cluster.peer.clone() else {
         return Reply::error("NOPERM KVD.* commands are for cluster peers");

@@ -106,7 +106,8 @@ fn slot_point(slot: u16) -> u64 {
     (slot as u64) << 50
 }
 
-fn fnv1a(bytes: &[u8]) -> u64 {
+/// FNV-1a: a fast, stable 64-bit hash of short byte strings.
+pub fn fnv1a(bytes: &[u8]) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for &b in bytes {
         h ^= b as u64;

@@ -147,10 +147,7 @@ impl Acceptor {
     }
 
     fn stripe(&self, key: &Bytes) -> &Mutex<Stripe> {
-        let h = key.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
-            (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3)
-        });
-        &self.promises[h as usize % STRIPES]
+        &self.promises[crate::cluster::ring::fnv1a(key) as usize % STRIPES]
     }
 
     /// Makes sure promising `b` survives a crash: raises the durable limit first.

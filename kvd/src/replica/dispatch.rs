@@ -15,7 +15,7 @@ use bytes::Bytes;
 
 use super::acceptor::Record;
 use super::proposer::{self, Msg};
-use super::{number, text, Replicas};
+use super::{number, Replicas};
 use crate::cluster::paxos::Ballot;
 use crate::command::data::DataCommand;
 use crate::command::spec::{self, Lookup};
@@ -282,32 +282,8 @@ fn hide_deleted(shared: &Shared, reply: Reply) -> Reply {
 /// `KVD.*`: peer authentication and the acceptor's three phases.
 fn internal(shared: &Arc<Shared>, rep: &Arc<Replicas>, session: &mut Session, args: &[Bytes]) -> Reply {
     let name = String::from_utf8_lossy(&args[0]).to_ascii_lowercase();
-    let sub = args
-        .get(1)
-        .map(|a| String::from_utf8_lossy(a).to_ascii_lowercase());
-    match (name.as_str(), sub.as_deref(), args.len()) {
-        ("kvd.peer", Some("challenge"), 2) => {
-            let c = crate::cluster::peer::challenge();
-            session.cluster.challenge = Some(c.clone());
-            return Reply::bulk_str(&c);
-        }
-        ("kvd.peer", Some("auth"), 4) => {
-            let Some(challenge) = session.cluster.challenge.take() else {
-                return Reply::error("ERR KVD.PEER AUTH without a challenge");
-            };
-            if !crate::cluster::peer::verify(&rep.secret, &challenge, &text(args, 3)) {
-                tracing::warn!(
-                    client = session.client.id,
-                    "a peer failed the cluster secret check"
-                );
-                session.close = true;
-                return Reply::error("ERR invalid cluster secret");
-            }
-            session.cluster.peer = Some(text(args, 2));
-            session.set_authenticated(true);
-            return Reply::OK;
-        }
-        _ => {}
+    if let Some(reply) = crate::cluster::peer::handshake(&rep.secret, session, args) {
+        return reply;
     }
     if session.cluster.peer.is_none() {
         return Reply::error("NOPERM KVD.* commands are for cluster peers");

@@ -94,9 +94,7 @@ impl Replicas {
         let replicas = options.replicas.clamp(1, options.nodes.len());
         let ids: Vec<&str> = options.nodes.iter().map(String::as_str).collect();
         let acceptor = Acceptor::open(&options.dir)?;
-        let proposer_id = options.me.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-            (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3)
-        }) | 1;
+        let proposer_id = crate::cluster::ring::fnv1a(options.me.as_bytes()) | 1;
         Ok(Arc::new(Replicas {
             me,
             placement: Placement::compute(&ids, replicas),
@@ -151,10 +149,6 @@ impl Replicas {
             s.behind_last_pass.load(Ordering::Relaxed),
         )
     }
-}
-
-fn text(args: &[Bytes], i: usize) -> String {
-    String::from_utf8_lossy(&args[i]).into_owned()
 }
 
 fn number(args: &[Bytes], i: usize) -> Option<u64> {
