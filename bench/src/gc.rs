@@ -150,11 +150,7 @@ fn run_measured(url: &str, args: &[&str]) -> Result<(String, u64)> {
 }
 
 fn field(report: &str, name: &str) -> Result<u64> {
-    report
-        .lines()
-        .find_map(|l| l.strip_prefix(name))
-        .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
-        .with_context(|| format!("no {name} in {report}"))
+    protocol_tests::report_field(report, name).with_context(|| format!("no {name} in {report}"))
 }
 
 pub fn run(blobs: u64) -> Result<Report> {

@@ -12,7 +12,9 @@ use crate::store::BlobStore;
 use crate::tree::{self, Chunking, FsError};
 use crate::volume::Volume;
 
-fn small() -> Chunking {
+/// Chunk sizes small enough that test files span many chunks (shared by the
+/// crate's test modules).
+pub(crate) fn small() -> Chunking {
     Chunking {
         min: 64,
         avg: 256,

@@ -58,6 +58,15 @@ pub fn fsclient_at(url: &str, args: &[&str]) -> std::process::Output {
         .expect("fsclient runs (cargo build --workspace first)")
 }
 
+/// The number after `name` on the line of fsclient's output that starts with
+/// it (`deleted:`, `stored bytes:`, ...).
+pub fn report_field(report: &str, name: &str) -> Option<u64> {
+    report
+        .lines()
+        .find_map(|l| l.strip_prefix(name))
+        .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
+}
+
 /// Runs a shell command in `dir`; fails the test with its output if it
 /// fails; returns its standard output.
 pub fn sh(cmd: &str, dir: &Path) -> String {

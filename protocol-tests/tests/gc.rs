@@ -51,19 +51,11 @@ fn blob_bytes(nodes: &[&Server]) -> u64 {
 
 /// `stored bytes:` of `fsclient stats --at VERSION`.
 fn stored_bytes(url: &str, version: &str) -> u64 {
-    let out = ok(url, &["stats", "--at", version]);
-    out.lines()
-        .find_map(|l| l.strip_prefix("stored bytes:"))
-        .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
-        .unwrap_or_else(|| panic!("no stored bytes in {out}"))
+    field(&ok(url, &["stats", "--at", version]), "stored bytes:")
 }
 
 fn field(report: &str, name: &str) -> u64 {
-    report
-        .lines()
-        .find_map(|l| l.strip_prefix(name))
-        .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
-        .unwrap_or_else(|| panic!("no {name} in {report}"))
+    protocol_tests::report_field(report, name).unwrap_or_else(|| panic!("no {name} in {report}"))
 }
 
 fn random(seed: u64, len: usize) -> Vec<u8> {

@@ -202,7 +202,7 @@ impl Collector<'_> {
             }
             deleting.inc(batch.len() as u64);
             if self.opts.dry_run {
-                let (leased, _) = self.read_leases(&deleting)?;
+                let leased = self.read_leases(&deleting)?;
                 self.sweep(&batch, &leased, false)?;
             } else {
                 self.window(&batch, &deleting)?;
@@ -397,7 +397,7 @@ impl Collector<'_> {
     }
 
     /// The hashes every writer has leased; leased trees are marked as well.
-    fn read_leases(&mut self, progress: &indicatif::ProgressBar) -> GcResult<(HashSet<Hash>, Vec<String>)> {
+    fn read_leases(&mut self, progress: &indicatif::ProgressBar) -> GcResult<HashSet<Hash>> {
         let dict = self.store.dict();
         let registry = dict.get(&self.keys.registry)?.unwrap_or_default();
         let names: Vec<String> = String::from_utf8_lossy(&registry)
@@ -409,10 +409,7 @@ impl Collector<'_> {
             .collect();
         let mut leased = HashSet::new();
         let mut trees = Vec::new();
-        let mut live = Vec::new();
-        for (name, value) in names.iter().zip(dict.get_many(&names)?) {
-            let Some(value) = value else { continue };
-            live.push(name.clone());
+        for value in dict.get_many(&names)?.into_iter().flatten() {
             for (kind, h) in lease::records(&value) {
                 leased.insert(h);
                 if kind == lease::Kind::Tree {
@@ -428,7 +425,7 @@ impl Collector<'_> {
             .filter_map(|(h, size)| size.map(|_| h))
             .collect();
         self.mark_from(present.into_iter().map(Walk::Interior).collect(), progress)?;
-        Ok((leased, live))
+        Ok(leased)
     }
 
     /// One deletion window over `batch`. While the epoch is odd, writers wait
@@ -446,7 +443,7 @@ impl Collector<'_> {
         let result = (|| {
             // Order matters: leases first, then the roots (a writer drops nothing
             // from a lease, but its commit may land between the two reads).
-            let (leased, _) = self.read_leases(progress)?;
+            let leased = self.read_leases(progress)?;
             for name in self.volumes.clone() {
                 self.mark_volume(&name, None, progress)?;
             }

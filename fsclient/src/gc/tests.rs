@@ -13,18 +13,11 @@ use super::{collect, Options, Policy};
 use crate::dict::{Dict, DictResult, MemoryDict};
 use crate::object::{Content, Entry, Hash};
 use crate::store::BlobStore;
-use crate::tree::{self, Chunking, FsError};
+use crate::tests::small;
+use crate::tree::{self, FsError};
 use crate::volume::Volume;
 
 const PREFIX: &str = "t:";
-
-fn small() -> Chunking {
-    Chunking {
-        min: 64,
-        avg: 256,
-        max: 1024,
-    }
-}
 
 /// Keep nothing but heads and snapshots.
 fn keep_nothing() -> Options {

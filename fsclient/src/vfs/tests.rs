@@ -9,14 +9,7 @@ use super::file::FileData;
 use super::*;
 use crate::dict::MemoryDict;
 use crate::object::Manifest;
-
-fn small() -> Chunking {
-    Chunking {
-        min: 64,
-        avg: 256,
-        max: 1024,
-    }
-}
+use crate::tests::small;
 
 fn store() -> BlobStore {
     BlobStore::new(Arc::new(MemoryDict::new()), "t:", 1 << 22)
