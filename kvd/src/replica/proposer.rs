@@ -344,7 +344,10 @@ impl Replicas {
                 // Nothing to change, and a majority holds this value: it is chosen.
                 return (reply, highest.accepted);
             }
-            if new == current {
+            // Writing back the value as it is (a read's repair) changes nothing
+            // however often it lands, so it may always be tried again.
+            let identity = new == current;
+            if identity {
                 self.stats.repairs.fetch_add(1, Ordering::Relaxed);
             }
             let follow = self.next_ballot();
@@ -355,9 +358,9 @@ impl Replicas {
                 self.remember(key, follow, b, new);
                 return (reply, b);
             }
-            if g.accepted == 0 && g.maybe_delivered == 0 {
-                // Every replica refused this attempt or never got it: nothing of
-                // it can ever be chosen, so it is safe to run again.
+            if identity || (g.accepted == 0 && g.maybe_delivered == 0) {
+                // Every replica refused this attempt or never got it (nothing of
+                // it can ever be chosen), or it changed nothing: safe to run again.
                 if g.beaten.is_none() {
                     return (unavailable(self, &g.failures), none);
                 }
