@@ -18,6 +18,18 @@ pub struct Report {
     set_r3_over_r1: f64,
     cas_r3_over_r1: f64,
     failover: Failover,
+    reconfigure: Reconfigure,
+}
+
+/// Adding a fourth node to a loaded 3-node cluster with `KVD.RECONFIGURE`.
+#[derive(Serialize)]
+struct Reconfigure {
+    keys: u64,
+    value_bytes: usize,
+    slots_moved: u64,
+    keys_copied: u64,
+    seconds: f64,
+    copied_mb_per_s: f64,
 }
 
 #[derive(Serialize)]
@@ -157,6 +169,56 @@ fn failover() -> Result<Failover> {
     })
 }
 
+/// Loads about `keys` keys of 4 KiB into a 3-node R = 3 cluster, then times
+/// adding a fourth node (the copy of every slot whose replicas change).
+fn reconfigure(keys: u64) -> Result<Reconfigure> {
+    const VALUE: usize = 4096;
+    let mut c = Replicated::start(3, 3);
+    let out = Command::new("redis-benchmark")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &c.ports[0].to_string(),
+            "-t",
+            "set",
+            "-q",
+        ])
+        .args(["-d", &VALUE.to_string(), "-c", "50", "-r", &keys.to_string()])
+        .args(["-n", &(keys * 3).to_string()])
+        .output()
+        .context("running redis-benchmark")?;
+    if !out.status.success() {
+        bail!("redis-benchmark failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let new = c.add_node();
+    let mut args: Vec<String> = vec!["KVD.RECONFIGURE".into()];
+    args.extend((0..4).map(|i| c.addr(i)));
+    let t = Instant::now();
+    let reply = c.conn(0).call(&args)?;
+    let seconds = t.elapsed().as_secs_f64();
+    if reply.is_error() {
+        bail!("KVD.RECONFIGURE: {}", reply.as_str());
+    }
+    let info = c.conn(0).cmd("INFO cluster")?.as_str();
+    let field = |name: &str| -> u64 {
+        info.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name}:")))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    let keys_copied = field("kvd_reconfigure_keys_copied");
+    let _ = new;
+    Ok(Reconfigure {
+        keys,
+        value_bytes: VALUE,
+        slots_moved: field("kvd_reconfigure_slots_moved"),
+        keys_copied,
+        seconds,
+        copied_mb_per_s: (keys_copied * VALUE as u64) as f64 / seconds / 1e6,
+    })
+}
+
 pub fn run(requests: u64) -> Result<Report> {
     let mut rows = Vec::new();
     for replicas in [1, 3] {
@@ -178,6 +240,7 @@ pub fn run(requests: u64) -> Result<Report> {
         cas_r3_over_r1: rows[1].cas_per_s / rows[0].cas_per_s,
         rows,
         failover: failover()?,
+        reconfigure: reconfigure(20_000)?,
     };
     println!("{}", serde_json::to_string_pretty(&report)?);
     Ok(report)

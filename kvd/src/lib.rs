@@ -11,6 +11,7 @@ pub mod cluster;
 pub mod command;
 pub mod config;
 pub mod db;
+pub mod durable;
 pub mod glob;
 pub mod protocol;
 pub mod pubsub;

@@ -86,12 +86,16 @@ struct Cli {
     cluster_redirect: bool,
     /// Keep every key on this many nodes of --peers (a replicated cluster: each
     /// change is a CASPaxos round on the key's replicas, so a key stays readable
-    /// and writable while a majority of its replicas is up). Needs --peers and
-    /// --cluster-secret; not combined with --cluster.
-    #[arg(long, value_name = "R", requires = "peers", conflicts_with = "cluster")]
+    /// and writable while a majority of its replicas is up). Needs
+    /// --cluster-secret; not combined with --cluster. Without --peers (and
+    /// nothing recorded in --dir) the node waits to be added to a cluster by
+    /// `KVD.RECONFIGURE` on a member.
+    #[arg(long, value_name = "R", conflicts_with = "cluster")]
     replicas: Option<usize>,
-    /// Every node of the replicated cluster, HOST:PORT, comma-separated, this
-    /// node included: the same list, in the same order, on every node.
+    /// Every node of a new replicated cluster, HOST:PORT, comma-separated, this
+    /// node included: the same list on every node. Read on a node's first start
+    /// only; after that the membership recorded in --dir is used, and
+    /// `KVD.RECONFIGURE node ...` changes it.
     #[arg(
         long,
         value_name = "HOST:PORT,...",
@@ -120,7 +124,7 @@ fn replica_options(cli: &Cli, config: &Config) -> anyhow::Result<Option<kvd::rep
             .cluster_announce
             .clone()
             .unwrap_or(format!("{host}:{}", config.port)),
-        nodes: cli.peers.clone(),
+        nodes: (!cli.peers.is_empty()).then(|| cli.peers.clone()),
         replicas,
         secret,
         dir: config.dir.clone(),

@@ -145,6 +145,11 @@ impl Server {
 
     /// Starts kvd on a given port (to restart one where its clients expect it).
     pub fn kvd_on(port: u16, dir: &Path, extra: &[&str]) -> Result<Server> {
+        Server::kvd_with_env(port, dir, extra, &[])
+    }
+
+    /// [`Server::kvd_on`] with extra environment variables (`KVD_FAILPOINTS`).
+    pub fn kvd_with_env(port: u16, dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> Result<Server> {
         let bin = kvd_bin();
         if !bin.exists() {
             bail!("{} not found: run `cargo build --workspace` first", bin.display());
@@ -155,6 +160,7 @@ impl Server {
             .arg(dir)
             .args(extra)
             .env("KVD_LOG", "warn")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
@@ -852,6 +858,8 @@ pub struct Replicated {
     pub ports: Vec<u16>,
     nodes: Vec<Option<Server>>,
     replicas: usize,
+    /// Nodes started with `--peers` (the first ones); later ones were added.
+    founders: usize,
     tmp: tempfile::TempDir,
 }
 
@@ -869,6 +877,7 @@ impl Replicated {
             nodes: (0..n).map(|_| None).collect(),
             ports,
             replicas,
+            founders: n,
             tmp: tempfile::tempdir().unwrap(),
         };
         for i in 0..n {
@@ -877,22 +886,47 @@ impl Replicated {
         c
     }
 
-    /// Starts node `i` (again) on its port and data directory.
+    /// Starts node `i` (again) on its port and data directory. The founders
+    /// get `--peers` (read on their first start only); an added node gets none.
     pub fn restart(&mut self, i: usize) {
-        let peers: Vec<String> = self.ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+        self.restart_with_env(i, &[]);
+    }
+
+    /// [`Replicated::restart`] with extra environment variables for the node.
+    pub fn restart_with_env(&mut self, i: usize, env: &[(&str, &str)]) {
+        // A node still running is stopped first (it holds the port).
+        drop(self.nodes[i].take());
+        let peers: Vec<String> = (0..self.founders).map(|i| self.addr(i)).collect();
         let dir = self.tmp.path().join(format!("node{i}"));
         std::fs::create_dir_all(&dir).unwrap();
         let replicas = self.replicas.to_string();
         let peers = peers.join(",");
-        let args = [
-            "--replicas",
-            &replicas,
-            "--peers",
-            &peers,
-            "--cluster-secret",
-            "test-secret",
-        ];
-        self.nodes[i] = Some(Server::kvd_on(self.ports[i], &dir, &args).unwrap());
+        let mut args = vec!["--replicas", &replicas, "--cluster-secret", "test-secret"];
+        if i < self.founders {
+            args.extend(["--peers", &peers]);
+        }
+        self.nodes[i] = Some(Server::kvd_with_env(self.ports[i], &dir, &args, env).unwrap());
+    }
+
+    /// Starts one more node, not yet in the cluster (it waits for
+    /// `KVD.RECONFIGURE`); its index.
+    pub fn add_node(&mut self) -> usize {
+        let port = loop {
+            let p = free_port();
+            if !self.ports.contains(&p) {
+                break p;
+            }
+        };
+        self.ports.push(port);
+        self.nodes.push(None);
+        let i = self.ports.len() - 1;
+        self.restart(i);
+        i
+    }
+
+    /// Node `i`'s address, as the cluster names it.
+    pub fn addr(&self, i: usize) -> String {
+        format!("127.0.0.1:{}", self.ports[i])
     }
 
     /// Freezes node `i` (SIGSTOP): to its peers it is cut off — their calls time

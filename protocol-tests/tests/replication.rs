@@ -239,23 +239,28 @@ fn a_node_killed_during_a_write_load_loses_no_acknowledged_write() {
 /// off (frozen with SIGSTOP: its peers' calls time out) and comes back: every
 /// key's recorded history is linearizable. A CAS whose outcome is unknown (its
 /// node died, or the write reached only a minority) is recorded as such.
-#[test]
-fn cas_histories_stay_linearizable_while_a_node_is_killed_or_cut_off() {
-    let mut c = Replicated::start(3, 3);
-    let ports = c.ports.clone();
-    let keys = ["lin:a", "lin:b", "lin:c"];
-    let stop = Arc::new(AtomicBool::new(false));
-    let history: Arc<Mutex<HashMap<&'static str, Vec<Event>>>> = Arc::default();
-    let threads: Vec<_> = (0..6)
+type History = Arc<Mutex<HashMap<&'static str, Vec<Event>>>>;
+
+/// Six clients doing CAS increments (WATCH, GET, MULTI, SET, EXEC) on `keys`
+/// through the nodes at `ports` until `stop`, recording every read and every
+/// CAS (with an unknown outcome where the reply says so) in `history`; each
+/// thread answers how many CAS succeeded.
+fn cas_clients(
+    ports: Vec<u16>,
+    keys: &'static [&'static str],
+    stop: Arc<AtomicBool>,
+    history: History,
+) -> Vec<std::thread::JoinHandle<u64>> {
+    (0..6)
         .map(|t| {
             let (stop, history, ports) = (stop.clone(), history.clone(), ports.clone());
             std::thread::spawn(move || {
-                let mut node = t % 3;
+                let mut node = t % ports.len();
                 let mut successes = 0;
                 let mut n = 0usize;
                 'outer: while !stop.load(Ordering::Relaxed) {
                     let Ok(mut conn) = Conn::connect(ports[node]) else {
-                        node = (node + 1) % 3;
+                        node = (node + 1) % ports.len();
                         std::thread::sleep(Duration::from_millis(20));
                         continue;
                     };
@@ -305,7 +310,10 @@ fn cas_histories_stay_linearizable_while_a_node_is_killed_or_cut_off() {
                                 });
                             }
                             Ok(Value::Nil) => {}
-                            Ok(e) if e.as_str().starts_with("CLUSTERDOWN") => {}
+                            // Refusals that changed nothing: no replica took the write.
+                            Ok(e)
+                                if e.as_str().starts_with("CLUSTERDOWN")
+                                    || e.as_str().starts_with("TRYAGAIN") => {}
                             Ok(_) => events.push(Event {
                                 op: cas,
                                 invoked,
@@ -318,17 +326,55 @@ fn cas_histories_stay_linearizable_while_a_node_is_killed_or_cut_off() {
                                     completed: None,
                                 });
                                 drop(h);
-                                node = (node + 1) % 3;
+                                node = (node + 1) % ports.len();
                                 continue 'outer;
                             }
                         }
                     }
-                    node = (node + 1) % 3;
+                    node = (node + 1) % ports.len();
                 }
                 successes
             })
         })
-        .collect();
+        .collect()
+}
+
+/// Every key's history passes the linearizability checker.
+fn assert_linearizable(history: &History, keys: &[&'static str]) {
+    let history = history.lock().unwrap();
+    let origin = history.values().flatten().map(|e| e.invoked).min();
+    for key in keys {
+        let events = &history[key];
+        if !check(events, None) {
+            // The history, for whoever has to find out why.
+            let origin = origin.expect("events");
+            let mut sorted: Vec<&Event> = events.iter().collect();
+            sorted.sort_by_key(|e| e.invoked);
+            for e in sorted {
+                let ms = |t: Instant| t.duration_since(origin).as_secs_f64() * 1000.0;
+                eprintln!(
+                    "{key} {:>10.3} {:>10} {:?}",
+                    ms(e.invoked),
+                    e.completed.map(|c| format!("{:.3}", ms(c))).unwrap_or("-".into()),
+                    e.op
+                );
+            }
+        }
+        assert!(
+            check(events, None),
+            "{key}: the history of {} operations is not linearizable",
+            events.len()
+        );
+    }
+}
+
+#[test]
+fn cas_histories_stay_linearizable_while_a_node_is_killed_or_cut_off() {
+    let mut c = Replicated::start(3, 3);
+    const KEYS: &[&str] = &["lin:a", "lin:b", "lin:c"];
+    let stop = Arc::new(AtomicBool::new(false));
+    let history = History::default();
+    let threads = cas_clients(c.ports.clone(), KEYS, stop.clone(), history.clone());
     std::thread::sleep(Duration::from_millis(1500));
     c.kill9(1);
     std::thread::sleep(Duration::from_millis(1500));
@@ -340,20 +386,153 @@ fn cas_histories_stay_linearizable_while_a_node_is_killed_or_cut_off() {
     std::thread::sleep(Duration::from_millis(1500));
     stop.store(true, Ordering::Relaxed);
     let successes: u64 = threads.into_iter().map(|t| t.join().unwrap()).sum();
-    let history = history.lock().unwrap();
-    for key in keys {
-        let events = &history[key];
-        assert!(
-            check(events, None),
-            "{key}: the history of {} operations is not linearizable",
-            events.len()
-        );
-    }
+    assert_linearizable(&history, KEYS);
     eprintln!(
         "{successes} successful CAS over {} keys, linearizable",
-        keys.len()
+        KEYS.len()
     );
     assert!(successes > 100, "only {successes} CAS succeeded");
+}
+
+/// `INFO cluster` field of node `i`.
+fn info(c: &Replicated, i: usize, field: &str) -> String {
+    let text = c.conn(i).cmd("INFO cluster").unwrap().as_str();
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{field}:")))
+        .unwrap_or_else(|| panic!("no {field} in INFO cluster of node {i}: {text}"))
+        .trim()
+        .to_string()
+}
+
+/// A node joins a 3-node cluster and another leaves (while it is down), with
+/// CAS clients and a writer running throughout: every key written before,
+/// every acknowledged write, and every deletion survive, the CAS histories stay
+/// linearizable, the node that left learns it and drops its copies, and a
+/// change that cannot reach a node it adds changes nothing.
+#[test]
+fn nodes_join_and_leave_under_load_and_nothing_acknowledged_is_lost() {
+    let mut c = Replicated::start(3, 3);
+    let new = c.add_node();
+    let mut a = c.conn(0);
+    for i in 0..600 {
+        assert_eq!(
+            a.call(&["SET", &format!("seed:{i}"), &format!("v{i}")])
+                .unwrap()
+                .as_str(),
+            "OK"
+        );
+    }
+    for i in 0..60 {
+        assert_eq!(a.call(&["DEL", &format!("seed:{i}")]).unwrap().as_int(), Some(1));
+    }
+    let waiting = c.conn(new).cmd("GET seed:100").unwrap().as_str();
+    assert!(
+        waiting.starts_with("CLUSTERDOWN"),
+        "a node not yet added answered {waiting}"
+    );
+
+    const KEYS: &[&str] = &["lin:a", "lin:b", "lin:c", "lin:d"];
+    let stop = Arc::new(AtomicBool::new(false));
+    let history = History::default();
+    let cas = cas_clients(c.ports.clone(), KEYS, stop.clone(), history.clone());
+    let writer = {
+        let (stop, ports) = (stop.clone(), c.ports.clone());
+        std::thread::spawn(move || {
+            let mut acked = Vec::new();
+            let mut j = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                j += 1;
+                let Ok(mut conn) = Conn::connect(ports[(j as usize) % 3 + 1]) else {
+                    continue;
+                };
+                if let Ok(v) = conn.call(&["SET", &format!("w:{j}"), &j.to_string()]) {
+                    if v.as_str() == "OK" {
+                        acked.push(j);
+                    }
+                }
+            }
+            acked
+        })
+    };
+    std::thread::sleep(Duration::from_millis(1000));
+
+    // Join: node 3 becomes a member; every node learns version 2.
+    let four: Vec<String> = (0..4).map(|i| c.addr(i)).collect();
+    let mut args = vec!["KVD.RECONFIGURE".to_string()];
+    args.extend(four.iter().cloned());
+    let reply = c.conn(1).call(&args).unwrap();
+    assert_eq!(reply.as_str(), "OK", "joining: {reply:?}");
+    for i in 0..4 {
+        assert_eq!(info(&c, i, "kvd_replica_config_version"), "2", "node {i}");
+        assert_eq!(info(&c, i, "kvd_replica_members"), four.join(","), "node {i}");
+        assert_eq!(info(&c, i, "kvd_replica_frozen_slots"), "0", "node {i}");
+    }
+    assert!(info(&c, 1, "kvd_reconfigure_slots_moved").parse::<u64>().unwrap() > 0);
+    std::thread::sleep(Duration::from_millis(1000));
+
+    // Leave, while the leaving node is down: a majority of every slot's
+    // holders is still there to copy from.
+    c.kill9(0);
+    std::thread::sleep(Duration::from_millis(500));
+    let three: Vec<String> = (1..4).map(|i| c.addr(i)).collect();
+    let mut args = vec!["KVD.RECONFIGURE".to_string()];
+    args.extend(three.iter().cloned());
+    let reply = c.conn(new).call(&args).unwrap();
+    assert_eq!(reply.as_str(), "OK", "leaving: {reply:?}");
+    std::thread::sleep(Duration::from_millis(1000));
+    stop.store(true, Ordering::Relaxed);
+    let successes: u64 = cas.into_iter().map(|t| t.join().unwrap()).sum();
+    let acked = writer.join().unwrap();
+    assert_linearizable(&history, KEYS);
+    assert!(successes > 50, "only {successes} CAS succeeded");
+    assert!(acked.len() > 50, "only {} writes were acknowledged", acked.len());
+
+    // Everything, through every remaining node.
+    for i in 1..4 {
+        let mut conn = c.conn(i);
+        for k in (0..600).step_by(7) {
+            let got = conn.call(&["GET", &format!("seed:{k}")]).unwrap();
+            if k < 60 {
+                assert_eq!(got, Value::Nil, "seed:{k} was deleted (node {i})");
+            } else {
+                assert_eq!(got.as_str(), format!("v{k}"), "seed:{k} (node {i})");
+            }
+        }
+    }
+    let mut conn = c.conn(2);
+    for j in &acked {
+        assert_eq!(
+            conn.call(&["GET", &format!("w:{j}")]).unwrap().as_str(),
+            j.to_string(),
+            "w:{j}"
+        );
+    }
+
+    // The node that left comes back with its old membership: its first
+    // command learns the new one, and it drops the keys it no longer holds.
+    c.restart(0);
+    assert_eq!(c.conn(0).cmd("GET seed:300").unwrap().as_str(), "v300");
+    assert_eq!(info(&c, 0, "kvd_replica_config_version"), "3");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while info(&c, 0, "kvd_repair_keys_dropped") == "0" {
+        assert!(
+            Instant::now() < deadline,
+            "node 0 kept the keys it no longer holds"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    // Adding a node that does not answer changes nothing.
+    let mut args = vec!["KVD.RECONFIGURE".to_string()];
+    args.extend(three.iter().cloned());
+    args.push("127.0.0.1:1".into());
+    let reply = c.conn(1).call(&args).unwrap();
+    assert!(
+        reply.as_str().starts_with("ERR cannot add 127.0.0.1:1"),
+        "{reply:?}"
+    );
+    assert_eq!(info(&c, 1, "kvd_replica_config_version"), "3");
+    assert_eq!(c.conn(3).cmd("GET seed:300").unwrap().as_str(), "v300");
 }
 
 /// fsclient writes files through one node while another is killed and
@@ -397,4 +576,134 @@ fn a_file_system_on_top_survives_a_killed_node() {
         assert!(out.status.success() && out.stdout == *data, "{path}");
     }
     assert!(ok(&["fsck"]).contains(", 0 damaged paths"));
+}
+
+fn reconfigure(c: &Replicated, via: usize, nodes: &[usize]) -> Value {
+    let mut args = vec!["KVD.RECONFIGURE".to_string()];
+    args.extend(nodes.iter().map(|&i| c.addr(i)));
+    c.conn(via).call(&args).unwrap()
+}
+
+/// Two reconfigurations started at once cannot both win, and a cluster can
+/// move to entirely new nodes: once the old ones are all gone, every key
+/// written before reads back from the new ones alone (so the copy, not the old
+/// replicas, holds the data).
+#[test]
+fn racing_reconfigurations_agree_and_data_moves_to_all_new_nodes() {
+    let mut c = Replicated::start(3, 3);
+    let mut a = c.conn(0);
+    for i in 0..400 {
+        assert_eq!(
+            a.call(&["SET", &format!("k:{i}"), &format!("v{i}")])
+                .unwrap()
+                .as_str(),
+            "OK"
+        );
+    }
+    assert_eq!(a.cmd("DEL k:0").unwrap().as_int(), Some(1));
+    let (d, e) = (c.add_node(), c.add_node());
+    // Two different changes at once, from two nodes.
+    let (left, right) = std::thread::scope(|s| {
+        let l = s.spawn(|| reconfigure(&c, 0, &[0, 1, 2, d]));
+        let r = s.spawn(|| reconfigure(&c, 1, &[0, 1, 2, e]));
+        (l.join().unwrap(), r.join().unwrap())
+    });
+    eprintln!("racing reconfigurations answered {left:?} and {right:?}");
+    assert!(
+        left.as_str() == "OK" || right.as_str() == "OK" || (left.is_error() && right.is_error()),
+        "{left:?} {right:?}"
+    );
+    // Whatever happened, one more run settles it: every node agrees.
+    let settle = reconfigure(&c, 2, &[0, 1, 2, d]);
+    assert!(
+        !settle.is_error() || settle.as_str().contains("finished an interrupted"),
+        "{settle:?}"
+    );
+    let members = info(&c, 0, "kvd_replica_members");
+    let version = info(&c, 0, "kvd_replica_config_version");
+    for i in 1..3 {
+        assert_eq!(info(&c, i, "kvd_replica_members"), members, "node {i}");
+        assert_eq!(info(&c, i, "kvd_replica_config_version"), version, "node {i}");
+    }
+    assert!(members.split(',').count() == 4, "{members}");
+
+    // Move everything to the two new nodes and one more, then take every old
+    // node away.
+    let f = c.add_node();
+    let reply = reconfigure(&c, 0, &[d, e, f]);
+    assert_eq!(reply.as_str(), "OK", "{reply:?}");
+    for i in 0..3 {
+        c.kill9(i);
+    }
+    let mut conn = c.conn(f);
+    assert_eq!(conn.cmd("GET k:0").unwrap(), Value::Nil);
+    for i in 1..400 {
+        assert_eq!(
+            conn.call(&["GET", &format!("k:{i}")]).unwrap().as_str(),
+            format!("v{i}"),
+            "k:{i}"
+        );
+    }
+    assert_eq!(conn.cmd("SET after move").unwrap().as_str(), "OK");
+    assert_eq!(c.conn(d).cmd("GET after").unwrap().as_str(), "move");
+}
+
+/// A reconfiguration that stops half-way (its coordinator fails after the vote
+/// and the freeze) leaves the moving slots refusing with TRYAGAIN, not serving
+/// stale data; the next reconfiguration, whatever list it asks for, finishes
+/// the interrupted one first, and nothing is lost.
+#[test]
+fn an_interrupted_reconfiguration_is_finished_by_the_next() {
+    let mut c = Replicated::start(3, 3);
+    c.restart_with_env(0, &[("KVD_FAILPOINTS", "reconfigure-after-freeze")]);
+    let mut a = c.conn(1);
+    for i in 0..300 {
+        assert_eq!(
+            a.call(&["SET", &format!("k:{i}"), &format!("v{i}")])
+                .unwrap()
+                .as_str(),
+            "OK"
+        );
+    }
+    let (d, e) = (c.add_node(), c.add_node());
+    let reply = reconfigure(&c, 0, &[0, 1, 2, d]);
+    assert!(reply.as_str().contains("stopped after freezing"), "{reply:?}");
+    assert_eq!(info(&c, 1, "kvd_replica_config_version"), "1");
+    let frozen: usize = info(&c, 1, "kvd_replica_frozen_slots").parse().unwrap();
+    assert!(frozen > 0, "no slot frozen");
+    // Some key lives in a frozen slot: it is refused, not answered from a
+    // replica that may be stale.
+    let refused = (0..300)
+        .filter(|i| {
+            let v = a.call(&["GET", &format!("k:{i}")]).unwrap();
+            assert!(
+                v.as_str() == format!("v{i}") || v.as_str().starts_with("TRYAGAIN"),
+                "k:{i}: {v:?}"
+            );
+            v.is_error()
+        })
+        .count();
+    assert!(refused > 0, "no key of a frozen slot was refused");
+    // Another list, through another node: the interrupted change wins first.
+    let reply = reconfigure(&c, 1, &[0, 1, 2, e]);
+    assert!(
+        reply.as_str().contains("finished an interrupted reconfiguration"),
+        "{reply:?}"
+    );
+    let members = [0, 1, 2, d].map(|i| c.addr(i)).join(",");
+    for i in [0, 1, 2, d] {
+        assert_eq!(info(&c, i, "kvd_replica_members"), members, "node {i}");
+        assert_eq!(info(&c, i, "kvd_replica_frozen_slots"), "0", "node {i}");
+    }
+    for i in 0..300 {
+        assert_eq!(
+            a.call(&["GET", &format!("k:{i}")]).unwrap().as_str(),
+            format!("v{i}"),
+            "k:{i}"
+        );
+    }
+    // Run again, it makes the change asked for.
+    let reply = reconfigure(&c, 1, &[0, 1, 2, d, e]);
+    assert_eq!(reply.as_str(), "OK", "{reply:?}");
+    assert_eq!(info(&c, e, "kvd_replica_config_version"), "3");
 }

@@ -26,7 +26,6 @@
 //! ranges) and changes only when slots move, in batches.
 
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use super::slot::{format_ranges, parse_ranges, ranges, SLOTS};
@@ -121,15 +120,7 @@ impl Authority {
         for (head, slots) in groups {
             text.push_str(&format!("{head} {}\n", format_ranges(&ranges(slots))));
         }
-        let tmp = self.path.with_extension("tmp");
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(text.as_bytes())?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, &self.path)?;
-        if let Some(dir) = self.path.parent() {
-            std::fs::File::open(dir)?.sync_all()?;
-        }
-        Ok(())
+        crate::durable::replace(&self.path, text.as_bytes())
     }
 
     pub fn state(&self, slot: u16) -> &SlotState {

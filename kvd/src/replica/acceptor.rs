@@ -156,17 +156,7 @@ impl Acceptor {
             return Ok(());
         }
         let new = b.counter + FLOOR_STEP;
-        let tmp = self.floor_path.with_extension("tmp");
-        {
-            use std::io::Write;
-            let mut f = std::fs::File::create(&tmp)?;
-            writeln!(f, "{new}")?;
-            f.sync_all()?;
-        }
-        std::fs::rename(&tmp, &self.floor_path)?;
-        if let Some(parent) = self.floor_path.parent() {
-            std::fs::File::open(parent)?.sync_all()?;
-        }
+        crate::durable::replace(&self.floor_path, format!("{new}\n").as_bytes())?;
         self.limit.fetch_max(new, Ordering::SeqCst);
         Ok(())
     }
@@ -264,6 +254,58 @@ impl Acceptor {
             }
         }
         Ok(())
+    }
+}
+
+impl Acceptor {
+    /// A reconfiguration's copy of `record` (at a later membership version's
+    /// install ballot, above every ballot of this one): taken unless this
+    /// acceptor already holds the key at or above that ballot (a repeated
+    /// copy) or promised a higher one.
+    pub fn install(&self, db: &Db, key: &Bytes, record: Record) -> Result<(), Result<Ballot, StoreError>> {
+        let mut stripe = self.stripe(key).lock();
+        let current = Self::read(db, key).map_err(Err)?;
+        if current.accepted >= record.accepted {
+            return Ok(());
+        }
+        let promised = stripe.promised(key);
+        if promised > record.accepted {
+            return Err(Ok(promised));
+        }
+        self.cover(record.accepted)
+            .map_err(|e| Err(StoreError::Write(format!("recording a ballot: {e}"))))?;
+        let accepted = record.accepted;
+        let raw = record.encode();
+        db.store()
+            .update(key, false, &mut |_| {
+                Update::Put(Entry {
+                    value: raw.clone(),
+                    expires_at: None,
+                })
+            })
+            .map_err(Err)?;
+        // In the log before it is acknowledged, as for an accept.
+        db.store().flush().map_err(Err)?;
+        if stripe.promised(key) <= accepted {
+            stripe.promises.remove(key);
+        }
+        Ok(())
+    }
+
+    /// Deletes this node's copy of `key` if its record was made at membership
+    /// `version` or before (not by a reconfiguration to a later version that
+    /// makes this node a holder again); whether it did.
+    pub fn forget(&self, db: &Db, key: &Bytes, version: u64) -> Result<bool, StoreError> {
+        let mut stripe = self.stripe(key).lock();
+        let Some(raw) = db.store().get(key)? else {
+            return Ok(false);
+        };
+        if Record::decode(&raw.value).is_some_and(|r| super::layout::epoch(r.accepted) > version) {
+            return Ok(false);
+        }
+        db.store().update(key, false, &mut |_| Update::Remove)?;
+        stripe.promises.remove(key);
+        Ok(true)
     }
 }
 

@@ -14,9 +14,11 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 use super::acceptor::Record;
+use super::layout::{epoch, Layout};
 use super::proposer::{self, Msg};
 use super::{number, Replicas};
 use crate::cluster::paxos::Ballot;
+use crate::cluster::slot::parse_ranges;
 use crate::command::data::DataCommand;
 use crate::command::spec::{self, Lookup};
 use crate::command::{self};
@@ -40,6 +42,9 @@ pub async fn dispatch(
     session: &mut Session,
     args: &[Bytes],
 ) -> Reply {
+    if args[0].eq_ignore_ascii_case(b"kvd.reconfigure") {
+        return reconfigure(rep, session, args).await;
+    }
     if args[0].len() > 4 && args[0][..4].eq_ignore_ascii_case(b"kvd.") {
         return internal(shared, rep, session, args);
     }
@@ -279,7 +284,24 @@ fn hide_deleted(shared: &Shared, reply: Reply) -> Reply {
     }
 }
 
-/// `KVD.*`: peer authentication and the acceptor's three phases.
+/// `KVD.RECONFIGURE node [node ...]` (an operator's command, not a peer's):
+/// makes the list the cluster's nodes ([`super::reconfigure`]).
+async fn reconfigure(rep: &Arc<Replicas>, session: &Session, args: &[Bytes]) -> Reply {
+    if !session.authenticated {
+        return Reply::error("NOAUTH Authentication required.");
+    }
+    if args.len() < 2 {
+        return Reply::error("ERR wrong number of arguments for 'kvd.reconfigure' command");
+    }
+    let nodes: Vec<String> = args[1..]
+        .iter()
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect();
+    rep.reconfigure(nodes).await
+}
+
+/// `KVD.*`: peer authentication, the acceptor's three phases, and a
+/// reconfiguration's steps.
 fn internal(shared: &Arc<Shared>, rep: &Arc<Replicas>, session: &mut Session, args: &[Bytes]) -> Reply {
     let name = String::from_utf8_lossy(&args[0]).to_ascii_lowercase();
     if let Some(reply) = crate::cluster::peer::handshake(&rep.secret, session, args) {
@@ -296,7 +318,67 @@ fn internal(shared: &Arc<Shared>, rep: &Arc<Replicas>, session: &mut Session, ar
         })
     };
     let msg = match (name.as_str(), args.len()) {
-        ("kvd.query", 2) => Msg::Query,
+        ("kvd.query", 3) => match number(args, 2) {
+            Some(v) => Msg::Query(v),
+            None => return bad(),
+        },
+        ("kvd.config", 1) => return Reply::Bulk(Bytes::from(rep.layout().encode())),
+        ("kvd.config", 3) if args[1].eq_ignore_ascii_case(b"set") => {
+            let layout = std::str::from_utf8(&args[2])
+                .ok()
+                .and_then(|t| Layout::decode(t, &rep.addr));
+            return match layout {
+                Some(l) => match rep.adopt(l) {
+                    Ok(_) => Reply::OK,
+                    Err(reply) => reply,
+                },
+                None => bad(),
+            };
+        }
+        ("kvd.vote", 4) => {
+            return match (number(args, 1), ballot(2)) {
+                (Some(version), Some(b)) => match rep.vote_promise(version, b) {
+                    Ok(Some((voted, target))) => Reply::Bulk(Bytes::from(format!(
+                        "{} {} {target}",
+                        voted.counter, voted.proposer
+                    ))),
+                    Ok(None) => Reply::Bulk(Bytes::from_static(b"none")),
+                    Err(reply) => reply,
+                },
+                _ => bad(),
+            };
+        }
+        ("kvd.freeze", 6) => {
+            let target = std::str::from_utf8(&args[4])
+                .ok()
+                .filter(|t| Layout::decode(t, &rep.addr).is_some());
+            let slots = std::str::from_utf8(&args[5]).ok().and_then(parse_ranges);
+            return match (number(args, 1), ballot(2), target, slots) {
+                (Some(version), Some(b), Some(target), Some(slots)) => {
+                    match rep.freeze(version, b, target, &slots) {
+                        Ok(()) => Reply::OK,
+                        Err(reply) => reply,
+                    }
+                }
+                _ => bad(),
+            };
+        }
+        ("kvd.slotrecords", 5) => return super::reconfigure::slot_records(shared, rep, args),
+        ("kvd.install", 3) => {
+            let Some(record) = Record::decode(&args[2]) else {
+                return bad();
+            };
+            let version = rep.layout().version;
+            if epoch(record.accepted) <= version {
+                return Reply::error(format!("KVDCONFIG {version}"));
+            }
+            session.wrote = true;
+            return match rep.acceptor.install(&shared.db, &args[1], record) {
+                Ok(()) => Reply::OK,
+                Err(Ok(beaten)) => proposer::ballot_error(beaten),
+                Err(Err(e)) => Reply::error(e.to_string()),
+            };
+        }
         ("kvd.prepare", 4) => match ballot(2) {
             Some(b) => Msg::Prepare(b),
             None => return bad(),

@@ -1,25 +1,28 @@
 //! Replication: every key on R nodes, every change a round of per-key CASPaxos.
 //!
-//! A replicated cluster is a fixed list of nodes (`--replicas R --peers
-//! A,B,C`, the same list on every node). Each hash slot lives on the first R
-//! distinct nodes of its consistent-hash preference list ([`crate::cluster::ring`]);
-//! those nodes are the *acceptors* of every key in the slot ([`acceptor`]). Any
-//! node can *propose* ([`proposer`]): the node a client talks to runs the
-//! client's command as one CASPaxos round on the key — prepare on the key's
-//! acceptors, take the value a majority shows with the highest ballot, run the
-//! command on it, and have a majority accept the result — so every node serves
-//! every key, and a command succeeds while a majority of its key's replicas
-//! answer. docs/PROTOCOL.md, "Replication", says what is guaranteed.
+//! A replicated cluster is a list of nodes, versioned ([`layout`]): the
+//! `--peers` list to begin with, changed by `KVD.RECONFIGURE`
+//! ([`reconfigure`]). Each hash slot lives on the first R distinct nodes of
+//! its consistent-hash preference list ([`crate::cluster::ring`]); those nodes
+//! are the *acceptors* of every key in the slot ([`acceptor`]). Any node can
+//! *propose* ([`proposer`]): the node a client talks to runs the client's
+//! command as one CASPaxos round on the key — prepare on the key's acceptors,
+//! take the value a majority shows with the highest ballot, run the command on
+//! it, and have a majority accept the result — so every node serves every key,
+//! and a command succeeds while a majority of its key's replicas answer.
+//! docs/PROTOCOL.md, "Replication", says what is guaranteed.
 //!
-//! [`repair`] brings replicas that fell behind up to date in the background.
+//! [`repair`] brings replicas that fell behind up to date in the background,
+//! and drops what a node no longer holds after a reconfiguration.
 //!
-//! Not built yet (the replication issue stays open): changing the node list
-//! (joins and leaves; the list is fixed at start) and atomic transactions over
+//! Not built yet (the replication issue says so): atomic transactions over
 //! several keys.
 
 pub mod acceptor;
 pub mod dispatch;
+pub mod layout;
 pub mod proposer;
+pub mod reconfigure;
 pub mod repair;
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -29,17 +32,20 @@ use bytes::Bytes;
 
 use crate::cluster::paxos::Ballot;
 use crate::cluster::peer::Peers;
-use crate::cluster::ring::Placement;
 use crate::cluster::slot;
+use crate::reply::Reply;
 use acceptor::Acceptor;
+use layout::{Layout, Membership};
 
 /// How a replicated node starts: from the command line.
 #[derive(Clone, Debug)]
 pub struct Options {
-    /// This node's address in `nodes`.
+    /// This node's address, as the other nodes reach it.
     pub me: String,
-    /// Every node of the cluster, `host:port`, the same list everywhere.
-    pub nodes: Vec<String>,
+    /// Every node of the cluster, `host:port`, the same list everywhere: read
+    /// on the first start only (then the membership is recorded in `dir`).
+    /// `None`: wait to be added by `KVD.RECONFIGURE` on a member.
+    pub nodes: Option<Vec<String>>,
     pub replicas: usize,
     pub secret: String,
     pub dir: std::path::PathBuf,
@@ -59,14 +65,21 @@ pub struct Stats {
     pub repair_scanned: AtomicU64,
     pub repair_passes: AtomicU64,
     pub behind_last_pass: AtomicU64,
+    /// Keys of slots this node no longer holds, dropped after a reconfiguration.
+    pub dropped: AtomicU64,
+    /// Slots whose records a reconfiguration run from this node copied, and
+    /// the keys it installed.
+    pub slots_moved: AtomicU64,
+    pub keys_copied: AtomicU64,
 }
 
 pub struct Replicas {
-    pub me: usize,
-    pub nodes: Vec<String>,
+    /// This node's address.
+    pub addr: String,
+    /// R, for layouts this node makes (a layout records its own).
     pub replicas: usize,
     pub secret: String,
-    placement: Placement,
+    membership: parking_lot::RwLock<Membership>,
     pub peers: Peers,
     pub acceptor: Acceptor,
     proposer_id: u64,
@@ -75,53 +88,135 @@ pub struct Replicas {
     /// Keys this node changed last: the next ballot the acceptors promised us
     /// with that change, and the record they accepted (see `proposer`).
     fast: parking_lot::Mutex<std::collections::HashMap<Bytes, (Ballot, acceptor::Record)>>,
+    /// One reconfiguration at a time from this node.
+    pub(crate) reconfiguring: tokio::sync::Mutex<()>,
     pub stats: Stats,
 }
 
 impl Replicas {
     pub fn start(options: Options) -> anyhow::Result<Arc<Replicas>> {
-        let me = options
-            .nodes
-            .iter()
-            .position(|n| *n == options.me)
-            .ok_or_else(|| anyhow::anyhow!("--peers must list this node's own address {}", options.me))?;
-        let mut sorted = options.nodes.clone();
-        sorted.sort();
-        sorted.dedup();
-        if sorted.len() != options.nodes.len() {
-            anyhow::bail!("--peers lists a node twice");
-        }
-        let replicas = options.replicas.clamp(1, options.nodes.len());
-        let ids: Vec<&str> = options.nodes.iter().map(String::as_str).collect();
         let acceptor = Acceptor::open(&options.dir)?;
+        let initial = options.nodes.map(|n| (n, options.replicas));
+        let membership = Membership::open(&options.dir, &options.me, initial)?;
+        if let Some(nodes) = (membership.layout.version > 0).then(|| &membership.layout.nodes) {
+            if membership.layout.me.is_none() {
+                tracing::warn!(
+                    "this node ({}) is not in the cluster's node list ({}): it proposes but holds no keys",
+                    options.me,
+                    nodes.join(",")
+                );
+            }
+        }
         let proposer_id = crate::cluster::ring::fnv1a(options.me.as_bytes()) | 1;
         Ok(Arc::new(Replicas {
-            me,
-            placement: Placement::compute(&ids, replicas),
-            peers: Peers::new(options.me.clone(), options.secret.clone()),
             counter: AtomicU64::new(acceptor.floor()),
             acceptor,
-            nodes: options.nodes,
-            replicas,
+            membership: parking_lot::RwLock::new(membership),
+            peers: Peers::new(options.me.clone(), options.secret.clone()),
+            addr: options.me,
+            replicas: options.replicas.max(1),
             secret: options.secret,
             proposer_id,
             fast: Default::default(),
+            reconfiguring: tokio::sync::Mutex::new(()),
             stats: Stats::default(),
         }))
     }
 
-    /// The nodes (indices into `nodes`) that hold `key`.
+    /// The membership as this node knows it now.
+    pub fn layout(&self) -> Arc<Layout> {
+        self.membership.read().layout.clone()
+    }
+
+    /// The nodes (indices into the current layout's `nodes`) that hold `key`.
     pub fn holders(&self, key: &[u8]) -> Vec<usize> {
-        self.placement
-            .holders(slot::key_slot(key))
-            .iter()
-            .map(|&i| i as usize)
-            .collect()
+        self.layout().holders(key)
+    }
+
+    /// Whether this node's acceptor may act on a message about `key` made at
+    /// membership `version`; the refusal to answer if not. Another version is
+    /// `KVDCONFIG <ours>` (the proposer brings the side behind up to date), a
+    /// slot being moved is `TRYAGAIN`.
+    ///
+    /// The caller holds the returned guard while it acts: a freeze or a new
+    /// membership (which take the lock exclusively) then waits for the act to
+    /// finish, so nothing is accepted on a slot after its freeze was
+    /// acknowledged — the copy a reconfiguration makes next would miss it.
+    pub fn admit(
+        &self,
+        key: &[u8],
+        version: u64,
+    ) -> Result<parking_lot::RwLockReadGuard<'_, Membership>, Reply> {
+        let m = self.membership.read();
+        if version != m.layout.version {
+            return Err(Reply::error(format!("KVDCONFIG {}", m.layout.version)));
+        }
+        let slot = slot::key_slot(key);
+        if m.is_frozen(slot) {
+            return Err(Reply::error(format!(
+                "TRYAGAIN slot {slot} is moving to other replicas (the cluster's membership is changing); try again"
+            )));
+        }
+        Ok(m)
+    }
+
+    /// The vote on the next membership, phase 1: promise `b` and answer the
+    /// vote this node accepted, if any ([`layout::Membership::promise`]).
+    pub fn vote_promise(&self, version: u64, b: Ballot) -> Result<Option<(Ballot, String)>, Reply> {
+        let mut m = self.membership.write();
+        if version != m.layout.version {
+            return Err(Reply::error(format!("KVDCONFIG {}", m.layout.version)));
+        }
+        match m.promise(b) {
+            Ok(Ok(voted)) => Ok(voted),
+            Ok(Err(beaten)) => Err(proposer::ballot_error(beaten)),
+            Err(e) => Err(Reply::error(format!("ERR recording the vote: {e}"))),
+        }
+    }
+
+    /// The vote, phase 2, with the freeze of `slots` it carries: from now on
+    /// this acceptor takes nothing on them at `version`.
+    pub fn freeze(&self, version: u64, b: Ballot, target: &str, slots: &[(u16, u16)]) -> Result<(), Reply> {
+        let mut m = self.membership.write();
+        if version != m.layout.version {
+            return Err(Reply::error(format!("KVDCONFIG {}", m.layout.version)));
+        }
+        match m.freeze(b, target, slots) {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(beaten)) => Err(proposer::ballot_error(beaten)),
+            Err(e) => Err(Reply::error(format!("ERR recording frozen slots: {e}"))),
+        }
+    }
+
+    pub fn is_frozen(&self, slot: u16) -> bool {
+        self.membership.read().is_frozen(slot)
+    }
+
+    /// Takes a newer membership (durably); whether it was newer.
+    pub fn adopt(&self, layout: Layout) -> Result<bool, Reply> {
+        let version = layout.version;
+        let newer = self
+            .membership
+            .write()
+            .adopt(layout)
+            .map_err(|e| Reply::error(format!("ERR recording the membership: {e}")))?;
+        if newer {
+            // Promised next ballots belong to the old version.
+            self.fast.lock().clear();
+            tracing::info!(version, "adopted a new cluster membership");
+        }
+        Ok(newer)
     }
 
     /// A new ballot above everything this node has seen.
-    fn next_ballot(&self) -> Ballot {
-        let counter = self.counter.fetch_add(1, Ordering::SeqCst) + 1;
+    fn next_ballot(&self, layout: &Layout) -> Ballot {
+        let first = layout.first_counter();
+        let counter = self
+            .counter
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |c| Some(c.max(first) + 1))
+            .expect("always Some")
+            .max(first)
+            + 1;
         Ballot {
             counter,
             proposer: self.proposer_id,
@@ -135,10 +230,20 @@ impl Replicas {
 
     pub fn info(&self) -> String {
         let s = &self.stats;
+        let (layout, frozen) = {
+            let m = self.membership.read();
+            (m.layout.clone(), m.frozen_count)
+        };
         format!(
-            "kvd_replicas:{}\r\nkvd_replica_nodes:{}\r\nkvd_paxos_rounds:{}\r\nkvd_paxos_one_round_trip:{}\r\nkvd_paxos_conflicts:{}\r\nkvd_paxos_repairs:{}\r\nkvd_paxos_unavailable:{}\r\nkvd_repair_keys_checked:{}\r\nkvd_repair_passes:{}\r\nkvd_repair_keys_behind_last_pass:{}\r\n",
-            self.replicas,
-            self.nodes.len(),
+            "kvd_replicas:{}\r\nkvd_replica_nodes:{}\r\nkvd_replica_members:{}\r\nkvd_replica_config_version:{}\r\nkvd_replica_frozen_slots:{}\r\nkvd_repair_keys_dropped:{}\r\nkvd_reconfigure_slots_moved:{}\r\nkvd_reconfigure_keys_copied:{}\r\nkvd_paxos_rounds:{}\r\nkvd_paxos_one_round_trip:{}\r\nkvd_paxos_conflicts:{}\r\nkvd_paxos_repairs:{}\r\nkvd_paxos_unavailable:{}\r\nkvd_repair_keys_checked:{}\r\nkvd_repair_passes:{}\r\nkvd_repair_keys_behind_last_pass:{}\r\n",
+            layout.replicas,
+            layout.nodes.len(),
+            layout.nodes.join(","),
+            layout.version,
+            frozen,
+            s.dropped.load(Ordering::Relaxed),
+            s.slots_moved.load(Ordering::Relaxed),
+            s.keys_copied.load(Ordering::Relaxed),
             s.rounds.load(Ordering::Relaxed),
             s.fast.load(Ordering::Relaxed),
             s.conflicts.load(Ordering::Relaxed),

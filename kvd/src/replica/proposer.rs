@@ -30,6 +30,7 @@ use bytes::Bytes;
 use futures::stream::{FuturesUnordered, StreamExt};
 
 use super::acceptor::Record;
+use super::layout::{epoch, Layout};
 use super::Replicas;
 use crate::cluster::paxos::{majority, Ballot};
 use crate::db::now_ms;
@@ -43,10 +44,21 @@ const PHASE_TIMEOUT: Duration = Duration::from_millis(1000);
 const ATTEMPTS: usize = 20;
 /// Keys remembered for one-round-trip changes (forgotten all at once past this).
 const FAST_KEYS: usize = 100_000;
+/// Rounds refused for another membership version before giving up.
+const VERSION_RETRIES: usize = 4;
+
+/// How one round ended.
+enum Round {
+    Done(Reply, Ballot),
+    /// Refused, with nothing accepted, by replicas at another membership version.
+    OtherVersion(Vec<(String, u64)>),
+}
 
 #[derive(Clone)]
 pub enum Msg {
-    Query,
+    /// What did you accept? (At a membership version: a node of another
+    /// version may not hold the key any more.)
+    Query(u64),
     Prepare(Ballot),
     /// Accept the value at the ballot, and promise the second ballot next.
     Accept(Ballot, Option<Entry>, Option<Ballot>),
@@ -57,9 +69,13 @@ enum Answer {
     Record(Record),
     Accepted,
     Beaten(Ballot),
+    /// The acceptor is at another membership version (it acted on nothing).
+    Version(u64),
+    /// The key's slot is being moved (it acted on nothing): `TRYAGAIN ...`.
+    Frozen(String),
 }
 
-fn ballot_error(b: Ballot) -> Reply {
+pub(super) fn ballot_error(b: Ballot) -> Reply {
     Reply::error(format!("BALLOT {} {}", b.counter, b.proposer))
 }
 
@@ -69,9 +85,17 @@ fn store_error(e: StoreError) -> Reply {
 
 /// Runs a phase on this node's own acceptor; the reply a peer would send.
 pub fn local(shared: &Shared, rep: &Replicas, key: &Bytes, msg: &Msg) -> Reply {
+    let version = match msg {
+        Msg::Query(v) => *v,
+        Msg::Prepare(b) | Msg::Accept(b, ..) => super::layout::epoch(*b),
+    };
+    let _admitted = match rep.admit(key, version) {
+        Ok(guard) => guard,
+        Err(refusal) => return refusal,
+    };
     let acceptor = &rep.acceptor;
     match msg {
-        Msg::Query => match acceptor.query(&shared.db, key) {
+        Msg::Query(_) => match acceptor.query(&shared.db, key) {
             Ok(r) => Reply::Bulk(r.encode()),
             Err(e) => store_error(e),
         },
@@ -92,7 +116,7 @@ pub fn local(shared: &Shared, rep: &Replicas, key: &Bytes, msg: &Msg) -> Reply {
 pub fn request(key: &Bytes, msg: &Msg) -> Vec<Bytes> {
     let n = |v: u64| Bytes::from(v.to_string());
     match msg {
-        Msg::Query => vec![Bytes::from_static(b"KVD.QUERY"), key.clone()],
+        Msg::Query(v) => vec![Bytes::from_static(b"KVD.QUERY"), key.clone(), n(*v)],
         Msg::Prepare(b) => vec![
             Bytes::from_static(b"KVD.PREPARE"),
             key.clone(),
@@ -127,6 +151,11 @@ fn answer(reply: Reply) -> Result<Answer, String> {
             .ok_or_else(|| "a replica answered a malformed record".into()),
         Reply::Simple("OK") => Ok(Answer::Accepted),
         Reply::Status(s) if s == "OK" => Ok(Answer::Accepted),
+        Reply::Error(e) if e.starts_with("TRYAGAIN ") => Ok(Answer::Frozen(e)),
+        Reply::Error(e) if e.starts_with("KVDCONFIG ") => e["KVDCONFIG ".len()..]
+            .parse()
+            .map(Answer::Version)
+            .map_err(|_| e.clone()),
         Reply::Error(e) => {
             let mut words = e.strip_prefix("BALLOT ").unwrap_or("").split(' ');
             match (
@@ -150,6 +179,18 @@ struct Gathered {
     /// Failures after which the message may have arrived (a lost link, a
     /// timeout), as opposed to never sent (the node could not be reached).
     maybe_delivered: usize,
+    /// Replicas at another membership version, and theirs.
+    other_version: Vec<(String, u64)>,
+    /// A replica's refusal because the key's slot is moving.
+    frozen: Option<String>,
+}
+
+impl Gathered {
+    /// Whether a phase that fell short did so because replicas are at another
+    /// membership version (rather than down or beaten).
+    fn stale(&self) -> bool {
+        !self.other_version.is_empty()
+    }
 }
 
 /// Why a replica gave no answer, and whether the message may have arrived.
@@ -162,8 +203,8 @@ impl Replicas {
     /// One phase on a peer. A link found broken is replaced and the message sent
     /// once more: acceptors answer a repeated prepare or accept as they did the
     /// first time, so a message that did arrive before the link broke is harmless.
-    async fn ask_peer(self: Arc<Self>, node: usize, key: Bytes, msg: Msg) -> Result<Answer, Failure> {
-        let addr = &self.nodes[node];
+    async fn ask_peer(self: Arc<Self>, addr: String, key: Bytes, msg: Msg) -> Result<Answer, Failure> {
+        let addr = &addr;
         let request = request(&key, &msg);
         let mut last = Failure {
             text: String::new(),
@@ -202,17 +243,19 @@ impl Replicas {
     async fn phase(
         self: &Arc<Self>,
         shared: &Arc<Shared>,
+        layout: &Layout,
         holders: &[usize],
         key: &Bytes,
         msg: &Msg,
     ) -> Gathered {
-        self.gather(shared, holders, key, msg, false).await
+        self.gather(shared, layout, holders, key, msg, false).await
     }
 
     /// [`Replicas::phase`], or with `every` set, waits for every holder's answer.
     async fn gather(
         self: &Arc<Self>,
         shared: &Arc<Shared>,
+        layout: &Layout,
         holders: &[usize],
         key: &Bytes,
         msg: &Msg,
@@ -222,10 +265,14 @@ impl Replicas {
         let need = majority(holders.len());
         // Each peer's call is a task of its own: it goes on after a majority has
         // answered, so every reachable replica gets every message.
-        let mut pending: FuturesUnordered<tokio::task::JoinHandle<Result<Answer, Failure>>> = holders
+        type Call = tokio::task::JoinHandle<(String, Result<Answer, Failure>)>;
+        let mut pending: FuturesUnordered<Call> = holders
             .iter()
-            .filter(|&&n| n != self.me)
-            .map(|&n| tokio::spawn(self.clone().ask_peer(n, key.clone(), msg.clone())))
+            .filter(|&&n| Some(n) != layout.me)
+            .map(|&n| {
+                let (rep, addr, key, msg) = (self.clone(), layout.nodes[n].clone(), key.clone(), msg.clone());
+                tokio::spawn(async move { (addr.clone(), rep.ask_peer(addr, key, msg).await) })
+            })
             .collect();
         let mut g = Gathered {
             records: Vec::new(),
@@ -233,22 +280,26 @@ impl Replicas {
             beaten: None,
             failures: Vec::new(),
             maybe_delivered: 0,
+            other_version: Vec::new(),
+            frozen: None,
         };
-        let mut local = holders.contains(&self.me).then(|| {
-            answer(local(shared, self, key, msg)).map_err(|text| Failure {
+        let mut local = layout.me.filter(|me| holders.contains(me)).map(|_| {
+            let a = answer(local(shared, self, key, msg)).map_err(|text| Failure {
                 text,
                 maybe_delivered: false,
-            })
+            });
+            (self.addr.clone(), a)
         });
         loop {
-            let a = match local.take() {
+            let (addr, a) = match local.take() {
                 Some(a) => a,
                 None => match pending.next().await {
                     Some(joined) => joined.unwrap_or_else(|e| {
-                        Err(Failure {
+                        let failure = Failure {
                             text: format!("a replica call failed: {e}"),
                             maybe_delivered: true,
-                        })
+                        };
+                        (String::new(), Err(failure))
                     }),
                     None => break,
                 },
@@ -260,6 +311,8 @@ impl Replicas {
                     self.saw(b);
                     g.beaten = g.beaten.max(Some(b));
                 }
+                Ok(Answer::Version(v)) => g.other_version.push((addr, v)),
+                Ok(Answer::Frozen(text)) => g.frozen = Some(text),
                 Err(f) => {
                     g.maybe_delivered += f.maybe_delivered as usize;
                     g.failures.push(f.text);
@@ -281,6 +334,10 @@ impl Replicas {
     /// its reply; `f` answers the reply and the key's new value (the live value
     /// it was given, unchanged, when it changes nothing). `read_only` commands
     /// try the cheaper read first.
+    ///
+    /// A round refused because replicas are at another membership version
+    /// (nothing of it was accepted) runs again once the side behind is brought
+    /// up to date.
     pub async fn propose_at(
         self: &Arc<Self>,
         shared: &Arc<Shared>,
@@ -288,14 +345,47 @@ impl Replicas {
         read_only: bool,
         f: &mut (dyn FnMut(&Record) -> (Reply, Option<Entry>) + Send),
     ) -> (Reply, Ballot) {
+        for _ in 0..VERSION_RETRIES {
+            let layout = self.layout();
+            if layout.version == 0 {
+                return (
+                    Reply::error(
+                        "CLUSTERDOWN this node is not in a replicated cluster yet: add it with \
+                         KVD.RECONFIGURE on a member",
+                    ),
+                    Ballot::default(),
+                );
+            }
+            match self.round(shared, &layout, key, read_only, f).await {
+                Round::Done(reply, ballot) => return (reply, ballot),
+                Round::OtherVersion(others) => self.sync_versions(&layout, &others).await,
+            }
+        }
+        (
+            Reply::error("TRYAGAIN the cluster's membership kept changing during this command; try again"),
+            Ballot::default(),
+        )
+    }
+
+    async fn round(
+        self: &Arc<Self>,
+        shared: &Arc<Shared>,
+        layout: &Layout,
+        key: &Bytes,
+        read_only: bool,
+        f: &mut (dyn FnMut(&Record) -> (Reply, Option<Entry>) + Send),
+    ) -> Round {
         let none = Ballot::default();
-        let holders = self.holders(key);
+        let holders = layout.holders(key);
         let need = majority(holders.len());
         self.stats.rounds.fetch_add(1, Ordering::Relaxed);
         if read_only {
-            let g = self.phase(shared, &holders, key, &Msg::Query).await;
+            let g = self
+                .phase(shared, layout, &holders, key, &Msg::Query(layout.version))
+                .await;
             if g.records.len() >= need && g.records.iter().all(|r| r.accepted == g.records[0].accepted) {
-                return (f(&g.records[0]).0, g.records[0].accepted);
+                self.catch_up(layout, &g);
+                return Round::Done(f(&g.records[0]).0, g.records[0].accepted);
             }
         }
         // One round trip when this node made the key's last change and nobody
@@ -303,34 +393,42 @@ impl Replicas {
         // phase 1 is done; if someone did prepare, the accept is refused
         // everywhere that matters and the full round below runs.
         let cached = self.fast.lock().remove(key);
-        if let Some((next, last)) = cached {
+        if let Some((next, last)) = cached.filter(|(next, _)| epoch(*next) == layout.version) {
             let current = last.live(now_ms()).cloned();
             let (reply, new) = f(&last);
             if new != current {
-                let follow = self.next_ballot();
+                let follow = self.next_ballot(layout);
                 let msg = Msg::Accept(next, new.clone(), Some(follow));
-                let g = self.phase(shared, &holders, key, &msg).await;
+                let g = self.phase(shared, layout, &holders, key, &msg).await;
                 if g.accepted >= need {
                     self.stats.fast.fetch_add(1, Ordering::Relaxed);
+                    self.catch_up(layout, &g);
                     self.remember(key, follow, next, new);
-                    return (reply, next);
+                    return Round::Done(reply, next);
                 }
                 if g.accepted > 0 || g.maybe_delivered > 0 {
-                    return (self.uncertain(&g, holders.len()), none);
+                    return Round::Done(self.uncertain(&g, holders.len()), none);
+                }
+                if g.stale() {
+                    return Round::OtherVersion(g.other_version);
                 }
             }
         }
         for attempt in 0..ATTEMPTS {
-            let b = self.next_ballot();
-            let g = self.phase(shared, &holders, key, &Msg::Prepare(b)).await;
+            let b = self.next_ballot(layout);
+            let g = self.phase(shared, layout, &holders, key, &Msg::Prepare(b)).await;
             if g.records.len() < need {
+                if g.stale() {
+                    return Round::OtherVersion(g.other_version);
+                }
                 if g.beaten.is_some() {
                     self.stats.conflicts.fetch_add(1, Ordering::Relaxed);
                     backoff(attempt).await;
                     continue;
                 }
-                return (unavailable(self, &g.failures), none);
+                return Round::Done(unavailable(self, &g), none);
             }
+            self.catch_up(layout, &g);
             let highest = g
                 .records
                 .iter()
@@ -342,7 +440,7 @@ impl Replicas {
             let (reply, new) = f(&highest);
             if new == current && agree {
                 // Nothing to change, and a majority holds this value: it is chosen.
-                return (reply, highest.accepted);
+                return Round::Done(reply, highest.accepted);
             }
             // Writing back the value as it is (a read's repair) changes nothing
             // however often it lands, so it may always be tried again.
@@ -350,31 +448,55 @@ impl Replicas {
             if identity {
                 self.stats.repairs.fetch_add(1, Ordering::Relaxed);
             }
-            let follow = self.next_ballot();
+            let follow = self.next_ballot(layout);
             let g = self
-                .phase(shared, &holders, key, &Msg::Accept(b, new.clone(), Some(follow)))
+                .phase(
+                    shared,
+                    layout,
+                    &holders,
+                    key,
+                    &Msg::Accept(b, new.clone(), Some(follow)),
+                )
                 .await;
             if g.accepted >= need {
+                self.catch_up(layout, &g);
                 self.remember(key, follow, b, new);
-                return (reply, b);
+                return Round::Done(reply, b);
             }
             if identity || (g.accepted == 0 && g.maybe_delivered == 0) {
                 // Every replica refused this attempt or never got it (nothing of
                 // it can ever be chosen), or it changed nothing: safe to run again.
+                if g.stale() {
+                    return Round::OtherVersion(g.other_version);
+                }
                 if g.beaten.is_none() {
-                    return (unavailable(self, &g.failures), none);
+                    return Round::Done(unavailable(self, &g), none);
                 }
                 self.stats.conflicts.fetch_add(1, Ordering::Relaxed);
                 backoff(attempt).await;
                 continue;
             }
-            return (self.uncertain(&g, holders.len()), none);
+            return Round::Done(self.uncertain(&g, holders.len()), none);
         }
         self.stats.unavailable.fetch_add(1, Ordering::Relaxed);
-        (
+        Round::Done(
             Reply::error("TRYAGAIN too many concurrent writers to this key; try again"),
             none,
         )
+    }
+
+    /// A phase succeeded although some replicas are at another version: bring
+    /// them (or us) up to date in the background.
+    fn catch_up(self: &Arc<Self>, layout: &Layout, g: &Gathered) {
+        if g.stale() {
+            let (rep, version, others) = (self.clone(), layout.version, g.other_version.clone());
+            tokio::spawn(async move {
+                let layout = rep.layout();
+                if layout.version == version {
+                    rep.sync_versions(&layout, &others).await;
+                }
+            });
+        }
     }
 
     /// [`Replicas::propose_at`] without the ballot.
@@ -394,24 +516,26 @@ impl Replicas {
     pub(super) async fn phase_all(
         self: &Arc<Self>,
         shared: &Arc<Shared>,
+        layout: &Layout,
         holders: &[usize],
         key: &Bytes,
         msg: &Msg,
     ) -> Vec<Record> {
-        self.gather(shared, holders, key, msg, true).await.records
+        self.gather(shared, layout, holders, key, msg, true).await.records
     }
 
     /// Accepts `entry` at `b` on every holder; whether a majority took it.
     pub(super) async fn accept_all(
         self: &Arc<Self>,
         shared: &Arc<Shared>,
+        layout: &Layout,
         holders: &[usize],
         key: &Bytes,
         b: Ballot,
         entry: Option<Entry>,
     ) -> bool {
         let g = self
-            .gather(shared, holders, key, &Msg::Accept(b, entry, None), true)
+            .gather(shared, layout, holders, key, &Msg::Accept(b, entry, None), true)
             .await;
         g.accepted >= majority(holders.len())
     }
@@ -449,8 +573,12 @@ impl Replicas {
     }
 }
 
-fn unavailable(rep: &Replicas, failures: &[String]) -> Reply {
+fn unavailable(rep: &Replicas, g: &Gathered) -> Reply {
     rep.stats.unavailable.fetch_add(1, Ordering::Relaxed);
+    if let Some(frozen) = &g.frozen {
+        return Reply::error(frozen.clone());
+    }
+    let failures = &g.failures;
     Reply::error(format!(
         "CLUSTERDOWN a majority of this key's replicas did not answer ({}); nothing was changed",
         failures.join("; ")

@@ -10,6 +10,10 @@
 //! any write. A key a node does not hold at all is found by the nodes that do.
 //! A replica that refuses (after a restart it refuses ballots below its floor)
 //! is caught on a later pass, once the proposer's ballots have risen past it.
+//!
+//! After a reconfiguration, a node drops the keys of slots it no longer holds
+//! (their records were copied to the new holders before the new membership
+//! was activated).
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -18,6 +22,7 @@ use std::time::Duration;
 use bytes::Bytes;
 
 use super::acceptor::Record;
+use super::layout::Layout;
 use super::proposer::Msg;
 use super::Replicas;
 use crate::cluster::paxos::majority;
@@ -41,12 +46,20 @@ pub fn spawn(shared: Arc<Shared>, rep: Arc<Replicas>) {
             }
             let mut batch: Vec<(Bytes, Entry)> = Vec::new();
             cursor = shared.db.store().scan(cursor, BATCH, &mut batch);
+            let layout = rep.layout();
             for (key, _) in batch {
-                if rep.holders(&key).len() < 2 {
+                if layout.version > 0 && !layout.me.is_some_and(|me| layout.holders(&key).contains(&me)) {
+                    // Not ours since a reconfiguration copied it to its new holders.
+                    if rep.drop_unheld(&shared, &key) {
+                        rep.stats.dropped.fetch_add(1, Ordering::Relaxed);
+                    }
+                    continue;
+                }
+                if layout.holders(&key).len() < 2 {
                     continue;
                 }
                 rep.stats.repair_scanned.fetch_add(1, Ordering::Relaxed);
-                if rep.repair(&shared, &key).await {
+                if rep.repair(&shared, &layout, &key).await {
                     behind_this_pass += 1;
                 }
             }
@@ -64,23 +77,33 @@ pub fn spawn(shared: Arc<Shared>, rep: Arc<Replicas>) {
 impl Replicas {
     /// Checks one key's replicas and repairs those behind (an older ballot, or
     /// nothing); whether any was. Replicas that do not answer wait for a later pass.
-    pub async fn repair(self: &Arc<Self>, shared: &Arc<Shared>, key: &Bytes) -> bool {
-        let holders = self.holders(key);
-        let records = self.phase_all(shared, &holders, key, &Msg::Query).await;
+    pub async fn repair(self: &Arc<Self>, shared: &Arc<Shared>, layout: &Layout, key: &Bytes) -> bool {
+        let holders = layout.holders(key);
+        let records = self
+            .phase_all(shared, layout, &holders, key, &Msg::Query(layout.version))
+            .await;
         let Some(highest) = records.iter().map(|r| r.accepted).max() else {
             return false;
         };
         if records.iter().all(|r| r.accepted == highest) {
             return false;
         }
-        self.write_back(shared, &holders, key).await;
+        self.write_back(shared, layout, &holders, key).await;
         true
     }
 
     /// One identity round that accepts on every replica (no shortcut).
-    async fn write_back(self: &Arc<Self>, shared: &Arc<Shared>, holders: &[usize], key: &Bytes) {
-        let b = self.next_ballot();
-        let records = self.phase_all(shared, holders, key, &Msg::Prepare(b)).await;
+    async fn write_back(
+        self: &Arc<Self>,
+        shared: &Arc<Shared>,
+        layout: &Layout,
+        holders: &[usize],
+        key: &Bytes,
+    ) {
+        let b = self.next_ballot(layout);
+        let records = self
+            .phase_all(shared, layout, holders, key, &Msg::Prepare(b))
+            .await;
         if records.len() < majority(holders.len()) {
             return;
         }
@@ -90,7 +113,10 @@ impl Replicas {
             .cloned()
             .unwrap_or_default();
         // The value as it is (an expired one stays expired: its entry is kept).
-        if self.accept_all(shared, holders, key, b, highest.entry).await {
+        if self
+            .accept_all(shared, layout, holders, key, b, highest.entry)
+            .await
+        {
             self.stats.repairs.fetch_add(1, Ordering::Relaxed);
         }
     }

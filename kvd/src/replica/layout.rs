@@ -1,0 +1,407 @@
+//! The membership of a replicated cluster, versioned, and how it changes.
+//!
+//! A [`Layout`] is one version of the node list: from it every node computes
+//! alike which nodes hold each slot (the first R distinct nodes of the slot's
+//! consistent-hash preference list, [`crate::cluster::ring`]). Version 1 is the
+//! `--peers` list a cluster starts with; `KVD.RECONFIGURE` makes the next one
+//! ([`super::reconfigure`]).
+//!
+//! The version is in every CASPaxos message: it is the *epoch* in the high bits
+//! of each ballot's counter (a query names it outright), and an acceptor answers
+//! a message of another version with `KVDCONFIG <its version>` instead of
+//! acting on it. The proposer then brings whichever side is behind up to date
+//! and runs the command again. So after a change no old-version proposer gets a
+//! majority of a slot's new holders to act, and since every ballot of version
+//! v+1 is above every ballot of version v, a value a reconfiguration copies to
+//! the new holders (at ballot `epoch v+1, counter 0`) outranks anything an
+//! old-version proposer left on some replica.
+//!
+//! A node's layout and its *frozen* slots (slots a reconfiguration in progress
+//! is moving, on which this acceptor takes nothing) live in
+//! `<dir>/replica-config`, rewritten whole and durably on every change.
+
+use std::path::{Path, PathBuf};
+
+use crate::cluster::paxos::Ballot;
+use crate::cluster::ring::Placement;
+use crate::cluster::slot::{self, format_ranges, parse_ranges, ranges, SLOTS};
+
+/// Ballot counters are `version << EPOCH_SHIFT | n`: 2^40 ballots per version.
+pub const EPOCH_SHIFT: u32 = 40;
+
+/// The version a ballot was made under.
+pub fn epoch(b: Ballot) -> u64 {
+    b.counter >> EPOCH_SHIFT
+}
+
+/// The ballot at which a reconfiguration to `version` installs the values it
+/// copies: above every ballot of earlier versions, below every ballot a
+/// proposer makes at `version`.
+pub fn install_ballot(version: u64) -> Ballot {
+    Ballot {
+        counter: version << EPOCH_SHIFT,
+        proposer: 0,
+    }
+}
+
+/// One version of the node list, and the placement that follows from it.
+pub struct Layout {
+    /// 0: this node has not been given a membership yet (a node started to be
+    /// added to a cluster); it serves no key until a member adds it.
+    pub version: u64,
+    pub nodes: Vec<String>,
+    pub replicas: usize,
+    /// This node's index in `nodes`, if it is a member.
+    pub me: Option<usize>,
+    placement: Placement,
+}
+
+impl Layout {
+    pub fn new(version: u64, nodes: Vec<String>, replicas: usize, me: &str) -> Layout {
+        let ids: Vec<&str> = nodes.iter().map(String::as_str).collect();
+        let replicas = replicas.clamp(1, nodes.len().max(1));
+        Layout {
+            version,
+            placement: Placement::compute(&ids, replicas),
+            me: nodes.iter().position(|n| n == me),
+            nodes,
+            replicas,
+        }
+    }
+
+    /// The nodes (indexes into `nodes`) that hold `slot`.
+    pub fn slot_holders(&self, slot: u16) -> Vec<usize> {
+        self.placement.holders(slot).iter().map(|&i| i as usize).collect()
+    }
+
+    /// The nodes that hold `key`.
+    pub fn holders(&self, key: &[u8]) -> Vec<usize> {
+        self.slot_holders(slot::key_slot(key))
+    }
+
+    /// The addresses holding `slot`, sorted: equal lists mean the same replicas.
+    pub fn holder_addrs(&self, slot: u16) -> Vec<&str> {
+        let mut addrs: Vec<&str> = self
+            .placement
+            .holders(slot)
+            .iter()
+            .map(|&i| self.nodes[i as usize].as_str())
+            .collect();
+        addrs.sort_unstable();
+        addrs
+    }
+
+    /// The ballot counter every proposer's ballots at this version start above.
+    pub fn first_counter(&self) -> u64 {
+        self.version << EPOCH_SHIFT
+    }
+
+    /// `version replicas node,node,...`: how a layout travels between nodes.
+    pub fn encode(&self) -> String {
+        format!("{} {} {}", self.version, self.replicas, self.nodes.join(","))
+    }
+
+    /// The inverse of [`Layout::encode`], seen from the node at `me`.
+    pub fn decode(text: &str, me: &str) -> Option<Layout> {
+        let mut parts = text.split(' ');
+        let version = parts.next()?.parse().ok()?;
+        let replicas = parts.next()?.parse().ok()?;
+        let nodes = parse_nodes(parts.next()?).ok()?;
+        (parts.next().is_none() && version > 0).then(|| Layout::new(version, nodes, replicas, me))
+    }
+}
+
+/// A node list as given on the command line or to `KVD.RECONFIGURE`:
+/// `host:port` entries, none twice.
+pub fn parse_nodes(text: &str) -> Result<Vec<String>, String> {
+    let nodes: Vec<String> = text
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(String::from)
+        .collect();
+    check_nodes(&nodes)?;
+    Ok(nodes)
+}
+
+pub fn check_nodes(nodes: &[String]) -> Result<(), String> {
+    if nodes.is_empty() {
+        return Err("the node list is empty".into());
+    }
+    for n in nodes {
+        if !n.contains(':') || n.contains(' ') || n.contains(',') {
+            return Err(format!("'{n}' is not a host:port address"));
+        }
+    }
+    let mut sorted = nodes.to_vec();
+    sorted.sort();
+    sorted.dedup();
+    if sorted.len() != nodes.len() {
+        return Err("the node list names a node twice".into());
+    }
+    Ok(())
+}
+
+/// What `<dir>/replica-config` holds: the layout and the frozen slots.
+pub struct Membership {
+    path: PathBuf,
+    pub layout: std::sync::Arc<Layout>,
+    /// Slots this node's acceptor refuses at `layout.version`: a
+    /// reconfiguration is copying them to their next holders.
+    frozen: Vec<bool>,
+    pub frozen_count: usize,
+    /// The vote on the next membership (single-decree Paxos among the current
+    /// members, so two reconfigurations started at once cannot both win): the
+    /// highest ballot promised, and the ballot and layout accepted.
+    pub promised: Ballot,
+    pub voted: Option<(Ballot, String)>,
+}
+
+impl Membership {
+    /// The membership recorded in `dir`; if there is none, `initial` (the
+    /// `--peers` list, as version 1) is recorded, or with no list the node
+    /// waits, unconfigured, to be added.
+    pub fn open(dir: &Path, me: &str, initial: Option<(Vec<String>, usize)>) -> anyhow::Result<Membership> {
+        let path = dir.join("replica-config");
+        let mut m = Membership {
+            path,
+            layout: std::sync::Arc::new(Layout::new(0, Vec::new(), 1, me)),
+            frozen: vec![false; SLOTS],
+            frozen_count: 0,
+            promised: Ballot::default(),
+            voted: None,
+        };
+        match std::fs::read_to_string(&m.path) {
+            Ok(text) => {
+                m.parse(&text, me).ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "{} is damaged; it records this node's membership",
+                        m.path.display()
+                    )
+                })?;
+                if let Some((nodes, _)) = &initial {
+                    if *nodes != m.layout.nodes {
+                        tracing::warn!(
+                            version = m.layout.version,
+                            "--peers differs from the membership recorded in {}; using the recorded one \
+                             (--peers is read only on a node's first start; KVD.RECONFIGURE changes it)",
+                            m.path.display()
+                        );
+                    }
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                if let Some((nodes, replicas)) = initial {
+                    check_nodes(&nodes).map_err(|e| anyhow::anyhow!("--peers: {e}"))?;
+                    m.layout = std::sync::Arc::new(Layout::new(1, nodes, replicas, me));
+                    m.save()?;
+                }
+            }
+            Err(e) => return Err(e.into()),
+        }
+        Ok(m)
+    }
+
+    fn parse(&mut self, text: &str, me: &str) -> Option<()> {
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            let (head, rest) = line.split_once(' ').unwrap_or((line, ""));
+            match head {
+                "layout" => self.layout = std::sync::Arc::new(Layout::decode(rest, me)?),
+                "promised" => self.promised = parse_ballot(rest)?,
+                "voted" => {
+                    let mut words = rest.splitn(3, ' ');
+                    let b = parse_ballot(&format!("{} {}", words.next()?, words.next()?))?;
+                    let target = words.next()?.to_string();
+                    Layout::decode(&target, me)?;
+                    self.voted = Some((b, target));
+                }
+                "frozen" => {
+                    for (a, b) in parse_ranges(rest)? {
+                        for s in a..=b {
+                            self.frozen[s as usize] = true;
+                        }
+                    }
+                }
+                _ => return None,
+            }
+        }
+        self.frozen_count = self.frozen.iter().filter(|f| **f).count();
+        Some(())
+    }
+
+    fn save(&self) -> std::io::Result<()> {
+        let frozen = ranges((0..SLOTS as u16).filter(|&s| self.frozen[s as usize]));
+        let mut text = format!(
+            "# kvd replicated-cluster membership: written by kvd, do not edit\nlayout {}\nfrozen {}\npromised {} {}\n",
+            self.layout.encode(),
+            format_ranges(&frozen),
+            self.promised.counter,
+            self.promised.proposer,
+        );
+        if let Some((b, target)) = &self.voted {
+            text.push_str(&format!("voted {} {} {target}\n", b.counter, b.proposer));
+        }
+        crate::durable::replace(&self.path, text.as_bytes())
+    }
+
+    pub fn is_frozen(&self, slot: u16) -> bool {
+        self.frozen[slot as usize]
+    }
+
+    /// Phase 1 of the vote on the next membership: promises `b` unless a
+    /// ballot ≥ `b` was promised (`Err` names it); answers the vote accepted.
+    pub fn promise(&mut self, b: Ballot) -> std::io::Result<Result<Option<(Ballot, String)>, Ballot>> {
+        if b <= self.promised {
+            return Ok(Err(self.promised));
+        }
+        let before = self.promised;
+        self.promised = b;
+        if let Err(e) = self.save() {
+            self.promised = before;
+            return Err(e);
+        }
+        Ok(Ok(self.voted.clone()))
+    }
+
+    /// Phase 2 of the vote, and the freeze it carries: accepts `target` at `b`
+    /// unless a higher ballot was promised, and freezes `slots`, durably, before
+    /// the caller answers.
+    pub fn freeze(
+        &mut self,
+        b: Ballot,
+        target: &str,
+        slots: &[(u16, u16)],
+    ) -> std::io::Result<Result<(), Ballot>> {
+        if b < self.promised {
+            return Ok(Err(self.promised));
+        }
+        let before = (self.frozen.clone(), self.promised, self.voted.clone());
+        for &(a, b) in slots {
+            for s in a..=b {
+                self.frozen[s as usize] = true;
+            }
+        }
+        self.promised = b;
+        self.voted = Some((b, target.to_string()));
+        if let Err(e) = self.save() {
+            (self.frozen, self.promised, self.voted) = before;
+            return Err(e);
+        }
+        self.frozen_count = self.frozen.iter().filter(|f| **f).count();
+        Ok(Ok(()))
+    }
+
+    /// Adopts a newer layout (durably); the frozen slots belonged to the old one.
+    pub fn adopt(&mut self, layout: Layout) -> std::io::Result<bool> {
+        if layout.version <= self.layout.version {
+            return Ok(false);
+        }
+        let old = std::mem::replace(&mut self.layout, std::sync::Arc::new(layout));
+        let frozen = std::mem::replace(&mut self.frozen, vec![false; SLOTS]);
+        let vote = (std::mem::take(&mut self.promised), self.voted.take());
+        if let Err(e) = self.save() {
+            self.layout = old;
+            self.frozen = frozen;
+            (self.promised, self.voted) = vote;
+            return Err(e);
+        }
+        self.frozen_count = 0;
+        Ok(true)
+    }
+}
+
+fn parse_ballot(text: &str) -> Option<Ballot> {
+    let (c, p) = text.split_once(' ')?;
+    Some(Ballot {
+        counter: c.parse().ok()?,
+        proposer: p.parse().ok()?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn nodes(list: &str) -> Vec<String> {
+        parse_nodes(list).unwrap()
+    }
+
+    #[test]
+    fn layouts_round_trip_and_bad_lists_are_refused() {
+        let l = Layout::new(3, nodes("a:1,b:2,c:3"), 3, "b:2");
+        assert_eq!(l.me, Some(1));
+        let back = Layout::decode(&l.encode(), "c:3").unwrap();
+        assert_eq!(
+            (back.version, back.nodes.clone(), back.me),
+            (3, l.nodes.clone(), Some(2))
+        );
+        assert!(parse_nodes("a:1,a:1").is_err());
+        assert!(parse_nodes("").is_err());
+        assert!(parse_nodes("nohost").is_err());
+        assert!(Layout::decode("0 3 a:1", "a:1").is_none());
+    }
+
+    #[test]
+    fn ballots_of_a_later_version_outrank_every_earlier_one() {
+        let l = Layout::new(2, nodes("a:1"), 1, "a:1");
+        let late_old = Ballot {
+            counter: l.first_counter() - 1,
+            proposer: u64::MAX,
+        };
+        assert!(install_ballot(2) > late_old);
+        assert_eq!(epoch(late_old), 1);
+        assert_eq!(epoch(install_ballot(2)), 2);
+        let first_new = Ballot {
+            counter: l.first_counter() + 1,
+            proposer: 1,
+        };
+        assert!(first_new > install_ballot(2));
+    }
+
+    #[test]
+    fn membership_survives_a_restart_and_frozen_slots_end_with_their_version() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut m = Membership::open(dir.path(), "a:1", Some((nodes("a:1,b:2"), 3))).unwrap();
+        assert_eq!(m.layout.version, 1);
+        let b = |counter| Ballot { counter, proposer: 1 };
+        assert_eq!(m.promise(b(5)).unwrap(), Ok(None));
+        assert_eq!(m.promise(b(4)).unwrap(), Err(b(5)));
+        let target = Layout::new(2, nodes("a:1,b:2,c:3"), 3, "a:1").encode();
+        assert_eq!(
+            m.freeze(b(4), &target, &[(1, 1)]).unwrap(),
+            Err(b(5)),
+            "below the promise"
+        );
+        m.freeze(b(5), &target, &[(10, 20), (100, 100)]).unwrap().unwrap();
+        let again = Membership::open(dir.path(), "a:1", Some((nodes("x:9"), 3))).unwrap();
+        assert_eq!(
+            again.layout.nodes,
+            nodes("a:1,b:2"),
+            "the recorded membership wins over --peers"
+        );
+        assert!(again.is_frozen(15) && again.is_frozen(100) && !again.is_frozen(21));
+        assert_eq!(again.frozen_count, 12);
+        assert_eq!(again.voted, Some((b(5), target.clone())));
+        m.adopt(Layout::new(2, nodes("a:1,b:2,c:3"), 3, "a:1")).unwrap();
+        assert!(
+            !m.adopt(Layout::new(2, nodes("a:1"), 3, "a:1")).unwrap(),
+            "same version: kept"
+        );
+        let after = Membership::open(dir.path(), "a:1", None).unwrap();
+        assert_eq!((after.layout.version, after.frozen_count), (2, 0));
+        assert_eq!(
+            (after.promised, after.voted),
+            (Ballot::default(), None),
+            "a new version, a new vote"
+        );
+        // A node with no list and nothing recorded waits to be added.
+        let fresh = tempfile::tempdir().unwrap();
+        assert_eq!(
+            Membership::open(fresh.path(), "d:4", None)
+                .unwrap()
+                .layout
+                .version,
+            0
+        );
+    }
+}
