@@ -860,12 +860,19 @@ pub struct Replicated {
     replicas: usize,
     /// Nodes started with `--peers` (the first ones); later ones were added.
     founders: usize,
+    /// Environment every node starts with (`KVD_FAILPOINTS`).
+    env: Vec<(String, String)>,
     tmp: tempfile::TempDir,
 }
 
 impl Replicated {
     /// Starts `n` nodes keeping each key on `replicas` of them.
     pub fn start(n: usize, replicas: usize) -> Replicated {
+        Replicated::start_with_env(n, replicas, &[])
+    }
+
+    /// [`Replicated::start`] with extra environment variables for every node.
+    pub fn start_with_env(n: usize, replicas: usize, env: &[(&str, &str)]) -> Replicated {
         let mut ports: Vec<u16> = Vec::new();
         while ports.len() < n {
             let p = free_port();
@@ -878,6 +885,7 @@ impl Replicated {
             ports,
             replicas,
             founders: n,
+            env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
             tmp: tempfile::tempdir().unwrap(),
         };
         for i in 0..n {
@@ -889,7 +897,9 @@ impl Replicated {
     /// Starts node `i` (again) on its port and data directory. The founders
     /// get `--peers` (read on their first start only); an added node gets none.
     pub fn restart(&mut self, i: usize) {
-        self.restart_with_env(i, &[]);
+        let env = self.env.clone();
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        self.restart_with_env(i, &env);
     }
 
     /// [`Replicated::restart`] with extra environment variables for the node.

@@ -45,6 +45,16 @@ pub async fn dispatch(
     if args[0].eq_ignore_ascii_case(b"kvd.reconfigure") {
         return reconfigure(rep, session, args).await;
     }
+    if args[0].eq_ignore_ascii_case(b"kvd.partition") && super::failpoint("partition") {
+        // Fault injection for tests: which peers this node cannot reach.
+        rep.partition(
+            args[1..]
+                .iter()
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .collect(),
+        );
+        return Reply::OK;
+    }
     if args[0].len() > 4 && args[0][..4].eq_ignore_ascii_case(b"kvd.") {
         return internal(shared, rep, session, args);
     }

@@ -90,6 +90,12 @@ pub struct Replicas {
     fast: parking_lot::Mutex<std::collections::HashMap<Bytes, (Ballot, acceptor::Record)>>,
     /// One reconfiguration at a time from this node.
     pub(crate) reconfiguring: tokio::sync::Mutex<()>,
+    /// Nodes this node could not reach, and since when (cleared by the next
+    /// answer): what INFO's under-replicated count is made of.
+    unreachable: parking_lot::Mutex<std::collections::HashMap<String, std::time::Instant>>,
+    /// Fault injection for tests (`KVD.PARTITION`, with `KVD_FAILPOINTS=partition`):
+    /// nodes this node's peer calls pretend they cannot reach.
+    cut_off: parking_lot::RwLock<std::collections::HashSet<String>>,
     pub stats: Stats,
 }
 
@@ -119,6 +125,8 @@ impl Replicas {
             proposer_id,
             fast: Default::default(),
             reconfiguring: tokio::sync::Mutex::new(()),
+            unreachable: Default::default(),
+            cut_off: Default::default(),
             stats: Stats::default(),
         }))
     }
@@ -208,6 +216,48 @@ impl Replicas {
         Ok(newer)
     }
 
+    /// Records whether a call to `addr` got through (for INFO).
+    pub(crate) fn reached(&self, addr: &str, ok: bool) {
+        let mut unreachable = self.unreachable.lock();
+        if ok {
+            unreachable.remove(addr);
+        } else {
+            unreachable
+                .entry(addr.to_string())
+                .or_insert_with(std::time::Instant::now);
+        }
+    }
+
+    /// Whether a test has cut this node off from `addr` (`KVD.PARTITION`).
+    pub(crate) fn is_cut_off(&self, addr: &str) -> bool {
+        let cut = self.cut_off.read();
+        !cut.is_empty() && cut.contains(addr)
+    }
+
+    /// `KVD.PARTITION [addr ...]`: from now on this node's calls to these
+    /// nodes fail as if the network between them were cut (none: healed).
+    pub fn partition(&self, addrs: Vec<String>) {
+        *self.cut_off.write() = addrs.into_iter().collect();
+    }
+
+    /// Slots with a holder this node last found unreachable, and how many
+    /// such nodes there are.
+    fn under_replicated(&self, layout: &Layout) -> (usize, usize) {
+        let down: Vec<usize> = {
+            let unreachable = self.unreachable.lock();
+            (0..layout.nodes.len())
+                .filter(|&i| unreachable.contains_key(&layout.nodes[i]))
+                .collect()
+        };
+        if down.is_empty() {
+            return (0, 0);
+        }
+        let slots = (0..slot::SLOTS as u16)
+            .filter(|&s| layout.slot_holders(s).iter().any(|h| down.contains(h)))
+            .count();
+        (slots, down.len())
+    }
+
     /// A new ballot above everything this node has seen.
     fn next_ballot(&self, layout: &Layout) -> Ballot {
         let first = layout.first_counter();
@@ -234,8 +284,9 @@ impl Replicas {
             let m = self.membership.read();
             (m.layout.clone(), m.frozen_count)
         };
+        let (under_replicated, unreachable) = self.under_replicated(&layout);
         format!(
-            "kvd_replicas:{}\r\nkvd_replica_nodes:{}\r\nkvd_replica_members:{}\r\nkvd_replica_config_version:{}\r\nkvd_replica_frozen_slots:{}\r\nkvd_repair_keys_dropped:{}\r\nkvd_reconfigure_slots_moved:{}\r\nkvd_reconfigure_keys_copied:{}\r\nkvd_paxos_rounds:{}\r\nkvd_paxos_one_round_trip:{}\r\nkvd_paxos_conflicts:{}\r\nkvd_paxos_repairs:{}\r\nkvd_paxos_unavailable:{}\r\nkvd_repair_keys_checked:{}\r\nkvd_repair_passes:{}\r\nkvd_repair_keys_behind_last_pass:{}\r\n",
+            "kvd_under_replicated_slots:{under_replicated}\r\nkvd_replica_nodes_unreachable:{unreachable}\r\nkvd_replicas:{}\r\nkvd_replica_nodes:{}\r\nkvd_replica_members:{}\r\nkvd_replica_config_version:{}\r\nkvd_replica_frozen_slots:{}\r\nkvd_repair_keys_dropped:{}\r\nkvd_reconfigure_slots_moved:{}\r\nkvd_reconfigure_keys_copied:{}\r\nkvd_paxos_rounds:{}\r\nkvd_paxos_one_round_trip:{}\r\nkvd_paxos_conflicts:{}\r\nkvd_paxos_repairs:{}\r\nkvd_paxos_unavailable:{}\r\nkvd_repair_keys_checked:{}\r\nkvd_repair_passes:{}\r\nkvd_repair_keys_behind_last_pass:{}\r\n",
             layout.replicas,
             layout.nodes.len(),
             layout.nodes.join(","),
@@ -254,6 +305,24 @@ impl Replicas {
             s.behind_last_pass.load(Ordering::Relaxed),
         )
     }
+}
+
+/// Whether the failure named `name` is switched on for tests: the
+/// comma-separated list in `KVD_FAILPOINTS` (read once). Lets a test stop a
+/// reconfiguration half-way, as a coordinator that crashes there would, or
+/// cut peer links (`partition`: enables `KVD.PARTITION`).
+pub(crate) fn failpoint(name: &str) -> bool {
+    static POINTS: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+    POINTS
+        .get_or_init(|| {
+            std::env::var("KVD_FAILPOINTS")
+                .unwrap_or_default()
+                .split(',')
+                .map(str::to_string)
+                .collect()
+        })
+        .iter()
+        .any(|p| p == name)
 }
 
 fn number(args: &[Bytes], i: usize) -> Option<u64> {

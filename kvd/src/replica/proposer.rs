@@ -205,6 +205,13 @@ impl Replicas {
     /// first time, so a message that did arrive before the link broke is harmless.
     async fn ask_peer(self: Arc<Self>, addr: String, key: Bytes, msg: Msg) -> Result<Answer, Failure> {
         let addr = &addr;
+        if self.is_cut_off(addr) {
+            self.reached(addr, false);
+            return Err(Failure {
+                text: format!("{addr}: cut off (KVD.PARTITION)"),
+                maybe_delivered: false,
+            });
+        }
         let request = request(&key, &msg);
         let mut last = Failure {
             text: String::new(),
@@ -213,12 +220,14 @@ impl Replicas {
         for _ in 0..2 {
             match tokio::time::timeout(PHASE_TIMEOUT, self.peers.call(addr, &request)).await {
                 Ok(Ok(reply)) => {
+                    self.reached(addr, true);
                     return answer(reply).map_err(|text| Failure {
                         text,
                         maybe_delivered: true,
-                    })
+                    });
                 }
                 Ok(Err(e)) => {
+                    self.reached(addr, false);
                     let maybe = last.maybe_delivered || matches!(e, crate::cluster::peer::LinkError::Lost(_));
                     last = Failure {
                         text: format!("{addr}: {e}"),
@@ -226,10 +235,11 @@ impl Replicas {
                     };
                 }
                 Err(_) => {
+                    self.reached(addr, false);
                     return Err(Failure {
                         text: format!("{addr}: no answer within {PHASE_TIMEOUT:?}"),
                         maybe_delivered: true,
-                    })
+                    });
                 }
             }
         }

@@ -64,23 +64,6 @@ const INSTALLS_IN_FLIGHT: usize = 32;
 /// Vote attempts beaten by another reconfiguration before giving up.
 const VOTE_ATTEMPTS: usize = 5;
 
-/// Whether the failure named `name` is switched on for tests: the
-/// comma-separated list in `KVD_FAILPOINTS` (read once). Lets a test stop a
-/// reconfiguration half-way, as a coordinator that crashes there would.
-fn failpoint(name: &str) -> bool {
-    static POINTS: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
-    POINTS
-        .get_or_init(|| {
-            std::env::var("KVD_FAILPOINTS")
-                .unwrap_or_default()
-                .split(',')
-                .map(str::to_string)
-                .collect()
-        })
-        .iter()
-        .any(|p| p == name)
-}
-
 fn args(parts: &[&[u8]]) -> Vec<Bytes> {
     parts.iter().map(|p| Bytes::copy_from_slice(p)).collect()
 }
@@ -109,6 +92,9 @@ impl Replicas {
     /// One call to `addr` (this node's own address included: over its port,
     /// like any other), bounded in time.
     async fn ask(&self, addr: &str, request: Vec<Bytes>) -> Result<Reply, String> {
+        if self.is_cut_off(addr) {
+            return Err(format!("{addr}: cut off (KVD.PARTITION)"));
+        }
         match tokio::time::timeout(CALL_TIMEOUT, self.peers.call(addr, &request)).await {
             Ok(Ok(reply)) => Ok(reply),
             Ok(Err(e)) => Err(e.to_string()),
@@ -195,7 +181,7 @@ impl Replicas {
         let Some(target) = Layout::decode(&target_text, &self.addr) else {
             return Reply::error(format!("ERR the vote chose a malformed layout '{target_text}'"));
         };
-        if failpoint("reconfigure-after-vote") {
+        if super::failpoint("reconfigure-after-vote") {
             return Reply::error("ERR stopped after the vote (KVD_FAILPOINTS=reconfigure-after-vote)");
         }
         let moved = match self.move_slots(&old, &target, ballot, &target_text).await {
@@ -378,7 +364,7 @@ impl Replicas {
                     )));
                 }
             }
-            if failpoint("reconfigure-after-freeze") {
+            if super::failpoint("reconfigure-after-freeze") {
                 return Err(Reply::error(
                     "ERR stopped after freezing (KVD_FAILPOINTS=reconfigure-after-freeze)",
                 ));
