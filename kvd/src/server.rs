@@ -35,6 +35,8 @@ pub const REDIS_VERSION: &str = "7.0.15";
 
 /// Output is flushed once this much is buffered, even mid-batch.
 const FLUSH_THRESHOLD: usize = 256 * 1024;
+/// Bulk replies at least this large are written from their own buffer.
+const STREAM_BULK: usize = 64 * 1024;
 /// Buffers larger than this are released once the connection has been idle for
 /// `SHRINK_AFTER`, so a client that once sent a large value does not keep the
 /// memory. Not at once: a client sending large values one after another would
@@ -490,7 +492,19 @@ async fn serve(shared: &Arc<Shared>, session: &mut Session, socket: TcpStream) -
                     if reply.is_error() {
                         shared.stats.error_replies.fetch_add(1, Ordering::Relaxed);
                     }
-                    reply.encode(session.proto, &mut wbuf);
+                    match reply {
+                        // A large value goes from the store's buffer (often the
+                        // mapped log segment) to the socket without a copy into
+                        // the output buffer.
+                        Reply::Bulk(value) if value.len() >= STREAM_BULK => {
+                            wbuf.extend_from_slice(format!("${}\r\n", value.len()).as_bytes());
+                            if !flush_with(shared, session, &mut wr, &mut wbuf, Some(value)).await? {
+                                return Ok(());
+                            }
+                            wbuf.extend_from_slice(b"\r\n");
+                        }
+                        reply => reply.encode(session.proto, &mut wbuf),
+                    }
                     if session.close {
                         flush(shared, session, &mut wr, &mut wbuf).await?;
                         return Ok(());
@@ -638,6 +652,17 @@ async fn flush(
     wr: &mut tokio::net::tcp::OwnedWriteHalf,
     wbuf: &mut BytesMut,
 ) -> std::io::Result<bool> {
+    flush_with(shared, session, wr, wbuf, None).await
+}
+
+/// [`flush`], then `tail` written straight after the buffered replies.
+async fn flush_with(
+    shared: &Shared,
+    session: &mut Session,
+    wr: &mut tokio::net::tcp::OwnedWriteHalf,
+    wbuf: &mut BytesMut,
+    tail: Option<Bytes>,
+) -> std::io::Result<bool> {
     if session.wrote {
         // Replies to writes go out only once the writes are in the log (and
         // fsynced with appendfsync always). If that fails, nothing is sent and
@@ -653,20 +678,40 @@ async fn flush(
             return Ok(false);
         }
     }
-    if wbuf.is_empty() {
+    let tail_len = tail.as_ref().map_or(0, Bytes::len);
+    if wbuf.is_empty() && tail_len == 0 {
         return Ok(true);
     }
+    let mut out = bytes::Buf::chain(&wbuf[..], tail.as_deref().unwrap_or_default());
     tokio::select! {
-        written = wr.write_all(wbuf) => written?,
+        written = write_all_vectored(wr, &mut out) => written?,
         _ = session.client.kill.notified() => return Ok(false),
         _ = shared.shutdown.cancelled() => return Ok(false),
     }
     shared
         .stats
         .net_output_bytes
-        .fetch_add(wbuf.len() as u64, Ordering::Relaxed);
+        .fetch_add((wbuf.len() + tail_len) as u64, Ordering::Relaxed);
     wbuf.clear();
     Ok(true)
+}
+
+/// Writes all of `out` (up to two slices), with writev so the buffered
+/// replies and a large value leave in one system call.
+async fn write_all_vectored(
+    wr: &mut tokio::net::tcp::OwnedWriteHalf,
+    out: &mut impl bytes::Buf,
+) -> std::io::Result<()> {
+    while out.has_remaining() {
+        let mut slices = [std::io::IoSlice::new(&[]); 2];
+        let n = out.chunks_vectored(&mut slices);
+        let written = wr.write_vectored(&slices[..n]).await?;
+        if written == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        out.advance(written);
+    }
+    Ok(())
 }
 
 /// Background work: active expiry (so unread expired keys do not hold memory)

@@ -59,7 +59,9 @@ pub struct Layout {
 impl Layout {
     pub fn new(version: u64, nodes: Vec<String>, replicas: usize, me: &str) -> Layout {
         let ids: Vec<&str> = nodes.iter().map(String::as_str).collect();
-        let replicas = replicas.clamp(1, nodes.len().max(1));
+        // The target R is kept as given (a cluster smaller than R keeps it for
+        // when it grows); placement uses at most as many holders as nodes.
+        let replicas = replicas.max(1);
         Layout {
             version,
             placement: Placement::compute(&ids, replicas),
@@ -339,6 +341,14 @@ mod tests {
         assert!(parse_nodes("").is_err());
         assert!(parse_nodes("nohost").is_err());
         assert!(Layout::decode("0 3 a:1", "a:1").is_none());
+    }
+
+    #[test]
+    fn a_cluster_smaller_than_r_keeps_r_for_when_it_grows() {
+        let one = Layout::new(1, nodes("a:1"), 3, "a:1");
+        assert_eq!((one.replicas, one.slot_holders(7).len()), (3, 1));
+        let three = Layout::new(2, nodes("a:1,b:2,c:3"), one.replicas, "a:1");
+        assert_eq!(three.slot_holders(7).len(), 3);
     }
 
     #[test]
