@@ -531,7 +531,11 @@ impl Replicas {
         key: &Bytes,
         msg: &Msg,
     ) -> Vec<Record> {
-        self.gather(shared, layout, holders, key, msg, true).await.records
+        let g = self.gather(shared, layout, holders, key, msg, true).await;
+        // The background pass is how a node nobody else talks to (one removed
+        // while it was down) learns the membership changed.
+        self.catch_up(layout, &g);
+        g.records
     }
 
     /// Accepts `entry` at `b` on every holder; whether a majority took it.
