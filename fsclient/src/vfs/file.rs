@@ -398,13 +398,16 @@ impl FileData {
             // The base now ends at `cut`; what is written past it stays.
             let keys: Vec<u64> = self.extents.range(..cut).map(|(&k, _)| k).collect();
             for k in keys {
-                let e = self.extents.remove(&k).expect("listed above");
+                let mut e = self.extents.remove(&k).expect("listed above");
                 self.dirty_bytes -= e.len();
                 let end = k + e.len() as u64;
                 if end > cut {
-                    let rest = e[(cut - k) as usize..].to_vec();
-                    self.dirty_bytes += rest.len();
-                    self.extents.insert(cut, rest);
+                    // The rest moves to the front of the same buffer: a
+                    // sequential writer keeps appending to memory already
+                    // allocated and touched, instead of a fresh one per spill.
+                    e.drain(..(cut - k) as usize);
+                    self.dirty_bytes += e.len();
+                    self.extents.insert(cut, e);
                 }
             }
             // `manifest` is stale until the next full store (`changed` stays).
