@@ -233,6 +233,10 @@ pub struct RespDict {
     tagged: Mutex<HashMap<String, redis::Connection>>,
 }
 
+/// How long a command refused with `-TRYAGAIN` is tried again before the
+/// error is passed on.
+const TRYAGAIN_FOR: Duration = Duration::from_secs(15);
+
 fn backend(e: redis::RedisError) -> DictError {
     DictError::Backend(e.to_string())
 }
@@ -285,27 +289,46 @@ impl RespDict {
         self.cluster.is_some()
     }
 
-    fn with_conn<T>(&self, f: impl FnOnce(&mut redis::Connection) -> redis::RedisResult<T>) -> DictResult<T> {
-        let pooled = self.pool.lock().pop();
-        let mut conn = match pooled {
-            Some(c) => c,
-            None => {
-                let c = self
-                    .single
-                    .get_connection_with_timeout(Duration::from_secs(10))
-                    .map_err(backend)?;
-                c.set_read_timeout(Some(Duration::from_secs(60)))
-                    .map_err(backend)?;
-                c
+    /// Runs `f` on a pooled connection. A `-TRYAGAIN` reply (the store
+    /// refused and changed nothing: kvd while a slot's replicas change, Redis
+    /// Cluster while a slot migrates) runs `f` again after a pause, for up to
+    /// [`TRYAGAIN_FOR`].
+    fn with_conn<T>(
+        &self,
+        mut f: impl FnMut(&mut redis::Connection) -> redis::RedisResult<T>,
+    ) -> DictResult<T> {
+        let deadline = std::time::Instant::now() + TRYAGAIN_FOR;
+        let mut pause = Duration::from_millis(10);
+        loop {
+            let pooled = self.pool.lock().pop();
+            let mut conn = match pooled {
+                Some(c) => c,
+                None => {
+                    let c = self
+                        .single
+                        .get_connection_with_timeout(Duration::from_secs(10))
+                        .map_err(backend)?;
+                    c.set_read_timeout(Some(Duration::from_secs(60)))
+                        .map_err(backend)?;
+                    c
+                }
+            };
+            match f(&mut conn) {
+                Ok(v) => {
+                    self.pool.lock().push(conn);
+                    return Ok(v);
+                }
+                Err(e) if e.code() == Some("TRYAGAIN") && std::time::Instant::now() < deadline => {
+                    // A reply like any other: the connection is fine, but a
+                    // transaction left on it (WATCH) must not carry over.
+                    let _ = redis::cmd("UNWATCH").query::<()>(&mut conn);
+                    self.pool.lock().push(conn);
+                    std::thread::sleep(pause);
+                    pause = (pause * 2).min(Duration::from_millis(500));
+                }
+                // The connection may be broken; do not reuse it.
+                Err(e) => return Err(backend(e)),
             }
-        };
-        match f(&mut conn) {
-            Ok(v) => {
-                self.pool.lock().push(conn);
-                Ok(v)
-            }
-            // The connection may be broken; do not reuse it.
-            Err(e) => Err(backend(e)),
         }
     }
 
@@ -388,7 +411,7 @@ impl RespDict {
     fn on_node_of<T>(
         &self,
         key: &str,
-        f: impl FnOnce(&mut redis::Connection) -> redis::RedisResult<T>,
+        mut f: impl FnMut(&mut redis::Connection) -> redis::RedisResult<T>,
     ) -> DictResult<T> {
         if self.cluster.is_none() {
             return self.with_conn(f);

@@ -745,11 +745,38 @@ fn an_interrupted_reconfiguration_is_finished_by_the_next() {
         })
         .count();
     assert!(refused > 0, "no key of a frozen slot was refused");
+    // A file system whose root pointer is in a frozen slot: fsclient waits
+    // out TRYAGAIN (for a while) instead of failing.
+    let volume = (0..100)
+        .map(|i| format!("vol{i}"))
+        .find(|v| {
+            let root = format!("dfs:v:{v}:root");
+            a.call(&["GET", &root]).unwrap().as_str().starts_with("TRYAGAIN")
+        })
+        .expect("some volume's root key is in a frozen slot");
+    let url = format!("redis://{}", c.addr(2));
+    let mkfs = {
+        let (url, volume) = (url.clone(), volume.clone());
+        std::thread::spawn(move || protocol_tests::fsclient_at(&url, &["--volume", &volume, "mkfs"]))
+    };
+    std::thread::sleep(Duration::from_millis(1000));
     // Another list, through another node: the interrupted change wins first.
     let reply = reconfigure(&c, 1, &[0, 1, 2, e]);
     assert!(
         reply.as_str().contains("finished an interrupted reconfiguration"),
         "{reply:?}"
+    );
+    let out = mkfs.join().unwrap();
+    assert!(
+        out.status.success(),
+        "mkfs during the move: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = protocol_tests::fsclient_at(&url, &["--volume", &volume, "ls", "/"]);
+    assert!(
+        out.status.success(),
+        "ls: {}",
+        String::from_utf8_lossy(&out.stderr)
     );
     let members = [0, 1, 2, d].map(|i| c.addr(i)).join(",");
     for i in [0, 1, 2, d] {
