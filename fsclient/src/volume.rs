@@ -168,14 +168,18 @@ impl Volume {
                 self.store.release_leases(sealed)?;
                 return Ok((commit, ours));
             }
-            // Someone committed first: merge with theirs and try from there.
+            // Someone committed first. Pause (growing, with jitter, so clients
+            // that collided spread out), then merge with the newest head and
+            // swap at once: a pause between reading the head and swapping would
+            // let the others move it again meanwhile, and a steady stream of
+            // their commits could starve this one.
+            let backoff = 1u64 << attempt.min(6);
+            let jitter = rand::random::<u64>() % (backoff * 1000);
+            std::thread::sleep(Duration::from_micros(backoff * 500 + jitter));
             let (theirs_hash, theirs) = self.head()?;
             ours = links::merge_trees(&self.store, Some(base), ours, theirs.tree(), &self.writer)?;
             base_hash = theirs_hash;
             base = theirs.tree();
-            let backoff = 1u64 << attempt.min(6);
-            let jitter = rand::random::<u64>() % (backoff * 1000);
-            std::thread::sleep(Duration::from_micros(backoff * 500 + jitter));
         }
         Err(FsError::Io(std::io::Error::other(
             "could not commit: the volume root kept changing (too many concurrent writers)",

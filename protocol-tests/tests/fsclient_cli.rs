@@ -395,3 +395,51 @@ fn stats_count_distinct_blobs_once() {
     assert!(out.contains("dedup ratio:      2.00"), "{out}");
     assert!(out.contains("history:          3 commits"), "{out}");
 }
+
+/// Three clients committing to one volume as fast as they can, through a real
+/// store: every commit of every one lands. A client whose root swap loses
+/// merges and tries again at once, pausing only before it reads the new head
+/// (a pause after reading it would let the others move the root again while
+/// it slept, and a steady stream of commits could starve it).
+fn writers_without_pause_all_get_through(server: &Server) {
+    use fsclient::store::BlobStore;
+    use fsclient::volume::Volume;
+    use std::sync::Arc;
+    let url = format!("redis://127.0.0.1:{}", server.port);
+    let open = || {
+        let dict = fsclient::dict::RespDict::open(&url).unwrap();
+        Volume::new(BlobStore::new(Arc::new(dict), "race:", 1 << 20), "vol")
+    };
+    open().create().unwrap();
+    let writers: Vec<_> = (0..3)
+        .map(|w| {
+            let v = open();
+            std::thread::spawn(move || {
+                for i in 0..60 {
+                    let path = fsclient::tree::split_path(&format!("/w{w}-{i}")).unwrap();
+                    v.change("race", |s, root| {
+                        fsclient::tree::write_file(s, root, &path, &b"x"[..], 0o644, Default::default())
+                    })
+                    .unwrap_or_else(|e| panic!("writer {w}, commit {i}: {e}"));
+                }
+            })
+        })
+        .collect();
+    for w in writers {
+        w.join().unwrap();
+    }
+    let v = open();
+    let names = fsclient::tree::list(&v.store, v.root().unwrap(), &[]).unwrap();
+    assert_eq!(names.len(), 180, "every writer's every file is there");
+}
+
+#[test]
+fn writers_without_pause_all_get_through_on_kvd() {
+    writers_without_pause_all_get_through(&Server::kvd(&[]).unwrap());
+}
+
+#[test]
+fn writers_without_pause_all_get_through_on_redis_server() {
+    require_redis();
+    writers_without_pause_all_get_through(&Server::redis(&[]).unwrap());
+}
