@@ -795,3 +795,63 @@ fn an_interrupted_reconfiguration_is_finished_by_the_next() {
     assert_eq!(reply.as_str(), "OK", "{reply:?}");
     assert_eq!(info(&c, e, "kvd_replica_config_version"), "3");
 }
+
+/// Five nodes keeping each key on three: every key has its own three
+/// replicas (not all nodes), and killing any one node (here two in turn, the
+/// first restarted before the second goes) loses nothing and keeps CAS
+/// histories linearizable.
+#[test]
+fn five_nodes_with_three_replicas_lose_nothing_when_one_is_killed() {
+    let mut c = Replicated::start(5, 3);
+    let mut a = c.conn(0);
+    for i in 0..300 {
+        assert_eq!(
+            a.call(&["SET", &format!("k:{i}"), &format!("v{i}")])
+                .unwrap()
+                .as_str(),
+            "OK"
+        );
+    }
+    // Each node stores only the keys of its slots: about 3/5 of them.
+    let stored: Vec<usize> = (0..5)
+        .map(|i| match c.conn(i).cmd("KEYS k:*").unwrap() {
+            Value::Array(keys) => keys.len(),
+            other => panic!("KEYS: {other:?}"),
+        })
+        .collect();
+    assert_eq!(
+        stored.iter().sum::<usize>(),
+        900,
+        "three copies of each key: {stored:?}"
+    );
+    assert!(
+        stored.iter().all(|&n| n < 300),
+        "some node holds every key: {stored:?}"
+    );
+
+    const KEYS: &[&str] = &["five:a", "five:b", "five:c", "five:d"];
+    let stop = Arc::new(AtomicBool::new(false));
+    let history = History::default();
+    let threads = cas_clients(c.ports.clone(), KEYS, stop.clone(), history.clone());
+    std::thread::sleep(Duration::from_millis(1000));
+    c.kill9(1);
+    std::thread::sleep(Duration::from_millis(1500));
+    c.restart(1);
+    std::thread::sleep(Duration::from_millis(1000));
+    c.kill9(3);
+    std::thread::sleep(Duration::from_millis(1500));
+    stop.store(true, Ordering::Relaxed);
+    let successes: u64 = threads.into_iter().map(|t| t.join().unwrap()).sum();
+    assert_linearizable(&history, KEYS);
+    assert!(successes > 50, "only {successes} CAS succeeded");
+    for i in [0, 1, 2, 4] {
+        let mut conn = c.conn(i);
+        for k in (0..300).step_by(11) {
+            assert_eq!(
+                conn.call(&["GET", &format!("k:{k}")]).unwrap().as_str(),
+                format!("v{k}"),
+                "k:{k} via node {i}"
+            );
+        }
+    }
+}
