@@ -717,6 +717,7 @@ fn racing_reconfigurations_agree_and_data_moves_to_all_new_nodes() {
 fn an_interrupted_reconfiguration_is_finished_by_the_next() {
     let mut c = Replicated::start(3, 3);
     c.restart_with_env(0, &[("KVD_FAILPOINTS", "reconfigure-after-freeze")]);
+    c.restart_with_env(2, &[("KVD_FAILPOINTS", "reconfigure-after-vote")]);
     let mut a = c.conn(1);
     for i in 0..300 {
         assert_eq!(
@@ -794,6 +795,16 @@ fn an_interrupted_reconfiguration_is_finished_by_the_next() {
     let reply = reconfigure(&c, 1, &[0, 1, 2, d, e]);
     assert_eq!(reply.as_str(), "OK", "{reply:?}");
     assert_eq!(info(&c, e, "kvd_replica_config_version"), "3");
+    // A coordinator that stops after the vote's promises (before anything is
+    // accepted or frozen) binds nobody: the next change is the one asked for.
+    let reply = reconfigure(&c, 2, &[0, 1, 2]);
+    assert!(reply.as_str().contains("stopped after the vote"), "{reply:?}");
+    assert_eq!(info(&c, 1, "kvd_replica_frozen_slots"), "0");
+    let reply = reconfigure(&c, 1, &[0, 1, 2, d]);
+    assert_eq!(reply.as_str(), "OK", "{reply:?}");
+    let members = [0, 1, 2, d].map(|i| c.addr(i)).join(",");
+    assert_eq!(info(&c, 2, "kvd_replica_members"), members);
+    assert_eq!(info(&c, 2, "kvd_replica_config_version"), "4");
 }
 
 /// Five nodes keeping each key on three: every key has its own three

@@ -256,6 +256,11 @@ impl Replicas {
                         }
                     }
                     Ok(Reply::Error(e)) if e.starts_with("BALLOT ") => {
+                        // The next attempt goes above the ballot that won.
+                        let mut words = e["BALLOT ".len()..].split(' ').map(|w| w.parse().ok());
+                        if let (Some(Some(counter)), Some(Some(proposer))) = (words.next(), words.next()) {
+                            self.saw(Ballot { counter, proposer });
+                        }
                         beaten = true;
                         failures.push(format!("{addr}: {e}"));
                     }
