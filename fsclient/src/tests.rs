@@ -440,3 +440,100 @@ impl Dict for Counting {
         self.inner.compare_and_swap(key, expected, new)
     }
 }
+
+type Hook = Box<dyn FnOnce() + Send>;
+
+/// A dict that runs a hook once at a chosen moment, for tests of races:
+/// just before the next INCR (the collector opening a deletion window), or
+/// just after the next read of a key ending in a given suffix (a reader that
+/// got its answer and then lost the processor).
+pub(crate) struct Hooked {
+    inner: Arc<MemoryDict>,
+    pub before_incr: parking_lot::Mutex<Option<Hook>>,
+    pub after_get: parking_lot::Mutex<Option<(String, Hook)>>,
+}
+
+impl Hooked {
+    pub fn new(inner: Arc<MemoryDict>) -> Hooked {
+        Hooked {
+            inner,
+            before_incr: Default::default(),
+            after_get: Default::default(),
+        }
+    }
+}
+
+impl Dict for Hooked {
+    fn get(&self, key: &str) -> crate::dict::DictResult<Option<Bytes>> {
+        let value = self.inner.get(key);
+        let hook = {
+            let mut armed = self.after_get.lock();
+            match armed.take() {
+                Some((suffix, hook)) if key.ends_with(&suffix) => Some(hook),
+                other => {
+                    *armed = other;
+                    None
+                }
+            }
+        };
+        if let Some(hook) = hook {
+            hook();
+        }
+        value
+    }
+    fn put_if_absent(&self, key: &str, value: Bytes) -> crate::dict::DictResult<()> {
+        self.inner.put_if_absent(key, value)
+    }
+    fn delete(&self, key: &str) -> crate::dict::DictResult<()> {
+        self.inner.delete(key)
+    }
+    fn contains(&self, key: &str) -> crate::dict::DictResult<bool> {
+        self.inner.contains(key)
+    }
+    fn compare_and_swap(
+        &self,
+        key: &str,
+        expected: Option<&[u8]>,
+        new: &[u8],
+    ) -> crate::dict::DictResult<bool> {
+        self.inner.compare_and_swap(key, expected, new)
+    }
+    fn scan_prefix(
+        &self,
+        prefix: &str,
+        each: &mut dyn FnMut(Vec<String>) -> crate::dict::DictResult<()>,
+    ) -> crate::dict::DictResult<()> {
+        self.inner.scan_prefix(prefix, each)
+    }
+    fn sizes(&self, keys: &[String]) -> crate::dict::DictResult<Vec<Option<u64>>> {
+        self.inner.sizes(keys)
+    }
+    fn append(&self, key: &str, value: &[u8]) -> crate::dict::DictResult<()> {
+        self.inner.append(key, value)
+    }
+    fn incr(&self, key: &str) -> crate::dict::DictResult<u64> {
+        let hook = self.before_incr.lock().take();
+        if let Some(hook) = hook {
+            hook();
+        }
+        self.inner.incr(key)
+    }
+    fn put_expiring(
+        &self,
+        key: &str,
+        value: &[u8],
+        ttl: std::time::Duration,
+        nx: bool,
+    ) -> crate::dict::DictResult<bool> {
+        self.inner.put_expiring(key, value, ttl, nx)
+    }
+    fn read_and_append(
+        &self,
+        counter: &str,
+        log: &str,
+        record: &[u8],
+        ttl: std::time::Duration,
+    ) -> crate::dict::DictResult<u64> {
+        self.inner.read_and_append(counter, log, record, ttl)
+    }
+}

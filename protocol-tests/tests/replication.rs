@@ -470,14 +470,7 @@ fn nodes_join_and_leave_under_load_and_nothing_acknowledged_is_lost() {
     let mut c = Replicated::start(3, 3);
     let new = c.add_node();
     let mut a = c.conn(0);
-    for i in 0..600 {
-        assert_eq!(
-            a.call(&["SET", &format!("seed:{i}"), &format!("v{i}")])
-                .unwrap()
-                .as_str(),
-            "OK"
-        );
-    }
+    seed(&mut a, "seed", 600);
     for i in 0..60 {
         assert_eq!(a.call(&["DEL", &format!("seed:{i}")]).unwrap().as_int(), Some(1));
     }
@@ -639,6 +632,16 @@ fn a_file_system_on_top_survives_a_killed_node() {
     assert!(ok(&["fsck"]).contains(", 0 damaged paths"));
 }
 
+/// Sets `{prefix}:{i}` to `v{i}` for i in 0..n.
+fn seed(conn: &mut Conn, prefix: &str, n: usize) {
+    for i in 0..n {
+        let reply = conn
+            .call(&["SET", &format!("{prefix}:{i}"), &format!("v{i}")])
+            .unwrap();
+        assert_eq!(reply.as_str(), "OK", "SET {prefix}:{i}");
+    }
+}
+
 fn reconfigure(c: &Replicated, via: usize, nodes: &[usize]) -> Value {
     let mut args = vec!["KVD.RECONFIGURE".to_string()];
     args.extend(nodes.iter().map(|&i| c.addr(i)));
@@ -653,14 +656,7 @@ fn reconfigure(c: &Replicated, via: usize, nodes: &[usize]) -> Value {
 fn racing_reconfigurations_agree_and_data_moves_to_all_new_nodes() {
     let mut c = Replicated::start(3, 3);
     let mut a = c.conn(0);
-    for i in 0..400 {
-        assert_eq!(
-            a.call(&["SET", &format!("k:{i}"), &format!("v{i}")])
-                .unwrap()
-                .as_str(),
-            "OK"
-        );
-    }
+    seed(&mut a, "k", 400);
     assert_eq!(a.cmd("DEL k:0").unwrap().as_int(), Some(1));
     let (d, e) = (c.add_node(), c.add_node());
     // Two different changes at once, from two nodes.
@@ -719,14 +715,7 @@ fn an_interrupted_reconfiguration_is_finished_by_the_next() {
     c.restart_with_env(0, &[("KVD_FAILPOINTS", "reconfigure-after-freeze")]);
     c.restart_with_env(2, &[("KVD_FAILPOINTS", "reconfigure-after-vote")]);
     let mut a = c.conn(1);
-    for i in 0..300 {
-        assert_eq!(
-            a.call(&["SET", &format!("k:{i}"), &format!("v{i}")])
-                .unwrap()
-                .as_str(),
-            "OK"
-        );
-    }
+    seed(&mut a, "k", 300);
     let (d, e) = (c.add_node(), c.add_node());
     let reply = reconfigure(&c, 0, &[0, 1, 2, d]);
     assert!(reply.as_str().contains("stopped after freezing"), "{reply:?}");
@@ -815,14 +804,7 @@ fn an_interrupted_reconfiguration_is_finished_by_the_next() {
 fn five_nodes_with_three_replicas_lose_nothing_when_one_is_killed() {
     let mut c = Replicated::start(5, 3);
     let mut a = c.conn(0);
-    for i in 0..300 {
-        assert_eq!(
-            a.call(&["SET", &format!("k:{i}"), &format!("v{i}")])
-                .unwrap()
-                .as_str(),
-            "OK"
-        );
-    }
+    seed(&mut a, "k", 300);
     // Each node stores only the keys of its slots: about 3/5 of them.
     let stored: Vec<usize> = (0..5)
         .map(|i| match c.conn(i).cmd("KEYS k:*").unwrap() {

@@ -10,10 +10,10 @@ use bytes::Bytes;
 use parking_lot::Mutex;
 
 use super::{collect, Options, Policy};
-use crate::dict::{Dict, DictResult, MemoryDict};
+use crate::dict::{Dict, MemoryDict};
 use crate::object::{Content, Entry, Hash};
 use crate::store::BlobStore;
-use crate::tests::small;
+use crate::tests::{small, Hooked};
 use crate::tree::{self, FsError};
 use crate::volume::Volume;
 
@@ -211,57 +211,6 @@ fn a_second_collector_is_refused_while_one_runs() {
     collect(&v.store, &keep_nothing()).unwrap();
 }
 
-/// A dict that runs a hook just before the collector opens its first deletion
-/// window (the first INCR of the epoch).
-struct Hooked {
-    inner: Arc<MemoryDict>,
-    hook: Mutex<Option<Box<dyn FnOnce() + Send>>>,
-}
-
-impl Dict for Hooked {
-    fn get(&self, key: &str) -> DictResult<Option<Bytes>> {
-        self.inner.get(key)
-    }
-    fn put_if_absent(&self, key: &str, value: Bytes) -> DictResult<()> {
-        self.inner.put_if_absent(key, value)
-    }
-    fn delete(&self, key: &str) -> DictResult<()> {
-        self.inner.delete(key)
-    }
-    fn contains(&self, key: &str) -> DictResult<bool> {
-        self.inner.contains(key)
-    }
-    fn compare_and_swap(&self, key: &str, expected: Option<&[u8]>, new: &[u8]) -> DictResult<bool> {
-        self.inner.compare_and_swap(key, expected, new)
-    }
-    fn scan_prefix(
-        &self,
-        prefix: &str,
-        each: &mut dyn FnMut(Vec<String>) -> DictResult<()>,
-    ) -> DictResult<()> {
-        self.inner.scan_prefix(prefix, each)
-    }
-    fn sizes(&self, keys: &[String]) -> DictResult<Vec<Option<u64>>> {
-        self.inner.sizes(keys)
-    }
-    fn append(&self, key: &str, value: &[u8]) -> DictResult<()> {
-        self.inner.append(key, value)
-    }
-    fn incr(&self, key: &str) -> DictResult<u64> {
-        let hook = self.hook.lock().take();
-        if let Some(hook) = hook {
-            hook();
-        }
-        self.inner.incr(key)
-    }
-    fn put_expiring(&self, key: &str, value: &[u8], ttl: Duration, nx: bool) -> DictResult<bool> {
-        self.inner.put_expiring(key, value, ttl, nx)
-    }
-    fn read_and_append(&self, counter: &str, log: &str, record: &[u8], ttl: Duration) -> DictResult<u64> {
-        self.inner.read_and_append(counter, log, record, ttl)
-    }
-}
-
 /// A writer stores a file whose chunks are garbage in the store (a deleted
 /// file had the same bytes: dedup finds them present and uploads nothing),
 /// after the collector marked but before it deletes, and commits afterwards.
@@ -277,13 +226,10 @@ fn revive_during_collection(drop_lease: bool) -> Result<Vec<u8>, FsError> {
 
     let writer = volume(inner.clone());
     let entry: Arc<Mutex<Option<Entry>>> = Default::default();
-    let hooked = Arc::new(Hooked {
-        inner: inner.clone(),
-        hook: Mutex::new(None),
-    });
+    let hooked = Arc::new(Hooked::new(inner.clone()));
     {
         let (writer_store, entry, inner) = (writer.store.clone(), entry.clone(), inner.clone());
-        *hooked.hook.lock() = Some(Box::new(move || {
+        *hooked.before_incr.lock() = Some(Box::new(move || {
             let e = tree::file_entry(&writer_store, &bytes[..], 0o644, small()).unwrap();
             *entry.lock() = Some(e);
             if drop_lease {

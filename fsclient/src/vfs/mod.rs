@@ -1643,6 +1643,15 @@ impl Vfs {
             return Ok(());
         }
         let _one = self.commit_lock.lock();
+        // Read the head again under the commit lock: a commit of ours may have
+        // landed since the read above, and adopting the head read before it
+        // would take the view back to an older tree.
+        let Some(head) = self.volume.store.root(&self.volume.name)? else {
+            return Ok(());
+        };
+        if head == self.state.lock().base_commit {
+            return Ok(());
+        }
         let tree = self.store().commit(&head)?.tree();
         let mut st = self.state.lock();
         if st.dirty {

@@ -9,7 +9,7 @@ use super::file::FileData;
 use super::*;
 use crate::dict::MemoryDict;
 use crate::object::Manifest;
-use crate::tests::small;
+use crate::tests::{small, Hooked};
 
 fn store() -> BlobStore {
     BlobStore::new(Arc::new(MemoryDict::new()), "t:", 1 << 22)
@@ -241,6 +241,43 @@ fn a_file_larger_than_the_spill_limit_is_stored_while_written() {
     let big = other.lookup(ROOT, b"big").unwrap();
     assert_eq!(big.size, 100_000);
     assert_eq!(other.read(big.ino, 99_000, 1000).unwrap().to_vec(), block);
+}
+
+/// The refresh that adopts other clients' commits reads the head before it
+/// takes the commit lock; a commit of this client landing in between must not
+/// make it adopt the older head it read (the view would lose what was just
+/// committed: an `unlink` of a file written a moment before failed with
+/// ENOENT on a mount under load).
+#[test]
+fn a_refresh_racing_a_commit_never_goes_back_to_an_older_head() {
+    let inner = Arc::new(MemoryDict::new());
+    let hooked = Arc::new(Hooked::new(inner.clone()));
+    let v = Volume::new(BlobStore::new(hooked.clone(), "t:", 1 << 22), "vol");
+    v.create().unwrap();
+    let vfs = Arc::new(Vfs::new(v, opts()).unwrap());
+    let (_, fh) = vfs.create(ME, ROOT, b"a", 0o644, libc::O_WRONLY).unwrap();
+    vfs.write(fh, 0, b"first").unwrap();
+    vfs.flush(fh).unwrap();
+    vfs.release(fh);
+    // Right after the refresh has read the head: this client commits "b".
+    let committer = vfs.clone();
+    *hooked.after_get.lock() = Some((
+        ":root".into(),
+        Box::new(move || {
+            let (_, fh) = committer.create(ME, ROOT, b"b", 0o644, libc::O_WRONLY).unwrap();
+            committer.write(fh, 0, b"second").unwrap();
+            committer.flush(fh).unwrap();
+            committer.release(fh);
+        }),
+    ));
+    vfs.sync().unwrap();
+    assert!(hooked.after_get.lock().is_none(), "the hook ran");
+    assert_eq!(
+        vfs.lookup(ROOT, b"b").unwrap().size,
+        6,
+        "the view kept the newer commit"
+    );
+    assert_eq!(vfs.lookup(ROOT, b"a").unwrap().size, 5);
 }
 
 #[test]
