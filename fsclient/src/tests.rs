@@ -388,10 +388,7 @@ fn diff_reads_only_what_changed() {
     write(&v, "/a/f17", b"changed").unwrap();
     let after = v.root().unwrap();
     // A client with an empty cache counts its reads.
-    let counting = Arc::new(Counting {
-        inner: dict.clone(),
-        gets: Default::default(),
-    });
+    let counting = Arc::new(Hooked::new(dict.clone()));
     let store = BlobStore::new(counting.clone(), "t:", 1 << 20);
     let changes = crate::history::diff(&store, before, after).unwrap();
     assert_eq!(changes, vec![crate::history::Change::Modified("/a/f17".into())]);
@@ -399,56 +396,15 @@ fn diff_reads_only_what_changed() {
     assert!(gets <= 12, "diff read {gets} blobs");
 }
 
-/// A dict that counts reads.
-struct Counting {
-    inner: Arc<MemoryDict>,
-    gets: std::sync::atomic::AtomicUsize,
-}
-
-impl Dict for Counting {
-    fn get(&self, key: &str) -> crate::dict::DictResult<Option<Bytes>> {
-        self.gets.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        self.inner.get(key)
-    }
-    fn put_if_absent(&self, key: &str, value: Bytes) -> crate::dict::DictResult<()> {
-        self.inner.put_if_absent(key, value)
-    }
-    fn delete(&self, key: &str) -> crate::dict::DictResult<()> {
-        self.inner.delete(key)
-    }
-    fn append(&self, key: &str, value: &[u8]) -> crate::dict::DictResult<()> {
-        self.inner.append(key, value)
-    }
-    fn read_and_append(
-        &self,
-        counter: &str,
-        log: &str,
-        record: &[u8],
-        ttl: std::time::Duration,
-    ) -> crate::dict::DictResult<u64> {
-        self.inner.read_and_append(counter, log, record, ttl)
-    }
-    fn contains(&self, key: &str) -> crate::dict::DictResult<bool> {
-        self.inner.contains(key)
-    }
-    fn compare_and_swap(
-        &self,
-        key: &str,
-        expected: Option<&[u8]>,
-        new: &[u8],
-    ) -> crate::dict::DictResult<bool> {
-        self.inner.compare_and_swap(key, expected, new)
-    }
-}
-
 type Hook = Box<dyn FnOnce() + Send>;
 
-/// A dict that runs a hook once at a chosen moment, for tests of races:
-/// just before the next INCR (the collector opening a deletion window), or
-/// just after the next read of a key ending in a given suffix (a reader that
-/// got its answer and then lost the processor).
+/// A dict that counts reads and runs a hook once at a chosen moment, for
+/// tests of races: just before the next INCR (the collector opening a
+/// deletion window), or just after the next read of a key ending in a given
+/// suffix (a reader that got its answer and then lost the processor).
 pub(crate) struct Hooked {
     inner: Arc<MemoryDict>,
+    pub gets: std::sync::atomic::AtomicUsize,
     pub before_incr: parking_lot::Mutex<Option<Hook>>,
     pub after_get: parking_lot::Mutex<Option<(String, Hook)>>,
 }
@@ -457,6 +413,7 @@ impl Hooked {
     pub fn new(inner: Arc<MemoryDict>) -> Hooked {
         Hooked {
             inner,
+            gets: Default::default(),
             before_incr: Default::default(),
             after_get: Default::default(),
         }
@@ -465,6 +422,7 @@ impl Hooked {
 
 impl Dict for Hooked {
     fn get(&self, key: &str) -> crate::dict::DictResult<Option<Bytes>> {
+        self.gets.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let value = self.inner.get(key);
         let hook = {
             let mut armed = self.after_get.lock();
