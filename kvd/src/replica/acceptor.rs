@@ -169,6 +169,25 @@ impl Acceptor {
             .unwrap_or_default())
     }
 
+    /// Stores `record` for `key`, with the durable floor raised past `covers`
+    /// first. Called with the key's stripe lock held, and the record is in the
+    /// log before it returns: the storage engine buffers writes until a flush,
+    /// and an acceptor that reported a value and then lost it in a crash
+    /// (SIGKILL loses the buffer) would break Paxos. The stripe lock is held
+    /// until then, and every phase takes it.
+    fn write(&self, db: &Db, key: &Bytes, record: &Record, covers: Ballot) -> Result<(), StoreError> {
+        self.cover(covers)
+            .map_err(|e| StoreError::Write(format!("recording a ballot: {e}")))?;
+        let raw = record.encode();
+        db.store().update(key, false, &mut |_| {
+            Update::Put(Entry {
+                value: raw.clone(),
+                expires_at: None,
+            })
+        })?;
+        db.store().flush()
+    }
+
     /// What this node has accepted for `key` (a read that promises nothing).
     pub fn query(&self, db: &Db, key: &Bytes) -> Result<Record, StoreError> {
         let _stripe = self.stripe(key).lock();
@@ -230,22 +249,8 @@ impl Acceptor {
             return Err(Ok(current.accepted));
         }
         let next = next.filter(|n| *n > b);
-        self.cover(next.unwrap_or(b))
-            .map_err(|e| Err(StoreError::Write(format!("recording a ballot: {e}"))))?;
-        let record = Record { accepted: b, entry }.encode();
-        db.store()
-            .update(key, false, &mut |_| {
-                Update::Put(Entry {
-                    value: record.clone(),
-                    expires_at: None,
-                })
-            })
+        self.write(db, key, &Record { accepted: b, entry }, next.unwrap_or(b))
             .map_err(Err)?;
-        // In the log before anyone can learn of it: the storage engine buffers
-        // writes until a flush, and an acceptor that reported a value and then
-        // lost it in a crash (SIGKILL loses the buffer) would break Paxos. The
-        // stripe lock is held until then, and every phase takes it.
-        db.store().flush().map_err(Err)?;
         match next {
             Some(n) => stripe.promise(key, n),
             // The promise is now implied by the accepted ballot.
@@ -272,20 +277,8 @@ impl Acceptor {
         if promised > record.accepted {
             return Err(Ok(promised));
         }
-        self.cover(record.accepted)
-            .map_err(|e| Err(StoreError::Write(format!("recording a ballot: {e}"))))?;
         let accepted = record.accepted;
-        let raw = record.encode();
-        db.store()
-            .update(key, false, &mut |_| {
-                Update::Put(Entry {
-                    value: raw.clone(),
-                    expires_at: None,
-                })
-            })
-            .map_err(Err)?;
-        // In the log before it is acknowledged, as for an accept.
-        db.store().flush().map_err(Err)?;
+        self.write(db, key, &record, accepted).map_err(Err)?;
         if stripe.promised(key) <= accepted {
             stripe.promises.remove(key);
         }

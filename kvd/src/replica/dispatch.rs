@@ -380,7 +380,7 @@ fn internal(shared: &Arc<Shared>, rep: &Arc<Replicas>, session: &mut Session, ar
             };
             let version = rep.layout().version;
             if epoch(record.accepted) <= version {
-                return Reply::error(format!("KVDCONFIG {version}"));
+                return super::version_refusal(version);
             }
             session.wrote = true;
             return match rep.acceptor.install(&shared.db, &args[1], record) {

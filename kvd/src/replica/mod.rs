@@ -76,8 +76,6 @@ pub struct Stats {
 pub struct Replicas {
     /// This node's address.
     pub addr: String,
-    /// R, for layouts this node makes (a layout records its own).
-    pub replicas: usize,
     pub secret: String,
     membership: parking_lot::RwLock<Membership>,
     pub peers: Peers,
@@ -90,9 +88,9 @@ pub struct Replicas {
     fast: parking_lot::Mutex<std::collections::HashMap<Bytes, (Ballot, acceptor::Record)>>,
     /// One reconfiguration at a time from this node.
     pub(crate) reconfiguring: tokio::sync::Mutex<()>,
-    /// Nodes this node could not reach, and since when (cleared by the next
-    /// answer): what INFO's under-replicated count is made of.
-    unreachable: parking_lot::Mutex<std::collections::HashMap<String, std::time::Instant>>,
+    /// Nodes this node's last call to failed (cleared by the next answer):
+    /// what INFO's under-replicated count is made of.
+    unreachable: parking_lot::Mutex<std::collections::HashSet<String>>,
     /// Fault injection for tests (`KVD.PARTITION`, with `KVD_FAILPOINTS=partition`):
     /// nodes this node's peer calls pretend they cannot reach.
     cut_off: parking_lot::RwLock<std::collections::HashSet<String>>,
@@ -120,7 +118,6 @@ impl Replicas {
             membership: parking_lot::RwLock::new(membership),
             peers: Peers::new(options.me.clone(), options.secret.clone()),
             addr: options.me,
-            replicas: options.replicas.max(1),
             secret: options.secret,
             proposer_id,
             fast: Default::default(),
@@ -134,11 +131,6 @@ impl Replicas {
     /// The membership as this node knows it now.
     pub fn layout(&self) -> Arc<Layout> {
         self.membership.read().layout.clone()
-    }
-
-    /// The nodes (indices into the current layout's `nodes`) that hold `key`.
-    pub fn holders(&self, key: &[u8]) -> Vec<usize> {
-        self.layout().holders(key)
     }
 
     /// Whether this node's acceptor may act on a message about `key` made at
@@ -157,7 +149,7 @@ impl Replicas {
     ) -> Result<parking_lot::RwLockReadGuard<'_, Membership>, Reply> {
         let m = self.membership.read();
         if version != m.layout.version {
-            return Err(Reply::error(format!("KVDCONFIG {}", m.layout.version)));
+            return Err(version_refusal(m.layout.version));
         }
         let slot = slot::key_slot(key);
         if m.is_frozen(slot) {
@@ -173,7 +165,7 @@ impl Replicas {
     pub fn vote_promise(&self, version: u64, b: Ballot) -> Result<Option<(Ballot, String)>, Reply> {
         let mut m = self.membership.write();
         if version != m.layout.version {
-            return Err(Reply::error(format!("KVDCONFIG {}", m.layout.version)));
+            return Err(version_refusal(m.layout.version));
         }
         match m.promise(b) {
             Ok(Ok(voted)) => Ok(voted),
@@ -187,7 +179,7 @@ impl Replicas {
     pub fn freeze(&self, version: u64, b: Ballot, target: &str, slots: &[(u16, u16)]) -> Result<(), Reply> {
         let mut m = self.membership.write();
         if version != m.layout.version {
-            return Err(Reply::error(format!("KVDCONFIG {}", m.layout.version)));
+            return Err(version_refusal(m.layout.version));
         }
         match m.freeze(b, target, slots) {
             Ok(Ok(())) => Ok(()),
@@ -221,10 +213,8 @@ impl Replicas {
         let mut unreachable = self.unreachable.lock();
         if ok {
             unreachable.remove(addr);
-        } else {
-            unreachable
-                .entry(addr.to_string())
-                .or_insert_with(std::time::Instant::now);
+        } else if !unreachable.contains(addr) {
+            unreachable.insert(addr.to_string());
         }
     }
 
@@ -246,7 +236,7 @@ impl Replicas {
         let down: Vec<usize> = {
             let unreachable = self.unreachable.lock();
             (0..layout.nodes.len())
-                .filter(|&i| unreachable.contains_key(&layout.nodes[i]))
+                .filter(|&i| unreachable.contains(&layout.nodes[i]))
                 .collect()
         };
         if down.is_empty() {
@@ -323,6 +313,12 @@ pub(crate) fn failpoint(name: &str) -> bool {
         })
         .iter()
         .any(|p| p == name)
+}
+
+/// An acceptor's refusal of a message made at another membership version
+/// than its own, `version` (the proposer parses it: [`proposer`]).
+pub(crate) fn version_refusal(version: u64) -> Reply {
+    Reply::error(format!("KVDCONFIG {version}"))
 }
 
 fn number(args: &[Bytes], i: usize) -> Option<u64> {

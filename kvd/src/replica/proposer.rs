@@ -87,7 +87,7 @@ fn store_error(e: StoreError) -> Reply {
 pub fn local(shared: &Shared, rep: &Replicas, key: &Bytes, msg: &Msg) -> Reply {
     let version = match msg {
         Msg::Query(v) => *v,
-        Msg::Prepare(b) | Msg::Accept(b, ..) => super::layout::epoch(*b),
+        Msg::Prepare(b) | Msg::Accept(b, ..) => epoch(*b),
     };
     let _admitted = match rep.admit(key, version) {
         Ok(guard) => guard,

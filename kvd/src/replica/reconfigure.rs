@@ -488,7 +488,7 @@ pub fn slot_records(shared: &Shared, rep: &Replicas, args: &[Bytes]) -> Reply {
     };
     let layout = rep.layout();
     if version != layout.version {
-        return Reply::error(format!("KVDCONFIG {}", layout.version));
+        return super::version_refusal(layout.version);
     }
     let mut in_set = vec![false; SLOTS];
     for (a, b) in wanted {
