@@ -400,13 +400,15 @@ type Hook = Box<dyn FnOnce() + Send>;
 
 /// A dict that counts reads and runs a hook once at a chosen moment, for
 /// tests of races: just before the next INCR (the collector opening a
-/// deletion window), or just after the next read of a key ending in a given
+/// deletion window), before the next lease, or just after the next read of a key ending in a given
 /// suffix (a reader that got its answer and then lost the processor).
 pub(crate) struct Hooked {
     inner: Arc<MemoryDict>,
     pub gets: std::sync::atomic::AtomicUsize,
     pub before_incr: parking_lot::Mutex<Option<Hook>>,
     pub after_get: parking_lot::Mutex<Option<(String, Hook)>>,
+    /// Runs before the next lease (a writer about to store new blobs).
+    pub before_lease: parking_lot::Mutex<Option<Hook>>,
 }
 
 impl Hooked {
@@ -416,6 +418,7 @@ impl Hooked {
             gets: Default::default(),
             before_incr: Default::default(),
             after_get: Default::default(),
+            before_lease: Default::default(),
         }
     }
 }
@@ -492,6 +495,10 @@ impl Dict for Hooked {
         record: &[u8],
         ttl: std::time::Duration,
     ) -> crate::dict::DictResult<u64> {
+        let hook = self.before_lease.lock().take();
+        if let Some(hook) = hook {
+            hook();
+        }
         self.inner.read_and_append(counter, log, record, ttl)
     }
 }

@@ -15,6 +15,7 @@ use std::io::Read;
 use std::sync::Arc;
 
 use bytes::Bytes;
+use parking_lot::{Condvar, Mutex};
 
 use crate::object::{self, Hash, Manifest};
 use crate::store::{BlobStore, StoreError};
@@ -75,6 +76,9 @@ pub fn chunk_data(store: &BlobStore, h: &Hash, len: u32) -> FsResult<Bytes> {
     Ok(data)
 }
 
+/// Written bytes: extents by start offset.
+type Extents = BTreeMap<u64, Vec<u8>>;
+
 pub struct FileData {
     /// The manifest the overlay is on top of.
     pub manifest: Hash,
@@ -82,11 +86,62 @@ pub struct FileData {
     base_size: u64,
     valid: u64,
     pub size: u64,
-    extents: BTreeMap<u64, Vec<u8>>,
+    extents: Extents,
     /// Bytes held in `extents`.
     pub dirty_bytes: usize,
     /// Whether the content differs from `manifest` (writes or truncation).
     pub changed: bool,
+    /// Whether the base's last cut is final: it was made by the chunker having
+    /// seen a whole window past it (a partial store), and no byte at or before
+    /// `base_size` has been written or cut off since. A later store then
+    /// starts cutting at `base_size` instead of re-reading the last chunks.
+    base_final: bool,
+    /// Bytes being stored by a background spill (read beneath `extents`).
+    behind: Option<Spill>,
+}
+
+/// A background spill: the extents it took over (which reads still see) and
+/// its outcome once it has one.
+struct Spill {
+    frozen: Arc<Extents>,
+    job: Arc<SpillJob>,
+}
+
+#[derive(Default)]
+struct SpillJob {
+    /// The chunks stored (the base up to a final cut) or the error.
+    done: Mutex<Option<FsResult<Cut>>>,
+    cv: Condvar,
+}
+
+/// What a store decided before it cuts, under the file's lock.
+struct Plan {
+    /// Chunks of the old base kept as they are.
+    from_chunk: usize,
+    /// Where cutting starts (the start of chunk `from_chunk`).
+    from: u64,
+    /// Where the bytes to cut end.
+    limit: u64,
+    /// End of the last written extent.
+    last_change: u64,
+    /// Whether old boundaries may be re-joined (old bytes all still there).
+    may_rejoin: bool,
+    partial: bool,
+}
+
+/// The bytes a store cuts: a base manifest (`valid` bytes of it), zeros up
+/// to `size`, and extents over both.
+struct Source<'a> {
+    map: &'a ChunkMap,
+    valid: u64,
+    extents: &'a Extents,
+}
+
+/// A finished cut: the chunks, and whether it ended by re-joining old
+/// boundaries (so its end is the old base's end, not a cut of its own).
+struct Cut {
+    map: ChunkMap,
+    rejoined: bool,
 }
 
 /// What a read needs, taken under the file's lock and used after it is let go,
@@ -97,7 +152,8 @@ pub struct ReadView {
     /// The requested range clamped to the file size.
     start: u64,
     end: u64,
-    /// Overlay pieces inside the range: (offset, bytes).
+    /// Overlay pieces inside the range: (offset, bytes), later ones over
+    /// earlier ones.
     overlay: Vec<(u64, Vec<u8>)>,
 }
 
@@ -115,6 +171,8 @@ impl FileData {
             extents: BTreeMap::new(),
             dirty_bytes: 0,
             changed: false,
+            base_final: false,
+            behind: None,
         }
     }
 
@@ -127,32 +185,20 @@ impl FileData {
         f
     }
 
-    pub fn debug_base(&self) -> (u64, u64, u64, usize) {
-        (self.base_size, self.valid, self.size, self.map.chunks.len())
+    /// How many bytes from the start are stored as chunks of the base.
+    pub fn stored_len(&self) -> u64 {
+        self.base_size
     }
-    pub fn debug_ext(&self) -> Vec<(u64, usize)> {
-        self.extents.iter().map(|(k, v)| (*k, v.len())).collect()
-    }
+
     /// Takes what is needed to read `len` bytes at `offset`.
     pub fn view(&self, offset: u64, len: u64) -> ReadView {
         let start = offset.min(self.size);
         let end = offset.saturating_add(len).min(self.size);
         let mut overlay = Vec::new();
-        // The extent starting before `start` may reach into the range.
-        let first = self
-            .extents
-            .range(..=start)
-            .next_back()
-            .map(|(&s, _)| s)
-            .unwrap_or(start);
-        for (&s, data) in self.extents.range(first..end) {
-            let e = s + data.len() as u64;
-            if e <= start {
-                continue;
-            }
-            let (a, b) = (s.max(start), e.min(end));
-            overlay.push((a, data[(a - s) as usize..(b - s) as usize].to_vec()));
+        if let Some(spill) = &self.behind {
+            overlay_pieces(&spill.frozen, start, end, &mut overlay);
         }
+        overlay_pieces(&self.extents, start, end, &mut overlay);
         ReadView {
             map: self.map.clone(),
             valid: self.valid,
@@ -166,6 +212,10 @@ impl FileData {
     pub fn write(&mut self, offset: u64, data: &[u8]) {
         if data.is_empty() {
             return;
+        }
+        self.adopt_finished_spill();
+        if offset <= self.base_size {
+            self.base_final = false;
         }
         let end = offset + data.len() as u64;
         // Appending to the extent that ends exactly here (sequential writes).
@@ -205,6 +255,26 @@ impl FileData {
         self.grow(end);
     }
 
+    /// Puts `data` at `offset` beneath the extents: only where no extent
+    /// covers a byte does it show. Used to hand back bytes a background spill
+    /// held, after writes landed over them.
+    fn write_under(&mut self, offset: u64, data: Vec<u8>) {
+        let end = offset + data.len() as u64;
+        let over: Vec<(u64, Vec<u8>)> = overlay_pieces_vec(&self.extents, offset, end);
+        if over.is_empty() {
+            // The common case (the rest of a sequential write): kept as its
+            // own extent, touching the next one, rather than copying that
+            // one (it may be large) to join them.
+            self.dirty_bytes += data.len();
+            self.extents.insert(offset, data);
+            return;
+        }
+        self.write(offset, &data);
+        for (s, d) in over {
+            self.write(s, &d);
+        }
+    }
+
     fn grow(&mut self, end: u64) {
         self.size = self.size.max(end);
         self.changed = true;
@@ -212,6 +282,8 @@ impl FileData {
 
     /// Sets the size: cuts what is past it, or extends with zeros.
     pub fn truncate(&mut self, size: u64) {
+        self.settle();
+        self.base_final = false;
         if size < self.size {
             let cut: Vec<u64> = self.extents.range(..).map(|(&s, _)| s).collect();
             for s in cut {
@@ -239,6 +311,7 @@ impl FileData {
     /// change the chunker re-joins the old boundaries (content-defined cuts
     /// depend only on the bytes since the previous cut), keeping the rest.
     pub fn materialize(&mut self, store: &BlobStore, chunking: Chunking) -> FsResult<()> {
+        self.settle();
         if self.changed {
             self.store_content(store, chunking, false)?;
         }
@@ -251,171 +324,263 @@ impl FileData {
     /// and re-hashing everything after it (a file extended by fallocate or
     /// truncate would otherwise be chunked to its end at every spill).
     pub fn spill(&mut self, store: &BlobStore, chunking: Chunking) -> FsResult<()> {
+        self.settle();
+        self.forget_zero_tail(chunking);
         if self.changed && !self.store_content(store, chunking, true)? {
             self.store_content(store, chunking, false)?;
         }
         Ok(())
     }
 
-    /// Re-cuts and stores; with `partial`, only up to a cut that the bytes
-    /// after it cannot move (and returns false, changing nothing, if that
-    /// would drop old bytes the overlay does not hold).
-    fn store_content(&mut self, store: &BlobStore, chunking: Chunking, partial: bool) -> FsResult<bool> {
-        let old = self.map.clone();
-        let first_change = self
-            .extents
-            .keys()
-            .next()
-            .copied()
-            .unwrap_or(u64::MAX)
-            .min(self.valid);
-        let first_change = if self.size != self.base_size {
-            first_change.min(self.base_size.min(self.size))
-        } else {
-            first_change
+    /// [`FileData::spill`] on another thread: the extents are handed to a
+    /// background job (reads still see them), and writes go on into new
+    /// ones meanwhile, so cutting and hashing overlap with receiving the
+    /// next bytes. One job at a time: a second call waits for the first.
+    /// Where only a whole store would do, it is done here and now.
+    pub fn spill_behind(&mut self, store: &BlobStore, chunking: Chunking) -> FsResult<()> {
+        self.settle();
+        if !self.changed {
+            return Ok(());
+        }
+        self.forget_zero_tail(chunking);
+        let Some(plan) = self.plan(chunking, true) else {
+            return self.store_content(store, chunking, false).map(|_| ());
         };
-        // Re-cut from the start of the chunk holding the byte *before* the
-        // first change: FastCDC decides a cut after looking at the byte at the
-        // cut, so a chunk's end depends on the first byte of the next one.
-        // Past the old end, that is the old last chunk (which the end of the
-        // file cut, not its content).
-        let by_change = old
-            .find(first_change.saturating_sub(1).min(old.size().saturating_sub(1)))
-            .unwrap_or(0);
-        // And a cut also depends on how many bytes follow the chunk's start
-        // when that is less than `max` (the chunker's window is shortened near
-        // the end): chunks that close to the old or new end are re-cut too.
-        let window_end = self.base_size.min(self.size);
-        let by_end = old
-            .chunks
-            .partition_point(|&(_, s, _)| s + chunking.max as u64 <= window_end);
-        let from_chunk = by_change.min(by_end);
-        let from = old.chunks.get(from_chunk).map_or(0, |c| c.1).min(self.size);
-        tracing::debug!(
-            from,
-            from_chunk,
-            first_change,
-            base = self.base_size,
-            valid = self.valid,
-            size = self.size,
-            "re-cutting"
-        );
+        let frozen = Arc::new(std::mem::take(&mut self.extents));
+        self.dirty_bytes = 0;
+        let job = Arc::new(SpillJob::default());
+        let (map, valid) = (self.map.clone(), self.valid);
+        let (job_store, src_extents, done) = (store.clone(), frozen.clone(), job.clone());
+        let run = move || {
+            let src = Source {
+                map: &map,
+                valid,
+                extents: &src_extents,
+            };
+            let result = cut(&job_store, chunking, &src, &plan);
+            *done.done.lock() = Some(result);
+            done.cv.notify_all();
+        };
+        self.behind = Some(Spill { frozen, job });
+        if let Err(e) = std::thread::Builder::new().name("spill".into()).spawn(run) {
+            // No thread to be had: the job's extents go back, and the bytes
+            // are stored here instead.
+            tracing::warn!("no spill thread ({e}); storing in the writer's thread");
+            self.unfreeze();
+            return self.spill(store, chunking);
+        }
+        Ok(())
+    }
+
+    /// Waits for a background spill and takes in its outcome.
+    pub fn settle(&mut self) {
+        if let Some(spill) = &self.behind {
+            let mut done = spill.job.done.lock();
+            while done.is_none() {
+                spill.job.cv.wait(&mut done);
+            }
+        }
+        self.adopt_finished_spill();
+    }
+
+    /// Takes in a finished background spill: its chunks become the base, and
+    /// what it held past its last cut goes back beneath the extents. A failed
+    /// one hands all its bytes back (nothing is lost; the next store tries
+    /// again and reports the error).
+    fn adopt_finished_spill(&mut self) {
+        let Some(spill) = &self.behind else { return };
+        let Some(result) = spill.job.done.lock().take() else {
+            return;
+        };
+        match result {
+            Ok(cut) if cut.map.size() >= self.valid => {
+                let spill = self.behind.take().expect("checked above");
+                let end = cut.map.size();
+                // Base bytes at or before the cut are final only if no write
+                // since the freeze reached them.
+                let untouched = self.extents.range(..=end).next().is_none();
+                self.set_partial_base(cut, untouched);
+                let frozen = Arc::try_unwrap(spill.frozen).unwrap_or_else(|shared| (*shared).clone());
+                for (s, mut e) in frozen {
+                    let e_end = s + e.len() as u64;
+                    if e_end <= end {
+                        continue;
+                    }
+                    if s < end {
+                        e.drain(..(end - s) as usize);
+                    }
+                    self.write_under(s.max(end), e);
+                }
+            }
+            Ok(_) => self.unfreeze(),
+            Err(e) => {
+                tracing::warn!("background store of written bytes failed (kept in memory): {e}");
+                self.unfreeze();
+            }
+        }
+    }
+
+    /// Hands a background spill's bytes back to the extents, beneath them.
+    fn unfreeze(&mut self) {
+        let Some(spill) = self.behind.take() else { return };
+        self.base_final = false;
+        let frozen = Arc::try_unwrap(spill.frozen).unwrap_or_else(|shared| (*shared).clone());
+        for (s, e) in frozen {
+            self.write_under(s, e);
+        }
+    }
+
+    /// Lowers `valid` to where the base's trailing run of zero chunks starts:
+    /// those bytes read as zeros either way, and a partial store, which can
+    /// keep no old byte past its cut, is then possible. This is the pre-sized
+    /// file (fio, databases, downloaders set the size first): once committed,
+    /// its unwritten part is stored zeros, and without this every later spill
+    /// would have to store the whole file.
+    fn forget_zero_tail(&mut self, chunking: Chunking) {
+        let zero = zero_chunk(chunking);
+        let chunks = &self.map.chunks;
+        let mut start = self.base_size;
+        for (i, &(h, s, len)) in chunks.iter().enumerate().rev() {
+            let zeros = h == zero.hash || (i + 1 == chunks.len() && len < zero.len && h == zeros_hash(len));
+            if !zeros {
+                break;
+            }
+            start = s;
+        }
+        if start < self.valid {
+            self.valid = start;
+            self.base_final = false;
+        }
+    }
+
+    /// Makes a partial cut the base (the extents past it stay).
+    fn set_partial_base(&mut self, cut: Cut, untouched: bool) {
+        let end = cut.map.size();
+        self.base_final = if cut.rejoined { self.base_final } else { untouched };
+        // `manifest` is stale until the next full store (`changed` stays).
+        self.base_size = end;
+        self.valid = end;
+        self.map = Arc::new(cut.map);
+    }
+
+    fn source(&self) -> Source<'_> {
+        Source {
+            map: &self.map,
+            valid: self.valid,
+            extents: &self.extents,
+        }
+    }
+
+    /// Decides what a store re-cuts; `None` if a partial store cannot keep
+    /// anything (too little written past the start of the re-cut).
+    fn plan(&self, chunking: Chunking, partial: bool) -> Option<Plan> {
+        let old = &self.map;
+        let max = chunking.max as u64;
         let last_change = self
             .extents
             .iter()
             .next_back()
             .map_or(0, |(&s, e)| s + e.len() as u64);
-        // Old boundaries are reusable only where old bytes are still there.
-        let may_rejoin = self.valid == self.base_size && self.size == self.base_size;
+        let (from_chunk, from) = if self.base_final {
+            // Nothing at or before the base's end changed, and its last cut
+            // is final: the cut goes on from there.
+            (old.chunks.len(), self.base_size)
+        } else {
+            let first_change = self
+                .extents
+                .keys()
+                .next()
+                .copied()
+                .unwrap_or(u64::MAX)
+                .min(self.valid);
+            let first_change = if self.size != self.base_size {
+                first_change.min(self.base_size.min(self.size))
+            } else {
+                first_change
+            };
+            // Re-cut from the start of the chunk holding the byte *before* the
+            // first change: FastCDC decides a cut after looking at the byte at the
+            // cut, so a chunk's end depends on the first byte of the next one.
+            // Past the old end, that is the old last chunk (which the end of the
+            // file cut, not its content).
+            let by_change = old
+                .find(first_change.saturating_sub(1).min(old.size().saturating_sub(1)))
+                .unwrap_or(0);
+            // And a cut also depends on how many bytes follow the chunk's start
+            // when that is less than `max` (the chunker's window is shortened near
+            // the end): chunks that close to the old or new end are re-cut too.
+            let window_end = self.base_size.min(self.size);
+            let by_end = old.chunks.partition_point(|&(_, s, _)| s + max <= window_end);
+            let from_chunk = by_change.min(by_end);
+            let from = old.chunks.get(from_chunk).map_or(0, |c| c.1).min(self.size);
+            (from_chunk, from)
+        };
+        tracing::debug!(
+            from,
+            from_chunk,
+            base = self.base_size,
+            valid = self.valid,
+            size = self.size,
+            "re-cutting"
+        );
         // A partial store reads up to the end of the written bytes and keeps
         // only chunks the chunker saw a whole window (max size) past the start
-        // of: FastCDC's cut depends on up to `max` bytes and one more.
+        // of: FastCDC's cut depends on up to `max` bytes and one more. It must
+        // also end past every old byte it cannot keep (`valid`).
         let limit = if partial {
             last_change.min(self.size)
         } else {
             self.size
         };
-        if partial && (limit < from + chunking.max as u64 + 1 || limit < self.valid) {
-            return Ok(false);
+        if partial && (limit < from + max + 1 || limit < self.valid + max + 1) {
+            return None;
         }
+        Some(Plan {
+            from_chunk,
+            from,
+            limit,
+            last_change,
+            // Old boundaries are reusable only where old bytes are still there.
+            may_rejoin: self.valid == self.base_size && self.size == self.base_size,
+            partial,
+        })
+    }
 
-        let mut chunks: Vec<(Hash, u64, u32)> = old.chunks[..from_chunk.min(old.chunks.len())].to_vec();
-        let mut batch: Vec<(usize, bytes::Bytes)> = Vec::new();
-        let mut batch_bytes = 0usize;
-        let mut reader = ContentReader {
-            store,
-            file: self,
-            at: from,
-            end: limit,
+    /// Re-cuts and stores; with `partial`, only up to a cut that the bytes
+    /// after it cannot move (and returns false, changing nothing, if that
+    /// would drop old bytes the overlay does not hold).
+    fn store_content(&mut self, store: &BlobStore, chunking: Chunking, partial: bool) -> FsResult<bool> {
+        debug_assert!(self.behind.is_none(), "settled first");
+        let Some(plan) = self.plan(chunking, partial) else {
+            return Ok(false);
         };
-        let max = chunking.max as usize;
-        // The stream is cut with a window of `max` bytes (or what is left), as
-        // FastCDC's streaming chunker does, from a buffer reused across calls.
-        let mut buf = STREAM_BUFFER.with(|b| std::mem::take(&mut *b.borrow_mut()));
-        buf.resize(2 * max, 0);
-        let (mut lo, mut hi) = (0usize, 0usize);
-        let mut pos = from;
-        let mut zero_stored = false;
-        let zero = zero_chunk(chunking);
-        while pos < limit {
-            if partial && pos + max as u64 + 1 > limit {
-                break;
-            }
-            let (hash, len) = if pos + max as u64 <= limit && self.is_zeros(pos, max as u64, &zero.hash) {
-                // A window of nothing but zeros (a hole, or a file extended by
-                // truncate/fallocate) cuts and hashes the same everywhere.
-                if !zero_stored {
-                    store.put(zero.blob.clone())?;
-                    zero_stored = true;
-                }
-                (lo, hi) = (0, 0);
-                reader.at = pos + zero.len as u64;
-                (zero.hash, zero.len)
-            } else {
-                while hi - lo < max && reader.at < limit {
-                    if hi == buf.len() {
-                        buf.copy_within(lo..hi, 0);
-                        (lo, hi) = (0, hi - lo);
-                    }
-                    hi += reader.read(&mut buf[hi..])?;
-                }
-                let window = &buf[lo..hi.min(lo + max)];
-                let cdc = fastcdc::v2020::FastCDC::new(window, chunking.min, chunking.avg, chunking.max);
-                let len = cdc.cut(0, window.len()).1;
-                let blob = object::encode_chunk(&window[..len]);
-                lo += len;
-                batch_bytes += blob.len();
-                // Hashed with the rest of its batch, on several threads, once
-                // it is in `chunks` (below).
-                batch.push((chunks.len(), blob));
-                (Hash([0; 32]), len as u32)
-            };
-            chunks.push((hash, pos, len));
-            pos += len as u64;
-            if batch_bytes >= BATCH_BYTES {
-                hash_and_store(store, &mut chunks, std::mem::take(&mut batch))?;
-                batch_bytes = 0;
-            }
-            if may_rejoin && pos >= last_change && pos < self.base_size {
-                // A cut on an old boundary (not the old last one, which the end
-                // of the file made): the rest is unchanged.
-                if let Some(j) = old.find(pos) {
-                    if old.chunks[j].1 == pos {
-                        chunks.extend_from_slice(&old.chunks[j..]);
-                        break;
-                    }
-                }
-            }
-        }
-        STREAM_BUFFER.with(|b| *b.borrow_mut() = buf);
-        hash_and_store(store, &mut chunks, batch)?;
-        let map = ChunkMap { chunks };
+        let cut = cut(store, chunking, &self.source(), &plan)?;
         if partial {
-            let cut = map.size();
-            if cut < self.valid {
+            let end = cut.map.size();
+            if end < self.valid {
                 return Ok(false);
             }
-            // The base now ends at `cut`; what is written past it stays.
-            let keys: Vec<u64> = self.extents.range(..cut).map(|(&k, _)| k).collect();
+            // The base now ends at `end`; what is written past it stays.
+            let keys: Vec<u64> = self.extents.range(..end).map(|(&k, _)| k).collect();
             for k in keys {
                 let mut e = self.extents.remove(&k).expect("listed above");
                 self.dirty_bytes -= e.len();
-                let end = k + e.len() as u64;
-                if end > cut {
+                let e_end = k + e.len() as u64;
+                if e_end > end {
                     // The rest moves to the front of the same buffer: a
                     // sequential writer keeps appending to memory already
                     // allocated and touched, instead of a fresh one per spill.
-                    e.drain(..(cut - k) as usize);
+                    e.drain(..(end - k) as usize);
                     self.dirty_bytes += e.len();
-                    self.extents.insert(cut, e);
+                    self.extents.insert(end, e);
                 }
             }
-            // `manifest` is stale until the next full store (`changed` stays).
-            self.base_size = cut;
-            self.valid = cut;
-            self.map = Arc::new(map);
+            // What is left starts at or after the cut and holds the bytes the
+            // chunker saw: the cut is final.
+            self.set_partial_base(cut, true);
             return Ok(true);
         }
+        let map = cut.map;
         debug_assert_eq!(map.size(), self.size);
         let manifest = store.put_many_behind(vec![object::encode_manifest(&map.manifest())])?[0];
         self.manifest = manifest;
@@ -426,8 +591,130 @@ impl FileData {
         self.extents.clear();
         self.dirty_bytes = 0;
         self.changed = false;
+        self.base_final = false;
         Ok(true)
     }
+}
+
+/// The pieces of `extents` inside `[start, end)`, appended to `out`.
+fn overlay_pieces(extents: &Extents, start: u64, end: u64, out: &mut Vec<(u64, Vec<u8>)>) {
+    // The extent starting before `start` may reach into the range.
+    let first = extents
+        .range(..=start)
+        .next_back()
+        .map(|(&s, _)| s)
+        .unwrap_or(start);
+    for (&s, data) in extents.range(first..end) {
+        let e = s + data.len() as u64;
+        if e <= start {
+            continue;
+        }
+        let (a, b) = (s.max(start), e.min(end));
+        out.push((a, data[(a - s) as usize..(b - s) as usize].to_vec()));
+    }
+}
+
+fn overlay_pieces_vec(extents: &Extents, start: u64, end: u64) -> Vec<(u64, Vec<u8>)> {
+    let mut out = Vec::new();
+    overlay_pieces(extents, start, end, &mut out);
+    out
+}
+
+/// Cuts the source's bytes from `plan.from` to `plan.limit` into chunks and
+/// stores the new ones; the chunks before `plan.from_chunk` are kept.
+fn cut(store: &BlobStore, chunking: Chunking, src: &Source, plan: &Plan) -> FsResult<Cut> {
+    let old = src.map;
+    let (from, limit, partial) = (plan.from, plan.limit, plan.partial);
+    let mut chunks: Vec<(Hash, u64, u32)> = old.chunks[..plan.from_chunk.min(old.chunks.len())].to_vec();
+    let mut batch: Vec<(usize, bytes::Bytes)> = Vec::new();
+    let mut batch_bytes = 0usize;
+    let mut reader = ContentReader {
+        store,
+        src,
+        at: from,
+        end: limit,
+    };
+    let max = chunking.max as usize;
+    // The stream is cut with a window of `max` bytes (or what is left), as
+    // FastCDC's streaming chunker does, from a buffer reused across calls.
+    let mut buf = STREAM_BUFFER.with(|b| std::mem::take(&mut *b.borrow_mut()));
+    buf.resize(2 * max, 0);
+    let (mut lo, mut hi) = (0usize, 0usize);
+    let mut pos = from;
+    let mut zero_stored = false;
+    let mut rejoined = false;
+    let zero = zero_chunk(chunking);
+    while pos < limit {
+        if partial && pos + max as u64 + 1 > limit {
+            break;
+        }
+        let want = (limit - pos).min(max as u64);
+        let (hash, len) = if want == max as u64 && src.is_zeros(pos, want, &zero.hash) {
+            // A window of nothing but zeros (a hole, or a file extended by
+            // truncate/fallocate) cuts and hashes the same everywhere.
+            if !zero_stored {
+                store.put(zero.blob.clone())?;
+                zero_stored = true;
+            }
+            (lo, hi) = (0, 0);
+            reader.at = pos + zero.len as u64;
+            (zero.hash, zero.len)
+        } else {
+            // The window straight from a written extent where one holds all
+            // of it (a sequential write): no copy into the stream buffer
+            // (what the buffer holds is the same bytes; it is dropped).
+            let in_extent = src.extent_slice(pos, want);
+            let window = match in_extent {
+                Some(w) => w,
+                None => {
+                    while hi - lo < max && reader.at < limit {
+                        if hi == buf.len() {
+                            buf.copy_within(lo..hi, 0);
+                            (lo, hi) = (0, hi - lo);
+                        }
+                        hi += reader.read(&mut buf[hi..])?;
+                    }
+                    &buf[lo..hi.min(lo + max)]
+                }
+            };
+            let cdc = fastcdc::v2020::FastCDC::new(window, chunking.min, chunking.avg, chunking.max);
+            let len = cdc.cut(0, window.len()).1;
+            let blob = object::encode_chunk(&window[..len]);
+            if in_extent.is_some() {
+                (lo, hi) = (0, 0);
+                reader.at = pos + len as u64;
+            } else {
+                lo += len;
+            }
+            batch_bytes += blob.len();
+            // Hashed with the rest of its batch, once it is in `chunks` (below).
+            batch.push((chunks.len(), blob));
+            (Hash([0; 32]), len as u32)
+        };
+        chunks.push((hash, pos, len));
+        pos += len as u64;
+        if batch_bytes >= BATCH_BYTES {
+            hash_and_store(store, &mut chunks, std::mem::take(&mut batch))?;
+            batch_bytes = 0;
+        }
+        if plan.may_rejoin && pos >= plan.last_change && pos < old.size() {
+            // A cut on an old boundary (not the old last one, which the end
+            // of the file made): the rest is unchanged.
+            if let Some(j) = old.find(pos) {
+                if old.chunks[j].1 == pos {
+                    chunks.extend_from_slice(&old.chunks[j..]);
+                    rejoined = true;
+                    break;
+                }
+            }
+        }
+    }
+    STREAM_BUFFER.with(|b| *b.borrow_mut() = buf);
+    hash_and_store(store, &mut chunks, batch)?;
+    Ok(Cut {
+        map: ChunkMap { chunks },
+        rejoined,
+    })
 }
 
 impl ReadView {
@@ -549,7 +836,20 @@ fn zero_chunk(c: Chunking) -> ZeroChunk {
     z
 }
 
-impl FileData {
+/// The hash of the chunk of `len` zero bytes (a file's last chunk, cut by its
+/// end rather than by its content).
+fn zeros_hash(len: u32) -> Hash {
+    Hash::of(&object::encode_chunk(&vec![0u8; len as usize]))
+}
+
+impl Source<'_> {
+    /// The bytes `[at, at + len)` if one extent holds them all.
+    fn extent_slice(&self, at: u64, len: u64) -> Option<&[u8]> {
+        let (&s, e) = self.extents.range(..=at).next_back()?;
+        let o = (at - s) as usize;
+        (at + len <= s + e.len() as u64).then(|| &e[o..o + len as usize])
+    }
+
     /// Whether `[at, at + len)` is known to read as zeros without looking:
     /// no extent overlaps it, and below `valid` it lies in stored chunks of
     /// zeros (`zero`), as a pre-sized file's unwritten part does once stored.
@@ -579,14 +879,14 @@ impl FileData {
 /// The file's bytes from `at` to `end`, as a `Read` for the chunker.
 struct ContentReader<'a> {
     store: &'a BlobStore,
-    file: &'a FileData,
+    src: &'a Source<'a>,
     at: u64,
     end: u64,
 }
 
 impl Read for ContentReader<'_> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let f = self.file;
+        let f = self.src;
         if self.at >= self.end {
             return Ok(0);
         }

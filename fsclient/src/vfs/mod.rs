@@ -1398,7 +1398,7 @@ impl Vfs {
             spill
         };
         if spill {
-            file.lock().spill(self.store(), self.opts.chunking)?;
+            file.lock().spill_behind(self.store(), self.opts.chunking)?;
         }
         Ok(data.len() as u32)
     }

@@ -53,6 +53,7 @@ enum FileOp {
     Truncate(u64),
     Materialize,
     Spill,
+    SpillBehind,
 }
 
 fn file_op() -> impl Strategy<Value = FileOp> {
@@ -61,6 +62,7 @@ fn file_op() -> impl Strategy<Value = FileOp> {
         1 => (0u64..6000).prop_map(FileOp::Truncate),
         1 => Just(FileOp::Materialize),
         1 => Just(FileOp::Spill),
+        1 => Just(FileOp::SpillBehind),
     ]
 }
 
@@ -103,6 +105,8 @@ proptest! {
                     prop_assert_eq!(f.manifest, fresh, "re-chunked manifest differs from a fresh chunking");
                 }
                 FileOp::Spill => f.spill(&store, small()).unwrap(),
+                // The job runs while the next operations do.
+                FileOp::SpillBehind => f.spill_behind(&store, small()).unwrap(),
             }
             prop_assert_eq!(f.size, model.len() as u64);
             prop_assert_eq!(&read_all(&f, &store), &model);
@@ -110,6 +114,96 @@ proptest! {
         f.materialize(&store, small()).unwrap();
         prop_assert_eq!(tree::read_to_vec(&store, &f.manifest).unwrap(), model);
     }
+}
+
+/// A background spill holds bytes the file is still being written and read
+/// through: writes landing over them while it runs, and more appended after
+/// them, must win over and follow what it stores, and the file must be cut
+/// exactly as a fresh chunking of the final content.
+#[test]
+fn writes_and_reads_during_a_background_spill_see_the_newest_bytes() {
+    let hooked = Arc::new(Hooked::new(Arc::new(MemoryDict::new())));
+    let store = BlobStore::new(hooked.clone(), "t:", 1 << 22);
+    let bytes = |n: usize, seed: u32| -> Vec<u8> {
+        (0..n as u32)
+            .map(|i| (i.wrapping_add(seed).wrapping_mul(2654435761) >> 11) as u8)
+            .collect()
+    };
+    let mut f = FileData::empty();
+    let mut model = Vec::new();
+    let append = |f: &mut FileData, model: &mut Vec<u8>, data: &[u8]| {
+        f.write(model.len() as u64, data);
+        model.extend_from_slice(data);
+    };
+    for round in 0..4u32 {
+        append(&mut f, &mut model, &bytes(20_000, round));
+        // (The last round's job is done before its hook is armed again.)
+        f.settle();
+        // The spill's job stops before storing anything until released.
+        let (release, wait) = std::sync::mpsc::channel::<()>();
+        let (entered, started) = std::sync::mpsc::channel::<()>();
+        *hooked.before_lease.lock() = Some(Box::new(move || {
+            entered.send(()).unwrap();
+            wait.recv().unwrap();
+        }));
+        f.spill_behind(&store, small()).unwrap();
+        started.recv().unwrap();
+        // Over the held bytes (the start, the middle, and across their end
+        // or just past it, leaving a hole) and after them.
+        let len = model.len();
+        let last = if round % 2 == 0 { len - 50 } else { len + 10 };
+        for (at, n) in [(len - 20_000, 100), (len - 9_000, 3_000), (last, 700)] {
+            let d = bytes(n, round + 100);
+            f.write(at as u64, &d);
+            if model.len() < at + n {
+                model.resize(at + n, 0);
+            }
+            model[at..at + n].copy_from_slice(&d);
+        }
+        append(&mut f, &mut model, &bytes(5_000, round + 200));
+        assert!(read_all(&f, &store) == model, "read while the spill runs");
+        release.send(()).unwrap();
+        // The next write takes in the finished spill, whenever it finishes.
+        append(&mut f, &mut model, &bytes(1_000, round + 300));
+        assert!(read_all(&f, &store) == model, "read after the spill");
+    }
+    f.materialize(&store, small()).unwrap();
+    let (fresh, _) = tree::store_data(&store, &model[..], small()).unwrap();
+    assert_eq!(f.manifest, fresh, "cut as a fresh chunking of the content");
+    assert!(tree::read_to_vec(&store, &f.manifest).unwrap() == model);
+}
+
+/// A file given its size first and committed (its unwritten part stored as
+/// zero chunks), then written from the start: each spill stores only what was
+/// written, not the whole file, and the result is cut like its content.
+#[test]
+fn spills_of_a_presized_committed_file_store_only_the_written_part() {
+    let store = store();
+    let size = 40_000u64;
+    let mut f = FileData::empty();
+    f.truncate(size);
+    f.materialize(&store, small()).unwrap();
+    let mut model = vec![0u8; size as usize];
+    let data: Vec<u8> = (0..4000u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 9) as u8)
+        .collect();
+    for at in (0..20_000usize).step_by(data.len()) {
+        f.write(at as u64, &data);
+        model[at..at + data.len()].copy_from_slice(&data);
+        f.spill_behind(&store, small()).unwrap();
+        f.settle();
+        assert!(
+            f.stored_len() <= (at + data.len()) as u64,
+            "stored {} of {size} bytes after writing {}",
+            f.stored_len(),
+            at + data.len()
+        );
+        assert!(read_all(&f, &store) == model);
+    }
+    assert!(f.stored_len() > 10_000, "the spills stored what was written");
+    f.materialize(&store, small()).unwrap();
+    let (fresh, _) = tree::store_data(&store, &model[..], small()).unwrap();
+    assert_eq!(f.manifest, fresh);
 }
 
 #[test]
