@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use parking_lot::Mutex;
+use redis::ConnectionLike;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DictError {
@@ -86,6 +87,27 @@ pub trait Dict: Send + Sync {
     fn read_and_append(&self, counter: &str, log: &str, record: &[u8], ttl: Duration) -> DictResult<u64> {
         let _ = (counter, log, record, ttl);
         Err(unsupported("atomic appends"))
+    }
+}
+
+thread_local! {
+    /// The packet of the last pipelined write on this thread, reused: fresh
+    /// memory costs a page fault and the zeroing of each page.
+    static PACKET: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// `SET key value NX` for each item, as RESP, into `out` (emptied first).
+fn pack_set_nx(items: &[(String, Bytes)], out: &mut Vec<u8>) {
+    use std::io::Write;
+    out.clear();
+    let framing = 64;
+    out.reserve(items.iter().map(|(k, v)| k.len() + v.len() + framing).sum());
+    for (k, v) in items {
+        let _ = write!(out, "*4\r\n$3\r\nSET\r\n${}\r\n", k.len());
+        out.extend_from_slice(k.as_bytes());
+        let _ = write!(out, "\r\n${}\r\n", v.len());
+        out.extend_from_slice(v);
+        out.extend_from_slice(b"\r\n$2\r\nNX\r\n");
     }
 }
 
@@ -535,12 +557,27 @@ impl Dict for RespDict {
                 }
                 pipe.query::<()>(&mut c.lock()).map_err(backend)
             }
-            None => self.with_conn(|c| {
-                let mut pipe = redis::pipe();
-                for (k, v) in &items {
-                    pipe.cmd("SET").arg(k).arg(&v[..]).arg("NX").ignore();
+            // Packed by hand: each value is copied once, into the packet (the
+            // crate's pipeline copies it into a command and then again into
+            // the packet), and the packet's memory is reused across calls.
+            None => PACKET.with(|packet| {
+                let mut packet = packet.borrow_mut();
+                pack_set_nx(&items, &mut packet);
+                let result = self.with_conn(|c| {
+                    let replies = c.req_packed_commands(&packet, 0, items.len())?;
+                    match replies.into_iter().find_map(|r| match r {
+                        redis::Value::ServerError(e) => Some(e),
+                        _ => None,
+                    }) {
+                        Some(e) => Err(e.into()),
+                        None => Ok(()),
+                    }
+                });
+                // A big packet is not kept past a round of bulk writing.
+                if packet.capacity() > 64 << 20 {
+                    *packet = Vec::new();
                 }
-                pipe.query::<()>(c)
+                result
             }),
         }
     }

@@ -212,6 +212,16 @@ impl Server {
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
             if let Some(status) = self.child.try_wait()? {
+                // A server that could not bind because another test's server
+                // took the port between free_port() and its bind: that one
+                // answers there now.
+                if TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                    bail!(
+                        "{PORT_TAKEN}: {} exited ({status}) and port {} is in use",
+                        self.name,
+                        self.port
+                    );
+                }
                 bail!("{} exited during start-up: {status}", self.name);
             }
             if TcpStream::connect(("127.0.0.1", self.port)).is_ok() {

@@ -443,3 +443,30 @@ fn writers_without_pause_all_get_through_on_redis_server() {
     require_redis();
     writers_without_pause_all_get_through(&Server::redis(&[]).unwrap());
 }
+
+/// A store that refuses writes (redis-server out of memory): `put` fails with
+/// the server's own error, and the volume is as it was (the root was not
+/// swapped to name blobs that are not there).
+#[test]
+fn a_store_refusing_writes_fails_the_put_with_its_error() {
+    require_redis();
+    let server = Server::redis(&["--maxmemory", "2mb", "--maxmemory-policy", "noeviction"]).unwrap();
+    ok(&server, &["mkfs"]);
+    let dir = tempfile::tempdir().unwrap();
+    let big: Vec<u8> = (0..8u32 << 20)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
+    std::fs::write(dir.path().join("big"), &big).unwrap();
+    let out = fsclient(
+        &server,
+        &["put", dir.path().join("big").to_str().unwrap(), "/big"],
+    );
+    assert!(!out.status.success(), "a put into a full store succeeded");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("OOM"), "the error does not say why: {err}");
+    let missing = fsclient(&server, &["stat", "/big"]);
+    assert!(
+        !missing.status.success(),
+        "the failed put left /big in the volume"
+    );
+}
