@@ -98,7 +98,14 @@ pub struct FileData {
     base_final: bool,
     /// Bytes being stored by a background spill (read beneath `extents`).
     behind: Option<Spill>,
+    /// Where the last read ended: a read near it continues a sequential one.
+    next_read: u64,
 }
+
+/// How far from where the last read ended a read still counts as the next
+/// one of a sequential reader (the kernel sends several at once, in any order).
+/// Small in unit tests, whose files are small.
+const SEQUENTIAL_SLACK: u64 = if cfg!(test) { 2 << 10 } else { 4 << 20 };
 
 /// A background spill: the extents it took over (which reads still see) and
 /// its outcome once it has one.
@@ -173,6 +180,7 @@ impl FileData {
             changed: false,
             base_final: false,
             behind: None,
+            next_read: 0,
         }
     }
 
@@ -188,6 +196,15 @@ impl FileData {
     /// How many bytes from the start are stored as chunks of the base.
     pub fn stored_len(&self) -> u64 {
         self.base_size
+    }
+
+    /// Notes a read of `len` bytes at `offset`; whether it continues a
+    /// sequential reader (and so earns read-ahead: for a random reader, the
+    /// chunks after the one it read are only work and memory wasted).
+    pub fn note_read(&mut self, offset: u64, len: u64) -> bool {
+        let sequential = offset.abs_diff(self.next_read) <= SEQUENTIAL_SLACK;
+        self.next_read = offset + len;
+        sequential
     }
 
     /// Takes what is needed to read `len` bytes at `offset`.

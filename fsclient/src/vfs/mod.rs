@@ -1365,9 +1365,13 @@ impl Vfs {
 
     pub fn read(&self, ino: Ino, offset: u64, size: u32) -> FsResult<bytes::Bytes> {
         let file = self.file_data(ino)?;
-        let view = file.lock().view(offset, size as u64);
+        let (view, sequential) = {
+            let mut f = file.lock();
+            let sequential = f.note_read(offset, size as u64);
+            (f.view(offset, size as u64), sequential)
+        };
         let (bytes, last) = view.read(self.store())?;
-        if let Some(i) = last {
+        if let (Some(i), true) = (last, sequential) {
             self.prefetch.want(
                 view.following(i, self.opts.readahead_chunks)
                     .into_iter()

@@ -206,6 +206,57 @@ fn spills_of_a_presized_committed_file_store_only_the_written_part() {
     assert_eq!(f.manifest, fresh);
 }
 
+/// Read-ahead is for sequential readers: reads that jump about fetch only the
+/// chunks they read, and a reader going on from where it stopped gets the
+/// next chunks fetched ahead of it.
+#[test]
+fn only_sequential_reads_fetch_ahead() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let inner = Arc::new(MemoryDict::new());
+    let writer = vfs_on(&inner, true);
+    let data: Vec<u8> = (0..40_000u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 9) as u8)
+        .collect();
+    let (_, fh) = writer.create(ME, ROOT, b"f", 0o644, libc::O_WRONLY).unwrap();
+    writer.write(fh, 0, &data).unwrap();
+    writer.flush(fh).unwrap();
+    let hooked = Arc::new(Hooked::new(inner.clone()));
+    let reader = Vfs::new(
+        Volume::new(BlobStore::new(hooked.clone(), "t:", 1 << 22), "vol"),
+        opts(),
+    )
+    .unwrap();
+    let f = reader.lookup(ROOT, b"f").unwrap();
+    let fh = reader.open(f.ino, libc::O_RDONLY).unwrap();
+    let before = hooked.gets.load(SeqCst);
+    // Far apart (more than the slack), none near where a read ended.
+    for at in [30_000u64, 2_000, 16_000] {
+        // One byte: one chunk.
+        assert_eq!(
+            reader.read(f.ino, at, 1).unwrap().to_vec(),
+            &data[at as usize..at as usize + 1]
+        );
+    }
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert_eq!(
+        hooked.gets.load(SeqCst) - before,
+        3,
+        "random reads fetched more than their chunks"
+    );
+    // Going on from where the last read ended: the chunks after are fetched.
+    let before = hooked.gets.load(SeqCst);
+    reader.read(f.ino, 16_001, 100).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while hooked.gets.load(SeqCst) - before < 2 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    assert!(
+        hooked.gets.load(SeqCst) - before >= 2,
+        "a sequential read fetched nothing ahead"
+    );
+    reader.release(fh);
+}
+
 #[test]
 fn a_middle_edit_of_a_large_file_stores_only_nearby_chunks() {
     let store = store();
