@@ -369,12 +369,17 @@ impl FileData {
         let (map, valid) = (self.map.clone(), self.valid);
         let (job_store, src_extents, done) = (store.clone(), frozen.clone(), job.clone());
         let run = move || {
-            let src = Source {
-                map: &map,
-                valid,
-                extents: &src_extents,
+            let result = {
+                let src = Source {
+                    map: &map,
+                    valid,
+                    extents: &src_extents,
+                };
+                cut(&job_store, chunking, &src, &plan)
             };
-            let result = cut(&job_store, chunking, &src, &plan);
+            // The bytes are let go of before the outcome is told: the file
+            // takes them back, and would have to copy them while shared.
+            drop(src_extents);
             *done.done.lock() = Some(result);
             done.cv.notify_all();
         };
