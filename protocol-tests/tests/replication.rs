@@ -451,6 +451,32 @@ fn cas_histories_stay_linearizable_across_a_network_partition() {
 }
 
 /// `INFO cluster` field of node `i`.
+/// EXEC under WATCH decides on what a majority holds now, not on the node's
+/// memory of its own last write: node 0 wrote the key last, then node 1
+/// overwrote it while node 0's replica missed that (node 1's calls to node 0
+/// were cut). The transaction aborts (a nil reply) instead of answering that
+/// its write may or may not have taken effect, and node 1's value stays.
+#[test]
+fn a_watched_exec_after_another_nodes_write_aborts() {
+    let c = Replicated::start_with_env(3, 3, &[("KVD_FAILPOINTS", "partition")]);
+    let mut a = c.conn(0);
+    let mut b = c.conn(1);
+    assert_eq!(a.cmd("SET n 1").unwrap().as_str(), "OK");
+    a.cmd("WATCH n").unwrap();
+    a.cmd("MULTI").unwrap();
+    a.cmd("INCR n").unwrap();
+    let cut = |from: &[usize]| {
+        let mut args = vec!["KVD.PARTITION".to_string()];
+        args.extend(from.iter().map(|&j| c.addr(j)));
+        assert_eq!(c.conn(1).call(&args).unwrap().as_str(), "OK");
+    };
+    cut(&[0]);
+    assert_eq!(b.cmd("SET n 100").unwrap().as_str(), "OK");
+    cut(&[]);
+    assert_eq!(a.cmd("EXEC").unwrap(), Value::Nil);
+    assert_eq!(c.conn(2).cmd("GET n").unwrap().as_str(), "100");
+}
+
 fn info(c: &Replicated, i: usize, field: &str) -> String {
     let text = c.conn(i).cmd("INFO cluster").unwrap().as_str();
     text.lines()

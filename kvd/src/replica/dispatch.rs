@@ -15,7 +15,7 @@ use bytes::Bytes;
 
 use super::acceptor::Record;
 use super::layout::{epoch, Layout};
-use super::proposer::{self, Msg};
+use super::proposer::{self, Mode, Msg};
 use super::{number, Replicas};
 use crate::cluster::paxos::Ballot;
 use crate::cluster::slot::parse_ranges;
@@ -175,7 +175,8 @@ async fn one_key(
         let reply = cmd.apply(&db, max_len);
         (reply, after(&db, key))
     };
-    let reply = rep.propose(shared, key, read_only, &mut f).await;
+    let mode = if read_only { Mode::Read } else { Mode::Write };
+    let reply = rep.propose(shared, key, mode, &mut f).await;
     if !read_only && !reply.is_error() {
         // Our own acceptor's write reaches the disk before the reply goes out.
         session.wrote = true;
@@ -262,7 +263,12 @@ async fn exec(shared: &Arc<Shared>, rep: &Arc<Replicas>, session: &mut Session, 
             .collect();
         (Reply::Array(replies), after(&db, &key))
     };
-    let reply = rep.propose(shared, &key, false, &mut f).await;
+    let mode = if expected.is_some() {
+        Mode::Guarded
+    } else {
+        Mode::Write
+    };
+    let reply = rep.propose(shared, &key, mode, &mut f).await;
     if !reply.is_error() {
         session.wrote = true;
     }

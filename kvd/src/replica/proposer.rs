@@ -48,6 +48,22 @@ const FAST_KEYS: usize = 100_000;
 const VERSION_RETRIES: usize = 4;
 
 /// How one round ended.
+/// What a round may assume about the key.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Mode {
+    /// A read: tries one query round first.
+    Read,
+    /// A write: one round trip when this node made the key's last change.
+    Write,
+    /// A write whose decision rests on the key's state now (EXEC under WATCH):
+    /// always prepares, so it decides on what a majority holds rather than on
+    /// this node's memory of its own last change. On the short path, another
+    /// node's write since is noticed only by the replicas' refusal, and if a
+    /// lagging replica took ours meanwhile the answer could only be "may or may
+    /// not have taken effect" where the transaction should simply abort.
+    Guarded,
+}
+
 enum Round {
     Done(Reply, Ballot),
     /// Refused, with nothing accepted, by replicas at another membership version.
@@ -342,8 +358,7 @@ impl Replicas {
 
     /// Runs `f` on the key's current record as one CASPaxos round and answers
     /// its reply; `f` answers the reply and the key's new value (the live value
-    /// it was given, unchanged, when it changes nothing). `read_only` commands
-    /// try the cheaper read first.
+    /// it was given, unchanged, when it changes nothing). See [`Mode`].
     ///
     /// A round refused because replicas are at another membership version
     /// (nothing of it was accepted) runs again once the side behind is brought
@@ -352,7 +367,7 @@ impl Replicas {
         self: &Arc<Self>,
         shared: &Arc<Shared>,
         key: &Bytes,
-        read_only: bool,
+        mode: Mode,
         f: &mut (dyn FnMut(&Record) -> (Reply, Option<Entry>) + Send),
     ) -> (Reply, Ballot) {
         for _ in 0..VERSION_RETRIES {
@@ -366,7 +381,7 @@ impl Replicas {
                     Ballot::default(),
                 );
             }
-            match self.round(shared, &layout, key, read_only, f).await {
+            match self.round(shared, &layout, key, mode, f).await {
                 Round::Done(reply, ballot) => return (reply, ballot),
                 Round::OtherVersion(others) => self.sync_versions(&layout, &others).await,
             }
@@ -382,14 +397,14 @@ impl Replicas {
         shared: &Arc<Shared>,
         layout: &Layout,
         key: &Bytes,
-        read_only: bool,
+        mode: Mode,
         f: &mut (dyn FnMut(&Record) -> (Reply, Option<Entry>) + Send),
     ) -> Round {
         let none = Ballot::default();
         let holders = layout.holders(key);
         let need = majority(holders.len());
         self.stats.rounds.fetch_add(1, Ordering::Relaxed);
-        if read_only {
+        if mode == Mode::Read {
             let g = self
                 .phase(shared, layout, &holders, key, &Msg::Query(layout.version))
                 .await;
@@ -402,7 +417,10 @@ impl Replicas {
         // prepared since: the acceptors promised our next ballot with it, so
         // phase 1 is done; if someone did prepare, the accept is refused
         // everywhere that matters and the full round below runs.
-        let cached = self.fast.lock().remove(key);
+        let cached = match mode {
+            Mode::Guarded => None,
+            _ => self.fast.lock().remove(key),
+        };
         if let Some((next, last)) = cached.filter(|(next, _)| epoch(*next) == layout.version) {
             let current = last.live(now_ms()).cloned();
             let (reply, new) = f(&last);
@@ -514,10 +532,10 @@ impl Replicas {
         self: &Arc<Self>,
         shared: &Arc<Shared>,
         key: &Bytes,
-        read_only: bool,
+        mode: Mode,
         f: &mut (dyn FnMut(&Record) -> (Reply, Option<Entry>) + Send),
     ) -> Reply {
-        self.propose_at(shared, key, read_only, f).await.0
+        self.propose_at(shared, key, mode, f).await.0
     }
 }
 
@@ -560,7 +578,7 @@ impl Replicas {
     /// key changes.
     pub async fn chosen_ballot(self: &Arc<Self>, shared: &Arc<Shared>, key: &Bytes) -> Result<Ballot, Reply> {
         let mut same = |r: &Record| (Reply::OK, r.live(now_ms()).cloned());
-        match self.propose_at(shared, key, true, &mut same).await {
+        match self.propose_at(shared, key, Mode::Read, &mut same).await {
             (reply, _) if reply.is_error() => Err(reply),
             (_, ballot) => Ok(ballot),
         }
