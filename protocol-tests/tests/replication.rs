@@ -341,6 +341,38 @@ fn cas_clients(
         .collect()
 }
 
+/// [`cas_clients`] running in the background until [`CasLoad::finish`].
+struct CasLoad {
+    keys: &'static [&'static str],
+    /// Also for other load threads of the test, to stop with the clients.
+    stop: Arc<AtomicBool>,
+    history: History,
+    threads: Vec<std::thread::JoinHandle<u64>>,
+}
+
+impl CasLoad {
+    fn start(c: &Replicated, keys: &'static [&'static str]) -> CasLoad {
+        let stop = Arc::new(AtomicBool::new(false));
+        let history = History::default();
+        let threads = cas_clients(c.ports.clone(), keys, stop.clone(), history.clone());
+        CasLoad {
+            keys,
+            stop,
+            history,
+            threads,
+        }
+    }
+
+    /// Stops the clients, checks every key's history is linearizable, and
+    /// answers how many CAS succeeded.
+    fn finish(self) -> u64 {
+        self.stop.store(true, Ordering::Relaxed);
+        let successes = self.threads.into_iter().map(|t| t.join().unwrap()).sum();
+        assert_linearizable(&self.history, self.keys);
+        successes
+    }
+}
+
 /// Every key's history passes the linearizability checker.
 fn assert_linearizable(history: &History, keys: &[&'static str]) {
     let history = history.lock().unwrap();
@@ -374,9 +406,7 @@ fn assert_linearizable(history: &History, keys: &[&'static str]) {
 fn cas_histories_stay_linearizable_while_a_node_is_killed_or_cut_off() {
     let mut c = Replicated::start(3, 3);
     const KEYS: &[&str] = &["lin:a", "lin:b", "lin:c"];
-    let stop = Arc::new(AtomicBool::new(false));
-    let history = History::default();
-    let threads = cas_clients(c.ports.clone(), KEYS, stop.clone(), history.clone());
+    let load = CasLoad::start(&c, KEYS);
     std::thread::sleep(Duration::from_millis(1500));
     c.kill9(1);
     std::thread::sleep(Duration::from_millis(1500));
@@ -386,9 +416,7 @@ fn cas_histories_stay_linearizable_while_a_node_is_killed_or_cut_off() {
     std::thread::sleep(Duration::from_millis(2500));
     c.freeze(2, false);
     std::thread::sleep(Duration::from_millis(1500));
-    stop.store(true, Ordering::Relaxed);
-    let successes: u64 = threads.into_iter().map(|t| t.join().unwrap()).sum();
-    assert_linearizable(&history, KEYS);
+    let successes = load.finish();
     eprintln!(
         "{successes} successful CAS over {} keys, linearizable",
         KEYS.len()
@@ -405,14 +433,8 @@ fn cas_histories_stay_linearizable_while_a_node_is_killed_or_cut_off() {
 fn cas_histories_stay_linearizable_across_a_network_partition() {
     let c = Replicated::start_with_env(3, 3, &[("KVD_FAILPOINTS", "partition")]);
     const KEYS: &[&str] = &["part:a", "part:b", "part:c"];
-    let stop = Arc::new(AtomicBool::new(false));
-    let history = History::default();
-    let threads = cas_clients(c.ports.clone(), KEYS, stop.clone(), history.clone());
-    let cut = |i: usize, from: &[usize]| {
-        let mut args = vec!["KVD.PARTITION".to_string()];
-        args.extend(from.iter().map(|&j| c.addr(j)));
-        assert_eq!(c.conn(i).call(&args).unwrap().as_str(), "OK");
-    };
+    let load = CasLoad::start(&c, KEYS);
+    let cut = |i: usize, from: &[usize]| partition(&c, i, from);
     std::thread::sleep(Duration::from_millis(1500));
     cut(2, &[0, 1]);
     cut(0, &[2]);
@@ -435,9 +457,7 @@ fn cas_histories_stay_linearizable_across_a_network_partition() {
         cut(i, &[]);
     }
     std::thread::sleep(Duration::from_millis(1500));
-    stop.store(true, Ordering::Relaxed);
-    let successes: u64 = threads.into_iter().map(|t| t.join().unwrap()).sum();
-    assert_linearizable(&history, KEYS);
+    let successes = load.finish();
     assert!(successes > 100, "only {successes} CAS succeeded");
     assert_eq!(c.conn(2).cmd("GET part:y").unwrap().as_str(), "1");
     let deadline = Instant::now() + Duration::from_secs(15);
@@ -465,16 +485,19 @@ fn a_watched_exec_after_another_nodes_write_aborts() {
     a.cmd("WATCH n").unwrap();
     a.cmd("MULTI").unwrap();
     a.cmd("INCR n").unwrap();
-    let cut = |from: &[usize]| {
-        let mut args = vec!["KVD.PARTITION".to_string()];
-        args.extend(from.iter().map(|&j| c.addr(j)));
-        assert_eq!(c.conn(1).call(&args).unwrap().as_str(), "OK");
-    };
-    cut(&[0]);
+    partition(&c, 1, &[0]);
     assert_eq!(b.cmd("SET n 100").unwrap().as_str(), "OK");
-    cut(&[]);
+    partition(&c, 1, &[]);
     assert_eq!(a.cmd("EXEC").unwrap(), Value::Nil);
     assert_eq!(c.conn(2).cmd("GET n").unwrap().as_str(), "100");
+}
+
+/// Cuts node `i`'s calls to the nodes `from` (none: heals), through the
+/// fault-injection hook (`KVD_FAILPOINTS=partition`).
+fn partition(c: &Replicated, i: usize, from: &[usize]) {
+    let mut args = vec!["KVD.PARTITION".to_string()];
+    args.extend(from.iter().map(|&j| c.addr(j)));
+    assert_eq!(c.conn(i).call(&args).unwrap().as_str(), "OK");
 }
 
 fn info(c: &Replicated, i: usize, field: &str) -> String {
@@ -507,11 +530,9 @@ fn nodes_join_and_leave_under_load_and_nothing_acknowledged_is_lost() {
     );
 
     const KEYS: &[&str] = &["lin:a", "lin:b", "lin:c", "lin:d"];
-    let stop = Arc::new(AtomicBool::new(false));
-    let history = History::default();
-    let cas = cas_clients(c.ports.clone(), KEYS, stop.clone(), history.clone());
+    let load = CasLoad::start(&c, KEYS);
     let writer = {
-        let (stop, ports) = (stop.clone(), c.ports.clone());
+        let (stop, ports) = (load.stop.clone(), c.ports.clone());
         std::thread::spawn(move || {
             let mut acked = Vec::new();
             let mut j = 0u64;
@@ -555,10 +576,8 @@ fn nodes_join_and_leave_under_load_and_nothing_acknowledged_is_lost() {
     let reply = c.conn(new).call(&args).unwrap();
     assert_eq!(reply.as_str(), "OK", "leaving: {reply:?}");
     std::thread::sleep(Duration::from_millis(1000));
-    stop.store(true, Ordering::Relaxed);
-    let successes: u64 = cas.into_iter().map(|t| t.join().unwrap()).sum();
+    let successes = load.finish();
     let acked = writer.join().unwrap();
-    assert_linearizable(&history, KEYS);
     assert!(successes > 50, "only {successes} CAS succeeded");
     assert!(acked.len() > 50, "only {} writes were acknowledged", acked.len());
 
@@ -849,9 +868,7 @@ fn five_nodes_with_three_replicas_lose_nothing_when_one_is_killed() {
     );
 
     const KEYS: &[&str] = &["five:a", "five:b", "five:c", "five:d"];
-    let stop = Arc::new(AtomicBool::new(false));
-    let history = History::default();
-    let threads = cas_clients(c.ports.clone(), KEYS, stop.clone(), history.clone());
+    let load = CasLoad::start(&c, KEYS);
     std::thread::sleep(Duration::from_millis(1000));
     c.kill9(1);
     std::thread::sleep(Duration::from_millis(1500));
@@ -859,9 +876,7 @@ fn five_nodes_with_three_replicas_lose_nothing_when_one_is_killed() {
     std::thread::sleep(Duration::from_millis(1000));
     c.kill9(3);
     std::thread::sleep(Duration::from_millis(1500));
-    stop.store(true, Ordering::Relaxed);
-    let successes: u64 = threads.into_iter().map(|t| t.join().unwrap()).sum();
-    assert_linearizable(&history, KEYS);
+    let successes = load.finish();
     assert!(successes > 50, "only {successes} CAS succeeded");
     for i in [0, 1, 2, 4] {
         let mut conn = c.conn(i);
