@@ -3,12 +3,20 @@
 //! [`FileData::materialize`].
 //!
 //! Invariants (kept by every method here):
-//! - `extents` never overlap and never touch (adjacent writes are joined), and
-//!   every extent ends at or before `size`.
+//! - `extents` never overlap, and every extent ends at or before `size`.
+//!   Writes join the extents they touch; bytes a background spill hands back
+//!   are kept as an extent of their own, which may touch the next one.
 //! - A byte at offset `x < size` is: the extent covering `x` if there is one;
-//!   else the manifest's byte if `x < valid`; else zero. `valid <= base_size`,
-//!   and `valid < base_size` only after a truncation (bytes past it are gone).
-//! - `base_size` is the size of the manifest `manifest`.
+//!   else the byte of a background spill's extents covering it; else the
+//!   base's byte if `x < valid`; else zero. `valid <= base_size`, and
+//!   `valid < base_size` only after a truncation (bytes past it are gone) or
+//!   where the base's bytes past `valid` are stored zeros.
+//! - `base_size` is the size of the chunk map `map`; `manifest` names it
+//!   unless a partial store ran since (then `changed` is set).
+//! - While a background spill runs, the base and `valid` do not change: every
+//!   operation but write and read waits for it first.
+//! - `base_final` only while no byte at or before `base_size` was written or
+//!   cut off since a partial store made the last cut.
 
 use std::collections::BTreeMap;
 use std::io::Read;
@@ -277,7 +285,8 @@ impl FileData {
     /// held, after writes landed over them.
     fn write_under(&mut self, offset: u64, data: Vec<u8>) {
         let end = offset + data.len() as u64;
-        let over: Vec<(u64, Vec<u8>)> = overlay_pieces_vec(&self.extents, offset, end);
+        let mut over = Vec::new();
+        overlay_pieces(&self.extents, offset, end, &mut over);
         if over.is_empty() {
             // The common case (the rest of a sequential write): kept as its
             // own extent, touching the next one, rather than copying that
@@ -459,6 +468,11 @@ impl FileData {
     /// its unwritten part is stored zeros, and without this every later spill
     /// would have to store the whole file.
     fn forget_zero_tail(&mut self, chunking: Chunking) {
+        // Only where old bytes stand in a partial store's way (this hashes
+        // a short last chunk's worth of zeros to recognise it).
+        if self.valid + (chunking.max as u64) < self.written_end().min(self.size) {
+            return;
+        }
         let zero = zero_chunk(chunking);
         let chunks = &self.map.chunks;
         let mut start = self.base_size;
@@ -485,6 +499,14 @@ impl FileData {
         self.map = Arc::new(cut.map);
     }
 
+    /// The end of the last written extent (0 if none).
+    fn written_end(&self) -> u64 {
+        self.extents
+            .iter()
+            .next_back()
+            .map_or(0, |(&s, e)| s + e.len() as u64)
+    }
+
     fn source(&self) -> Source<'_> {
         Source {
             map: &self.map,
@@ -498,11 +520,7 @@ impl FileData {
     fn plan(&self, chunking: Chunking, partial: bool) -> Option<Plan> {
         let old = &self.map;
         let max = chunking.max as u64;
-        let last_change = self
-            .extents
-            .iter()
-            .next_back()
-            .map_or(0, |(&s, e)| s + e.len() as u64);
+        let last_change = self.written_end();
         let (from_chunk, from) = if self.base_final {
             // Nothing at or before the base's end changed, and its last cut
             // is final: the cut goes on from there.
@@ -634,12 +652,6 @@ fn overlay_pieces(extents: &Extents, start: u64, end: u64, out: &mut Vec<(u64, V
         let (a, b) = (s.max(start), e.min(end));
         out.push((a, data[(a - s) as usize..(b - s) as usize].to_vec()));
     }
-}
-
-fn overlay_pieces_vec(extents: &Extents, start: u64, end: u64) -> Vec<(u64, Vec<u8>)> {
-    let mut out = Vec::new();
-    overlay_pieces(extents, start, end, &mut out);
-    out
 }
 
 /// Cuts the source's bytes from `plan.from` to `plan.limit` into chunks and
