@@ -8,6 +8,7 @@ use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
+use std::sync::mpsc::{Receiver, SyncSender};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -20,7 +21,7 @@ use fuser::{
 
 use crate::object::Time;
 use crate::tree::FsError;
-use crate::vfs::{self, Attr, Caller, Kind, RenameMode, SetAttr, TimeSet, Vfs};
+use crate::vfs::{self, Attr, CacheOffer, Caller, Kind, RenameMode, SetAttr, TimeSet, Vfs};
 
 /// How long the kernel may cache names and attributes. Changes made through
 /// this mount update the kernel's cache as they happen, and other clients'
@@ -40,6 +41,9 @@ pub struct MountOptions {
 
 struct Adapter {
     vfs: Arc<Vfs>,
+    /// Bytes around random reads, for the kernel-cache thread to put in the
+    /// page cache ([`kernel_cache`]).
+    offers: SyncSender<CacheOffer>,
 }
 
 fn errno(e: FsError) -> Errno {
@@ -335,7 +339,16 @@ impl Filesystem for Adapter {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        guard("read", || data(reply, self.vfs.read(ino.0, offset, size)));
+        guard("read", || match self.vfs.read_offering(ino.0, offset, size) {
+            Ok((bytes, offer)) => {
+                reply.data(&bytes);
+                if let Some(offer) = offer {
+                    // A full queue drops the offer: it only saves later reads.
+                    let _ = self.offers.try_send(offer);
+                }
+            }
+            Err(e) => reply.error(errno(e)),
+        });
     }
 
     fn write(
@@ -580,16 +593,33 @@ impl Filesystem for Adapter {
     }
 }
 
-/// Tells the kernel to forget what other clients' adopted commits changed.
-/// Runs on its own thread: an invalidation sent from inside a request handler
-/// can deadlock with the kernel waiting on that request.
-fn invalidate(
+/// How many offers of bytes for the page cache wait at most (each up to a
+/// chunk, 4 MiB at most).
+const OFFERS_QUEUED: usize = 8;
+
+/// Tells the kernel to forget what other clients' adopted commits changed,
+/// and puts the bytes offered by random reads in its page cache. Runs on its
+/// own thread: a notification sent from inside a request handler can deadlock
+/// with the kernel waiting on that request (or, for a store, on pages locked
+/// by a pending read that no free request thread is left to answer).
+fn kernel_cache(
     vfs: Arc<Vfs>,
     notifier: fuser::Notifier,
+    offers: Receiver<CacheOffer>,
     stop: Arc<AtomicBool>,
 ) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
         while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            if let Ok(offer) = offers.recv_timeout(Duration::from_millis(20)) {
+                let ino = INodeNo(offer.ino);
+                // An error means the kernel forgot the file: nothing to keep.
+                let kept = vfs.keep_if_current(&offer, || {
+                    let _ = notifier.store(ino, offer.offset, &offer.bytes);
+                });
+                if kept == vfs::Kept::Spoiled {
+                    let _ = notifier.inval_inode(ino, offer.offset as i64, offer.bytes.len() as i64);
+                }
+            }
             for inv in vfs.take_invalidations() {
                 // Errors mean the kernel did not have it cached: nothing to do.
                 let _ = match inv {
@@ -599,7 +629,6 @@ fn invalidate(
                     vfs::Invalidate::Inode(ino) => notifier.inval_inode(INodeNo(ino), 0, 0),
                 };
             }
-            std::thread::sleep(Duration::from_millis(20));
         }
     })
 }
@@ -621,7 +650,12 @@ pub fn serve(vfs: Arc<Vfs>, opts: &MountOptions, on_mounted: impl FnOnce()) -> s
         SessionACL::Owner
     };
     config.n_threads = Some(opts.threads.max(1));
-    let mut session = fuser::Session::new(Adapter { vfs: vfs.clone() }, &opts.mountpoint, &config)?;
+    let (offers, offered) = std::sync::mpsc::sync_channel(OFFERS_QUEUED);
+    let adapter = Adapter {
+        vfs: vfs.clone(),
+        offers,
+    };
+    let mut session = fuser::Session::new(adapter, &opts.mountpoint, &config)?;
     let mut unmounter = session.unmount_callable();
     let mut signals =
         signal_hook::iterator::Signals::new([signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM])?;
@@ -637,14 +671,14 @@ pub fn serve(vfs: Arc<Vfs>, opts: &MountOptions, on_mounted: impl FnOnce()) -> s
     });
     let stop = Arc::new(AtomicBool::new(false));
     let syncer = vfs::spawn_syncer(vfs.clone(), opts.commit_interval, stop.clone());
-    let invalidator = invalidate(vfs.clone(), session.notifier(), stop.clone());
+    let cache_thread = kernel_cache(vfs.clone(), session.notifier(), offered, stop.clone());
     on_mounted();
     let served = session.run();
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     signal_handle.close();
     let _ = signal_thread.join();
     let _ = syncer.join();
-    let _ = invalidator.join();
+    let _ = cache_thread.join();
     // The kernel may not send DESTROY on every way of unmounting; commit here too.
     if let Err(e) = vfs.commit() {
         tracing::error!("final commit failed: {e}");

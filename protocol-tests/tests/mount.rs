@@ -751,6 +751,87 @@ fn unmount_and_remount_keeps_everything() {
     assert!(fsck.status.success(), "{}", String::from_utf8_lossy(&fsck.stdout));
 }
 
+/// How many of the first `len` bytes' pages of `f` are in the page cache
+/// (mincore(2) on a mapping of it).
+fn resident_pages(f: &File, len: usize) -> usize {
+    use std::os::fd::AsRawFd;
+    let pages = len.div_ceil(4096);
+    let mut resident = vec![0u8; pages];
+    // SAFETY: a fresh read-only mapping of `len` bytes, unmapped before
+    // returning; `resident` has one byte per page of it.
+    unsafe {
+        let p = libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ,
+            libc::MAP_SHARED,
+            f.as_raw_fd(),
+            0,
+        );
+        assert_ne!(p, libc::MAP_FAILED, "mmap: {}", std::io::Error::last_os_error());
+        let r = libc::mincore(p, len, resident.as_mut_ptr());
+        let e = std::io::Error::last_os_error();
+        libc::munmap(p, len);
+        assert_eq!(r, 0, "mincore: {e}");
+    }
+    resident.iter().filter(|&&b| b & 1 != 0).count()
+}
+
+#[test]
+fn a_random_read_puts_its_whole_chunk_in_the_page_cache_and_writes_still_show() {
+    use std::os::unix::fs::FileExt;
+    let kvd = Server::kvd(&[]).unwrap();
+    let mut m = Mount::start(&url(&kvd), "main", &[]).unwrap();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(9);
+    let mut model: Vec<u8> = (0..16 << 20).map(|_| rng.gen()).collect();
+    fs::write(m.path().join("f"), &model).unwrap();
+    assert!(m.stop(), "fsclient mount did not exit cleanly on SIGTERM");
+    // A new mount: nothing of the file is in the kernel's cache.
+    let m = Mount::start(&url(&kvd), "main", &[]).unwrap();
+    let path = m.path().join("f");
+    let reader = File::open(&path).unwrap();
+    assert_eq!(resident_pages(&reader, model.len()), 0);
+    let mut buf = [0u8; 4096];
+    reader.read_exact_at(&mut buf, 9 << 20).unwrap();
+    assert!(buf[..] == model[9 << 20..][..4096]);
+    // The kernel asked for one page; the chunk around it (256 KiB at least,
+    // the volume's smallest) follows it into the cache.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut cached = resident_pages(&reader, model.len());
+    while cached < 64 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+        cached = resident_pages(&reader, model.len());
+    }
+    assert!(cached >= 64, "only {cached} pages cached after a random read");
+    // Writes still show: random reads (which offer their chunks), each
+    // followed at once by a write into the same chunk through another handle
+    // and a read of it through the first.
+    for round in 0..30 {
+        let at = rng.gen_range(1u64 << 20..15 << 20);
+        let mut got = [0u8; 16];
+        reader.read_exact_at(&mut got, at).unwrap();
+        assert!(
+            got[..] == model[at as usize..][..16],
+            "round {round}: wrong bytes"
+        );
+        let new: [u8; 16] = rng.gen();
+        let w = OpenOptions::new().write(true).open(&path).unwrap();
+        w.write_all_at(&new, at + 100).unwrap();
+        drop(w);
+        model[at as usize + 100..][..16].copy_from_slice(&new);
+        reader.read_exact_at(&mut got, at + 100).unwrap();
+        assert_eq!(
+            got, new,
+            "round {round}: a read after a write returned older bytes"
+        );
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(
+        fs::read(&path).unwrap() == model,
+        "the file differs from the model"
+    );
+}
+
 #[test]
 fn daemon_mount_and_umount_commands() {
     protocol_tests::require_fuse();

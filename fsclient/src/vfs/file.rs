@@ -108,6 +108,9 @@ pub struct FileData {
     behind: Option<Spill>,
     /// Where the last read ended: a read near it continues a sequential one.
     next_read: u64,
+    /// Counts changes of the bytes (writes, truncations), so that bytes read
+    /// earlier can be told apart from the current ones.
+    version: u64,
 }
 
 /// How far from where the last read ended a read still counts as the next
@@ -170,6 +173,23 @@ pub struct ReadView {
     /// Overlay pieces inside the range: (offset, bytes), later ones over
     /// earlier ones.
     overlay: Vec<(u64, Vec<u8>)>,
+    /// Whether no written byte lies over the base anywhere in the file (so a
+    /// whole stored chunk is the file's content for its range).
+    only_base: bool,
+    /// The file's [`FileData::version`] when the view was taken.
+    pub version: u64,
+}
+
+/// What [`ReadView::read`] found.
+pub struct ReadOut {
+    /// The bytes of the range.
+    pub bytes: Bytes,
+    /// The index of the last chunk read (for read-ahead).
+    pub last_chunk: Option<usize>,
+    /// When the range lies in one stored chunk with nothing written over it:
+    /// that whole chunk and its offset (the rest of it is the file's content
+    /// too, already fetched and checked).
+    pub whole_chunk: Option<(u64, Bytes)>,
 }
 
 impl FileData {
@@ -189,6 +209,7 @@ impl FileData {
             base_final: false,
             behind: None,
             next_read: 0,
+            version: 0,
         }
     }
 
@@ -199,6 +220,12 @@ impl FileData {
         let mut f = FileData::new(Hash::of(&object::encode_manifest(&m)), &m);
         f.changed = true;
         f
+    }
+
+    /// Counts changes of the bytes: differs from an earlier value once a
+    /// write or truncation ran since.
+    pub fn version(&self) -> u64 {
+        self.version
     }
 
     /// How many bytes from the start are stored as chunks of the base.
@@ -230,6 +257,8 @@ impl FileData {
             start,
             end,
             overlay,
+            only_base: self.extents.is_empty() && self.behind.is_none(),
+            version: self.version,
         }
     }
 
@@ -238,6 +267,7 @@ impl FileData {
         if data.is_empty() {
             return;
         }
+        self.version += 1;
         self.adopt_finished_spill();
         if offset <= self.base_size {
             self.base_final = false;
@@ -309,6 +339,7 @@ impl FileData {
     /// Sets the size: cuts what is past it, or extends with zeros.
     pub fn truncate(&mut self, size: u64) {
         self.settle();
+        self.version += 1;
         self.base_final = false;
         if size < self.size {
             let cut: Vec<u64> = self.extents.range(..).map(|(&s, _)| s).collect();
@@ -753,8 +784,7 @@ fn cut(store: &BlobStore, chunking: Chunking, src: &Source, plan: &Plan) -> FsRe
 
 impl ReadView {
     /// The bytes of the range, fetching chunks from the store as needed.
-    /// Also returns the index of the last chunk read (for read-ahead).
-    pub fn read(&self, store: &BlobStore) -> FsResult<(Bytes, Option<usize>)> {
+    pub fn read(&self, store: &BlobStore) -> FsResult<ReadOut> {
         // The common case, a read inside one stored chunk with nothing written
         // over it: the chunk's own bytes, not copied.
         if self.overlay.is_empty() && self.end <= self.valid && self.start < self.end {
@@ -763,7 +793,12 @@ impl ReadView {
                 if self.end <= cs + cl as u64 {
                     let data = chunk_data(store, &h, cl)?;
                     let bytes = data.slice((self.start - cs) as usize..(self.end - cs) as usize);
-                    return Ok((bytes, Some(i)));
+                    let whole = self.only_base && cs + cl as u64 <= self.valid;
+                    return Ok(ReadOut {
+                        bytes,
+                        last_chunk: Some(i),
+                        whole_chunk: whole.then_some((cs, data)),
+                    });
                 }
             }
         }
@@ -794,7 +829,11 @@ impl ReadView {
             let o = (s - self.start) as usize;
             out[o..o + d.len()].copy_from_slice(d);
         }
-        Ok((out.into(), last))
+        Ok(ReadOut {
+            bytes: out.into(),
+            last_chunk: last,
+            whole_chunk: None,
+        })
     }
 
     /// Hashes of the `n` chunks after chunk `i`, for read-ahead.

@@ -23,6 +23,7 @@
 //!   node lives on only while the kernel remembers it or a handle is open.
 
 pub mod file;
+mod offer;
 mod prefetch;
 #[cfg(test)]
 mod tests;
@@ -40,6 +41,7 @@ use crate::store::BlobStore;
 use crate::tree::{self, Chunking, FsError, FsResult};
 use crate::volume::Volume;
 use file::FileData;
+pub use offer::{CacheOffer, Kept};
 
 /// An inode number, as the kernel sees it. Never reused within a mount.
 pub type Ino = u64;
@@ -222,6 +224,8 @@ struct Node {
     lookups: u64,
     /// Open handles.
     open: u32,
+    /// Open handles that may write (see [`offer`]).
+    writers: u32,
     linked: bool,
     /// For a file with several names (hard links): its inode id, and how
     /// many names it has. Its entry then lives in the inode table.
@@ -264,6 +268,8 @@ fn kind_of(content: &Content) -> Kind {
 struct Handle {
     ino: Ino,
     append: bool,
+    /// Opened for writing.
+    writes: bool,
     wrote: bool,
     /// A directory handle's listing, taken when reading starts, so offsets
     /// stay meaningful while the directory changes.
@@ -306,6 +312,8 @@ pub struct Vfs {
     state: Mutex<State>,
     /// One commit at a time.
     commit_lock: Mutex<()>,
+    /// Held while bytes offered to the kernel's cache are kept ([`offer`]).
+    cache_gate: Mutex<()>,
     /// The store's capacity when last asked.
     capacity: Mutex<Option<Capacity>>,
     prefetch: prefetch::Prefetcher,
@@ -393,6 +401,7 @@ impl State {
                 body,
                 lookups: 0,
                 open: 0,
+                writers: 0,
                 linked: true,
                 link: None,
                 nlink: 1,
@@ -807,8 +816,10 @@ impl State {
         self.handles.get_mut(&fh).ok_or(FsError::BadHandle)
     }
 
-    fn open_handle(&mut self, ino: Ino, append: bool) -> FsResult<u64> {
-        self.node_mut(ino)?.open += 1;
+    fn open_handle(&mut self, ino: Ino, append: bool, writes: bool) -> FsResult<u64> {
+        let node = self.node_mut(ino)?;
+        node.open += 1;
+        node.writers += writes as u32;
         let fh = self.next_fh;
         self.next_fh += 1;
         self.handles.insert(
@@ -816,6 +827,7 @@ impl State {
             Handle {
                 ino,
                 append,
+                writes,
                 wrote: false,
                 listing: None,
             },
@@ -855,6 +867,7 @@ impl Vfs {
                 }),
                 lookups: 1,
                 open: 0,
+                writers: 0,
                 linked: true,
                 link: None,
                 nlink: 1,
@@ -881,6 +894,7 @@ impl Vfs {
             volume,
             opts,
             commit_lock: Mutex::new(()),
+            cache_gate: Mutex::new(()),
             capacity: Mutex::new(None),
             prefetch,
         })
@@ -1124,7 +1138,12 @@ impl Vfs {
             st.dirty_files.insert(ino);
         }
         st.entry_changed(ino);
-        st.attr(self.store(), ino)
+        let attr = st.attr(self.store(), ino);
+        drop(st);
+        if data.is_some() {
+            self.wait_for_keeps();
+        }
+        attr
     }
 
     pub fn readlink(&self, ino: Ino) -> FsResult<Vec<u8>> {
@@ -1337,7 +1356,8 @@ impl Vfs {
 
     /// Opens a file; `flags` are open(2)'s.
     pub fn open(&self, ino: Ino, flags: i32) -> FsResult<u64> {
-        if flags & libc::O_ACCMODE != libc::O_RDONLY || flags & libc::O_TRUNC != 0 {
+        let writes = flags & libc::O_ACCMODE != libc::O_RDONLY || flags & libc::O_TRUNC != 0;
+        if writes {
             self.state.lock().writable(ino)?;
         }
         let kind = self.state.lock().node(ino)?.kind();
@@ -1346,7 +1366,11 @@ impl Vfs {
             self.file_data(ino)?;
         }
         let append = flags & libc::O_APPEND != 0;
-        self.state.lock().open_handle(ino, append)
+        let fh = self.state.lock().open_handle(ino, append, writes)?;
+        if writes {
+            self.wait_for_keeps();
+        }
+        Ok(fh)
     }
 
     /// Creates and opens a regular file.
@@ -1364,21 +1388,40 @@ impl Vfs {
     }
 
     pub fn read(&self, ino: Ino, offset: u64, size: u32) -> FsResult<bytes::Bytes> {
+        self.read_offering(ino, offset, size).map(|(bytes, _)| bytes)
+    }
+
+    /// Reads like [`Vfs::read`]; a random read (not the next of a sequential
+    /// reader) inside one stored chunk also offers the rest of that chunk to
+    /// the kernel's cache ([`offer`]). A sequential reader gets read-ahead
+    /// instead, here and from the kernel.
+    pub fn read_offering(
+        &self,
+        ino: Ino,
+        offset: u64,
+        size: u32,
+    ) -> FsResult<(bytes::Bytes, Option<CacheOffer>)> {
         let file = self.file_data(ino)?;
         let (view, sequential) = {
             let mut f = file.lock();
             let sequential = f.note_read(offset, size as u64);
             (f.view(offset, size as u64), sequential)
         };
-        let (bytes, last) = view.read(self.store())?;
-        if let (Some(i), true) = (last, sequential) {
-            self.prefetch.want(
-                view.following(i, self.opts.readahead_chunks)
-                    .into_iter()
-                    .map(|(h, _)| h),
-            );
+        let out = view.read(self.store())?;
+        if sequential {
+            if let Some(i) = out.last_chunk {
+                self.prefetch.want(
+                    view.following(i, self.opts.readahead_chunks)
+                        .into_iter()
+                        .map(|(h, _)| h),
+                );
+            }
+            return Ok((out.bytes, None));
         }
-        Ok(bytes)
+        let offer = out
+            .whole_chunk
+            .and_then(|chunk| self.offer(ino, &file, view.version, chunk));
+        Ok((out.bytes, offer))
     }
 
     pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> FsResult<u32> {
@@ -1425,6 +1468,7 @@ impl Vfs {
         if let Some(h) = st.handles.remove(&fh) {
             if let Some(n) = st.nodes.get_mut(&h.ino) {
                 n.open = n.open.saturating_sub(1);
+                n.writers = n.writers.saturating_sub(h.writes as u32);
             }
             st.drop_if_unused(h.ino);
         }
@@ -1438,7 +1482,7 @@ impl Vfs {
     pub fn opendir(&self, ino: Ino) -> FsResult<u64> {
         let mut st = self.state.lock();
         st.node_mut(ino)?.dir()?;
-        st.open_handle(ino, false)
+        st.open_handle(ino, false, false)
     }
 
     /// The listing behind a directory handle, with `.` and `..` first. Taken

@@ -67,7 +67,7 @@ fn file_op() -> impl Strategy<Value = FileOp> {
 }
 
 fn read_all(f: &FileData, store: &BlobStore) -> Vec<u8> {
-    f.view(0, u64::MAX / 2).read(store).unwrap().0.to_vec()
+    f.view(0, u64::MAX / 2).read(store).unwrap().bytes.to_vec()
 }
 
 proptest! {
@@ -623,4 +623,112 @@ fn utc_names() {
         }),
         "2000-02-29T00:00:00Z"
     );
+}
+
+/// A committed file of `len` bytes named `name` in `vfs`, and its bytes.
+fn stored_file(vfs: &Vfs, name: &[u8], len: u32) -> (Ino, Vec<u8>) {
+    let data: Vec<u8> = (0..len)
+        .map(|i| (i.wrapping_mul(2654435761) >> 9) as u8)
+        .collect();
+    let (attr, fh) = vfs.create(ME, ROOT, name, 0o644, libc::O_WRONLY).unwrap();
+    vfs.write(fh, 0, &data).unwrap();
+    vfs.flush(fh).unwrap();
+    vfs.release(fh);
+    (attr.ino, data)
+}
+
+#[test]
+fn a_random_read_offers_its_whole_chunk_and_a_sequential_one_does_not() {
+    let dict = Arc::new(MemoryDict::new());
+    let writer = vfs_on(&dict, true);
+    let (_, data) = stored_file(&writer, b"f", 40_000);
+    let reader = vfs_on(&dict, false);
+    let ino = reader.lookup(ROOT, b"f").unwrap().ino;
+    // The first read at 0 is a sequential reader's start: read-ahead, no offer.
+    let (_, offer) = reader.read_offering(ino, 0, 100).unwrap();
+    assert!(offer.is_none());
+    let (bytes, offer) = reader.read_offering(ino, 30_000, 10).unwrap();
+    assert_eq!(bytes.to_vec(), &data[30_000..30_010]);
+    let offer = offer.expect("a random read inside a stored chunk offers it");
+    let (start, end) = (offer.offset as usize, offer.offset as usize + offer.bytes.len());
+    assert!(
+        start <= 30_000 && 30_010 <= end && end - start > 10,
+        "{start}..{end}"
+    );
+    assert_eq!(offer.bytes.to_vec(), &data[start..end]);
+    let mut kept = Vec::new();
+    assert_eq!(
+        reader.keep_if_current(&offer, || kept.push(offer.offset)),
+        Kept::Yes
+    );
+    assert_eq!(kept, [offer.offset]);
+}
+
+#[test]
+fn offers_are_not_kept_once_the_file_is_opened_for_writing_truncated_or_changed_elsewhere() {
+    let dict = Arc::new(MemoryDict::new());
+    let vfs = vfs_on(&dict, true);
+    let (ino, _) = stored_file(&vfs, b"f", 40_000);
+    let random_read = |v: &Vfs, ino| {
+        v.read_offering(ino, 0, 1).unwrap();
+        v.read_offering(ino, 30_000, 10).unwrap().1.expect("an offer")
+    };
+    let not_kept =
+        |v: &Vfs, offer: &CacheOffer| v.keep_if_current(offer, || panic!("kept bytes that are not current"));
+
+    // A handle open for writing: no offer while it is open, and an earlier
+    // one is not kept.
+    let offer = random_read(&vfs, ino);
+    let fh = vfs.open(ino, libc::O_RDWR).unwrap();
+    assert!(vfs.read_offering(ino, 10_000, 10).unwrap().1.is_none());
+    assert_eq!(not_kept(&vfs, &offer), Kept::No);
+    vfs.release(fh);
+    // Read-only handles do not count.
+    let ro = vfs.open(ino, libc::O_RDONLY).unwrap();
+    let offer = random_read(&vfs, ino);
+    assert_eq!(vfs.keep_if_current(&offer, || {}), Kept::Yes);
+
+    // A truncation (no handle needed) makes an earlier offer stale.
+    vfs.setattr(
+        ino,
+        SetAttr {
+            size: Some(35_000),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(not_kept(&vfs, &offer), Kept::No);
+    vfs.release(ro);
+    vfs.commit().unwrap();
+
+    // Another client's commit, once adopted, does too.
+    let offer = random_read(&vfs, ino);
+    let other = vfs_on(&dict, false);
+    let f = other.lookup(ROOT, b"f").unwrap().ino;
+    let fh = other.open(f, libc::O_WRONLY).unwrap();
+    other.write(fh, 30_000, b"changed").unwrap();
+    other.flush(fh).unwrap();
+    other.release(fh);
+    vfs.sync().unwrap();
+    assert_eq!(not_kept(&vfs, &offer), Kept::No);
+    assert_eq!(vfs.read(ino, 30_000, 7).unwrap().to_vec(), b"changed");
+}
+
+#[test]
+fn a_truncation_that_cannot_wait_for_bytes_being_kept_spoils_them() {
+    let dict = Arc::new(MemoryDict::new());
+    let vfs = vfs_on(&dict, true);
+    let (ino, _) = stored_file(&vfs, b"f", 40_000);
+    vfs.read_offering(ino, 0, 1).unwrap();
+    let offer = vfs.read_offering(ino, 30_000, 10).unwrap().1.expect("an offer");
+    // Keeping takes long (as when the kernel waits on a pending read's
+    // pages); the truncation waits for it a while, then goes on.
+    let kept = vfs.keep_if_current(&offer, || {
+        let shrink = SetAttr {
+            size: Some(100),
+            ..Default::default()
+        };
+        vfs.setattr(ino, shrink).unwrap();
+    });
+    assert_eq!(kept, Kept::Spoiled, "bytes older than the truncation stayed kept");
 }
