@@ -13,8 +13,12 @@
 //!   where the base's bytes past `valid` are stored zeros.
 //! - `base_size` is the size of the chunk map `map`; `manifest` names it
 //!   unless a partial store ran since (then `changed` is set).
-//! - While a background spill runs, the base and `valid` do not change: every
-//!   operation but write and read waits for it first.
+//! - While a background spill runs (or a commit's snapshot store, the same
+//!   kind of job run on the committing thread), the base and `valid` do not
+//!   change: every operation but write and read waits for it first.
+//! - `committable`, once set, names a stored manifest of the whole file as it
+//!   was when its store began, so a commit can name the file while it is
+//!   being written; `changed` is clear only when it is the current content.
 //! - `base_final` only while no byte at or before `base_size` was written or
 //!   cut off since a partial store made the last cut.
 
@@ -111,6 +115,9 @@ pub struct FileData {
     /// Counts changes of the bytes (writes, truncations), so that bytes read
     /// earlier can be told apart from the current ones.
     version: u64,
+    /// A stored manifest of the whole file as it was at some moment, and the
+    /// size then (see [`FileData::store_snapshot`]).
+    committable: Option<(Hash, u64)>,
 }
 
 /// How far from where the last read ended a read still counts as the next
@@ -127,9 +134,38 @@ struct Spill {
 
 #[derive(Default)]
 struct SpillJob {
-    /// The chunks stored (the base up to a final cut) or the error.
-    done: Mutex<Option<FsResult<Cut>>>,
+    done: Mutex<JobState>,
     cv: Condvar,
+}
+
+#[derive(Default)]
+struct JobState {
+    finished: bool,
+    /// The chunks stored (the base up to a final cut, or the whole file for
+    /// a snapshot) or the error, until the file takes it in.
+    outcome: Option<FsResult<Cut>>,
+}
+
+impl SpillJob {
+    fn finish(&self, outcome: FsResult<Cut>) {
+        *self.done.lock() = JobState {
+            finished: true,
+            outcome: Some(outcome),
+        };
+        self.cv.notify_all();
+    }
+
+    fn finished(&self) -> bool {
+        self.done.lock().finished
+    }
+
+    /// Waits until the job has finished (its outcome may be taken in by then).
+    fn wait(&self) {
+        let mut done = self.done.lock();
+        while !done.finished {
+            self.cv.wait(&mut done);
+        }
+    }
 }
 
 /// What a store decided before it cuts, under the file's lock.
@@ -160,6 +196,8 @@ struct Source<'a> {
 struct Cut {
     map: ChunkMap,
     rejoined: bool,
+    /// For a cut of the whole file (a snapshot), its stored manifest.
+    manifest: Option<Hash>,
 }
 
 /// What a read needs, taken under the file's lock and used after it is let go,
@@ -210,6 +248,7 @@ impl FileData {
             behind: None,
             next_read: 0,
             version: 0,
+            committable: Some((manifest, size)),
         }
     }
 
@@ -219,6 +258,7 @@ impl FileData {
         let m = Manifest::default();
         let mut f = FileData::new(Hash::of(&object::encode_manifest(&m)), &m);
         f.changed = true;
+        f.committable = None;
         f
     }
 
@@ -420,8 +460,7 @@ impl FileData {
             // The bytes are let go of before the outcome is told: the file
             // takes them back, and would have to copy them while shared.
             drop(src_extents);
-            *done.done.lock() = Some(result);
-            done.cv.notify_all();
+            done.finish(result);
         };
         self.behind = Some(Spill { frozen, job });
         if let Err(e) = std::thread::Builder::new().name("spill".into()).spawn(run) {
@@ -434,13 +473,74 @@ impl FileData {
         Ok(())
     }
 
+    /// The stored manifest and size of the whole file at some moment: after
+    /// [`FileData::store_snapshot`] (or a full store), holding every byte
+    /// written before it. `None` for a new file never stored.
+    pub fn committable(&self) -> Option<(Hash, u64)> {
+        self.committable
+    }
+
+    /// Stores the whole file as it is now, like [`FileData::materialize`],
+    /// but holds its lock only to take the written bytes and to take the
+    /// result in: writes and reads go on (into and over a new overlay) while
+    /// the bytes are cut, hashed and stored, as in a background spill. What
+    /// is stored is [`FileData::committable`] afterwards; bytes written
+    /// meanwhile leave the file `changed`.
+    pub fn store_snapshot(file: &Mutex<FileData>, store: &BlobStore, chunking: Chunking) -> FsResult<()> {
+        // One job at a time: a background spill is waited for unlocked.
+        let mut f = loop {
+            let f = file.lock();
+            match f.behind.as_ref().map(|s| s.job.clone()) {
+                Some(job) if !job.finished() => {
+                    drop(f);
+                    job.wait();
+                }
+                _ => break f,
+            }
+        };
+        f.adopt_finished_spill();
+        if !f.changed {
+            return Ok(());
+        }
+        let Some(plan) = f.plan(chunking, false) else {
+            return f.materialize(store, chunking);
+        };
+        let frozen = Arc::new(std::mem::take(&mut f.extents));
+        f.dirty_bytes = 0;
+        let job = Arc::new(SpillJob::default());
+        let (map, valid) = (f.map.clone(), f.valid);
+        f.behind = Some(Spill {
+            frozen: frozen.clone(),
+            job: job.clone(),
+        });
+        drop(f);
+        let src = Source {
+            map: &map,
+            valid,
+            extents: &frozen,
+        };
+        let result = cut(store, chunking, &src, &plan).and_then(|mut c| {
+            let encoded = object::encode_manifest(&c.map.manifest());
+            c.manifest = Some(store.put_many_behind(vec![encoded])?[0]);
+            Ok(c)
+        });
+        // Let go of the bytes before telling (see `spill_behind`).
+        drop(frozen);
+        let (told, outcome) = match result {
+            Ok(c) => (Ok(c), Ok(())),
+            // The file hands the bytes back and logs this copy; the caller
+            // gets the error itself.
+            Err(e) => (Err(std::io::Error::other(e.to_string()).into()), Err(e)),
+        };
+        job.finish(told);
+        file.lock().adopt_finished_spill();
+        outcome
+    }
+
     /// Waits for a background spill and takes in its outcome.
     pub fn settle(&mut self) {
         if let Some(spill) = &self.behind {
-            let mut done = spill.job.done.lock();
-            while done.is_none() {
-                spill.job.cv.wait(&mut done);
-            }
+            spill.job.wait();
         }
         self.adopt_finished_spill();
     }
@@ -451,17 +551,27 @@ impl FileData {
     /// again and reports the error).
     fn adopt_finished_spill(&mut self) {
         let Some(spill) = &self.behind else { return };
-        let Some(result) = spill.job.done.lock().take() else {
+        let Some(result) = spill.job.done.lock().outcome.take() else {
             return;
         };
         match result {
             Ok(cut) if cut.map.size() >= self.valid => {
                 let spill = self.behind.take().expect("checked above");
                 let end = cut.map.size();
+                let snapshot = cut.manifest;
                 // Base bytes at or before the cut are final only if no write
-                // since the freeze reached them.
+                // since the freeze reached them (and a snapshot's last cut is
+                // the end of the bytes, not a cut of the content).
                 let untouched = self.extents.range(..=end).next().is_none();
-                self.set_partial_base(cut, untouched);
+                self.set_partial_base(cut, untouched && snapshot.is_none());
+                if let Some(m) = snapshot {
+                    self.manifest = m;
+                    self.committable = Some((m, end));
+                    // Nothing written since: the base is the file again.
+                    if self.extents.is_empty() && self.size == end {
+                        self.changed = false;
+                    }
+                }
                 let frozen = Arc::try_unwrap(spill.frozen).unwrap_or_else(|shared| (*shared).clone());
                 for (s, mut e) in frozen {
                     let e_end = s + e.len() as u64;
@@ -663,6 +773,7 @@ impl FileData {
         self.dirty_bytes = 0;
         self.changed = false;
         self.base_final = false;
+        self.committable = Some((manifest, self.size));
         Ok(true)
     }
 }
@@ -779,6 +890,7 @@ fn cut(store: &BlobStore, chunking: Chunking, src: &Source, plan: &Plan) -> FsRe
     Ok(Cut {
         map: ChunkMap { chunks },
         rejoined,
+        manifest: None,
     })
 }
 

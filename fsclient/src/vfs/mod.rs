@@ -633,13 +633,18 @@ impl State {
             Body::Dir(_) => Content::Dir {
                 tree: self.build(store, chunking, ino)?,
             },
+            // The version the commit stored before it took the state's lock
+            // (bytes written since go in the next one: see `Vfs::commit`).
             Body::File { data: Some(data), .. } => {
                 let mut f = data.lock();
-                f.materialize(store, chunking)?;
-                Content::File {
-                    manifest: f.manifest,
-                    size: f.size,
-                }
+                let (manifest, size) = match f.committable() {
+                    Some(stored) => stored,
+                    None => {
+                        f.materialize(store, chunking)?;
+                        (f.manifest, f.size)
+                    }
+                };
+                Content::File { manifest, size }
             }
             Body::File { manifest, size, .. } => Content::File {
                 manifest: *manifest,
@@ -1636,7 +1641,10 @@ impl Vfs {
     }
 
     /// Commits every change made so far as one commit (merged with whatever
-    /// other clients committed meanwhile), and adopts the result.
+    /// other clients committed meanwhile), and adopts the result. Files are
+    /// stored first, each holding its lock only to take its written bytes
+    /// ([`FileData::store_snapshot`]): a writer goes on meanwhile, and bytes
+    /// written after their file's snapshot go in the next commit.
     pub fn commit(&self) -> FsResult<()> {
         let _one = self.commit_lock.lock();
         let store = self.store();
@@ -1655,7 +1663,7 @@ impl Vfs {
                 .collect()
         };
         for f in files {
-            f.lock().materialize(store, self.opts.chunking)?;
+            FileData::store_snapshot(&f, store, self.opts.chunking)?;
         }
         let mut st = self.state.lock();
         if !st.dirty {
@@ -1671,11 +1679,22 @@ impl Vfs {
         st.base_commit = commit;
         st.base = tree;
         st.dirty = false;
-        st.dirty_files.clear();
+        // Files written after their snapshot above stay dirty for the next.
+        let written_since: Vec<Ino> = std::mem::take(&mut st.dirty_files)
+            .into_iter()
+            .filter(|ino| match st.nodes.get(ino).map(|n| &n.body) {
+                Some(Body::File { data: Some(d), .. }) => d.lock().changed,
+                _ => false,
+            })
+            .collect();
         if tree != ours {
             st.adopt(store, tree)?;
         } else {
             st.inodes = table;
+        }
+        for ino in written_since {
+            st.dirty_files.insert(ino);
+            st.entry_changed(ino);
         }
         Ok(())
     }

@@ -54,6 +54,7 @@ enum FileOp {
     Materialize,
     Spill,
     SpillBehind,
+    Snapshot,
 }
 
 fn file_op() -> impl Strategy<Value = FileOp> {
@@ -63,6 +64,7 @@ fn file_op() -> impl Strategy<Value = FileOp> {
         1 => Just(FileOp::Materialize),
         1 => Just(FileOp::Spill),
         1 => Just(FileOp::SpillBehind),
+        1 => Just(FileOp::Snapshot),
     ]
 }
 
@@ -107,6 +109,16 @@ proptest! {
                 FileOp::Spill => f.spill(&store, small()).unwrap(),
                 // The job runs while the next operations do.
                 FileOp::SpillBehind => f.spill_behind(&store, small()).unwrap(),
+                FileOp::Snapshot => {
+                    let file = Mutex::new(f);
+                    FileData::store_snapshot(&file, &store, small()).unwrap();
+                    f = file.into_inner();
+                    let (manifest, size) = f.committable().expect("stored");
+                    prop_assert_eq!(size, model.len() as u64);
+                    let (fresh, _) = tree::store_data(&store, &model[..], small()).unwrap();
+                    prop_assert_eq!(manifest, fresh, "snapshot differs from a fresh chunking");
+                    prop_assert!(!f.changed);
+                }
             }
             prop_assert_eq!(f.size, model.len() as u64);
             prop_assert_eq!(&read_all(&f, &store), &model);
@@ -731,4 +743,79 @@ fn a_truncation_that_cannot_wait_for_bytes_being_kept_spoils_them() {
         vfs.setattr(ino, shrink).unwrap();
     });
     assert_eq!(kept, Kept::Spoiled, "bytes older than the truncation stayed kept");
+}
+
+/// A commit stores a file's bytes holding only its lock to take them and to
+/// take the result in: a writer of that file is not held up by the store,
+/// and what it writes meanwhile goes in the next commit.
+#[test]
+fn writes_go_on_while_a_commit_stores_the_file_and_land_in_the_next_commit() {
+    use std::sync::mpsc::channel;
+    let dict = Arc::new(MemoryDict::new());
+    let hooked = Arc::new(Hooked::new(dict.clone()));
+    let volume = Volume::new(BlobStore::new(hooked.clone(), "t:", 1 << 22), "vol");
+    volume.create().unwrap();
+    // (A write past the spill limit would wait for the store: one job at a time.)
+    let opts = Options {
+        spill_bytes: 1 << 20,
+        ..opts()
+    };
+    let vfs = Arc::new(Vfs::new(volume, opts).unwrap());
+    let bytes = |n: u32, seed: u32| -> Vec<u8> {
+        (0..n)
+            .map(|i| (i.wrapping_add(seed).wrapping_mul(2654435761) >> 11) as u8)
+            .collect()
+    };
+    let (_, fh) = vfs.create(ME, ROOT, b"f", 0o644, libc::O_WRONLY).unwrap();
+    let mut model = bytes(30_000, 1);
+    vfs.write(fh, 0, &model).unwrap();
+    // The commit's store stops before storing anything until released.
+    let (release, held) = channel::<()>();
+    let (entered, started) = channel::<()>();
+    *hooked.before_lease.lock() = Some(Box::new(move || {
+        entered.send(()).unwrap();
+        held.recv().unwrap();
+    }));
+    let committer = {
+        let vfs = vfs.clone();
+        std::thread::spawn(move || vfs.commit())
+    };
+    started.recv().unwrap();
+    // While it is held: a write over the bytes being stored and one past
+    // them both return, and reads see them.
+    let (wrote, written) = channel();
+    {
+        let vfs = vfs.clone();
+        let (over, after) = (bytes(500, 2), bytes(10_000, 3));
+        std::thread::spawn(move || {
+            vfs.write(fh, 1_000, &over).unwrap();
+            vfs.write(fh, 30_000, &after).unwrap();
+            wrote.send((over, after)).unwrap();
+        });
+    }
+    let (over, after) = written
+        .recv_timeout(std::time::Duration::from_secs(10))
+        .expect("a write waited for the commit's store");
+    let committed = model.clone();
+    model[1_000..1_500].copy_from_slice(&over);
+    model.extend_from_slice(&after);
+    assert!(vfs.read(vfs.lookup(ROOT, b"f").unwrap().ino, 0, 1 << 20).unwrap() == model);
+    release.send(()).unwrap();
+    committer.join().unwrap().unwrap();
+    // The commit holds what was written before it; the next holds the rest.
+    let other = vfs_on(&dict, false);
+    let f = other.lookup(ROOT, b"f").unwrap().ino;
+    assert!(
+        other.read(f, 0, 1 << 20).unwrap() == committed,
+        "the commit's version"
+    );
+    assert!(vfs.is_dirty(), "bytes written during the commit were forgotten");
+    vfs.commit().unwrap();
+    other.sync().unwrap();
+    let f = other.lookup(ROOT, b"f").unwrap().ino;
+    assert!(
+        other.read(f, 0, 1 << 20).unwrap() == model,
+        "the next commit's version"
+    );
+    vfs.release(fh);
 }
