@@ -409,6 +409,8 @@ pub(crate) struct Hooked {
     pub after_get: parking_lot::Mutex<Option<(String, Hook)>>,
     /// Runs before the next lease (a writer about to store new blobs).
     pub before_lease: parking_lot::Mutex<Option<Hook>>,
+    /// Leases taken (round trips to the lease key).
+    pub leases: std::sync::atomic::AtomicUsize,
 }
 
 impl Hooked {
@@ -419,6 +421,7 @@ impl Hooked {
             before_incr: Default::default(),
             after_get: Default::default(),
             before_lease: Default::default(),
+            leases: Default::default(),
         }
     }
 }
@@ -495,6 +498,7 @@ impl Dict for Hooked {
         record: &[u8],
         ttl: std::time::Duration,
     ) -> crate::dict::DictResult<u64> {
+        self.leases.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let hook = self.before_lease.lock().take();
         if let Some(hook) = hook {
             hook();

@@ -8,6 +8,7 @@
 //! Any window that opens later reads the lease first and spares the blob; a
 //! window that was open is waited out and the lease taken again.
 
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -24,6 +25,8 @@ const STALE_AFTER: Duration = Duration::from_secs(5);
 /// How often a waiting writer looks at the epoch: the collector pauses at
 /// least 10 ms between windows.
 const POLL: Duration = Duration::from_millis(2);
+/// Records remembered as leased in the current generation (37 bytes each).
+const REMEMBERED: usize = 100_000;
 
 /// What a lease record asks the collector to keep.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -99,6 +102,11 @@ pub struct Leases {
     /// What the key holds: (generation, record) in the order appended.
     records: parking_lot::Mutex<Vec<(u64, [u8; RECORD])>>,
     generation: AtomicU64,
+    /// Records leased in the current generation outside a deletion window
+    /// (up to [`REMEMBERED`]): leasing one again would change nothing, as
+    /// both are released by the same commit. Cleared by [`Leases::seal`].
+    /// (A commit of many new empty files stores one manifest for all.)
+    leased_now: parking_lot::Mutex<HashSet<[u8; RECORD]>>,
     /// When this client last added its key to the registry.
     registered: parking_lot::Mutex<Option<Instant>>,
 }
@@ -120,6 +128,7 @@ impl Leases {
             held: Default::default(),
             records: Default::default(),
             generation: AtomicU64::new(0),
+            leased_now: Default::default(),
             registered: Default::default(),
         }
     }
@@ -142,12 +151,25 @@ impl Leases {
         loop {
             let held = self.held.read();
             let generation = self.generation.load(Ordering::SeqCst);
-            let epoch = dict.read_and_append(&self.keys.epoch, &self.key, records, LEASE_TTL)?;
-            self.records.lock().extend(
+            let fresh: Vec<[u8; RECORD]> = {
+                let now = self.leased_now.lock();
                 records
                     .chunks_exact(RECORD)
-                    .map(|r| (generation, r.try_into().expect("record size"))),
-            );
+                    .map(|r| r.try_into().expect("record size"))
+                    .filter(|r| !now.contains(r))
+                    .collect()
+            };
+            if fresh.is_empty() {
+                return Ok(false);
+            }
+            let epoch = dict.read_and_append(&self.keys.epoch, &self.key, fresh.as_flattened(), LEASE_TTL)?;
+            self.records.lock().extend(fresh.iter().map(|r| (generation, *r)));
+            if epoch % 2 == 0 {
+                let mut now = self.leased_now.lock();
+                if now.len() + fresh.len() <= REMEMBERED {
+                    now.extend(fresh);
+                }
+            }
             drop(held);
             if epoch % 2 == 0 {
                 let before = self.seen.swap(epoch, Ordering::SeqCst);
@@ -180,6 +202,7 @@ impl Leases {
     /// pass to [`Leases::release`] once the commit's root swap succeeded.
     pub fn seal(&self) -> u64 {
         let _exclusive = self.held.write();
+        self.leased_now.lock().clear();
         self.generation.fetch_add(1, Ordering::SeqCst)
     }
 

@@ -819,3 +819,31 @@ fn writes_go_on_while_a_commit_stores_the_file_and_land_in_the_next_commit() {
     );
     vfs.release(fh);
 }
+
+/// New empty files share one manifest: a commit of many leases and stores it
+/// once, not once per file (each was a round trip under the state's lock,
+/// holding up every other operation of the mount).
+#[test]
+fn a_commit_of_many_new_empty_files_leases_their_manifest_once() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let dict = Arc::new(MemoryDict::new());
+    let hooked = Arc::new(Hooked::new(dict.clone()));
+    let volume = Volume::new(BlobStore::new(hooked.clone(), "t:", 1 << 22), "vol");
+    volume.create().unwrap();
+    let vfs = Vfs::new(volume, opts()).unwrap();
+    vfs.commit().unwrap();
+    let before = hooked.leases.load(Relaxed);
+    for i in 0..100 {
+        let (_, fh) = vfs
+            .create(ME, ROOT, format!("f{i}").as_bytes(), 0o644, libc::O_WRONLY)
+            .unwrap();
+        vfs.release(fh);
+    }
+    vfs.commit().unwrap();
+    let leases = hooked.leases.load(Relaxed) - before;
+    assert!(leases <= 5, "{leases} leases for one commit of 100 empty files");
+    let other = vfs_on(&dict, false);
+    assert_eq!(listing(&other, ROOT).len(), 102);
+    let f = other.lookup(ROOT, b"f99").unwrap();
+    assert_eq!(other.read(f.ino, 0, 10).unwrap().len(), 0);
+}
