@@ -354,6 +354,20 @@ fn posix_suite(root: &Path) {
         .status()
         .unwrap();
     assert!(other.success(), "the lock was released on close");
+
+    // A terminal's ioctl on a regular file (what isatty(3) asks): ENOTTY.
+    let f = File::open(p("lockfile")).unwrap();
+    let mut term = std::mem::MaybeUninit::<libc::termios>::uninit();
+    // SAFETY: TCGETS writes a termios, which `term` has room for.
+    let r = unsafe {
+        libc::ioctl(
+            std::os::fd::AsRawFd::as_raw_fd(&f),
+            libc::TCGETS,
+            term.as_mut_ptr(),
+        )
+    };
+    assert_eq!(r, -1);
+    assert_eq!(std::io::Error::last_os_error().raw_os_error(), Some(libc::ENOTTY));
 }
 
 /// A random sequence of writes, reads, truncates and mmap accesses applied to
