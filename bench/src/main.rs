@@ -96,6 +96,10 @@ enum Which {
         /// Files created, stat-ed and deleted.
         #[arg(long, default_value_t = 10_000)]
         files: usize,
+        /// Rounds over all targets, each starting with another; every figure
+        /// is the median of its rounds.
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
     },
 }
 
@@ -259,8 +263,12 @@ fn main() -> Result<()> {
             let path = save("cluster", &report)?;
             println!("saved {}", path.display());
         }
-        Which::Mount { file_mib, files } => {
-            let report = mount::run(file_mib, files)?;
+        Which::Mount {
+            file_mib,
+            files,
+            rounds,
+        } => {
+            let report = mount::run(file_mib, files, rounds.max(1))?;
             let path = save("mount", &report)?;
             println!("saved {}", path.display());
         }

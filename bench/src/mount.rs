@@ -19,6 +19,8 @@ use serde::Serialize;
 pub struct Report {
     file_mib: u64,
     files: usize,
+    /// Each row is the median of this many rounds.
+    rounds: usize,
     rows: Vec<Row>,
     /// dictfs row / bindfs row, per target and measure.
     ratios: Vec<Ratio>,
@@ -235,7 +237,21 @@ fn meta_rate(r: &Row) -> f64 {
     3.0 / (1.0 / r.creates_s + 1.0 / r.stats_s + 1.0 / r.deletes_s)
 }
 
-pub fn run(file_mib: u64, files: usize) -> Result<Report> {
+/// Each figure's median over the rounds.
+fn median_row(samples: &[Row]) -> Row {
+    let m = |f: fn(&Row) -> f64| crate::median(samples.iter().map(f).collect());
+    Row {
+        target: samples[0].target.clone(),
+        seq_write_mb_s: m(|r| r.seq_write_mb_s),
+        seq_read_mb_s: m(|r| r.seq_read_mb_s),
+        rand_read_4k_iops: m(|r| r.rand_read_4k_iops),
+        creates_s: m(|r| r.creates_s),
+        stats_s: m(|r| r.stats_s),
+        deletes_s: m(|r| r.deletes_s),
+    }
+}
+
+pub fn run(file_mib: u64, files: usize, rounds: usize) -> Result<Report> {
     require_redis();
     for tool in ["fio", "bindfs"] {
         if Command::new(tool).arg("--version").output().is_err() {
@@ -249,25 +265,31 @@ pub fn run(file_mib: u64, files: usize) -> Result<Report> {
     )?;
     let kvd = Server::kvd(&[])?;
     let redis = Server::redis(&["--appendonly", "yes", "--appendfsync", "everysec"])?;
-    let mut rows = Vec::new();
-    rows.push(measure(
-        &mut Plain {
+    let mut targets: Vec<Box<dyn Target>> = vec![
+        Box::new(Plain {
             name: "local disk",
             dir: local.path().to_path_buf(),
-        },
-        file_mib,
-        files,
-    )?);
-    rows.push(measure(&mut Bindfs::start()?, file_mib, files)?);
+        }),
+        Box::new(Bindfs::start()?),
+    ];
     for (name, server) in [("dictfs/kvd", &kvd), ("dictfs/redis", &redis)] {
         let url = format!("redis://127.0.0.1:{}", server.port);
-        let mut t = Dictfs {
+        targets.push(Box::new(Dictfs {
             name,
             url: url.clone(),
             mount: Some(Mount::start(&url, "bench", &[])?),
-        };
-        rows.push(measure(&mut t, file_mib, files)?);
+        }));
     }
+    // The machine's speed drifts (a VM): rounds, each starting with another
+    // target, and the median of each figure.
+    let mut samples: Vec<Vec<Row>> = vec![Vec::new(); targets.len()];
+    for round in 0..rounds {
+        for k in 0..targets.len() {
+            let i = (k + round) % targets.len();
+            samples[i].push(measure(targets[i].as_mut(), file_mib, files)?);
+        }
+    }
+    let rows: Vec<Row> = samples.iter().map(|s| median_row(s)).collect();
     let bind = rows[1].clone();
     let ratios = rows[2..]
         .iter()
@@ -292,6 +314,7 @@ pub fn run(file_mib: u64, files: usize) -> Result<Report> {
     Ok(Report {
         file_mib,
         files,
+        rounds,
         rows,
         ratios,
     })
