@@ -32,6 +32,16 @@ fn vfs_on(dict: &Arc<MemoryDict>, create: bool) -> Vfs {
     Vfs::new(v, opts()).unwrap()
 }
 
+/// A view of a new volume whose store runs through a [`Hooked`] dict (for
+/// tests of races), with the plain dict under it for other views.
+fn hooked_vfs(opts: Options) -> (Arc<MemoryDict>, Arc<Hooked>, Vfs) {
+    let dict = Arc::new(MemoryDict::new());
+    let hooked = Arc::new(Hooked::new(dict.clone()));
+    let volume = Volume::new(BlobStore::new(hooked.clone(), "t:", 1 << 22), "vol");
+    volume.create().unwrap();
+    (dict, hooked, Vfs::new(volume, opts).unwrap())
+}
+
 const ME: Caller = Caller { uid: 1000, gid: 1000 };
 
 /// A directory's listing (with `.` and `..`), by name.
@@ -407,11 +417,8 @@ fn a_file_larger_than_the_spill_limit_is_stored_while_written() {
 /// ENOENT on a mount under load).
 #[test]
 fn a_refresh_racing_a_commit_never_goes_back_to_an_older_head() {
-    let inner = Arc::new(MemoryDict::new());
-    let hooked = Arc::new(Hooked::new(inner.clone()));
-    let v = Volume::new(BlobStore::new(hooked.clone(), "t:", 1 << 22), "vol");
-    v.create().unwrap();
-    let vfs = Arc::new(Vfs::new(v, opts()).unwrap());
+    let (_, hooked, vfs) = hooked_vfs(opts());
+    let vfs = Arc::new(vfs);
     let (_, fh) = vfs.create(ME, ROOT, b"a", 0o644, libc::O_WRONLY).unwrap();
     vfs.write(fh, 0, b"first").unwrap();
     vfs.flush(fh).unwrap();
@@ -751,16 +758,12 @@ fn a_truncation_that_cannot_wait_for_bytes_being_kept_spoils_them() {
 #[test]
 fn writes_go_on_while_a_commit_stores_the_file_and_land_in_the_next_commit() {
     use std::sync::mpsc::channel;
-    let dict = Arc::new(MemoryDict::new());
-    let hooked = Arc::new(Hooked::new(dict.clone()));
-    let volume = Volume::new(BlobStore::new(hooked.clone(), "t:", 1 << 22), "vol");
-    volume.create().unwrap();
     // (A write past the spill limit would wait for the store: one job at a time.)
-    let opts = Options {
+    let (dict, hooked, vfs) = hooked_vfs(Options {
         spill_bytes: 1 << 20,
         ..opts()
-    };
-    let vfs = Arc::new(Vfs::new(volume, opts).unwrap());
+    });
+    let vfs = Arc::new(vfs);
     let bytes = |n: u32, seed: u32| -> Vec<u8> {
         (0..n)
             .map(|i| (i.wrapping_add(seed).wrapping_mul(2654435761) >> 11) as u8)
@@ -826,11 +829,7 @@ fn writes_go_on_while_a_commit_stores_the_file_and_land_in_the_next_commit() {
 #[test]
 fn a_commit_of_many_new_empty_files_leases_their_manifest_once() {
     use std::sync::atomic::Ordering::Relaxed;
-    let dict = Arc::new(MemoryDict::new());
-    let hooked = Arc::new(Hooked::new(dict.clone()));
-    let volume = Volume::new(BlobStore::new(hooked.clone(), "t:", 1 << 22), "vol");
-    volume.create().unwrap();
-    let vfs = Vfs::new(volume, opts()).unwrap();
+    let (dict, hooked, vfs) = hooked_vfs(opts());
     vfs.commit().unwrap();
     let before = hooked.leases.load(Relaxed);
     for i in 0..100 {
