@@ -504,8 +504,14 @@ impl DiskStore {
             return Ok(0);
         }
         // Nothing live (a sealed segment never gains live records) and no
-        // deletes to carry over: drop it without reading it.
+        // deletes to carry over: drop it without reading it, once what
+        // superseded its records is durable (else a crash could lose a key's
+        // old value and its new one, not just the last second's writes).
         if seg.live.load(Ordering::Acquire) == 0 && seg.tombstones.load(Ordering::Acquire) == 0 {
+            if let Err(e) = self.flush_and_sync() {
+                seg.compacting.store(false, Ordering::Release);
+                return Err(io_err("syncing before dropping a dead segment", e));
+            }
             return Ok(self.drop_segment(seg));
         }
         let bytes = seg.bytes();
@@ -544,9 +550,13 @@ impl DiskStore {
             }
             offset += len;
         }
-        // The copies must be durable before the originals go.
-        self.flush_and_sync()
-            .map_err(|e| io_err("syncing compacted data", e))?;
+        // The copies must be durable before the originals go. (On failure
+        // the segment stays, to be compacted again later: records already
+        // copied point elsewhere in the index by then and are skipped.)
+        if let Err(e) = self.flush_and_sync() {
+            seg.compacting.store(false, Ordering::Release);
+            return Err(io_err("syncing compacted data", e));
+        }
         Ok(self.drop_segment(seg))
     }
 
