@@ -560,7 +560,6 @@ impl Filesystem for Adapter {
         });
     }
 
-    /// posix_fallocate: only plain allocation (mode 0), which extends the size.
     /// No ioctls: ENOTTY, as for a regular file on a local file system
     /// (Python asks every file it opens whether it is a terminal; fuser's
     /// default logged a warning for each).
@@ -596,6 +595,7 @@ impl Filesystem for Adapter {
         reply.error(Errno::ENOSYS);
     }
 
+    /// posix_fallocate: only plain allocation (mode 0), which extends the size.
     fn fallocate(
         &self,
         _req: &Request,

@@ -168,6 +168,31 @@ impl SpillJob {
     }
 }
 
+/// What a job cuts from, taken by [`FileData::freeze`].
+struct Frozen {
+    map: Arc<ChunkMap>,
+    valid: u64,
+    extents: Arc<Extents>,
+    job: Arc<SpillJob>,
+}
+
+impl Frozen {
+    fn source(&self) -> Source<'_> {
+        Source {
+            map: &self.map,
+            valid: self.valid,
+            extents: &self.extents,
+        }
+    }
+
+    /// Tells the file the outcome. The bytes are let go of first: the file
+    /// takes them back, and would have to copy them while shared.
+    fn finish(self, outcome: FsResult<Cut>) {
+        drop(self.extents);
+        self.job.finish(outcome);
+    }
+}
+
 /// What a store decided before it cuts, under the file's lock.
 struct Plan {
     /// Chunks of the old base kept as they are.
@@ -443,26 +468,12 @@ impl FileData {
         let Some(plan) = self.plan(chunking, true) else {
             return self.store_content(store, chunking, false).map(|_| ());
         };
-        let frozen = Arc::new(std::mem::take(&mut self.extents));
-        self.dirty_bytes = 0;
-        let job = Arc::new(SpillJob::default());
-        let (map, valid) = (self.map.clone(), self.valid);
-        let (job_store, src_extents, done) = (store.clone(), frozen.clone(), job.clone());
+        let frozen = self.freeze();
+        let job_store = store.clone();
         let run = move || {
-            let result = {
-                let src = Source {
-                    map: &map,
-                    valid,
-                    extents: &src_extents,
-                };
-                cut(&job_store, chunking, &src, &plan)
-            };
-            // The bytes are let go of before the outcome is told: the file
-            // takes them back, and would have to copy them while shared.
-            drop(src_extents);
-            done.finish(result);
+            let result = cut(&job_store, chunking, &frozen.source(), &plan);
+            frozen.finish(result);
         };
-        self.behind = Some(Spill { frozen, job });
         if let Err(e) = std::thread::Builder::new().name("spill".into()).spawn(run) {
             // No thread to be had: the job's extents go back, and the bytes
             // are stored here instead.
@@ -505,36 +516,41 @@ impl FileData {
         let Some(plan) = f.plan(chunking, false) else {
             return f.materialize(store, chunking);
         };
-        let frozen = Arc::new(std::mem::take(&mut f.extents));
-        f.dirty_bytes = 0;
-        let job = Arc::new(SpillJob::default());
-        let (map, valid) = (f.map.clone(), f.valid);
-        f.behind = Some(Spill {
-            frozen: frozen.clone(),
-            job: job.clone(),
-        });
+        let frozen = f.freeze();
         drop(f);
-        let src = Source {
-            map: &map,
-            valid,
-            extents: &frozen,
-        };
-        let result = cut(store, chunking, &src, &plan).and_then(|mut c| {
+        let result = cut(store, chunking, &frozen.source(), &plan).and_then(|mut c| {
             let encoded = object::encode_manifest(&c.map.manifest());
             c.manifest = Some(store.put_many_behind(vec![encoded])?[0]);
             Ok(c)
         });
-        // Let go of the bytes before telling (see `spill_behind`).
-        drop(frozen);
         let (told, outcome) = match result {
             Ok(c) => (Ok(c), Ok(())),
             // The file hands the bytes back and logs this copy; the caller
             // gets the error itself.
             Err(e) => (Err(std::io::Error::other(e.to_string()).into()), Err(e)),
         };
-        job.finish(told);
+        frozen.finish(told);
         file.lock().adopt_finished_spill();
         outcome
+    }
+
+    /// Hands the written extents to a job (a background spill or a snapshot
+    /// store): reads see them beneath newer writes until the outcome is taken
+    /// in (see [`FileData::adopt_finished_spill`]).
+    fn freeze(&mut self) -> Frozen {
+        let extents = Arc::new(std::mem::take(&mut self.extents));
+        self.dirty_bytes = 0;
+        let job = Arc::new(SpillJob::default());
+        self.behind = Some(Spill {
+            frozen: extents.clone(),
+            job: job.clone(),
+        });
+        Frozen {
+            map: self.map.clone(),
+            valid: self.valid,
+            extents,
+            job,
+        }
     }
 
     /// Waits for a background spill and takes in its outcome.
