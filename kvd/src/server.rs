@@ -456,9 +456,12 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
 
 /// Runs one connection until it closes, is killed, or the server shuts down.
 async fn serve(shared: &Arc<Shared>, session: &mut Session, socket: TcpStream) -> std::io::Result<()> {
-    let (mut rd, mut wr) = socket.into_split();
-    let mut rbuf = BytesMut::with_capacity(16 * 1024);
-    let mut wbuf = BytesMut::with_capacity(16 * 1024);
+    let (rd, mut wr) = socket.into_split();
+    // The buffers get memory when there is something to put in them: a
+    // connection that never sends costs none (a storm of connections opened
+    // and dropped left the allocator holding their buffers).
+    let mut rbuf = BytesMut::new();
+    let mut wbuf = BytesMut::new();
     let mut decoder = RequestDecoder::new(shared.config.read().limits(), session.authenticated);
     let mut args = Vec::new();
     let mut forwarded: Vec<crate::cluster::dispatch::Pending> = Vec::new();
@@ -542,7 +545,6 @@ async fn serve(shared: &Arc<Shared>, session: &mut Session, socket: TcpStream) -
             return Ok(());
         }
         let oversized = rbuf.capacity() > KEEP_BUFFER || wbuf.capacity() > KEEP_BUFFER;
-        rbuf.reserve(16 * 1024);
         let timeout = {
             let config = shared.config.read();
             decoder.limits = config.limits();
@@ -570,16 +572,21 @@ async fn serve(shared: &Arc<Shared>, session: &mut Session, socket: TcpStream) -
         tokio::select! {
             _ = shrink => {
                 if rbuf.is_empty() {
-                    rbuf = BytesMut::with_capacity(16 * 1024);
+                    rbuf = BytesMut::new();
                 }
-                wbuf = BytesMut::with_capacity(16 * 1024);
+                wbuf = BytesMut::new();
             }
-            n = rd.read_buf(&mut rbuf) => {
-                let n = n?;
-                if n == 0 {
-                    return Ok(());
+            ready = rd.readable() => {
+                ready?;
+                rbuf.reserve(16 * 1024);
+                match rd.try_read_buf(&mut rbuf) {
+                    Ok(0) => return Ok(()),
+                    Ok(n) => {
+                        shared.stats.net_input_bytes.fetch_add(n as u64, Ordering::Relaxed);
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(e) => return Err(e),
                 }
-                shared.stats.net_input_bytes.fetch_add(n as u64, Ordering::Relaxed);
             }
             Some(msg) = message => {
                 push_message(msg).encode(session.proto, &mut wbuf);
