@@ -58,6 +58,10 @@ pub struct Segment {
     /// Delete and clear records in the segment: while there are none and nothing
     /// is live, compaction can drop the segment without reading it.
     pub tombstones: AtomicU64,
+    /// Set once the work that follows sealing (fsync, hint file) is done.
+    /// Until then compaction leaves the segment alone, so a hint file is never
+    /// written for a segment already deleted.
+    pub settled: AtomicBool,
 }
 
 /// A shared segment (its `Arc` comes from [`crate::sync`], so the model checker
@@ -76,6 +80,11 @@ pub fn hint_name(id: u64) -> String {
 /// The id in a segment file name, if it is one.
 pub fn parse_file_name(name: &str) -> Option<u64> {
     name.strip_prefix("segment-")?.strip_suffix(".log")?.parse().ok()
+}
+
+/// The id in a hint file name, if it is one.
+pub fn parse_hint_name(name: &str) -> Option<u64> {
+    name.strip_prefix("segment-")?.strip_suffix(".hint")?.parse().ok()
 }
 
 fn map(file: &File, len: u64) -> std::io::Result<Option<Mmap>> {
@@ -137,6 +146,9 @@ impl Segment {
             total: AtomicU64::new(0),
             compacting: AtomicBool::new(false),
             tombstones: AtomicU64::new(0),
+            // A segment opened at start-up gets its hint file (if missing)
+            // before the store is handed out.
+            settled: AtomicBool::new(sealed),
         }
     }
 
