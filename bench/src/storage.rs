@@ -27,6 +27,9 @@ struct Row {
     kvd_rps: f64,
     redis_rps: f64,
     ratio: f64,
+    /// kvd ÷ redis within each round (the two ran back to back): the spread
+    /// says how much of the median is this machine's noise.
+    round_ratios: Vec<f64>,
 }
 
 #[derive(Serialize)]
@@ -87,6 +90,7 @@ fn throughput_rows(rounds: usize) -> Result<Vec<Row>> {
         for (i, (test, _)) in k[0].iter().enumerate() {
             let kvd_rps = median(k.iter().map(|x| x[i].1).collect());
             let redis_rps = median(r.iter().map(|x| x[i].1).collect());
+            let round_ratios = k.iter().zip(&r).map(|(a, b)| a[i].1 / b[i].1).collect();
             rows.push(Row {
                 test: test.clone(),
                 value_bytes: size,
@@ -94,6 +98,7 @@ fn throughput_rows(rounds: usize) -> Result<Vec<Row>> {
                 kvd_rps,
                 redis_rps,
                 ratio: kvd_rps / redis_rps,
+                round_ratios,
             });
         }
     }
@@ -217,12 +222,14 @@ pub fn run(load_gib: u64, startup_keys: u64, rounds: usize) -> Result<Report> {
     let rows = throughput_rows(rounds)?;
     println!("vs redis-server (appendonly yes, appendfsync everysec), median of {rounds} alternating rounds");
     println!(
-        "{:<6} {:>9} {:>8} {:>12} {:>12} {:>9}",
+        "{:<6} {:>9} {:>8} {:>12} {:>12} {:>9}  per round",
         "test", "value", "pipeline", "kvd req/s", "redis req/s", "kvd/redis"
     );
     for r in &rows {
+        let lo = r.round_ratios.iter().copied().fold(f64::INFINITY, f64::min);
+        let hi = r.round_ratios.iter().copied().fold(0.0, f64::max);
         println!(
-            "{:<6} {:>9} {:>8} {:>12.0} {:>12.0} {:>9.2}",
+            "{:<6} {:>9} {:>8} {:>12.0} {:>12.0} {:>9.2}  {lo:.2}-{hi:.2}",
             r.test, r.value_bytes, r.pipeline, r.kvd_rps, r.redis_rps, r.ratio
         );
     }
