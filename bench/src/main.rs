@@ -44,7 +44,8 @@ enum Which {
         /// Keys for the start-up measurement.
         #[arg(long, default_value_t = 1_000_000)]
         startup_keys: u64,
-        #[arg(long, default_value_t = 3)]
+        /// Alternating rounds per row; each row is their median.
+        #[arg(long, default_value_t = 5)]
         rounds: usize,
     },
     /// fsclient through kvd and through redis-server: put/get of a large file and
