@@ -299,6 +299,10 @@ impl DiskStore {
         std::thread::Builder::new()
             .name("kvd-storage".into())
             .spawn(move || background(weak))?;
+        let weak = Arc::downgrade(&store);
+        std::thread::Builder::new()
+            .name("kvd-compaction".into())
+            .spawn(move || compaction(weak))?;
         Ok(store)
     }
 
@@ -467,8 +471,6 @@ impl DiskStore {
         })
     }
 
-    /// Compacts every sealed segment whose dead fraction passes `threshold`.
-    /// Returns the bytes reclaimed.
     /// Sealed segments, other than the active one, whose post-seal work is done
     /// and that `pick` accepts.
     fn settled_segments(&self, pick: impl Fn(&Segment) -> bool) -> Vec<SegmentRef> {
@@ -876,10 +878,12 @@ impl Store for DiskStore {
     }
 }
 
-/// The storage thread: fsync once a second with `everysec`, and compact segments
-/// whose dead fraction passes the threshold. Ends when the store is dropped.
+/// The storage thread: every 100 ms, the `everysec` fsync (once a second) and
+/// dropping dead segments. Compaction proper runs on a thread of its own
+/// ([`compaction`]): copying a segment's live records can take seconds, and the
+/// fsync must not wait behind it, or a crash could lose more than the last
+/// second of writes. Ends when the store is dropped.
 fn background(store: Weak<DiskStore>) {
-    let mut last_compaction_check = Instant::now();
     let mut last_sync = Instant::now();
     loop {
         std::thread::sleep(Duration::from_millis(100));
@@ -896,16 +900,33 @@ fn background(store: Weak<DiskStore>) {
                 *s.write_error.lock() = Some(e.to_string());
             }
         }
-        let outcome = if last_compaction_check.elapsed() >= Duration::from_secs(5) {
-            last_compaction_check = Instant::now();
-            let threshold = s.compact_percent.load(Ordering::Relaxed) as f64 / 100.0;
-            s.compact_now(threshold)
-        } else {
-            s.drop_dead_now()
+        if let Err(e) = s.drop_dead_now() {
+            tracing::error!("dropping dead segments failed: {e}");
+        }
+    }
+}
+
+/// The compaction thread: every 5 s, compacts the sealed segments whose dead
+/// fraction passes `compact-dead-percent`. Ends when the store is dropped.
+fn compaction(store: Weak<DiskStore>) {
+    let mut last_run = Instant::now();
+    loop {
+        // Short sleeps, so the thread notices a dropped store soon.
+        std::thread::sleep(Duration::from_millis(100));
+        let Some(s) = store.upgrade() else {
+            return;
         };
-        if let Err(e) = outcome {
+        if s.stop.load(Ordering::Relaxed) {
+            return;
+        }
+        if last_run.elapsed() < Duration::from_secs(5) {
+            continue;
+        }
+        let threshold = s.compact_percent.load(Ordering::Relaxed) as f64 / 100.0;
+        if let Err(e) = s.compact_now(threshold) {
             tracing::error!("compaction failed: {e}");
         }
+        last_run = Instant::now();
     }
 }
 

@@ -257,6 +257,12 @@ impl Segment {
         Ok(tail.base)
     }
 
+    /// Bytes known to be on disk (for tests of the fsync schedule).
+    #[cfg(test)]
+    pub fn synced_len(&self) -> u64 {
+        self.synced.load(Ordering::Acquire)
+    }
+
     pub fn is_sealed(&self) -> bool {
         self.tail.lock().sealed
     }

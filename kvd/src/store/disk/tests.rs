@@ -363,3 +363,34 @@ fn start_up_removes_hint_files_whose_segment_is_gone() {
     assert!(!stray.exists());
     assert_eq!(get(&s, "a").as_deref(), Some("1"));
 }
+
+#[test]
+fn a_long_compaction_does_not_hold_up_the_everysec_fsync() {
+    use std::time::{Duration, Instant};
+    let dir = tempfile::tempdir().unwrap();
+    let options = Options {
+        fsync: Fsync::EverySec,
+        ..opts(1 << 20)
+    };
+    let s = DiskStore::open(dir.path(), options).unwrap();
+    let start = Instant::now();
+    // A compaction that runs from before the 5 s mark to 6.5 s (the lock is
+    // what every compaction holds).
+    let compacting = s.maintenance.lock();
+    let mut mark = None;
+    while start.elapsed() < Duration::from_millis(6500) {
+        put(&s, "k", &format!("{:?}", start.elapsed()));
+        s.active.read().flush().unwrap();
+        if mark.is_none() && start.elapsed() > Duration::from_millis(5200) {
+            mark = Some(s.active.read().len());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let synced = s.active.read().synced_len();
+    drop(compacting);
+    let mark = mark.unwrap();
+    assert!(
+        synced >= mark,
+        "nothing written after 5.2 s was fsynced by 6.5 s ({synced} < {mark})"
+    );
+}
