@@ -295,14 +295,7 @@ impl DiskStore {
                 hints::write(&store.dir, seg);
             }
         }
-        let weak = Arc::downgrade(&store);
-        std::thread::Builder::new()
-            .name("kvd-storage".into())
-            .spawn(move || background(weak))?;
-        let weak = Arc::downgrade(&store);
-        std::thread::Builder::new()
-            .name("kvd-compaction".into())
-            .spawn(move || compaction(weak))?;
+        start_threads(&store)?;
         Ok(store)
     }
 
@@ -878,21 +871,14 @@ impl Store for DiskStore {
     }
 }
 
-/// The storage thread: every 100 ms, the `everysec` fsync (once a second) and
-/// dropping dead segments. Compaction proper runs on a thread of its own
-/// ([`compaction`]): copying a segment's live records can take seconds, and the
-/// fsync must not wait behind it, or a crash could lose more than the last
-/// second of writes. Ends when the store is dropped.
-fn background(store: Weak<DiskStore>) {
+/// Starts the store's two threads. `kvd-storage`: the `everysec` fsync (once a
+/// second) and dropping dead segments. `kvd-compaction`: compaction proper,
+/// every 5 s, on a thread of its own because copying a segment's live records
+/// can take seconds, and the fsync must not wait behind it (a crash could then
+/// lose more than the last second of writes).
+fn start_threads(store: &Arc<DiskStore>) -> std::io::Result<()> {
     let mut last_sync = Instant::now();
-    loop {
-        std::thread::sleep(Duration::from_millis(100));
-        let Some(s) = store.upgrade() else {
-            return;
-        };
-        if s.stop.load(Ordering::Relaxed) {
-            return;
-        }
+    every_tick("kvd-storage", store, move |s| {
         if s.fsync_policy() == Fsync::EverySec && last_sync.elapsed() >= Duration::from_secs(1) {
             last_sync = Instant::now();
             if let Err(e) = s.flush_and_sync() {
@@ -903,31 +889,39 @@ fn background(store: Weak<DiskStore>) {
         if let Err(e) = s.drop_dead_now() {
             tracing::error!("dropping dead segments failed: {e}");
         }
-    }
+    })?;
+    let mut last_run = Instant::now();
+    every_tick("kvd-compaction", store, move |s| {
+        if last_run.elapsed() >= Duration::from_secs(5) {
+            let threshold = s.compact_percent.load(Ordering::Relaxed) as f64 / 100.0;
+            if let Err(e) = s.compact_now(threshold) {
+                tracing::error!("compaction failed: {e}");
+            }
+            last_run = Instant::now();
+        }
+    })
 }
 
-/// The compaction thread: every 5 s, compacts the sealed segments whose dead
-/// fraction passes `compact-dead-percent`. Ends when the store is dropped.
-fn compaction(store: Weak<DiskStore>) {
-    let mut last_run = Instant::now();
-    loop {
-        // Short sleeps, so the thread notices a dropped store soon.
-        std::thread::sleep(Duration::from_millis(100));
-        let Some(s) = store.upgrade() else {
-            return;
-        };
-        if s.stop.load(Ordering::Relaxed) {
-            return;
-        }
-        if last_run.elapsed() < Duration::from_secs(5) {
-            continue;
-        }
-        let threshold = s.compact_percent.load(Ordering::Relaxed) as f64 / 100.0;
-        if let Err(e) = s.compact_now(threshold) {
-            tracing::error!("compaction failed: {e}");
-        }
-        last_run = Instant::now();
-    }
+/// Runs `tick` every 100 ms on a thread named `name`, until the store is dropped.
+fn every_tick(
+    name: &str,
+    store: &Arc<DiskStore>,
+    mut tick: impl FnMut(&DiskStore) + Send + 'static,
+) -> std::io::Result<()> {
+    let store = Arc::downgrade(store);
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || loop {
+            std::thread::sleep(Duration::from_millis(100));
+            let Some(s) = store.upgrade() else {
+                return;
+            };
+            if s.stop.load(Ordering::Relaxed) {
+                return;
+            }
+            tick(&s);
+        })?;
+    Ok(())
 }
 
 impl Drop for DiskStore {

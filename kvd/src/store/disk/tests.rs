@@ -290,39 +290,44 @@ fn damage_after_start_up_is_an_error_not_bad_bytes() {
     assert_eq!(get(&s, "filler5").map(|v| v.len()), Some(100));
 }
 
+/// Writes `keys` keys `rounds` times over (300-byte values naming the round),
+/// so all but the last round's segments end up wholly dead.
+fn overwrite(s: &DiskStore, rounds: usize, keys: usize) {
+    for round in 0..rounds {
+        for i in 0..keys {
+            put(s, &format!("k{i}"), &format!("{round}-{}", "x".repeat(300)));
+        }
+    }
+}
+
+/// Every key holds the last round's value.
+fn check_last_round(s: &DiskStore, rounds: usize, keys: usize) {
+    for i in 0..keys {
+        let want = format!("{}-{}", rounds - 1, "x".repeat(300));
+        assert_eq!(get(s, &format!("k{i}")), Some(want), "k{i}");
+    }
+}
+
 #[test]
 fn wholly_dead_segments_are_dropped_and_values_survive() {
     let dir = tempfile::tempdir().unwrap();
     let s = DiskStore::open(dir.path(), opts(8 * 1024)).unwrap();
-    for round in 0..20 {
-        for i in 0..20 {
-            put(&s, &format!("k{i}"), &format!("{round}-{}", "x".repeat(300)));
-        }
-    }
+    overwrite(&s, 20, 20);
     let segments_before = s.segments.read().len();
     settle(&s);
     // (The background thread may have dropped some of them already.)
     s.compact_now(0.99).unwrap();
     assert!(s.segments.read().len() < segments_before);
-    let check = |s: &DiskStore| {
-        for i in 0..20 {
-            assert_eq!(get(s, &format!("k{i}")), Some(format!("19-{}", "x".repeat(300))));
-        }
-    };
-    check(&s);
+    check_last_round(&s, 20, 20);
     let s = reopen(dir.path(), s, 8 * 1024);
-    check(&s);
+    check_last_round(&s, 20, 20);
 }
 
 #[test]
 fn the_background_drops_dead_segments_well_before_compaction_and_leaves_no_stray_hints() {
     let dir = tempfile::tempdir().unwrap();
     let s = DiskStore::open(dir.path(), opts(8 * 1024)).unwrap();
-    for round in 0..40 {
-        for i in 0..10 {
-            put(&s, &format!("k{i}"), &format!("{round}-{}", "x".repeat(300)));
-        }
-    }
+    overwrite(&s, 40, 10);
     let segments_before = s.segments.read().len();
     assert!(segments_before > 10);
     // Compaction proper runs every 5 s; the tick that drops dead segments, every 100 ms.
@@ -335,9 +340,7 @@ fn the_background_drops_dead_segments_well_before_compaction_and_leaves_no_stray
         );
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
-    for i in 0..10 {
-        assert_eq!(get(&s, &format!("k{i}")), Some(format!("39-{}", "x".repeat(300))));
-    }
+    check_last_round(&s, 40, 10);
     // Every hint file belongs to a segment still there.
     for entry in std::fs::read_dir(dir.path()).unwrap() {
         let name = entry.unwrap().file_name().into_string().unwrap();
@@ -346,9 +349,7 @@ fn the_background_drops_dead_segments_well_before_compaction_and_leaves_no_stray
         }
     }
     let s = reopen(dir.path(), s, 8 * 1024);
-    for i in 0..10 {
-        assert_eq!(get(&s, &format!("k{i}")), Some(format!("39-{}", "x".repeat(300))));
-    }
+    check_last_round(&s, 40, 10);
 }
 
 #[test]
