@@ -29,6 +29,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use parking_lot::{Condvar, Mutex};
 
+use super::recycle::SPARES;
 use crate::object::{self, Hash, Manifest};
 use crate::store::{BlobStore, StoreError};
 use crate::tree::{Chunking, FsResult};
@@ -119,6 +120,11 @@ pub struct FileData {
     /// size then (see [`FileData::store_snapshot`]).
     committable: Option<(Hash, u64)>,
 }
+
+/// Writes at least this large that start an extent of their own take a spare
+/// buffer (sequential writers send 128 KiB to 1 MiB; a small random write
+/// should not hold a large buffer).
+const RECYCLE_FROM: usize = if cfg!(test) { 1 << 10 } else { 64 << 10 };
 
 /// How far from where the last read ended a read still counts as the next
 /// one of a sequential reader (the kernel sends several at once, in any order).
@@ -356,6 +362,17 @@ impl FileData {
             .take_while(|(&s, e)| s + e.len() as u64 >= offset)
             .map(|(&s, _)| s)
             .collect();
+        if touching.is_empty() && data.len() >= RECYCLE_FROM {
+            // A new extent, likely the start of a sequential run (the first
+            // write, or the first after a spill took the last extent): in a
+            // spare buffer, whose pages are already mapped (see `recycle`).
+            let mut fresh = SPARES.take();
+            fresh.extend_from_slice(data);
+            self.dirty_bytes += data.len();
+            self.extents.insert(offset, fresh);
+            self.grow(end);
+            return;
+        }
         let lo = touching.iter().copied().min().unwrap_or(offset).min(offset);
         let hi = touching
             .iter()
@@ -592,6 +609,8 @@ impl FileData {
                 for (s, mut e) in frozen {
                     let e_end = s + e.len() as u64;
                     if e_end <= end {
+                        // Stored: the buffer can hold the next extent.
+                        SPARES.give(e);
                         continue;
                     }
                     if s < end {

@@ -25,6 +25,7 @@
 pub mod file;
 mod offer;
 mod prefetch;
+mod recycle;
 #[cfg(test)]
 mod tests;
 
@@ -1746,6 +1747,7 @@ pub fn spawn_syncer(vfs: Arc<Vfs>, every: Duration, stop: Arc<AtomicBool>) -> st
                 continue;
             }
             waited = Duration::ZERO;
+            recycle::SPARES.trim();
             // A bug must not end the commits of a mount: log it, try again.
             match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| vfs.sync())) {
                 Ok(Ok(())) => {}

@@ -410,6 +410,37 @@ fn a_file_larger_than_the_spill_limit_is_stored_while_written() {
     assert_eq!(other.read(big.ino, 99_000, 1000).unwrap().to_vec(), block);
 }
 
+/// Extents of 1 MiB and more go back to the spare buffers once spilled, and the
+/// next extents are written into them: no byte of an earlier extent may show.
+#[test]
+fn sequential_writes_through_recycled_buffers_keep_every_byte() {
+    let dict = Arc::new(MemoryDict::new());
+    let v = Volume::new(BlobStore::new(dict.clone(), "t:", 1 << 22), "vol");
+    v.create().unwrap();
+    let options = Options {
+        spill_bytes: 3 << 19,
+        ..opts()
+    };
+    let vfs = Vfs::new(v, options).unwrap();
+    let (_, fh) = vfs.create(ME, ROOT, b"seq", 0o644, libc::O_WRONLY).unwrap();
+    let block = |i: u64| -> Vec<u8> { (0..64u64 << 10).map(|j| ((i * 31 + j * 7) % 251) as u8).collect() };
+    let blocks = 96u64; // 6 MiB: four spills
+    for i in 0..blocks {
+        vfs.write(fh, i << 16, &block(i)).unwrap();
+    }
+    vfs.flush(fh).unwrap();
+    let other = vfs_on(&dict, false);
+    let seq = other.lookup(ROOT, b"seq").unwrap();
+    assert_eq!(seq.size, blocks << 16);
+    for i in 0..blocks {
+        assert_eq!(
+            other.read(seq.ino, i << 16, 64 << 10).unwrap().to_vec(),
+            block(i),
+            "block {i}"
+        );
+    }
+}
+
 /// The refresh that adopts other clients' commits reads the head before it
 /// takes the commit lock; a commit of this client landing in between must not
 /// make it adopt the older head it read (the view would lose what was just
