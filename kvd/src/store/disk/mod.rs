@@ -878,6 +878,7 @@ impl Store for DiskStore {
 /// lose more than the last second of writes).
 fn start_threads(store: &Arc<DiskStore>) -> std::io::Result<()> {
     let mut last_sync = Instant::now();
+    let mut last_logged: Option<Instant> = None;
     every_tick("kvd-storage", store, move |s| {
         if s.fsync_policy() == Fsync::EverySec && last_sync.elapsed() >= Duration::from_secs(1) {
             last_sync = Instant::now();
@@ -886,8 +887,15 @@ fn start_threads(store: &Arc<DiskStore>) -> std::io::Result<()> {
                 *s.write_error.lock() = Some(e.to_string());
             }
         }
-        if let Err(e) = s.drop_dead_now() {
-            tracing::error!("dropping dead segments failed: {e}");
+        // It fails again at every tick while the disk does (a full disk), so
+        // failures are logged at most every 5 s.
+        match s.drop_dead_now() {
+            Err(e) if last_logged.is_none_or(|t: Instant| t.elapsed() >= Duration::from_secs(5)) => {
+                tracing::error!("dropping dead segments failed: {e}");
+                last_logged = Some(Instant::now());
+            }
+            Err(_) => {}
+            Ok(_) => last_logged = None,
         }
     })?;
     let mut last_run = Instant::now();
