@@ -12,6 +12,7 @@ pub mod command;
 pub mod config;
 pub mod db;
 pub mod durable;
+pub mod failpoint;
 pub mod glob;
 pub mod protocol;
 pub mod pubsub;

@@ -42,15 +42,39 @@ const UNAUTH_MAX_BULK: i64 = 16384;
 pub enum FrameError {
     #[error("Protocol error: {0}")]
     Protocol(&'static str),
-    /// Redis's `expected '$', got 'x'`.
-    #[error("Protocol error: expected '$', got '{0}'")]
-    ExpectedBulk(char),
+    /// Redis's `expected '$', got 'x'`, with the byte the client sent.
+    #[error("Protocol error: expected '$', got '{}'", char::from(*.0))]
+    ExpectedBulk(u8),
     /// An incomplete request outgrew `client-query-buffer-limit`. Redis closes such a
     /// client without a reply; so does kvd.
     #[error("query buffer limit exceeded")]
     QueryBufferLimit,
     #[error(transparent)]
     Io(#[from] std::io::Error),
+}
+
+impl FrameError {
+    /// The error reply Redis sends for this framing error (`-ERR ...`), with the
+    /// client's byte as sent; `None` where Redis closes without a reply.
+    pub fn reply_text(&self) -> Option<Vec<u8>> {
+        match self {
+            FrameError::ExpectedBulk(got) => {
+                let mut text = b"ERR Protocol error: expected '$', got '".to_vec();
+                text.extend_from_slice(&[*got, b'\'']);
+                Some(text)
+            }
+            FrameError::Protocol(_) => Some(format!("ERR {self}").into_bytes()),
+            FrameError::QueryBufferLimit | FrameError::Io(_) => None,
+        }
+    }
+}
+
+/// Where `needle` first occurs in `src`, with C `strchr` semantics: Redis looks
+/// for line ends with `strchr`, which stops at a NUL byte, so a NUL before the
+/// line end makes Redis wait for more input, and kvd waits the same way.
+fn strchr(src: &[u8], needle: u8) -> Option<usize> {
+    let at = memchr::memchr2(needle, 0, src)?;
+    (src[at] == needle).then_some(at)
 }
 
 /// Limits enforced while decoding. Changed at run time by `CONFIG SET`, so the
@@ -112,7 +136,7 @@ impl RequestDecoder {
     }
 
     fn decode_inline(&mut self, src: &mut BytesMut, out: &mut Vec<Bytes>) -> Result<bool, FrameError> {
-        let Some(nl) = memchr::memchr(b'\n', src) else {
+        let Some(nl) = strchr(src, b'\n') else {
             if src.len() > INLINE_MAX_SIZE {
                 return Err(FrameError::Protocol("too big inline request"));
             }
@@ -131,7 +155,7 @@ impl RequestDecoder {
     /// number (if it parsed) and the header's length including CRLF, or `None` if
     /// incomplete.
     fn header(src: &BytesMut, too_big: &'static str) -> Result<Option<(Option<i64>, usize)>, FrameError> {
-        let Some(cr) = memchr::memchr(b'\r', src) else {
+        let Some(cr) = strchr(src, b'\r') else {
             if src.len() > INLINE_MAX_SIZE {
                 return Err(FrameError::Protocol(too_big));
             }
@@ -142,7 +166,9 @@ impl RequestDecoder {
         if cr + 1 >= src.len() {
             return Ok(None);
         }
-        let parsed = parse_strict_i64_bytes(&src[1..cr]);
+        // A bulk header may be a bare CRLF (`cr == 0`): no number, and the
+        // caller answers that '$' was expected.
+        let parsed = src.get(1..cr).and_then(parse_strict_i64_bytes);
         Ok(Some((parsed, cr + 2)))
     }
 
@@ -173,7 +199,7 @@ impl RequestDecoder {
                         return self.incomplete(src);
                     };
                     if src[0] != b'$' {
-                        return Err(FrameError::ExpectedBulk(src[0] as char));
+                        return Err(FrameError::ExpectedBulk(src[0]));
                     }
                     let n = match n {
                         Some(n)
@@ -271,7 +297,7 @@ pub fn split_args(line: &[u8]) -> Option<Vec<Bytes>> {
     let mut args = Vec::new();
     let mut i = 0;
     loop {
-        while i < line.len() && line[i].is_ascii_whitespace() {
+        while i < line.len() && is_c_space(line[i]) {
             i += 1;
         }
         if i >= line.len() {
@@ -306,7 +332,7 @@ pub fn split_args(line: &[u8]) -> Option<Vec<Bytes>> {
                     });
                 } else if c == b'"' {
                     // The closing quote must be followed by a space or the end.
-                    if i + 1 < line.len() && !line[i + 1].is_ascii_whitespace() {
+                    if i + 1 < line.len() && !is_c_space(line[i + 1]) {
                         return None;
                     }
 
@@ -324,7 +350,7 @@ pub fn split_args(line: &[u8]) -> Option<Vec<Bytes>> {
                     i += 1;
                     cur.push(b'\'');
                 } else if c == b'\'' {
-                    if i + 1 < line.len() && !line[i + 1].is_ascii_whitespace() {
+                    if i + 1 < line.len() && !is_c_space(line[i + 1]) {
                         return None;
                     }
 
@@ -351,6 +377,12 @@ pub fn split_args(line: &[u8]) -> Option<Vec<Bytes>> {
         }
         args.push(Bytes::from(cur));
     }
+}
+
+/// C's `isspace` in the C locale, which `sdssplitargs` uses: Rust's
+/// `is_ascii_whitespace` leaves out the vertical tab.
+fn is_c_space(c: u8) -> bool {
+    matches!(c, b' ' | b'\t' | b'\n' | 0x0b | 0x0c | b'\r')
 }
 
 fn is_hex(c: u8) -> bool {
@@ -457,6 +489,78 @@ mod tests {
         let mut buf = BytesMut::from(&b"*1\r\n$1000\r\n"[..]);
         buf.extend_from_slice(&[b'x'; 200]);
         assert!(matches!(d.decode(&mut buf), Err(FrameError::QueryBufferLimit)));
+    }
+
+    /// Every request stream the decoder yields for `input`, fed whole, and the
+    /// error (or none) it ended with.
+    fn outcome(input: &[u8], authenticated: bool) -> (Vec<Vec<Bytes>>, Option<String>) {
+        let mut d = RequestDecoder::new(Limits::default(), authenticated);
+        let mut buf = BytesMut::from(input);
+        let mut reqs = Vec::new();
+        loop {
+            match d.decode(&mut buf) {
+                Ok(Some(r)) => reqs.push(r),
+                Ok(None) => return (reqs, None),
+                Err(e) => return (reqs, Some(e.to_string())),
+            }
+        }
+    }
+
+    /// The same input fed one byte at a time, as a slow client sends it.
+    fn outcome_bytewise(input: &[u8], authenticated: bool) -> (Vec<Vec<Bytes>>, Option<String>) {
+        let mut d = RequestDecoder::new(Limits::default(), authenticated);
+        let mut buf = BytesMut::new();
+        let mut reqs = Vec::new();
+        for b in input {
+            buf.extend_from_slice(&[*b]);
+            loop {
+                match d.decode(&mut buf) {
+                    Ok(Some(r)) => reqs.push(r),
+                    Ok(None) => break,
+                    Err(e) => return (reqs, Some(e.to_string())),
+                }
+            }
+        }
+        (reqs, None)
+    }
+
+    /// Issue 18: `*1\r\n\r\n` panicked (a slice from 1 to 0). Every string of
+    /// up to 5 bytes over the protocol's own characters and a few others, and of
+    /// 6 over a smaller set: the decoder never panics, and a stream split into
+    /// single bytes decodes to the same requests and the same error.
+    #[test]
+    fn every_short_input_decodes_without_panic_and_the_same_in_pieces() {
+        fn each(alphabet: &[u8], max_len: usize, mut f: impl FnMut(&[u8])) {
+            let mut s = Vec::new();
+            fn rec(alphabet: &[u8], max_len: usize, s: &mut Vec<u8>, f: &mut dyn FnMut(&[u8])) {
+                f(s);
+                if s.len() == max_len {
+                    return;
+                }
+                for &c in alphabet {
+                    s.push(c);
+                    rec(alphabet, max_len, s, f);
+                    s.pop();
+                }
+            }
+            rec(alphabet, max_len, &mut s, &mut f);
+        }
+        let mut checked = 0u64;
+        let mut check = |input: &[u8]| {
+            for auth in [true, false] {
+                let whole = outcome(input, auth);
+                let pieces = outcome_bytewise(input, auth);
+                assert_eq!(whole, pieces, "input {input:?}");
+            }
+            checked += 1;
+        };
+        each(b"*$:+-\r\n019A \0\"'\x0b\xff", 5, &mut check);
+        each(b"*$\r\n01-A\0", 6, &mut check);
+        assert!(checked > 1_500_000, "{checked}");
+        // The case from the issue, and its reply text.
+        let (reqs, err) = outcome(b"*1\r\n$4\r\nPING\r\n*1\r\n\r\n", true);
+        assert_eq!(reqs, vec![vec![Bytes::from("PING")]]);
+        assert_eq!(err.as_deref(), Some("Protocol error: expected '$', got '\r'"));
     }
 
     proptest::proptest! {

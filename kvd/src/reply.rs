@@ -67,6 +67,17 @@ impl Reply {
         Reply::Error(text.into())
     }
 
+    /// An error whose text quotes a client's bytes as sent (Redis echoes an
+    /// unknown command's name byte for byte, valid UTF-8 or not), with Redis's
+    /// sanitising: trailing CR/LF trimmed, any other CR or LF made a space.
+    pub fn error_bytes(text: &[u8]) -> Reply {
+        let mut frame = Vec::with_capacity(text.len() + 3);
+        frame.push(b'-');
+        frame.extend(sanitize_bytes(text));
+        frame.extend_from_slice(b"\r\n");
+        Reply::Raw(Bytes::from(frame))
+    }
+
     pub fn bulk(data: impl Into<Bytes>) -> Reply {
         Reply::Bulk(data.into())
     }
@@ -92,7 +103,11 @@ impl Reply {
         match self {
             Reply::Simple(s) => line(out, b'+', s.as_bytes()),
             Reply::Status(s) => line(out, b'+', s.as_bytes()),
-            Reply::Error(e) => line(out, b'-', sanitize(e).as_bytes()),
+            Reply::Error(e) => {
+                out.put_u8(b'-');
+                out.extend(sanitize_bytes(e.as_bytes()));
+                out.put_slice(b"\r\n");
+            }
             Reply::Int(n) => int_line(out, b':', *n),
             Reply::Bulk(b) => bulk(out, b),
             Reply::Nil => match proto {
@@ -185,12 +200,16 @@ fn bulk(out: &mut BytesMut, data: &[u8]) {
 
 /// Error and status lines cannot contain CR or LF; Redis replaces them with
 /// spaces (addReplyErrorLength does the same).
-fn sanitize(s: &str) -> std::borrow::Cow<'_, str> {
-    if s.contains(['\r', '\n']) {
-        std::borrow::Cow::Owned(s.replace(['\r', '\n'], " "))
-    } else {
-        std::borrow::Cow::Borrowed(s)
-    }
+/// Redis's `addReplyErrorLength` rules, so an error can never break the line:
+/// trailing CR/LF are trimmed, any other CR or LF becomes a space.
+fn sanitize_bytes(s: &[u8]) -> impl Iterator<Item = u8> + '_ {
+    let end = s
+        .iter()
+        .rposition(|&b| b != b'\r' && b != b'\n')
+        .map_or(0, |i| i + 1);
+    s[..end]
+        .iter()
+        .map(|&b| if b == b'\r' || b == b'\n' { b' ' } else { b })
 }
 
 /// Formats a double the way Redis 7.0 does (`%.17g`, with `inf`/`-inf`/`nan`).
@@ -250,8 +269,12 @@ mod tests {
     #[test]
     fn errors_never_break_the_line() {
         assert_eq!(
-            enc(&Reply::error("ERR a\r\nb"), Protocol::Resp2),
+            enc(&Reply::error("ERR a\r\nb\r\n"), Protocol::Resp2),
             b"-ERR a  b\r\n"
+        );
+        assert_eq!(
+            enc(&Reply::error_bytes(b"ERR \xff\r"), Protocol::Resp3),
+            b"-ERR \xff\r\n"
         );
     }
 

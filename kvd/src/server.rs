@@ -442,17 +442,56 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
             continue;
         }
         let client = shared.clients.register(addr, laddr);
-        let shared = shared.clone();
+        let slot = ClientSlot {
+            shared: shared.clone(),
+            id: client.id,
+        };
         tokio::spawn(async move {
-            let id = client.id;
+            let shared = slot.shared.clone();
+            let id = slot.id;
             let mut session = Session::new(client, &shared);
-            if let Err(e) = serve(&shared, &mut session, socket).await {
-                tracing::debug!(client = id, "connection ended: {e}");
+            // A bug that panics while serving one connection must cost only that
+            // connection: the panic is caught here, logged, and the session's
+            // subscriptions and watches are released like any other close.
+            let served = std::panic::AssertUnwindSafe(serve(&shared, &mut session, socket))
+                .catch_unwind()
+                .await;
+            match served {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::debug!(client = id, "connection ended: {e}"),
+                Err(panic) => tracing::error!(
+                    client = id,
+                    "bug: serving the connection panicked ({}); closed it",
+                    panic_text(&*panic)
+                ),
             }
             session.reset(&shared);
-            shared.clients.unregister(id);
+            drop(slot);
         });
     }
+}
+
+/// A connection's place in the client registry (and so in `maxclients`),
+/// released when the connection's task ends however it ends: returned, panicked,
+/// or cancelled at shutdown. Before this guard, a panic skipped the release and
+/// every such connection held a client slot until restart.
+struct ClientSlot {
+    shared: Arc<Shared>,
+    id: u64,
+}
+
+impl Drop for ClientSlot {
+    fn drop(&mut self) {
+        self.shared.clients.unregister(self.id);
+    }
+}
+
+fn panic_text(panic: &(dyn std::any::Any + Send)) -> &str {
+    panic
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("no message")
 }
 
 /// Runs one connection until it closes, is killed, or the server shuts down.
@@ -478,6 +517,12 @@ async fn serve(shared: &Arc<Shared>, session: &mut Session, socket: TcpStream) -
                 Ok(true) if args.is_empty() => continue,
                 Ok(true) => {
                     batch += 1;
+                    if args[0].len() == 9
+                        && args[0].eq_ignore_ascii_case(b"kvd.panic")
+                        && crate::failpoint::failpoint("panic")
+                    {
+                        panic!("KVD.PANIC (KVD_FAILPOINTS=panic)");
+                    }
                     let reply = match shared.cluster.get() {
                         Some(cluster) => {
                             if let Some(p) = crate::cluster::dispatch::start_forward(cluster, session, &args)
@@ -542,7 +587,9 @@ async fn serve(shared: &Arc<Shared>, session: &mut Session, socket: TcpStream) -
                 Err(e) => {
                     // Malformed input: Redis's error, then close only this connection.
                     finish_forwarded(shared, session, &mut forwarded, &mut wbuf).await;
-                    Reply::error(format!("ERR {e}")).encode(session.proto, &mut wbuf);
+                    if let Some(text) = e.reply_text() {
+                        Reply::error_bytes(&text).encode(session.proto, &mut wbuf);
+                    }
                     flush(shared, session, &mut stop, &mut wr, &mut wbuf).await?;
                     return Ok(());
                 }

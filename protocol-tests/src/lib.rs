@@ -148,8 +148,38 @@ impl Server {
         Server::kvd_with_env(port, dir, extra, &[])
     }
 
+    /// [`Server::kvd`] with its log (stderr) kept in `kvd.log` in its data
+    /// directory, for tests that check what it logged ([`Server::log`]).
+    pub fn kvd_logged(extra: &[&str], env: &[(&str, &str)]) -> Result<Server> {
+        let tmp = tempfile::tempdir()?;
+        let log = tmp.path().join("kvd.log");
+        let data = tmp.path().join("data");
+        let mut server = retry_if_port_taken(|| {
+            let file = std::fs::File::create(&log)?;
+            Server::spawn_kvd(free_port(), &data, extra, env, Stdio::from(file))
+        })?;
+        server._tmp = Some(tmp);
+        Ok(server)
+    }
+
+    /// What a server started by [`Server::kvd_logged`] has logged so far.
+    pub fn log(&self) -> String {
+        let path = self.data.parent().map(|p| p.join("kvd.log")).unwrap_or_default();
+        std::fs::read_to_string(path).unwrap_or_default()
+    }
+
     /// [`Server::kvd_on`] with extra environment variables (`KVD_FAILPOINTS`).
     pub fn kvd_with_env(port: u16, dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> Result<Server> {
+        Server::spawn_kvd(port, dir, extra, env, Stdio::inherit())
+    }
+
+    fn spawn_kvd(
+        port: u16,
+        dir: &Path,
+        extra: &[&str],
+        env: &[(&str, &str)],
+        stderr: Stdio,
+    ) -> Result<Server> {
         let bin = kvd_bin();
         if !bin.exists() {
             bail!("{} not found: run `cargo build --workspace` first", bin.display());
@@ -162,7 +192,7 @@ impl Server {
             .env("KVD_LOG", "warn")
             .envs(env.iter().copied())
             .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
+            .stderr(stderr)
             .spawn()
             .with_context(|| format!("starting {}", bin.display()))?;
         Server::wait_ready(Server {

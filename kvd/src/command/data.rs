@@ -31,13 +31,27 @@ pub enum Condition {
     IfPresent,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub enum ExpireCondition {
-    Always,
-    Nx,
-    Xx,
-    Gt,
-    Lt,
+/// EXPIRE's NX/XX/GT/LT options. Each given option is its own check and all
+/// must pass, as in Redis's `expireGenericCommand`: `XX LT` on a key without a
+/// TTL fails the XX check (an earlier version folded the options into one and
+/// let LT alone decide, setting a TTL Redis refuses).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct ExpireCondition {
+    pub nx: bool,
+    pub xx: bool,
+    pub gt: bool,
+    pub lt: bool,
+}
+
+impl ExpireCondition {
+    /// Whether the new expiry time `at` may replace `current` (`None`: no TTL,
+    /// which counts as infinitely far away).
+    pub fn allows(&self, current: Option<i64>, at: i64) -> bool {
+        !(self.nx && current.is_some()
+            || self.xx && current.is_none()
+            || self.gt && current.is_none_or(|c| at <= c)
+            || self.lt && current.is_some_and(|c| at >= c))
+    }
 }
 
 #[derive(Debug)]
@@ -362,12 +376,7 @@ impl DataCommand {
                 "XX" => xx = true,
                 "GT" => gt = true,
                 "LT" => lt = true,
-                _ => {
-                    return Err(Reply::error(format!(
-                        "ERR Unsupported option {}",
-                        String::from_utf8_lossy(&opt)
-                    )))
-                }
+                _ => return Err(super::error_quoting("ERR Unsupported option ", &opt, "")),
             }
         }
         if nx && (xx || gt || lt) {
@@ -380,13 +389,7 @@ impl DataCommand {
                 "ERR GT and LT options at the same time are not compatible",
             ));
         }
-        let cond = match (nx, xx, gt, lt) {
-            (true, ..) => ExpireCondition::Nx,
-            (_, _, true, _) => ExpireCondition::Gt,
-            (_, _, _, true) => ExpireCondition::Lt,
-            (_, true, ..) => ExpireCondition::Xx,
-            _ => ExpireCondition::Always,
-        };
+        let cond = ExpireCondition { nx, xx, gt, lt };
         let n = parse_i64(&raw).ok_or_else(|| Reply::error(ERR_NOT_INTEGER))?;
         let seconds = !name.starts_with('p');
         let relative = !name.ends_with("at");
@@ -711,14 +714,7 @@ impl DataCommand {
                     return (Update::Keep, Reply::Int(0));
                 };
                 let current = e.expires_at.map(|t| t as i64);
-                let allowed = match cond {
-                    ExpireCondition::Always => true,
-                    ExpireCondition::Nx => current.is_none(),
-                    ExpireCondition::Xx => current.is_some(),
-                    ExpireCondition::Gt => current.is_some_and(|c| at > c),
-                    ExpireCondition::Lt => current.is_none_or(|c| at < c),
-                };
-                if !allowed {
+                if !cond.allows(current, at) {
                     return (Update::Keep, Reply::Int(0));
                 }
                 if at <= now_ms() as i64 {
@@ -862,6 +858,46 @@ fn substr(value: &Bytes, mut start: i64, mut end: i64) -> Bytes {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn expire_options_are_each_checked() {
+        use super::ExpireCondition as C;
+        let xx_lt = C {
+            xx: true,
+            lt: true,
+            ..C::default()
+        };
+        assert!(
+            !xx_lt.allows(None, 200),
+            "XX refuses a key without a TTL whatever LT says"
+        );
+        assert!(xx_lt.allows(Some(300), 200));
+        assert!(!xx_lt.allows(Some(100), 200));
+        let xx_gt = C {
+            xx: true,
+            gt: true,
+            ..C::default()
+        };
+        assert!(!xx_gt.allows(None, 200));
+        assert!(xx_gt.allows(Some(100), 200));
+        assert!(
+            C {
+                lt: true,
+                ..C::default()
+            }
+            .allows(None, 200),
+            "LT: no TTL is infinite"
+        );
+        assert!(
+            !C {
+                gt: true,
+                ..C::default()
+            }
+            .allows(None, 200),
+            "GT: no TTL is infinite"
+        );
+        assert!(C::default().allows(Some(1), 0));
+    }
+
     use super::*;
 
     #[test]

@@ -40,13 +40,12 @@ pub fn execute(shared: &Shared, session: &mut Session, args: &[Bytes]) -> Reply 
         Lookup::Found(spec) => spec,
         Lookup::UnknownCommand => return session.reject(unknown_command(args)),
         Lookup::UnknownSubcommand(parent) => {
-            let sub = String::from_utf8_lossy(&args[1]);
-            let text = format!(
-                "ERR unknown subcommand '{}'. Try {} HELP.",
-                truncate(&sub, 128),
-                parent.name.to_ascii_uppercase()
-            );
-            return session.reject(Reply::error(text));
+            let help = format!("'. Try {} HELP.", parent.name.to_ascii_uppercase());
+            return session.reject(error_quoting(
+                "ERR unknown subcommand '",
+                &args[1][..args[1].len().min(128)],
+                &help,
+            ));
         }
     };
     execute_found(shared, session, spec, args)
@@ -126,32 +125,43 @@ pub fn run(
     }
 }
 
-/// Redis's text for an unknown command, quoting up to 128 bytes of arguments.
+/// Redis's text for an unknown command, quoting up to 128 bytes of arguments
+/// as sent (not made valid UTF-8).
 fn unknown_command(args: &[Bytes]) -> Reply {
-    let mut quoted = String::new();
+    let mut quoted = Vec::new();
     for arg in &args[1..] {
         if quoted.len() >= 128 {
             break;
         }
         let room = 128 - quoted.len();
-        quoted.push_str(&format!("'{}' ", truncate(&String::from_utf8_lossy(arg), room)));
+        quoted.push(b'\'');
+        quoted.extend_from_slice(c_str(arg, room));
+        quoted.extend_from_slice(b"' ");
     }
-    Reply::error(format!(
-        "ERR unknown command '{}', with args beginning with: {}",
-        truncate(&String::from_utf8_lossy(&args[0]), 128),
-        quoted
-    ))
+    let mut text = b"ERR unknown command '".to_vec();
+    text.extend_from_slice(c_str(&args[0], 128));
+    text.extend_from_slice(b"', with args beginning with: ");
+    text.extend_from_slice(&quoted);
+    Reply::error_bytes(&text)
 }
 
-fn truncate(s: &str, max: usize) -> &str {
-    if s.len() <= max {
-        return s;
+/// An error that quotes a client's argument the way Redis's `%s` does: as
+/// sent, up to its first NUL byte.
+pub fn error_quoting(before: &str, arg: &[u8], after: &str) -> Reply {
+    let mut text = before.as_bytes().to_vec();
+    text.extend_from_slice(c_str(arg, arg.len()));
+    text.extend_from_slice(after.as_bytes());
+    Reply::error_bytes(&text)
+}
+
+/// What Redis's `%.<max>s` prints of an argument: up to `max` bytes, ending at
+/// the first NUL byte (the argument is formatted as a C string).
+fn c_str(arg: &[u8], max: usize) -> &[u8] {
+    let arg = &arg[..arg.len().min(max)];
+    match memchr::memchr(0, arg) {
+        Some(nul) => &arg[..nul],
+        None => arg,
     }
-    let mut end = max;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    &s[..end]
 }
 
 #[cfg(test)]
@@ -173,7 +183,12 @@ mod tests {
         let args = vec![Bytes::from("foo"), Bytes::from("a"), Bytes::from("b")];
         assert_eq!(
             unknown_command(&args),
-            Reply::error("ERR unknown command 'foo', with args beginning with: 'a' 'b' ")
+            Reply::error_bytes(b"ERR unknown command 'foo', with args beginning with: 'a' 'b' ")
+        );
+        let args = vec![Bytes::from_static(b"f\xffo\x00x"), Bytes::from_static(b"\xfe")];
+        assert_eq!(
+            unknown_command(&args),
+            Reply::error_bytes(b"ERR unknown command 'f\xffo', with args beginning with: '\xfe' ")
         );
     }
 }

@@ -126,10 +126,11 @@ impl SessionCommand {
                         "AUTH" if a.remaining() >= 2 => auth = Some((a.bytes()?, a.bytes()?)),
                         "SETNAME" if a.remaining() >= 1 => name = Some(a.bytes()?),
                         _ => {
-                            return Err(Reply::error(format!(
-                                "ERR Syntax error in HELLO option '{}'",
-                                String::from_utf8_lossy(&raw)
-                            )))
+                            return Err(super::error_quoting(
+                                "ERR Syntax error in HELLO option '",
+                                &raw,
+                                "'",
+                            ))
                         }
                     }
                 }
@@ -189,10 +190,7 @@ impl SessionCommand {
                 let attr = a.word()?;
                 let value = a.bytes()?;
                 if attr != "LIB-NAME" && attr != "LIB-VER" {
-                    return Err(Reply::error(format!(
-                        "ERR Unrecognized option '{}'",
-                        String::from_utf8_lossy(&args[2])
-                    )));
+                    return Err(super::error_quoting("ERR Unrecognized option '", &args[2], "'"));
                 }
                 if !client_name_ok(&value) {
                     return Err(Reply::error(format!(

@@ -297,23 +297,7 @@ impl Replicas {
     }
 }
 
-/// Whether the failure named `name` is switched on for tests: the
-/// comma-separated list in `KVD_FAILPOINTS` (read once). Lets a test stop a
-/// reconfiguration half-way, as a coordinator that crashes there would, or
-/// cut peer links (`partition`: enables `KVD.PARTITION`).
-pub(crate) fn failpoint(name: &str) -> bool {
-    static POINTS: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
-    POINTS
-        .get_or_init(|| {
-            std::env::var("KVD_FAILPOINTS")
-                .unwrap_or_default()
-                .split(',')
-                .map(str::to_string)
-                .collect()
-        })
-        .iter()
-        .any(|p| p == name)
-}
+pub(crate) use crate::failpoint::failpoint;
 
 /// An acceptor's refusal of a message made at another membership version
 /// than its own, `version` (the proposer parses it: [`proposer`]).

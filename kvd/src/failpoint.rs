@@ -1,0 +1,24 @@
+//! Fault injection for tests, switched on only by the `KVD_FAILPOINTS`
+//! environment variable (a comma-separated list of names, read once).
+//!
+//! * `reconfigure-after-vote`, `reconfigure-after-freeze`: stop a
+//!   reconfiguration half-way, as a coordinator that crashes there would;
+//! * `partition`: enables `KVD.PARTITION`, which cuts peer links;
+//! * `panic`: enables `KVD.PANIC`, which panics the connection that sends it,
+//!   so a test can check that a bug in one connection costs only that
+//!   connection (its client slot, subscriptions and watches are released).
+
+/// Whether the failure named `name` is switched on.
+pub fn failpoint(name: &str) -> bool {
+    static POINTS: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+    POINTS
+        .get_or_init(|| {
+            std::env::var("KVD_FAILPOINTS")
+                .unwrap_or_default()
+                .split(',')
+                .map(str::to_string)
+                .collect()
+        })
+        .iter()
+        .any(|p| p == name)
+}
