@@ -11,10 +11,29 @@ use bytes::Bytes;
 use parking_lot::Mutex;
 use redis::ConnectionLike;
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum DictError {
     #[error("store unreachable or failed: {0}")]
     Backend(String),
+    /// The store refuses writes for want of room: Redis's `OOM command not
+    /// allowed` (maxmemory with noeviction), a full disk under kvd or a
+    /// Redis AOF. A writer sees `ENOSPC`, as on a full local disk.
+    #[error("store full: {0}")]
+    Full(String),
+}
+
+impl DictError {
+    /// Classifies an error text a store sent.
+    pub fn from_store(text: String) -> DictError {
+        if text.starts_with("OOM")
+            || text.contains("OOM command not allowed")
+            || text.contains("No space left on device")
+        {
+            DictError::Full(text)
+        } else {
+            DictError::Backend(text)
+        }
+    }
 }
 
 pub type DictResult<T> = Result<T, DictError>;
@@ -260,7 +279,13 @@ pub struct RespDict {
 const TRYAGAIN_FOR: Duration = Duration::from_secs(15);
 
 fn backend(e: redis::RedisError) -> DictError {
-    DictError::Backend(e.to_string())
+    let full = e.code() == Some("OOM");
+    let text = e.to_string();
+    if full {
+        DictError::Full(text)
+    } else {
+        DictError::from_store(text)
+    }
 }
 
 /// `url` with its host and port replaced (credentials kept).

@@ -267,13 +267,18 @@ impl BlobStore {
                 cache.insert(*h, b.clone());
             }
         }
-        self.behind.put(&self.dict, batch);
+        self.behind.put(&self.dict, batch)?;
         Ok(hashes)
     }
 
     /// Waits until every blob stored in the background is in the store.
     pub fn flush_writes(&self) -> StoreResult<()> {
-        Ok(self.behind.flush(&self.dict, |h| self.blob_key(h))?)
+        Ok(self.behind.flush()?)
+    }
+
+    /// The store's error while background uploads are being refused.
+    pub fn upload_failing(&self) -> Option<DictError> {
+        self.behind.failing()
     }
 
     /// Whether a blob is in the memory cache (a read of it costs no round trip).

@@ -411,6 +411,12 @@ pub(crate) struct Hooked {
     pub before_lease: parking_lot::Mutex<Option<Hook>>,
     /// Leases taken (round trips to the lease key).
     pub leases: std::sync::atomic::AtomicUsize,
+    /// Writes of file chunks still to refuse as a full store would (each
+    /// refused write counts one down; other blobs pass): uploads that fail at
+    /// chosen points, the background ones and their retries alike, while the
+    /// commit's own small blobs and the root swap go through, as when only
+    /// the node holding the chunks is full or away.
+    pub refuse_puts: std::sync::atomic::AtomicUsize,
 }
 
 impl Hooked {
@@ -422,6 +428,7 @@ impl Hooked {
             after_get: Default::default(),
             before_lease: Default::default(),
             leases: Default::default(),
+            refuse_puts: Default::default(),
         }
     }
 }
@@ -446,6 +453,18 @@ impl Dict for Hooked {
         value
     }
     fn put_if_absent(&self, key: &str, value: Bytes) -> crate::dict::DictResult<()> {
+        use std::sync::atomic::Ordering::SeqCst;
+        let chunk = value.first() == Some(&(crate::object::Tag::Chunk as u8));
+        if chunk
+            && self
+                .refuse_puts
+                .fetch_update(SeqCst, SeqCst, |n| n.checked_sub(1))
+                .is_ok()
+        {
+            return Err(crate::dict::DictError::Full(
+                "OOM command not allowed (test)".into(),
+            ));
+        }
         self.inner.put_if_absent(key, value)
     }
     fn delete(&self, key: &str) -> crate::dict::DictResult<()> {

@@ -65,6 +65,8 @@ impl FsError {
             FsError::BadHandle => 9,
             FsError::Stale => 116,
             FsError::ReadOnly => 30,
+            // A full store is a full disk to the writer.
+            FsError::Store(StoreError::Dict(crate::dict::DictError::Full(_))) => 28,
             FsError::Store(_) | FsError::Io(_) => 5,
         }
     }

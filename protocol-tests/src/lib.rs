@@ -209,7 +209,8 @@ impl Server {
         retry_if_port_taken(|| Server::redis_on(free_port(), extra))
     }
 
-    fn redis_on(port: u16, extra: &[&str]) -> Result<Server> {
+    /// [`Server::redis`] on a given port (to restart one where its clients expect it).
+    pub fn redis_on(port: u16, extra: &[&str]) -> Result<Server> {
         let dir = tempfile::tempdir()?;
         let child = Command::new("redis-server")
             .args([
@@ -330,18 +331,23 @@ impl Drop for Server {
 /// with `redis-cli --cluster create` (masters only).
 pub struct RedisCluster {
     pub nodes: Vec<Server>,
+    extra: Vec<String>,
+    /// Stopped processes whose data directories restarted nodes still use.
+    retired: Vec<Server>,
 }
 
 impl RedisCluster {
     pub fn start(size: usize) -> Result<RedisCluster> {
+        RedisCluster::start_with(size, &[])
+    }
+
+    /// [`RedisCluster::start`] with more `redis-server` options on every node.
+    pub fn start_with(size: usize, extra: &[&str]) -> Result<RedisCluster> {
         let mut nodes = Vec::new();
         for _ in 0..size {
-            nodes.push(Server::redis(&[
-                "--cluster-enabled",
-                "yes",
-                "--cluster-node-timeout",
-                "5000",
-            ])?);
+            let mut args = vec!["--cluster-enabled", "yes", "--cluster-node-timeout", "5000"];
+            args.extend_from_slice(extra);
+            nodes.push(Server::redis(&args)?);
         }
         let addrs: Vec<String> = nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)).collect();
         let out = Command::new("redis-cli")
@@ -366,7 +372,35 @@ impl RedisCluster {
                 std::thread::sleep(Duration::from_millis(100));
             }
         }
-        Ok(RedisCluster { nodes })
+        Ok(RedisCluster {
+            nodes,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+            retired: Vec::new(),
+        })
+    }
+
+    /// Restarts node `i` (after a kill) on its port and data directory, so it
+    /// comes back with its cluster identity, slots and (with AOF) its keys.
+    pub fn restart(&mut self, i: usize) -> Result<()> {
+        let port = self.nodes[i].port;
+        let dir = self.nodes[i].data.to_str().context("data dir")?.to_string();
+        let mut args: Vec<&str> = vec!["--cluster-enabled", "yes", "--cluster-node-timeout", "5000"];
+        args.extend(self.extra.iter().map(String::as_str));
+        args.extend(["--dir", dir.as_str()]);
+        let node = Server::redis_on(port, &args)?;
+        // The old one keeps its data directory alive.
+        self.retired.push(std::mem::replace(&mut self.nodes[i], node));
+        Ok(())
+    }
+
+    /// The index of the node that serves `key` (the others answer MOVED).
+    pub fn owner_of(&self, key: &str) -> Result<usize> {
+        for (i, node) in self.nodes.iter().enumerate() {
+            if !node.connect()?.call(&["GET", key])?.text().starts_with("MOVED") {
+                return Ok(i);
+            }
+        }
+        bail!("no node serves {key}")
     }
 }
 

@@ -1036,3 +1036,185 @@ fn statfs_reports_kvds_disk_and_a_large_default_for_redis() {
     let s = statvfs(r.path());
     assert_eq!(bytes(&s, s.f_bavail), 1 << 50, "redis cannot tell: 1 PiB free");
 }
+
+/// Issue 24: a full store. redis-server with a 64 MB maxmemory and no
+/// eviction; 200 MiB written through the mount with fsync. The writer is told
+/// ENOSPC (not EIO); no commit may name a chunk the store did not take (the
+/// mount's interval commits go on meanwhile); once there is room, the bytes
+/// the mount accepted are stored whole, `fsck` is clean and the file reads
+/// back. Before the fix a failed retry left no error for the next commit,
+/// which published a root naming missing chunks: fsck reported /fill damaged.
+#[test]
+fn a_full_store_is_enospc_to_the_writer_and_never_damages_the_volume() {
+    require_redis();
+    let redis = Server::redis(&["--maxmemory", "64mb", "--maxmemory-policy", "noeviction"]).unwrap();
+    let url = url(&redis);
+    let mut m = Mount::start(&url, "full", &[]).unwrap();
+    let src = tempfile::NamedTempFile::new().unwrap();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(24);
+    let mut data = vec![0u8; 200 << 20];
+    rng.fill(&mut data[..]);
+    fs::write(src.path(), &data).unwrap();
+    let target = m.path().join("fill");
+    let (mut written, mut failure) = (0usize, None);
+    {
+        let mut f = File::create(&target).unwrap();
+        for block in data.chunks(1 << 20) {
+            match f.write_all(block) {
+                Ok(()) => written += block.len(),
+                Err(e) => {
+                    failure = Some(e);
+                    break;
+                }
+            }
+        }
+        if failure.is_none() {
+            failure = f.sync_all().err();
+        }
+    }
+    let failure = failure.expect("200 MiB into a 64 MB store reported no error");
+    assert_eq!(
+        failure.raw_os_error(),
+        Some(libc::ENOSPC),
+        "the writer got {failure}"
+    );
+    // `df` says the file system is full while the store refuses for want of room.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid path and a statvfs to fill.
+    assert_eq!(unsafe { libc::statvfs(cpath(m.path()).as_ptr(), &mut st) }, 0);
+    assert_eq!(st.f_bavail, 0, "df shows free space on a full store");
+    // The interval commits that ran while the store was full named nothing missing.
+    let fsck = fsclient_at(&url, &["--volume", "full", "fsck"]);
+    let report = String::from_utf8_lossy(&fsck.stdout).into_owned() + &String::from_utf8_lossy(&fsck.stderr);
+    assert!(
+        fsck.status.success() && report.contains(", 0 damaged paths"),
+        "fsck while full:\n{report}"
+    );
+    // Room again: what the mount accepted is stored by its next commit.
+    redis.connect().unwrap().cmd("CONFIG SET maxmemory 0").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        match File::open(&target).and_then(|f| f.sync_all()) {
+            Ok(()) => break,
+            Err(e) => assert!(Instant::now() < deadline, "fsync still fails with room: {e}"),
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(m.stop(), "unmount failed");
+    let fsck = fsclient_at(&url, &["--volume", "full", "fsck"]);
+    let report = String::from_utf8_lossy(&fsck.stdout).into_owned() + &String::from_utf8_lossy(&fsck.stderr);
+    assert!(
+        fsck.status.success() && report.contains(", 0 damaged paths"),
+        "fsck after room:\n{report}"
+    );
+    let out = tempfile::NamedTempFile::new().unwrap();
+    let get = fsclient_at(
+        &url,
+        &["--volume", "full", "get", "/fill", out.path().to_str().unwrap()],
+    );
+    assert!(get.status.success(), "{}", String::from_utf8_lossy(&get.stderr));
+    let back = fs::read(out.path()).unwrap();
+    assert!(
+        back.len() >= written,
+        "{} bytes back, {written} accepted",
+        back.len()
+    );
+    assert!(
+        back == data[..back.len()],
+        "the stored bytes differ from those written"
+    );
+}
+
+/// Issue 24: a store node away while files are written. A Redis Cluster of
+/// three masters (AOF, fsync always); the mount talks to the node holding the
+/// volume's root, and another master is killed while a writer creates and
+/// fsyncs files, then restarted on its port and data. Every file the writer
+/// was told is stored stays intact; every file it was told failed is, once the
+/// node is back, either stored whole or not named at all; `fsck` is clean.
+/// Before the fix a commit whose uploads had failed once found no error the
+/// next time and swapped the root (its node was up): fsck reported the files
+/// damaged, and they answered EIO for good.
+#[test]
+fn a_store_node_away_while_files_are_written_never_damages_the_volume() {
+    require_redis();
+    let mut cluster =
+        protocol_tests::RedisCluster::start_with(3, &["--appendonly", "yes", "--appendfsync", "always"])
+            .unwrap();
+    let owner = cluster.owner_of("dfs:v:away:root").unwrap();
+    let victim = (owner + 1) % 3;
+    let url = url(&cluster.nodes[owner]);
+    let mut m = Mount::start(&url, "away", &[]).unwrap();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    let mut content = |i: usize| -> Vec<u8> {
+        let mut v = vec![0u8; 5000 + i * 300];
+        rng.fill(&mut v[..]);
+        v
+    };
+    let write = |path: &Path, bytes: &[u8]| -> std::io::Result<()> {
+        let mut f = File::create(path)?;
+        f.write_all(bytes)?;
+        f.sync_all()
+    };
+    let mut acknowledged = Vec::new();
+    for i in 0..5 {
+        let bytes = content(i);
+        write(&m.path().join(format!("before{i}")), &bytes).unwrap();
+        acknowledged.push((format!("/before{i}"), bytes));
+    }
+    cluster.nodes[victim].kill9();
+    let mut refused = Vec::new();
+    for i in 0..30 {
+        let bytes = content(100 + i);
+        let name = format!("away{i}");
+        match write(&m.path().join(&name), &bytes) {
+            Ok(()) => acknowledged.push((format!("/{name}"), bytes)),
+            Err(e) => {
+                assert_eq!(e.raw_os_error(), Some(libc::EIO), "{name}: {e}");
+                refused.push((format!("/{name}"), bytes));
+            }
+        }
+        // Interval commits run meanwhile (every 200 ms).
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        refused.len() >= 5,
+        "only {} of 30 writes failed with a node away",
+        refused.len()
+    );
+    cluster.restart(victim).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while let Err(e) = File::open(m.path()).and_then(|d| d.sync_all()) {
+        assert!(
+            Instant::now() < deadline,
+            "syncfs still fails with the node back: {e}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(m.stop(), "unmount failed");
+    let fsck = fsclient_at(&url, &["--volume", "away", "fsck"]);
+    let report = String::from_utf8_lossy(&fsck.stdout).into_owned() + &String::from_utf8_lossy(&fsck.stderr);
+    assert!(
+        fsck.status.success() && report.contains(", 0 damaged paths"),
+        "fsck:\n{report}"
+    );
+    let read = |path: &str| -> Option<Vec<u8>> {
+        let out = fsclient_at(&url, &["--volume", "away", "cat", path]);
+        out.status.success().then_some(out.stdout)
+    };
+    for (path, bytes) in &acknowledged {
+        assert!(
+            read(path).as_ref() == Some(bytes),
+            "{path}: acknowledged and not intact"
+        );
+    }
+    for (path, bytes) in &refused {
+        if let Some(got) = read(path) {
+            assert!(
+                &got == bytes,
+                "{path}: refused, then stored with other bytes ({} of {})",
+                got.len(),
+                bytes.len()
+            );
+        }
+    }
+}

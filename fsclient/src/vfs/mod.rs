@@ -1440,6 +1440,14 @@ impl Vfs {
             handle.wrote = true;
             let append = handle.append;
             let mut f = file.lock();
+            // While the store refuses uploads, the bytes it refused wait here;
+            // past twice the spill size the writer is told (ENOSPC for a full
+            // store), as a full disk would, instead of memory growing.
+            if f.dirty_bytes >= 2 * self.opts.spill_bytes {
+                if let Some(e) = self.store().upload_failing() {
+                    return Err(FsError::Store(e.into()));
+                }
+            }
             let at = if append { f.size } else { offset };
             f.write(at, data);
             let spill = f.dirty_bytes > self.opts.spill_bytes;
@@ -1562,7 +1570,15 @@ impl Vfs {
             let asked = self.store().dict().capacity().unwrap_or(None);
             *cached = Some((std::time::Instant::now(), asked));
         }
-        let (total, free) = cached.as_ref().and_then(|(_, c)| *c).unwrap_or((PIB, PIB));
+        let (total, mut free) = cached.as_ref().and_then(|(_, c)| *c).unwrap_or((PIB, PIB));
+        // A store refusing uploads for want of room is full, whatever it
+        // reported: `df` says so, as for a full local disk.
+        if matches!(
+            self.store().upload_failing(),
+            Some(crate::dict::DictError::Full(_))
+        ) {
+            free = 0;
+        }
         Statfs {
             block_size: 4096,
             blocks: total / 4096,

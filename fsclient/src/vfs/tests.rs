@@ -877,3 +877,63 @@ fn a_commit_of_many_new_empty_files_leases_their_manifest_once() {
     let f = other.lookup(ROOT, b"f99").unwrap();
     assert_eq!(other.read(f.ino, 0, 10).unwrap().len(), 0);
 }
+
+/// Issue 24, the commit rule on the in-memory dict: uploads refused at chosen
+/// points (the background spill, the commit's own uploads, the retries),
+/// commits attempted meanwhile. A commit fails while anything it needs is
+/// unstored, with ENOSPC for a full store; once the store accepts again the
+/// next commit stores everything; and every commit ever published names only
+/// blobs that are in the store (fsck of each, read without any cache).
+#[test]
+fn no_commit_names_a_blob_the_store_refused_wherever_the_refusals_fall() {
+    for refusals_at in [0usize, 1, 2, 3, 5, 8, 13] {
+        let (dict, hooked, v) = hooked_vfs(opts());
+        let bytes =
+            |n: usize, seed: u8| -> Vec<u8> { (0..n).map(|i| (i as u8).wrapping_mul(31) ^ seed).collect() };
+        let (_, fa) = v.create(ME, ROOT, b"a", 0o644, libc::O_RDWR).unwrap();
+        v.write(fa, 0, &bytes(20_000, 1)).unwrap();
+        v.commit().unwrap();
+        // From here, the store refuses `refusals_at` blob writes in a row
+        // after letting a few through.
+        hooked
+            .refuse_puts
+            .store(refusals_at, std::sync::atomic::Ordering::SeqCst);
+        let (_, fb) = v.create(ME, ROOT, b"b", 0o644, libc::O_RDWR).unwrap();
+        v.write(fb, 0, &bytes(30_000, 2)).unwrap();
+        v.write(fa, 5_000, &bytes(7_000, 3)).unwrap();
+        let mut failures = 0;
+        loop {
+            match v.commit() {
+                Ok(()) => break,
+                Err(e) => {
+                    assert_eq!(e.errno(), 28, "a full store must be ENOSPC, got {e}");
+                    failures += 1;
+                    assert!(failures < 50, "the commit never succeeded");
+                }
+            }
+        }
+        // Every published commit is whole, read from the store itself.
+        let fresh = Volume::new(BlobStore::new(dict.clone(), "t:", 0), "vol");
+        let log = fresh.log(1000).unwrap();
+        assert!(log.len() >= 3, "{refusals_at}: {} commits", log.len());
+        for (h, c) in &log {
+            let check = crate::history::fsck(&fresh.store, c.tree());
+            assert!(
+                check.damaged.is_empty(),
+                "{refusals_at}: commit {h:?} names missing blobs: {:?}",
+                check.damaged
+            );
+        }
+        assert_eq!(hooked.refuse_puts.load(std::sync::atomic::Ordering::SeqCst), 0);
+        let mut want_a = bytes(20_000, 1);
+        want_a[5_000..12_000].copy_from_slice(&bytes(7_000, 3));
+        let reader = Vfs::new(fresh, opts()).unwrap();
+        let ra = reader.lookup(ROOT, b"a").unwrap();
+        let rb = reader.lookup(ROOT, b"b").unwrap();
+        assert_eq!(reader.read(ra.ino, 0, 1 << 20).unwrap().as_ref(), &want_a[..]);
+        assert_eq!(
+            reader.read(rb.ino, 0, 1 << 20).unwrap().as_ref(),
+            &bytes(30_000, 2)[..]
+        );
+    }
+}
