@@ -143,7 +143,10 @@ pub fn merge_trees(
     theirs: Tree,
     writer: &str,
 ) -> FsResult<Tree> {
-    let mut root = crate::merge::merge(store, base.map(|b| b.root), ours.root, theirs.root, writer)?;
+    let base_root = base.map(|b| b.root);
+    let aligned = crate::merge::align_renames(store, base_root, ours.root, theirs.root)?;
+    let mut root = crate::merge::merge(store, base_root, aligned.ours, aligned.theirs, writer)?;
+    root = crate::merge::drop_rename_copies(store, root, &aligned.crossed)?;
     if ours.inodes.is_none() && theirs.inodes.is_none() {
         return Ok(Tree { root, inodes: None });
     }
