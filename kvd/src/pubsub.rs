@@ -27,6 +27,8 @@ pub enum Message {
         channel: Bytes,
         payload: Bytes,
     },
+    /// A MONITOR line, already encoded (see [`crate::monitor`]).
+    Monitor(Bytes),
 }
 
 /// A subscriber's queue and the handle to disconnect it if the queue overflows.
@@ -44,7 +46,7 @@ pub struct PubSub {
     patterns: Table,
 }
 
-fn deliver(sub: &Subscriber, msg: Message) {
+pub(crate) fn deliver(sub: &Subscriber, msg: Message) {
     if sub.tx.try_send(msg).is_err()
         && !sub
             .client

@@ -8,7 +8,7 @@
 //! it), which bounds its memory without a separate output-buffer limit.
 
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -28,6 +28,7 @@ use crate::db::{Db, WatchFlag};
 use crate::protocol::{FrameError, RequestDecoder};
 use crate::pubsub::{Message, PubSub, Subscriber};
 use crate::reply::{Protocol, Reply};
+use crate::stats::{Outcome, Stats};
 use crate::store::{DiskStore, MemStore, Store};
 
 /// The Redis version kvd reports (HELLO, INFO). kvd follows Redis 7.0's command
@@ -46,31 +47,6 @@ const STREAM_BULK: usize = 64 * 1024;
 const KEEP_BUFFER: usize = 64 * 1024;
 const SHRINK_AFTER: Duration = Duration::from_secs(2);
 
-/// Server-wide counters for INFO stats.
-#[derive(Default)]
-pub struct Stats {
-    pub commands: AtomicU64,
-    pub error_replies: AtomicU64,
-    pub net_input_bytes: AtomicU64,
-    pub net_output_bytes: AtomicU64,
-    pub ops_per_sec: AtomicU64,
-    pub peak_rss: AtomicU64,
-}
-
-impl Stats {
-    pub fn reset(&self) {
-        for c in [
-            &self.commands,
-            &self.error_replies,
-            &self.net_input_bytes,
-            &self.net_output_bytes,
-            &self.ops_per_sec,
-        ] {
-            c.store(0, Ordering::Relaxed);
-        }
-    }
-}
-
 /// State shared by every connection.
 pub struct Shared {
     pub db: Db,
@@ -78,6 +54,7 @@ pub struct Shared {
     pub config_file: Option<String>,
     pub clients: Clients,
     pub pubsub: PubSub,
+    pub monitors: crate::monitor::Monitors,
     pub stats: Stats,
     pub started: Instant,
     pub run_id: String,
@@ -101,7 +78,8 @@ impl Shared {
             config_file,
             clients: Clients::default(),
             pubsub: PubSub::default(),
-            stats: Stats::default(),
+            monitors: Default::default(),
+            stats: Stats::new(),
             started: Instant::now(),
             run_id,
             shutdown: CancellationToken::new(),
@@ -126,6 +104,18 @@ struct Watching {
     keys: Vec<(Bytes, Option<Option<u64>>)>,
 }
 
+/// CLIENT REPLY: whether the connection's replies are sent.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ReplyMode {
+    #[default]
+    On,
+    Off,
+    /// CLIENT REPLY SKIP ran: the reply after its own is not sent.
+    SkipArmed,
+    /// This request's reply is not sent; then back to `On`.
+    Skipping,
+}
+
 /// Per-connection state.
 pub struct Session {
     pub client: Arc<ClientHandle>,
@@ -145,6 +135,10 @@ pub struct Session {
     last_cmd: &'static str,
     /// A write ran since the store was last flushed.
     pub wrote: bool,
+    /// The current request was refused before it ran (for INFO commandstats).
+    pub rejected: bool,
+    /// CLIENT REPLY.
+    pub reply_mode: ReplyMode,
     /// Cluster state of the connection (peer identity, redirects, where its
     /// transaction lives); unused outside cluster mode.
     pub cluster: crate::cluster::SessionState,
@@ -166,6 +160,8 @@ impl Session {
             max_bulk_len: shared.config.read().proto_max_bulk_len,
             last_cmd: "",
             wrote: false,
+            rejected: false,
+            reply_mode: ReplyMode::On,
             cluster: crate::cluster::SessionState::default(),
         }
     }
@@ -176,6 +172,7 @@ impl Session {
         if let Some(m) = self.multi.as_mut() {
             m.failed = true;
         }
+        self.rejected = true;
         reply
     }
 
@@ -183,6 +180,23 @@ impl Session {
     /// once per batch rather than per command.
     pub fn note_command(&mut self, spec: &'static Spec) {
         self.last_cmd = spec.name;
+    }
+
+    /// Whether the reply to the request just run is sent (CLIENT REPLY),
+    /// moving a SKIP along.
+    pub fn send_reply(&mut self) -> bool {
+        match self.reply_mode {
+            ReplyMode::On => true,
+            ReplyMode::Off => false,
+            ReplyMode::SkipArmed => {
+                self.reply_mode = ReplyMode::Skipping;
+                true
+            }
+            ReplyMode::Skipping => {
+                self.reply_mode = ReplyMode::On;
+                false
+            }
+        }
     }
 
     pub fn in_resp2_subscribed_mode(&self) -> bool {
@@ -274,9 +288,10 @@ impl Session {
         }
     }
 
-    /// SUBSCRIBE / PSUBSCRIBE one name; returns its confirmation message.
-    pub fn subscribe(&mut self, shared: &Shared, name: Bytes, pattern: bool) -> Reply {
-        let sub = match &self.subscriber {
+    /// The connection's queue for messages pushed to it (pub/sub, MONITOR),
+    /// made on first use.
+    fn subscriber(&mut self, shared: &Shared) -> Subscriber {
+        match &self.subscriber {
             Some(s) => s.clone(),
             None => {
                 let cap = shared.config.read().pubsub_queue_limit;
@@ -289,7 +304,18 @@ impl Session {
                 self.messages = Some(rx);
                 s
             }
-        };
+        }
+    }
+
+    /// MONITOR: from now on this connection is shown every command.
+    pub fn monitor(&mut self, shared: &Shared) {
+        let sub = self.subscriber(shared);
+        shared.monitors.add(sub);
+    }
+
+    /// SUBSCRIBE / PSUBSCRIBE one name; returns its confirmation message.
+    pub fn subscribe(&mut self, shared: &Shared, name: Bytes, pattern: bool) -> Reply {
+        let sub = self.subscriber(shared);
         if pattern {
             shared.pubsub.psubscribe(&name, &sub);
             self.patterns.insert(name.clone());
@@ -343,11 +369,13 @@ impl Session {
 
     /// RESET, and the clean-up when the connection ends.
     pub fn reset(&mut self, shared: &Shared) {
+        shared.monitors.remove(self.client.id);
         self.end_multi();
         self.unwatch_all(shared);
         self.unsubscribe(shared, Vec::new(), false);
         self.unsubscribe(shared, Vec::new(), true);
         self.set_protocol(Protocol::Resp2);
+        self.reply_mode = ReplyMode::On;
         self.authenticated = shared.config.read().requirepass.is_none();
         self.client.state.lock().name.clear();
     }
@@ -523,10 +551,19 @@ async fn serve(shared: &Arc<Shared>, session: &mut Session, socket: TcpStream) -
                     {
                         panic!("KVD.PANIC (KVD_FAILPOINTS=panic)");
                     }
+                    let started = Instant::now();
+                    session.rejected = false;
+                    let spec = command::spec::lookup(&args).found();
+                    // MONITOR shows what clients ask of this node (not what
+                    // peers forward to it), once it ran or went on its way.
+                    let monitored = shared.monitors.active() && session.cluster.peer.is_none();
                     let reply = match shared.cluster.get() {
                         Some(cluster) => {
                             if let Some(p) = crate::cluster::dispatch::start_forward(cluster, session, &args)
                             {
+                                if monitored {
+                                    shared.monitors.feed(&session.client, spec, &args);
+                                }
                                 forwarded.push(p);
                                 continue;
                             }
@@ -540,8 +577,21 @@ async fn serve(shared: &Arc<Shared>, session: &mut Session, socket: TcpStream) -
                             None => command::execute(shared, session, &args),
                         },
                     };
-                    if reply.is_error() {
-                        shared.stats.error_replies.fetch_add(1, Ordering::Relaxed);
+                    let outcome = if session.rejected {
+                        Outcome::Rejected
+                    } else {
+                        Outcome::Ran(started.elapsed())
+                    };
+                    if monitored && !session.rejected && spec.is_some() {
+                        shared.monitors.feed(&session.client, spec, &args);
+                    }
+                    shared.stats.record(spec, outcome, &reply);
+                    if !session.send_reply() {
+                        if session.close {
+                            flush(shared, session, &mut stop, &mut wr, &mut wbuf).await?;
+                            return Ok(());
+                        }
+                        continue;
                     }
                     match reply {
                         // A large value goes from the store's buffer (often the
@@ -679,9 +729,7 @@ async fn finish_forwarded(
     }
     let proto = session.proto;
     crate::cluster::dispatch::finish_all(shared, cluster, session, forwarded, |reply| {
-        if reply.is_error() {
-            shared.stats.error_replies.fetch_add(1, Ordering::Relaxed);
-        }
+        shared.stats.record_reply(&reply);
         reply.encode(proto, wbuf);
     })
     .await;
@@ -689,6 +737,7 @@ async fn finish_forwarded(
 
 fn push_message(msg: Message) -> Reply {
     match msg {
+        Message::Monitor(line) => Reply::Raw(line),
         Message::Message { channel, payload } => Reply::Push(vec![
             Reply::bulk_str("message"),
             Reply::Bulk(channel),

@@ -143,3 +143,17 @@ fn redis_benchmark_runs_without_errors() {
     let counter = c.cmd("GET counter:__rand_int__").unwrap().as_int().unwrap();
     assert_eq!(counter, 20_000, "every INCR was applied");
 }
+
+/// Issue 18: `redis-cli --memkeys` (SCAN, TYPE and MEMORY USAGE per key)
+/// finds the biggest key; it failed on the missing MEMORY USAGE before.
+#[test]
+fn redis_cli_memkeys_finds_the_biggest_key() {
+    let kvd = Server::kvd(&[]).unwrap();
+    let mut c = kvd.connect().unwrap();
+    for i in 1..=20 {
+        c.call(&["SET", &format!("key{i}"), &"x".repeat(i * 10)]).unwrap();
+    }
+    let out = redis_cli(kvd.port, &["--memkeys"], b"");
+    assert!(out.contains("Biggest string found '\"key20\"'"), "{out}");
+    assert!(out.contains("20 strings with"), "{out}");
+}

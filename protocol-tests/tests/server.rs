@@ -906,3 +906,140 @@ fn seeded_fuzz_over_many_connections_leaves_the_server_whole() {
     let log = kvd.log();
     assert!(!log.contains("panicked"), "seed {seed}: kvd log:\n{log}");
 }
+
+/// Issue 18: what monitoring tools read. The same commands against kvd and
+/// redis-server: `INFO commandstats` rows (all but the timings) and `INFO
+/// errorstats` agree, the CPU section is `# CPU`, and `MEMORY USAGE` answers
+/// a number for a key and nil for none.
+#[test]
+fn commandstats_errorstats_and_memory_usage_match_redis() {
+    require_redis();
+    let kvd = Server::kvd(&[]).unwrap();
+    let redis = Server::redis(&[]).unwrap();
+    let mut out = Vec::new();
+    for server in [&kvd, &redis] {
+        let mut c = server.connect().unwrap();
+        c.cmd("CONFIG RESETSTAT").unwrap();
+        for line in [
+            "SET a 1",
+            "GET a b",
+            "INCR a",
+            "SET s x",
+            "INCR s",
+            "CLIENT NOSUCH",
+            "NOSUCHCOMMAND x",
+            "GET s",
+        ] {
+            c.cmd(line).unwrap();
+        }
+        let stats = c.cmd("INFO commandstats").unwrap().as_str();
+        // Timings differ; calls, rejections and failures must not.
+        let rows: std::collections::BTreeSet<String> = stats
+            .lines()
+            .map(|l| {
+                l.split(',')
+                    .filter(|f| !f.starts_with("usec"))
+                    .collect::<Vec<_>>()
+                    .join(",")
+            })
+            .collect();
+        let errors = c.cmd("INFO errorstats").unwrap().as_str();
+        let headers: Vec<String> = c
+            .cmd("INFO")
+            .unwrap()
+            .as_str()
+            .lines()
+            .filter(|l| l.starts_with("# "))
+            .map(str::to_string)
+            .collect();
+        let usage = c.cmd("MEMORY USAGE s").unwrap();
+        let missing = c.cmd("MEMORY USAGE nosuch").unwrap();
+        out.push((rows, errors, headers, usage.as_int().is_some(), missing));
+    }
+    let (k, r) = (&out[0], &out[1]);
+    assert_eq!(k.0, r.0, "commandstats rows");
+    assert_eq!(k.1, r.1, "errorstats");
+    assert!(k.2.contains(&"# CPU".to_string()), "{:?}", k.2);
+    for h in &k.2 {
+        assert!(r.2.contains(h), "kvd's section {h} is not Redis's: {:?}", r.2);
+    }
+    assert!(k.3 && r.3, "MEMORY USAGE of a key is a number");
+    assert_eq!(k.4, r.4, "MEMORY USAGE of a missing key");
+}
+
+/// Issue 18: CLIENT REPLY OFF / SKIP / ON, pipelined, against both.
+#[test]
+fn client_reply_off_skip_and_on_match_redis() {
+    require_redis();
+    let kvd = Server::kvd(&[]).unwrap();
+    let redis = Server::redis(&[]).unwrap();
+    let script = b"CLIENT REPLY OFF\r\nSET a 1\r\nPING\r\nCLIENT REPLY ON\r\nGET a\r\nCLIENT REPLY SKIP\r\nPING one\r\nPING two\r\nCLIENT REPLY bogus\r\nQUIT\r\n";
+    let k = send_and_collect(kvd.port, script);
+    let r = send_and_collect(redis.port, script);
+    assert_eq!(String::from_utf8_lossy(&k), String::from_utf8_lossy(&r));
+    assert!(
+        k.starts_with(b"+OK\r\n$1\r\n1\r\n$3\r\ntwo\r\n"),
+        "{}",
+        String::from_utf8_lossy(&k)
+    );
+}
+
+/// Reads MONITOR lines from `m` until `n` have come, each without its time
+/// and the client's port (which differ between servers).
+fn monitor_lines(m: &mut Conn, n: usize) -> Vec<String> {
+    (0..n)
+        .map(|_| {
+            let raw = m.read_reply_raw().unwrap();
+            let text = String::from_utf8_lossy(&raw).into_owned();
+            // +1339518083.107412 [0 127.0.0.1:60866] "set" ...
+            let (_, rest) = text.split_once(" [").expect("a MONITOR line");
+            let (client, args) = rest.split_once("] ").expect("a MONITOR line");
+            let db = client.split(' ').next().unwrap_or_default();
+            format!("[{db}] {}", args.trim_end())
+        })
+        .collect()
+}
+
+/// Issue 18: MONITOR, as redis-cli shows it: every command another client
+/// runs, quoted as Redis quotes it, admin commands left out, credentials
+/// redacted, rejected and unknown commands not shown; the same lines as
+/// redis-server, and the real `redis-cli monitor` prints them.
+#[test]
+fn monitor_shows_commands_as_redis_does() {
+    require_redis();
+    let kvd = Server::kvd(&[]).unwrap();
+    let redis = Server::redis(&[]).unwrap();
+    let mut seen = Vec::new();
+    for server in [&kvd, &redis] {
+        let mut m = server.connect().unwrap();
+        assert_eq!(m.cmd("MONITOR").unwrap(), Value::Status("OK".into()));
+        let mut c = server.connect().unwrap();
+        c.call(&["SET", "a b", "x\ny\"\\\u{7f}"]).unwrap();
+        c.call(&["GET", "a", "extra"]).unwrap(); // rejected: not shown
+        c.call(&["NOSUCH"]).unwrap(); // unknown: not shown
+        c.call(&["CONFIG", "GET", "maxclients"]).unwrap(); // admin: not shown
+        c.call(&["AUTH", "secret"]).unwrap();
+        c.call(&["GET", "a b"]).unwrap();
+        c.call(&[&b"ECHO"[..], &b"\x00\xff"[..]]).unwrap();
+        c.call(&["PING"]).unwrap();
+        seen.push(monitor_lines(&mut m, 5));
+    }
+    assert_eq!(seen[0], seen[1]);
+    assert_eq!(seen[0][0], r#"[0] "SET" "a b" "x\ny\"\\\x7f""#);
+    // The real redis-cli, in a scripted session.
+    let mut cli = std::process::Command::new("redis-cli")
+        .args(["-p", &kvd.port.to_string(), "monitor"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    kvd.connect().unwrap().cmd("SET from-cli 1").unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let _ = cli.kill();
+    let out = cli.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("OK") && text.contains(r#""SET" "from-cli" "1""#),
+        "redis-cli monitor printed:\n{text}"
+    );
+}

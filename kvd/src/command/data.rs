@@ -111,6 +111,8 @@ pub enum DataCommand {
     },
     RandomKey,
     DbSize,
+    /// MEMORY USAGE: an estimate of the bytes the key costs.
+    MemoryUsage(Bytes),
     Flush,
 }
 
@@ -192,6 +194,7 @@ impl DataCommand {
         "dbsize",
         "flushdb",
         "flushall",
+        "memory|usage",
     ];
 
     /// Parses a data command, or returns `None` if `name` is not one.
@@ -263,6 +266,18 @@ impl DataCommand {
             "scan" => Self::parse_scan(a)?,
             "randomkey" => RandomKey,
             "dbsize" => DbSize,
+            "memory|usage" => {
+                a.bytes()?; // USAGE
+                let key = a.bytes()?;
+                if !a.is_empty() {
+                    let opt = a.bytes()?;
+                    if !opt.eq_ignore_ascii_case(b"SAMPLES") || a.remaining() != 1 {
+                        return Err(Reply::error("ERR syntax error"));
+                    }
+                    a.i64().map_err(|_| Reply::error(ERR_NOT_INTEGER))?;
+                }
+                MemoryUsage(key)
+            }
             "flushdb" | "flushall" => {
                 if let Some(mode) = a.peek() {
                     if a.remaining() > 1
@@ -796,6 +811,14 @@ impl DataCommand {
                 Reply::Nil
             }
             DbSize => Reply::Int(db.len() as i64),
+            MemoryUsage(key) => match db.lookup_read(&key)? {
+                // Redis counts the key, the value and its allocations'
+                // headers; kvd's value lives on disk, so this is the key and
+                // value bytes and Redis's usual per-key overhead (56 bytes
+                // for a short string), enough for `redis-cli --memkeys`.
+                Some(e) => Reply::Int((key.len() + e.value.len() + 56) as i64),
+                None => Reply::Nil,
+            },
             Flush => {
                 db.flush()?;
                 Reply::OK

@@ -7,6 +7,22 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::server::{Shared, REDIS_VERSION};
 
+/// Every section, in Redis 7.0's order.
+const SECTIONS: &[&str] = &[
+    "server",
+    "clients",
+    "memory",
+    "persistence",
+    "stats",
+    "replication",
+    "cpu",
+    "modules",
+    "commandstats",
+    "errorstats",
+    "cluster",
+    "keyspace",
+];
+/// What `INFO` and `INFO default` show (Redis leaves out commandstats).
 const DEFAULT: &[&str] = &[
     "server",
     "clients",
@@ -24,17 +40,17 @@ const DEFAULT: &[&str] = &[
 /// Renders the requested sections (`default` when none are named; `all` and
 /// `everything` for every section). Unknown names render nothing, as in Redis.
 pub fn render(shared: &Shared, requested: &[String]) -> String {
-    let everything = ["default", "all", "everything"];
-    let wanted: Vec<&str> =
-        if requested.is_empty() || requested.iter().any(|s| everything.contains(&s.as_str())) {
-            DEFAULT.to_vec()
-        } else {
-            DEFAULT
-                .iter()
-                .copied()
-                .filter(|s| requested.iter().any(|r| r == s))
-                .collect()
-        };
+    let wanted: Vec<&str> = if requested.iter().any(|s| s == "all" || s == "everything") {
+        SECTIONS.to_vec()
+    } else if requested.is_empty() || requested.iter().any(|s| s == "default") {
+        DEFAULT.to_vec()
+    } else {
+        SECTIONS
+            .iter()
+            .copied()
+            .filter(|s| requested.iter().any(|r| r == s))
+            .collect()
+    };
     let mut out = String::new();
     for section in wanted {
         let body = match section {
@@ -45,7 +61,9 @@ pub fn render(shared: &Shared, requested: &[String]) -> String {
             "stats" => stats(shared),
             "replication" => replication(),
             "cpu" => cpu(),
-            "modules" | "errorstats" => String::new(),
+            "modules" => String::new(),
+            "commandstats" => shared.stats.commandstats(),
+            "errorstats" => shared.stats.errorstats(),
             "cluster" => match shared.cluster.get() {
                 Some(c) => crate::cluster::commands::info_text(c, false),
                 None => match shared.replicas.get() {
@@ -62,6 +80,9 @@ pub fn render(shared: &Shared, requested: &[String]) -> String {
         }
         let mut title = section.to_string();
         title[..1].make_ascii_uppercase();
+        if section == "cpu" {
+            title = "CPU".to_string();
+        }
         let _ = write!(out, "# {title}\r\n{body}");
     }
     out

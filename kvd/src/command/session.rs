@@ -50,6 +50,8 @@ pub enum SessionCommand {
         ids: Vec<u64>,
     },
     ClientInfo,
+    ClientReply(crate::server::ReplyMode),
+    Monitor,
     ClientSetInfo(String, Bytes),
     ClientKill(KillFilter),
     Info(Vec<String>),
@@ -163,6 +165,13 @@ impl SessionCommand {
             "client|setname" => ClientSetName(a.bytes()?),
             "client|getname" => ClientGetName,
             "client|info" => ClientInfo,
+            "monitor" => Monitor,
+            "client|reply" => ClientReply(match a.word()?.as_str() {
+                "ON" => crate::server::ReplyMode::On,
+                "OFF" => crate::server::ReplyMode::Off,
+                "SKIP" => crate::server::ReplyMode::SkipArmed,
+                _ => return Err(Reply::error("ERR syntax error")),
+            }),
             "client|list" => {
                 let (mut kind, mut ids) = (None, Vec::new());
                 while !a.is_empty() {
@@ -245,6 +254,7 @@ impl SessionCommand {
                 ClientKill(f)
             }
             "client|help" => Help("client"),
+            "memory|help" => Help("memory"),
             "info" => Info(
                 a.rest()
                     .iter()
@@ -465,6 +475,18 @@ impl SessionCommand {
                     Reply::Nil
                 } else {
                     Reply::bulk(name)
+                }
+            }
+            Monitor => {
+                s.monitor(shared);
+                Reply::OK
+            }
+            ClientReply(mode) => {
+                s.reply_mode = mode;
+                match mode {
+                    crate::server::ReplyMode::On => Reply::OK,
+                    // OFF and SKIP are not answered.
+                    _ => Reply::Many(Vec::new()),
                 }
             }
             ClientInfo => Reply::Verbatim("txt", Bytes::from(format!("{}\n", s.client.info_line()))),

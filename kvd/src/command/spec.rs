@@ -179,6 +179,11 @@ pub static COMMANDS: &[Spec] = &[
     spec!("keys", 2, ["readonly"], 0, 0, 0, "generic", "1.0.0", "Returns all key names that match a pattern.", "O(N) with N being the number of keys in the database, under the assumption that the key names in the database and the given pattern have limited length.", "pattern"),
     spec!("scan", -2, ["readonly"], 0, 0, 0, "generic", "2.8.0", "Iterates over the key names in the database.", "O(1) for every call. O(N) for a complete iteration, including enough command calls for the cursor to return back to 0. N is the number of elements inside the collection.", "cursor [MATCH pattern] [COUNT count] [TYPE type]"),
     spec!("randomkey", 1, ["readonly"], 0, 0, 0, "generic", "1.0.0", "Returns a random key name from the database.", "O(1)", ""),
+    spec!("monitor", 1, ["admin", "noscript", "loading", "stale"], 0, 0, 0, "server", "1.0.0", "Listens for all requests received by the server in real-time.", "", ""),
+    container!("memory", "server", "4.0.0", "A container for memory diagnostics commands.", &[
+        spec!("memory|usage", -3, ["readonly"], 2, 2, 1, "server", "4.0.0", "Estimates the memory usage of a key.", "O(N) where N is the number of samples.", "key [SAMPLES count]"),
+        spec!("memory|help", 2, ["loading", "stale"], 0, 0, 0, "server", "4.0.0", "Returns helpful text about the different subcommands.", "O(1)", ""),
+    ]),
     spec!("dbsize", 1, ["readonly", "fast"], 0, 0, 0, "server", "1.0.0", "Returns the number of keys in the database.", "O(1)", ""),
     spec!("flushdb", -1, ["write"], 0, 0, 0, "server", "1.0.0", "Remove all keys from the current database.", "O(N) where N is the number of keys in the selected database", "[ASYNC | SYNC]"),
     spec!("flushall", -1, ["write"], 0, 0, 0, "server", "1.0.0", "Removes all keys from all databases.", "O(N) where N is the total number of keys in all databases", "[ASYNC | SYNC]"),
@@ -204,6 +209,7 @@ pub static COMMANDS: &[Spec] = &[
         spec!("client|info", 2, ["noscript", "loading", "stale"], 0, 0, 0, "connection", "6.2.0", "Returns information about the connection.", "O(1)", ""),
         spec!("client|setinfo", 4, ["noscript", "loading", "stale"], 0, 0, 0, "connection", "7.2.0", "Sets information specific to the client or connection.", "O(1)", "LIB-NAME libname | LIB-VER libver"),
         spec!("client|kill", -3, ["admin", "noscript", "loading", "stale"], 0, 0, 0, "connection", "2.4.0", "Terminates open connections.", "O(N) where N is the number of client connections", "ip:port | [ID client-id] [TYPE NORMAL | MASTER | REPLICA | PUBSUB] [USER username] [ADDR ip:port] [LADDR ip:port] [SKIPME yes | no]"),
+        spec!("client|reply", 3, ["noscript", "loading", "stale"], 0, 0, 0, "connection", "3.2.0", "Instructs the server whether to reply to commands.", "O(1)", "ON | OFF | SKIP"),
         spec!("client|help", 2, ["loading", "stale"], 0, 0, 0, "connection", "5.0.0", "Returns helpful text about the different subcommands.", "O(1)", ""),
     ]),
     // ---- cluster ----
