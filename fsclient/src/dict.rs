@@ -269,6 +269,9 @@ pub struct RespDict {
     single: redis::Client,
     pool: Mutex<Vec<redis::Connection>>,
     cluster: Option<Mutex<redis::cluster::ClusterConnection>>,
+    /// Addresses to reconnect a cluster through: the URL's, and every node
+    /// (masters and replicas) the last CLUSTER SLOTS named.
+    seeds: Mutex<Vec<String>>,
     /// Direct connections to the node of a hash tag (cluster only), for the
     /// multi-key transactions of garbage collection; dropped on any error.
     tagged: Mutex<HashMap<String, redis::Connection>>,
@@ -286,6 +289,17 @@ fn backend(e: redis::RedisError) -> DictError {
     } else {
         DictError::from_store(text)
     }
+}
+
+/// Whether an error says a cluster node is gone or the cluster is between
+/// maps (as during a failover), rather than refusing the command.
+fn node_failed(e: &redis::RedisError) -> bool {
+    e.is_io_error()
+        || e.is_connection_refusal()
+        || e.is_connection_dropped()
+        || e.is_timeout()
+        || e.is_cluster_error()
+        || matches!(e.code(), Some("CLUSTERDOWN" | "MASTERDOWN" | "TRYAGAIN"))
 }
 
 /// `url` with its host and port replaced (credentials kept).
@@ -315,6 +329,7 @@ impl RespDict {
             single,
             pool: Mutex::new(Vec::new()),
             cluster: None,
+            seeds: Mutex::new(vec![url.to_string()]),
             tagged: Mutex::new(HashMap::new()),
         };
         // Fail early with a clear error if the store is not there.
@@ -322,8 +337,88 @@ impl RespDict {
         if info.contains("cluster_enabled:1") {
             let client = redis::cluster::ClusterClient::new(vec![url]).map_err(backend)?;
             dict.cluster = Some(Mutex::new(client.get_connection().map_err(backend)?));
+            dict.learn_seeds();
         }
         Ok(dict)
+    }
+
+    /// Runs `f` on the cluster connection. When a node does not answer
+    /// (refused, reset, timed out) or the cluster says it is down, the
+    /// connection is made anew through the seeds, so its slot map is fresh,
+    /// and `f` runs again, for up to [`TRYAGAIN_FOR`]: a failover promotes a
+    /// replica within seconds, while the old connection went on sending to
+    /// the dead master for good (issue 24: a mount dead after a failover).
+    /// What runs here is idempotent (SET NX of blobs, reads) or harmless to
+    /// repeat (a lease counter's INCR).
+    fn cluster_call<T>(
+        &self,
+        mut f: impl FnMut(&mut redis::cluster::ClusterConnection) -> redis::RedisResult<T>,
+    ) -> DictResult<T> {
+        let cluster = self.cluster.as_ref().expect("cluster_call on a cluster");
+        let deadline = std::time::Instant::now() + TRYAGAIN_FOR;
+        let mut pause = Duration::from_millis(100);
+        loop {
+            let result = f(&mut cluster.lock());
+            match result {
+                Ok(v) => return Ok(v),
+                Err(e) if node_failed(&e) && std::time::Instant::now() < deadline => {
+                    tracing::warn!("cluster node failed ({e}); reconnecting through the seeds");
+                    std::thread::sleep(pause);
+                    pause = (pause * 2).min(Duration::from_secs(1));
+                    self.reconnect_cluster();
+                }
+                Err(e) => return Err(backend(e)),
+            }
+        }
+    }
+
+    /// Replaces the cluster connection with one made through the first seed
+    /// that answers (best effort: on failure the old one stays).
+    fn reconnect_cluster(&self) {
+        let Some(cluster) = &self.cluster else { return };
+        let seeds = self.seeds.lock().clone();
+        for seed in seeds {
+            let Ok(client) = redis::cluster::ClusterClient::new(vec![seed.as_str()]) else {
+                continue;
+            };
+            if let Ok(conn) = client.get_connection() {
+                *cluster.lock() = conn;
+                // Direct connections to nodes may be to the dead one.
+                self.tagged.lock().clear();
+                self.learn_seeds();
+                return;
+            }
+        }
+    }
+
+    /// Remembers every node CLUSTER SLOTS names (with the URL first), so the
+    /// mount can reconnect even when the address it was given is gone.
+    fn learn_seeds(&self) {
+        let Some(cluster) = &self.cluster else { return };
+        let Ok(ranges) = redis::cmd("CLUSTER")
+            .arg("SLOTS")
+            .query::<Vec<redis::Value>>(&mut *cluster.lock())
+        else {
+            return;
+        };
+        let mut seeds = vec![self.url.clone()];
+        for range in ranges {
+            let redis::Value::Array(parts) = range else {
+                continue;
+            };
+            for node in parts.iter().skip(2) {
+                let redis::Value::Array(node) = node else { continue };
+                if let (Some(redis::Value::BulkString(host)), Some(redis::Value::Int(port))) =
+                    (node.first(), node.get(1))
+                {
+                    let url = with_address(&self.url, &String::from_utf8_lossy(host), *port as u16);
+                    if !seeds.contains(&url) {
+                        seeds.push(url);
+                    }
+                }
+            }
+        }
+        *self.seeds.lock() = seeds;
     }
 
     /// The server's `INFO <section>` text (of one node, for a cluster).
@@ -383,14 +478,14 @@ impl RespDict {
     /// cluster connection (which routes by key) for a cluster.
     fn run<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> DictResult<T> {
         match &self.cluster {
-            Some(c) => cmd.query(&mut *c.lock()).map_err(backend),
+            Some(_) => self.cluster_call(|c| cmd.query(c)),
             None => self.with_conn(|c| cmd.query(c)),
         }
     }
 
     /// The `(start, end, url)` of every slot range of a cluster, from CLUSTER SLOTS.
-    fn slot_ranges(&self, c: &mut redis::cluster::ClusterConnection) -> DictResult<Vec<(i64, i64, String)>> {
-        let ranges: Vec<redis::Value> = redis::cmd("CLUSTER").arg("SLOTS").query(c).map_err(backend)?;
+    fn slot_ranges(&self) -> DictResult<Vec<(i64, i64, String)>> {
+        let ranges: Vec<redis::Value> = self.cluster_call(|c| redis::cmd("CLUSTER").arg("SLOTS").query(c))?;
         let num = |v: &redis::Value| match v {
             redis::Value::Int(n) => Some(*n),
             _ => None,
@@ -436,14 +531,9 @@ impl RespDict {
                 .get_connection_with_timeout(Duration::from_secs(10))
                 .map_err(backend);
         };
-        let mut c = cluster.lock();
-        let slot: i64 = redis::cmd("CLUSTER")
-            .arg("KEYSLOT")
-            .arg(key)
-            .query(&mut *c)
-            .map_err(backend)?;
-        let ranges = self.slot_ranges(&mut c)?;
-        drop(c);
+        let _ = cluster;
+        let slot: i64 = self.cluster_call(|c| redis::cmd("CLUSTER").arg("KEYSLOT").arg(key).query(c))?;
+        let ranges = self.slot_ranges()?;
         match ranges
             .into_iter()
             .find(|(start, end, _)| (*start..=*end).contains(&slot))
@@ -479,7 +569,8 @@ impl RespDict {
         let Some(cluster) = &self.cluster else {
             return Ok(vec![Self::connect(&self.url)?]);
         };
-        let ranges = self.slot_ranges(&mut cluster.lock())?;
+        let _ = cluster;
+        let ranges = self.slot_ranges()?;
         let mut urls: Vec<String> = ranges.into_iter().map(|(_, _, url)| url).collect();
         urls.sort();
         urls.dedup();
@@ -492,12 +583,12 @@ impl RespDict {
             return Ok(Vec::new());
         }
         match &self.cluster {
-            Some(c) => {
+            Some(_) => {
                 let mut pipe = redis::cluster::cluster_pipe();
                 for k in keys {
                     pipe.cmd(cmd).arg(k);
                 }
-                pipe.query(&mut c.lock()).map_err(backend)
+                self.cluster_call(|c| pipe.query(c))
             }
             None => self.with_conn(|c| {
                 let mut pipe = redis::pipe();
@@ -575,12 +666,12 @@ impl Dict for RespDict {
             return Ok(());
         }
         match &self.cluster {
-            Some(c) => {
+            Some(_) => {
                 let mut pipe = redis::cluster::cluster_pipe();
                 for (k, v) in &items {
                     pipe.cmd("SET").arg(k).arg(&v[..]).arg("NX").ignore();
                 }
-                pipe.query::<()>(&mut c.lock()).map_err(backend)
+                self.cluster_call(|c| pipe.query::<()>(c))
             }
             // Packed by hand: each value is copied once, into the packet (the
             // crate's pipeline copies it into a command and then again into
@@ -632,19 +723,33 @@ impl Dict for RespDict {
         }
         // A slot can move between looking up its node and using it; the node then
         // answers MOVED, and the lookup is repeated.
-        let mut last = None;
-        for _ in 0..5 {
-            let mut conn = self.connection_for(key)?;
-            match swap(&mut conn) {
-                Ok(done) => return Ok(done),
-                Err(e) if e.redirect_node().is_some() => {
-                    last = Some(e);
-                    std::thread::sleep(Duration::from_millis(100));
-                }
-                Err(e) => return Err(backend(e)),
+        // A node that failed is retried the same way, through a fresh slot map,
+        // until a failover has promoted its replica (see `cluster_call`).
+        let deadline = std::time::Instant::now() + TRYAGAIN_FOR;
+        let mut moves = 0;
+        loop {
+            let failure = match self.connection_for(key) {
+                Ok(mut conn) => match swap(&mut conn) {
+                    Ok(done) => return Ok(done),
+                    Err(e) if e.redirect_node().is_some() && moves < 5 => {
+                        moves += 1;
+                        std::thread::sleep(Duration::from_millis(100));
+                        continue;
+                    }
+                    // WATCH/GET/EXEC on a connection that broke: nothing was
+                    // swapped unless EXEC ran, and an EXEC that ran and lost
+                    // its reply is found out by the caller reading the root.
+                    Err(e) if node_failed(&e) => backend(e),
+                    Err(e) => return Err(backend(e)),
+                },
+                Err(e) => e,
+            };
+            if std::time::Instant::now() >= deadline {
+                return Err(failure);
             }
+            std::thread::sleep(Duration::from_millis(200));
+            self.reconnect_cluster();
         }
-        Err(backend(last.expect("at least one attempt")))
     }
 
     fn scan_prefix(

@@ -343,9 +343,26 @@ impl RedisCluster {
 
     /// [`RedisCluster::start`] with more `redis-server` options on every node.
     pub fn start_with(size: usize, extra: &[&str]) -> Result<RedisCluster> {
+        RedisCluster::create(size, 0, extra)
+    }
+
+    /// `masters` masters with one replica each (`--cluster-replicas 1`), so a
+    /// killed master fails over to its replica.
+    pub fn start_replicated(masters: usize, extra: &[&str]) -> Result<RedisCluster> {
+        RedisCluster::create(masters * 2, 1, extra)
+    }
+
+    fn create(size: usize, replicas: usize, extra: &[&str]) -> Result<RedisCluster> {
         let mut nodes = Vec::new();
         for _ in 0..size {
-            let mut args = vec!["--cluster-enabled", "yes", "--cluster-node-timeout", "5000"];
+            let mut args = vec![
+                "--cluster-enabled",
+                "yes",
+                "--cluster-node-timeout",
+                "5000",
+                "--repl-diskless-sync-delay",
+                "0",
+            ];
             args.extend_from_slice(extra);
             nodes.push(Server::redis(&args)?);
         }
@@ -353,7 +370,7 @@ impl RedisCluster {
         let out = Command::new("redis-cli")
             .args(["--cluster", "create"])
             .args(&addrs)
-            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
             .output()
             .context("running redis-cli --cluster create")?;
         if !out.status.success() {
@@ -368,6 +385,20 @@ impl RedisCluster {
                 }
                 if Instant::now() > deadline {
                     bail!("cluster did not become ready: {info}");
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+        // A replica can take over only once it has synced with its master
+        // (a replica that never synced is not eligible for failover).
+        for node in &nodes {
+            loop {
+                let info = node.connect()?.cmd("INFO replication")?.as_str();
+                if info.contains("role:master") || info.contains("master_link_status:up") {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    bail!("a replica did not sync with its master: {info}");
                 }
                 std::thread::sleep(Duration::from_millis(100));
             }

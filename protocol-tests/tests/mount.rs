@@ -1296,3 +1296,132 @@ fn renames_from_two_mounts_leave_exactly_the_files_they_started_with() {
     want.sort();
     assert_eq!(contents, want);
 }
+
+/// Issue 24: a Redis Cluster failover must not leave the mount dead. Three
+/// masters with a replica each (AOF on, node timeout 2 s); the mount talks to
+/// a node that stays up; a writer creates and fsyncs 20 KB files while the
+/// master holding the volume's root is killed. Once the cluster has failed
+/// over, the mount's writes succeed again within 5 s, and every file whose
+/// fsync returned is intact. Before, the mount's cluster connection kept
+/// sending to the dead master's address and every write failed from then on.
+#[test]
+fn a_redis_cluster_failover_leaves_the_mount_writing() {
+    failover_case(false);
+}
+
+/// The same when the one address the mount was given is the master that dies:
+/// it reconnects through the nodes it learned from CLUSTER SLOTS.
+#[test]
+fn a_redis_cluster_failover_of_the_mounts_own_address_leaves_it_writing() {
+    failover_case(true);
+}
+
+fn failover_case(through_the_dying_node: bool) {
+    require_redis();
+    let mut cluster = protocol_tests::RedisCluster::start_replicated(
+        3,
+        &["--appendonly", "yes", "--cluster-node-timeout", "2000"],
+    )
+    .unwrap();
+    let root_key = "dfs:v:failover:root";
+    let owner = cluster.owner_of(root_key).unwrap();
+    let via = if through_the_dying_node {
+        owner
+    } else {
+        (0..cluster.nodes.len()).find(|&i| i != owner).unwrap()
+    };
+    let url = url(&cluster.nodes[via]);
+    // fsck and cat afterwards go through a node that is up.
+    let check_url = self::url(&cluster.nodes[(owner + 1) % cluster.nodes.len()]);
+    let m = Mount::start(&url, "failover", &[]).unwrap();
+    let dir = m.path().to_path_buf();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut results = Vec::new();
+            let mut i = 0u32;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let data: Vec<u8> = (0..20_000u32).map(|j| (j.wrapping_mul(31) ^ i) as u8).collect();
+                let path = dir.join(format!("w{i:05}"));
+                let ok = File::create(&path)
+                    .and_then(|mut f| f.write_all(&data).and_then(|_| f.sync_all()))
+                    .is_ok();
+                results.push((i, Instant::now(), ok, data));
+                i += 1;
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            results
+        })
+    };
+    std::thread::sleep(Duration::from_secs(2));
+    cluster.nodes[owner].kill9();
+    // The failover is done when a live node serves the root's slot again.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let failed_over = loop {
+        let served = (0..cluster.nodes.len()).filter(|&i| i != owner).any(|i| {
+            cluster.nodes[i]
+                .connect()
+                .and_then(|mut c| c.call(&["GET", root_key]))
+                .is_ok_and(|v| !v.text().starts_with("MOVED") && !v.text().starts_with("CLUSTERDOWN"))
+        });
+        if served {
+            break Instant::now();
+        }
+        if Instant::now() >= deadline {
+            let views: Vec<String> = (0..cluster.nodes.len())
+                .filter(|&i| i != owner)
+                .map(|i| {
+                    let mut c = cluster.nodes[i].connect().unwrap();
+                    format!(
+                        "{:?} / {}",
+                        c.call(&["GET", root_key]).map(|v| v.text()),
+                        c.cmd("CLUSTER NODES").unwrap().as_str()
+                    )
+                })
+                .collect();
+            panic!("the cluster never failed over:\n{}", views.join("\n"));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    std::thread::sleep(Duration::from_secs(8));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let results = writer.join().unwrap();
+    let first_ok_after = results
+        .iter()
+        .find(|(_, at, ok, _)| *ok && *at > failed_over)
+        .map(|(_, at, _, _)| *at);
+    let Some(first) = first_ok_after else {
+        panic!(
+            "no write succeeded after the failover ({} attempts)",
+            results.len()
+        );
+    };
+    assert!(
+        first.duration_since(failed_over) <= Duration::from_secs(5),
+        "writes came back {:?} after the failover",
+        first.duration_since(failed_over)
+    );
+    let late: Vec<_> = results
+        .iter()
+        .filter(|(_, at, _, _)| *at > failed_over + Duration::from_secs(5))
+        .collect();
+    assert!(
+        !late.is_empty() && late.iter().all(|(_, _, ok, _)| *ok),
+        "writes failed well after the failover"
+    );
+    drop(m);
+    let fsck = fsclient_at(&check_url, &["--volume", "failover", "fsck"]);
+    let report = String::from_utf8_lossy(&fsck.stdout).into_owned() + &String::from_utf8_lossy(&fsck.stderr);
+    assert!(
+        fsck.status.success() && report.contains(", 0 damaged paths"),
+        "fsck:\n{report}"
+    );
+    for (i, _, ok, data) in results.iter().filter(|r| r.2) {
+        let out = fsclient_at(&check_url, &["--volume", "failover", "cat", &format!("/w{i:05}")]);
+        assert!(
+            *ok && out.status.success() && out.stdout == *data,
+            "/w{i:05}: acknowledged and not intact"
+        );
+    }
+}
