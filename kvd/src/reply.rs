@@ -225,12 +225,39 @@ pub fn format_double(d: f64) -> String {
     }
     // Shortest representation that round-trips; equals %.17g for the values
     // kvd produces and avoids printing noise digits.
-    let s = format!("{d}");
-    if s.contains('e') {
-        s
+    trim_fraction(format!("{d}"))
+}
+
+/// Formats an INCRBYFLOAT result as Redis's `ld2string(..., LD_STR_HUMAN)`
+/// does: fixed notation (never an exponent) with at most 17 decimals,
+/// trailing zeros after the point removed, `-0` as `0`. Redis computes in
+/// 80-bit long doubles; kvd starts from the shortest text that reads back as
+/// the same 64-bit double, which agrees with Redis wherever both represent
+/// the value exactly (see docs/PROTOCOL.md for where they do not).
+pub fn format_human(d: f64) -> String {
+    let shortest = format!("{d}");
+    let decimals = shortest.split_once('.').map_or(0, |(_, f)| f.len());
+    let text = if decimals > 17 {
+        format!("{d:.17}")
     } else {
-        s.trim_end_matches('0').trim_end_matches('.').to_string()
+        shortest
+    };
+    let text = trim_fraction(text);
+    if text == "-0" {
+        "0".into()
+    } else {
+        text
     }
+}
+
+/// Removes trailing zeros after a decimal point, and the point if nothing
+/// follows it; a number without a point is left alone (`100` stays `100`:
+/// trimming it had made INCRBYFLOAT print 1e20 as `1`).
+fn trim_fraction(text: String) -> String {
+    if !text.contains('.') {
+        return text;
+    }
+    text.trim_end_matches('0').trim_end_matches('.').to_string()
 }
 
 #[cfg(test)]
@@ -264,6 +291,24 @@ mod tests {
         assert_eq!(enc(&Reply::Nil, Protocol::Resp2), b"$-1\r\n");
         assert_eq!(enc(&Reply::NilArray, Protocol::Resp2), b"*-1\r\n");
         assert_eq!(enc(&Reply::Nil, Protocol::Resp3), b"_\r\n");
+    }
+
+    #[test]
+    fn incrbyfloat_results_print_as_redis_prints_them() {
+        for (d, text) in [
+            (1e20, "100000000000000000000"),
+            (-1e20, "-100000000000000000000"),
+            (5010.5, "5010.5"),
+            (10.6, "10.6"),
+            (0.0, "0"),
+            (-0.0, "0"),
+            (1e-20, "0"),
+            (-1e-20, "0"),
+            (1.5e-10, "0.00000000015"),
+            (1234.0, "1234"),
+        ] {
+            assert_eq!(format_human(d), text, "{d:e}");
+        }
     }
 
     #[test]

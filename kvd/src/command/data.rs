@@ -10,7 +10,7 @@ use bytes::{Bytes, BytesMut};
 use super::args::{parse_f64, parse_i64, syntax, Args, ParseResult, ERR_NOT_INTEGER};
 use crate::db::{now_ms, Db};
 use crate::glob;
-use crate::reply::{format_double, Reply};
+use crate::reply::{format_human, Reply};
 use crate::store::{Entry, StoreError, Update};
 
 /// When a written key expires.
@@ -658,7 +658,7 @@ impl DataCommand {
                         Reply::error("ERR increment would produce NaN or Infinity"),
                     );
                 }
-                let value = Bytes::from(format_double(new));
+                let value = Bytes::from(format_human(new));
                 let expires_at = old.and_then(|e| e.expires_at);
                 (
                     Update::Put(Entry {

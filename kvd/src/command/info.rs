@@ -59,7 +59,7 @@ pub fn render(shared: &Shared, requested: &[String]) -> String {
             "memory" => memory(shared),
             "persistence" => persistence(shared),
             "stats" => stats(shared),
-            "replication" => replication(),
+            "replication" => replication(shared),
             "cpu" => cpu(),
             "modules" => String::new(),
             "commandstats" => shared.stats.commandstats(),
@@ -163,12 +163,20 @@ fn memory(shared: &Shared) -> String {
 
 fn persistence(shared: &Shared) -> String {
     let disk = shared.config.read().storage == crate::config::Storage::Disk;
+    let store = shared.db.store().info();
+    // kvd has one log and no snapshots: `rdb_last_bgsave_status` tells what
+    // Redis's tells monitoring (whether the last attempt to persist worked),
+    // from the same status as `aof_last_write_status`.
+    let status = store
+        .iter()
+        .find(|(f, _)| *f == "aof_last_write_status")
+        .map_or("ok", |(_, v)| v.as_str());
     let mut out = format!(
         "loading:0\r\nasync_loading:0\r\nrdb_changes_since_last_save:0\r\nrdb_bgsave_in_progress:0\r\n\
-         rdb_last_save_time:0\r\nrdb_last_bgsave_status:ok\r\naof_enabled:{}\r\naof_rewrite_in_progress:0\r\n",
+         rdb_last_save_time:0\r\nrdb_last_bgsave_status:{status}\r\naof_enabled:{}\r\naof_rewrite_in_progress:0\r\n",
         disk as u8
     );
-    for (field, value) in shared.db.store().info() {
+    for (field, value) in store {
         let _ = write!(out, "{field}:{value}\r\n");
     }
     out
@@ -198,13 +206,25 @@ fn stats(shared: &Shared) -> String {
     )
 }
 
-fn replication() -> String {
+/// kvd has no master/replica pairs: a single node, and every node of a
+/// cluster, is a master in Redis's sense (it takes writes for its slots), so
+/// the Redis fields say `role:master` with no replicas attached. In a
+/// replicated cluster each slot is held by R nodes as equals (leaderless
+/// CASPaxos); that is reported by `kvd_replication` and INFO cluster, not as
+/// Redis replicas, which would tell clients to send writes elsewhere.
+fn replication(shared: &Shared) -> String {
+    let mode = if shared.replicas.get().is_some() {
+        "kvd_replication:leaderless (every slot on R equal nodes; see INFO cluster)\r\n"
+    } else {
+        "kvd_replication:none\r\n"
+    };
     "role:master\r\nconnected_slaves:0\r\nmaster_failover_state:no-failover\r\n\
      master_replid:0000000000000000000000000000000000000000\r\n\
      master_replid2:0000000000000000000000000000000000000000\r\nmaster_repl_offset:0\r\n\
      second_repl_offset:-1\r\nrepl_backlog_active:0\r\nrepl_backlog_size:0\r\n\
      repl_backlog_first_byte_offset:0\r\nrepl_backlog_histlen:0\r\n"
         .to_string()
+        + mode
 }
 
 fn cpu() -> String {
