@@ -11,6 +11,10 @@ mod imp {
     pub use parking_lot::{Mutex, MutexGuard};
     pub use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
     pub use std::sync::Arc;
+
+    /// A file read or write about to happen (see the loom version).
+    #[inline(always)]
+    pub fn io_point() {}
 }
 
 #[cfg(all(test, loom))]
@@ -18,6 +22,16 @@ mod imp {
     pub use loom::sync::atomic::{AtomicBool, AtomicU64, Ordering};
     pub use loom::sync::Arc;
     pub use loom::sync::MutexGuard;
+
+    /// A file read or write about to happen. loom switches threads only at
+    /// its own operations, so without this it runs the code between two of
+    /// them, file writes included, as one step, and cannot see a write that
+    /// comes after the atomic store publishing it: the store and the write
+    /// would look simultaneous. Marking the write as a step of its own lets
+    /// the models catch a broken publication order (docs/STORAGE.md).
+    pub fn io_point() {
+        loom::thread::yield_now();
+    }
 
     /// loom's mutex with `parking_lot`'s signature (no poisoning).
     #[derive(Debug)]

@@ -24,6 +24,7 @@
 //!   (under those locks) before it drops a segment from the table; an unlinked
 //!   file stays mapped while an `Arc` exists.
 
+pub mod files;
 pub mod record;
 pub mod segment;
 
@@ -38,6 +39,7 @@ use parking_lot::{Mutex, RwLock};
 
 use super::index::{Index, Indexed};
 use super::{Entry, Store, StoreError, Update};
+use files::{Files, OsFiles};
 use record::{Kind, HEADER};
 use segment::{Segment, SegmentRef};
 
@@ -167,6 +169,8 @@ pub struct DiskStore {
     stop: AtomicBool,
     startup: StartupStats,
     /// Held (locked) for the store's life: one process per data directory.
+    /// Where the durability-deciding file operations go.
+    files: Arc<dyn Files>,
     _lock: std::fs::File,
 }
 
@@ -189,6 +193,12 @@ impl DiskStore {
     /// Opens (or creates) the log in `dir`, recovering the index from hint files
     /// and segment scans, and starts the background fsync / compaction thread.
     pub fn open(dir: &Path, options: Options) -> std::io::Result<Arc<DiskStore>> {
+        DiskStore::open_with(dir, options, Arc::new(OsFiles))
+    }
+
+    /// [`DiskStore::open`] with its durability-deciding file operations going
+    /// through `files` (tests pass the power-loss model, [`files::CrashFiles`]).
+    pub fn open_with(dir: &Path, options: Options, files: Arc<dyn Files>) -> std::io::Result<Arc<DiskStore>> {
         std::fs::create_dir_all(dir)?;
         let lock = std::fs::File::create(dir.join("LOCK"))?;
         // A previous owner that is just stopping (a restart, or a store being
@@ -245,10 +255,10 @@ impl DiskStore {
             if end < len {
                 let file = std::fs::OpenOptions::new().write(true).open(&path)?;
                 file.set_len(end)?;
-                file.sync_all()?;
+                files.sync(&path, &file)?;
                 let _ = std::fs::remove_file(dir.join(segment::hint_name(id)));
             }
-            let seg = Segment::open_sealed(path, id)?;
+            let seg = Segment::open_sealed(path, id, files.clone())?;
             seg.total.store(end, Ordering::Relaxed);
             let tombstones = recovery.tombstones.get(&id).copied().unwrap_or(0);
             seg.tombstones.store(tombstones, Ordering::Relaxed);
@@ -259,7 +269,15 @@ impl DiskStore {
         let mut stats = std::mem::take(&mut recovery.stats);
         let max_seq = recovery.finish(&index, &segments);
         let next_segment = ids.last().map_or(1, |id| id + 1);
-        let active = SegmentRef::new(Segment::create(dir, next_segment, options.segment_size)?);
+        let active = SegmentRef::new(Segment::create(
+            dir,
+            next_segment,
+            options.segment_size,
+            files.clone(),
+        )?);
+        // A segment's name must be durable before anything written in it is
+        // acknowledged: a power cut would otherwise take the whole file.
+        files.sync_dir(dir)?;
         segments.insert(next_segment, active.clone());
         stats.millis = started.elapsed().as_millis() as u64;
         tracing::info!(
@@ -287,12 +305,13 @@ impl DiskStore {
             maintenance: Mutex::new(()),
             stop: AtomicBool::new(false),
             startup: stats,
+            files,
             _lock: lock,
         });
         // Segments recovered without a hint file get one now.
         for seg in store.segments.read().values() {
             if seg.id != next_segment && !store.dir.join(segment::hint_name(seg.id)).exists() {
-                hints::write(&store.dir, seg);
+                hints::write(&store.dir, seg, &*store.files);
             }
         }
         start_threads(&store)?;
@@ -418,8 +437,14 @@ impl DiskStore {
         let id = self.next_segment.fetch_add(1, Ordering::Relaxed);
         let capacity = self.options.segment_size.max(need);
         let fresh = SegmentRef::new(
-            Segment::create(&self.dir, id, capacity).map_err(|e| io_err("creating a segment", e))?,
+            Segment::create(&self.dir, id, capacity, self.files.clone())
+                .map_err(|e| io_err("creating a segment", e))?,
         );
+        // Durable before anything in it is acknowledged (under the active
+        // lock: one directory fsync per segment, every 64 MiB by default).
+        self.files
+            .sync_dir(&self.dir)
+            .map_err(|e| io_err("syncing the data directory", e))?;
         self.segments.write().insert(id, fresh.clone());
         *active = fresh;
         drop(active);
@@ -427,6 +452,7 @@ impl DiskStore {
         self.unsynced.lock().push(full.clone());
         let sealed = full.clone();
         let dir = self.dir.clone();
+        let files = self.files.clone();
         // Syncing a whole segment and writing its hint file need not delay
         // writers; until the sync is done the segment stays on `unsynced`, so an
         // `always` flush still waits for it.
@@ -434,7 +460,7 @@ impl DiskStore {
             if let Err(e) = sealed.sync() {
                 tracing::error!(segment = sealed.id, "fsync of a sealed segment failed: {e}");
             }
-            hints::write(&dir, &sealed);
+            hints::write(&dir, &sealed, &*files);
             sealed.settled.store(true, Ordering::Release);
         });
         Ok(())
@@ -507,7 +533,18 @@ impl DiskStore {
             }
             return Err(io_err("syncing before dropping a dead segment", e));
         }
-        Ok(dead.iter().map(|seg| self.drop_segment(seg)).sum())
+        let reclaimed = dead.iter().map(|seg| self.drop_segment(seg)).sum();
+        self.sync_removals();
+        Ok(reclaimed)
+    }
+
+    /// Makes segment removals durable: a removal a power cut undid would bring
+    /// back old records, which recovery must then outrank (it does, by sequence
+    /// number), but the space would come back too.
+    fn sync_removals(&self) {
+        if let Err(e) = self.files.sync_dir(&self.dir) {
+            tracing::warn!("syncing the data directory after removing segments: {e}");
+        }
     }
 
     /// Drops dead segments and compacts every other sealed segment whose dead
@@ -601,7 +638,9 @@ impl DiskStore {
             seg.compacting.store(false, Ordering::Release);
             return Err(io_err("syncing compacted data", e));
         }
-        Ok(self.drop_segment(seg))
+        let reclaimed = self.drop_segment(seg);
+        self.sync_removals();
+        Ok(reclaimed)
     }
 
     /// Removes a compacted segment from the table and deletes its files;
@@ -609,8 +648,8 @@ impl DiskStore {
     fn drop_segment(&self, seg: &SegmentRef) -> u64 {
         self.segments.write().remove(&seg.id);
         let reclaimed = seg.len();
-        let _ = std::fs::remove_file(&seg.path);
-        let _ = std::fs::remove_file(self.dir.join(segment::hint_name(seg.id)));
+        let _ = self.files.remove(&seg.path);
+        let _ = self.files.remove(&self.dir.join(segment::hint_name(seg.id)));
         tracing::info!(segment = seg.id, bytes = reclaimed, "compacted");
         reclaimed
     }
@@ -782,9 +821,10 @@ impl Store for DiskStore {
         }
         drop(shards);
         for seg in doomed {
-            let _ = std::fs::remove_file(&seg.path);
-            let _ = std::fs::remove_file(self.dir.join(segment::hint_name(seg.id)));
+            let _ = self.files.remove(&seg.path);
+            let _ = self.files.remove(&self.dir.join(segment::hint_name(seg.id)));
         }
+        self.sync_removals();
         Ok(())
     }
 
@@ -933,10 +973,16 @@ fn every_tick(
 }
 
 impl Drop for DiskStore {
+    /// A clean stop leaves everything durable, sealed segments still waiting
+    /// for their background fsync included (only the active one was synced
+    /// here before: with `everysec`, a power cut soon after a clean shutdown
+    /// could lose a sealed segment's last writes).
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
-        let active = self.active.read().clone();
-        if let Err(e) = active.flush().and_then(|()| active.sync()) {
+        if let Err(e) = self
+            .flush_and_sync()
+            .and_then(|()| self.files.sync_dir(&self.dir))
+        {
             tracing::error!("final flush failed: {e}");
         }
     }
@@ -1065,13 +1111,13 @@ mod hints {
     /// Reads the segment with buffered reads that skip over values, not through
     /// the map: touching every page of the map would count the whole segment in
     /// the process's resident memory.
-    pub fn write(dir: &Path, seg: &Segment) {
-        if let Err(e) = try_write(dir, seg) {
+    pub fn write(dir: &Path, seg: &Segment, files: &dyn Files) {
+        if let Err(e) = try_write(dir, seg, files) {
             tracing::warn!(segment = seg.id, "could not write hint file: {e}");
         }
     }
 
-    fn try_write(dir: &Path, seg: &Segment) -> std::io::Result<()> {
+    fn try_write(dir: &Path, seg: &Segment, files: &dyn Files) -> std::io::Result<()> {
         use std::io::{BufReader, Read};
         let len = std::fs::metadata(&seg.path)?.len();
         let mut reader = BufReader::with_capacity(256 * 1024, std::fs::File::open(&seg.path)?);
@@ -1111,9 +1157,17 @@ mod hints {
         out.extend_from_slice(&crc.to_le_bytes());
         let path = dir.join(segment::hint_name(seg.id));
         let tmp = path.with_extension("hint.tmp");
-        let result = std::fs::write(&tmp, &out)
-            .and_then(|()| std::fs::File::open(&tmp)?.sync_all())
-            .and_then(|()| std::fs::rename(&tmp, &path));
+        // A hint whose rename a power cut undoes is simply missing: start-up
+        // then reads the segment itself. So no directory sync is needed here.
+        let result = (|| {
+            use std::io::Write;
+            // A leftover from a write interrupted by a crash.
+            let _ = std::fs::remove_file(&tmp);
+            let mut file = files.create_new(&tmp)?;
+            file.write_all(&out)?;
+            files.sync(&tmp, &file)?;
+            files.rename(&tmp, &path)
+        })();
         if result.is_err() {
             let _ = std::fs::remove_file(&tmp);
         }
