@@ -803,3 +803,104 @@ fn a_killed_node_comes_back_with_its_slots_and_keys() {
         Value::Bulk(b"new".to_vec())
     );
 }
+
+/// Issue 23: a plain client pipelining `SET k v1`, `GET k`, `SET k v2`,
+/// `GET k` to a node that forwards `k` gets `OK, v1, OK, v2`, in both
+/// protocols. Before, consecutive forwards took different pooled links and
+/// ran out of order on the serving node (`v2, v2`, hundreds of times per run).
+#[test]
+fn forwarded_pipelines_keep_their_order() {
+    let c = KvdCluster::start(3, &[]).expect("cluster");
+    for resp3 in [false, true] {
+        let mut conn = c.nodes[0].connect().unwrap();
+        if resp3 {
+            conn.call(&["HELLO", "3"]).unwrap();
+        }
+        // Keys node 0 does not serve: all forwarded.
+        let keys: Vec<String> = (0..2000)
+            .map(|k| format!("order{k}"))
+            .filter(|k| {
+                let mut direct = c.nodes[0].connect().unwrap();
+                direct.call(&["READONLY"]).unwrap();
+                direct.call(&["GET", k]).unwrap().text().starts_with("MOVED")
+            })
+            .take(100)
+            .collect();
+        assert_eq!(keys.len(), 100, "not enough keys on other nodes");
+        let mut wrong = Vec::new();
+        for round in 0..5 {
+            let mut wire = Vec::new();
+            for k in &keys {
+                let (v1, v2) = (format!("{k}-{round}-a"), format!("{k}-{round}-b"));
+                for args in [
+                    vec!["SET", k, &v1],
+                    vec!["GET", k],
+                    vec!["SET", k, &v2],
+                    vec!["GET", k],
+                ] {
+                    wire.extend(protocol_tests::encode_request(&args));
+                }
+            }
+            conn.send_raw(&wire).unwrap();
+            for k in &keys {
+                let replies: Vec<Value> = (0..4)
+                    .map(|_| Value::parse(&conn.read_reply_raw().unwrap(), resp3).unwrap())
+                    .collect();
+                let want = [
+                    Value::Status("OK".into()),
+                    bulk(&format!("{k}-{round}-a")),
+                    Value::Status("OK".into()),
+                    bulk(&format!("{k}-{round}-b")),
+                ];
+                if replies != want {
+                    wrong.push(format!("{k} round {round}: {replies:?}"));
+                }
+            }
+        }
+        assert!(
+            wrong.is_empty(),
+            "{} of 500 forwarded pipelines out of order (resp3 {resp3}), e.g. {:?}",
+            wrong.len(),
+            &wrong[..wrong.len().min(3)]
+        );
+    }
+}
+
+/// Issue 23: a request forwarded to a node that is stopped (SIGSTOP, a
+/// desktop asleep) gets an error within the forward timeout (5 s) instead of
+/// waiting as long as the node is stopped.
+#[test]
+fn a_forward_to_a_stopped_node_answers_within_its_timeout() {
+    let c = KvdCluster::start(3, &[]).expect("cluster");
+    let key = (0..2000)
+        .map(|k| format!("sleepy{k}"))
+        .find(|k| {
+            let mut direct = c.nodes[2].connect().unwrap();
+            direct.call(&["READONLY"]).unwrap();
+            !direct.call(&["GET", k]).unwrap().text().starts_with("MOVED")
+        })
+        .expect("a key node 2 serves");
+    let mut conn = c.nodes[0].connect().unwrap();
+    assert_eq!(conn.call(&["SET", &key, "v"]).unwrap().as_str(), "OK");
+    // Enough forwards that node 0 keeps pooled links to node 2 (the fast path).
+    for _ in 0..200 {
+        assert_eq!(conn.call(&["GET", &key]).unwrap(), bulk("v"));
+    }
+    let pid = c.nodes[2].pid() as i32;
+    // SAFETY: signalling a child process of this test.
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    let asked = std::time::Instant::now();
+    let reply = conn.call(&["GET", &key]);
+    let waited = asked.elapsed();
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    let reply = reply.unwrap();
+    eprintln!("with the serving node stopped, a forwarded GET answered after {waited:?}: {reply:?}");
+    assert!(reply.text().starts_with("CLUSTERDOWN"), "{reply:?}");
+    assert!(
+        waited < Duration::from_secs(8),
+        "the forwarded GET waited {waited:?}"
+    );
+    // Once the node is back, the same key answers again.
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(conn.call(&["GET", &key]).unwrap(), bulk("v"));
+}

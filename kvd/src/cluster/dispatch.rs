@@ -66,7 +66,7 @@ fn down() -> Reply {
 
 fn link_error(e: LinkError) -> Reply {
     match e {
-        LinkError::Connect(..) => Reply::error(format!("CLUSTERDOWN {e}")),
+        LinkError::Connect(..) | LinkError::Timeout(..) => Reply::error(format!("CLUSTERDOWN {e}")),
         LinkError::Lost(_) => Reply::error(format!("ERR {e}")),
     }
 }
@@ -228,9 +228,22 @@ fn one_slot(spec: &Spec, args: &[Bytes]) -> Option<u16> {
     keys.all(|i| key_slot(&args[i]) == slot).then_some(slot)
 }
 
-/// Sends the collected forwards (one job per run of requests for the same
-/// link) and returns their replies in order; a reply that is not a plain
-/// answer (a MOVED while a slot moves, a lost link) is redone the slow way.
+/// How long a forwarded request waits for the node that serves its slot. A
+/// node that is stopped (SIGSTOP, a desktop going to sleep) accepts and never
+/// answers; without a bound every client of every node forwarding to it
+/// stalled with it (20 s for a 20 s stop).
+const FORWARD_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Sends the collected forwards and returns their replies in request order; a
+/// reply that is not a plain answer (a MOVED while a slot moves, a lost link)
+/// is redone the slow way.
+///
+/// All of a batch's requests for one node go in **one** job on one link, in
+/// request order. (They went in one job per run of requests on the same
+/// pooled link, and the pool hands out its links in turn, so `SET k v1`, `GET
+/// k`, `SET k v2`, `GET k` could travel on different connections and run out
+/// of order: `v2, v2`.) Requests for different nodes are for different slots,
+/// so their order does not matter; they still go out together.
 pub async fn finish_all(
     shared: &Arc<Shared>,
     cluster: &Arc<Cluster>,
@@ -238,50 +251,67 @@ pub async fn finish_all(
     pending: &mut Vec<Pending>,
     mut emit: impl FnMut(Reply),
 ) {
-    let mut jobs = Vec::new();
-    let mut start = 0;
-    while start < pending.len() {
-        let mut end = start + 1;
-        while end < pending.len() && Arc::ptr_eq(&pending[end].link, &pending[start].link) {
-            end += 1;
+    // (destination, the link used for it, indices into `pending` in order)
+    let mut groups: Vec<(String, Arc<super::peer::Link>, Vec<usize>)> = Vec::new();
+    for (i, p) in pending.iter().enumerate() {
+        match groups.iter_mut().find(|(addr, _, _)| addr == p.link.addr()) {
+            Some((_, _, members)) => members.push(i),
+            None => groups.push((p.link.addr().to_string(), p.link.clone(), vec![i])),
         }
-        let requests: Vec<&[Bytes]> = pending[start..end].iter().map(|p| p.args.as_slice()).collect();
-        jobs.push((start..end, pending[start].link.start_batch(&requests)));
-        start = end;
     }
-    for (range, rx) in jobs {
-        let lost = || LinkError::Lost(pending[range.start].link.addr().to_string());
+    let jobs: Vec<_> = groups
+        .iter()
+        .map(|(_, link, members)| {
+            let requests: Vec<&[Bytes]> = members.iter().map(|&i| pending[i].args.as_slice()).collect();
+            link.start_batch(&requests)
+        })
+        .collect();
+    // Each request's outcome: its reply frame, or the error of its job.
+    let mut outcomes: Vec<Option<Result<Bytes, LinkError>>> = vec![None; pending.len()];
+    for ((addr, _, members), rx) in groups.iter().zip(jobs) {
+        let lost = || LinkError::Lost(addr.clone());
         let frames = match rx {
-            Some(rx) => rx.await.unwrap_or_else(|_| Err(lost())),
+            Some(rx) => match tokio::time::timeout(FORWARD_TIMEOUT, rx).await {
+                Ok(answer) => answer.unwrap_or_else(|_| Err(lost())),
+                Err(_) => Err(LinkError::Timeout(addr.clone(), FORWARD_TIMEOUT.as_secs())),
+            },
             None => Err(lost()),
         };
-        let frames = match frames {
-            Ok(f) => f,
+        match frames {
+            Ok(frames) => {
+                for (&i, frame) in members.iter().zip(frames) {
+                    outcomes[i] = Some(Ok(frame));
+                }
+            }
+            Err(e) => {
+                for &i in members {
+                    outcomes[i] = Some(Err(e.clone()));
+                }
+            }
+        }
+    }
+    for (p, outcome) in pending.iter().zip(outcomes) {
+        let reply = match outcome.unwrap_or_else(|| Err(LinkError::Lost(p.link.addr().to_string()))) {
+            Ok(frame) if moved_target(&frame).is_none() => {
+                cluster.stats.forwarded.fetch_add(1, Ordering::Relaxed);
+                Reply::Raw(frame)
+            }
+            // Not executed there (the slot moved): route it again.
+            Ok(_) => dispatch(shared, cluster, session, &p.args).await,
+            // A node that does not answer: say so at once, never wait again.
+            Err(e @ LinkError::Timeout(..)) => link_error(e),
             Err(e) => {
                 // Writes may or may not have run there: say so, never rerun them.
                 // Reads are safe to send again (the slow path reports the peer's state).
-                for p in &pending[range] {
-                    let read =
-                        matches!(spec::lookup(&p.args), Lookup::Found(s) if s.flags.contains(&"readonly"));
-                    if read {
-                        emit(dispatch(shared, cluster, session, &p.args).await);
-                    } else {
-                        emit(link_error(e.clone()));
-                    }
+                let read = matches!(spec::lookup(&p.args), Lookup::Found(s) if s.flags.contains(&"readonly"));
+                if read {
+                    dispatch(shared, cluster, session, &p.args).await
+                } else {
+                    link_error(e)
                 }
-                continue;
             }
         };
-        for (p, frame) in pending[range].iter().zip(frames) {
-            let reply = if moved_target(&frame).is_none() {
-                cluster.stats.forwarded.fetch_add(1, Ordering::Relaxed);
-                Reply::Raw(frame)
-            } else {
-                // Not executed there (the slot moved): route it again.
-                dispatch(shared, cluster, session, &p.args).await
-            };
-            emit(reply);
-        }
+        emit(reply);
     }
     pending.clear();
 }

@@ -104,6 +104,10 @@ pub enum LinkError {
     Connect(String, String),
     #[error("lost the connection to node {0} before its reply; the command may or may not have run")]
     Lost(String),
+    /// The node did not answer in time (stopped, or asleep); a write sent to
+    /// it may still run there.
+    #[error("node {0} did not answer within {1} s; a write sent to it may or may not have run")]
+    Timeout(String, u64),
 }
 
 /// Requests written together and the sender awaiting their replies.
