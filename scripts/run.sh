@@ -7,10 +7,13 @@
 #
 #   PORT=7379 NODES=3 DATA=./data MNT=./mnt ./scripts/run.sh
 #
-# NODES=1 runs a single kvd without cluster mode. REPLICAS=3 runs the nodes as
-# a replicated cluster instead (every key on 3 of them: stop any one and the
-# file system goes on; data in DATA/replicated/nodeN). The cluster secret is
-# made once and kept in DATA/cluster-secret.
+# The nodes form a replicated cluster: every key on REPLICAS of them (3 by
+# default, so with 3 nodes every key is on all of them): stop any one node,
+# the one the mount talks to included, and the file system goes on (data in
+# DATA/replicated/nodeN). REPLICAS=1 runs the sharded `--cluster` mode instead
+# (one copy of each slot: a node down makes its share of the files fail until
+# it is back; data in DATA/nodeN). NODES=1 runs a single kvd. The cluster
+# secret is made once and kept in DATA/cluster-secret.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -19,7 +22,8 @@ cargo build --release -p kvd -p fsclient
 
 port="${PORT:-7379}"
 nodes="${NODES:-3}"
-replicas="${REPLICAS:-}"
+replicas="${REPLICAS:-3}"
+[ "$replicas" = 1 ] && replicas=""
 data="${DATA:-$PWD/data}"
 mnt="${MNT:-$PWD/mnt}"
 mkdir -p "$data" "$mnt"

@@ -266,7 +266,12 @@ impl Dict for MemoryDict {
 /// owns the root key's slot.
 pub struct RespDict {
     url: String,
-    single: redis::Client,
+    /// The server plain connections go to: the URL's, or, for a replicated
+    /// kvd whose node stopped answering, another member (see `alternates`).
+    single: Mutex<(String, redis::Client)>,
+    /// Every node of a replicated kvd (each serves every key): where plain
+    /// connections go next when the current node stops answering.
+    alternates: Mutex<Vec<String>>,
     pool: Mutex<Vec<redis::Connection>>,
     cluster: Option<Mutex<redis::cluster::ClusterConnection>>,
     /// Addresses to reconnect a cluster through: the URL's, and every node
@@ -302,6 +307,16 @@ fn node_failed(e: &redis::RedisError) -> bool {
         || matches!(e.code(), Some("CLUSTERDOWN" | "MASTERDOWN" | "TRYAGAIN"))
 }
 
+/// Whether two store URLs name the same host and port.
+fn same_address(a: &str, b: &str) -> bool {
+    let hostport = |u: &str| {
+        let rest = u.split_once("://").map_or(u, |(_, r)| r);
+        let rest = rest.rsplit_once('@').map_or(rest, |(_, r)| r);
+        rest.split('/').next().unwrap_or(rest).to_string()
+    };
+    hostport(a) == hostport(b)
+}
+
 /// `url` with its host and port replaced (credentials kept).
 fn with_address(url: &str, host: &str, port: u16) -> String {
     let (scheme, rest) = url.split_once("://").unwrap_or(("redis", url));
@@ -326,7 +341,8 @@ impl RespDict {
         let single = redis::Client::open(url).map_err(backend)?;
         let mut dict = RespDict {
             url: url.to_string(),
-            single,
+            single: Mutex::new((url.to_string(), single)),
+            alternates: Mutex::new(Vec::new()),
             pool: Mutex::new(Vec::new()),
             cluster: None,
             seeds: Mutex::new(vec![url.to_string()]),
@@ -334,6 +350,22 @@ impl RespDict {
         };
         // Fail early with a clear error if the store is not there.
         let info: String = dict.with_conn(|c| redis::cmd("INFO").arg("cluster").query(c))?;
+        if let Some(members) = info.lines().find_map(|l| l.strip_prefix("kvd_replica_members:")) {
+            // A replicated kvd: every node serves every key, so any member can
+            // stand in for the one in the URL.
+            let mut alternates = vec![url.to_string()];
+            for addr in members.trim().split(',').filter(|a| !a.is_empty()) {
+                let Some((host, port)) = addr.rsplit_once(':') else {
+                    continue;
+                };
+                let Ok(port) = port.parse::<u16>() else { continue };
+                let alt = with_address(url, host, port);
+                if !alternates.contains(&alt) && !same_address(&alt, url) {
+                    alternates.push(alt);
+                }
+            }
+            *dict.alternates.lock() = alternates;
+        }
         if info.contains("cluster_enabled:1") {
             let client = redis::cluster::ClusterClient::new(vec![url]).map_err(backend)?;
             dict.cluster = Some(Mutex::new(client.get_connection().map_err(backend)?));
@@ -445,15 +477,11 @@ impl RespDict {
             let pooled = self.pool.lock().pop();
             let mut conn = match pooled {
                 Some(c) => c,
-                None => {
-                    let c = self
-                        .single
-                        .get_connection_with_timeout(Duration::from_secs(10))
-                        .map_err(backend)?;
-                    c.set_read_timeout(Some(Duration::from_secs(60)))
-                        .map_err(backend)?;
-                    c
-                }
+                None => match self.new_conn() {
+                    Ok(c) => c,
+                    Err(e) if self.fail_over(&e, deadline) => continue,
+                    Err(e) => return Err(backend(e)),
+                },
             };
             match f(&mut conn) {
                 Ok(v) => {
@@ -468,9 +496,45 @@ impl RespDict {
                     std::thread::sleep(pause);
                     pause = (pause * 2).min(Duration::from_millis(500));
                 }
+                // The node went away mid-command: another member runs it again.
+                // (What runs here is idempotent, or a compare-and-swap that a
+                // rerun answers from the root as it is now.)
+                Err(e) if self.fail_over(&e, deadline) => {}
                 // The connection may be broken; do not reuse it.
                 Err(e) => return Err(backend(e)),
             }
+        }
+    }
+
+    /// A new plain connection to the current server.
+    fn new_conn(&self) -> redis::RedisResult<redis::Connection> {
+        let client = self.single.lock().1.clone();
+        let c = client.get_connection_with_timeout(Duration::from_secs(10))?;
+        c.set_read_timeout(Some(Duration::from_secs(60)))?;
+        Ok(c)
+    }
+
+    /// After `e`, whether to try again on another member of a replicated kvd:
+    /// the node stopped answering, another one is known, and there is time.
+    /// Switches plain connections to the next member (dropping the pool).
+    fn fail_over(&self, e: &redis::RedisError, deadline: std::time::Instant) -> bool {
+        let alternates = self.alternates.lock().clone();
+        if alternates.len() < 2 || !node_failed(e) || std::time::Instant::now() >= deadline {
+            return false;
+        }
+        let mut single = self.single.lock();
+        let at = alternates.iter().position(|a| *a == single.0).unwrap_or(0);
+        let next = alternates[(at + 1) % alternates.len()].clone();
+        match redis::Client::open(next.as_str()) {
+            Ok(client) => {
+                tracing::warn!("store node {} failed ({e}); going on through {}", single.0, next);
+                *single = (next, client);
+                self.pool.lock().clear();
+                drop(single);
+                std::thread::sleep(Duration::from_millis(50));
+                true
+            }
+            Err(_) => false,
         }
     }
 
@@ -526,10 +590,7 @@ impl RespDict {
     /// A direct connection to the node serving `key`'s slot.
     fn connection_for(&self, key: &str) -> DictResult<redis::Connection> {
         let Some(cluster) = &self.cluster else {
-            return self
-                .single
-                .get_connection_with_timeout(Duration::from_secs(10))
-                .map_err(backend);
+            return self.new_conn().map_err(backend);
         };
         let _ = cluster;
         let slot: i64 = self.cluster_call(|c| redis::cmd("CLUSTER").arg("KEYSLOT").arg(key).query(c))?;
@@ -567,7 +628,8 @@ impl RespDict {
     /// Connections to every node that serves slots (the one server if not a cluster).
     fn every_node(&self) -> DictResult<Vec<redis::Connection>> {
         let Some(cluster) = &self.cluster else {
-            return Ok(vec![Self::connect(&self.url)?]);
+            let url = self.single.lock().0.clone();
+            return Ok(vec![Self::connect(&url)?]);
         };
         let _ = cluster;
         let ranges = self.slot_ranges()?;

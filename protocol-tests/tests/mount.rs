@@ -1425,3 +1425,60 @@ fn failover_case(through_the_dying_node: bool) {
         );
     }
 }
+
+/// Issue 23: on a replicated kvd (every key on all three nodes), killing the
+/// very node the mount was given costs the user nothing: a writer creating
+/// and fsyncing files sees no error, and every file reads back afterwards
+/// through another node. fsclient learns the members from INFO and goes on
+/// through the next one (before, every operation failed once the mount's one
+/// address was gone).
+#[test]
+fn a_replicated_kvd_losing_the_mounts_own_node_costs_the_writer_nothing() {
+    let mut c = protocol_tests::Replicated::start(3, 3);
+    let m = Mount::start(&format!("redis://127.0.0.1:{}", c.ports[0]), "main", &[]).unwrap();
+    let dir = m.path().to_path_buf();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut written = Vec::new();
+            let mut errors = Vec::new();
+            let mut i = 0u32;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let data = format!("file {i} ").repeat(500).into_bytes();
+                let path = dir.join(format!("f{i:05}"));
+                match File::create(&path).and_then(|mut f| f.write_all(&data).and_then(|_| f.sync_all())) {
+                    Ok(()) => written.push((i, data)),
+                    Err(e) => errors.push(format!("f{i:05}: {e}")),
+                }
+                i += 1;
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            (written, errors)
+        })
+    };
+    std::thread::sleep(Duration::from_secs(2));
+    c.kill9(0);
+    std::thread::sleep(Duration::from_secs(5));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (written, errors) = writer.join().unwrap();
+    assert!(
+        errors.is_empty(),
+        "the writer saw {} errors: {:?}",
+        errors.len(),
+        &errors[..errors.len().min(5)]
+    );
+    assert!(written.len() > 50, "only {} files written", written.len());
+    drop(m);
+    let url = format!("redis://127.0.0.1:{}", c.ports[1]);
+    let fsck = fsclient_at(&url, &["--volume", "main", "fsck"]);
+    let report = String::from_utf8_lossy(&fsck.stdout).into_owned() + &String::from_utf8_lossy(&fsck.stderr);
+    assert!(
+        fsck.status.success() && report.contains(", 0 damaged paths"),
+        "fsck:\n{report}"
+    );
+    for (i, data) in written.iter().step_by(7) {
+        let out = fsclient_at(&url, &["--volume", "main", "cat", &format!("/f{i:05}")]);
+        assert!(out.status.success() && out.stdout == *data, "/f{i:05} not intact");
+    }
+}
