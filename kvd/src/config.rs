@@ -40,6 +40,8 @@ pub struct Config {
     pub compact_dead_percent: u8,
     /// Cluster mode: answer every client with -MOVED instead of forwarding.
     pub cluster_redirect: bool,
+    /// Redis's `notify-keyspace-events`, as flags ([`crate::notify`]).
+    pub notify_keyspace_events: u16,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -67,6 +69,7 @@ impl Default for Config {
             segment_size: 64 * 1024 * 1024,
             compact_dead_percent: 50,
             cluster_redirect: false,
+            notify_keyspace_events: 0,
         }
     }
 }
@@ -88,6 +91,7 @@ pub const NAMES: &[&str] = &[
     "segment-size",
     "compact-dead-percent",
     "cluster-redirect",
+    "notify-keyspace-events",
     // Read-only facts clients such as redis-benchmark ask about: kvd writes no RDB
     // snapshots and no AOF.
     "save",
@@ -126,6 +130,7 @@ impl Config {
             "segment-size" => self.segment_size.to_string(),
             "compact-dead-percent" => self.compact_dead_percent.to_string(),
             "cluster-redirect" => if self.cluster_redirect { "yes" } else { "no" }.into(),
+            "notify-keyspace-events" => crate::notify::format(self.notify_keyspace_events),
             "save" => String::new(),
             "appendonly" => if self.storage == Storage::Disk {
                 "yes"
@@ -174,6 +179,10 @@ impl Config {
                     .ok()
                     .filter(|&n: &u8| (1..=100).contains(&n))
                     .ok_or_else(|| "argument must be between 1 and 100 inclusive".to_string())?
+            }
+            "notify-keyspace-events" => {
+                self.notify_keyspace_events = crate::notify::parse(value)
+                    .ok_or_else(|| "Invalid event class character. Use 'Ag$lshzxeKEtmdn'.".to_string())?
             }
             "cluster-redirect" => {
                 self.cluster_redirect = match value.to_ascii_lowercase().as_str() {

@@ -25,6 +25,43 @@ use parking_lot::{Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use crate::store::{Entry, Store, StoreError, Update};
 
+/// A change made to a key, recorded for keyspace notifications (see
+/// [`Db::recording`] and [`crate::notify`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Change {
+    pub key: Bytes,
+    pub kind: ChangeKind,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ChangeKind {
+    /// A value put where there was none.
+    Created,
+    /// A value (or its expiry) replaced.
+    Updated,
+    Removed,
+    /// Found expired and removed.
+    Expired,
+}
+
+thread_local! {
+    /// The changes of the command running on this thread, while one is
+    /// recorded. Commands run without awaiting, so a command's changes are
+    /// all made on the thread that started it.
+    static RECORDED: std::cell::RefCell<Option<Vec<Change>>> = const { std::cell::RefCell::new(None) };
+}
+
+fn record(key: &Bytes, kind: ChangeKind) {
+    RECORDED.with(|r| {
+        if let Some(changes) = r.borrow_mut().as_mut() {
+            changes.push(Change {
+                key: key.clone(),
+                kind,
+            });
+        }
+    });
+}
+
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> u64 {
     SystemTime::now()
@@ -213,6 +250,7 @@ impl Db {
         let mut result = None;
         let mut changed = false;
         let mut expired_now = false;
+        let mut kind = None;
         self.store.update(key, needs_value, &mut |entry| {
             // The clock is read only for keys that can expire.
             let live_entry = match entry {
@@ -223,6 +261,12 @@ impl Db {
             let (update, r) = f(live_entry);
             result = Some(r);
             changed = !matches!(update, Update::Keep);
+            kind = match &update {
+                Update::Put(_) if live_entry.is_some() => Some(ChangeKind::Updated),
+                Update::Put(_) => Some(ChangeKind::Created),
+                Update::Remove if live_entry.is_some() => Some(ChangeKind::Removed),
+                _ => None,
+            };
             match update {
                 // An expired entry that the command left alone is removed anyway.
                 Update::Keep if expired_now => Update::Remove,
@@ -231,6 +275,10 @@ impl Db {
         })?;
         if expired_now {
             self.stats.expired.fetch_add(1, Ordering::Relaxed);
+            record(key, ChangeKind::Expired);
+        }
+        if let Some(kind) = kind {
+            record(key, kind);
         }
         if changed || expired_now {
             self.touch(key);
@@ -269,6 +317,24 @@ impl Db {
     pub fn flush(&self) -> Result<(), StoreError> {
         self.touch_existing_watched();
         self.store.clear()
+    }
+
+    /// Runs `f`, recording every change it makes to a key (on this thread),
+    /// for keyspace notifications.
+    pub fn recording<R>(&self, f: impl FnOnce() -> R) -> (R, Vec<Change>) {
+        /// Stops the recording however `f` ends.
+        struct Stop;
+        impl Drop for Stop {
+            fn drop(&mut self) {
+                RECORDED.with(|r| r.borrow_mut().take());
+            }
+        }
+        RECORDED.with(|r| *r.borrow_mut() = Some(Vec::new()));
+        let stop = Stop;
+        let out = f();
+        let changes = RECORDED.with(|r| r.borrow_mut().take()).unwrap_or_default();
+        drop(stop);
+        (out, changes)
     }
 
     /// Number of keys (as DBSIZE counts them: not yet removed expired keys included,

@@ -15,6 +15,7 @@ pub mod durable;
 pub mod failpoint;
 pub mod glob;
 pub mod monitor;
+pub mod notify;
 pub mod protocol;
 pub mod pubsub;
 pub mod replica;

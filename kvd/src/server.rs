@@ -139,6 +139,8 @@ pub struct Session {
     pub rejected: bool,
     /// CLIENT REPLY.
     pub reply_mode: ReplyMode,
+    /// `notify-keyspace-events`, refreshed from the config like `max_bulk_len`.
+    pub notify_keyspace_events: u16,
     /// Cluster state of the connection (peer identity, redirects, where its
     /// transaction lives); unused outside cluster mode.
     pub cluster: crate::cluster::SessionState,
@@ -162,6 +164,7 @@ impl Session {
             wrote: false,
             rejected: false,
             reply_mode: ReplyMode::On,
+            notify_keyspace_events: shared.config.read().notify_keyspace_events,
             cluster: crate::cluster::SessionState::default(),
         }
     }
@@ -653,6 +656,7 @@ async fn serve(shared: &Arc<Shared>, session: &mut Session, socket: TcpStream) -
             let config = shared.config.read();
             decoder.limits = config.limits();
             session.max_bulk_len = config.proto_max_bulk_len;
+            session.notify_keyspace_events = config.notify_keyspace_events;
             config.timeout
         };
         let idle_limit = async {
@@ -855,7 +859,20 @@ async fn housekeeping(shared: Arc<Shared>) {
             _ = shared.shutdown.cancelled() => return,
         }
         // Keep removing while a batch comes back full, but yield between batches.
-        while shared.db.expire_some(256) == 256 {
+        let notify = shared.config.read().notify_keyspace_events;
+        loop {
+            let (removed, changes) = shared.db.recording(|| shared.db.expire_some(256));
+            if notify & crate::notify::EXPIRED != 0 {
+                let events = changes
+                    .into_iter()
+                    .filter(|c| c.kind == crate::db::ChangeKind::Expired)
+                    .map(|c| (crate::notify::EXPIRED, "expired", c.key))
+                    .collect();
+                crate::notify::publish(&shared.pubsub, notify, events);
+            }
+            if removed < 256 {
+                break;
+            }
             tokio::task::yield_now().await;
         }
         if last.0.elapsed() >= Duration::from_secs(1) {

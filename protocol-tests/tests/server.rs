@@ -1043,3 +1043,79 @@ fn monitor_shows_commands_as_redis_does() {
         "redis-cli monitor printed:\n{text}"
     );
 }
+
+/// Issue 18: keyspace notifications. The same commands against kvd and
+/// redis-server with `notify-keyspace-events` set: a subscriber to every
+/// keyspace and keyevent channel receives the same messages in the same
+/// order, and `CONFIG GET` shows the flags as Redis does.
+#[test]
+fn keyspace_notifications_match_redis() {
+    require_redis();
+    let kvd = Server::kvd(&[]).unwrap();
+    let redis = Server::redis(&[]).unwrap();
+    let mut seen = Vec::new();
+    for server in [&kvd, &redis] {
+        let mut c = server.connect().unwrap();
+        let mut flags = Vec::new();
+        for set in ["KEQ", "nKEA", "mKg$x", "KEA"] {
+            let r = c.call(&["CONFIG", "SET", "notify-keyspace-events", set]).unwrap();
+            let got = c.call(&["CONFIG", "GET", "notify-keyspace-events"]).unwrap();
+            flags.push(format!("{r:?} {got:?}"));
+        }
+        c.call(&["CONFIG", "SET", "notify-keyspace-events", "nKEA"])
+            .unwrap();
+        let mut sub = server.connect().unwrap();
+        sub.call(&["PSUBSCRIBE", "__key*__:*"]).unwrap();
+        sub.call(&["SUBSCRIBE", "end"]).unwrap();
+        for line in [
+            "SET a 1",
+            "SET a 2 EX 100",
+            "SET a 3 KEEPTTL",
+            "SET a 4 NX",
+            "INCR c",
+            "INCRBY c 5",
+            "DECR c",
+            "INCRBYFLOAT f 1.5",
+            "APPEND a x",
+            "SETRANGE a 0 z",
+            "DEL a nosuch",
+            "SETEX b 100 v",
+            "EXPIRE b 200",
+            "EXPIRE b 100 GT",
+            "PERSIST b",
+            "PERSIST b",
+            "RENAME b b2",
+            "COPY b2 b3",
+            "GETDEL b3",
+            "MSET m1 1 m2 2",
+            "MSETNX m1 1 m3 3",
+            "GETEX m2 EX 100",
+            "GETEX m2 PERSIST",
+            "GETSET m1 9",
+            "SETNX m9 1",
+            "EXPIRE m9 0",
+            "UNLINK m1 m2",
+            "SET t 1 PX 50",
+        ] {
+            c.cmd(line).unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        c.cmd("GET t").unwrap();
+        c.cmd("PUBLISH end done").unwrap();
+        let mut messages = Vec::new();
+        loop {
+            let Value::Array(parts) = Value::parse(&sub.read_reply_raw().unwrap(), false).unwrap() else {
+                panic!("a message")
+            };
+            let text: Vec<String> = parts.iter().map(Value::as_str).collect();
+            if text.get(1).map(String::as_str) == Some("end") {
+                break;
+            }
+            messages.push(text[2..].join(" "));
+        }
+        seen.push((flags, messages));
+    }
+    assert_eq!(seen[0].0, seen[1].0, "CONFIG SET/GET notify-keyspace-events");
+    assert_eq!(seen[0].1, seen[1].1, "the notifications");
+    assert!(seen[0].1.len() > 40, "{:?}", seen[0].1);
+}

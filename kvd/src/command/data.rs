@@ -197,6 +197,16 @@ impl DataCommand {
         "memory|usage",
     ];
 
+    /// For keyspace notifications: whether the command sets an expiry (SET
+    /// EX..., GETEX EX...) and whether it removes one (GETEX PERSIST).
+    pub fn expiry_options(&self) -> (bool, bool) {
+        match self {
+            DataCommand::Set { expiry, .. } => (matches!(expiry, Expiry::At(_)), false),
+            DataCommand::GetEx(_, e) => (matches!(e, Expiry::At(_)), *e == Expiry::Clear),
+            _ => (false, false),
+        }
+    }
+
     /// Parses a data command, or returns `None` if `name` is not one.
     pub fn parse(name: &str, args: &[Bytes]) -> Option<ParseResult<DataCommand>> {
         Self::parse_named(name, &mut Args::new(args, 1)).transpose()

@@ -109,15 +109,27 @@ pub fn run(
         };
         let max_len = session.max_bulk_len;
         let db = &shared.db;
-        return if in_exec {
-            cmd.apply(db, max_len)
-        } else if cmd.exclusive() {
-            let _gate = db.exclusive();
-            cmd.apply(db, max_len)
-        } else {
-            let _gate = db.shared();
-            cmd.apply(db, max_len)
+        let apply = |cmd: DataCommand| {
+            if in_exec {
+                cmd.apply(db, max_len)
+            } else if cmd.exclusive() {
+                let _gate = db.exclusive();
+                cmd.apply(db, max_len)
+            } else {
+                let _gate = db.shared();
+                cmd.apply(db, max_len)
+            }
         };
+        let notify = session.notify_keyspace_events;
+        if notify == 0 {
+            return apply(cmd);
+        }
+        // Keyspace notifications: the command's changes, named as Redis names
+        // them, published once it has run (and its gate is released).
+        let plan = crate::notify::Plan::of(spec.name, &cmd);
+        let (reply, changes) = db.recording(|| apply(cmd));
+        crate::notify::publish(&shared.pubsub, notify, plan.events(changes));
+        return reply;
     }
     match SessionCommand::parse(spec, args) {
         Ok(cmd) => cmd.apply(shared, session, in_exec),

@@ -606,6 +606,10 @@ impl SessionCommand {
                         .redirect
                         .store(config.cluster_redirect, std::sync::atomic::Ordering::Relaxed);
                 }
+                // This connection's own copies take effect at once (others'
+                // at their next read).
+                s.max_bulk_len = config.proto_max_bulk_len;
+                s.notify_keyspace_events = config.notify_keyspace_events;
                 *shared.config.write() = config;
                 Reply::OK
             }
