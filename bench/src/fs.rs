@@ -22,13 +22,12 @@ pub struct Report {
     dedup: Dedup,
 }
 
+/// One figure, fsclient through kvd against fsclient through redis-server.
 #[derive(Serialize)]
 struct Row {
-    store: &'static str,
-    big_put_mb_s: f64,
-    big_get_mb_s: f64,
-    small_put_files_s: f64,
-    small_get_files_s: f64,
+    figure: String,
+    #[serde(flatten)]
+    compared: crate::rounds::Compared,
 }
 
 #[derive(Serialize)]
@@ -45,6 +44,10 @@ struct Dedup {
     inserted_bytes: u64,
     new_chunks: usize,
     new_chunk_bytes: u64,
+    /// What the store grew by with the edited copy: every blob it took (new
+    /// chunks, the manifest, directories, the commit), the figure to set
+    /// beside restic's repository growth.
+    store_growth_bytes: u64,
     /// What restic's repository grew by when backing up the edited copy after
     /// the original (None if restic is not installed).
     restic_second_backup_bytes: Option<u64>,
@@ -121,7 +124,31 @@ fn file_manifest(v: &Volume, path: &str) -> Result<Hash> {
     }
 }
 
-fn measure(store: &'static str, port: u16, big: &[u8], small: usize) -> Result<Row> {
+/// The bytes of every key under `prefix` in the store at `port`.
+fn prefix_bytes(port: u16, prefix: &str) -> Result<u64> {
+    let mut c = protocol_tests::Conn::connect(port)?;
+    let mut cursor = "0".to_string();
+    let mut total = 0;
+    loop {
+        let reply = c.call(&["SCAN", &cursor, "MATCH", &format!("{prefix}*"), "COUNT", "1000"])?;
+        let protocol_tests::Value::Array(parts) = reply else {
+            anyhow::bail!("SCAN: {reply:?}")
+        };
+        cursor = parts[0].as_str();
+        if let protocol_tests::Value::Array(keys) = &parts[1] {
+            for k in keys {
+                total += c.call(&["STRLEN", &k.as_str()])?.as_int().unwrap_or(0) as u64;
+            }
+        }
+        if cursor == "0" {
+            return Ok(total);
+        }
+    }
+}
+
+/// One round's figures through the store at `port` (emptied first).
+fn measure(port: u16, big: &[u8], small: usize) -> Result<Vec<(String, f64)>> {
+    protocol_tests::Conn::connect(port)?.cmd("FLUSHALL")?;
     let v = volume(port)?;
     let mb = big.len() as f64 / 1e6;
     let t = Instant::now();
@@ -164,13 +191,12 @@ fn measure(store: &'static str, port: u16, big: &[u8], small: usize) -> Result<R
         }
     }
     let small_get = small as f64 / t.elapsed().as_secs_f64();
-    Ok(Row {
-        store,
-        big_put_mb_s: big_put,
-        big_get_mb_s: big_get,
-        small_put_files_s: small_put,
-        small_get_files_s: small_get,
-    })
+    Ok(vec![
+        ("large file put, MB/s".into(), big_put),
+        ("large file get, MB/s".into(), big_get),
+        ("4 KiB files put, files/s".into(), small_put),
+        ("4 KiB files get, files/s".into(), small_get),
+    ])
 }
 
 fn volume_reader(port: u16) -> Result<BlobStore> {
@@ -235,6 +261,7 @@ fn dedup(port: u16, mib: u64) -> Result<Dedup> {
     let mut edited = data.clone();
     let mid = edited.len() / 2;
     edited.splice(mid..mid, random_bytes(1024, 5));
+    let before = prefix_bytes(port, "dedup:")?;
     v.change("b", |s, r| {
         tree::write_file(
             s,
@@ -254,37 +281,36 @@ fn dedup(port: u16, mib: u64) -> Result<Dedup> {
         inserted_bytes: 1024,
         new_chunks: new.len(),
         new_chunk_bytes: new.iter().map(|(_, l)| *l as u64).sum(),
+        store_growth_bytes: prefix_bytes(port, "dedup:")? - before,
         restic_second_backup_bytes: restic_second_backup(&data, &edited)?,
     })
 }
 
-pub fn run(big_mib: u64, small: usize) -> Result<Report> {
+pub fn run(big_mib: u64, small: usize, rounds: usize) -> Result<Report> {
     require_redis();
     let big = random_bytes((big_mib << 20) as usize, 42);
+    // The same durability on both sides: kvd's default (everysec) and Redis's AOF
+    // with everysec.
     let kvd = Server::kvd(&[])?;
-    let redis = Server::redis(&[])?;
-    let rows = vec![
-        measure("kvd", kvd.port, &big, small)?,
-        measure("redis-server", redis.port, &big, small)?,
-    ];
-    println!("fsclient through each store ({big_mib} MiB file; {small} files of 4 KiB)");
-    println!(
-        "{:<13} {:>11} {:>11} {:>13} {:>13}",
-        "store", "put MB/s", "get MB/s", "put files/s", "get files/s"
-    );
+    let redis = Server::redis(&["--appendonly", "yes", "--appendfsync", "everysec"])?;
+    let ports = [kvd.port, redis.port];
+    let runs = crate::rounds::run(2, rounds, |side| measure(ports[side], &big, small))?;
+    let rows: Vec<Row> = runs
+        .tests()
+        .into_iter()
+        .map(|figure| Row {
+            compared: runs.compare(&figure, 0, 1),
+            figure,
+        })
+        .collect();
+    println!("fsclient through kvd and through redis-server (AOF everysec), {big_mib} MiB file, {small} files of 4 KiB, median of {rounds} rounds' ratios");
     for r in &rows {
+        let (lo, hi) = r.compared.spread();
         println!(
-            "{:<13} {:>11.0} {:>11.0} {:>13.0} {:>13.0}",
-            r.store, r.big_put_mb_s, r.big_get_mb_s, r.small_put_files_s, r.small_get_files_s
+            "{:<26} kvd {:>9.0}  redis {:>9.0}  kvd/redis {:.2} ({lo:.2}-{hi:.2})",
+            r.figure, r.compared.ours, r.compared.peer, r.compared.ratio
         );
     }
-    println!(
-        "kvd/redis: put {:.2}, get {:.2}, small put {:.2}, small get {:.2}",
-        rows[0].big_put_mb_s / rows[1].big_put_mb_s,
-        rows[0].big_get_mb_s / rows[1].big_get_mb_s,
-        rows[0].small_put_files_s / rows[1].small_put_files_s,
-        rows[0].small_get_files_s / rows[1].small_get_files_s
-    );
     let hashing = hashing(&big)?;
     println!(
         "chunking + SHA-256: {:.0} MB/s; sha256sum: {:.0} MB/s (ratio {:.2})",
@@ -292,8 +318,8 @@ pub fn run(big_mib: u64, small: usize) -> Result<Report> {
     );
     let dedup = dedup(kvd.port, 256)?;
     println!(
-        "dedup: {} MiB file, then a copy with 1 KiB inserted in the middle: {} new chunks, {} new bytes",
-        dedup.file_mib, dedup.new_chunks, dedup.new_chunk_bytes
+        "dedup: {} MiB file, then a copy with 1 KiB inserted in the middle: {} new chunks ({} bytes); the store grew {} bytes",
+        dedup.file_mib, dedup.new_chunks, dedup.new_chunk_bytes, dedup.store_growth_bytes
     );
     match dedup.restic_second_backup_bytes {
         Some(n) => println!("restic, same two files: the second backup added {n} bytes to its repository"),

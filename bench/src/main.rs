@@ -2,10 +2,12 @@
 //!
 //! `bench kvd` starts a release kvd and a redis-server (no persistence, the in-memory
 //! peer for the in-memory engine) on loopback ports, runs `redis-benchmark` against
-//! each with the same settings, and prints requests/second and the kvd/redis ratio
-//! per row. Each row is the median of several rounds, alternating servers, so a
-//! passing load on the machine does not favour one side. Results are also written as
-//! JSON to `bench/results/`.
+//! each with the same settings over a keyspace of 100,000 keys, and prints
+//! requests/second and the kvd/redis ratio per row. Every comparison runs in
+//! rounds, alternating which side goes first, and reports the median of the
+//! per-round ratios ([`rounds`]). Results, every round included, are written as
+//! JSON to `bench/results/`; `bench tables` prints the tables the docs quote
+//! from them.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -25,13 +27,13 @@ struct Cli {
 #[derive(Subcommand)]
 enum Which {
     /// kvd vs redis-server, both in memory: redis-benchmark GET/SET, 64-byte
-    /// values, 50 clients, pipeline 1 and 16.
+    /// values, 100,000 random keys, 50 clients, pipeline 1 and 16.
     Kvd {
         /// Requests per redis-benchmark run without pipelining (16x this with).
         #[arg(long, default_value_t = 200_000)]
         requests: u64,
-        /// Rounds per row; the median is reported.
-        #[arg(long, default_value_t = 3)]
+        /// Alternating rounds; each row is the median of its per-round ratios.
+        #[arg(long, default_value_t = 5)]
         rounds: usize,
     },
     /// kvd's disk engine vs redis-server with `appendonly yes, appendfsync
@@ -57,6 +59,9 @@ enum Which {
         /// Number of 4 KiB files.
         #[arg(long, default_value_t = 10_000)]
         small: usize,
+        /// Alternating rounds; each figure is the median of its per-round ratios.
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
     },
     /// The kvd cluster: GET/SET through a 3-node cluster (forwarded and routed
     /// by a cluster-aware client) against one kvd node and a 3-node Redis
@@ -86,6 +91,9 @@ enum Which {
         #[arg(long, default_value_t = 10_000_000)]
         blobs: u64,
     },
+    /// Prints the tables docs/*.md quote, from bench/results/*.json (a test
+    /// checks the docs contain them, so docs and results cannot drift).
+    Tables,
     /// The mounted file system (over kvd and over redis-server) against bindfs
     /// over tmpfs and local disk, with fio: sequential write and read, 4 KiB
     /// random reads, and creating/stat-ing/deleting many files in one directory.
@@ -108,23 +116,23 @@ enum Which {
 struct Row {
     test: String,
     pipeline: u32,
-    kvd_rps: f64,
-    redis_rps: f64,
-    ratio: f64,
+    keyspace: u64,
+    #[serde(flatten)]
+    compared: rounds::Compared,
 }
+
+/// Distinct keys the GET/SET rows use (redis-benchmark `-r`): a keyspace, so
+/// a row measures a store, not one key.
+pub(crate) const KEYSPACE: u64 = 100_000;
 
 mod cluster;
 mod fs;
 mod gc;
 mod mount;
 mod replication;
+mod rounds;
 mod storage;
-
-/// Runs redis-benchmark once (64-byte values, 50 clients); returns
-/// requests/second per test name.
-fn redis_benchmark(port: u16, tests: &str, requests: u64, pipeline: u32) -> Result<Vec<(String, f64)>> {
-    redis_benchmark_with(port, tests, requests, pipeline, 64, 50)
-}
+mod tables;
 
 /// Runs redis-benchmark with a value size and client count.
 pub(crate) fn redis_benchmark_args(
@@ -142,6 +150,8 @@ pub(crate) fn redis_benchmark_args(
             "64",
             "-c",
             "50",
+            "-r",
+            &KEYSPACE.to_string(),
             "-n",
             &requests.to_string(),
             "-P",
@@ -173,6 +183,8 @@ fn parse_csv(out: &std::process::Output) -> Result<Vec<(String, f64)>> {
     Ok(rows)
 }
 
+/// One redis-benchmark run: `size`-byte values, `clients` connections, random
+/// keys from a keyspace of `keyspace` (`-r`). Returns requests/second per test.
 fn redis_benchmark_with(
     port: u16,
     tests: &str,
@@ -180,19 +192,20 @@ fn redis_benchmark_with(
     pipeline: u32,
     size: usize,
     clients: u32,
+    keyspace: u64,
 ) -> Result<Vec<(String, f64)>> {
     let out = Command::new("redis-benchmark")
         .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-t", tests])
         .args(["-d", &size.to_string(), "-c", &clients.to_string()])
+        .args(["-r", &keyspace.to_string()])
         .args(["-n", &requests.to_string(), "-P", &pipeline.to_string(), "--csv"])
         .output()
         .context("running redis-benchmark (scripts/setup.sh installs it)")?;
     parse_csv(&out)
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
+fn median(v: Vec<f64>) -> f64 {
+    rounds::median(v)
 }
 
 fn bench_kvd(requests: u64, rounds: usize) -> Result<Vec<Row>> {
@@ -203,21 +216,16 @@ fn bench_kvd(requests: u64, rounds: usize) -> Result<Vec<Row>> {
     let mut rows = Vec::new();
     for pipeline in [1u32, 16] {
         let n = requests * pipeline as u64;
-        let mut kvd_runs: Vec<Vec<(String, f64)>> = Vec::new();
-        let mut redis_runs = Vec::new();
-        for _ in 0..rounds {
-            kvd_runs.push(redis_benchmark(kvd.port, "set,get", n, pipeline)?);
-            redis_runs.push(redis_benchmark(redis.port, "set,get", n, pipeline)?);
-        }
-        for (i, (test, _)) in kvd_runs[0].iter().enumerate() {
-            let kvd_rps = median(kvd_runs.iter().map(|r| r[i].1).collect());
-            let redis_rps = median(redis_runs.iter().map(|r| r[i].1).collect());
+        let ports = [kvd.port, redis.port];
+        let runs = rounds::run(2, rounds, |side| {
+            redis_benchmark_with(ports[side], "set,get", n, pipeline, 64, 50, KEYSPACE)
+        })?;
+        for test in runs.tests() {
             rows.push(Row {
                 test: test.clone(),
                 pipeline,
-                kvd_rps,
-                redis_rps,
-                ratio: kvd_rps / redis_rps,
+                keyspace: KEYSPACE,
+                compared: runs.compare(&test, 0, 1),
             });
         }
     }
@@ -238,13 +246,14 @@ fn main() -> Result<()> {
         Which::Kvd { requests, rounds } => {
             let rows = bench_kvd(requests, rounds)?;
             println!(
-                "{:<6} {:>8} {:>14} {:>14} {:>10}",
+                "{:<6} {:>8} {:>14} {:>14} {:>10}  per round",
                 "test", "pipeline", "kvd req/s", "redis req/s", "kvd/redis"
             );
             for r in &rows {
+                let (lo, hi) = r.compared.spread();
                 println!(
-                    "{:<6} {:>8} {:>14.0} {:>14.0} {:>10.2}",
-                    r.test, r.pipeline, r.kvd_rps, r.redis_rps, r.ratio
+                    "{:<6} {:>8} {:>14.0} {:>14.0} {:>10.2}  {lo:.2}-{hi:.2}",
+                    r.test, r.pipeline, r.compared.ours, r.compared.peer, r.compared.ratio
                 );
             }
             let path = save("kvd", &rows)?;
@@ -283,8 +292,13 @@ fn main() -> Result<()> {
             let path = save("gc", &report)?;
             println!("saved {}", path.display());
         }
-        Which::Fs { big_mib, small } => {
-            let report = fs::run(big_mib, small)?;
+        Which::Tables => print!("{}", tables::all()?),
+        Which::Fs {
+            big_mib,
+            small,
+            rounds,
+        } => {
+            let report = fs::run(big_mib, small, rounds.max(1))?;
             let path = save("fs", &report)?;
             println!("saved {}", path.display());
         }

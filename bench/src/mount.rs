@@ -22,7 +22,11 @@ pub struct Report {
     /// Each row is the median of this many rounds.
     rounds: usize,
     rows: Vec<Row>,
-    /// dictfs row / bindfs row, per target and measure.
+    /// Every round's rows, per target (in `rows`' order): what the medians
+    /// and ratios come from.
+    round_rows: Vec<Vec<Row>>,
+    /// dictfs ÷ bindfs, per target and measure: the median of the per-round
+    /// ratios (each round measured every target back to back).
     ratios: Vec<Ratio>,
 }
 
@@ -44,6 +48,8 @@ struct Ratio {
     seq_read: f64,
     rand_read_4k: f64,
     metadata: f64,
+    /// Each round's ratios, in the same order of measures.
+    per_round: Vec<[f64; 4]>,
 }
 
 /// A directory to measure, and how to make its caches cold.
@@ -290,15 +296,28 @@ pub fn run(file_mib: u64, files: usize, rounds: usize) -> Result<Report> {
         }
     }
     let rows: Vec<Row> = samples.iter().map(|s| median_row(s)).collect();
-    let bind = rows[1].clone();
-    let ratios = rows[2..]
-        .iter()
-        .map(|r| Ratio {
-            target: r.target.clone(),
-            seq_write: r.seq_write_mb_s / bind.seq_write_mb_s,
-            seq_read: r.seq_read_mb_s / bind.seq_read_mb_s,
-            rand_read_4k: r.rand_read_4k_iops / bind.rand_read_4k_iops,
-            metadata: meta_rate(r) / meta_rate(&bind),
+    let ratios = (2..rows.len())
+        .map(|t| {
+            let per_round: Vec<[f64; 4]> = (0..rounds)
+                .map(|k| {
+                    let (r, b) = (&samples[t][k], &samples[1][k]);
+                    [
+                        r.seq_write_mb_s / b.seq_write_mb_s,
+                        r.seq_read_mb_s / b.seq_read_mb_s,
+                        r.rand_read_4k_iops / b.rand_read_4k_iops,
+                        meta_rate(r) / meta_rate(b),
+                    ]
+                })
+                .collect();
+            let m = |i: usize| crate::median(per_round.iter().map(|r| r[i]).collect());
+            Ratio {
+                target: rows[t].target.clone(),
+                seq_write: m(0),
+                seq_read: m(1),
+                rand_read_4k: m(2),
+                metadata: m(3),
+                per_round,
+            }
         })
         .collect::<Vec<_>>();
     println!(
@@ -316,6 +335,7 @@ pub fn run(file_mib: u64, files: usize, rounds: usize) -> Result<Report> {
         files,
         rounds,
         rows,
+        round_rows: samples,
         ratios,
     })
 }

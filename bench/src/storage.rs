@@ -9,7 +9,8 @@ use anyhow::{Context, Result};
 use protocol_tests::{require_redis, rss_of, Conn, Server, Value};
 use serde::Serialize;
 
-use super::{median, redis_benchmark_with};
+use super::redis_benchmark_with;
+use crate::rounds::{self, Compared};
 
 #[derive(Serialize)]
 pub struct Report {
@@ -24,12 +25,10 @@ struct Row {
     test: String,
     value_bytes: usize,
     pipeline: u32,
-    kvd_rps: f64,
-    redis_rps: f64,
-    ratio: f64,
-    /// kvd ÷ redis within each round (the two ran back to back): the spread
-    /// says how much of the median is this machine's noise.
-    round_ratios: Vec<f64>,
+    /// Distinct keys the run writes and reads (redis-benchmark `-r`).
+    keyspace: u64,
+    #[serde(flatten)]
+    compared: Compared,
 }
 
 #[derive(Serialize)]
@@ -62,45 +61,30 @@ struct FsyncAlways {
 fn throughput_rows(rounds: usize) -> Result<Vec<Row>> {
     let kvd = Server::kvd(&[])?;
     let redis = Server::redis(&["--appendonly", "yes", "--appendfsync", "everysec"])?;
-    // (value size, pipeline, requests, clients)
+    // (value size, pipeline, requests, clients, keyspace)
     let cases = [
         // (Runs of 2-3 s swung 0.90-1.08 per round at pipeline 1; 12 s runs
         // by hand, 0.99-1.12.)
-        (64usize, 1u32, 1_000_000u64, 50u32),
-        (64, 16, 5_000_000, 50),
-        // (4 GiB a run: 1,000 took under a second, and swung 0.7-1.05.)
-        (1 << 20, 1, 4000, 10),
+        (64usize, 1u32, 1_000_000u64, 50u32, super::KEYSPACE),
+        (64, 16, 5_000_000, 50, super::KEYSPACE),
+        // 2,000 keys of 1 MiB: 2 GiB of distinct values, 32 segments' worth,
+        // so overwrites leave live data in every segment (a single key made
+        // each segment wholly dead, which measured dropping files, not a store).
+        (1 << 20, 1, 4000, 10, 2000),
     ];
     let mut rows = Vec::new();
-    for (size, pipeline, n, clients) in cases {
-        let mut k = Vec::new();
-        let mut r = Vec::new();
-        for round in 0..rounds {
-            // Alternate who goes first: on a VM, fresh memory is slow to touch
-            // the first time, and that should not favour either side.
-            let (first, second) = if round % 2 == 0 {
-                (&kvd, &redis)
-            } else {
-                (&redis, &kvd)
-            };
-            let a = redis_benchmark_with(first.port, "set,get", n, pipeline, size, clients)?;
-            let b = redis_benchmark_with(second.port, "set,get", n, pipeline, size, clients)?;
-            let (kr, rr) = if round % 2 == 0 { (a, b) } else { (b, a) };
-            k.push(kr);
-            r.push(rr);
-        }
-        for (i, (test, _)) in k[0].iter().enumerate() {
-            let kvd_rps = median(k.iter().map(|x| x[i].1).collect());
-            let redis_rps = median(r.iter().map(|x| x[i].1).collect());
-            let round_ratios = k.iter().zip(&r).map(|(a, b)| a[i].1 / b[i].1).collect();
+    for (size, pipeline, n, clients, keyspace) in cases {
+        let ports = [kvd.port, redis.port];
+        let runs = rounds::run(2, rounds, |side| {
+            redis_benchmark_with(ports[side], "set,get", n, pipeline, size, clients, keyspace)
+        })?;
+        for test in runs.tests() {
             rows.push(Row {
                 test: test.clone(),
                 value_bytes: size,
                 pipeline,
-                kvd_rps,
-                redis_rps,
-                ratio: kvd_rps / redis_rps,
-                round_ratios,
+                keyspace,
+                compared: runs.compare(&test, 0, 1),
             });
         }
     }
@@ -222,17 +206,16 @@ fn fsync_always(mib: u64) -> Result<FsyncAlways> {
 pub fn run(load_gib: u64, startup_keys: u64, rounds: usize) -> Result<Report> {
     require_redis();
     let rows = throughput_rows(rounds)?;
-    println!("vs redis-server (appendonly yes, appendfsync everysec), median of {rounds} alternating rounds");
+    println!("vs redis-server (appendonly yes, appendfsync everysec), median of {rounds} alternating rounds' ratios");
     println!(
-        "{:<6} {:>9} {:>8} {:>12} {:>12} {:>9}  per round",
-        "test", "value", "pipeline", "kvd req/s", "redis req/s", "kvd/redis"
+        "{:<6} {:>9} {:>8} {:>8} {:>12} {:>12} {:>9}  per round",
+        "test", "value", "pipeline", "keys", "kvd req/s", "redis req/s", "kvd/redis"
     );
     for r in &rows {
-        let lo = r.round_ratios.iter().copied().fold(f64::INFINITY, f64::min);
-        let hi = r.round_ratios.iter().copied().fold(0.0, f64::max);
+        let (lo, hi) = r.compared.spread();
         println!(
-            "{:<6} {:>9} {:>8} {:>12.0} {:>12.0} {:>9.2}  {lo:.2}-{hi:.2}",
-            r.test, r.value_bytes, r.pipeline, r.kvd_rps, r.redis_rps, r.ratio
+            "{:<6} {:>9} {:>8} {:>8} {:>12.0} {:>12.0} {:>9.2}  {lo:.2}-{hi:.2}",
+            r.test, r.value_bytes, r.pipeline, r.keyspace, r.compared.ours, r.compared.peer, r.compared.ratio
         );
     }
     let memory = memory(load_gib)?;
