@@ -244,7 +244,7 @@ impl Walk<'_> {
             match e.content {
                 Content::Dir { tree } => self.dir(tree, &p),
                 Content::File { manifest, size } => self.file(manifest, size, &p),
-                Content::Symlink { .. } | Content::Fifo | Content::Inode { .. } => {}
+                Content::Symlink { .. } | Content::Fifo | Content::Device { .. } | Content::Inode { .. } => {}
             }
         }
     }

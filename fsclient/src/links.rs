@@ -19,11 +19,28 @@ use crate::object::{self, Content, Entry, Hash, Inodes, Meta, Time};
 use crate::store::BlobStore;
 use crate::tree::FsResult;
 
-/// A commit's file system: its root directory and its inode table.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// A commit's file system: its root directory, its inode table and the
+/// root directory's own metadata.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Tree {
     pub root: Hash,
     pub inodes: Option<Hash>,
+    pub root_meta: Option<Meta>,
+}
+
+/// The root's metadata after a merge: a side's change if only one side
+/// changed it, else the later change (by ctime; ours on a tie).
+fn merge_root_meta(base: Option<&Meta>, ours: Option<Meta>, theirs: Option<Meta>) -> Option<Meta> {
+    if ours == theirs || ours.as_ref() == base {
+        return theirs;
+    }
+    if theirs.as_ref() == base {
+        return ours;
+    }
+    match (ours, theirs) {
+        (Some(o), Some(t)) => Some(if t.ctime > o.ctime { t } else { o }),
+        (o, t) => o.or(t),
+    }
 }
 
 pub fn load(store: &BlobStore, h: Option<Hash>) -> FsResult<Inodes> {
@@ -143,15 +160,24 @@ pub fn merge_trees(
     theirs: Tree,
     writer: &str,
 ) -> FsResult<Tree> {
-    let base_root = base.map(|b| b.root);
+    let base_root = base.as_ref().map(|b| b.root);
+    let root_meta = merge_root_meta(
+        base.as_ref().and_then(|b| b.root_meta.as_ref()),
+        ours.root_meta.clone(),
+        theirs.root_meta.clone(),
+    );
     let aligned = crate::merge::align_renames(store, base_root, ours.root, theirs.root)?;
     let mut root = crate::merge::merge(store, base_root, aligned.ours, aligned.theirs, writer)?;
     root = crate::merge::drop_rename_copies(store, root, &aligned.crossed)?;
     if ours.inodes.is_none() && theirs.inodes.is_none() {
-        return Ok(Tree { root, inodes: None });
+        return Ok(Tree {
+            root,
+            inodes: None,
+            root_meta,
+        });
     }
     let (mut inodes, conflicts) = merge(
-        &load(store, base.and_then(|b| b.inodes))?,
+        &load(store, base.as_ref().and_then(|b| b.inodes))?,
         &load(store, ours.inodes)?,
         &load(store, theirs.inodes)?,
     );
@@ -170,6 +196,7 @@ pub fn merge_trees(
     Ok(Tree {
         root,
         inodes: self::store(store, &inodes)?,
+        root_meta,
     })
 }
 

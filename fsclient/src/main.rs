@@ -264,6 +264,11 @@ fn kind_char(e: &Entry) -> char {
         Content::Dir { .. } => 'd',
         Content::Symlink { .. } => 'l',
         Content::Fifo | Content::Inode { .. } => 'p',
+        Content::Device { kind, .. } => match kind {
+            fsclient::object::DeviceKind::Char => 'c',
+            fsclient::object::DeviceKind::Block => 'b',
+            fsclient::object::DeviceKind::Socket => 's',
+        },
     }
 }
 
@@ -407,7 +412,9 @@ fn get_tree(store: &BlobStore, version: &Version, entry: Option<Entry>, local: &
         Content::Symlink { target } => {
             std::os::unix::fs::symlink(std::ffi::OsStr::from_bytes(&target), local)?;
         }
-        Content::Fifo | Content::Inode { .. } => {}
+        // Not recreated on `get`: making device nodes needs root, and a socket
+        // is only a name.
+        Content::Fifo | Content::Device { .. } | Content::Inode { .. } => {}
     }
     Ok(())
 }
@@ -632,6 +639,11 @@ fn run(cli: Cli) -> Result<(), Failure> {
                         Content::Dir { .. } => "directory",
                         Content::Symlink { .. } => "symbolic link",
                         Content::Fifo | Content::Inode { .. } => "fifo",
+                        Content::Device { kind, .. } => match kind {
+                            fsclient::object::DeviceKind::Char => "character special file",
+                            fsclient::object::DeviceKind::Block => "block special file",
+                            fsclient::object::DeviceKind::Socket => "socket",
+                        },
                     };
                     println!(
                         "  File: {path}\n  Size: {}\n  Type: {kind}\n  Mode: {:04o}  Uid: {}  Gid: {}\nModify: {}.{:09}\nChange: {}.{:09}",

@@ -85,6 +85,9 @@ fn file_type(k: Kind) -> FileType {
         Kind::Dir => FileType::Directory,
         Kind::Symlink => FileType::Symlink,
         Kind::Fifo => FileType::NamedPipe,
+        Kind::CharDevice => FileType::CharDevice,
+        Kind::BlockDevice => FileType::BlockDevice,
+        Kind::Socket => FileType::Socket,
     }
 }
 
@@ -103,7 +106,7 @@ fn file_attr(a: &Attr) -> FileAttr {
         nlink: a.nlink,
         uid: a.uid,
         gid: a.gid,
-        rdev: 0,
+        rdev: a.rdev as u32,
         blksize: 128 * 1024,
         flags: 0,
     }
@@ -239,14 +242,15 @@ impl Filesystem for Adapter {
         name: &OsStr,
         mode: u32,
         umask: u32,
-        _rdev: u32,
+        rdev: u32,
         reply: ReplyEntry,
     ) {
         guard("mknod", || {
             let mode = mode & !(umask & 0o777);
             entry(
                 reply,
-                self.vfs.mknod(caller(req), parent.0, name.as_bytes(), mode),
+                self.vfs
+                    .mknod(caller(req), parent.0, name.as_bytes(), mode, rdev as u64),
             )
         });
     }

@@ -128,11 +128,24 @@ pub enum Content {
         target: Vec<u8>,
     },
     Fifo,
+    /// A character or block device (its device number) or a socket.
+    Device {
+        kind: DeviceKind,
+        rdev: u64,
+    },
     /// A name of a hard-linked file: its metadata and content are the inode
     /// table's entry `id` (the entry's own metadata is all zeros).
     Inode {
         id: u64,
     },
+}
+
+/// What a [`Content::Device`] is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeviceKind {
+    Char = 0,
+    Block = 1,
+    Socket = 2,
 }
 
 impl Content {
@@ -141,7 +154,7 @@ impl Content {
         match self {
             Content::File { manifest, .. } => Some(*manifest),
             Content::Dir { tree } => Some(*tree),
-            Content::Symlink { .. } | Content::Fifo | Content::Inode { .. } => None,
+            Content::Symlink { .. } | Content::Fifo | Content::Device { .. } | Content::Inode { .. } => None,
         }
     }
 
@@ -152,6 +165,7 @@ impl Content {
             Content::Symlink { .. } => 3,
             Content::Fifo => 5,
             Content::Inode { .. } => 6,
+            Content::Device { .. } => 7,
         }
     }
 }
@@ -191,6 +205,10 @@ pub struct Commit {
     pub message: String,
     /// The inode table (tag 6), if any file has more than one name.
     pub inodes: Option<Hash>,
+    /// The root directory's own mode, owner, times and xattrs (every other
+    /// directory's are in its parent's entry). `None` in commits made before
+    /// they were kept: the root then shows mode 0755, owned by root.
+    pub root_meta: Option<Meta>,
 }
 
 impl Commit {
@@ -199,6 +217,7 @@ impl Commit {
         crate::links::Tree {
             root: self.root,
             inodes: self.inodes,
+            root_meta: self.root_meta.clone(),
         }
     }
 }
@@ -264,19 +283,24 @@ pub fn encode_inodes(inodes: &Inodes) -> Bytes {
     b.freeze()
 }
 
+/// An entry's metadata: mode, uid, gid, mtime, ctime, then the xattrs.
+fn put_meta(b: &mut BytesMut, m: &Meta) {
+    b.put_u32_le(m.mode);
+    b.put_u32_le(m.uid);
+    b.put_u32_le(m.gid);
+    put_time(b, m.mtime);
+    put_time(b, m.ctime);
+    b.put_u16_le(m.xattrs.len() as u16);
+    for (k, v) in &m.xattrs {
+        put_bytes16(b, k);
+        put_bytes32(b, v);
+    }
+}
+
 fn put_entry(b: &mut BytesMut, e: &Entry) {
     {
         b.put_u8(e.content.kind());
-        b.put_u32_le(e.meta.mode);
-        b.put_u32_le(e.meta.uid);
-        b.put_u32_le(e.meta.gid);
-        put_time(b, e.meta.mtime);
-        put_time(b, e.meta.ctime);
-        b.put_u16_le(e.meta.xattrs.len() as u16);
-        for (k, v) in &e.meta.xattrs {
-            put_bytes16(b, k);
-            put_bytes32(b, v);
-        }
+        put_meta(b, &e.meta);
         match &e.content {
             Content::File { manifest, size } => {
                 b.put_u64_le(*size);
@@ -286,6 +310,10 @@ fn put_entry(b: &mut BytesMut, e: &Entry) {
             Content::Symlink { target } => put_bytes32(b, target),
             Content::Fifo => {}
             Content::Inode { id } => b.put_u64_le(*id),
+            Content::Device { kind, rdev } => {
+                b.put_u8(*kind as u8);
+                b.put_u64_le(*rdev);
+            }
         }
     }
 }
@@ -346,11 +374,16 @@ pub fn encode_commit(c: &Commit) -> Bytes {
     put_time(&mut b, c.time);
     put_bytes16(&mut b, c.writer.as_bytes());
     put_bytes32(&mut b, c.message.as_bytes());
-    // An extension: commits without an inode table end here, byte for byte
-    // as before it existed.
+    // Extensions, each a tag byte and its payload, in tag order: 1, the
+    // inode table's hash; 2, the root directory's metadata. A commit without
+    // them ends here, byte for byte as before they existed.
     if let Some(h) = c.inodes {
         b.put_u8(1);
         b.put_slice(&h.0);
+    }
+    if let Some(m) = &c.root_meta {
+        b.put_u8(2);
+        put_meta(&mut b, m);
     }
     b.freeze()
 }
@@ -503,22 +536,27 @@ pub fn decode_inodes(blob: &[u8]) -> Result<Inodes, FormatError> {
     Ok(out)
 }
 
+fn meta(r: &mut Reader<'_>) -> Result<Meta, FormatError> {
+    let mut meta = Meta {
+        mode: r.u32()?,
+        uid: r.u32()?,
+        gid: r.u32()?,
+        mtime: r.time()?,
+        ctime: r.time()?,
+        xattrs: BTreeMap::new(),
+    };
+    for _ in 0..r.u16()? {
+        let k = r.bytes16()?;
+        let v = r.bytes32()?;
+        meta.xattrs.insert(k, v);
+    }
+    Ok(meta)
+}
+
 fn entry(r: &mut Reader<'_>) -> Result<Entry, FormatError> {
     {
         let kind = r.u8()?;
-        let mut meta = Meta {
-            mode: r.u32()?,
-            uid: r.u32()?,
-            gid: r.u32()?,
-            mtime: r.time()?,
-            ctime: r.time()?,
-            xattrs: BTreeMap::new(),
-        };
-        for _ in 0..r.u16()? {
-            let k = r.bytes16()?;
-            let v = r.bytes32()?;
-            meta.xattrs.insert(k, v);
-        }
+        let meta = meta(r)?;
         let content = match kind {
             1 => {
                 let size = r.u64()?;
@@ -531,6 +569,15 @@ fn entry(r: &mut Reader<'_>) -> Result<Entry, FormatError> {
             3 => Content::Symlink { target: r.bytes32()? },
             5 => Content::Fifo,
             6 => Content::Inode { id: r.u64()? },
+            7 => {
+                let kind = match r.u8()? {
+                    0 => DeviceKind::Char,
+                    1 => DeviceKind::Block,
+                    2 => DeviceKind::Socket,
+                    _ => return Err(FormatError::Malformed("unknown device kind")),
+                };
+                Content::Device { kind, rdev: r.u64()? }
+            }
             _ => return Err(FormatError::Malformed("unknown entry kind")),
         };
         Ok(Entry { meta, content })
@@ -550,11 +597,24 @@ pub fn decode_commit(blob: &[u8]) -> Result<Commit, FormatError> {
         String::from_utf8(r.bytes16()?).map_err(|_| FormatError::Malformed("writer is not UTF-8"))?;
     let message =
         String::from_utf8(r.bytes32()?).map_err(|_| FormatError::Malformed("message is not UTF-8"))?;
-    let inodes = match r.buf.is_empty() {
-        true => None,
-        false if r.u8()? == 1 => Some(r.hash()?),
-        false => return Err(FormatError::Malformed("bad inode table flag")),
-    };
+    let (mut inodes, mut root_meta) = (None, None);
+    let mut last = 0;
+    while !r.buf.is_empty() {
+        let tag = r.u8()?;
+        if tag <= last {
+            return Err(FormatError::Malformed("commit extensions out of order"));
+        }
+        last = tag;
+        match tag {
+            1 => inodes = Some(r.hash()?),
+            2 => root_meta = Some(meta(&mut r)?),
+            _ => {
+                return Err(FormatError::Malformed(
+                    "unknown commit extension (a newer fsclient wrote it)",
+                ))
+            }
+        }
+    }
     r.end()?;
     Ok(Commit {
         root,
@@ -563,6 +623,7 @@ pub fn decode_commit(blob: &[u8]) -> Result<Commit, FormatError> {
         writer,
         message,
         inodes,
+        root_meta,
     })
 }
 
@@ -633,12 +694,20 @@ mod tests {
             writer: "host:1".into(),
             message: "msg".into(),
             inodes: None,
+            root_meta: None,
         };
         assert_eq!(decode_commit(&encode_commit(&c)).unwrap(), c);
         let c = Commit {
             inodes: Some(Hash::of(b"i")),
             ..c
         };
+        assert_eq!(decode_commit(&encode_commit(&c)).unwrap(), c);
+        let c = Commit {
+            root_meta: Some(sample_dir().into_values().next().unwrap().meta),
+            ..c
+        };
+        assert_eq!(decode_commit(&encode_commit(&c)).unwrap(), c);
+        let c = Commit { inodes: None, ..c };
         assert_eq!(decode_commit(&encode_commit(&c)).unwrap(), c);
         let mut inodes = Inodes::new();
         let file = dir
@@ -681,6 +750,7 @@ mod tests {
             writer: "w".into(),
             message: "m".into(),
             inodes: None,
+            root_meta: None,
         };
         let v1 = "0501000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f00\
                   00f153650000000005000000010077010000006d";
@@ -690,6 +760,40 @@ mod tests {
             hex::encode(encode_commit(&c)),
             format!("{v1}01{}", "aa".repeat(32))
         );
+        // The root's metadata: extension 2, then mode, uid, gid, mtime, ctime
+        // and the xattrs as in an entry.
+        c.root_meta = Some(Meta {
+            mode: 0o700,
+            uid: 1000,
+            gid: 100,
+            mtime: Time { secs: 7, nanos: 8 },
+            ctime: Time { secs: 9, nanos: 10 },
+            xattrs: BTreeMap::new(),
+        });
+        assert_eq!(
+            hex::encode(encode_commit(&c)),
+            format!(
+                "{v1}01{}02c0010000e8030000640000000700000000000000080000000900000000000000\
+                 0a0000000000",
+                "aa".repeat(32)
+            )
+        );
+        // Extensions out of order, or unknown to this version, are errors.
+        let mut bad = encode_commit(&Commit {
+            inodes: None,
+            ..c.clone()
+        })
+        .to_vec();
+        bad.extend_from_slice(&[1; 33]);
+        assert!(decode_commit(&bad).is_err());
+        let mut unknown = encode_commit(&Commit {
+            inodes: None,
+            root_meta: None,
+            ..c.clone()
+        })
+        .to_vec();
+        unknown.push(9);
+        assert!(decode_commit(&unknown).is_err());
         let mut inodes = Inodes::new();
         let fifo = Entry {
             meta: Meta {
@@ -707,6 +811,27 @@ mod tests {
             hex::encode(encode_inodes(&inodes)),
             "06010100000007000000000000000200000005a4010000010000000200000003000000000000000400\
              00000500000000000000060000000000"
+        );
+        // A character device (entry kind 7: device kind u8, rdev u64), as the
+        // only entry of a directory.
+        let mut dev_dir = Dir::new();
+        dev_dir.insert(
+            b"tty".to_vec(),
+            Entry {
+                meta: Meta::default(),
+                content: Content::Device {
+                    kind: DeviceKind::Char,
+                    rdev: 0x0504,
+                },
+            },
+        );
+        let dev = encode_dir(&dev_dir);
+        assert_eq!(decode_dir(&dev).unwrap(), dev_dir);
+        assert_eq!(
+            hex::encode(&dev),
+            // tag 3, version 1, one entry; name "tty"; kind 7; mode, uid, gid,
+            // mtime, ctime and no xattrs, all zero; char (0); rdev 0x0504.
+            "0301010000000300747479070000000000000000000000000000000000000000000000000000000000000000000000000000000405000000000000"
         );
         let chunk = encode_chunk(b"hello");
         assert_eq!(hex::encode(&chunk), "010168656c6c6f");

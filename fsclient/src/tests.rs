@@ -327,7 +327,11 @@ proptest! {
         let base = apply(&store, tree::empty_dir(&store).unwrap(), &base_edits, 0);
         let ours = apply(&store, base, &ours_edits, 1);
         let theirs = apply(&store, base, &theirs_edits, 2);
-        let tree = |root| crate::links::Tree { root, inodes: None };
+        let tree = |root| crate::links::Tree {
+            root,
+            inodes: None,
+            root_meta: None,
+        };
         let merged = crate::links::merge_trees(&store, Some(tree(base)), tree(ours), tree(theirs), "writer").unwrap().root;
         let (b, o, t, m) = (files(&store, base), files(&store, ours), files(&store, theirs), files(&store, merged));
         let holds = |side: &BTreeMap<String, Vec<u8>>, c: &Vec<u8>| side.values().any(|v| v == c);

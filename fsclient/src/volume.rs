@@ -75,6 +75,7 @@ impl Volume {
             writer: self.writer.clone(),
             message: "mkfs".into(),
             inodes: None,
+            root_meta: None,
         }))?;
         let sealed = self.store.seal_leases();
         let created = self.store.swap_root(&self.name, None, commit)?;
@@ -128,6 +129,8 @@ impl Volume {
         let ours = Tree {
             root,
             inodes: links::store(&self.store, &inodes)?,
+            // A change by path leaves the root's own metadata as it was.
+            root_meta: base.root_meta.clone(),
         };
         // Everything this change leased is in `ours` (or garbage).
         let sealed = self.store.seal_leases();
@@ -163,6 +166,7 @@ impl Volume {
                 writer: self.writer.clone(),
                 message: message.to_string(),
                 inodes: ours.inodes,
+                root_meta: ours.root_meta.clone(),
             }))?;
             if self.store.swap_root(&self.name, Some(base_hash), commit)? {
                 self.store.release_leases(sealed)?;

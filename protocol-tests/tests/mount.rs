@@ -259,15 +259,25 @@ fn posix_suite(root: &Path) {
     assert_eq!(errno(fs::read(p("loop1"))), libc::ELOOP);
     assert_eq!(errno(std::os::unix::fs::symlink("a", p("sl"))), libc::EEXIST);
 
-    // FIFOs via mknod; devices cannot be stored.
+    // FIFOs, device nodes (with their numbers) and sockets via mknod.
     let fifo = cpath(&p("fifo"));
     // SAFETY: a valid path.
     assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o644) }, 0);
     assert!(fs::metadata(p("fifo")).unwrap().file_type().is_fifo());
-    let dev = cpath(&p("dev"));
-    // SAFETY: a valid path.
-    assert_eq!(unsafe { libc::mknod(dev.as_ptr(), libc::S_IFCHR | 0o644, 0) }, -1);
-    assert_eq!(std::io::Error::last_os_error().raw_os_error(), Some(libc::EPERM));
+    for (name, kind, rdev) in [
+        ("chr", libc::S_IFCHR, libc::makedev(1, 3)),
+        ("blk", libc::S_IFBLK, libc::makedev(7, 2)),
+        ("sock", libc::S_IFSOCK, 0),
+    ] {
+        let path = cpath(&p(name));
+        // SAFETY: a valid path.
+        let made = unsafe { libc::mknod(path.as_ptr(), kind | 0o640, rdev) };
+        assert_eq!(made, 0, "mknod {name}: {}", std::io::Error::last_os_error());
+        let m = fs::symlink_metadata(p(name)).unwrap();
+        assert_eq!(m.mode() & libc::S_IFMT, kind, "{name}");
+        assert_eq!((m.rdev(), m.mode() & 0o7777), (rdev, 0o640), "{name}");
+    }
+    assert!(fs::symlink_metadata(p("sock")).unwrap().file_type().is_socket());
 
     // Hard links: one inode under two names; writes show through both.
     fs::write(p("h1"), b"linked").unwrap();
@@ -1481,4 +1491,89 @@ fn a_replicated_kvd_losing_the_mounts_own_node_costs_the_writer_nothing() {
         let out = fsclient_at(&url, &["--volume", "main", "cat", &format!("/f{i:05}")]);
         assert!(out.status.success() && out.stdout == *data, "/f{i:05} not intact");
     }
+}
+
+/// Issue 24: device nodes and sockets are stored, with their device numbers,
+/// hard links to them too, and come back after an unmount and a new mount
+/// (they were refused with EPERM).
+#[test]
+fn device_nodes_and_sockets_survive_a_remount() {
+    let kvd = Server::kvd(&[]).unwrap();
+    let mut m = Mount::start(&url(&kvd), "dev", &[]).unwrap();
+    for (name, kind, rdev) in [
+        ("null", libc::S_IFCHR, libc::makedev(1, 3)),
+        ("loop2", libc::S_IFBLK, libc::makedev(7, 2)),
+        ("sock", libc::S_IFSOCK, 0),
+    ] {
+        let path = cpath(&m.path().join(name));
+        // SAFETY: a valid path.
+        assert_eq!(
+            unsafe { libc::mknod(path.as_ptr(), kind | 0o600, rdev) },
+            0,
+            "mknod {name}"
+        );
+    }
+    // A second name for a device node (it moves into the inode table).
+    fs::hard_link(m.path().join("null"), m.path().join("null2")).unwrap();
+    assert!(m.stop(), "unmount failed");
+    let m = Mount::start(&url(&kvd), "dev", &[]).unwrap();
+    for (name, kind, rdev) in [
+        ("null", libc::S_IFCHR, libc::makedev(1, 3)),
+        ("null2", libc::S_IFCHR, libc::makedev(1, 3)),
+        ("loop2", libc::S_IFBLK, libc::makedev(7, 2)),
+        ("sock", libc::S_IFSOCK, 0),
+    ] {
+        let md = fs::symlink_metadata(m.path().join(name)).unwrap();
+        assert_eq!(
+            (md.mode() & libc::S_IFMT, md.rdev(), md.mode() & 0o7777),
+            (kind, rdev, 0o600),
+            "{name}"
+        );
+    }
+    let ls = fsclient_at(&url(&kvd), &["--volume", "dev", "ls", "-l", "/"]);
+    let listing = String::from_utf8_lossy(&ls.stdout);
+    assert!(
+        listing.lines().any(|l| l.starts_with('c') && l.ends_with("null")),
+        "{listing}"
+    );
+    assert!(
+        listing.lines().any(|l| l.starts_with('s') && l.ends_with("sock")),
+        "{listing}"
+    );
+}
+
+/// Issue 24: the root directory's own mode, owner, times and xattrs are
+/// stored in the volume (in each commit), so they survive an unmount and are
+/// what another mount shows (they were kept in memory only).
+#[test]
+fn the_root_directorys_own_metadata_is_stored() {
+    let kvd = Server::kvd(&[]).unwrap();
+    let mut m = Mount::start(&url(&kvd), "rootmeta", &[]).unwrap();
+    fs::set_permissions(m.path(), fs::Permissions::from_mode(0o710)).unwrap();
+    let root = cpath(m.path());
+    // SAFETY: a valid path.
+    assert_eq!(unsafe { libc::chown(root.as_ptr(), 1234, 5678) }, 0);
+    xattr_set(m.path(), "user.where", b"root", 0).unwrap();
+    let times = [
+        libc::timespec {
+            tv_sec: 1_000_000_000,
+            tv_nsec: 7,
+        },
+        libc::timespec {
+            tv_sec: 1_100_000_000,
+            tv_nsec: 9,
+        },
+    ];
+    // SAFETY: a valid path and two timespecs.
+    assert_eq!(
+        unsafe { libc::utimensat(libc::AT_FDCWD, root.as_ptr(), times.as_ptr(), 0) },
+        0
+    );
+    assert!(m.stop(), "unmount failed");
+    let m = Mount::start(&url(&kvd), "rootmeta", &[]).unwrap();
+    let md = fs::metadata(m.path()).unwrap();
+    assert_eq!(md.mode() & 0o7777, 0o710);
+    assert_eq!((md.uid(), md.gid()), (1234, 5678));
+    assert_eq!((md.mtime(), md.mtime_nsec()), (1_100_000_000, 9));
+    assert_eq!(xattr_get(m.path(), "user.where").unwrap(), b"root");
 }

@@ -361,7 +361,7 @@ impl Collector<'_> {
         let file_or_dir = |content: &Content, todo: &mut Vec<Walk>| match content {
             Content::File { manifest, .. } => todo.push(Walk::Manifest(*manifest)),
             Content::Dir { tree } => todo.push(Walk::Interior(*tree)),
-            Content::Symlink { .. } | Content::Fifo | Content::Inode { .. } => {}
+            Content::Symlink { .. } | Content::Fifo | Content::Device { .. } | Content::Inode { .. } => {}
         };
         match tag {
             // Reached as a leased tree root; chunks otherwise come from manifests.

@@ -85,6 +85,9 @@ pub enum Kind {
     Dir,
     Symlink,
     Fifo,
+    CharDevice,
+    BlockDevice,
+    Socket,
 }
 
 /// What `stat` shows.
@@ -100,6 +103,8 @@ pub struct Attr {
     pub gid: u32,
     pub mtime: Time,
     pub ctime: Time,
+    /// A device's number (0 for everything else).
+    pub rdev: u64,
 }
 
 /// Who is asking (new files are theirs).
@@ -204,6 +209,7 @@ enum Body {
     },
     Symlink(Vec<u8>),
     Fifo,
+    Device(object::DeviceKind, u64),
 }
 
 struct DirNode {
@@ -246,6 +252,7 @@ impl Node {
             Body::File { .. } => Kind::File,
             Body::Symlink(_) => Kind::Symlink,
             Body::Fifo => Kind::Fifo,
+            Body::Device(kind, _) => device_kind(kind),
         }
     }
 
@@ -264,6 +271,15 @@ fn kind_of(content: &Content) -> Kind {
         Content::Symlink { .. } => Kind::Symlink,
         // What it is is in the inode table; an inode is never a directory.
         Content::Fifo | Content::Inode { .. } => Kind::Fifo,
+        Content::Device { kind, .. } => device_kind(*kind),
+    }
+}
+
+fn device_kind(kind: object::DeviceKind) -> Kind {
+    match kind {
+        object::DeviceKind::Char => Kind::CharDevice,
+        object::DeviceKind::Block => Kind::BlockDevice,
+        object::DeviceKind::Socket => Kind::Socket,
     }
 }
 
@@ -393,6 +409,7 @@ impl State {
             }),
             Content::Symlink { target } => Body::Symlink(target),
             Content::Fifo | Content::Inode { .. } => Body::Fifo,
+            Content::Device { kind, rdev } => Body::Device(kind, rdev),
         };
         self.nodes.insert(
             ino,
@@ -554,7 +571,11 @@ impl State {
             Body::File { size, .. } => *size,
             Body::Symlink(t) => t.len() as u64,
             Body::Dir(_) => 4096,
-            Body::Fifo => 0,
+            Body::Fifo | Body::Device(..) => 0,
+        };
+        let rdev = match node.body {
+            Body::Device(_, rdev) => rdev,
+            _ => 0,
         };
         Ok(Attr {
             ino,
@@ -566,6 +587,7 @@ impl State {
             gid: node.meta.gid,
             mtime: node.meta.mtime,
             ctime: node.meta.ctime,
+            rdev,
         })
     }
 
@@ -656,6 +678,10 @@ impl State {
                 target: target.clone(),
             },
             Body::Fifo => Content::Fifo,
+            Body::Device(kind, rdev) => Content::Device {
+                kind: *kind,
+                rdev: *rdev,
+            },
         };
         Ok(Entry {
             meta: self.node(ino)?.meta.clone(),
@@ -720,6 +746,9 @@ impl State {
     fn adopt(&mut self, store: &BlobStore, tree: Tree) -> FsResult<()> {
         // The table first: names met while adopting the tree resolve in it.
         self.inodes = links::load(store, tree.inodes)?;
+        if let (Some(meta), Ok(root)) = (tree.root_meta, self.node_mut(ROOT)) {
+            root.meta = meta;
+        }
         self.adopt_dir(store, ROOT, tree.root)?;
         self.adopt_inodes(store)
     }
@@ -865,7 +894,8 @@ impl Vfs {
             Node {
                 parent: ROOT,
                 name: Vec::new(),
-                meta: tree::new_meta(0o755),
+                // Kept in the commit; a volume from before that shows 0755.
+                meta: commit.root_meta.clone().unwrap_or_else(|| tree::new_meta(0o755)),
                 body: Body::Dir(DirNode {
                     tree: commit.root,
                     children: None,
@@ -1204,15 +1234,25 @@ impl Vfs {
         Ok(attr)
     }
 
-    /// mknod(2): regular files and FIFOs (devices and sockets cannot be stored).
-    pub fn mknod(&self, caller: Caller, parent: Ino, name: &[u8], mode: u32) -> FsResult<Attr> {
+    /// mknod(2): regular files, FIFOs, character and block devices (with
+    /// their device number `rdev`) and sockets. Only the name and the number
+    /// are stored: opening a device node on the mount reaches the local device
+    /// with that number, as on any file system (unless mounted `nodev`).
+    pub fn mknod(&self, caller: Caller, parent: Ino, name: &[u8], mode: u32, rdev: u64) -> FsResult<Attr> {
+        let device = |kind| Content::Device { kind, rdev };
         let content = match mode & libc::S_IFMT {
             libc::S_IFREG | 0 => Content::File {
                 manifest: Hash::of(&object::encode_manifest(&Manifest::default())),
                 size: 0,
             },
             libc::S_IFIFO => Content::Fifo,
-            _ => return Err(FsError::NotPermitted),
+            libc::S_IFCHR => device(object::DeviceKind::Char),
+            libc::S_IFBLK => device(object::DeviceKind::Block),
+            libc::S_IFSOCK => Content::Device {
+                kind: object::DeviceKind::Socket,
+                rdev: 0,
+            },
+            _ => return Err(FsError::Invalid),
         };
         self.make(caller, parent, name, mode, content)
     }
@@ -1389,7 +1429,7 @@ impl Vfs {
         mode: u32,
         flags: i32,
     ) -> FsResult<(Attr, u64)> {
-        let attr = self.mknod(caller, parent, name, libc::S_IFREG | (mode & 0o7777))?;
+        let attr = self.mknod(caller, parent, name, libc::S_IFREG | (mode & 0o7777), 0)?;
         let fh = self.open(attr.ino, flags)?;
         Ok((attr, fh))
     }
@@ -1689,13 +1729,17 @@ impl Vfs {
         }
         let root = st.build(store, self.opts.chunking, ROOT)?;
         let (inodes, table) = st.build_inodes(store, self.opts.chunking)?;
-        let ours = Tree { root, inodes };
-        let (base_commit, base) = (st.base_commit, st.base);
+        let ours = Tree {
+            root,
+            inodes,
+            root_meta: Some(st.node(ROOT)?.meta.clone()),
+        };
+        let (base_commit, base) = (st.base_commit, st.base.clone());
         let (commit, tree) = self
             .volume
-            .commit_tree(base_commit, base, ours, "mount", sealed)?;
+            .commit_tree(base_commit, base, ours.clone(), "mount", sealed)?;
         st.base_commit = commit;
-        st.base = tree;
+        st.base = tree.clone();
         st.dirty = false;
         // Files written after their snapshot above stay dirty for the next.
         let written_since: Vec<Ino> = std::mem::take(&mut st.dirty_files)
@@ -1744,7 +1788,7 @@ impl Vfs {
             drop(_one);
             return self.commit();
         }
-        st.adopt(self.store(), tree)?;
+        st.adopt(self.store(), tree.clone())?;
         st.base_commit = head;
         st.base = tree;
         Ok(())
