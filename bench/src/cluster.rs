@@ -9,20 +9,21 @@ use anyhow::Result;
 use protocol_tests::{require_redis, KvdCluster, RedisCluster, Server};
 use serde::Serialize;
 
-use crate::{median, redis_benchmark_args};
+use crate::redis_benchmark_args;
 
 #[derive(Serialize)]
 pub struct Throughput {
     test: String,
     pipeline: u32,
+    /// Medians over the rounds, requests/s.
     kvd_one_node: f64,
     kvd_cluster_forwarded: f64,
     kvd_cluster_direct: f64,
     redis_cluster_direct: f64,
-    /// Target ≥ 1.0.
-    direct_vs_redis_cluster: f64,
-    /// Target ≥ 0.5.
-    forwarded_vs_direct: f64,
+    /// kvd routed ÷ Redis Cluster routed. Target ≥ 1.0.
+    direct_vs_redis_cluster: crate::rounds::Compared,
+    /// Forwarded through one node ÷ routed. Target ≥ 0.5.
+    forwarded_vs_direct: crate::rounds::Compared,
 }
 
 #[derive(Serialize)]
@@ -45,24 +46,6 @@ pub struct Report {
     note: String,
 }
 
-fn rates(
-    port: u16,
-    extra: &[&str],
-    requests: u64,
-    pipeline: u32,
-    rounds: usize,
-) -> Result<Vec<(String, f64)>> {
-    let mut runs = Vec::new();
-    for _ in 0..rounds {
-        runs.push(redis_benchmark_args(port, extra, "set,get", requests, pipeline)?);
-    }
-    Ok(runs[0]
-        .iter()
-        .enumerate()
-        .map(|(i, (test, _))| (test.clone(), median(runs.iter().map(|r| r[i].1).collect())))
-        .collect())
-}
-
 pub fn run(requests: u64, rounds: usize) -> Result<Report> {
     require_redis();
     let mut throughput = Vec::new();
@@ -70,22 +53,30 @@ pub fn run(requests: u64, rounds: usize) -> Result<Report> {
         let one = Server::kvd(&["--storage", "memory"])?;
         let kvd = KvdCluster::start(3, &["--storage", "memory"])?;
         let redis = RedisCluster::start(3)?;
+        // The four setups, measured in turn within each round.
+        let setups: [(u16, &[&str]); 4] = [
+            (one.port, &[]),
+            (kvd.nodes[0].port, &[]),
+            (kvd.nodes[0].port, &["--cluster"]),
+            (redis.nodes[0].port, &["--cluster"]),
+        ];
         for pipeline in [1u32, 16] {
             let n = requests * pipeline as u64;
-            let single = rates(one.port, &[], n, pipeline, rounds)?;
-            let forwarded = rates(kvd.nodes[0].port, &[], n, pipeline, rounds)?;
-            let direct = rates(kvd.nodes[0].port, &["--cluster"], n, pipeline, rounds)?;
-            let peer = rates(redis.nodes[0].port, &["--cluster"], n, pipeline, rounds)?;
-            for (i, (test, _)) in single.iter().enumerate() {
+            let runs = crate::rounds::run(4, rounds, |side| {
+                let (port, extra) = setups[side];
+                redis_benchmark_args(port, extra, "set,get", n, pipeline)
+            })?;
+            for test in runs.tests() {
+                let median = |side: usize| runs.median_of(side, &test);
                 let row = Throughput {
                     test: test.clone(),
                     pipeline,
-                    kvd_one_node: single[i].1,
-                    kvd_cluster_forwarded: forwarded[i].1,
-                    kvd_cluster_direct: direct[i].1,
-                    redis_cluster_direct: peer[i].1,
-                    direct_vs_redis_cluster: direct[i].1 / peer[i].1,
-                    forwarded_vs_direct: forwarded[i].1 / direct[i].1,
+                    kvd_one_node: median(0),
+                    kvd_cluster_forwarded: median(1),
+                    kvd_cluster_direct: median(2),
+                    redis_cluster_direct: median(3),
+                    direct_vs_redis_cluster: runs.compare(&test, 2, 3),
+                    forwarded_vs_direct: runs.compare(&test, 1, 2),
                 };
                 println!(
                     "{:<4} P{:<3} one kvd {:>9.0}  forwarded {:>9.0}  direct {:>9.0}  redis cluster {:>9.0}  direct/redis {:.2}  forwarded/direct {:.2}",
@@ -95,8 +86,8 @@ pub fn run(requests: u64, rounds: usize) -> Result<Report> {
                     row.kvd_cluster_forwarded,
                     row.kvd_cluster_direct,
                     row.redis_cluster_direct,
-                    row.direct_vs_redis_cluster,
-                    row.forwarded_vs_direct
+                    row.direct_vs_redis_cluster.ratio,
+                    row.forwarded_vs_direct.ratio
                 );
                 throughput.push(row);
             }

@@ -72,7 +72,9 @@ enum Which {
         /// coarse time steps.
         #[arg(long, default_value_t = 1_000_000)]
         requests: u64,
-        #[arg(long, default_value_t = 1)]
+        /// Rounds over the four setups, each starting with another; every
+        /// ratio is the median of its per-round ratios.
+        #[arg(long, default_value_t = 3)]
         rounds: usize,
     },
     /// A 3-node replicated kvd with R = 1 and R = 3: SET and compare-and-swap
@@ -82,6 +84,9 @@ enum Which {
         /// SET requests per redis-benchmark run.
         #[arg(long, default_value_t = 200_000)]
         requests: u64,
+        /// Alternating rounds; each ratio is the median of its per-round ratios.
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
     },
     /// `fsclient gc` on a store of many blobs (throughput, the collector's peak
     /// memory), and `fsclient diff` of a one-file change in a 100,000-file tree
@@ -282,8 +287,8 @@ fn main() -> Result<()> {
             let path = save("mount", &report)?;
             println!("saved {}", path.display());
         }
-        Which::Replication { requests } => {
-            let report = replication::run(requests)?;
+        Which::Replication { requests, rounds } => {
+            let report = replication::run(requests, rounds.max(1))?;
             let path = save("replication", &report)?;
             println!("saved {}", path.display());
         }

@@ -96,6 +96,15 @@ impl Runs {
             .map_or(f64::NAN, |(_, v)| *v)
     }
 
+    /// The median over the rounds of one side's figure `test`.
+    pub fn median_of(&self, side: usize, test: &str) -> f64 {
+        median(
+            (0..self.first.len())
+                .map(|r| self.figure(side, r, test))
+                .collect(),
+        )
+    }
+
     /// Side `ours` against side `peer` on figure `test`.
     pub fn compare(&self, test: &str, ours: usize, peer: usize) -> Compared {
         let rounds: Vec<Round> = (0..self.first.len())

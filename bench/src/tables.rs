@@ -82,12 +82,81 @@ pub fn storage() -> Result<String> {
     Ok(out)
 }
 
+/// `bench fs`'s table (README.md).
+pub fn fs() -> Result<String> {
+    let report = results("fs")?;
+    let mut out = String::from(
+        "| fsclient, figure | through kvd | through redis-server | kvd ÷ redis (median of rounds) | per round |\n| --- | --- | --- | --- | --- |\n",
+    );
+    for r in report["rows"].as_array().context("fs.json has rows")? {
+        out += &format!(
+            "| {} | {:.0} | {:.0} | {:.2} | {} |\n",
+            r["figure"].as_str().unwrap_or("?"),
+            f(r, "ours"),
+            f(r, "peer"),
+            f(r, "ratio"),
+            spread(r)
+        );
+    }
+    let d = &report["dedup"];
+    out += &format!(
+        "\nDedup: a {} MiB file, then a copy with 1 KiB inserted in the middle: the store grew {} bytes ({} new chunk); restic's repository grew {} bytes for the same two files.\n",
+        d["file_mib"], d["store_growth_bytes"], d["new_chunks"], d["restic_second_backup_bytes"]
+    );
+    Ok(out)
+}
+
+/// `bench mount`'s ratios (docs/MOUNT.md).
+pub fn mount() -> Result<String> {
+    let report = results("mount")?;
+    let mut out = String::from(
+        "| target ÷ bindfs over tmpfs | sequential write | sequential read | 4 KiB random read | metadata | rounds |\n| --- | --- | --- | --- | --- | --- |\n",
+    );
+    for r in report["ratios"].as_array().context("mount.json has ratios")? {
+        let per_round: Vec<Vec<f64>> = r["per_round"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .map(|x| {
+                        x.as_array()
+                            .map(|v| v.iter().filter_map(Value::as_f64).collect())
+                            .unwrap_or_default()
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let range = |i: usize| -> String {
+            let v: Vec<f64> = per_round.iter().filter_map(|r| r.get(i).copied()).collect();
+            let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
+            let hi = v.iter().copied().fold(0.0, f64::max);
+            format!("{lo:.2}–{hi:.2}")
+        };
+        out += &format!(
+            "| {} | {:.2} ({}) | {:.2} ({}) | {:.2} ({}) | {:.2} ({}) | {} |\n",
+            r["target"].as_str().unwrap_or("?"),
+            f(r, "seq_write"),
+            range(0),
+            f(r, "seq_read"),
+            range(1),
+            f(r, "rand_read_4k"),
+            range(2),
+            f(r, "metadata"),
+            range(3),
+            per_round.len(),
+        );
+    }
+    Ok(out)
+}
+
 /// Every table, each under the results file it comes from.
 pub fn all() -> Result<String> {
     Ok(format!(
-        "bench/results/kvd.json (docs/PROTOCOL.md):\n\n{}\nbench/results/storage.json (docs/STORAGE.md):\n\n{}",
+        "bench/results/kvd.json (docs/PROTOCOL.md):\n\n{}\nbench/results/storage.json (docs/STORAGE.md):\n\n{}\n\
+         bench/results/fs.json (README.md):\n\n{}\nbench/results/mount.json (docs/MOUNT.md):\n\n{}",
         kvd()?,
-        storage()?
+        storage()?,
+        fs()?,
+        mount()?
     ))
 }
 
@@ -98,15 +167,17 @@ mod tests {
     /// Each doc contains, verbatim, the table its results file gives.
     #[test]
     fn docs_quote_the_results_files() {
-        let docs = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../docs");
+        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
         for (doc, table) in [
-            ("PROTOCOL.md", kvd().unwrap()),
-            ("STORAGE.md", storage().unwrap()),
+            ("docs/PROTOCOL.md", kvd().unwrap()),
+            ("docs/STORAGE.md", storage().unwrap()),
+            ("README.md", fs().unwrap()),
+            ("docs/MOUNT.md", mount().unwrap()),
         ] {
-            let text = std::fs::read_to_string(docs.join(doc)).unwrap();
+            let text = std::fs::read_to_string(root.join(doc)).unwrap();
             assert!(
                 text.contains(&table),
-                "docs/{doc} does not quote its results file; `cargo run -p bench -- tables` prints:\n{table}"
+                "{doc} does not quote its results file; `cargo run -p bench -- tables` prints:\n{table}"
             );
         }
     }
