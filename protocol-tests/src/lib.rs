@@ -240,7 +240,10 @@ impl Server {
     }
 
     fn wait_ready(mut self) -> Result<Server> {
-        let deadline = Instant::now() + Duration::from_secs(10);
+        // Generous: on a loaded machine (the whole suite in parallel) a server
+        // restarted on its data can take seconds to listen; a start that works
+        // returns at once.
+        let deadline = Instant::now() + Duration::from_secs(30);
         while Instant::now() < deadline {
             if let Some(status) = self.child.try_wait()? {
                 // A server that could not bind because another test's server
@@ -417,8 +420,17 @@ impl RedisCluster {
         let dir = self.nodes[i].data.to_str().context("data dir")?.to_string();
         let mut args: Vec<&str> = vec!["--cluster-enabled", "yes", "--cluster-node-timeout", "5000"];
         args.extend(self.extra.iter().map(String::as_str));
-        args.extend(["--dir", dir.as_str()]);
-        let node = Server::redis_on(port, &args)?;
+        // Its own log, so a restart that fails says why.
+        let log = format!("{dir}/restart.log");
+        args.extend(["--dir", dir.as_str(), "--logfile", log.as_str()]);
+        let node = Server::redis_on(port, &args).map_err(|e| {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            let tail: Vec<&str> = text.lines().rev().take(20).collect();
+            anyhow::anyhow!(
+                "{e}; its log ends:\n{}",
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            )
+        })?;
         // The old one keeps its data directory alive.
         self.retired.push(std::mem::replace(&mut self.nodes[i], node));
         Ok(())

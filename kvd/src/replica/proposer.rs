@@ -593,14 +593,27 @@ impl Replicas {
         fast.insert(key.clone(), (next, Record { accepted, entry }));
     }
 
-    /// A write that reached some replicas but not a majority.
+    /// A write that reached some replicas but not a majority. The reasons
+    /// list every replica that did not accept: a failure, a higher ballot it
+    /// had promised (another writer of the key, or a repair), or another
+    /// membership version.
     fn uncertain(&self, g: &Gathered, replicas: usize) -> Reply {
         self.stats.unavailable.fetch_add(1, Ordering::Relaxed);
+        let mut reasons = g.failures.clone();
+        if let Some(b) = g.beaten {
+            reasons.push(format!(
+                "replicas had promised a higher ballot ({}.{}): a concurrent write or repair of the key",
+                b.counter, b.proposer
+            ));
+        }
+        for (addr, v) in &g.other_version {
+            reasons.push(format!("{addr}: at membership version {v}"));
+        }
         Reply::error(format!(
             "ERR the write reached {} of {} replicas, fewer than a majority: it may or may not take effect ({})",
             g.accepted,
             replicas,
-            g.failures.join("; ")
+            reasons.join("; ")
         ))
     }
 }
