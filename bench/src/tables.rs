@@ -34,6 +34,17 @@ fn spread(row: &Value) -> String {
     format!("{lo:.2}–{hi:.2} ({} rounds)", ratios.len())
 }
 
+/// A compared row's last four cells: ours, the peer's, the ratio, the spread.
+fn compared_cells(r: &Value) -> String {
+    format!(
+        "{:.0} | {:.0} | {:.2} | {}",
+        f(r, "ours"),
+        f(r, "peer"),
+        f(r, "ratio"),
+        spread(r)
+    )
+}
+
 /// `bench kvd`'s table (docs/PROTOCOL.md).
 pub fn kvd() -> Result<String> {
     let rows = results("kvd")?;
@@ -42,14 +53,11 @@ pub fn kvd() -> Result<String> {
     );
     for r in rows.as_array().context("kvd.json is a list")? {
         out += &format!(
-            "| {} | {} | {} | {:.0} | {:.0} | {:.2} | {} |\n",
+            "| {} | {} | {} | {} |\n",
             r["test"].as_str().unwrap_or("?"),
             r["pipeline"],
             r["keyspace"],
-            f(r, "ours"),
-            f(r, "peer"),
-            f(r, "ratio"),
-            spread(r)
+            compared_cells(r)
         );
     }
     Ok(out)
@@ -69,14 +77,11 @@ pub fn storage() -> Result<String> {
             format!("{bytes} B")
         };
         out += &format!(
-            "| {} | {value} | {} | {} | {:.0} | {:.0} | {:.2} | {} |\n",
+            "| {} | {value} | {} | {} | {} |\n",
             r["test"].as_str().unwrap_or("?"),
             r["pipeline"],
             r["keyspace"],
-            f(r, "ours"),
-            f(r, "peer"),
-            f(r, "ratio"),
-            spread(r)
+            compared_cells(r)
         );
     }
     Ok(out)
@@ -90,12 +95,9 @@ pub fn fs() -> Result<String> {
     );
     for r in report["rows"].as_array().context("fs.json has rows")? {
         out += &format!(
-            "| {} | {:.0} | {:.0} | {:.2} | {} |\n",
+            "| {} | {} |\n",
             r["figure"].as_str().unwrap_or("?"),
-            f(r, "ours"),
-            f(r, "peer"),
-            f(r, "ratio"),
-            spread(r)
+            compared_cells(r)
         );
     }
     let d = &report["dedup"];

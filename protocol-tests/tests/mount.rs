@@ -29,6 +29,17 @@ fn errno<T: std::fmt::Debug>(r: std::io::Result<T>) -> i32 {
     }
 }
 
+/// `fsclient fsck` of `volume` succeeds and finds no damaged path (`when`
+/// names the moment in the failure message).
+fn assert_fsck_clean(url: &str, volume: &str, when: &str) {
+    let fsck = fsclient_at(url, &["--volume", volume, "fsck"]);
+    let report = String::from_utf8_lossy(&fsck.stdout).into_owned() + &String::from_utf8_lossy(&fsck.stderr);
+    assert!(
+        fsck.status.success() && report.contains(", 0 damaged paths"),
+        "{when}:\n{report}"
+    );
+}
+
 fn cpath(p: &Path) -> CString {
     CString::new(p.as_os_str().as_bytes()).unwrap()
 }
@@ -1094,12 +1105,7 @@ fn a_full_store_is_enospc_to_the_writer_and_never_damages_the_volume() {
     assert_eq!(unsafe { libc::statvfs(cpath(m.path()).as_ptr(), &mut st) }, 0);
     assert_eq!(st.f_bavail, 0, "df shows free space on a full store");
     // The interval commits that ran while the store was full named nothing missing.
-    let fsck = fsclient_at(&url, &["--volume", "full", "fsck"]);
-    let report = String::from_utf8_lossy(&fsck.stdout).into_owned() + &String::from_utf8_lossy(&fsck.stderr);
-    assert!(
-        fsck.status.success() && report.contains(", 0 damaged paths"),
-        "fsck while full:\n{report}"
-    );
+    assert_fsck_clean(&url, "full", "fsck while full");
     // Room again: what the mount accepted is stored by its next commit.
     redis.connect().unwrap().cmd("CONFIG SET maxmemory 0").unwrap();
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -1111,12 +1117,7 @@ fn a_full_store_is_enospc_to_the_writer_and_never_damages_the_volume() {
         std::thread::sleep(Duration::from_millis(200));
     }
     assert!(m.stop(), "unmount failed");
-    let fsck = fsclient_at(&url, &["--volume", "full", "fsck"]);
-    let report = String::from_utf8_lossy(&fsck.stdout).into_owned() + &String::from_utf8_lossy(&fsck.stderr);
-    assert!(
-        fsck.status.success() && report.contains(", 0 damaged paths"),
-        "fsck after room:\n{report}"
-    );
+    assert_fsck_clean(&url, "full", "fsck after room");
     let out = tempfile::NamedTempFile::new().unwrap();
     let get = fsclient_at(
         &url,
@@ -1201,12 +1202,7 @@ fn a_store_node_away_while_files_are_written_never_damages_the_volume() {
         std::thread::sleep(Duration::from_millis(200));
     }
     assert!(m.stop(), "unmount failed");
-    let fsck = fsclient_at(&url, &["--volume", "away", "fsck"]);
-    let report = String::from_utf8_lossy(&fsck.stdout).into_owned() + &String::from_utf8_lossy(&fsck.stderr);
-    assert!(
-        fsck.status.success() && report.contains(", 0 damaged paths"),
-        "fsck:\n{report}"
-    );
+    assert_fsck_clean(&url, "away", "fsck");
     let read = |path: &str| -> Option<Vec<u8>> {
         let out = fsclient_at(&url, &["--volume", "away", "cat", path]);
         out.status.success().then_some(out.stdout)
@@ -1421,12 +1417,7 @@ fn failover_case(through_the_dying_node: bool) {
         "writes failed well after the failover"
     );
     drop(m);
-    let fsck = fsclient_at(&check_url, &["--volume", "failover", "fsck"]);
-    let report = String::from_utf8_lossy(&fsck.stdout).into_owned() + &String::from_utf8_lossy(&fsck.stderr);
-    assert!(
-        fsck.status.success() && report.contains(", 0 damaged paths"),
-        "fsck:\n{report}"
-    );
+    assert_fsck_clean(&check_url, "failover", "fsck");
     for (i, _, ok, data) in results.iter().filter(|r| r.2) {
         let out = fsclient_at(&check_url, &["--volume", "failover", "cat", &format!("/w{i:05}")]);
         assert!(
@@ -1481,12 +1472,7 @@ fn a_replicated_kvd_losing_the_mounts_own_node_costs_the_writer_nothing() {
     assert!(written.len() > 50, "only {} files written", written.len());
     drop(m);
     let url = format!("redis://127.0.0.1:{}", c.ports[1]);
-    let fsck = fsclient_at(&url, &["--volume", "main", "fsck"]);
-    let report = String::from_utf8_lossy(&fsck.stdout).into_owned() + &String::from_utf8_lossy(&fsck.stderr);
-    assert!(
-        fsck.status.success() && report.contains(", 0 damaged paths"),
-        "fsck:\n{report}"
-    );
+    assert_fsck_clean(&url, "main", "fsck");
     for (i, data) in written.iter().step_by(7) {
         let out = fsclient_at(&url, &["--volume", "main", "cat", &format!("/f{i:05}")]);
         assert!(out.status.success() && out.stdout == *data, "/f{i:05} not intact");

@@ -22,28 +22,18 @@ const SECTIONS: &[&str] = &[
     "cluster",
     "keyspace",
 ];
-/// What `INFO` and `INFO default` show (Redis leaves out commandstats).
-const DEFAULT: &[&str] = &[
-    "server",
-    "clients",
-    "memory",
-    "persistence",
-    "stats",
-    "replication",
-    "cpu",
-    "modules",
-    "errorstats",
-    "cluster",
-    "keyspace",
-];
-
 /// Renders the requested sections (`default` when none are named; `all` and
 /// `everything` for every section). Unknown names render nothing, as in Redis.
 pub fn render(shared: &Shared, requested: &[String]) -> String {
     let wanted: Vec<&str> = if requested.iter().any(|s| s == "all" || s == "everything") {
         SECTIONS.to_vec()
     } else if requested.is_empty() || requested.iter().any(|s| s == "default") {
-        DEFAULT.to_vec()
+        // What `INFO` and `INFO default` show: all but commandstats, as in Redis.
+        SECTIONS
+            .iter()
+            .copied()
+            .filter(|s| *s != "commandstats")
+            .collect()
     } else {
         SECTIONS
             .iter()
