@@ -243,7 +243,7 @@ impl Server {
         // Generous: on a loaded machine (the whole suite in parallel) a server
         // restarted on its data can take seconds to listen; a start that works
         // returns at once.
-        let deadline = Instant::now() + Duration::from_secs(30);
+        let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
             if let Some(status) = self.child.try_wait()? {
                 // A server that could not bind because another test's server
@@ -423,14 +423,27 @@ impl RedisCluster {
         // Its own log, so a restart that fails says why.
         let log = format!("{dir}/restart.log");
         args.extend(["--dir", dir.as_str(), "--logfile", log.as_str()]);
-        let node = Server::redis_on(port, &args).map_err(|e| {
-            let text = std::fs::read_to_string(&log).unwrap_or_default();
-            let tail: Vec<&str> = text.lines().rev().take(20).collect();
-            anyhow::anyhow!(
-                "{e}; its log ends:\n{}",
-                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
-            )
-        })?;
+        // Under the whole suite's load a restarted node has twice (of four CI
+        // runs) not listened within 30 s, with nothing in its log; a fresh
+        // attempt (the stuck process is killed) is what a person would do.
+        let mut failures = Vec::new();
+        let node = loop {
+            match Server::redis_on(port, &args) {
+                Ok(node) => break node,
+                Err(e) if failures.len() < 2 => {
+                    failures.push(e.to_string());
+                    std::thread::sleep(Duration::from_secs(1));
+                }
+                Err(e) => {
+                    let text = std::fs::read_to_string(&log).unwrap_or_default();
+                    let tail: Vec<&str> = text.lines().rev().take(20).collect();
+                    bail!(
+                        "{e} (after {failures:?}); its log ends:\n{}",
+                        tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                    )
+                }
+            }
+        };
         // The old one keeps its data directory alive.
         self.retired.push(std::mem::replace(&mut self.nodes[i], node));
         Ok(())
