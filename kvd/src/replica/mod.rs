@@ -20,6 +20,7 @@
 
 pub mod acceptor;
 pub mod dispatch;
+pub mod key_locks;
 pub mod layout;
 pub mod proposer;
 pub mod reconfigure;
@@ -59,6 +60,9 @@ pub struct Stats {
     pub fast: AtomicU64,
     pub conflicts: AtomicU64,
     pub repairs: AtomicU64,
+    /// Lagging replicas brought up to date by sending them the highest
+    /// record's accept again (by a read or by anti-entropy), with no new ballot.
+    pub relayed: AtomicU64,
     pub unavailable: AtomicU64,
     /// Anti-entropy: keys checked, whole passes over this node's keys, and
     /// keys found with a replica behind in the last finished pass.
@@ -86,6 +90,8 @@ pub struct Replicas {
     /// Keys this node changed last: the next ballot the acceptors promised us
     /// with that change, and the record they accepted (see `proposer`).
     fast: parking_lot::Mutex<std::collections::HashMap<Bytes, (Ballot, acceptor::Record)>>,
+    /// One proposal per key at a time from this node ([`key_locks`]).
+    pub(super) key_locks: key_locks::KeyLocks,
     /// One reconfiguration at a time from this node.
     pub(crate) reconfiguring: tokio::sync::Mutex<()>,
     /// Nodes this node's last call to failed (cleared by the next answer):
@@ -121,6 +127,7 @@ impl Replicas {
             secret: options.secret,
             proposer_id,
             fast: Default::default(),
+            key_locks: Default::default(),
             reconfiguring: tokio::sync::Mutex::new(()),
             unreachable: Default::default(),
             cut_off: Default::default(),
@@ -276,7 +283,7 @@ impl Replicas {
         };
         let (under_replicated, unreachable) = self.under_replicated(&layout);
         format!(
-            "kvd_under_replicated_slots:{under_replicated}\r\nkvd_replica_nodes_unreachable:{unreachable}\r\nkvd_replicas:{}\r\nkvd_replica_nodes:{}\r\nkvd_replica_members:{}\r\nkvd_replica_config_version:{}\r\nkvd_replica_frozen_slots:{}\r\nkvd_repair_keys_dropped:{}\r\nkvd_reconfigure_slots_moved:{}\r\nkvd_reconfigure_keys_copied:{}\r\nkvd_paxos_rounds:{}\r\nkvd_paxos_one_round_trip:{}\r\nkvd_paxos_conflicts:{}\r\nkvd_paxos_repairs:{}\r\nkvd_paxos_unavailable:{}\r\nkvd_repair_keys_checked:{}\r\nkvd_repair_passes:{}\r\nkvd_repair_keys_behind_last_pass:{}\r\n",
+            "kvd_under_replicated_slots:{under_replicated}\r\nkvd_replica_nodes_unreachable:{unreachable}\r\nkvd_replicas:{}\r\nkvd_replica_nodes:{}\r\nkvd_replica_members:{}\r\nkvd_replica_config_version:{}\r\nkvd_replica_frozen_slots:{}\r\nkvd_repair_keys_dropped:{}\r\nkvd_reconfigure_slots_moved:{}\r\nkvd_reconfigure_keys_copied:{}\r\nkvd_paxos_rounds:{}\r\nkvd_paxos_one_round_trip:{}\r\nkvd_paxos_conflicts:{}\r\nkvd_paxos_repairs:{}\r\nkvd_paxos_relayed:{}\r\nkvd_paxos_unavailable:{}\r\nkvd_repair_keys_checked:{}\r\nkvd_repair_passes:{}\r\nkvd_repair_keys_behind_last_pass:{}\r\n",
             layout.replicas,
             layout.nodes.len(),
             layout.nodes.join(","),
@@ -289,6 +296,7 @@ impl Replicas {
             s.fast.load(Ordering::Relaxed),
             s.conflicts.load(Ordering::Relaxed),
             s.repairs.load(Ordering::Relaxed),
+            s.relayed.load(Ordering::Relaxed),
             s.unavailable.load(Ordering::Relaxed),
             s.repair_scanned.load(Ordering::Relaxed),
             s.repair_passes.load(Ordering::Relaxed),

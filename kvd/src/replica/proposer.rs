@@ -44,6 +44,9 @@ const PHASE_TIMEOUT: Duration = Duration::from_millis(1000);
 const ATTEMPTS: usize = 20;
 /// Keys remembered for one-round-trip changes (forgotten all at once past this).
 const FAST_KEYS: usize = 100_000;
+/// Queries a read makes while the key keeps changing under it, before it
+/// prepares (which cuts off a write under way).
+const READ_TRIES: usize = 5;
 /// Rounds refused for another membership version before giving up.
 const VERSION_RETRIES: usize = 4;
 
@@ -186,6 +189,20 @@ fn answer(reply: Reply) -> Result<Answer, String> {
     }
 }
 
+/// When a phase stops waiting for answers (each peer's call goes on
+/// regardless, so every reachable replica gets every message).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Until {
+    /// A majority succeeded, or can no longer succeed.
+    Majority,
+    /// A majority succeeded, or every holder answered or timed out: a new
+    /// proposal's accept that fell short may be retried only if none of them
+    /// may have taken it.
+    MajorityOrSettled,
+    /// Every holder answered or timed out.
+    Every,
+}
+
 /// What a phase gathered.
 struct Gathered {
     records: Vec<Record>,
@@ -274,10 +291,14 @@ impl Replicas {
         key: &Bytes,
         msg: &Msg,
     ) -> Gathered {
-        self.gather(shared, layout, holders, key, msg, false).await
+        let until = match msg {
+            Msg::Accept(..) => Until::MajorityOrSettled,
+            _ => Until::Majority,
+        };
+        self.gather(shared, layout, holders, key, msg, until).await
     }
 
-    /// [`Replicas::phase`], or with `every` set, waits for every holder's answer.
+    /// Sends `msg` to every holder and gathers answers until `until` says.
     async fn gather(
         self: &Arc<Self>,
         shared: &Arc<Shared>,
@@ -285,9 +306,8 @@ impl Replicas {
         holders: &[usize],
         key: &Bytes,
         msg: &Msg,
-        every: bool,
+        until: Until,
     ) -> Gathered {
-        let wait_all = matches!(msg, Msg::Accept(..));
         let need = majority(holders.len());
         // Each peer's call is a task of its own: it goes on after a majority has
         // answered, so every reachable replica gets every message.
@@ -346,10 +366,12 @@ impl Replicas {
             }
             let ok = g.records.len() + g.accepted;
             let lost = holders.len() - ok - pending.len();
-            if every {
-                continue;
-            }
-            if ok >= need || (holders.len() - lost < need && !wait_all) {
+            let done = match until {
+                Until::Every => false,
+                Until::MajorityOrSettled => ok >= need,
+                Until::Majority => ok >= need || holders.len() - lost < need,
+            };
+            if done {
                 break;
             }
         }
@@ -370,6 +392,7 @@ impl Replicas {
         mode: Mode,
         f: &mut (dyn FnMut(&Record) -> (Reply, Option<Entry>) + Send),
     ) -> (Reply, Ballot) {
+        let _turn = self.key_locks.lock(key).await;
         for _ in 0..VERSION_RETRIES {
             let layout = self.layout();
             if layout.version == 0 {
@@ -405,12 +428,40 @@ impl Replicas {
         let need = majority(holders.len());
         self.stats.rounds.fetch_add(1, Ordering::Relaxed);
         if mode == Mode::Read {
-            let g = self
-                .phase(shared, layout, &holders, key, &Msg::Query(layout.version))
-                .await;
-            if g.records.len() >= need && g.records.iter().all(|r| r.accepted == g.records[0].accepted) {
-                self.catch_up(layout, &g);
-                return Round::Done(f(&g.records[0]).0, g.records[0].accepted);
+            // A majority naming one ballot: that value is chosen. Answers that
+            // differ are most often a write still on its way to some replicas:
+            // deliver it (see `relay`) rather than prepare a higher ballot,
+            // which would cut that write off after one replica took it. A relay
+            // refused because the key moved on is a newer write: ask again.
+            // Refused twice for the same record (a replica that promised
+            // higher, such as one restarted above its old ballots), the full
+            // round below settles it.
+            let mut refused = None;
+            for _ in 0..READ_TRIES {
+                let g = self
+                    .phase(shared, layout, &holders, key, &Msg::Query(layout.version))
+                    .await;
+                if g.records.len() < need {
+                    break;
+                }
+                if g.records.iter().all(|r| r.accepted == g.records[0].accepted) {
+                    self.catch_up(layout, &g);
+                    return Round::Done(f(&g.records[0]).0, g.records[0].accepted);
+                }
+                let highest = g
+                    .records
+                    .iter()
+                    .max_by_key(|r| r.accepted)
+                    .cloned()
+                    .unwrap_or_default();
+                if self.relay(shared, layout, &holders, key, &highest, false).await {
+                    self.stats.relayed.fetch_add(1, Ordering::Relaxed);
+                    return Round::Done(f(&highest).0, highest.accepted);
+                }
+                if refused == Some(highest.accepted) {
+                    break;
+                }
+                refused = Some(highest.accepted);
             }
         }
         // One round trip when this node made the key's last change and nobody
@@ -549,7 +600,7 @@ impl Replicas {
         key: &Bytes,
         msg: &Msg,
     ) -> Vec<Record> {
-        let g = self.gather(shared, layout, holders, key, msg, true).await;
+        let g = self.gather(shared, layout, holders, key, msg, Until::Every).await;
         // The background pass is how a node nobody else talks to (one removed
         // while it was down) learns the membership changed.
         self.catch_up(layout, &g);
@@ -567,9 +618,50 @@ impl Replicas {
         entry: Option<Entry>,
     ) -> bool {
         let g = self
-            .gather(shared, layout, holders, key, &Msg::Accept(b, entry, None), true)
+            .gather(
+                shared,
+                layout,
+                holders,
+                key,
+                &Msg::Accept(b, entry, None),
+                Until::Every,
+            )
             .await;
         g.accepted >= majority(holders.len())
+    }
+
+    /// Sends `record`'s accept again, at its own ballot, to the key's replicas;
+    /// whether a majority (with `every`, every replica that answered) now
+    /// holds it.
+    ///
+    /// Why this is safe: a ballot names one value (each proposer proposes one
+    /// value per ballot, and ballots are unique to proposers), so this is the
+    /// proposer's own accept message, delayed or duplicated — which any
+    /// network may do. It promises nothing new, so unlike a prepare it cannot
+    /// cut off a write under way: a replica that promised a higher ballot
+    /// refuses it, and the caller falls back to a full round. Once a majority
+    /// holds the record at its ballot the value is chosen, so a read may
+    /// answer it.
+    pub(super) async fn relay(
+        self: &Arc<Self>,
+        shared: &Arc<Shared>,
+        layout: &Layout,
+        holders: &[usize],
+        key: &Bytes,
+        record: &Record,
+        every: bool,
+    ) -> bool {
+        let msg = Msg::Accept(record.accepted, record.entry.clone(), None);
+        // A relay that falls short is harmless (it is a copy of an accept
+        // already sent), so unlike a new proposal's accept it need not wait
+        // for the replicas that are slow to answer.
+        let until = if every { Until::Every } else { Until::Majority };
+        let g = self.gather(shared, layout, holders, key, &msg, until).await;
+        if every {
+            g.accepted > 0 && g.beaten.is_none() && g.other_version.is_empty() && g.frozen.is_none()
+        } else {
+            g.accepted >= majority(holders.len())
+        }
     }
 
     /// The ballot at which a majority of the key's replicas holds its current

@@ -4,10 +4,12 @@
 //!
 //! Each node walks its own keys in batches, asks all of a key's replicas what
 //! they accepted (waiting for every reachable one), and where one is behind —
-//! an older ballot, or nothing — runs a repair round: prepare with a fresh
-//! ballot, then accept the highest value at it on every replica. That is an
-//! ordinary CASPaxos round whose change is the identity, so it is as safe as
-//! any write. A key a node does not hold at all is found by the nodes that do.
+//! an older ballot, or nothing — sends it the highest record's accept again at
+//! that record's own ballot ([`Replicas::relay`]: it promises nothing, so it
+//! never cuts off a write under way). Only a replica that refuses that (it
+//! promised a higher ballot) gets a repair round: prepare with a fresh ballot,
+//! then accept the highest value at it on every replica. That is an ordinary
+//! CASPaxos round whose change is the identity, so it is as safe as any write. A key a node does not hold at all is found by the nodes that do.
 //! A replica that refuses (after a restart it refuses ballots below its floor)
 //! is caught on a later pass, once the proposer's ballots have risen past it.
 //!
@@ -79,17 +81,37 @@ impl Replicas {
     /// nothing); whether any was. Replicas that do not answer wait for a later pass.
     pub async fn repair(self: &Arc<Self>, shared: &Arc<Shared>, layout: &Layout, key: &Bytes) -> bool {
         let holders = layout.holders(key);
-        let records = self
-            .phase_all(shared, layout, &holders, key, &Msg::Query(layout.version))
-            .await;
-        let Some(highest) = records.iter().map(|r| r.accepted).max() else {
-            return false;
-        };
-        if records.iter().all(|r| r.accepted == highest) {
-            return false;
+        // Most often the highest record is a write still on its way to the
+        // others, or one a replica missed while away: deliver it at its own
+        // ballot, which cannot cut off a write under way (a fresh prepare
+        // would). A refusal because the key moved on means its writers are
+        // at work and keep it replicated: a later pass looks again. Only a
+        // replica that refuses the same record twice (it promised higher,
+        // such as one restarted above its old ballots) gets a full round.
+        let mut refused = None;
+        let mut behind = false;
+        for _ in 0..2 {
+            let records = self
+                .phase_all(shared, layout, &holders, key, &Msg::Query(layout.version))
+                .await;
+            let Some(highest) = records.iter().max_by_key(|r| r.accepted).cloned() else {
+                return behind;
+            };
+            if records.iter().all(|r| r.accepted == highest.accepted) {
+                return behind;
+            }
+            behind = true;
+            if self.relay(shared, layout, &holders, key, &highest, true).await {
+                self.stats.relayed.fetch_add(1, Ordering::Relaxed);
+                return true;
+            }
+            if refused == Some(highest.accepted) {
+                self.write_back(shared, layout, &holders, key).await;
+                return true;
+            }
+            refused = Some(highest.accepted);
         }
-        self.write_back(shared, layout, &holders, key).await;
-        true
+        behind
     }
 
     /// One identity round that accepts on every replica (no shortcut).
@@ -100,6 +122,9 @@ impl Replicas {
         holders: &[usize],
         key: &Bytes,
     ) {
+        // A proposal of this node like any other: its prepare must not cut
+        // off this node's own clients' rounds on the key.
+        let _turn = self.key_locks.lock(key).await;
         let b = self.next_ballot(layout);
         let records = self
             .phase_all(shared, layout, holders, key, &Msg::Prepare(b))
