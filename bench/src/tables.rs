@@ -150,15 +150,52 @@ pub fn mount() -> Result<String> {
     Ok(out)
 }
 
+/// `bench replication`'s table (docs/PROTOCOL.md, "Replication").
+pub fn replication() -> Result<String> {
+    let report = results("replication")?;
+    let mut out = String::from(
+        "| | SET/s | SET p50 / p99 ms | CAS/s | CAS p50 / p99 ms |\n| --- | --- | --- | --- | --- |\n",
+    );
+    for r in report["rows"].as_array().context("replication.json has rows")? {
+        out += &format!(
+            "| R = {} | {:.0} | {:.2} / {:.2} | {:.0} | {:.2} / {:.2} |\n",
+            r["replicas"],
+            f(r, "set_rps"),
+            f(r, "set_p50_ms"),
+            f(r, "set_p99_ms"),
+            f(r, "cas_per_s"),
+            f(r, "cas_p50_ms"),
+            f(r, "cas_p99_ms"),
+        );
+    }
+    let (set, cas) = (&report["set_r3_over_r1"], &report["cas_r3_over_r1"]);
+    out += &format!(
+        "| R=3 ÷ R=1 (median of rounds) | {:.2} ({}) | | {:.2} ({}) | |\n",
+        f(set, "ratio"),
+        spread(set),
+        f(cas, "ratio"),
+        spread(cas)
+    );
+    let fo = &report["failover"];
+    out += &format!(
+        "\nLongest pause between acknowledged writes of 8 clients while a node was killed with SIGKILL: {:.1} ms ({} writes acknowledged).\n",
+        f(fo, "longest_pause_ms"),
+        fo["acknowledged_writes"]
+    );
+    Ok(out)
+}
+
 /// Every table, each under the results file it comes from.
 pub fn all() -> Result<String> {
     Ok(format!(
         "bench/results/kvd.json (docs/PROTOCOL.md):\n\n{}\nbench/results/storage.json (docs/STORAGE.md):\n\n{}\n\
-         bench/results/fs.json (README.md):\n\n{}\nbench/results/mount.json (docs/MOUNT.md):\n\n{}",
+         bench/results/fs.json (README.md):\n\n{}\nbench/results/mount.json (docs/MOUNT.md):\n\n{}\n\
+         bench/results/replication.json (docs/PROTOCOL.md):\n\n{}",
         kvd()?,
         storage()?,
         fs()?,
-        mount()?
+        mount()?,
+        replication()?
     ))
 }
 
@@ -175,6 +212,7 @@ mod tests {
             ("docs/STORAGE.md", storage().unwrap()),
             ("README.md", fs().unwrap()),
             ("docs/MOUNT.md", mount().unwrap()),
+            ("docs/PROTOCOL.md", replication().unwrap()),
         ] {
             let text = std::fs::read_to_string(root.join(doc)).unwrap();
             assert!(
