@@ -25,6 +25,8 @@ pub struct ClientState {
     pub multi: i64,
     pub resp: u8,
     pub watching: usize,
+    /// The selected database.
+    pub db: usize,
 }
 
 #[derive(Debug)]
@@ -82,7 +84,7 @@ impl ClientHandle {
         };
         let cmd = if s.last_cmd.is_empty() { "NULL" } else { s.last_cmd };
         format!(
-            "id={} addr={} laddr={} fd=0 name={} age={} idle={} flags={} db=0 sub={} psub={} ssub=0 multi={} \
+            "id={} addr={} laddr={} fd=0 name={} age={} idle={} flags={} db={} sub={} psub={} ssub=0 multi={} \
              qbuf=0 qbuf-free=0 argv-mem=0 multi-mem=0 rbs=0 rbp=0 obl=0 oll=0 omem=0 tot-mem=0 events=r \
              cmd={} user=default redir=-1 resp={} lib-name={} lib-ver={}",
             self.id,
@@ -92,6 +94,7 @@ impl ClientHandle {
             self.created.elapsed().as_secs(),
             self.idle_secs(),
             flags,
+            s.db,
             s.subscriptions,
             s.pattern_subscriptions,
             s.multi,

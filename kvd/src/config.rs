@@ -42,6 +42,9 @@ pub struct Config {
     pub cluster_redirect: bool,
     /// Redis's `notify-keyspace-events`, as flags ([`crate::notify`]).
     pub notify_keyspace_events: u16,
+    /// How many databases SELECT may choose from (Redis's `databases`, 16 by
+    /// default). A cluster node has database 0 only.
+    pub databases: usize,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -70,6 +73,7 @@ impl Default for Config {
             compact_dead_percent: 50,
             cluster_redirect: false,
             notify_keyspace_events: 0,
+            databases: 16,
         }
     }
 }
@@ -92,11 +96,11 @@ pub const NAMES: &[&str] = &[
     "compact-dead-percent",
     "cluster-redirect",
     "notify-keyspace-events",
+    "databases",
     // Read-only facts clients such as redis-benchmark ask about: kvd writes no RDB
     // snapshots and no AOF.
     "save",
     "appendonly",
-    "databases",
 ];
 
 impl Config {
@@ -138,7 +142,7 @@ impl Config {
                 "no"
             }
             .into(),
-            "databases" => "1".into(),
+            "databases" => self.databases.to_string(),
             _ => return None,
         })
     }
@@ -191,7 +195,7 @@ impl Config {
                     _ => return Err("argument must be 'yes' or 'no'".into()),
                 }
             }
-            "bind" | "port" | "dir" | "threads" | "storage" | "segment-size" if at_runtime => {
+            "bind" | "port" | "dir" | "threads" | "storage" | "segment-size" | "databases" if at_runtime => {
                 return Err("can't set immutable config".into())
             }
             "threads" => {
@@ -218,7 +222,14 @@ impl Config {
                 }
                 self.segment_size = n;
             }
-            "save" | "appendonly" | "databases" => return Err("can't set immutable config".into()),
+            "databases" => {
+                self.databases = value
+                    .parse()
+                    .ok()
+                    .filter(|&n| (1..=i32::MAX as usize).contains(&n))
+                    .ok_or_else(|| "argument must be between 1 and 2147483647 inclusive".to_string())?
+            }
+            "save" | "appendonly" => return Err("can't set immutable config".into()),
             _ => return Err("Unknown option".into()),
         }
         Ok(())

@@ -116,7 +116,7 @@ struct GateSlot(RwLock<()>);
 /// The transaction gate: a reader-writer lock split into slots. A reader locks
 /// the slot of its thread; a writer locks every slot, in index order (so two
 /// writers cannot deadlock and a writer excludes every reader).
-struct Gate {
+pub struct Gate {
     slots: Vec<GateSlot>,
 }
 
@@ -125,14 +125,20 @@ pub struct ExclusiveGuard<'a> {
     _slots: Vec<RwLockWriteGuard<'a, ()>>,
 }
 
+impl Default for Gate {
+    fn default() -> Self {
+        Gate::new()
+    }
+}
+
 impl Gate {
-    fn new() -> Self {
+    pub fn new() -> Self {
         Gate {
             slots: (0..GATE_SLOTS).map(|_| GateSlot::default()).collect(),
         }
     }
 
-    fn shared(&self) -> RwLockReadGuard<'_, ()> {
+    pub fn shared(&self) -> RwLockReadGuard<'_, ()> {
         thread_local! {
             static SLOT: usize = {
                 static NEXT: AtomicUsize = AtomicUsize::new(0);
@@ -142,42 +148,39 @@ impl Gate {
         self.slots[SLOT.with(|s| *s)].0.read()
     }
 
-    fn exclusive(&self) -> ExclusiveGuard<'_> {
+    pub fn exclusive(&self) -> ExclusiveGuard<'_> {
         ExclusiveGuard {
             _slots: self.slots.iter().map(|s| s.0.write()).collect(),
         }
     }
 }
 
+/// One database: a store with logical expiry and WATCH. The transaction
+/// gate is shared by all databases and lives in
+/// [`crate::databases::Databases`].
 pub struct Db {
     store: Arc<dyn Store>,
-    gate: Gate,
     watches: Watches,
-    pub stats: KeyspaceStats,
+    pub stats: Arc<KeyspaceStats>,
 }
 
 impl Db {
     pub fn new(store: Arc<dyn Store>) -> Self {
+        Db::with_stats(store, Arc::default())
+    }
+
+    /// A database counting hits, misses and expiries in `stats` (shared by
+    /// every database of a server).
+    pub fn with_stats(store: Arc<dyn Store>, stats: Arc<KeyspaceStats>) -> Self {
         Db {
             store,
-            gate: Gate::new(),
             watches: Watches::default(),
-            stats: KeyspaceStats::default(),
+            stats,
         }
     }
 
     pub fn store(&self) -> &dyn Store {
         &*self.store
-    }
-
-    /// Held by every command that is atomic on its own.
-    pub fn shared(&self) -> RwLockReadGuard<'_, ()> {
-        self.gate.shared()
-    }
-
-    /// Held by EXEC and by writes of several keys.
-    pub fn exclusive(&self) -> ExclusiveGuard<'_> {
-        self.gate.exclusive()
     }
 
     /// The live entry for `key`, removing it first if it has expired.
@@ -347,10 +350,10 @@ impl Db {
         self.store.is_empty()
     }
 
-    /// Removes up to `limit` expired keys; returns how many.
+    /// Removes up to `limit` expired keys; returns how many. Called with the
+    /// gate held shared.
     pub fn expire_some(&self, limit: usize) -> usize {
         let due = self.store.expired(now_ms(), limit);
-        let _gate = self.shared();
         for key in &due {
             self.expire(key);
         }
@@ -415,6 +418,46 @@ impl Db {
         for (_, list) in map.iter().filter(|(k, _)| pred(k)) {
             for flag in list.iter().filter_map(Weak::upgrade) {
                 flag.dirty.store(true, Ordering::Release);
+            }
+        }
+    }
+
+    /// SWAPDB: exchanges the watch tables of two databases, so that watches
+    /// stay with the database index while the contents move.
+    pub fn swap_watches(&self, other: &Db) {
+        if std::ptr::eq(self, other) {
+            return;
+        }
+        // Only under the exclusive gate, so nothing else takes these locks;
+        // the address order keeps it deadlock-free regardless.
+        let (first, second) = if (self as *const Db) < (other as *const Db) {
+            (self, other)
+        } else {
+            (other, self)
+        };
+        let mut a = first.watches.map.lock();
+        let mut b = second.watches.map.lock();
+        std::mem::swap(&mut *a, &mut *b);
+        let (ca, cb) = (
+            first.watches.count.load(Ordering::Acquire),
+            second.watches.count.load(Ordering::Acquire),
+        );
+        first.watches.count.store(cb, Ordering::Release);
+        second.watches.count.store(ca, Ordering::Release);
+    }
+
+    /// Marks the watchers of every watched key that exists here or in
+    /// `other` (SWAPDB: the key's value may have changed either way).
+    pub fn touch_watched_existing_in(&self, other: &Db) {
+        if self.watches.count.load(Ordering::Acquire) == 0 {
+            return;
+        }
+        let map = self.watches.map.lock();
+        for (key, list) in map.iter() {
+            if self.store.expiry(key).is_some() || other.store.expiry(key).is_some() {
+                for flag in list.iter().filter_map(Weak::upgrade) {
+                    flag.dirty.store(true, Ordering::Release);
+                }
             }
         }
     }

@@ -10,6 +10,7 @@ pub mod clients;
 pub mod cluster;
 pub mod command;
 pub mod config;
+pub mod databases;
 pub mod db;
 pub mod durable;
 pub mod failpoint;

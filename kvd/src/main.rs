@@ -37,6 +37,11 @@ struct Cli {
     /// Data directory.
     #[arg(long)]
     dir: Option<PathBuf>,
+    /// Databases SELECT may choose from (16 by default, as Redis). Database 0
+    /// is the data directory; database N lives in <dir>/db<N>/, created on
+    /// first use. A cluster node keeps database 0 only.
+    #[arg(long)]
+    databases: Option<usize>,
     /// Close clients idle for this many seconds (0: never).
     #[arg(long)]
     timeout: Option<u64>,
@@ -214,6 +219,7 @@ fn build_config(cli: &Cli) -> anyhow::Result<Config> {
     set("requirepass", cli.requirepass.clone())?;
     set("maxclients", cli.maxclients.map(|n| n.to_string()))?;
     set("dir", cli.dir.as_ref().map(|d| d.display().to_string()))?;
+    set("databases", cli.databases.map(|n| n.to_string()))?;
     set("timeout", cli.timeout.map(|n| n.to_string()))?;
     set("threads", cli.threads.map(|n| n.to_string()))?;
     set("storage", cli.storage.clone())?;

@@ -53,11 +53,12 @@ impl Monitors {
     }
 
     /// Shows one request of `client` to every monitor.
-    pub fn feed(&self, client: &ClientHandle, spec: Option<&Spec>, args: &[Bytes]) {
+    /// `db`: the client's selected database after the request ran, as Redis shows it.
+    pub fn feed(&self, client: &ClientHandle, db: usize, spec: Option<&Spec>, args: &[Bytes]) {
         if spec.is_some_and(|s| s.flags.contains(&"admin")) {
             return;
         }
-        let line = Message::Monitor(line(SystemTime::now(), 0, &client.addr.to_string(), args));
+        let line = Message::Monitor(line(SystemTime::now(), db as u32, &client.addr.to_string(), args));
         for sub in self.subs.read().values() {
             crate::pubsub::deliver(sub, line.clone());
         }

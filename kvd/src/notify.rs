@@ -184,18 +184,18 @@ impl Plan {
 }
 
 /// Publishes `events` as `flags` asks.
-pub fn publish(pubsub: &PubSub, flags: u16, events: Vec<(u16, &'static str, Bytes)>) {
+pub fn publish(pubsub: &PubSub, flags: u16, db: usize, events: Vec<(u16, &'static str, Bytes)>) {
     for (class, event, key) in events {
         if flags & class == 0 {
             continue;
         }
         if flags & KEYSPACE != 0 {
-            let mut channel = b"__keyspace@0__:".to_vec();
+            let mut channel = format!("__keyspace@{db}__:").into_bytes();
             channel.extend_from_slice(&key);
             pubsub.publish(&Bytes::from(channel), &Bytes::from_static(event.as_bytes()));
         }
         if flags & KEYEVENT != 0 {
-            let channel = format!("__keyevent@0__:{event}");
+            let channel = format!("__keyevent@{db}__:{event}");
             pubsub.publish(&Bytes::from(channel), &key);
         }
     }

@@ -49,7 +49,8 @@ const SHRINK_AFTER: Duration = Duration::from_secs(2);
 
 /// State shared by every connection.
 pub struct Shared {
-    pub db: Db,
+    /// The databases of SELECT; a cluster node uses database 0 only.
+    pub dbs: crate::databases::Databases,
     pub config: RwLock<Config>,
     pub config_file: Option<String>,
     pub clients: Clients,
@@ -67,13 +68,13 @@ pub struct Shared {
 }
 
 impl Shared {
-    pub fn new(config: Config, config_file: Option<String>, store: Arc<dyn Store>) -> Arc<Shared> {
+    pub fn new(config: Config, config_file: Option<String>, dbs: crate::databases::Databases) -> Arc<Shared> {
         use rand::Rng;
         let run_id: String = (0..40)
             .map(|_| format!("{:x}", rand::thread_rng().gen_range(0..16)))
             .collect();
         Arc::new(Shared {
-            db: Db::new(store),
+            dbs,
             config: RwLock::new(config),
             config_file,
             clients: Clients::default(),
@@ -100,8 +101,8 @@ pub struct Multi {
 /// Keys a client WATCHes, and whether one was touched.
 struct Watching {
     flag: Arc<WatchFlag>,
-    /// Each key, with its expiry time if it was live when watched.
-    keys: Vec<(Bytes, Option<Option<u64>>)>,
+    /// Each key with its database, and its expiry time if it was live when watched.
+    keys: Vec<(usize, Bytes, Option<Option<u64>>)>,
 }
 
 /// CLIENT REPLY: whether the connection's replies are sent.
@@ -144,6 +145,12 @@ pub struct Session {
     /// Cluster state of the connection (peer identity, redirects, where its
     /// transaction lives); unused outside cluster mode.
     pub cluster: crate::cluster::SessionState,
+    /// The selected database (SELECT).
+    pub db: usize,
+    /// That database, and the [`crate::databases::Databases::generation`] it
+    /// was looked up at: SWAPDB moves databases, and the hot path should not
+    /// take the databases' lock for every command.
+    selected: Option<(u64, Arc<Db>)>,
 }
 
 impl Session {
@@ -166,7 +173,37 @@ impl Session {
             reply_mode: ReplyMode::On,
             notify_keyspace_events: shared.config.read().notify_keyspace_events,
             cluster: crate::cluster::SessionState::default(),
+            db: 0,
+            selected: None,
         }
+    }
+
+    /// The selected database, opened now if this is its first use.
+    pub fn database(&mut self, shared: &Shared) -> Result<&Arc<Db>, Reply> {
+        let generation = shared.dbs.generation();
+        if self.selected.as_ref().is_none_or(|(g, _)| *g != generation) {
+            let db = match shared.dbs.get(self.db) {
+                Some(Ok(db)) => db,
+                Some(Err(e)) => return Err(Reply::error(e.to_string())),
+                None => return Err(Reply::error("ERR DB index is out of range")),
+            };
+            self.selected = Some((generation, db));
+        }
+        Ok(&self.selected.as_ref().expect("just set").1)
+    }
+
+    /// SELECT: `index` must be a database that exists (checked by the caller).
+    pub fn select(&mut self, shared: &Shared, index: usize) -> Result<(), Reply> {
+        let previous = self.db;
+        self.db = index;
+        self.selected = None;
+        if let Err(e) = self.database(shared) {
+            self.db = previous;
+            self.selected = None;
+            return Err(e);
+        }
+        self.client.state.lock().db = index;
+        Ok(())
     }
 
     /// Answers a request refused before it ran; inside MULTI this also dooms the
@@ -230,12 +267,16 @@ impl Session {
             flag: Arc::new(WatchFlag::default()),
             keys: Vec::new(),
         });
+        let index = self.db;
+        let Some(Ok(db)) = shared.dbs.get(index) else {
+            return;
+        };
         for key in keys {
-            if w.keys.iter().any(|(k, _)| *k == key) {
+            if w.keys.iter().any(|(i, k, _)| *i == index && *k == key) {
                 continue;
             }
-            let state = shared.db.watch(&key, &w.flag);
-            w.keys.push((key, state));
+            let state = db.watch(&key, &w.flag);
+            w.keys.push((index, key, state));
         }
         self.client.state.lock().watching = w.keys.len();
     }
@@ -246,8 +287,15 @@ impl Session {
 
     pub fn unwatch_all(&mut self, shared: &Shared) {
         if let Some(w) = self.watching.take() {
-            let keys: Vec<Bytes> = w.keys.into_iter().map(|(k, _)| k).collect();
-            shared.db.unwatch(&keys, &w.flag);
+            let mut by_db: std::collections::BTreeMap<usize, Vec<Bytes>> = Default::default();
+            for (i, k, _) in w.keys {
+                by_db.entry(i).or_default().push(k);
+            }
+            for (i, keys) in by_db {
+                if let Some(Ok(db)) = shared.dbs.get(i) {
+                    db.unwatch(&keys, &w.flag);
+                }
+            }
         }
         self.client.state.lock().watching = 0;
     }
@@ -262,14 +310,13 @@ impl Session {
             return true;
         }
         let now = crate::db::now_ms();
-        w.keys.iter().any(|(key, state)| match state {
-            Some(_) => shared
-                .db
-                .store()
-                .expiry(key)
-                .is_none_or(|t| t.is_some_and(|t| t <= now)),
-            None => false,
-        })
+        w.keys
+            .iter()
+            .any(|(index, key, state)| match (state, shared.dbs.get(*index)) {
+                (Some(_), Some(Ok(db))) => db.store().expiry(key).is_none_or(|t| t.is_some_and(|t| t <= now)),
+                (Some(_), _) => true,
+                (None, _) => false,
+            })
     }
 
     fn subscription_count(&self) -> i64 {
@@ -381,6 +428,9 @@ impl Session {
         self.reply_mode = ReplyMode::On;
         self.authenticated = shared.config.read().requirepass.is_none();
         self.client.state.lock().name.clear();
+        self.db = 0;
+        self.selected = None;
+        self.client.state.lock().db = 0;
     }
 }
 
@@ -565,7 +615,7 @@ async fn serve(shared: &Arc<Shared>, session: &mut Session, socket: TcpStream) -
                             if let Some(p) = crate::cluster::dispatch::start_forward(cluster, session, &args)
                             {
                                 if monitored {
-                                    shared.monitors.feed(&session.client, spec, &args);
+                                    shared.monitors.feed(&session.client, session.db, spec, &args);
                                 }
                                 forwarded.push(p);
                                 continue;
@@ -586,7 +636,7 @@ async fn serve(shared: &Arc<Shared>, session: &mut Session, socket: TcpStream) -
                         Outcome::Ran(started.elapsed())
                     };
                     if monitored && !session.rejected && spec.is_some() {
-                        shared.monitors.feed(&session.client, spec, &args);
+                        shared.monitors.feed(&session.client, session.db, spec, &args);
                     }
                     shared.stats.record(spec, outcome, &reply);
                     if !session.send_reply() {
@@ -807,7 +857,7 @@ async fn flush_with(
         // writes join this one in a single write(2) (and fsync), as Redis writes
         // its AOF once per event-loop round rather than once per client.
         tokio::task::yield_now().await;
-        if let Err(e) = shared.db.store().flush() {
+        if let Err(e) = shared.dbs.flush_writes() {
             tracing::error!(client = session.client.id, "not acknowledging writes: {e}");
             wbuf.clear();
             return Ok(false);
@@ -860,20 +910,25 @@ async fn housekeeping(shared: Arc<Shared>) {
         }
         // Keep removing while a batch comes back full, but yield between batches.
         let notify = shared.config.read().notify_keyspace_events;
-        loop {
-            let (removed, changes) = shared.db.recording(|| shared.db.expire_some(256));
-            if notify & crate::notify::EXPIRED != 0 {
-                let events = changes
-                    .into_iter()
-                    .filter(|c| c.kind == crate::db::ChangeKind::Expired)
-                    .map(|c| (crate::notify::EXPIRED, "expired", c.key))
-                    .collect();
-                crate::notify::publish(&shared.pubsub, notify, events);
+        for (index, db) in shared.dbs.opened() {
+            loop {
+                let (removed, changes) = {
+                    let _gate = shared.dbs.shared();
+                    db.recording(|| db.expire_some(256))
+                };
+                if notify & crate::notify::EXPIRED != 0 {
+                    let events = changes
+                        .into_iter()
+                        .filter(|c| c.kind == crate::db::ChangeKind::Expired)
+                        .map(|c| (crate::notify::EXPIRED, "expired", c.key))
+                        .collect();
+                    crate::notify::publish(&shared.pubsub, notify, index, events);
+                }
+                if removed < 256 {
+                    break;
+                }
+                tokio::task::yield_now().await;
             }
-            if removed < 256 {
-                break;
-            }
-            tokio::task::yield_now().await;
         }
         if last.0.elapsed() >= Duration::from_secs(1) {
             let now = shared.stats.commands.load(Ordering::Relaxed);
@@ -892,8 +947,18 @@ pub async fn start(
     cluster: Option<crate::cluster::Options>,
     replicas: Option<crate::replica::Options>,
 ) -> anyhow::Result<(Arc<Shared>, tokio::task::JoinHandle<anyhow::Result<()>>)> {
-    let store: Arc<dyn Store> = match config.storage {
-        Storage::Memory => Arc::new(MemStore::new()),
+    // A cluster node keeps database 0 only, as a Redis Cluster node does.
+    let count = if cluster.is_some() || replicas.is_some() {
+        1
+    } else {
+        config.databases
+    };
+    let dbs = match config.storage {
+        Storage::Memory => {
+            let open: crate::databases::Opener =
+                Box::new(|_| Ok(Arc::new(MemStore::new()) as Arc<dyn Store>));
+            crate::databases::Databases::open(Arc::new(MemStore::new()), count, None, open)?
+        }
         Storage::Disk => {
             let options = crate::store::disk::Options {
                 fsync: config.appendfsync,
@@ -901,14 +966,21 @@ pub async fn start(
                 compact_dead_fraction: config.compact_dead_percent as f64 / 100.0,
             };
             let dir = config.dir.clone();
-            tokio::task::spawn_blocking(move || DiskStore::open(&dir, options))
-                .await?
-                .map_err(|e| {
-                    anyhow::anyhow!("cannot open the data directory {}: {e}", config.dir.display())
-                })?
+            tokio::task::spawn_blocking(move || {
+                let first = DiskStore::open(&dir, options.clone())?;
+                let root = dir.clone();
+                let open: crate::databases::Opener = Box::new(move |name| {
+                    let path = root.join(name);
+                    std::fs::create_dir_all(&path)?;
+                    Ok(DiskStore::open(&path, options.clone())? as Arc<dyn Store>)
+                });
+                crate::databases::Databases::open(first, count, Some(&dir), open)
+            })
+            .await?
+            .map_err(|e| anyhow::anyhow!("cannot open the data directory {}: {e}", config.dir.display()))?
         }
     };
-    let shared = Shared::new(config, config_file, store);
+    let shared = Shared::new(config, config_file, dbs);
     if let Some(options) = cluster {
         let node = crate::cluster::Cluster::start(options, shared.clone()).await?;
         let _ = shared.cluster.set(node);

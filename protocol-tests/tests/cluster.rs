@@ -904,3 +904,26 @@ fn a_forward_to_a_stopped_node_answers_within_its_timeout() {
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(conn.call(&["GET", &key]).unwrap(), bulk("v"));
 }
+
+/// Issue 18: a cluster node keeps database 0 only, and says so as a Redis
+/// Cluster node does (Redis 7's texts), whether it shards (`--cluster`) or
+/// replicates (`--replicas`).
+#[test]
+fn cluster_nodes_keep_database_0_only() {
+    let sharded = protocol_tests::KvdCluster::start(1, &[]).unwrap();
+    let replicated = protocol_tests::Replicated::start(3, 3);
+    for mut c in [sharded.nodes[0].connect().unwrap(), replicated.conn(0)] {
+        assert_eq!(c.cmd("SELECT 0").unwrap(), Value::Status("OK".into()));
+        for (line, text) in [
+            ("SELECT 1", "ERR SELECT is not allowed in cluster mode"),
+            ("SWAPDB 0 1", "ERR SWAPDB is not allowed in cluster mode"),
+            ("MOVE k 1", "ERR MOVE is not allowed in cluster mode"),
+            (
+                "COPY {k}a {k}b DB 1",
+                "ERR Copying to another database is not allowed in cluster mode",
+            ),
+        ] {
+            assert_eq!(c.cmd(line).unwrap(), Value::Error(text.into()), "{line}");
+        }
+    }
+}

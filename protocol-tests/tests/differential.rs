@@ -100,6 +100,10 @@ impl ClusterFilter {
         }
         match spec.name {
             "keys" | "scan" | "dbsize" | "randomkey" | "flushall" | "flushdb" | "info" => return false,
+            // A cluster node keeps database 0 only, as a Redis Cluster node
+            // does (`cluster_nodes_keep_database_0_only` checks its refusals).
+            "select" | "swapdb" | "move" => return false,
+            "copy" if args.iter().any(|a| a.eq_ignore_ascii_case(b"db")) => return false,
             "multi" => self.in_multi = true,
             "exec" | "discard" | "reset" => {
                 self.in_multi = false;

@@ -320,7 +320,7 @@ pub fn keys_in_slots(shared: &Shared, slots: &HashSet<u16>, limit: usize) -> Vec
     let mut batch = Vec::new();
     loop {
         batch.clear();
-        cursor = shared.db.store().scan(cursor, 512, &mut batch);
+        cursor = shared.dbs.zero().store().scan(cursor, 512, &mut batch);
         for (k, _) in batch.drain(..) {
             if keys.len() < limit && slots.contains(&key_slot(&k)) {
                 keys.push(k);
@@ -388,7 +388,10 @@ pub async fn internal(
             match result {
                 Ok(accepted) => {
                     let set: HashSet<u16> = accepted.iter().copied().collect();
-                    shared.db.touch_watched_where(|k| set.contains(&key_slot(k)));
+                    shared
+                        .dbs
+                        .zero()
+                        .touch_watched_where(|k| set.contains(&key_slot(k)));
                     if !accepted.is_empty() {
                         tracing::info!("handed {} slots to node {peer_id}", accepted.len());
                     }
@@ -419,13 +422,13 @@ pub async fn internal(
             let mut batch = Vec::new();
             loop {
                 batch.clear();
-                cursor = shared.db.store().scan(cursor, 64, &mut batch);
+                cursor = shared.dbs.zero().store().scan(cursor, 64, &mut batch);
                 for (k, e) in batch.drain(..) {
                     if !slots.contains(&key_slot(&k)) || e.expires_at.is_some_and(|t| t <= now) {
                         continue;
                     }
                     // The scan may leave a value unread; read it (checksummed) now.
-                    let entry = match shared.db.store().get(&k) {
+                    let entry = match shared.dbs.zero().store().get(&k) {
                         Ok(Some(entry)) => entry,
                         Ok(None) => continue,
                         Err(err) => return Reply::error(err.to_string()),

@@ -83,10 +83,10 @@ fn drop_handed_off(cluster: &Cluster, shared: &Shared) {
 
 fn remove_keys(shared: &Shared, slots: &HashSet<u16>) -> usize {
     let keys = keys_in_slots(shared, slots, usize::MAX);
-    let _gate = shared.db.shared();
+    let _gate = shared.dbs.shared();
     let mut n = 0;
     for k in keys {
-        if shared.db.remove(&k).unwrap_or(false) {
+        if shared.dbs.zero().remove(&k).unwrap_or(false) {
             n += 1;
         }
     }
@@ -197,17 +197,17 @@ async fn import(
             _ => anyhow::bail!("node {source} answered SLOTDUMP in an unknown shape"),
         };
         {
-            let _gate = shared.db.shared();
+            let _gate = shared.dbs.shared();
             for triple in entries.chunks(3) {
                 let [Reply::Bulk(k), Reply::Bulk(v), Reply::Int(t)] = triple else {
                     anyhow::bail!("node {source} sent a malformed SLOTDUMP entry");
                 };
                 let expires = (*t > 0).then_some(*t as u64);
-                shared.db.set(k, v.clone(), expires)?;
+                shared.dbs.zero().set(k, v.clone(), expires)?;
                 copied += 1;
             }
         }
-        shared.db.store().flush()?;
+        shared.dbs.zero().store().flush()?;
         if next == 0 {
             break;
         }

@@ -90,6 +90,9 @@ pub enum DataCommand {
         from: Bytes,
         to: Bytes,
         replace: bool,
+        /// The DB option: the target database (another one is
+        /// [`super::across`]'s to copy to).
+        db: Option<i64>,
     },
     Ttl {
         key: Bytes,
@@ -375,19 +378,20 @@ impl DataCommand {
     fn parse_copy(a: &mut Args) -> ParseResult<DataCommand> {
         let (from, to) = (a.bytes()?, a.bytes()?);
         let mut replace = false;
+        let mut db = None;
         while !a.is_empty() {
             match a.word()?.as_str() {
                 "REPLACE" => replace = true,
-                "DB" if a.remaining() > 0 => {
-                    let db = a.i64()?;
-                    if db != 0 {
-                        return Err(Reply::error("ERR DB index is out of range"));
-                    }
-                }
+                "DB" if a.remaining() > 0 => db = Some(super::across::int_arg(&a.bytes()?, None)?),
                 _ => return Err(syntax()),
             }
         }
-        Ok(DataCommand::Copy { from, to, replace })
+        Ok(DataCommand::Copy {
+            from,
+            to,
+            replace,
+            db,
+        })
     }
 
     fn parse_expire(name: &str, a: &mut Args) -> ParseResult<DataCommand> {
@@ -705,7 +709,9 @@ impl DataCommand {
                     Reply::OK
                 }
             }
-            Copy { from, to, replace } => {
+            Copy {
+                from, to, replace, ..
+            } => {
                 if from == to {
                     return Ok(Reply::error("ERR source and destination objects are the same"));
                 }

@@ -139,7 +139,12 @@ fn human(bytes: u64) -> String {
 
 fn memory(shared: &Shared) -> String {
     let rss = rss_bytes();
-    let dataset = shared.db.store().used_bytes();
+    let dataset: u64 = shared
+        .dbs
+        .opened()
+        .iter()
+        .map(|(_, db)| db.store().used_bytes())
+        .sum();
     let peak = shared.stats.peak_rss.fetch_max(rss, Ordering::Relaxed).max(rss);
     format!(
         "used_memory:{rss}\r\nused_memory_human:{}\r\nused_memory_rss:{rss}\r\nused_memory_rss_human:{}\r\n\
@@ -153,7 +158,9 @@ fn memory(shared: &Shared) -> String {
 
 fn persistence(shared: &Shared) -> String {
     let disk = shared.config.read().storage == crate::config::Storage::Disk;
-    let store = shared.db.store().info();
+    // Database 0's log: the others (SELECT) are smaller logs of the same engine
+    // and settings, reported by the fields they share only through its status.
+    let store = shared.dbs.zero().store().info();
     // kvd has one log and no snapshots: `rdb_last_bgsave_status` tells what
     // Redis's tells monitoring (whether the last attempt to persist worked),
     // from the same status as `aof_last_write_status`.
@@ -174,7 +181,7 @@ fn persistence(shared: &Shared) -> String {
 
 fn stats(shared: &Shared) -> String {
     let s = &shared.stats;
-    let db = &shared.db.stats;
+    let db = &shared.dbs.stats;
     format!(
         "total_connections_received:{}\r\ntotal_commands_processed:{}\r\ninstantaneous_ops_per_sec:{}\r\n\
          total_net_input_bytes:{}\r\ntotal_net_output_bytes:{}\r\nrejected_connections:{}\r\nexpired_keys:{}\r\n\
@@ -192,7 +199,7 @@ fn stats(shared: &Shared) -> String {
         shared.pubsub.channel_count(),
         shared.pubsub.numpat(),
         s.error_replies.load(Ordering::Relaxed),
-        shared.db.watched_keys(),
+        shared.dbs.opened().iter().map(|(_, db)| db.watched_keys()).sum::<usize>(),
     )
 }
 
@@ -238,12 +245,16 @@ fn cpu() -> String {
 }
 
 fn keyspace(shared: &Shared) -> String {
-    let keys = shared.db.len();
-    if keys == 0 {
-        return String::new();
+    let mut out = String::new();
+    for (i, db) in shared.dbs.opened() {
+        let keys = db.len();
+        if keys > 0 {
+            let _ = write!(
+                out,
+                "db{i}:keys={keys},expires={},avg_ttl=0\r\n",
+                db.store().expiring_len()
+            );
+        }
     }
-    format!(
-        "db0:keys={keys},expires={},avg_ttl=0\r\n",
-        shared.db.store().expiring_len()
-    )
+    out
 }

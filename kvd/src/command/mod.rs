@@ -7,6 +7,7 @@
 //! database gate, everything that reads or changes the connection or the server
 //! is a [`session::SessionCommand`].
 
+pub mod across;
 pub mod args;
 pub mod data;
 pub mod info;
@@ -102,25 +103,33 @@ pub fn run(
     args: &[Bytes],
     in_exec: bool,
 ) -> Reply {
+    if let Some(reply) = across::run(shared, session, spec.name, args, in_exec) {
+        return reply;
+    }
     if let Some(parsed) = DataCommand::parse(spec.name, args) {
         let cmd = match parsed {
             Ok(cmd) => cmd,
             Err(reply) => return reply,
         };
         let max_len = session.max_bulk_len;
-        let db = &shared.db;
+        let notify = session.notify_keyspace_events;
+        let index = session.db;
+        let db = match session.database(shared) {
+            Ok(db) => &**db,
+            Err(reply) => return reply,
+        };
+        let gate = &shared.dbs;
         let apply = |cmd: DataCommand| {
             if in_exec {
                 cmd.apply(db, max_len)
             } else if cmd.exclusive() {
-                let _gate = db.exclusive();
+                let _gate = gate.exclusive();
                 cmd.apply(db, max_len)
             } else {
-                let _gate = db.shared();
+                let _gate = gate.shared();
                 cmd.apply(db, max_len)
             }
         };
-        let notify = session.notify_keyspace_events;
         if notify == 0 {
             return apply(cmd);
         }
@@ -128,7 +137,7 @@ pub fn run(
         // them, published once it has run (and its gate is released).
         let plan = crate::notify::Plan::of(spec.name, &cmd);
         let (reply, changes) = db.recording(|| apply(cmd));
-        crate::notify::publish(&shared.pubsub, notify, plan.events(changes));
+        crate::notify::publish(&shared.pubsub, notify, index, plan.events(changes));
         return reply;
     }
     match SessionCommand::parse(spec, args) {

@@ -396,11 +396,10 @@ impl SessionCommand {
                     (Reply::bulk_str("modules"), Reply::Array(vec![])),
                 ])
             }
-            Select(0) => Reply::OK,
             Select(n) if n > i32::MAX as i64 || n < i32::MIN as i64 => {
                 Reply::error("ERR value is out of range, value must between -2147483648 and 2147483647")
             }
-            Select(_) => Reply::error("ERR DB index is out of range"),
+            Select(n) => super::across::select(shared, s, n),
             Quit => {
                 s.close = true;
                 Reply::OK
@@ -551,10 +550,14 @@ impl SessionCommand {
                     Reply::bulk(now.subsec_micros().to_string()),
                 ])
             }
-            BgRewriteAof => match shared.db.store().compact() {
-                Ok(()) => Reply::Simple("Background append only file rewriting started"),
-                Err(e) => Reply::error(e.to_string()),
-            },
+            BgRewriteAof => {
+                for (_, db) in shared.dbs.opened() {
+                    if let Err(e) = db.store().compact() {
+                        return Reply::error(e.to_string());
+                    }
+                }
+                Reply::Simple("Background append only file rewriting started")
+            }
             Shutdown { abort } => {
                 if abort {
                     return Reply::error("ERR No shutdown in progress.");
@@ -595,10 +598,12 @@ impl SessionCommand {
                     }
                 }
                 for (name, _) in &pairs {
-                    if let Err(e) = shared.db.store().configure(name, &config) {
-                        return Reply::error(format!(
-                            "ERR CONFIG SET failed (possibly related to argument '{name}') - {e}"
-                        ));
+                    for (_, db) in shared.dbs.opened() {
+                        if let Err(e) = db.store().configure(name, &config) {
+                            return Reply::error(format!(
+                                "ERR CONFIG SET failed (possibly related to argument '{name}') - {e}"
+                            ));
+                        }
                     }
                 }
                 if let Some(cluster) = shared.cluster.get() {
@@ -726,7 +731,7 @@ fn exec(shared: &Shared, s: &mut Session) -> Reply {
         s.unwatch_all(shared);
         return Reply::error("EXECABORT Transaction discarded because of previous errors.");
     }
-    let _gate = shared.db.exclusive();
+    let _gate = shared.dbs.exclusive();
     if s.watch_broken(shared) {
         s.unwatch_all(shared);
         return Reply::NilArray;

@@ -164,6 +164,7 @@ pub static COMMANDS: &[Spec] = &[
     spec!("exists", -2, ["readonly", "fast"], 1, -1, 1, "generic", "1.0.0", "Determines whether one or more keys exist.", "O(N) where N is the number of keys to check.", "key [key ...]"),
     spec!("touch", -2, ["readonly", "fast"], 1, -1, 1, "generic", "3.2.1", "Returns the number of existing keys out of those specified after updating the time they were last accessed.", "O(N) where N is the number of keys that will be touched.", "key [key ...]"),
     spec!("type", 2, ["readonly", "fast"], 1, 1, 1, "generic", "1.0.0", "Determines the type of value stored at a key.", "O(1)", "key"),
+    spec!("move", 3, ["write", "fast"], 1, 1, 1, "generic", "1.0.0", "Moves a key to another database.", "O(1)", "key db"),
     spec!("rename", 3, ["write"], 1, 2, 1, "generic", "1.0.0", "Renames a key and overwrites the destination.", "O(1)", "key newkey"),
     spec!("renamenx", 3, ["write", "fast"], 1, 2, 1, "generic", "1.0.0", "Renames a key only when the target key name doesn't exist.", "O(1)", "key newkey"),
     spec!("copy", -3, ["write", "denyoom"], 1, 2, 1, "generic", "6.2.0", "Copies the value of a key to a new key.", "O(N) worst case for collections, where N is the number of nested items. O(1) for string values.", "source destination [DB destination-db] [REPLACE]"),
@@ -185,6 +186,7 @@ pub static COMMANDS: &[Spec] = &[
         spec!("memory|help", 2, ["loading", "stale"], 0, 0, 0, "server", "4.0.0", "Returns helpful text about the different subcommands.", "O(1)", ""),
     ]),
     spec!("dbsize", 1, ["readonly", "fast"], 0, 0, 0, "server", "1.0.0", "Returns the number of keys in the database.", "O(1)", ""),
+    spec!("swapdb", 3, ["write", "fast"], 0, 0, 0, "server", "4.0.0", "Swaps two Redis databases.", "O(N) where N is the count of clients watching or blocking on keys from both databases.", "index1 index2"),
     spec!("flushdb", -1, ["write"], 0, 0, 0, "server", "1.0.0", "Remove all keys from the current database.", "O(N) where N is the number of keys in the selected database", "[ASYNC | SYNC]"),
     spec!("flushall", -1, ["write"], 0, 0, 0, "server", "1.0.0", "Removes all keys from all databases.", "O(N) where N is the total number of keys in all databases", "[ASYNC | SYNC]"),
     // ---- transactions ----

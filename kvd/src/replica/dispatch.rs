@@ -66,6 +66,9 @@ pub async fn dispatch(
         }
         _ => return command::execute(shared, session, args),
     };
+    if let Some(refusal) = command::across::cluster_refusal(spec.name, args) {
+        return refusal;
+    }
     match spec.name {
         "exec" => return exec(shared, rep, session, args).await,
         "watch" if session.multi.is_none() => return watch(shared, rep, session, args).await,
@@ -73,7 +76,7 @@ pub async fn dispatch(
             session.cluster.watched.clear();
             return command::execute(shared, session, args);
         }
-        "flushall" | "flushdb" | "swapdb" | "move" | "randomkey" | "dbsize" => return unsupported(spec.name),
+        "flushall" | "flushdb" | "randomkey" | "dbsize" => return unsupported(spec.name),
         "scan" | "keys" if session.multi.is_none() => {
             let reply = command::execute(shared, session, args);
             return hide_deleted(shared, reply);
@@ -279,7 +282,7 @@ async fn exec(shared: &Arc<Shared>, rep: &Arc<Replicas>, session: &mut Session, 
 fn hide_deleted(shared: &Shared, reply: Reply) -> Reply {
     let now = now_ms();
     let live = |k: &Reply| match k {
-        Reply::Bulk(key) => match shared.db.store().get(key) {
+        Reply::Bulk(key) => match shared.dbs.zero().store().get(key) {
             Ok(Some(e)) => Record::decode(&e.value).is_none_or(|r| r.live(now).is_some()),
             _ => false,
         },
@@ -389,7 +392,7 @@ fn internal(shared: &Arc<Shared>, rep: &Arc<Replicas>, session: &mut Session, ar
                 return super::version_refusal(version);
             }
             session.wrote = true;
-            return match rep.acceptor.install(&shared.db, &args[1], record) {
+            return match rep.acceptor.install(&shared.dbs.zero(), &args[1], record) {
                 Ok(()) => Reply::OK,
                 Err(Ok(beaten)) => proposer::ballot_error(beaten),
                 Err(Err(e)) => Reply::error(e.to_string()),

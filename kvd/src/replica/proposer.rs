@@ -114,20 +114,22 @@ pub fn local(shared: &Shared, rep: &Replicas, key: &Bytes, msg: &Msg) -> Reply {
     };
     let acceptor = &rep.acceptor;
     match msg {
-        Msg::Query(_) => match acceptor.query(&shared.db, key) {
+        Msg::Query(_) => match acceptor.query(&shared.dbs.zero(), key) {
             Ok(r) => Reply::Bulk(r.encode()),
             Err(e) => store_error(e),
         },
-        Msg::Prepare(b) => match acceptor.prepare(&shared.db, key, *b) {
+        Msg::Prepare(b) => match acceptor.prepare(&shared.dbs.zero(), key, *b) {
             Ok(r) => Reply::Bulk(r.encode()),
             Err(Ok(beaten)) => ballot_error(beaten),
             Err(Err(e)) => store_error(e),
         },
-        Msg::Accept(b, entry, next) => match acceptor.accept(&shared.db, key, *b, entry.clone(), *next) {
-            Ok(()) => Reply::OK,
-            Err(Ok(beaten)) => ballot_error(beaten),
-            Err(Err(e)) => store_error(e),
-        },
+        Msg::Accept(b, entry, next) => {
+            match acceptor.accept(&shared.dbs.zero(), key, *b, entry.clone(), *next) {
+                Ok(()) => Reply::OK,
+                Err(Ok(beaten)) => ballot_error(beaten),
+                Err(Err(e)) => store_error(e),
+            }
+        }
     }
 }
 

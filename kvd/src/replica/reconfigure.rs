@@ -130,7 +130,9 @@ impl Replicas {
     /// membership; whether it did.
     pub fn drop_unheld(&self, shared: &Shared, key: &Bytes) -> bool {
         let version = self.layout().version;
-        self.acceptor.forget(&shared.db, key, version).unwrap_or(false)
+        self.acceptor
+            .forget(&shared.dbs.zero(), key, version)
+            .unwrap_or(false)
     }
 
     /// `KVD.RECONFIGURE node ...`: makes `nodes` the cluster's node list.
@@ -501,7 +503,8 @@ pub fn slot_records(shared: &Shared, rep: &Replicas, args: &[Bytes]) -> Reply {
     }
     let mut batch = Vec::new();
     let next = shared
-        .db
+        .dbs
+        .zero()
         .store()
         .scan(cursor, count.clamp(1, 10_000) as usize, &mut batch);
     let mut items = Vec::new();
@@ -509,7 +512,7 @@ pub fn slot_records(shared: &Shared, rep: &Replicas, args: &[Bytes]) -> Reply {
         if !in_set[key_slot(&key) as usize] {
             continue;
         }
-        match rep.acceptor.query(&shared.db, &key) {
+        match rep.acceptor.query(&shared.dbs.zero(), &key) {
             Ok(r) if r != Record::default() => {
                 items.push(Reply::Bulk(key));
                 items.push(Reply::Bulk(r.encode()));

@@ -47,7 +47,7 @@ pub fn spawn(shared: Arc<Shared>, rep: Arc<Replicas>) {
                 _ = tokio::time::sleep(if cursor == 0 { PASS_PAUSE } else { PAUSE }) => {}
             }
             let mut batch: Vec<(Bytes, Entry)> = Vec::new();
-            cursor = shared.db.store().scan(cursor, BATCH, &mut batch);
+            cursor = shared.dbs.zero().store().scan(cursor, BATCH, &mut batch);
             let layout = rep.layout();
             for (key, _) in batch {
                 if layout.version > 0 && !layout.me.is_some_and(|me| layout.holders(&key).contains(&me)) {
