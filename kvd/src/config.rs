@@ -45,6 +45,11 @@ pub struct Config {
     /// How many databases SELECT may choose from (Redis's `databases`, 16 by
     /// default). A cluster node has database 0 only.
     pub databases: usize,
+    /// Redis's `latency-tracking`: per-command latency histograms for INFO
+    /// latencystats.
+    pub latency_tracking: bool,
+    /// Redis's `latency-tracking-info-percentiles`.
+    pub latency_tracking_info_percentiles: Vec<f64>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -74,6 +79,8 @@ impl Default for Config {
             cluster_redirect: false,
             notify_keyspace_events: 0,
             databases: 16,
+            latency_tracking: true,
+            latency_tracking_info_percentiles: vec![50.0, 99.0, 99.9],
         }
     }
 }
@@ -96,6 +103,8 @@ pub const NAMES: &[&str] = &[
     "compact-dead-percent",
     "cluster-redirect",
     "notify-keyspace-events",
+    "latency-tracking",
+    "latency-tracking-info-percentiles",
     "databases",
     // Read-only facts clients such as redis-benchmark ask about: kvd writes no RDB
     // snapshots and no AOF.
@@ -143,6 +152,13 @@ impl Config {
             }
             .into(),
             "databases" => self.databases.to_string(),
+            "latency-tracking" => if self.latency_tracking { "yes" } else { "no" }.into(),
+            "latency-tracking-info-percentiles" => self
+                .latency_tracking_info_percentiles
+                .iter()
+                .map(|p| crate::latency::format_percentile(*p))
+                .collect::<Vec<_>>()
+                .join(" "),
             _ => return None,
         })
     }
@@ -187,6 +203,20 @@ impl Config {
             "notify-keyspace-events" => {
                 self.notify_keyspace_events = crate::notify::parse(value)
                     .ok_or_else(|| "Invalid event class character. Use 'Ag$lshzxeKEtmdn'.".to_string())?
+            }
+            "latency-tracking" => {
+                self.latency_tracking = match value.to_ascii_lowercase().as_str() {
+                    "yes" => true,
+                    "no" => false,
+                    _ => return Err("argument must be 'yes' or 'no'".into()),
+                }
+            }
+            "latency-tracking-info-percentiles" => {
+                self.latency_tracking_info_percentiles =
+                    crate::latency::parse_percentiles(value).ok_or_else(|| {
+                        "latency-tracking-info-percentiles parameters should sit between [0.0,100.0]"
+                            .to_string()
+                    })?
             }
             "cluster-redirect" => {
                 self.cluster_redirect = match value.to_ascii_lowercase().as_str() {

@@ -15,6 +15,7 @@ pub mod db;
 pub mod durable;
 pub mod failpoint;
 pub mod glob;
+pub mod latency;
 pub mod monitor;
 pub mod notify;
 pub mod protocol;

@@ -612,8 +612,10 @@ async fn serve(shared: &Arc<Shared>, session: &mut Session, socket: TcpStream) -
                     let monitored = shared.monitors.active() && session.cluster.peer.is_none();
                     let reply = match shared.cluster.get() {
                         Some(cluster) => {
-                            if let Some(p) = crate::cluster::dispatch::start_forward(cluster, session, &args)
+                            if let Some(mut p) =
+                                crate::cluster::dispatch::start_forward(cluster, session, &args)
                             {
+                                p.send = session.send_reply();
                                 if monitored {
                                     shared.monitors.feed(&session.client, session.db, spec, &args);
                                 }
@@ -782,9 +784,11 @@ async fn finish_forwarded(
         return;
     }
     let proto = session.proto;
-    crate::cluster::dispatch::finish_all(shared, cluster, session, forwarded, |reply| {
+    crate::cluster::dispatch::finish_all(shared, cluster, session, forwarded, |reply, send| {
         shared.stats.record_reply(&reply);
-        reply.encode(proto, wbuf);
+        if send {
+            reply.encode(proto, wbuf);
+        }
     })
     .await;
 }
@@ -980,7 +984,9 @@ pub async fn start(
             .map_err(|e| anyhow::anyhow!("cannot open the data directory {}: {e}", config.dir.display()))?
         }
     };
+    let tracking = config.latency_tracking;
     let shared = Shared::new(config, config_file, dbs);
+    shared.stats.latency_tracking.store(tracking, Ordering::Relaxed);
     if let Some(options) = cluster {
         let node = crate::cluster::Cluster::start(options, shared.clone()).await?;
         let _ = shared.cluster.set(node);

@@ -40,6 +40,9 @@ pub struct Stats {
     pub peak_rss: AtomicU64,
     per_command: HashMap<&'static str, CommandStat>,
     errors: Mutex<BTreeMap<String, u64>>,
+    /// INFO latencystats, while `latency-tracking` is on.
+    pub latencies: crate::latency::Latencies,
+    pub latency_tracking: std::sync::atomic::AtomicBool,
 }
 
 /// How a command ended, for its row.
@@ -62,6 +65,7 @@ impl Stats {
         }
         Stats {
             per_command,
+            latency_tracking: std::sync::atomic::AtomicBool::new(true),
             ..Default::default()
         }
     }
@@ -70,7 +74,7 @@ impl Stats {
     /// its error counts) and its reply.
     pub fn record(&self, spec: Option<&'static Spec>, outcome: Outcome, reply: &Reply) {
         let failed = self.record_reply(reply);
-        let Some(row) = spec.and_then(|s| self.per_command.get(s.name)) else {
+        let Some((name, row)) = spec.and_then(|s| self.per_command.get_key_value(s.name)) else {
             return;
         };
         match outcome {
@@ -80,6 +84,9 @@ impl Stats {
             Outcome::Ran(took) => {
                 row.calls.fetch_add(1, Ordering::Relaxed);
                 row.usec.fetch_add(took.as_micros() as u64, Ordering::Relaxed);
+                if self.latency_tracking.load(Ordering::Relaxed) {
+                    self.latencies.record(name, took);
+                }
                 if failed {
                     row.failed.fetch_add(1, Ordering::Relaxed);
                 }
@@ -126,6 +133,7 @@ impl Stats {
             }
         }
         self.errors.lock().clear();
+        self.latencies.reset();
     }
 
     /// INFO commandstats: a row for every command used since the last reset,

@@ -927,3 +927,41 @@ fn cluster_nodes_keep_database_0_only() {
         }
     }
 }
+
+/// Issue 18: CLIENT REPLY OFF and SKIP silence replies to commands a cluster
+/// node forwards to the key's owner too (they used to arrive anyway): the
+/// same bytes as a standalone redis-server for the same pipelined script.
+#[test]
+fn client_reply_silences_forwarded_replies() {
+    use std::io::{Read, Write};
+    protocol_tests::require_redis();
+    let c = KvdCluster::start(3, &[]).expect("cluster");
+    let redis = protocol_tests::Server::redis(&[]).unwrap();
+    let mut script = String::from("CLIENT REPLY OFF\r\n");
+    for k in 0..20 {
+        script += &format!("SET k{k} {k}\r\n");
+    }
+    script += "CLIENT REPLY ON\r\nGET k1\r\nCLIENT REPLY SKIP\r\nGET k2\r\nGET k3\r\n";
+    script += "CLIENT REPLY OFF\r\nGET k4\r\nCLIENT REPLY ON\r\nGET k5\r\nQUIT\r\n";
+    let collect = |port: u16| {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.write_all(script.as_bytes()).unwrap();
+        let mut got = Vec::new();
+        let _ = s.read_to_end(&mut got);
+        String::from_utf8_lossy(&got).into_owned()
+    };
+    let before: u64 = c.info(1).unwrap()["kvd_cluster_forwarded_commands"]
+        .parse()
+        .unwrap();
+    let kvd = collect(c.nodes[1].port);
+    let after: u64 = c.info(1).unwrap()["kvd_cluster_forwarded_commands"]
+        .parse()
+        .unwrap();
+    assert!(
+        after - before >= 5,
+        "most of the 25 keyed commands go to other nodes"
+    );
+    assert_eq!(kvd, collect(redis.port));
+    assert_eq!(kvd, "+OK\r\n$1\r\n1\r\n$1\r\n3\r\n+OK\r\n$1\r\n5\r\n+OK\r\n");
+}

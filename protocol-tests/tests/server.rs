@@ -1021,7 +1021,49 @@ fn commandstats_errorstats_and_memory_usage_match_redis() {
             .collect();
         let usage = c.cmd("MEMORY USAGE s").unwrap();
         let missing = c.cmd("MEMORY USAGE nosuch").unwrap();
-        out.push((rows, errors, headers, usage.as_int().is_some(), missing));
+        // INFO latencystats: timings differ, so each line is compared
+        // with its numbers masked (same commands, same percentile names).
+        // Redis lists the commands in its dictionary's order: sorted here.
+        let mask = |text: String| -> Vec<String> {
+            let mut lines: Vec<String> = text
+                .lines()
+                .map(|l| match l.split_once(':') {
+                    Some((name, values)) => {
+                        let names: Vec<&str> = values
+                            .split(',')
+                            .map(|v| v.split('=').next().unwrap_or(""))
+                            .collect();
+                        format!("{name}:{}", names.join(","))
+                    }
+                    None => l.to_string(),
+                })
+                .collect();
+            lines.sort();
+            lines
+        };
+        let mut latency = mask(c.cmd("INFO latencystats").unwrap().as_str());
+        latency.push(format!(
+            "{:?}",
+            c.call(&[
+                "CONFIG",
+                "SET",
+                "latency-tracking-info-percentiles",
+                "50 99.99 100"
+            ])
+            .unwrap()
+        ));
+        latency.push(format!("{:?}", c.cmd("CONFIG GET latency-tracking*").unwrap()));
+        latency.extend(mask(c.cmd("INFO latencystats").unwrap().as_str()));
+        for line in [
+            "CONFIG SET latency-tracking-info-percentiles 101",
+            "CONFIG SET latency-tracking no",
+            "CONFIG RESETSTAT",
+            "GET s",
+        ] {
+            latency.push(format!("{:?}", c.cmd(line).unwrap()));
+        }
+        latency.extend(mask(c.cmd("INFO latencystats").unwrap().as_str()));
+        out.push((rows, errors, headers, usage.as_int().is_some(), missing, latency));
     }
     let (k, r) = (&out[0], &out[1]);
     assert_eq!(k.0, r.0, "commandstats rows");
@@ -1032,6 +1074,13 @@ fn commandstats_errorstats_and_memory_usage_match_redis() {
     }
     assert!(k.3 && r.3, "MEMORY USAGE of a key is a number");
     assert_eq!(k.4, r.4, "MEMORY USAGE of a missing key");
+    assert_eq!(k.5, r.5, "INFO latencystats and its settings");
+    assert!(
+        k.5.iter()
+            .any(|l| l == "latency_percentiles_usec_get:p50,p99.99,p100"),
+        "{:?}",
+        k.5
+    );
 }
 
 /// Issue 18: CLIENT REPLY OFF / SKIP / ON, pipelined, against both.
@@ -1159,6 +1208,7 @@ fn keyspace_notifications_match_redis() {
             "MSET m1 1 m2 2",
             "MSETNX m1 1 m3 3",
             "GETEX m2 EX 100",
+            "GETEX m2 PERSIST",
             "GETEX m2 PERSIST",
             "GETSET m1 9",
             "SETNX m9 1",

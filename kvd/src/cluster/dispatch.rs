@@ -194,6 +194,9 @@ pub async fn dispatch(
 pub struct Pending {
     args: Vec<Bytes>,
     link: Arc<super::peer::Link>,
+    /// Whether the client gets the reply (CLIENT REPLY OFF or SKIP may say
+    /// no); decided when the request is read, as for a local command.
+    pub send: bool,
 }
 
 /// Takes `args` for forwarding when that is the whole story: one slot, served
@@ -218,6 +221,7 @@ pub fn start_forward(cluster: &Cluster, session: &Session, args: &[Bytes]) -> Op
     Some(Pending {
         args: args.to_vec(),
         link,
+        send: true,
     })
 }
 
@@ -234,7 +238,8 @@ fn one_slot(spec: &Spec, args: &[Bytes]) -> Option<u16> {
 /// stalled with it (20 s for a 20 s stop).
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Sends the collected forwards and returns their replies in request order; a
+/// Sends the collected forwards and hands their replies to `emit` in request
+/// order, with whether each is sent ([`Pending::send`]); a
 /// reply that is not a plain answer (a MOVED while a slot moves, a lost link)
 /// is redone the slow way.
 ///
@@ -249,7 +254,7 @@ pub async fn finish_all(
     cluster: &Arc<Cluster>,
     session: &mut Session,
     pending: &mut Vec<Pending>,
-    mut emit: impl FnMut(Reply),
+    mut emit: impl FnMut(Reply, bool),
 ) {
     // (destination, the link used for it, indices into `pending` in order)
     let mut groups: Vec<(String, Arc<super::peer::Link>, Vec<usize>)> = Vec::new();
@@ -311,7 +316,7 @@ pub async fn finish_all(
                 }
             }
         };
-        emit(reply);
+        emit(reply, p.send);
     }
     pending.clear();
 }

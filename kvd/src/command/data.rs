@@ -552,6 +552,11 @@ impl DataCommand {
             GetEx(key, expiry) => db.update(&key, |old| match old {
                 None => (Update::Keep, Reply::Nil),
                 Some(e) if expiry == Expiry::Keep => (Update::Keep, Reply::Bulk(e.value.clone())),
+                // PERSIST of a key without a TTL changes nothing: no write, no
+                // `persist` notification, no touched WATCH (as Redis).
+                Some(e) if expiry == Expiry::Clear && e.expires_at.is_none() => {
+                    (Update::Keep, Reply::Bulk(e.value.clone()))
+                }
                 Some(e) => {
                     let expires_at = resolve(expiry, old);
                     let update = if expires_at.is_some_and(|t| t <= now_ms()) {

@@ -19,6 +19,7 @@ const SECTIONS: &[&str] = &[
     "modules",
     "commandstats",
     "errorstats",
+    "latencystats",
     "cluster",
     "keyspace",
 ];
@@ -28,11 +29,12 @@ pub fn render(shared: &Shared, requested: &[String]) -> String {
     let wanted: Vec<&str> = if requested.iter().any(|s| s == "all" || s == "everything") {
         SECTIONS.to_vec()
     } else if requested.is_empty() || requested.iter().any(|s| s == "default") {
-        // What `INFO` and `INFO default` show: all but commandstats, as in Redis.
+        // What `INFO` and `INFO default` show: all but the per-command
+        // sections, as in Redis.
         SECTIONS
             .iter()
             .copied()
-            .filter(|s| *s != "commandstats")
+            .filter(|s| *s != "commandstats" && *s != "latencystats")
             .collect()
     } else {
         SECTIONS
@@ -54,6 +56,10 @@ pub fn render(shared: &Shared, requested: &[String]) -> String {
             "modules" => String::new(),
             "commandstats" => shared.stats.commandstats(),
             "errorstats" => shared.stats.errorstats(),
+            "latencystats" => {
+                let percentiles = shared.config.read().latency_tracking_info_percentiles.clone();
+                shared.stats.latencies.info(&percentiles)
+            }
             "cluster" => match shared.cluster.get() {
                 Some(c) => crate::cluster::commands::info_text(c, false),
                 None => match shared.replicas.get() {

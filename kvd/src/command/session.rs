@@ -611,6 +611,10 @@ impl SessionCommand {
                         .redirect
                         .store(config.cluster_redirect, std::sync::atomic::Ordering::Relaxed);
                 }
+                shared
+                    .stats
+                    .latency_tracking
+                    .store(config.latency_tracking, std::sync::atomic::Ordering::Relaxed);
                 // This connection's own copies take effect at once (others'
                 // at their next read).
                 s.max_bulk_len = config.proto_max_bulk_len;
