@@ -492,6 +492,17 @@ fn databases_are_kept_apart_named_everywhere_and_survive_a_restart() {
         assert_eq!(events, ["__keyspace@2__:two set", "__keyevent@2__:set two"]);
         c.cmd("SWAPDB 0 2").unwrap();
         c.cmd("SET after-swap yes").unwrap();
+        // The real redis-cli's -n.
+        if protocol_tests::have_redis() {
+            let out = std::process::Command::new("redis-cli")
+                .args(["-p", &kvd.port.to_string(), "-n", "3", "SET", "from-cli", "3"])
+                .output()
+                .unwrap();
+            assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "OK");
+            c.cmd("SELECT 3").unwrap();
+            assert_eq!(c.cmd("GET from-cli").unwrap(), bulk("3"));
+            c.cmd("SELECT 2").unwrap();
+        }
     }
     let kvd = Server::kvd_in(dir.path(), &["--databases", "4"]).unwrap();
     let mut c = kvd.connect().unwrap();
