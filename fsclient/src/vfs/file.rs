@@ -24,6 +24,7 @@
 
 use std::collections::BTreeMap;
 use std::io::Read;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -101,7 +102,7 @@ pub struct FileData {
     pub size: u64,
     extents: Extents,
     /// Bytes held in `extents`.
-    pub dirty_bytes: usize,
+    held: Held,
     /// Whether the content differs from `manifest` (writes or truncation).
     pub changed: bool,
     /// Whether the base's last cut is final: it was made by the chunker having
@@ -130,6 +131,38 @@ const RECYCLE_FROM: usize = if cfg!(test) { 1 << 10 } else { 64 << 10 };
 /// one of a sequential reader (the kernel sends several at once, in any order).
 /// Small in unit tests, whose files are small.
 const SEQUENTIAL_SLACK: u64 = if cfg!(test) { 2 << 10 } else { 4 << 20 };
+
+/// A file's bytes held in its extents, kept equal to their sum and added to
+/// a total shared by every file of the mount: what bounds the memory of many
+/// small files written while the store refuses them (see `Vfs::write`).
+/// Dropping a file (deleted, or forgotten after a commit) takes its bytes out.
+#[derive(Default)]
+struct Held {
+    n: usize,
+    total: Arc<AtomicUsize>,
+}
+
+impl Held {
+    fn add(&mut self, k: usize) {
+        self.n += k;
+        self.total.fetch_add(k, Ordering::Relaxed);
+    }
+
+    fn sub(&mut self, k: usize) {
+        self.n -= k;
+        self.total.fetch_sub(k, Ordering::Relaxed);
+    }
+
+    fn clear(&mut self) {
+        self.sub(self.n);
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.total.fetch_sub(self.n, Ordering::Relaxed);
+    }
+}
 
 /// A background spill: the extents it took over (which reads still see) and
 /// its outcome once it has one.
@@ -273,7 +306,7 @@ impl FileData {
             valid: size,
             size,
             extents: BTreeMap::new(),
-            dirty_bytes: 0,
+            held: Held::default(),
             changed: false,
             base_final: false,
             behind: None,
@@ -281,6 +314,19 @@ impl FileData {
             version: 0,
             committable: Some((manifest, size)),
         }
+    }
+
+    /// Bytes held in memory for writes not yet stored (the extents).
+    pub fn dirty_bytes(&self) -> usize {
+        self.held.n
+    }
+
+    /// Counts this file's held bytes in `total` (the mount's, shared by all
+    /// its files) from now on.
+    pub fn count_in(&mut self, total: &Arc<AtomicUsize>) {
+        total.fetch_add(self.held.n, Ordering::Relaxed);
+        let old = std::mem::replace(&mut self.held.total, total.clone());
+        old.fetch_sub(self.held.n, Ordering::Relaxed);
     }
 
     /// A new empty file, not stored yet (its empty manifest is stored by
@@ -349,7 +395,7 @@ impl FileData {
         if let Some((&s, ext)) = self.extents.range_mut(..offset).next_back() {
             if s + ext.len() as u64 == offset && nothing_after {
                 ext.extend_from_slice(data);
-                self.dirty_bytes += data.len();
+                self.held.add(data.len());
                 self.grow(end);
                 return;
             }
@@ -368,7 +414,7 @@ impl FileData {
             // spare buffer, whose pages are already mapped (see `recycle`).
             let mut fresh = SPARES.take();
             fresh.extend_from_slice(data);
-            self.dirty_bytes += data.len();
+            self.held.add(data.len());
             self.extents.insert(offset, fresh);
             self.grow(end);
             return;
@@ -383,11 +429,11 @@ impl FileData {
         let mut joined = vec![0u8; (hi - lo) as usize];
         for s in touching {
             let old = self.extents.remove(&s).expect("listed above");
-            self.dirty_bytes -= old.len();
+            self.held.sub(old.len());
             joined[(s - lo) as usize..(s - lo) as usize + old.len()].copy_from_slice(&old);
         }
         joined[(offset - lo) as usize..(end - lo) as usize].copy_from_slice(data);
-        self.dirty_bytes += joined.len();
+        self.held.add(joined.len());
         self.extents.insert(lo, joined);
         self.grow(end);
     }
@@ -403,7 +449,7 @@ impl FileData {
             // The common case (the rest of a sequential write): kept as its
             // own extent, touching the next one, rather than copying that
             // one (it may be large) to join them.
-            self.dirty_bytes += data.len();
+            self.held.add(data.len());
             self.extents.insert(offset, data);
             return;
         }
@@ -428,11 +474,11 @@ impl FileData {
             for s in cut {
                 let len = self.extents[&s].len() as u64;
                 if s >= size {
-                    self.dirty_bytes -= len as usize;
+                    self.held.sub(len as usize);
                     self.extents.remove(&s);
                 } else if s + len > size {
                     let e = self.extents.get_mut(&s).expect("listed above");
-                    self.dirty_bytes -= (s + len - size) as usize;
+                    self.held.sub((s + len - size) as usize);
                     e.truncate((size - s) as usize);
                 }
             }
@@ -556,7 +602,7 @@ impl FileData {
     /// in (see [`FileData::adopt_finished_spill`]).
     fn freeze(&mut self) -> Frozen {
         let extents = Arc::new(std::mem::take(&mut self.extents));
-        self.dirty_bytes = 0;
+        self.held.clear();
         let job = Arc::new(SpillJob::default());
         self.behind = Some(Spill {
             frozen: extents.clone(),
@@ -780,14 +826,14 @@ impl FileData {
             let keys: Vec<u64> = self.extents.range(..end).map(|(&k, _)| k).collect();
             for k in keys {
                 let mut e = self.extents.remove(&k).expect("listed above");
-                self.dirty_bytes -= e.len();
+                self.held.sub(e.len());
                 let e_end = k + e.len() as u64;
                 if e_end > end {
                     // The rest moves to the front of the same buffer: a
                     // sequential writer keeps appending to memory already
                     // allocated and touched, instead of a fresh one per spill.
                     e.drain(..(end - k) as usize);
-                    self.dirty_bytes += e.len();
+                    self.held.add(e.len());
                     self.extents.insert(end, e);
                 }
             }
@@ -805,7 +851,7 @@ impl FileData {
         self.size = self.base_size;
         self.map = Arc::new(map);
         self.extents.clear();
-        self.dirty_bytes = 0;
+        self.held.clear();
         self.changed = false;
         self.base_final = false;
         self.committable = Some((manifest, self.size));

@@ -184,6 +184,11 @@ pub struct Options {
     /// file about 25% faster than 4 here, 16 no faster than 8).
     pub readahead_chunks: usize,
     pub readahead_threads: usize,
+    /// Bytes of writes the mount holds in memory, over all its files, before
+    /// a writer is refused with the store's error while the store refuses
+    /// uploads (ENOSPC for a full store). Each file also spills past
+    /// `spill_bytes`; this bounds many small files, each under that.
+    pub held_bytes: usize,
 }
 
 impl Default for Options {
@@ -194,6 +199,7 @@ impl Default for Options {
             spill_bytes: 64 << 20,
             readahead_chunks: 8,
             readahead_threads: 4,
+            held_bytes: 256 << 20,
         }
     }
 }
@@ -335,6 +341,8 @@ pub struct Vfs {
     /// The store's capacity when last asked.
     capacity: Mutex<Option<Capacity>>,
     prefetch: prefetch::Prefetcher,
+    /// Bytes of writes held in memory by all files ([`Options::held_bytes`]).
+    held: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 fn check_name(name: &[u8]) -> FsResult<()> {
@@ -933,6 +941,7 @@ impl Vfs {
             commit_lock: Mutex::new(()),
             cache_gate: Mutex::new(()),
             capacity: Mutex::new(None),
+            held: Default::default(),
             prefetch,
         })
     }
@@ -1135,7 +1144,9 @@ impl Vfs {
         match &mut st.node_mut(ino)?.body {
             Body::File { data: Some(d), .. } => Ok(d.clone()),
             Body::File { data, .. } => {
-                let d = Arc::new(Mutex::new(FileData::new(manifest, &m)));
+                let mut f = FileData::new(manifest, &m);
+                f.count_in(&self.held);
+                let d = Arc::new(Mutex::new(f));
                 *data = Some(d.clone());
                 Ok(d)
             }
@@ -1215,8 +1226,10 @@ impl Vfs {
         let ino = st.add_node(parent, name.to_vec(), Entry { meta, content });
         if is_file {
             // Its (empty) manifest is stored with the commit.
+            let mut f = FileData::empty();
+            f.count_in(&self.held);
             if let Body::File { data, .. } = &mut st.node_mut(ino)?.body {
-                *data = Some(Arc::new(Mutex::new(FileData::empty())));
+                *data = Some(Arc::new(Mutex::new(f)));
             }
             st.dirty_files.insert(ino);
         }
@@ -1481,16 +1494,18 @@ impl Vfs {
             let append = handle.append;
             let mut f = file.lock();
             // While the store refuses uploads, the bytes it refused wait here;
-            // past twice the spill size the writer is told (ENOSPC for a full
+            // past twice the spill size in this file, or `held_bytes` over all
+            // files (many small ones), the writer is told (ENOSPC for a full
             // store), as a full disk would, instead of memory growing.
-            if f.dirty_bytes >= 2 * self.opts.spill_bytes {
+            let held = self.held.load(std::sync::atomic::Ordering::Relaxed);
+            if f.dirty_bytes() >= 2 * self.opts.spill_bytes || held >= self.opts.held_bytes {
                 if let Some(e) = self.store().upload_failing() {
                     return Err(FsError::Store(e.into()));
                 }
             }
             let at = if append { f.size } else { offset };
             f.write(at, data);
-            let spill = f.dirty_bytes > self.opts.spill_bytes;
+            let spill = f.dirty_bytes() > self.opts.spill_bytes;
             drop(f);
             if let Ok(node) = st.node_mut(ino) {
                 now_meta(&mut node.meta);

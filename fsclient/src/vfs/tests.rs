@@ -401,7 +401,7 @@ fn a_file_larger_than_the_spill_limit_is_stored_while_written() {
         vfs.write(fh, i * 1000, &block).unwrap();
         // The overlay never holds much more than the spill limit.
         let data = vfs.file_data(f.ino).unwrap();
-        assert!(data.lock().dirty_bytes <= opts().spill_bytes + block.len());
+        assert!(data.lock().dirty_bytes() <= opts().spill_bytes + block.len());
     }
     vfs.flush(fh).unwrap();
     let other = vfs_on(&dict, false);
@@ -936,4 +936,69 @@ fn no_commit_names_a_blob_the_store_refused_wherever_the_refusals_fall() {
             &bytes(30_000, 2)[..]
         );
     }
+}
+
+/// Issue 24: many small files written while the store refuses uploads (it
+/// is full) are held in memory only up to `held_bytes` over all files: past
+/// that the writer gets ENOSPC, as from a full disk, instead of the mount's
+/// memory growing with every file (each file is far under the per-file spill
+/// size, so only the mount-wide bound can stop them). Everything accepted is
+/// stored once the store takes uploads again, and the bound is released.
+#[test]
+fn many_small_files_written_to_a_full_store_stop_at_the_memory_bound() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let limit = 64 << 10;
+    let (dict, hooked, v) = hooked_vfs(Options {
+        held_bytes: limit,
+        ..opts()
+    });
+    let body = |i: usize| -> Vec<u8> { (0..1000).map(|j| (i * 7 + j) as u8).collect() };
+    hooked.refuse_puts.store(usize::MAX, SeqCst);
+    let mut accepted = 0;
+    let refusal = loop {
+        assert!(
+            accepted < 1000,
+            "1,000 files held with the store refusing everything"
+        );
+        let name = format!("f{accepted}");
+        let (_, fh) = v.create(ME, ROOT, name.as_bytes(), 0o644, libc::O_RDWR).unwrap();
+        let written = v.write(fh, 0, &body(accepted));
+        v.release(fh);
+        match written {
+            Ok(_) => accepted += 1,
+            Err(e) => break e,
+        }
+        if accepted == 10 {
+            // The mount's commit (at close or on its interval) finds the
+            // store full: from here the store is known to refuse.
+            assert_eq!(v.commit().unwrap_err().errno(), 28);
+        }
+    };
+    assert_eq!(refusal.errno(), 28, "a full store is ENOSPC: {refusal}");
+    // The first ten went to the upload queue with the failed commit (bounded
+    // on its own, at 64 MiB); the files after it are held by the mount.
+    let held = (accepted - 10) * 1000;
+    assert!(
+        held >= limit && held <= limit + 1000,
+        "{held} bytes of files held against a bound of {limit}"
+    );
+    // Room again: everything accepted is stored, and the mount writes again.
+    hooked.refuse_puts.store(0, SeqCst);
+    v.commit().unwrap();
+    let (_, fh) = v.create(ME, ROOT, b"after", 0o644, libc::O_RDWR).unwrap();
+    v.write(fh, 0, b"room again").unwrap();
+    v.release(fh);
+    v.commit().unwrap();
+    let reader = vfs_on(&dict, false);
+    for i in 0..accepted {
+        let f = reader.lookup(ROOT, format!("f{i}").as_bytes()).unwrap();
+        assert_eq!(
+            reader.read(f.ino, 0, 4096).unwrap().as_ref(),
+            &body(i)[..],
+            "f{i}"
+        );
+    }
+    // The file whose write was refused exists, empty (its create succeeded).
+    let refused = reader.lookup(ROOT, format!("f{accepted}").as_bytes()).unwrap();
+    assert_eq!(refused.size, 0);
 }
