@@ -164,6 +164,11 @@ enum Command {
         /// small files; their commit then waits for the interval or fsync).
         #[arg(long)]
         no_commit_on_close: bool,
+        /// Keep no access times (`noatime`). By default they follow Linux's
+        /// `relatime`: a read updates a file's access time when it is older
+        /// than its last change or a day old, carried in the next commit.
+        #[arg(long)]
+        noatime: bool,
     },
     /// Unmount a mounted volume, committing what is written first.
     Umount { mountpoint: PathBuf },
@@ -541,6 +546,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
             commit_interval_ms,
             threads,
             no_commit_on_close,
+            noatime,
         } => {
             let mountpoint = PathBuf::from(args.last().expect("clap requires one"));
             if daemon {
@@ -552,6 +558,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
             let opts = fsclient::vfs::Options {
                 chunking,
                 commit_on_close: !no_commit_on_close,
+                relatime: !noatime,
                 ..Default::default()
             };
             let vfs = fsclient::vfs::Vfs::new(v, opts).map_err(|e| {

@@ -114,7 +114,7 @@ fn diff(
     let names: std::collections::BTreeSet<&Vec<u8>> = a.keys().chain(b.keys()).collect();
     for name in names {
         let (ea, eb) = (a.get(name), b.get(name));
-        if ea == eb {
+        if ea == eb || ea.zip(eb).is_some_and(|(x, y)| x.same_but_atime(y)) {
             continue;
         }
         path.push(name.clone());
@@ -353,7 +353,11 @@ pub fn merge(
                 (None, None) => None,
             }
         };
-        if let Some(e) = chosen {
+        if let Some(mut e) = chosen {
+            // The last access either side saw (reads are not changes: they
+            // never make a conflict, and are not lost to one).
+            let latest = [oe, te].into_iter().flatten().filter_map(|x| x.meta.atime).max();
+            e.meta.atime = e.meta.atime.max(latest);
             out.insert(name.clone(), e);
         }
     }

@@ -97,7 +97,7 @@ fn file_attr(a: &Attr) -> FileAttr {
         ino: INodeNo(a.ino),
         size: a.size,
         blocks: a.size.div_ceil(512),
-        atime: mtime,
+        atime: system_time(a.atime),
         mtime,
         ctime: system_time(a.ctime),
         crtime: mtime,
@@ -109,6 +109,13 @@ fn file_attr(a: &Attr) -> FileAttr {
         rdev: a.rdev as u32,
         blksize: 128 * 1024,
         flags: 0,
+    }
+}
+
+fn time_set(t: TimeOrNow) -> TimeSet {
+    match t {
+        TimeOrNow::Now => TimeSet::Now,
+        TimeOrNow::SpecificTime(t) => TimeSet::At(time(t)),
     }
 }
 
@@ -202,7 +209,7 @@ impl Filesystem for Adapter {
         uid: Option<u32>,
         gid: Option<u32>,
         size: Option<u64>,
-        _atime: Option<TimeOrNow>,
+        atime: Option<TimeOrNow>,
         mtime: Option<TimeOrNow>,
         ctime: Option<SystemTime>,
         _fh: Option<FileHandle>,
@@ -218,10 +225,8 @@ impl Filesystem for Adapter {
                 uid,
                 gid,
                 size,
-                mtime: mtime.map(|t| match t {
-                    TimeOrNow::Now => TimeSet::Now,
-                    TimeOrNow::SpecificTime(t) => TimeSet::At(time(t)),
-                }),
+                atime: atime.map(time_set),
+                mtime: mtime.map(time_set),
                 ctime: ctime.map(time),
             };
             match self.vfs.setattr(ino.0, set) {
@@ -681,8 +686,12 @@ pub fn serve(vfs: Arc<Vfs>, opts: &MountOptions, on_mounted: impl FnOnce()) -> s
         MountOption::FSName(format!("dictfs:{}", vfs.volume().name)),
         MountOption::Subtype("dictfs".into()),
         MountOption::DefaultPermissions,
-        MountOption::NoAtime,
     ];
+    // The kernel's flag says what the mount does (`relatime`, the default,
+    // or `noatime`) in /proc/mounts; fsclient keeps the times itself.
+    if !vfs.options().relatime {
+        config.mount_options.push(MountOption::NoAtime);
+    }
     config.acl = if opts.allow_other {
         SessionACL::All
     } else {

@@ -109,7 +109,18 @@ pub struct Meta {
     pub gid: u32,
     pub mtime: Time,
     pub ctime: Time,
+    /// The last access, kept with `relatime` rules by a mount; `None` until
+    /// the first (an entry without one shows its mtime, and is encoded
+    /// byte for byte as before access times existed).
+    pub atime: Option<Time>,
     pub xattrs: BTreeMap<Vec<u8>, Vec<u8>>,
+}
+
+impl Meta {
+    /// The access time to show: the recorded one, else the mtime.
+    pub fn atime(&self) -> Time {
+        self.atime.unwrap_or(self.mtime)
+    }
 }
 
 /// What an entry is, and where its data lives.
@@ -177,6 +188,21 @@ pub type Inodes = BTreeMap<u64, (Entry, u32)>;
 pub struct Entry {
     pub meta: Meta,
     pub content: Content,
+}
+
+impl Entry {
+    /// Equal but perhaps for the access time: what a diff or a merge counts
+    /// as unchanged (reading a file is not changing it).
+    pub fn same_but_atime(&self, other: &Entry) -> bool {
+        self.content == other.content
+            && Meta {
+                atime: None,
+                ..self.meta.clone()
+            } == Meta {
+                atime: None,
+                ..other.meta.clone()
+            }
+    }
 }
 
 /// A directory: entries sorted by name (bytes, as on Linux).
@@ -283,13 +309,23 @@ pub fn encode_inodes(inodes: &Inodes) -> Bytes {
     b.freeze()
 }
 
-/// An entry's metadata: mode, uid, gid, mtime, ctime, then the xattrs.
-fn put_meta(b: &mut BytesMut, m: &Meta) {
+/// An entry's kind byte has this bit set when an access time follows its
+/// ctime. A reader from before access times meets an unknown kind and
+/// rejects the directory, never misreads it.
+const HAS_ATIME: u8 = 0x80;
+
+/// An entry's metadata: mode, uid, gid, mtime, ctime, the atime if `with_atime`
+/// (an entry's kind byte says so), then the xattrs. The root's metadata in a
+/// commit carries its atime in an extension of its own instead.
+fn put_meta(b: &mut BytesMut, m: &Meta, with_atime: bool) {
     b.put_u32_le(m.mode);
     b.put_u32_le(m.uid);
     b.put_u32_le(m.gid);
     put_time(b, m.mtime);
     put_time(b, m.ctime);
+    if let (true, Some(t)) = (with_atime, m.atime) {
+        put_time(b, t);
+    }
     b.put_u16_le(m.xattrs.len() as u16);
     for (k, v) in &m.xattrs {
         put_bytes16(b, k);
@@ -299,8 +335,9 @@ fn put_meta(b: &mut BytesMut, m: &Meta) {
 
 fn put_entry(b: &mut BytesMut, e: &Entry) {
     {
-        b.put_u8(e.content.kind());
-        put_meta(b, &e.meta);
+        let flag = if e.meta.atime.is_some() { HAS_ATIME } else { 0 };
+        b.put_u8(e.content.kind() | flag);
+        put_meta(b, &e.meta, true);
         match &e.content {
             Content::File { manifest, size } => {
                 b.put_u64_le(*size);
@@ -383,7 +420,12 @@ pub fn encode_commit(c: &Commit) -> Bytes {
     }
     if let Some(m) = &c.root_meta {
         b.put_u8(2);
-        put_meta(&mut b, m);
+        put_meta(&mut b, m, false);
+        // 3: the root directory's access time, when it has one.
+        if let Some(t) = m.atime {
+            b.put_u8(3);
+            put_time(&mut b, t);
+        }
     }
     b.freeze()
 }
@@ -536,15 +578,19 @@ pub fn decode_inodes(blob: &[u8]) -> Result<Inodes, FormatError> {
     Ok(out)
 }
 
-fn meta(r: &mut Reader<'_>) -> Result<Meta, FormatError> {
+fn meta(r: &mut Reader<'_>, with_atime: bool) -> Result<Meta, FormatError> {
     let mut meta = Meta {
         mode: r.u32()?,
         uid: r.u32()?,
         gid: r.u32()?,
         mtime: r.time()?,
         ctime: r.time()?,
+        atime: None,
         xattrs: BTreeMap::new(),
     };
+    if with_atime {
+        meta.atime = Some(r.time()?);
+    }
     for _ in 0..r.u16()? {
         let k = r.bytes16()?;
         let v = r.bytes32()?;
@@ -555,9 +601,9 @@ fn meta(r: &mut Reader<'_>) -> Result<Meta, FormatError> {
 
 fn entry(r: &mut Reader<'_>) -> Result<Entry, FormatError> {
     {
-        let kind = r.u8()?;
-        let meta = meta(r)?;
-        let content = match kind {
+        let flagged = r.u8()?;
+        let meta = meta(r, flagged & HAS_ATIME != 0)?;
+        let content = match flagged & !HAS_ATIME {
             1 => {
                 let size = r.u64()?;
                 Content::File {
@@ -607,7 +653,15 @@ pub fn decode_commit(blob: &[u8]) -> Result<Commit, FormatError> {
         last = tag;
         match tag {
             1 => inodes = Some(r.hash()?),
-            2 => root_meta = Some(meta(&mut r)?),
+            2 => root_meta = Some(meta(&mut r, false)?),
+            3 => match root_meta.as_mut() {
+                Some(m) => m.atime = Some(r.time()?),
+                None => {
+                    return Err(FormatError::Malformed(
+                        "a root access time without the root's metadata",
+                    ))
+                }
+            },
             _ => {
                 return Err(FormatError::Malformed(
                     "unknown commit extension (a newer fsclient wrote it)",
@@ -645,6 +699,7 @@ mod tests {
                 secs: 1_700_000_001,
                 nanos: 0,
             },
+            atime: None,
             xattrs: [(b"user.k".to_vec(), b"v".to_vec())].into_iter().collect(),
         };
         let empty = Hash::of(&encode_manifest(&Manifest::default()));
@@ -768,6 +823,7 @@ mod tests {
             gid: 100,
             mtime: Time { secs: 7, nanos: 8 },
             ctime: Time { secs: 9, nanos: 10 },
+            atime: None,
             xattrs: BTreeMap::new(),
         });
         assert_eq!(
@@ -778,6 +834,19 @@ mod tests {
                 "aa".repeat(32)
             )
         );
+        // The root's access time: extension 3, after its metadata.
+        let mut with_atime = c.clone();
+        with_atime.root_meta.as_mut().unwrap().atime = Some(Time { secs: 11, nanos: 12 });
+        let encoded = encode_commit(&with_atime);
+        assert_eq!(
+            hex::encode(&encoded),
+            format!(
+                "{v1}01{}02c0010000e8030000640000000700000000000000080000000900000000000000\
+                 0a0000000000030b000000000000000c000000",
+                "aa".repeat(32)
+            )
+        );
+        assert_eq!(decode_commit(&encoded).unwrap(), with_atime);
         // Extensions out of order, or unknown to this version, are errors.
         let mut bad = encode_commit(&Commit {
             inodes: None,
@@ -802,6 +871,7 @@ mod tests {
                 gid: 2,
                 mtime: Time { secs: 3, nanos: 4 },
                 ctime: Time { secs: 5, nanos: 6 },
+                atime: None,
                 xattrs: BTreeMap::new(),
             },
             content: Content::Fifo,
@@ -832,6 +902,21 @@ mod tests {
             // tag 3, version 1, one entry; name "tty"; kind 7; mode, uid, gid,
             // mtime, ctime and no xattrs, all zero; char (0); rdev 0x0504.
             "0301010000000300747479070000000000000000000000000000000000000000000000000000000000000000000000000000000405000000000000"
+        );
+        // An access time: the kind byte's high bit (0x87 for a device), the
+        // atime after the ctime. Entries without one are encoded as before.
+        dev_dir.get_mut(b"tty".as_slice()).unwrap().meta.atime = Some(Time { secs: 1, nanos: 2 });
+        let dev = encode_dir(&dev_dir);
+        assert_eq!(decode_dir(&dev).unwrap(), dev_dir);
+        assert_eq!(
+            hex::encode(&dev),
+            // tag 3, version 1, one entry "tty"; kind 0x87; mode, uid, gid,
+            // mtime, ctime (36 zero bytes); atime 1 s 2 ns; no xattrs; char;
+            // rdev 0x0504.
+            format!(
+                "030101000000030074747987{}0100000000000000020000000000000405000000000000",
+                "00".repeat(36)
+            )
         );
         let chunk = encode_chunk(b"hello");
         assert_eq!(hex::encode(&chunk), "010168656c6c6f");

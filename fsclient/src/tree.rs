@@ -166,6 +166,7 @@ pub fn new_meta(mode: u32) -> Meta {
         gid: current_gid(),
         mtime: now,
         ctime: now,
+        atime: None,
         xattrs: Default::default(),
     }
 }

@@ -1563,3 +1563,67 @@ fn the_root_directorys_own_metadata_is_stored() {
     assert_eq!((md.mtime(), md.mtime_nsec()), (1_100_000_000, 9));
     assert_eq!(xattr_get(m.path(), "user.where").unwrap(), b"root");
 }
+
+/// Issue 24: access times on a real mount, with `relatime` rules: reading a
+/// file moves its atime past its mtime, a second read does not move it,
+/// `touch -a` sets it, and all of it survives an unmount (it rides in the
+/// next commit). `--noatime` mounts `noatime` and keeps none.
+#[test]
+fn access_times_follow_relatime_and_survive_a_remount() {
+    let kvd = Server::kvd(&[]).unwrap();
+    let mut m = Mount::start(&url(&kvd), "atime", &[]).unwrap();
+    let f = m.path().join("f");
+    fs::write(&f, b"some bytes").unwrap();
+    let written = fs::metadata(&f).unwrap();
+    assert_eq!(written.atime(), written.mtime());
+    std::thread::sleep(Duration::from_millis(1100));
+    // A fresh open and read (the kernel may serve cached pages, so drop them).
+    let _ = std::process::Command::new("sh")
+        .args(["-c", "echo 1 > /proc/sys/vm/drop_caches"])
+        .status();
+    assert_eq!(fs::read(&f).unwrap(), b"some bytes");
+    let read = fs::metadata(&f).unwrap();
+    assert!(
+        (read.atime(), read.atime_nsec()) > (read.mtime(), read.mtime_nsec()),
+        "atime {}.{} mtime {}.{}",
+        read.atime(),
+        read.atime_nsec(),
+        read.mtime(),
+        read.mtime_nsec()
+    );
+    assert_eq!(read.ctime(), written.ctime(), "a read is not a change");
+    let mounts = fs::read_to_string("/proc/mounts").unwrap();
+    let line = mounts
+        .lines()
+        .find(|l| l.contains(m.path().to_str().unwrap()))
+        .unwrap()
+        .to_string();
+    assert!(!line.contains("noatime"), "{line}");
+    // touch -a -d sets it outright.
+    let g = m.path().join("g");
+    fs::write(&g, b"x").unwrap();
+    let status = std::process::Command::new("touch")
+        .args(["-a", "-d", "2001-09-09 01:46:40 UTC"])
+        .arg(&g)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    assert_eq!(fs::metadata(&g).unwrap().atime(), 1_000_000_000);
+    assert!(m.stop(), "unmount failed");
+    let mut m = Mount::start(&url(&kvd), "atime", &["--noatime"]).unwrap();
+    let f = m.path().join("f");
+    let kept = fs::metadata(&f).unwrap();
+    assert_eq!(
+        (kept.atime(), kept.atime_nsec()),
+        (read.atime(), read.atime_nsec())
+    );
+    assert_eq!(fs::metadata(m.path().join("g")).unwrap().atime(), 1_000_000_000);
+    let mounts = fs::read_to_string("/proc/mounts").unwrap();
+    assert!(
+        mounts
+            .lines()
+            .any(|l| l.contains(m.path().to_str().unwrap()) && l.contains("noatime")),
+        "{mounts}"
+    );
+    assert!(m.stop(), "unmount failed");
+}

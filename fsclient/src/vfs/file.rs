@@ -114,6 +114,10 @@ pub struct FileData {
     behind: Option<Spill>,
     /// Where the last read ended: a read near it continues a sequential one.
     next_read: u64,
+    /// When a read last checked the file's access time (`relatime`): reads
+    /// skip the check for a while, so a stream of reads costs no lock of the
+    /// mount's state each. A write clears it.
+    pub atime_checked: Option<std::time::Instant>,
     /// Counts changes of the bytes (writes, truncations), so that bytes read
     /// earlier can be told apart from the current ones.
     version: u64,
@@ -311,6 +315,7 @@ impl FileData {
             base_final: false,
             behind: None,
             next_read: 0,
+            atime_checked: None,
             version: 0,
             committable: Some((manifest, size)),
         }
@@ -381,6 +386,7 @@ impl FileData {
 
     /// Writes `data` at `offset`, growing the file if it ends past the end.
     pub fn write(&mut self, offset: u64, data: &[u8]) {
+        self.atime_checked = None;
         if data.is_empty() {
             return;
         }

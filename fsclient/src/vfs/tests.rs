@@ -1002,3 +1002,184 @@ fn many_small_files_written_to_a_full_store_stop_at_the_memory_bound() {
     let refused = reader.lookup(ROOT, format!("f{accepted}").as_bytes()).unwrap();
     assert_eq!(refused.size, 0);
 }
+
+/// Issue 24: access times with Linux's `relatime` rules. A read moves a
+/// file's access time to now when it is not later than its mtime or ctime;
+/// a read after that does not; a write makes the next read move it again.
+/// The change rides in the next commit (a read never commits by itself, and
+/// never changes the ctime), another client sees it after that commit, and
+/// `fsclient diff` does not call a read a change.
+#[test]
+fn reads_keep_access_times_with_relatime_rules_in_the_next_commit() {
+    let dict = Arc::new(MemoryDict::new());
+    let v = vfs_on(&dict, true);
+    let (attr, fh) = v.create(ME, ROOT, b"f", 0o644, libc::O_RDWR).unwrap();
+    v.write(fh, 0, b"hello").unwrap();
+    v.release(fh);
+    v.commit().unwrap();
+    let written = v.getattr(attr.ino).unwrap();
+    assert_eq!(
+        written.atime, written.mtime,
+        "never read: the atime shows the mtime"
+    );
+    let commits = v.volume().log(100).unwrap().len();
+    let before = v.volume().head().unwrap().1.root;
+
+    std::thread::sleep(std::time::Duration::from_millis(5));
+    assert_eq!(v.read(attr.ino, 0, 10).unwrap().as_ref(), b"hello");
+    let read = v.getattr(attr.ino).unwrap();
+    assert!(read.atime > read.mtime, "{read:?}");
+    assert_eq!(read.ctime, written.ctime, "an access is not a change");
+    assert!(v.is_dirty(), "the access time waits for the next commit");
+    assert_eq!(
+        v.volume().log(100).unwrap().len(),
+        commits,
+        "a read never commits"
+    );
+    // Later than the mtime now: another read leaves it (even past the
+    // read-side recheck pause, which a write clears).
+    assert_eq!(v.read(attr.ino, 0, 10).unwrap().as_ref(), b"hello");
+    assert_eq!(v.getattr(attr.ino).unwrap().atime, read.atime);
+
+    v.commit().unwrap();
+    let other = vfs_on(&dict, false);
+    let seen = other.lookup(ROOT, b"f").unwrap();
+    assert_eq!(seen.atime, read.atime, "carried by the commit");
+    let after = v.volume().head().unwrap().1.root;
+    assert!(
+        crate::history::diff(&v.volume().store, before, after)
+            .unwrap()
+            .is_empty(),
+        "a read is not a change to diff"
+    );
+
+    // A write: the next read moves the access time again.
+    std::thread::sleep(std::time::Duration::from_millis(5));
+    let fh = v.open(attr.ino, libc::O_WRONLY).unwrap();
+    v.write(fh, 0, b"j").unwrap();
+    v.release(fh);
+    let rewritten = v.getattr(attr.ino).unwrap();
+    assert!(rewritten.mtime > read.atime);
+    std::thread::sleep(std::time::Duration::from_millis(5));
+    v.read(attr.ino, 0, 10).unwrap();
+    assert!(v.getattr(attr.ino).unwrap().atime > rewritten.mtime);
+
+    // utimensat / touch -a sets it outright.
+    let at = crate::object::Time {
+        secs: 1_000_000,
+        nanos: 5,
+    };
+    let set = v
+        .setattr(
+            attr.ino,
+            SetAttr {
+                atime: Some(TimeSet::At(at)),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    assert_eq!(set.atime, at);
+    // Listing a directory is an access of it.
+    let root_before = v.getattr(ROOT).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(5));
+    listing(&v, ROOT);
+    assert!(v.getattr(ROOT).unwrap().atime > root_before.mtime);
+    v.commit().unwrap();
+    assert!(
+        vfs_on(&dict, false).getattr(ROOT).unwrap().atime > root_before.mtime,
+        "the root's too"
+    );
+}
+
+/// `noatime`: reads change nothing, and a read-only session has nothing to
+/// commit. Nor does reading an old version in `.snapshots`.
+#[test]
+fn noatime_and_old_versions_keep_no_access_times() {
+    let dict = Arc::new(MemoryDict::new());
+    let volume = Volume::new(BlobStore::new(dict.clone(), "t:", 1 << 22), "vol");
+    volume.create().unwrap();
+    let v = Vfs::new(
+        volume,
+        Options {
+            relatime: false,
+            ..opts()
+        },
+    )
+    .unwrap();
+    let (attr, fh) = v.create(ME, ROOT, b"f", 0o644, libc::O_RDWR).unwrap();
+    v.write(fh, 0, b"hello").unwrap();
+    v.release(fh);
+    v.commit().unwrap();
+    v.read(attr.ino, 0, 10).unwrap();
+    listing(&v, ROOT);
+    assert!(!v.is_dirty());
+    let a = v.getattr(attr.ino).unwrap();
+    assert_eq!(a.atime, a.mtime);
+
+    crate::history::create_snapshot(v.volume(), "then", None).unwrap();
+    let r = vfs_on(&dict, false);
+    let snaps = r.lookup(ROOT, b".snapshots").unwrap();
+    let view = r.lookup(snaps.ino, b"then").unwrap();
+    let old = r.lookup(view.ino, b"f").unwrap();
+    r.read(old.ino, 0, 10).unwrap();
+    assert_eq!(r.getattr(old.ino).unwrap().atime, old.mtime);
+    assert!(!r.is_dirty(), "reading an old version changes nothing");
+}
+
+/// A read on one client and a write on another are not a conflict: one
+/// file, the writer's content, the reader's access time.
+#[test]
+fn a_read_here_and_a_write_there_merge_without_a_conflict_copy() {
+    let dict = Arc::new(MemoryDict::new());
+    let a = vfs_on(&dict, true);
+    let (attr, fh) = a.create(ME, ROOT, b"f", 0o644, libc::O_RDWR).unwrap();
+    a.write(fh, 0, b"first").unwrap();
+    a.release(fh);
+    a.commit().unwrap();
+    let b = vfs_on(&dict, false);
+    let bf = b.lookup(ROOT, b"f").unwrap();
+    let fh = b.open(bf.ino, libc::O_WRONLY).unwrap();
+    b.write(fh, 0, b"second").unwrap();
+    b.release(fh);
+    b.commit().unwrap();
+    // A reads (its own, older view) after B's write, and commits last.
+    std::thread::sleep(std::time::Duration::from_millis(5));
+    a.read(attr.ino, 0, 10).unwrap();
+    let read_at = a.getattr(attr.ino).unwrap().atime;
+    a.commit().unwrap();
+    let c = vfs_on(&dict, false);
+    let names = listing(&c, ROOT);
+    assert_eq!(names.len(), 3, "one file, no conflict copy: {names:?}");
+    let f = c.lookup(ROOT, b"f").unwrap();
+    assert_eq!(c.read(f.ino, 0, 10).unwrap().as_ref(), b"second");
+    assert!(f.atime >= read_at, "the reader's access time is kept");
+}
+
+#[test]
+fn relatime_rules() {
+    let t = |secs: i64| crate::object::Time { secs, nanos: 0 };
+    let meta = |atime: Option<i64>, mtime: i64, ctime: i64| Meta {
+        atime: atime.map(t),
+        mtime: t(mtime),
+        ctime: t(ctime),
+        ..Default::default()
+    };
+    let now = t(10 * 86_400);
+    assert!(relatime_due(&meta(None, 100, 100), now), "never accessed");
+    assert!(
+        relatime_due(&meta(Some(100), 100, 50), now),
+        "not after the mtime"
+    );
+    assert!(
+        relatime_due(&meta(Some(100), 50, 200), now),
+        "not after the ctime"
+    );
+    assert!(
+        !relatime_due(&meta(Some(now.secs - 3600), 50, 50), now),
+        "recent and after both"
+    );
+    assert!(
+        relatime_due(&meta(Some(now.secs - 86_400), 50, 50), now),
+        "a day old"
+    );
+}
