@@ -1083,3 +1083,81 @@ fn five_nodes_with_three_replicas_lose_nothing_when_one_is_killed() {
         }
     }
 }
+
+/// Issue 23: tombstones are purged once it is safe, and only then. 100 keys
+/// are written, one of the three replicas is killed, the keys are deleted
+/// through the other two: while it is away nothing is purged (it still holds
+/// the old values; purging the others' tombstones would let a later read
+/// find only the old value and bring it back). Once it is back, anti-entropy
+/// delivers the tombstones, then purges them from every replica: no record of
+/// the keys is left on any node's disk, and no value comes back, through any
+/// node, before or after every node restarts.
+#[test]
+fn tombstones_are_purged_from_every_replica_once_all_hold_them_and_nothing_comes_back() {
+    let mut c = Replicated::start(3, 3);
+    let mut a = c.conn(0);
+    for i in 0..100 {
+        assert_eq!(a.call(&["SET", &format!("d{i}"), "old"]).unwrap().as_str(), "OK");
+    }
+    c.kill9(2);
+    for i in 0..100 {
+        assert_eq!(a.call(&["DEL", &format!("d{i}")]).unwrap(), Value::Int(1));
+    }
+    let purged =
+        |c: &Replicated, i: usize| -> u64 { info(c, i, "kvd_tombstones_purged").parse().unwrap_or(0) };
+    let records = |c: &Replicated, i: usize| -> u64 {
+        let text = c.conn(i).cmd("INFO keyspace").unwrap().as_str();
+        text.lines()
+            .find_map(|l| l.strip_prefix("db0:keys="))
+            .and_then(|v| v.split(',').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    // Several anti-entropy passes (one every few seconds) with a replica away.
+    std::thread::sleep(Duration::from_secs(6));
+    assert_eq!(
+        purged(&c, 0) + purged(&c, 1),
+        0,
+        "purged while a replica was away"
+    );
+    assert_eq!(records(&c, 0), 100, "the tombstones stay while a replica is away");
+    c.restart(2);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let left: u64 = (0..3).map(|i| records(&c, i)).sum();
+        if left == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{left} records left on the three nodes"
+        );
+        for i in 0..100 {
+            // Nothing comes back meanwhile, through any node.
+            let got = c.conn(i % 3).call(&["GET", &format!("d{i}")]).unwrap();
+            assert_eq!(got, Value::Nil, "d{i} via node {}", i % 3);
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert!((0..3).map(|i| purged(&c, i)).sum::<u64>() >= 100);
+    for i in 0..3 {
+        c.restart(i);
+    }
+    for node in 0..3 {
+        let mut conn = c.conn(node);
+        for i in 0..100 {
+            assert_eq!(
+                conn.call(&["GET", &format!("d{i}")]).unwrap(),
+                Value::Nil,
+                "d{i} via node {node}"
+            );
+        }
+    }
+    // Written again, a purged key is an ordinary key.
+    assert_eq!(a_conn_set(&c, "d7", "new"), "OK");
+    assert_eq!(c.conn(1).call(&["GET", "d7"]).unwrap().as_str(), "new");
+}
+
+fn a_conn_set(c: &Replicated, key: &str, value: &str) -> String {
+    c.conn(0).call(&["SET", key, value]).unwrap().as_str()
+}

@@ -1063,7 +1063,16 @@ fn commandstats_errorstats_and_memory_usage_match_redis() {
             ])
             .unwrap()
         ));
-        latency.push(format!("{:?}", c.cmd("CONFIG GET latency-tracking*").unwrap()));
+        // CONFIG GET lists in Redis's dictionary order, which varies: sorted.
+        let Value::Array(items) = c.cmd("CONFIG GET latency-tracking*").unwrap() else {
+            panic!("CONFIG GET answers an array")
+        };
+        let mut pairs: Vec<String> = items
+            .chunks(2)
+            .map(|p| p.iter().map(Value::as_str).collect::<Vec<_>>().join("="))
+            .collect();
+        pairs.sort();
+        latency.extend(pairs);
         latency.extend(mask(c.cmd("INFO latencystats").unwrap().as_str()));
         for line in [
             "CONFIG SET latency-tracking-info-percentiles 101",

@@ -285,6 +285,27 @@ impl Acceptor {
         Ok(())
     }
 
+    /// Purges a dead record: deletes this node's copy of `key` if it is still
+    /// exactly `dead` (a tombstone, or a value long expired, at that ballot),
+    /// and promises `dead`'s ballot for the key, so no older accept can land
+    /// on the empty place later (a delayed or relayed one): with the record
+    /// gone, that promise is what keeps an older value from coming back. The
+    /// promise is in memory; after a restart the durable floor covers it
+    /// (it was raised past `dead`'s ballot when that was accepted). Whether
+    /// it purged. See [`super::repair`] for when this is safe.
+    pub fn purge(&self, db: &Db, key: &Bytes, dead: &Record) -> Result<bool, StoreError> {
+        let mut stripe = self.stripe(key).lock();
+        if Self::read(db, key)? != *dead {
+            return Ok(false);
+        }
+        if stripe.promised(key) < dead.accepted {
+            stripe.promise(key, dead.accepted);
+        }
+        db.store().update(key, false, &mut |_| Update::Remove)?;
+        db.store().flush()?;
+        Ok(true)
+    }
+
     /// Deletes this node's copy of `key` if its record was made at membership
     /// `version` or before (not by a reconfiguration to a later version that
     /// makes this node a holder again); whether it did.

@@ -398,6 +398,16 @@ fn internal(shared: &Arc<Shared>, rep: &Arc<Replicas>, session: &mut Session, ar
                 Err(Err(e)) => Reply::error(e.to_string()),
             };
         }
+        ("kvd.purge", 3) => {
+            let Some(dead) = Record::decode(&args[2]) else {
+                return bad();
+            };
+            session.wrote = true;
+            return match rep.acceptor.purge(&shared.dbs.zero(), &args[1], &dead) {
+                Ok(purged) => Reply::Int(purged as i64),
+                Err(e) => Reply::error(e.to_string()),
+            };
+        }
         ("kvd.prepare", 4) => match ballot(2) {
             Some(b) => Msg::Prepare(b),
             None => return bad(),

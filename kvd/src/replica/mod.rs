@@ -71,6 +71,9 @@ pub struct Stats {
     pub behind_last_pass: AtomicU64,
     /// Keys of slots this node no longer holds, dropped after a reconfiguration.
     pub dropped: AtomicU64,
+    /// Dead records (tombstones, long-expired values) purged from every
+    /// replica by this node's anti-entropy.
+    pub purged: AtomicU64,
     /// Slots whose records a reconfiguration run from this node copied, and
     /// the keys it installed.
     pub slots_moved: AtomicU64,
@@ -283,13 +286,14 @@ impl Replicas {
         };
         let (under_replicated, unreachable) = self.under_replicated(&layout);
         format!(
-            "kvd_under_replicated_slots:{under_replicated}\r\nkvd_replica_nodes_unreachable:{unreachable}\r\nkvd_replicas:{}\r\nkvd_replica_nodes:{}\r\nkvd_replica_members:{}\r\nkvd_replica_config_version:{}\r\nkvd_replica_frozen_slots:{}\r\nkvd_repair_keys_dropped:{}\r\nkvd_reconfigure_slots_moved:{}\r\nkvd_reconfigure_keys_copied:{}\r\nkvd_paxos_rounds:{}\r\nkvd_paxos_one_round_trip:{}\r\nkvd_paxos_conflicts:{}\r\nkvd_paxos_repairs:{}\r\nkvd_paxos_relayed:{}\r\nkvd_paxos_unavailable:{}\r\nkvd_repair_keys_checked:{}\r\nkvd_repair_passes:{}\r\nkvd_repair_keys_behind_last_pass:{}\r\n",
+            "kvd_under_replicated_slots:{under_replicated}\r\nkvd_replica_nodes_unreachable:{unreachable}\r\nkvd_replicas:{}\r\nkvd_replica_nodes:{}\r\nkvd_replica_members:{}\r\nkvd_replica_config_version:{}\r\nkvd_replica_frozen_slots:{}\r\nkvd_repair_keys_dropped:{}\r\nkvd_tombstones_purged:{}\r\nkvd_reconfigure_slots_moved:{}\r\nkvd_reconfigure_keys_copied:{}\r\nkvd_paxos_rounds:{}\r\nkvd_paxos_one_round_trip:{}\r\nkvd_paxos_conflicts:{}\r\nkvd_paxos_repairs:{}\r\nkvd_paxos_relayed:{}\r\nkvd_paxos_unavailable:{}\r\nkvd_repair_keys_checked:{}\r\nkvd_repair_passes:{}\r\nkvd_repair_keys_behind_last_pass:{}\r\n",
             layout.replicas,
             layout.nodes.len(),
             layout.nodes.join(","),
             layout.version,
             frozen,
             s.dropped.load(Ordering::Relaxed),
+            s.purged.load(Ordering::Relaxed),
             s.slots_moved.load(Ordering::Relaxed),
             s.keys_copied.load(Ordering::Relaxed),
             s.rounds.load(Ordering::Relaxed),

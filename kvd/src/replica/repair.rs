@@ -16,6 +16,28 @@
 //! After a reconfiguration, a node drops the keys of slots it no longer holds
 //! (their records were copied to the new holders before the new membership
 //! was activated).
+//!
+//! **Purging dead records.** A deleted key is a tombstone, not nothing (a
+//! replica that missed the delete would otherwise bring the old value back),
+//! so without a purge every key ever deleted — every blob `fsclient gc`
+//! collects — would hold a record on R disks forever. The rule: when every
+//! one of a key's replicas answers with the same dead record (a tombstone, or
+//! a value expired more than a minute ago), each replica deletes its copy if
+//! it still holds exactly that record (`KVD.PURGE`), and promises that
+//! record's ballot for the key. Why nothing comes back:
+//! - no replica holds an older value: all answered with the dead record, and
+//!   an acceptor's record only moves to higher ballots;
+//! - no older accept can land later (a delayed message, a relay): the
+//!   promise refuses every ballot below the dead record's, and after a
+//!   restart the durable floor does (it was raised past that ballot when the
+//!   record was accepted);
+//! - a write racing the purge is at a higher ballot: a replica that took it
+//!   first no longer holds exactly the dead record and keeps it; one that
+//!   purged first takes it (its promise is lower);
+//! - a replica that does not answer blocks the purge (a later pass tries);
+//!   a replica that purged while others did not answers "nothing", which is
+//!   older than the dead record, so a read or a pass delivers the record to
+//!   it again (harmless: it is purged on a later pass).
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -27,9 +49,24 @@ use super::acceptor::Record;
 use super::layout::Layout;
 use super::proposer::Msg;
 use super::Replicas;
-use crate::cluster::paxos::majority;
+use crate::cluster::paxos::{majority, Ballot};
+use crate::db::now_ms;
 use crate::server::Shared;
 use crate::store::Entry;
+
+/// How long past its expiry a value counts as dead (clock differences
+/// between nodes must not make one node purge what another still serves).
+const EXPIRED_GRACE_MS: u64 = 60_000;
+
+/// A record nothing can read: a tombstone (a deleted key), or a value
+/// expired well in the past. The empty record (no write ever) is not one.
+fn is_dead(r: &Record, now: u64) -> bool {
+    r.accepted != Ballot::default()
+        && match &r.entry {
+            None => true,
+            Some(e) => e.expires_at.is_some_and(|t| t + EXPIRED_GRACE_MS <= now),
+        }
+}
 
 /// Keys examined per batch, and the pause between batches.
 const BATCH: usize = 200;
@@ -98,6 +135,9 @@ impl Replicas {
                 return behind;
             };
             if records.iter().all(|r| r.accepted == highest.accepted) {
+                if records.len() == holders.len() && is_dead(&highest, now_ms()) {
+                    self.purge(shared, layout, &holders, key, &highest).await;
+                }
                 return behind;
             }
             behind = true;
@@ -112,6 +152,37 @@ impl Replicas {
             refused = Some(highest.accepted);
         }
         behind
+    }
+
+    /// Purges a dead record every replica holds (see the module's notes):
+    /// each replica deletes it if it still holds exactly that record.
+    async fn purge(
+        self: &Arc<Self>,
+        shared: &Arc<Shared>,
+        layout: &Layout,
+        holders: &[usize],
+        key: &Bytes,
+        dead: &Record,
+    ) {
+        let request = vec![Bytes::from_static(b"KVD.PURGE"), key.clone(), dead.encode()];
+        let mut purged = 0;
+        for &n in holders {
+            let done = if Some(n) == layout.me {
+                self.acceptor
+                    .purge(&shared.dbs.zero(), key, dead)
+                    .unwrap_or(false)
+            } else {
+                let call = self.peers.call(&layout.nodes[n], &request);
+                matches!(
+                    tokio::time::timeout(Duration::from_secs(1), call).await,
+                    Ok(Ok(crate::reply::Reply::Int(1)))
+                )
+            };
+            purged += done as usize;
+        }
+        if purged == holders.len() {
+            self.stats.purged.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     /// One identity round that accepts on every replica (no shortcut).
