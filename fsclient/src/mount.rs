@@ -29,6 +29,9 @@ use crate::vfs::{self, Attr, CacheOffer, Caller, Kind, RenameMode, SetAttr, Time
 /// bounds how long a missed invalidation could last.
 const TTL: Duration = Duration::from_secs(10);
 
+/// How long a stop signal keeps trying an unmount the kernel calls busy.
+const UNMOUNT_BUSY_RETRY: Duration = Duration::from_secs(10);
+
 pub struct MountOptions {
     pub mountpoint: PathBuf,
     /// Let other users (and root) use the mount (`allow_other`).
@@ -711,9 +714,26 @@ pub fn serve(vfs: Arc<Vfs>, opts: &MountOptions, on_mounted: impl FnOnce()) -> s
     let mountpoint = opts.mountpoint.clone();
     let signal_thread = std::thread::spawn(move || {
         for _ in signals.forever() {
-            match unmounter.unmount() {
-                Ok(()) => return,
-                Err(e) => eprintln!("fsclient: cannot unmount '{}': {e}", mountpoint.display()),
+            // Busy can be brief (a file closed a moment ago, its release still
+            // on its way from the kernel): try for a few seconds before giving
+            // up until the next signal.
+            let deadline = std::time::Instant::now() + UNMOUNT_BUSY_RETRY;
+            loop {
+                match unmounter.unmount() {
+                    Ok(()) => return,
+                    Err(e)
+                        if e.raw_os_error() == Some(libc::EBUSY) && std::time::Instant::now() < deadline =>
+                    {
+                        std::thread::sleep(Duration::from_millis(200));
+                    }
+                    Err(e) => {
+                        eprintln!(
+                            "fsclient: cannot unmount '{}': {e} (close what uses it, then stop fsclient again)",
+                            mountpoint.display()
+                        );
+                        break;
+                    }
+                }
             }
         }
     });

@@ -71,7 +71,9 @@ struct Cli {
     cluster: bool,
     /// A node already in the cluster, as HOST:PORT (its client port; gossip
     /// goes to PORT+10000) or HOST:PORT@GOSSIPPORT. Repeat or comma-separate.
-    #[arg(long, value_name = "HOST:PORT", value_delimiter = ',', requires = "cluster")]
+    /// With --replicas: a member to ask to be added by (a new node, or one
+    /// taken out while it was away).
+    #[arg(long, value_name = "HOST:PORT", value_delimiter = ',')]
     seed: Vec<String>,
     /// Shared secret of the cluster: peers prove they know it before they may
     /// gossip, forward or move data. Required with --cluster.
@@ -97,6 +99,12 @@ struct Cli {
     /// `KVD.RECONFIGURE` on a member.
     #[arg(long, value_name = "R", conflicts_with = "cluster")]
     replicas: Option<usize>,
+    /// With --replicas: how long a member may not answer before it counts as
+    /// gone for good and its replicas are re-homed on the live nodes (when
+    /// they can hold R copies), e.g. 10m, 90s. Until then it is only suspect:
+    /// desktops sleep and reboot.
+    #[arg(long, value_name = "DURATION", default_value = "10m", value_parser = parse_duration)]
+    down_after: std::time::Duration,
     /// Every node of a new replicated cluster, HOST:PORT, comma-separated, this
     /// node included: the same list on every node. Read on a node's first start
     /// only; after that the membership recorded in --dir is used, and
@@ -133,7 +141,28 @@ fn replica_options(cli: &Cli, config: &Config) -> anyhow::Result<Option<kvd::rep
         replicas,
         secret,
         dir: config.dir.clone(),
+        seeds: cli.seed.clone(),
+        down_after: cli.down_after,
     }))
+}
+
+/// `90s`, `10m`, `2h`, or plain seconds.
+fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
+    let (number, unit) = match text.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => text.split_at(i),
+        None => (text, "s"),
+    };
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("'{text}' is not a duration such as 90s or 10m"))?;
+    let secs = match unit {
+        "ms" => return Ok(std::time::Duration::from_millis(n)),
+        "s" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        _ => return Err(format!("'{text}': the unit must be ms, s, m or h")),
+    };
+    Ok(std::time::Duration::from_secs(secs))
 }
 
 /// Cluster settings from the command line, if --cluster was given.
@@ -274,6 +303,10 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::from(2);
         }
     };
+    if cluster.is_none() && replicas.is_none() && !cli.seed.is_empty() {
+        eprintln!("kvd: --seed needs --cluster or --replicas");
+        return std::process::ExitCode::from(2);
+    }
     let config_file = cli.config.as_ref().map(|p| p.display().to_string());
     let result = runtime.block_on(async move {
         let (shared, task) = kvd::server::start(config, config_file, cluster, replicas).await?;

@@ -994,6 +994,7 @@ pub async fn start(
     if let Some(options) = replicas {
         let rep = crate::replica::Replicas::start(options)?;
         crate::replica::repair::spawn(shared.clone(), rep.clone());
+        crate::replica::health::spawn(shared.clone(), rep.clone());
         let _ = shared.replicas.set(rep);
     }
     let task = tokio::spawn(run(shared.clone()));

@@ -992,6 +992,10 @@ pub struct Replicated {
     founders: usize,
     /// Environment every node starts with (`KVD_FAILPOINTS`).
     env: Vec<(String, String)>,
+    /// More command-line arguments every node starts with (`--down-after`),
+    /// and per node (`--seed` of an added node).
+    args: Vec<String>,
+    node_args: Vec<Vec<String>>,
     tmp: tempfile::TempDir,
 }
 
@@ -1003,6 +1007,14 @@ impl Replicated {
 
     /// [`Replicated::start`] with extra environment variables for every node.
     pub fn start_with_env(n: usize, replicas: usize, env: &[(&str, &str)]) -> Replicated {
+        let mut c = Replicated::unstarted(n, replicas, env);
+        for i in 0..n {
+            c.restart(i);
+        }
+        c
+    }
+
+    fn unstarted(n: usize, replicas: usize, env: &[(&str, &str)]) -> Replicated {
         let mut ports: Vec<u16> = Vec::new();
         while ports.len() < n {
             let p = free_port();
@@ -1010,18 +1022,16 @@ impl Replicated {
                 ports.push(p);
             }
         }
-        let mut c = Replicated {
+        Replicated {
             nodes: (0..n).map(|_| None).collect(),
             ports,
             replicas,
             founders: n,
             env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            args: Vec::new(),
+            node_args: vec![Vec::new(); n],
             tmp: tempfile::tempdir().unwrap(),
-        };
-        for i in 0..n {
-            c.restart(i);
         }
-        c
     }
 
     /// Starts node `i` (again) on its port and data directory. The founders
@@ -1045,6 +1055,8 @@ impl Replicated {
         if i < self.founders {
             args.extend(["--peers", &peers]);
         }
+        args.extend(self.args.iter().map(String::as_str));
+        args.extend(self.node_args[i].iter().map(String::as_str));
         self.nodes[i] = Some(Server::kvd_with_env(self.ports[i], &dir, &args, env).unwrap());
     }
 
@@ -1059,6 +1071,35 @@ impl Replicated {
         };
         self.ports.push(port);
         self.nodes.push(None);
+        self.node_args.push(Vec::new());
+        let i = self.ports.len() - 1;
+        self.restart(i);
+        i
+    }
+
+    /// Starts `n` nodes keeping each key on `replicas` of them, each started
+    /// with `args` too (such as `--down-after 3s`).
+    pub fn start_with_args(n: usize, replicas: usize, args: &[&str]) -> Replicated {
+        let mut c = Replicated::unstarted(n, replicas, &[]);
+        c.args = args.iter().map(|a| a.to_string()).collect();
+        for i in 0..n {
+            c.restart(i);
+        }
+        c
+    }
+
+    /// Starts one more node with `--seed` pointing at node `seed`: it asks to
+    /// be added by itself. Its index.
+    pub fn add_seeded_node(&mut self, seed: usize) -> usize {
+        let port = loop {
+            let p = free_port();
+            if !self.ports.contains(&p) {
+                break p;
+            }
+        };
+        self.ports.push(port);
+        self.nodes.push(None);
+        self.node_args.push(vec!["--seed".into(), self.addr(seed)]);
         let i = self.ports.len() - 1;
         self.restart(i);
         i

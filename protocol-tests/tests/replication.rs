@@ -1161,3 +1161,139 @@ fn tombstones_are_purged_from_every_replica_once_all_hold_them_and_nothing_comes
 fn a_conn_set(c: &Replicated, key: &str, value: &str) -> String {
     c.conn(0).call(&["SET", key, value]).unwrap().as_str()
 }
+
+/// Issue 23, "asleep versus gone": three nodes (R = 3, `--down-after 3s`), a
+/// fourth started with `--seed` adds itself; one is then killed for good
+/// while writers run. At once it is only *suspect* (still a member, its
+/// slots served by the others); after `--down-after` the coordinator takes it
+/// out and re-homes its replicas on the live nodes, with nobody acting: every
+/// slot is back at three copies, and every acknowledged write and every
+/// earlier key reads back through every live node. `CLUSTER FORGET` takes a
+/// node out at once.
+#[test]
+fn a_node_gone_for_good_is_replaced_without_anyone_acting() {
+    let mut c = Replicated::start_with_args(3, 3, &["--down-after", "3s"]);
+    seed(&mut c.conn(0), "early", 500);
+    let joined = c.add_seeded_node(0);
+    let member = |c: &Replicated, i: usize, addr: &str| {
+        info(c, i, "kvd_replica_members").split(',').any(|m| m == addr)
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !(0..4).all(|i| member(&c, i, &c.addr(joined))) {
+        assert!(Instant::now() < deadline, "the seeded node never became a member");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // Writers through the nodes that stay.
+    let stop = Arc::new(AtomicBool::new(false));
+    let ports = [c.ports[0], c.ports[2], c.ports[joined]];
+    let writers: Vec<_> = (0..3)
+        .map(|t| {
+            let (stop, port) = (stop.clone(), ports[t]);
+            std::thread::spawn(move || {
+                let mut conn = Conn::connect(port).unwrap();
+                let mut acked = Vec::new();
+                let mut n = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    n += 1;
+                    let key = format!("w{t}:{n}");
+                    let reply = conn.call(&["SET", &key, "v"]).unwrap();
+                    if !reply.is_error() {
+                        acked.push(key);
+                    } else {
+                        let text = reply.as_str();
+                        // A slot being moved answers TRYAGAIN, and a write
+                        // that raced the move's freeze may end with an
+                        // unknown outcome (a later slice of the issue moves
+                        // slots without either); nothing else is allowed.
+                        assert!(
+                            text.starts_with("TRYAGAIN")
+                                || text.starts_with("CLUSTERDOWN")
+                                || text.contains("may or may not"),
+                            "{text}"
+                        );
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                }
+                acked
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    let gone = c.addr(1);
+    c.kill9(1);
+    // Suspect at once, not yet down: still a member.
+    let killed = Instant::now();
+    while !info(&c, 0, "kvd_replica_suspect_nodes").contains(&gone) {
+        assert!(killed.elapsed() < Duration::from_secs(3), "never suspect");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(member(&c, 0, &gone), "taken out before --down-after");
+    // Down after 3 s, then taken out and re-homed.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let out = [0, 2, joined].iter().all(|&i| !member(&c, i, &gone));
+        let whole = [0, 2, joined]
+            .iter()
+            .all(|&i| info(&c, i, "kvd_under_replicated_slots") == "0");
+        if out && whole {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the dead node's replicas were not re-homed"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let took = killed.elapsed();
+    assert!(
+        took >= Duration::from_secs(3),
+        "re-homed after {took:?}, before --down-after"
+    );
+    eprintln!("killed node taken out and its replicas re-homed {took:?} after the kill");
+    stop.store(true, Ordering::Relaxed);
+    let acked: Vec<String> = writers.into_iter().flat_map(|w| w.join().unwrap()).collect();
+    assert!(acked.len() > 100, "{} writes acknowledged", acked.len());
+    let removed: u64 = [0, 2, joined]
+        .iter()
+        .map(|&i| info(&c, i, "kvd_down_members_removed").parse::<u64>().unwrap())
+        .sum();
+    assert_eq!(removed, 1, "one coordinator took it out");
+    for &i in &[0, 2, joined] {
+        let mut conn = c.conn(i);
+        for k in 0..500 {
+            assert_eq!(
+                conn.call(&["GET", &format!("early:{k}")]).unwrap().as_str(),
+                format!("v{k}"),
+                "via node {i}"
+            );
+        }
+        for key in &acked {
+            assert_eq!(
+                conn.call(&["GET", key]).unwrap().as_str(),
+                "v",
+                "{key} via node {i}"
+            );
+        }
+    }
+    // CLUSTER FORGET: at once, re-homing (three members left for R = 3).
+    let forgotten = c.addr(joined);
+    assert_eq!(
+        c.conn(0)
+            .call(&["CLUSTER", "FORGET", &forgotten])
+            .unwrap()
+            .as_str(),
+        "OK"
+    );
+    assert!(!member(&c, 0, &forgotten) && !member(&c, 2, &forgotten));
+    assert!(c
+        .conn(0)
+        .call(&["CLUSTER", "FORGET", "127.0.0.1:1"])
+        .unwrap()
+        .is_error());
+    for k in (0..500).step_by(7) {
+        assert_eq!(
+            c.conn(2).call(&["GET", &format!("early:{k}")]).unwrap().as_str(),
+            format!("v{k}")
+        );
+    }
+}

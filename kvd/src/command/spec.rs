@@ -224,6 +224,7 @@ pub static COMMANDS: &[Spec] = &[
         spec!("cluster|keyslot", 3, ["stale"], 0, 0, 0, "cluster", "3.0.0", "Returns the hash slot for a key.", "O(N) where N is the number of bytes in the key", "key"),
         spec!("cluster|countkeysinslot", 3, ["stale"], 0, 0, 0, "cluster", "3.0.0", "Returns the number of keys in a hash slot.", "O(N) where N is the number of keys on this node (kvd keeps no per-slot index)", "slot"),
         spec!("cluster|getkeysinslot", 4, ["stale"], 0, 0, 0, "cluster", "3.0.0", "Returns the key names in a hash slot.", "O(N) where N is the number of keys on this node (kvd keeps no per-slot index)", "slot count"),
+        spec!("cluster|forget", 3, ["admin", "stale"], 0, 0, 0, "cluster", "3.0.0", "kvd (replicated): takes the node at HOST:PORT out of the cluster at once, re-homing its replicas.", "O(N) where N is the number of keys to copy", "node"),
         spec!("cluster|leave", 2, ["admin", "stale"], 0, 0, 0, "cluster", "7.0.0", "kvd: hands this node's slots to the other nodes, then leaves the cluster.", "O(1); the hand-off runs in the background", ""),
         spec!("cluster|help", 2, ["loading", "stale"], 0, 0, 0, "cluster", "5.0.0", "Returns helpful text about the different subcommands.", "O(1)", ""),
     ]),

@@ -70,6 +70,11 @@ pub async fn dispatch(
         return refusal;
     }
     match spec.name {
+        "cluster|forget" => return rep.forget(&String::from_utf8_lossy(&args[2])).await,
+        "cluster|leave" => {
+            let me = rep.addr.clone();
+            return rep.forget(&me).await;
+        }
         "exec" => return exec(shared, rep, session, args).await,
         "watch" if session.multi.is_none() => return watch(shared, rep, session, args).await,
         "unwatch" | "discard" | "reset" => {
@@ -398,6 +403,7 @@ fn internal(shared: &Arc<Shared>, rep: &Arc<Replicas>, session: &mut Session, ar
                 Err(Err(e)) => Reply::error(e.to_string()),
             };
         }
+        ("kvd.join", 2) => return rep.join(String::from_utf8_lossy(&args[1]).into_owned()),
         ("kvd.purge", 3) => {
             let Some(dead) = Record::decode(&args[2]) else {
                 return bad();

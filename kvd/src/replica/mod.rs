@@ -20,6 +20,7 @@
 
 pub mod acceptor;
 pub mod dispatch;
+pub mod health;
 pub mod key_locks;
 pub mod layout;
 pub mod proposer;
@@ -50,6 +51,11 @@ pub struct Options {
     pub replicas: usize,
     pub secret: String,
     pub dir: std::path::PathBuf,
+    /// Members to ask to be added by, while this node is not one (`--seed`).
+    pub seeds: Vec<String>,
+    /// How long a member may not answer before it is down and its replicas
+    /// are re-homed (`--down-after`; [`health`]).
+    pub down_after: std::time::Duration,
 }
 
 /// Counters for INFO.
@@ -74,6 +80,10 @@ pub struct Stats {
     /// Dead records (tombstones, long-expired values) purged from every
     /// replica by this node's anti-entropy.
     pub purged: AtomicU64,
+    /// Members this node took out of the membership because they were down,
+    /// and how long the last such re-homing took.
+    pub down_removed: AtomicU64,
+    pub last_rehome_ms: AtomicU64,
     /// Slots whose records a reconfiguration run from this node copied, and
     /// the keys it installed.
     pub slots_moved: AtomicU64,
@@ -97,9 +107,11 @@ pub struct Replicas {
     pub(super) key_locks: key_locks::KeyLocks,
     /// One reconfiguration at a time from this node.
     pub(crate) reconfiguring: tokio::sync::Mutex<()>,
-    /// Nodes this node's last call to failed (cleared by the next answer):
-    /// what INFO's under-replicated count is made of.
-    unreachable: parking_lot::Mutex<std::collections::HashSet<String>>,
+    /// Nodes this node's last call to failed, since when (cleared by the
+    /// next answer): suspect, and down past `down_after` ([`health`]).
+    unreachable: parking_lot::Mutex<std::collections::HashMap<String, std::time::Instant>>,
+    seeds: Vec<String>,
+    down_after: std::time::Duration,
     /// Fault injection for tests (`KVD.PARTITION`, with `KVD_FAILPOINTS=partition`):
     /// nodes this node's peer calls pretend they cannot reach.
     cut_off: parking_lot::RwLock<std::collections::HashSet<String>>,
@@ -133,6 +145,8 @@ impl Replicas {
             key_locks: Default::default(),
             reconfiguring: tokio::sync::Mutex::new(()),
             unreachable: Default::default(),
+            seeds: options.seeds,
+            down_after: options.down_after,
             cut_off: Default::default(),
             stats: Stats::default(),
         }))
@@ -223,8 +237,8 @@ impl Replicas {
         let mut unreachable = self.unreachable.lock();
         if ok {
             unreachable.remove(addr);
-        } else if !unreachable.contains(addr) {
-            unreachable.insert(addr.to_string());
+        } else if !unreachable.contains_key(addr) {
+            unreachable.insert(addr.to_string(), std::time::Instant::now());
         }
     }
 
@@ -246,7 +260,7 @@ impl Replicas {
         let down: Vec<usize> = {
             let unreachable = self.unreachable.lock();
             (0..layout.nodes.len())
-                .filter(|&i| unreachable.contains(&layout.nodes[i]))
+                .filter(|&i| unreachable.contains_key(&layout.nodes[i]))
                 .collect()
         };
         if down.is_empty() {
@@ -285,7 +299,15 @@ impl Replicas {
             (m.layout.clone(), m.frozen_count)
         };
         let (under_replicated, unreachable) = self.under_replicated(&layout);
-        format!(
+        let health = format!(
+            "kvd_replica_suspect_nodes:{}\r\nkvd_replica_down_nodes:{}\r\nkvd_down_after_seconds:{}\r\nkvd_down_members_removed:{}\r\nkvd_last_rehome_ms:{}\r\n",
+            self.suspect_members().join(","),
+            self.down_members().join(","),
+            self.down_after.as_secs(),
+            s.down_removed.load(Ordering::Relaxed),
+            s.last_rehome_ms.load(Ordering::Relaxed),
+        );
+        health + &format!(
             "kvd_under_replicated_slots:{under_replicated}\r\nkvd_replica_nodes_unreachable:{unreachable}\r\nkvd_replicas:{}\r\nkvd_replica_nodes:{}\r\nkvd_replica_members:{}\r\nkvd_replica_config_version:{}\r\nkvd_replica_frozen_slots:{}\r\nkvd_repair_keys_dropped:{}\r\nkvd_tombstones_purged:{}\r\nkvd_reconfigure_slots_moved:{}\r\nkvd_reconfigure_keys_copied:{}\r\nkvd_paxos_rounds:{}\r\nkvd_paxos_one_round_trip:{}\r\nkvd_paxos_conflicts:{}\r\nkvd_paxos_repairs:{}\r\nkvd_paxos_relayed:{}\r\nkvd_paxos_unavailable:{}\r\nkvd_repair_keys_checked:{}\r\nkvd_repair_passes:{}\r\nkvd_repair_keys_behind_last_pass:{}\r\n",
             layout.replicas,
             layout.nodes.len(),

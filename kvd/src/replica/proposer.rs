@@ -703,6 +703,9 @@ impl Replicas {
         for (addr, v) in &g.other_version {
             reasons.push(format!("{addr}: at membership version {v}"));
         }
+        if let Some(frozen) = &g.frozen {
+            reasons.push(format!("the key's slot is being moved ({frozen})"));
+        }
         Reply::error(format!(
             "ERR the write reached {} of {} replicas, fewer than a majority: it may or may not take effect ({})",
             g.accepted,

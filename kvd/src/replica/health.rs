@@ -1,0 +1,241 @@
+//! Asleep versus gone: which members answer, and what the cluster does about
+//! one that stops.
+//!
+//! Every node probes every other member once a second (`KVD.CONFIG`, the
+//! cheapest call there is; every phase a node sends counts too). A member that
+//! does not answer is *suspect* at once: nothing changes, its slots keep
+//! serving from the other replicas (a write needs a majority of each slot's
+//! replicas, not all). Desktops sleep and reboot, so only after `--down-after`
+//! without an answer is it *down*: then the *coordinator* — the first member in
+//! the membership's order that this node can reach (itself included) — takes
+//! it out of the membership with an ordinary reconfiguration
+//! ([`super::reconfigure`]), which re-homes its replicas on live nodes and
+//! copies them from the surviving ones. It does so only if the live members
+//! can hold every slot's R copies: with fewer, removing the node would only
+//! lower the number of copies, so it stays a (down) member until a new node
+//! joins. Two nodes that both think they coordinate (a partition) are safe:
+//! the reconfiguration's vote lets one membership win.
+//!
+//! A node that is not a member — a new one started with `--seed`, or one
+//! taken out while it was away — asks a seed (or a member it remembers) to
+//! add it (`KVD.JOIN`); the member runs the reconfiguration. One taken out
+//! while it runs (`CLUSTER FORGET`, `CLUSTER LEAVE`) does not ask until it
+//! is restarted. A returning
+//! node's old records serve only as a source: the reconfiguration installs
+//! what it now holds above them, and it drops the rest.
+//!
+//! Probing every member from every node costs n² small calls a second: fine
+//! for the desktops of a home or an office; thousands of nodes would need
+//! gossip (the `--cluster` mode's chitchat), which the issue plans.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+
+use super::Replicas;
+use crate::reply::Reply;
+use crate::server::Shared;
+
+/// How often members are probed, and how long a probe may take.
+const PROBE_EVERY: Duration = Duration::from_secs(1);
+const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+/// How often a node outside the membership asks to be added.
+const JOIN_EVERY: Duration = Duration::from_secs(2);
+
+pub fn spawn(shared: Arc<Shared>, rep: Arc<Replicas>) {
+    tokio::spawn(async move {
+        let mut last_join = None::<Instant>;
+        // A node taken out while it runs (CLUSTER FORGET, LEAVE, or found
+        // down by the others) does not ask back in until it restarts.
+        let mut member_this_run = false;
+        loop {
+            tokio::select! {
+                _ = shared.shutdown.cancelled() => return,
+                _ = tokio::time::sleep(PROBE_EVERY) => {}
+            }
+            let layout = rep.layout();
+            if layout.me.is_none() {
+                if !member_this_run && last_join.is_none_or(|t| t.elapsed() >= JOIN_EVERY) {
+                    last_join = Some(Instant::now());
+                    rep.ask_to_join().await;
+                }
+                continue;
+            }
+            member_this_run = true;
+            rep.probe_members().await;
+            rep.take_out_the_down().await;
+        }
+    });
+}
+
+impl Replicas {
+    /// One probe of every other member, at once.
+    async fn probe_members(self: &Arc<Self>) {
+        let layout = self.layout();
+        // Nodes no longer members are no longer watched.
+        self.unreachable
+            .lock()
+            .retain(|addr, _| layout.nodes.contains(addr));
+        let calls = layout.nodes.iter().filter(|n| **n != self.addr).map(|addr| {
+            let rep = self.clone();
+            let addr = addr.clone();
+            async move {
+                let ok = !rep.is_cut_off(&addr)
+                    && matches!(
+                        tokio::time::timeout(
+                            PROBE_TIMEOUT,
+                            rep.peers.call(&addr, &[Bytes::from_static(b"KVD.CONFIG")])
+                        )
+                        .await,
+                        Ok(Ok(Reply::Bulk(_)))
+                    );
+                rep.reached(&addr, ok);
+            }
+        });
+        futures::future::join_all(calls).await;
+    }
+
+    /// Members that have not answered for `--down-after`.
+    pub fn down_members(&self) -> Vec<String> {
+        let unreachable = self.unreachable.lock();
+        let layout = self.layout();
+        layout
+            .nodes
+            .iter()
+            .filter(|n| {
+                unreachable
+                    .get(*n)
+                    .is_some_and(|since| since.elapsed() >= self.down_after)
+            })
+            .cloned()
+            .collect()
+    }
+
+    /// Members whose last call failed (suspect, down included).
+    pub fn suspect_members(&self) -> Vec<String> {
+        let unreachable = self.unreachable.lock();
+        let layout = self.layout();
+        layout
+            .nodes
+            .iter()
+            .filter(|n| unreachable.contains_key(*n))
+            .cloned()
+            .collect()
+    }
+
+    /// If this node coordinates and a member is down, takes it out of the
+    /// membership (when the live members can hold R copies of every slot).
+    async fn take_out_the_down(self: &Arc<Self>) {
+        let down = self.down_members();
+        if down.is_empty() {
+            return;
+        }
+        let layout = self.layout();
+        let suspects = self.suspect_members();
+        let coordinator = layout
+            .nodes
+            .iter()
+            .find(|n| **n == self.addr || !suspects.contains(n));
+        if coordinator != Some(&self.addr) {
+            return;
+        }
+        let live: Vec<String> = layout
+            .nodes
+            .iter()
+            .filter(|n| !down.contains(n))
+            .cloned()
+            .collect();
+        if live.len() < layout.replicas {
+            return;
+        }
+        tracing::warn!(
+            down = down.join(","),
+            "members down for {:?}: re-homing their replicas on {}",
+            self.down_after,
+            live.join(",")
+        );
+        let started = Instant::now();
+        let reply = self.reconfigure(live).await;
+        if reply.is_error() {
+            tracing::warn!("taking out down members failed (tried again in a second): {reply:?}");
+            return;
+        }
+        self.stats
+            .down_removed
+            .fetch_add(down.len() as u64, Ordering::Relaxed);
+        self.stats
+            .last_rehome_ms
+            .store(started.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+
+    /// Asks a seed, or a member this node remembers, to add it.
+    async fn ask_to_join(self: &Arc<Self>) {
+        let layout = self.layout();
+        let mut contacts: Vec<String> = self.seeds.clone();
+        contacts.extend(layout.nodes.iter().cloned());
+        contacts.retain(|c| *c != self.addr);
+        contacts.dedup();
+        let request = vec![Bytes::from_static(b"KVD.JOIN"), Bytes::from(self.addr.clone())];
+        for contact in contacts {
+            match tokio::time::timeout(PROBE_TIMEOUT * 5, self.peers.call(&contact, &request)).await {
+                Ok(Ok(reply)) if !reply.is_error() => {
+                    // Added already, or being added: take the membership as
+                    // the contact has it (the activation message may have
+                    // been missed, and nothing else would tell us).
+                    let ask = [Bytes::from_static(b"KVD.CONFIG")];
+                    let config = self.peers.call(&contact, &ask);
+                    if let Ok(Ok(Reply::Bulk(text))) = tokio::time::timeout(PROBE_TIMEOUT, config).await {
+                        let newer = std::str::from_utf8(&text)
+                            .ok()
+                            .and_then(|t| super::layout::Layout::decode(t, &self.addr));
+                        if let Some(newer) = newer.filter(|l| l.version > layout.version) {
+                            let _ = self.adopt(newer);
+                        }
+                    }
+                    return;
+                }
+                Ok(Ok(reply)) => tracing::info!("{contact} did not add this node yet: {reply:?}"),
+                Ok(Err(e)) => tracing::debug!("{contact}: {e}"),
+                Err(_) => tracing::debug!("{contact}: no answer"),
+            }
+        }
+    }
+
+    /// `KVD.JOIN addr` on a member: adds the node, in the background (the
+    /// joiner learns the new membership when it is activated, or asks again).
+    pub fn join(self: &Arc<Self>, addr: String) -> Reply {
+        let layout = self.layout();
+        if layout.version == 0 || layout.me.is_none() {
+            return Reply::error("ERR this node is not a member of a replicated cluster");
+        }
+        if layout.nodes.contains(&addr) {
+            return Reply::OK;
+        }
+        let mut nodes = layout.nodes.clone();
+        nodes.push(addr);
+        let rep = self.clone();
+        tokio::spawn(async move {
+            let reply = rep.reconfigure(nodes).await;
+            if reply.is_error() {
+                tracing::info!("adding a node failed (it asks again): {reply:?}");
+            }
+        });
+        Reply::Simple("OK")
+    }
+
+    /// `CLUSTER FORGET addr` / `CLUSTER LEAVE` (this node): takes a member out
+    /// at once, re-homing its replicas.
+    pub async fn forget(self: &Arc<Self>, addr: &str) -> Reply {
+        let layout = self.layout();
+        if !layout.nodes.iter().any(|n| n == addr) {
+            return Reply::error(format!("ERR Unknown node {addr}"));
+        }
+        let rest: Vec<String> = layout.nodes.iter().filter(|n| *n != addr).cloned().collect();
+        if rest.is_empty() {
+            return Reply::error("ERR a cluster cannot forget its last node");
+        }
+        self.reconfigure(rest).await
+    }
+}
