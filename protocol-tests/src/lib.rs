@@ -25,6 +25,31 @@ pub fn free_port() -> u16 {
         .expect("the loopback interface must allow binding an ephemeral port")
 }
 
+/// Waits until every thread of process `pid` is stopped (after SIGSTOP, a
+/// thread already running goes on until it gets to the signal, and may serve
+/// one more request meanwhile). Panics after 5 s.
+pub fn wait_stopped(pid: u32) {
+    let stopped = || -> bool {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+            return false;
+        };
+        tasks.filter_map(|t| t.ok()).all(|t| {
+            std::fs::read_to_string(t.path().join("stat")).is_ok_and(|s| {
+                s.rsplit_once(") ")
+                    .is_some_and(|(_, rest)| rest.starts_with(['T', 't']))
+            })
+        })
+    };
+    let since = Instant::now();
+    while !stopped() {
+        assert!(
+            since.elapsed() < Duration::from_secs(5),
+            "process {pid} did not stop"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
 /// Path of the kvd binary: `$KVD_BIN`, or the workspace build of the same profile
 /// as the running executable (tests live in `target/<profile>/deps/`, the bench
 /// binary in `target/<profile>/`).
@@ -1118,6 +1143,9 @@ impl Replicated {
             let signal = if frozen { libc::SIGSTOP } else { libc::SIGCONT };
             unsafe {
                 libc::kill(s.pid() as i32, signal);
+            }
+            if frozen {
+                wait_stopped(s.pid());
             }
         }
     }

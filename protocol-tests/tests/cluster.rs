@@ -889,6 +889,9 @@ fn a_forward_to_a_stopped_node_answers_within_its_timeout() {
     let pid = c.nodes[2].pid() as i32;
     // SAFETY: signalling a child process of this test.
     unsafe { libc::kill(pid, libc::SIGSTOP) };
+    // The stop takes effect when each of its threads gets to it: a thread
+    // already running may still serve a request (CI saw one answer).
+    protocol_tests::wait_stopped(pid as u32);
     let asked = std::time::Instant::now();
     let reply = conn.call(&["GET", &key]);
     let waited = asked.elapsed();
