@@ -75,6 +75,14 @@ pub async fn dispatch(
             let me = rep.addr.clone();
             return rep.forget(&me).await;
         }
+        name if name.starts_with("cluster|") => {
+            if let Some(reply) = rep.cluster_command(spec, args) {
+                return reply;
+            }
+        }
+        // Cluster clients send these to a node before reading from it; any
+        // node serves every key.
+        "readonly" | "readwrite" | "asking" => return Reply::OK,
         "exec" => return exec(shared, rep, session, args).await,
         "watch" if session.multi.is_none() => return watch(shared, rep, session, args).await,
         "unwatch" | "discard" | "reset" => {

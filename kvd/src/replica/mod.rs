@@ -19,6 +19,7 @@
 //! several keys.
 
 pub mod acceptor;
+pub mod cluster_view;
 pub mod dispatch;
 pub mod health;
 pub mod key_locks;

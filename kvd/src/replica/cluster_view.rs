@@ -1,0 +1,180 @@
+//! What cluster-aware clients (`redis-cli -c`, redis-py's `RedisCluster`, the
+//! `redis` crate's cluster client) see of a replicated cluster: `CLUSTER
+//! SLOTS` lists each run of slots with its replica set — a live holder first
+//! as the "master" clients send to, the other holders as its "replicas" — and
+//! `CLUSTER NODES`, `INFO`, `MYID` and `KEYSLOT` answer as a Redis Cluster
+//! node does. Any node serves every key (it runs the key's CASPaxos round
+//! itself), so a client that routes by these lists lands on a holder and
+//! saves the hop to one, and one that does not still works.
+//!
+//! A holder this node last found unreachable is listed after the live ones,
+//! so a client that asks again after a node dies routes its slots to a live
+//! node at once.
+
+use std::collections::HashSet;
+
+use bytes::Bytes;
+use sha2::{Digest, Sha256};
+
+use super::layout::Layout;
+use super::Replicas;
+use crate::cluster::slot::{key_slot, SLOTS};
+use crate::command::spec::Spec;
+use crate::reply::Reply;
+
+/// A node's 40-character id, as Redis Cluster shows ids: derived from its
+/// address (a replicated node is named by its address).
+pub fn node_id(addr: &str) -> String {
+    hex::encode(&Sha256::digest(addr.as_bytes())[..20])
+}
+
+fn split_addr(addr: &str) -> (String, i64) {
+    match addr.rsplit_once(':') {
+        Some((host, port)) => (host.to_string(), port.parse().unwrap_or(0)),
+        None => (addr.to_string(), 0),
+    }
+}
+
+/// Runs of consecutive slots with the same replica set, live holders first:
+/// (first slot, last slot, holders' addresses).
+fn runs(layout: &Layout, suspects: &HashSet<String>) -> Vec<(u16, u16, Vec<String>)> {
+    let mut out: Vec<(u16, u16, Vec<String>)> = Vec::new();
+    for s in 0..SLOTS as u16 {
+        let mut holders: Vec<String> = layout.holder_addrs(s).into_iter().map(str::to_string).collect();
+        // Stable: live holders keep their order, then the suspect ones.
+        holders.sort_by_key(|h| suspects.contains(h));
+        match out.last_mut() {
+            Some((_, end, last)) if *last == holders => *end = s,
+            _ => out.push((s, s, holders)),
+        }
+    }
+    out
+}
+
+fn node_entry(addr: &str) -> Reply {
+    let (host, port) = split_addr(addr);
+    Reply::Array(vec![
+        Reply::bulk_str(&host),
+        Reply::Int(port),
+        Reply::bulk_str(&node_id(addr)),
+        Reply::Array(vec![]),
+    ])
+}
+
+impl Replicas {
+    /// CLUSTER subcommands of a replicated node; `None` for those answered
+    /// elsewhere (FORGET, LEAVE, HELP).
+    pub fn cluster_command(&self, spec: &'static Spec, args: &[Bytes]) -> Option<Reply> {
+        let layout = self.layout();
+        let suspects: HashSet<String> = self.suspect_members().into_iter().collect();
+        Some(match spec.name {
+            "cluster|myid" => Reply::bulk_str(&node_id(&self.addr)),
+            "cluster|keyslot" => Reply::Int(key_slot(&args[2]) as i64),
+            "cluster|slots" => Reply::Array(
+                runs(&layout, &suspects)
+                    .into_iter()
+                    .map(|(a, b, holders)| {
+                        let mut entry = vec![Reply::Int(a as i64), Reply::Int(b as i64)];
+                        entry.extend(holders.iter().map(|h| node_entry(h)));
+                        Reply::Array(entry)
+                    })
+                    .collect(),
+            ),
+            "cluster|nodes" => {
+                let runs = runs(&layout, &suspects);
+                let mut out = String::new();
+                for addr in &layout.nodes {
+                    let (host, port) = split_addr(addr);
+                    let mut flags = String::new();
+                    if *addr == self.addr {
+                        flags.push_str("myself,");
+                    }
+                    flags.push_str("master");
+                    if suspects.contains(addr) {
+                        flags.push_str(",fail?");
+                    }
+                    let slots: Vec<String> = runs
+                        .iter()
+                        .filter(|r| r.2.first() == Some(addr))
+                        .map(|r| {
+                            if r.0 == r.1 {
+                                r.0.to_string()
+                            } else {
+                                format!("{}-{}", r.0, r.1)
+                            }
+                        })
+                        .collect();
+                    let line = format!(
+                        "{} {host}:{port}@{} {flags} - 0 0 {} {} {}",
+                        node_id(addr),
+                        port + 10000,
+                        layout.version,
+                        if suspects.contains(addr) {
+                            "disconnected"
+                        } else {
+                            "connected"
+                        },
+                        slots.join(" ")
+                    );
+                    out.push_str(line.trim_end());
+                    out.push('\n');
+                }
+                Reply::Verbatim("txt", Bytes::from(out))
+            }
+            "cluster|info" => {
+                let state = if layout.version == 0 { "fail" } else { "ok" };
+                let (under, _) = self.under_replicated(&layout);
+                Reply::Verbatim(
+                    "txt",
+                    Bytes::from(format!(
+                        "cluster_state:{state}\r\ncluster_slots_assigned:{SLOTS}\r\n\
+                         cluster_slots_ok:{}\r\ncluster_slots_pfail:{under}\r\ncluster_slots_fail:0\r\n\
+                         cluster_known_nodes:{}\r\ncluster_size:{}\r\ncluster_current_epoch:{}\r\n\
+                         cluster_my_epoch:{}\r\n{}",
+                        SLOTS - under,
+                        layout.nodes.len(),
+                        layout.nodes.len(),
+                        layout.version,
+                        layout.version,
+                        self.info()
+                    )),
+                )
+            }
+            "cluster|shards" | "cluster|countkeysinslot" | "cluster|getkeysinslot" => Reply::error(format!(
+                "ERR '{}' is not supported by a replicated kvd yet (docs/PROTOCOL.md, \"Replication\")",
+                spec.name.replace('|', " ")
+            )),
+            _ => return None,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runs_cover_every_slot_once_with_live_holders_first() {
+        let nodes: Vec<String> = (0..4).map(|i| format!("10.0.0.{i}:7379")).collect();
+        let layout = Layout::new(1, nodes.clone(), 3, &nodes[0]);
+        let suspects: HashSet<String> = [nodes[1].clone()].into_iter().collect();
+        let runs = runs(&layout, &suspects);
+        let mut next = 0u32;
+        for (a, b, holders) in &runs {
+            assert_eq!(*a as u32, next);
+            assert!(b >= a);
+            next = *b as u32 + 1;
+            assert_eq!(holders.len(), 3);
+            if holders.contains(&nodes[1]) {
+                assert_eq!(holders.last(), Some(&nodes[1]), "a suspect holder is listed last");
+            }
+            let mut want: Vec<&str> = layout.holder_addrs(*a);
+            let mut got: Vec<&str> = holders.iter().map(String::as_str).collect();
+            want.sort();
+            got.sort();
+            assert_eq!(got, want);
+        }
+        assert_eq!(next as usize, SLOTS);
+        assert_eq!(node_id("10.0.0.1:7379").len(), 40);
+    }
+}
