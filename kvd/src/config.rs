@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use crate::protocol::Limits;
 
 /// Current settings. Read often, written rarely (`CONFIG SET`), so it lives behind
-/// an `RwLock` in [`crate::server::Shared`].
+/// an `RwLock` in [`crate::shared::Shared`].
 #[derive(Clone, Debug)]
 pub struct Config {
     pub bind: String,

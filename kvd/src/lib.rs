@@ -23,6 +23,8 @@ pub mod pubsub;
 pub mod replica;
 pub mod reply;
 pub mod server;
+pub mod session;
+pub mod shared;
 pub mod stats;
 pub mod store;
 pub mod sync;

@@ -14,7 +14,8 @@ use super::slot::{format_ranges, key_slot, parse_ranges, ranges, SLOTS};
 use super::Cluster;
 use crate::command::spec::Spec;
 use crate::reply::Reply;
-use crate::server::{Session, Shared};
+use crate::session::Session;
+use crate::shared::Shared;
 
 /// Keys a SLOTDUMP reply carries at most (it also stops at `DUMP_BYTES`).
 const DUMP_KEYS: usize = 256;

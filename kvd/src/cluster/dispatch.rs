@@ -37,7 +37,8 @@ use super::{Cluster, Route};
 use crate::command::spec::{self, Lookup, Spec};
 use crate::command::{self, NOT_QUEUED};
 use crate::reply::{Protocol, Reply};
-use crate::server::{Session, Shared};
+use crate::session::Session;
+use crate::shared::Shared;
 
 /// Commands whose keys may span slots: split per slot, replies joined.
 const SPLITTABLE: &[&str] = &["mget", "mset", "del", "unlink", "exists", "touch"];

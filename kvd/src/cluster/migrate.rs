@@ -23,7 +23,7 @@ use super::membership::Status;
 use super::slot::{format_ranges, parse_ranges, ranges, SLOTS};
 use super::Cluster;
 use crate::reply::Reply;
-use crate::server::Shared;
+use crate::shared::Shared;
 
 const TICK: Duration = Duration::from_millis(250);
 const SETTLE: Duration = Duration::from_secs(1);

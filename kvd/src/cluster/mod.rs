@@ -34,7 +34,7 @@ use std::time::{Duration, Instant};
 use parking_lot::{Mutex, RwLock, RwLockReadGuard};
 use tokio::sync::Notify;
 
-use crate::server::Shared;
+use crate::shared::Shared;
 use authority::{Authority, SlotState};
 use membership::{Member, Membership, Status};
 use ring::Placement;

@@ -65,7 +65,7 @@ pub fn challenge() -> String {
 /// `KVD.PEER CHALLENGE` answers a random challenge, `KVD.PEER AUTH <id>
 /// <proof>` checks the HMAC of it under `secret` (a wrong proof closes the
 /// connection). `None` for any other command.
-pub fn handshake(secret: &str, session: &mut crate::server::Session, args: &[Bytes]) -> Option<Reply> {
+pub fn handshake(secret: &str, session: &mut crate::session::Session, args: &[Bytes]) -> Option<Reply> {
     if !args[0].eq_ignore_ascii_case(b"kvd.peer") {
         return None;
     }

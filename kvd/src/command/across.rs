@@ -9,7 +9,8 @@ use super::args::{parse_i64, ERR_NOT_INTEGER};
 use super::data::DataCommand;
 use crate::db::Db;
 use crate::reply::Reply;
-use crate::server::{Session, Shared};
+use crate::session::Session;
+use crate::shared::Shared;
 use crate::store::StoreError;
 
 /// Whether this node is part of a cluster (which keeps database 0 only).

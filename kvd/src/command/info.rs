@@ -5,7 +5,7 @@ use std::fmt::Write;
 use std::sync::atomic::Ordering;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use crate::server::{Shared, REDIS_VERSION};
+use crate::shared::{Shared, REDIS_VERSION};
 
 /// Every section, in Redis 7.0's order.
 const SECTIONS: &[&str] = &[

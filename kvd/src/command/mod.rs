@@ -17,7 +17,8 @@ pub mod spec;
 use bytes::Bytes;
 
 use crate::reply::Reply;
-use crate::server::{Session, Shared};
+use crate::session::Session;
+use crate::shared::Shared;
 use data::DataCommand;
 use session::SessionCommand;
 use spec::{Lookup, Spec};
@@ -73,7 +74,7 @@ pub fn execute_found(shared: &Shared, session: &mut Session, spec: &'static Spec
             spec.name
         ));
     }
-    session.note_command(spec);
+    session.note_command(spec.name);
     if let Some(multi) = session.multi.as_mut() {
         if spec.flags.contains(&"no_multi") {
             return session.reject(Reply::error("ERR Command not allowed inside a transaction"));

@@ -10,7 +10,8 @@ use super::spec::{self, Spec, COMMANDS};
 use super::{info, run};
 use crate::glob;
 use crate::reply::{Protocol, Reply};
-use crate::server::{Session, Shared, REDIS_VERSION};
+use crate::session::Session;
+use crate::shared::{Shared, REDIS_VERSION};
 
 /// A parsed non-keyspace command.
 #[derive(Debug)]
@@ -50,7 +51,7 @@ pub enum SessionCommand {
         ids: Vec<u64>,
     },
     ClientInfo,
-    ClientReply(crate::server::ReplyMode),
+    ClientReply(crate::session::ReplyMode),
     Monitor,
     ClientSetInfo(String, Bytes),
     ClientKill(KillFilter),
@@ -167,9 +168,9 @@ impl SessionCommand {
             "client|info" => ClientInfo,
             "monitor" => Monitor,
             "client|reply" => ClientReply(match a.word()?.as_str() {
-                "ON" => crate::server::ReplyMode::On,
-                "OFF" => crate::server::ReplyMode::Off,
-                "SKIP" => crate::server::ReplyMode::SkipArmed,
+                "ON" => crate::session::ReplyMode::On,
+                "OFF" => crate::session::ReplyMode::Off,
+                "SKIP" => crate::session::ReplyMode::SkipArmed,
                 _ => return Err(Reply::error("ERR syntax error")),
             }),
             "client|list" => {
@@ -483,7 +484,7 @@ impl SessionCommand {
             ClientReply(mode) => {
                 s.reply_mode = mode;
                 match mode {
-                    crate::server::ReplyMode::On => Reply::OK,
+                    crate::session::ReplyMode::On => Reply::OK,
                     // OFF and SKIP are not answered.
                     _ => Reply::Many(Vec::new()),
                 }

@@ -24,7 +24,8 @@ use crate::command::spec::{self, Lookup};
 use crate::command::{self};
 use crate::db::{now_ms, Db};
 use crate::reply::Reply;
-use crate::server::{Session, Shared};
+use crate::session::Session;
+use crate::shared::Shared;
 use crate::store::{Entry, MemStore};
 
 /// Commands on several keys that run key by key, and how replies combine.

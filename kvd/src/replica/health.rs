@@ -36,7 +36,7 @@ use bytes::Bytes;
 
 use super::Replicas;
 use crate::reply::Reply;
-use crate::server::Shared;
+use crate::shared::Shared;
 
 /// How often members are probed, and how long a probe may take.
 const PROBE_EVERY: Duration = Duration::from_secs(1);

@@ -35,7 +35,7 @@ use super::Replicas;
 use crate::cluster::paxos::{majority, Ballot};
 use crate::db::now_ms;
 use crate::reply::Reply;
-use crate::server::Shared;
+use crate::shared::Shared;
 use crate::store::{Entry, StoreError};
 
 /// How long a replica may take to answer one phase.

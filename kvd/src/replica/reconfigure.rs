@@ -49,7 +49,7 @@ use super::Replicas;
 use crate::cluster::paxos::{majority, Ballot};
 use crate::cluster::slot::{format_ranges, key_slot, parse_ranges, ranges, SLOTS};
 use crate::reply::Reply;
-use crate::server::Shared;
+use crate::shared::Shared;
 
 /// How long one call of a reconfiguration may take.
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);

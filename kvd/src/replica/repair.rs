@@ -51,7 +51,7 @@ use super::proposer::Msg;
 use super::Replicas;
 use crate::cluster::paxos::{majority, Ballot};
 use crate::db::now_ms;
-use crate::server::Shared;
+use crate::shared::Shared;
 use crate::store::Entry;
 
 /// How long past its expiry a value counts as dead (clock differences

@@ -1,0 +1,63 @@
+//! State every connection shares: the databases, the settings, the clients,
+//! pub/sub, statistics, and (in a cluster) the cluster's node. It lives below
+//! the layers that use it — the network loop (`server`), the commands, the
+//! cluster and replication modules — so they import it and it imports none of
+//! them but their shared types.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use parking_lot::RwLock;
+use tokio_util::sync::CancellationToken;
+
+use crate::clients::Clients;
+use crate::config::Config;
+use crate::pubsub::PubSub;
+use crate::stats::Stats;
+
+/// The Redis version kvd reports (HELLO, INFO). kvd follows Redis 7.0's command
+/// semantics, and its tests compare against a Redis 7.0 server.
+pub const REDIS_VERSION: &str = "7.0.15";
+
+/// State shared by every connection.
+pub struct Shared {
+    /// The databases of SELECT; a cluster node uses database 0 only.
+    pub dbs: crate::databases::Databases,
+    pub config: RwLock<Config>,
+    pub config_file: Option<String>,
+    pub clients: Clients,
+    pub pubsub: PubSub,
+    pub monitors: crate::monitor::Monitors,
+    pub stats: Stats,
+    pub started: Instant,
+    pub run_id: String,
+    /// Cancelled by SHUTDOWN or a signal; every task watches it.
+    pub shutdown: CancellationToken,
+    /// Set when this node is part of a cluster (`--cluster`).
+    pub cluster: std::sync::OnceLock<Arc<crate::cluster::Cluster>>,
+    /// Set when this node is part of a replicated cluster (`--replicas`).
+    pub replicas: std::sync::OnceLock<Arc<crate::replica::Replicas>>,
+}
+
+impl Shared {
+    pub fn new(config: Config, config_file: Option<String>, dbs: crate::databases::Databases) -> Arc<Shared> {
+        use rand::Rng;
+        let run_id: String = (0..40)
+            .map(|_| format!("{:x}", rand::thread_rng().gen_range(0..16)))
+            .collect();
+        Arc::new(Shared {
+            dbs,
+            config: RwLock::new(config),
+            config_file,
+            clients: Clients::default(),
+            pubsub: PubSub::default(),
+            monitors: Default::default(),
+            stats: Stats::new(),
+            started: Instant::now(),
+            run_id,
+            shutdown: CancellationToken::new(),
+            cluster: std::sync::OnceLock::new(),
+            replicas: std::sync::OnceLock::new(),
+        })
+    }
+}
