@@ -67,6 +67,8 @@ pub struct Stats {
     pub fast: AtomicU64,
     pub conflicts: AtomicU64,
     pub repairs: AtomicU64,
+    /// Commands that waited for their key's slot to finish moving.
+    pub waited_for_moves: AtomicU64,
     /// Lagging replicas brought up to date by sending them the highest
     /// record's accept again (by a read or by anti-entropy), with no new ballot.
     pub relayed: AtomicU64,
@@ -104,6 +106,9 @@ pub struct Replicas {
     /// Keys this node changed last: the next ballot the acceptors promised us
     /// with that change, and the record they accepted (see `proposer`).
     fast: parking_lot::Mutex<std::collections::HashMap<Bytes, (Ballot, acceptor::Record)>>,
+    /// Since when (at which membership version) commands have been refused
+    /// because their slot is moving (see `proposer`'s `moves_stuck`).
+    moving_since: parking_lot::Mutex<Option<(u64, std::time::Instant)>>,
     /// One proposal per key at a time from this node ([`key_locks`]).
     pub(super) key_locks: key_locks::KeyLocks,
     /// One reconfiguration at a time from this node.
@@ -144,6 +149,7 @@ impl Replicas {
             proposer_id,
             fast: Default::default(),
             key_locks: Default::default(),
+            moving_since: Default::default(),
             reconfiguring: tokio::sync::Mutex::new(()),
             unreachable: Default::default(),
             seeds: options.seeds,
@@ -309,7 +315,7 @@ impl Replicas {
             s.last_rehome_ms.load(Ordering::Relaxed),
         );
         health + &format!(
-            "kvd_under_replicated_slots:{under_replicated}\r\nkvd_replica_nodes_unreachable:{unreachable}\r\nkvd_replicas:{}\r\nkvd_replica_nodes:{}\r\nkvd_replica_members:{}\r\nkvd_replica_config_version:{}\r\nkvd_replica_frozen_slots:{}\r\nkvd_repair_keys_dropped:{}\r\nkvd_tombstones_purged:{}\r\nkvd_reconfigure_slots_moved:{}\r\nkvd_reconfigure_keys_copied:{}\r\nkvd_paxos_rounds:{}\r\nkvd_paxos_one_round_trip:{}\r\nkvd_paxos_conflicts:{}\r\nkvd_paxos_repairs:{}\r\nkvd_paxos_relayed:{}\r\nkvd_paxos_unavailable:{}\r\nkvd_repair_keys_checked:{}\r\nkvd_repair_passes:{}\r\nkvd_repair_keys_behind_last_pass:{}\r\n",
+            "kvd_under_replicated_slots:{under_replicated}\r\nkvd_replica_nodes_unreachable:{unreachable}\r\nkvd_replicas:{}\r\nkvd_replica_nodes:{}\r\nkvd_replica_members:{}\r\nkvd_replica_config_version:{}\r\nkvd_replica_frozen_slots:{}\r\nkvd_repair_keys_dropped:{}\r\nkvd_tombstones_purged:{}\r\nkvd_reconfigure_slots_moved:{}\r\nkvd_reconfigure_keys_copied:{}\r\nkvd_paxos_rounds:{}\r\nkvd_paxos_one_round_trip:{}\r\nkvd_paxos_conflicts:{}\r\nkvd_paxos_repairs:{}\r\nkvd_paxos_relayed:{}\r\nkvd_commands_waited_for_moves:{}\r\nkvd_paxos_unavailable:{}\r\nkvd_repair_keys_checked:{}\r\nkvd_repair_passes:{}\r\nkvd_repair_keys_behind_last_pass:{}\r\n",
             layout.replicas,
             layout.nodes.len(),
             layout.nodes.join(","),
@@ -324,6 +330,7 @@ impl Replicas {
             s.conflicts.load(Ordering::Relaxed),
             s.repairs.load(Ordering::Relaxed),
             s.relayed.load(Ordering::Relaxed),
+            s.waited_for_moves.load(Ordering::Relaxed),
             s.unavailable.load(Ordering::Relaxed),
             s.repair_scanned.load(Ordering::Relaxed),
             s.repair_passes.load(Ordering::Relaxed),

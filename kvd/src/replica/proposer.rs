@@ -47,6 +47,11 @@ const FAST_KEYS: usize = 100_000;
 /// Queries a read makes while the key keeps changing under it, before it
 /// prepares (which cuts off a write under way).
 const READ_TRIES: usize = 5;
+/// How long a command waits for its key's slot to finish moving (a
+/// reconfiguration copies about 100 MB a second) before answering TRYAGAIN.
+const MOVE_WAIT: Duration = Duration::from_secs(10);
+/// How an acceptor's refusal for a slot being moved begins ([`Replicas::admit`]).
+pub(super) const MOVING: &str = "TRYAGAIN slot ";
 /// Rounds refused for another membership version before giving up.
 const VERSION_RETRIES: usize = 4;
 
@@ -386,7 +391,10 @@ impl Replicas {
     ///
     /// A round refused because replicas are at another membership version
     /// (nothing of it was accepted) runs again once the side behind is brought
-    /// up to date.
+    /// up to date. One refused because the key's slot is being moved (a
+    /// reconfiguration froze it; nothing of it was accepted either) runs again
+    /// when the move is done, for up to [`MOVE_WAIT`]: a client sees a slower
+    /// answer during a re-homing, not `TRYAGAIN`.
     pub async fn propose_at(
         self: &Arc<Self>,
         shared: &Arc<Shared>,
@@ -395,6 +403,45 @@ impl Replicas {
         f: &mut (dyn FnMut(&Record) -> (Reply, Option<Entry>) + Send),
     ) -> (Reply, Ballot) {
         let _turn = self.key_locks.lock(key).await;
+        let started = std::time::Instant::now();
+        loop {
+            let (reply, ballot) = self.propose_locked(shared, key, mode, f).await;
+            // Only `unavailable` answers this, and only when nothing of the
+            // round was accepted anywhere: running it again is safe.
+            let moving = matches!(&reply, Reply::Error(e) if e.starts_with(MOVING));
+            if moving && started.elapsed() < MOVE_WAIT && !self.moves_stuck() {
+                self.stats.waited_for_moves.fetch_add(1, Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+            return (reply, ballot);
+        }
+    }
+
+    /// Whether slots have been refused as moving for longer than
+    /// [`MOVE_WAIT`] at this membership version: a reconfiguration that
+    /// stopped half-way (its slots stay frozen until the next one). Commands
+    /// then answer TRYAGAIN at once instead of each waiting in vain.
+    fn moves_stuck(&self) -> bool {
+        let version = self.layout().version;
+        let mut since = self.moving_since.lock();
+        match *since {
+            Some((v, t)) if v == version => t.elapsed() >= MOVE_WAIT,
+            _ => {
+                *since = Some((version, std::time::Instant::now()));
+                false
+            }
+        }
+    }
+
+    /// [`Replicas::propose_at`] with the key's turn held, without waiting out a move.
+    async fn propose_locked(
+        self: &Arc<Self>,
+        shared: &Arc<Shared>,
+        key: &Bytes,
+        mode: Mode,
+        f: &mut (dyn FnMut(&Record) -> (Reply, Option<Entry>) + Send),
+    ) -> (Reply, Ballot) {
         for _ in 0..VERSION_RETRIES {
             let layout = self.layout();
             if layout.version == 0 {
