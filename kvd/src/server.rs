@@ -66,7 +66,21 @@ pub async fn run(shared: Arc<Shared>) -> anyhow::Result<()> {
     for listener in listeners {
         tasks.push(tokio::spawn(accept_loop(shared.clone(), listener)));
     }
+    // Under systemd (`Type=notify`, dist/systemd/kvd@.service): ready once
+    // every address listens and the data is loaded. Without NOTIFY_SOCKET
+    // this does nothing.
+    let status = format!("serving on port {port}");
+    if let Err(e) = sd_notify::notify(
+        false,
+        &[
+            sd_notify::NotifyState::Ready,
+            sd_notify::NotifyState::Status(&status),
+        ],
+    ) {
+        tracing::warn!("could not tell the service manager kvd is ready: {e}");
+    }
     shared.shutdown.cancelled().await;
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
     for t in tasks {
         t.abort();
     }

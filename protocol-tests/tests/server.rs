@@ -1258,3 +1258,84 @@ fn keyspace_notifications_match_redis() {
     assert_eq!(seen[0].1, seen[1].1, "the notifications");
     assert!(seen[0].1.len() > 40, "{:?}", seen[0].1);
 }
+
+/// Issue 20: kvd started as its systemd unit starts it (the unit file's own
+/// ExecStart line, with the instance's paths made temporary; no systemd
+/// needed) tells the service manager it is ready once it serves, and that it
+/// is stopping on SIGTERM, over NOTIFY_SOCKET as `Type=notify` expects. The
+/// unit keeps its hardening.
+#[test]
+fn the_systemd_unit_starts_kvd_and_kvd_reports_ready_and_stopping() {
+    let unit = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../dist/systemd/kvd@.service"),
+    )
+    .unwrap();
+    for line in [
+        "Type=notify",
+        "NoNewPrivileges=yes",
+        "ProtectSystem=strict",
+        "User=kvd",
+    ] {
+        assert!(unit.lines().any(|l| l == line), "the unit lacks {line}");
+    }
+    let exec = unit
+        .lines()
+        .find_map(|l| l.strip_prefix("ExecStart="))
+        .expect("an ExecStart line");
+    let tmp = tempfile::tempdir().unwrap();
+    let port = protocol_tests::free_port();
+    let conf = tmp.path().join("test.conf");
+    std::fs::write(&conf, format!("port {port}\nbind 127.0.0.1\n")).unwrap();
+    let data = tmp.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let args: Vec<String> = exec
+        .split_whitespace()
+        .filter(|a| !a.starts_with('$'))
+        .map(|a| match a.replace("%i", "test").as_str() {
+            "/usr/local/bin/kvd" => protocol_tests::kvd_bin().display().to_string(),
+            "/etc/kvd/test.conf" => conf.display().to_string(),
+            "/var/lib/kvd/test" => data.display().to_string(),
+            other => other.to_string(),
+        })
+        .collect();
+    let notify = tmp.path().join("notify.sock");
+    let socket = std::os::unix::net::UnixDatagram::bind(&notify).unwrap();
+    socket.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    /// Stops the server however the test ends.
+    struct KillOnDrop(std::process::Child);
+    impl Drop for KillOnDrop {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut child = KillOnDrop(
+        std::process::Command::new(&args[0])
+            .args(&args[1..])
+            .env("NOTIFY_SOCKET", &notify)
+            .env("KVD_LOG", "warn")
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let mut buf = [0u8; 512];
+    let n = socket
+        .recv(&mut buf)
+        .expect("kvd sent no readiness message within 30 s");
+    let ready = String::from_utf8_lossy(&buf[..n]).into_owned();
+    assert!(ready.lines().any(|l| l == "READY=1"), "{ready:?}");
+    // Ready means serving.
+    let mut c = Conn::connect(port).unwrap();
+    assert_eq!(c.cmd("PING").unwrap(), Value::Status("PONG".into()));
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.0.id() as i32, libc::SIGTERM) };
+    let n = socket.recv(&mut buf).expect("kvd sent no stopping message");
+    assert!(
+        String::from_utf8_lossy(&buf[..n])
+            .lines()
+            .any(|l| l == "STOPPING=1"),
+        "{:?}",
+        String::from_utf8_lossy(&buf[..n])
+    );
+    assert!(child.0.wait().unwrap().success());
+}
