@@ -56,13 +56,7 @@ fn shard() -> usize {
 
 impl Latencies {
     pub fn new() -> Latencies {
-        let mut per_command = HashMap::new();
-        for spec in spec::COMMANDS {
-            per_command.insert(spec.name, OnceLock::new());
-            for sub in spec.subcommands {
-                per_command.insert(sub.name, OnceLock::new());
-            }
-        }
+        let per_command = spec::all_names().map(|n| (n, OnceLock::new())).collect();
         Latencies { per_command }
     }
 

@@ -56,13 +56,7 @@ pub enum Outcome {
 
 impl Stats {
     pub fn new() -> Stats {
-        let mut per_command = HashMap::new();
-        for spec in spec::COMMANDS {
-            per_command.insert(spec.name, CommandStat::default());
-            for sub in spec.subcommands {
-                per_command.insert(sub.name, CommandStat::default());
-            }
-        }
+        let per_command = spec::all_names().map(|n| (n, CommandStat::default())).collect();
         Stats {
             per_command,
             latency_tracking: std::sync::atomic::AtomicBool::new(true),

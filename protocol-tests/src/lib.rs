@@ -1088,6 +1088,11 @@ impl Replicated {
     /// Starts one more node, not yet in the cluster (it waits for
     /// `KVD.RECONFIGURE`); its index.
     pub fn add_node(&mut self) -> usize {
+        self.add_node_with(Vec::new())
+    }
+
+    /// Starts one more node on a fresh port with `args`; its index.
+    fn add_node_with(&mut self, args: Vec<String>) -> usize {
         let port = loop {
             let p = free_port();
             if !self.ports.contains(&p) {
@@ -1096,7 +1101,7 @@ impl Replicated {
         };
         self.ports.push(port);
         self.nodes.push(None);
-        self.node_args.push(Vec::new());
+        self.node_args.push(args);
         let i = self.ports.len() - 1;
         self.restart(i);
         i
@@ -1116,18 +1121,7 @@ impl Replicated {
     /// Starts one more node with `--seed` pointing at node `seed`: it asks to
     /// be added by itself. Its index.
     pub fn add_seeded_node(&mut self, seed: usize) -> usize {
-        let port = loop {
-            let p = free_port();
-            if !self.ports.contains(&p) {
-                break p;
-            }
-        };
-        self.ports.push(port);
-        self.nodes.push(None);
-        self.node_args.push(vec!["--seed".into(), self.addr(seed)]);
-        let i = self.ports.len() - 1;
-        self.restart(i);
-        i
+        self.add_node_with(vec!["--seed".into(), self.addr(seed)])
     }
 
     /// Node `i`'s address, as the cluster names it.

@@ -60,7 +60,7 @@ fn runs(map: &[Option<Member>]) -> Vec<(u16, u16, Member)> {
     out
 }
 
-fn split_addr(addr: &str) -> (String, i64) {
+pub(crate) fn split_addr(addr: &str) -> (String, i64) {
     match addr.rsplit_once(':') {
         Some((host, port)) => (host.to_string(), port.parse().unwrap_or(0)),
         None => (addr.to_string(), 0),
@@ -220,30 +220,34 @@ fn nodes_text(cluster: &Cluster) -> String {
         if !m.live {
             flags.push_str(",fail");
         }
-        let (host, port) = split_addr(&m.addr);
-        let slots: Vec<String> = runs
+        let ranges: Vec<(u16, u16)> = runs
             .iter()
             .filter(|r| r.2.id == m.id)
-            .map(|r| {
-                if r.0 == r.1 {
-                    r.0.to_string()
-                } else {
-                    format!("{}-{}", r.0, r.1)
-                }
-            })
+            .map(|r| (r.0, r.1))
             .collect();
-        out.push_str(&format!(
-            "{} {host}:{port}@{} {flags} - 0 0 {} {} {}",
-            m.id,
-            port + 10000,
-            view.epoch,
-            if m.live { "connected" } else { "disconnected" },
-            slots.join(" ")
-        ));
-        out = out.trim_end().to_string();
-        out.push('\n');
+        out.push_str(&node_line(&m.id, &m.addr, &flags, view.epoch, m.live, &ranges));
     }
     out
+}
+
+/// One line of CLUSTER NODES, with its newline:
+/// `<id> <host:port@busport> <flags> - 0 0 <epoch> <link state> <slot ranges>`.
+pub(crate) fn node_line(
+    id: &str,
+    addr: &str,
+    flags: &str,
+    epoch: u64,
+    connected: bool,
+    ranges: &[(u16, u16)],
+) -> String {
+    let (host, port) = split_addr(addr);
+    let slots = crate::cluster::slot::format_ranges(ranges).replace(',', " ");
+    let link = if connected { "connected" } else { "disconnected" };
+    let line = format!(
+        "{id} {host}:{port}@{} {flags} - 0 0 {epoch} {link} {slots}",
+        port + 10000
+    );
+    format!("{}\n", line.trim_end())
 }
 
 /// CLUSTER INFO's text (`with_redis_fields`) or the kvd lines for INFO cluster.

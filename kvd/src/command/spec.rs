@@ -293,6 +293,14 @@ fn index() -> &'static Index {
 }
 
 /// Finds a command (or `container|sub`) by lowercase name.
+/// Every command's and subcommand's name (`container|sub` for subcommands):
+/// the rows of per-command tables (INFO commandstats, latencystats).
+pub fn all_names() -> impl Iterator<Item = &'static str> {
+    COMMANDS
+        .iter()
+        .flat_map(|c| std::iter::once(c.name).chain(c.subcommands.iter().map(|s| s.name)))
+}
+
 pub fn find(name: &str) -> Option<&'static Spec> {
     index().get(name.as_bytes()).copied()
 }

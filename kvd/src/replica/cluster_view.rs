@@ -18,6 +18,7 @@ use sha2::{Digest, Sha256};
 
 use super::layout::Layout;
 use super::Replicas;
+use crate::cluster::commands::{node_line, split_addr};
 use crate::cluster::slot::{key_slot, SLOTS};
 use crate::command::spec::Spec;
 use crate::reply::Reply;
@@ -26,13 +27,6 @@ use crate::reply::Reply;
 /// address (a replicated node is named by its address).
 pub fn node_id(addr: &str) -> String {
     hex::encode(&Sha256::digest(addr.as_bytes())[..20])
-}
-
-fn split_addr(addr: &str) -> (String, i64) {
-    match addr.rsplit_once(':') {
-        Some((host, port)) => (host.to_string(), port.parse().unwrap_or(0)),
-        None => (addr.to_string(), 0),
-    }
 }
 
 /// Runs of consecutive slots with the same replica set, live holders first:
@@ -84,7 +78,6 @@ impl Replicas {
                 let runs = runs(&layout, &suspects);
                 let mut out = String::new();
                 for addr in &layout.nodes {
-                    let (host, port) = split_addr(addr);
                     let mut flags = String::new();
                     if *addr == self.addr {
                         flags.push_str("myself,");
@@ -93,31 +86,20 @@ impl Replicas {
                     if suspects.contains(addr) {
                         flags.push_str(",fail?");
                     }
-                    let slots: Vec<String> = runs
+                    let ranges: Vec<(u16, u16)> = runs
                         .iter()
                         .filter(|r| r.2.first() == Some(addr))
-                        .map(|r| {
-                            if r.0 == r.1 {
-                                r.0.to_string()
-                            } else {
-                                format!("{}-{}", r.0, r.1)
-                            }
-                        })
+                        .map(|r| (r.0, r.1))
                         .collect();
-                    let line = format!(
-                        "{} {host}:{port}@{} {flags} - 0 0 {} {} {}",
-                        node_id(addr),
-                        port + 10000,
+                    let connected = !suspects.contains(addr);
+                    out.push_str(&node_line(
+                        &node_id(addr),
+                        addr,
+                        &flags,
                         layout.version,
-                        if suspects.contains(addr) {
-                            "disconnected"
-                        } else {
-                            "connected"
-                        },
-                        slots.join(" ")
-                    );
-                    out.push_str(line.trim_end());
-                    out.push('\n');
+                        connected,
+                        &ranges,
+                    ));
                 }
                 Reply::Verbatim("txt", Bytes::from(out))
             }
