@@ -604,6 +604,12 @@ impl Conn {
         self.call(&args)
     }
 
+    /// How long a reply may take before a read fails (10 s unless set).
+    pub fn set_reply_timeout(&mut self, wait: Duration) -> Result<()> {
+        self.stream.set_read_timeout(Some(wait))?;
+        Ok(())
+    }
+
     /// Whether the server has closed the connection (reads EOF within `wait`).
     pub fn closed_within(&mut self, wait: Duration) -> bool {
         let _ = self.stream.set_read_timeout(Some(wait));

@@ -948,6 +948,9 @@ fn an_interrupted_reconfiguration_is_finished_by_the_next() {
     c.restart_with_env(0, &[("KVD_FAILPOINTS", "reconfigure-after-freeze")]);
     c.restart_with_env(2, &[("KVD_FAILPOINTS", "reconfigure-after-vote")]);
     let mut a = c.conn(1);
+    // The first command refused as moving waits out the move for up to 10 s
+    // before the node calls the move stuck: longer than the default timeout.
+    a.set_reply_timeout(Duration::from_secs(30)).unwrap();
     seed(&mut a, "k", 300);
     let (d, e) = (c.add_node(), c.add_node());
     let reply = reconfigure(&c, 0, &[0, 1, 2, d]);
