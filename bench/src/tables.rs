@@ -108,44 +108,65 @@ pub fn fs() -> Result<String> {
     Ok(out)
 }
 
-/// `bench mount`'s ratios (docs/MOUNT.md).
+/// `bench mount`'s figures and ratios (docs/MOUNT.md).
 pub fn mount() -> Result<String> {
     let report = results("mount")?;
-    let mut out = String::from(
-        "| target ÷ bindfs over tmpfs | sequential write | sequential read | 4 KiB random read | metadata | rounds |\n| --- | --- | --- | --- | --- | --- |\n",
+    let mut out = format!(
+        "Medians of {} rounds; a {} MiB file; {} files in one directory; a source tree of {} files.\n\n\
+         | target | seq write MB/s | cold seq read MB/s | 4 KiB random read, first pass / steady IOPS | create /s | stat after remount /s | delete /s | unpack + sync s | git clone s |\n\
+         | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n",
+        report["rounds"], report["file_mib"], report["files"], report["tree_files"]
     );
-    for r in report["ratios"].as_array().context("mount.json has ratios")? {
-        let per_round: Vec<Vec<f64>> = r["per_round"]
-            .as_array()
-            .map(|a| {
-                a.iter()
-                    .map(|x| {
-                        x.as_array()
-                            .map(|v| v.iter().filter_map(Value::as_f64).collect())
-                            .unwrap_or_default()
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
-        let range = |i: usize| -> String {
-            let v: Vec<f64> = per_round.iter().filter_map(|r| r.get(i).copied()).collect();
-            let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
-            let hi = v.iter().copied().fold(0.0, f64::max);
-            format!("{lo:.2}–{hi:.2}")
-        };
+    for r in report["rows"].as_array().context("mount.json has rows")? {
         out += &format!(
-            "| {} | {:.2} ({}) | {:.2} ({}) | {:.2} ({}) | {:.2} ({}) | {} |\n",
+            "| {} | {:.0} | {:.0} | {:.0} / {:.0} | {:.0} | {:.0} | {:.0} | {:.2} | {:.2} |\n",
             r["target"].as_str().unwrap_or("?"),
-            f(r, "seq_write"),
-            range(0),
-            f(r, "seq_read"),
-            range(1),
-            f(r, "rand_read_4k"),
-            range(2),
-            f(r, "metadata"),
-            range(3),
-            per_round.len(),
+            f(r, "seq_write_mb_s"),
+            f(r, "seq_read_mb_s"),
+            f(r, "rand_read_4k_first_iops"),
+            f(r, "rand_read_4k_iops"),
+            f(r, "creates_s"),
+            f(r, "cold_stats_s"),
+            f(r, "deletes_s"),
+            f(r, "unpack_s"),
+            f(r, "clone_s"),
         );
+    }
+    let measures: Vec<&str> = report["measures"]
+        .as_array()
+        .context("mount.json has measures")?
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    let ratios = report["ratios"].as_array().context("mount.json has ratios")?;
+    out += "\nRatios of rates (above 1: dictfs faster; for unpack and clone, the peer's time ÷ dictfs's), median of the per-round ratios, lowest–highest round in brackets:\n\n| measure |";
+    for r in ratios {
+        out += &format!(
+            " {} ÷ {} |",
+            r["target"].as_str().unwrap_or("?"),
+            r["peer"].as_str().unwrap_or("?")
+        );
+    }
+    out += "\n| --- |";
+    out += &" --- |".repeat(ratios.len());
+    for (i, m) in measures.iter().enumerate() {
+        out += &format!("\n| {m} |");
+        for r in ratios {
+            let rounds: Vec<f64> = r["per_round"]
+                .as_array()
+                .map(|a| a.iter().filter_map(|x| x[i].as_f64()).collect())
+                .unwrap_or_default();
+            let lo = rounds.iter().copied().fold(f64::INFINITY, f64::min);
+            let hi = rounds.iter().copied().fold(0.0, f64::max);
+            out += &format!(
+                " {:.2} ({lo:.2}–{hi:.2}) |",
+                r["median"][i].as_f64().unwrap_or(f64::NAN)
+            );
+        }
+    }
+    out += "\n";
+    for s in report["skipped"].as_array().into_iter().flatten() {
+        out += &format!("\nNot measured: {}\n", s.as_str().unwrap_or("?"));
     }
     Ok(out)
 }
