@@ -770,8 +770,14 @@ impl Dict for RespDict {
 
     fn compare_and_swap(&self, key: &str, expected: Option<&[u8]>, new: &[u8]) -> DictResult<bool> {
         let swap = |c: &mut redis::Connection| -> redis::RedisResult<bool> {
-            redis::cmd("WATCH").arg(key).query::<()>(c)?;
-            let current: Option<Vec<u8>> = redis::cmd("GET").arg(key).query(c)?;
+            // WATCH and GET in one round trip: the server runs them in order.
+            let (current,): (Option<Vec<u8>>,) = redis::pipe()
+                .cmd("WATCH")
+                .arg(key)
+                .ignore()
+                .cmd("GET")
+                .arg(key)
+                .query(c)?;
             if current.as_deref() != expected {
                 redis::cmd("UNWATCH").query::<()>(c)?;
                 return Ok(false);

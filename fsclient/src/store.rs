@@ -32,16 +32,28 @@ pub enum StoreError {
 pub type StoreResult<T> = Result<T, StoreError>;
 
 /// A least-recently-used cache of immutable blobs, bounded by total bytes.
-/// Blobs never change, so a cached blob is never stale.
+/// Blobs never change, so a cached blob is never stale: reads may always use
+/// it. Whether a cached blob is still *stored* is another matter (a garbage
+/// collection may have deleted it since): [`BlobStore::put_known`] trusts
+/// only entries cached since the last collection this client saw.
 struct Cache {
     limit: usize,
     used: usize,
-    lru: lru::LruCache<Hash, Bytes>,
+    /// Each blob with the [`Cache::era`] it was cached in.
+    lru: lru::LruCache<Hash, (Bytes, u64)>,
+    /// Counts the collections this client has seen (each seen by a lease).
+    era: u64,
 }
 
 impl Cache {
     fn get(&mut self, h: &Hash) -> Option<Bytes> {
-        self.lru.get(h).cloned()
+        self.lru.get(h).map(|(b, _)| b.clone())
+    }
+
+    /// Whether `h` is cached and was stored since the last collection seen.
+    fn known_stored(&mut self, h: &Hash) -> bool {
+        let era = self.era;
+        self.lru.get(h).is_some_and(|(_, e)| *e == era)
     }
 
     fn insert(&mut self, h: Hash, b: Bytes) {
@@ -50,12 +62,38 @@ impl Cache {
             return;
         }
         self.used += b.len();
-        self.lru.put(h, b);
+        self.lru.put(h, (b, self.era));
         while self.used > self.limit {
-            let Some((_, old)) = self.lru.pop_lru() else { break };
+            let Some((_, (old, _))) = self.lru.pop_lru() else {
+                break;
+            };
             self.used -= old.len();
         }
     }
+}
+
+/// Leases blobs (see [`crate::gc::lease`]); if a collection ran since the
+/// last lease, empties the cache, whose blobs may no longer be stored.
+fn lease<'h>(
+    dict: &dyn Dict,
+    leases: &crate::gc::lease::Leases,
+    cache: &Mutex<Cache>,
+    kind: crate::gc::lease::Kind,
+    hashes: impl IntoIterator<Item = &'h Hash>,
+) -> Result<(), DictError> {
+    let mut records = Vec::new();
+    for h in hashes {
+        crate::gc::lease::record(kind, h, &mut records);
+    }
+    if records.is_empty() {
+        return Ok(());
+    }
+    if leases.protect(dict, &records)? {
+        // What was cached before may have been collected since: no longer
+        // trusted as stored (still good to read: blobs never change).
+        cache.lock().era += 1;
+    }
+    Ok(())
 }
 
 /// Directories with more entries than this are split into parts.
@@ -91,16 +129,33 @@ struct Flight {
 
 impl BlobStore {
     pub fn new(dict: Arc<dyn Dict>, prefix: &str, cache_bytes: usize) -> Self {
+        let cache = Arc::new(Mutex::new(Cache {
+            limit: cache_bytes,
+            used: 0,
+            lru: lru::LruCache::unbounded(),
+            era: 0,
+        }));
+        let leases = Arc::new(crate::gc::lease::Leases::new(prefix));
+        // The uploader leases each round before sending it: one round trip
+        // for everything a commit stores, instead of one per blob put.
+        let hook: crate::write_behind::LeaseHook = {
+            let (dict, cache, leases) = (dict.clone(), cache.clone(), leases.clone());
+            Arc::new(move |hashes: &[Hash]| {
+                lease(
+                    &*dict,
+                    &leases,
+                    &cache,
+                    crate::gc::lease::Kind::Blob,
+                    hashes.iter(),
+                )
+            })
+        };
         BlobStore {
             dict,
             prefix: prefix.to_string(),
-            cache: Arc::new(Mutex::new(Cache {
-                limit: cache_bytes,
-                used: 0,
-                lru: lru::LruCache::unbounded(),
-            })),
-            behind: Arc::new(crate::write_behind::WriteBehind::new()),
-            leases: Arc::new(crate::gc::lease::Leases::new(prefix)),
+            cache,
+            behind: Arc::new(crate::write_behind::WriteBehind::with_lease(hook)),
+            leases,
             fetching: Default::default(),
         }
     }
@@ -115,26 +170,14 @@ impl BlobStore {
 
     /// Leases blobs against garbage collection before they are uploaded or
     /// relied on (see [`crate::gc::lease`]). If a collection ran since the
-    /// last lease, the cache is emptied: blobs are still immutable, but those it
-    /// holds may no longer be stored, and [`BlobStore::put_known`] trusts it.
+    /// last lease, what the cache holds is no longer trusted as stored (see
+    /// [`Cache`]); it is still read from.
     pub fn protect<'h>(
         &self,
         kind: crate::gc::lease::Kind,
         hashes: impl IntoIterator<Item = &'h Hash>,
     ) -> StoreResult<()> {
-        let mut records = Vec::new();
-        for h in hashes {
-            crate::gc::lease::record(kind, h, &mut records);
-        }
-        if records.is_empty() {
-            return Ok(());
-        }
-        if self.leases.protect(self.dict.as_ref(), &records)? {
-            let mut cache = self.cache.lock();
-            cache.lru.clear();
-            cache.used = 0;
-        }
-        Ok(())
+        Ok(lease(&*self.dict, &self.leases, &self.cache, kind, hashes)?)
     }
 
     /// Starts a commit: the blobs leased so far are for it (see
@@ -158,30 +201,23 @@ impl BlobStore {
         format!("{}v:{}:root", self.prefix, volume)
     }
 
-    /// Stores an encoded blob (if absent) and returns its hash.
+    /// Stores an encoded blob (if absent) and returns its hash. Like every
+    /// put, it is handed to the uploader ([`crate::write_behind`]): readable
+    /// through this store at once, in the store (leased first) by the next
+    /// [`BlobStore::flush_writes`], which every root swap waits for. A tree
+    /// blob (a directory, a manifest, a commit) is kept in the cache too:
+    /// it is read again soon.
     pub fn put(&self, blob: Bytes) -> StoreResult<Hash> {
         let h = Hash::of(&blob);
-        self.protect(crate::gc::lease::Kind::Blob, [&h])?;
-        self.store_leased(h, blob)
-    }
-
-    fn store_leased(&self, h: Hash, blob: Bytes) -> StoreResult<Hash> {
-        self.dict.put_if_absent(&self.blob_key(&h), blob.clone())?;
-        self.cache.lock().insert(h, blob);
+        self.cache.lock().insert(h, blob.clone());
+        self.behind.put(&self.dict, vec![(h, self.blob_key(&h), blob)])?;
         Ok(h)
     }
 
-    /// Stores many encoded blobs in one round trip.
+    /// Stores many encoded blobs (see [`BlobStore::put`]), uploaded in as
+    /// few round trips as their size allows.
     pub fn put_many(&self, blobs: Vec<Bytes>) -> StoreResult<Vec<Hash>> {
-        let hashes: Vec<Hash> = blobs.iter().map(|b| Hash::of(b)).collect();
-        self.protect(crate::gc::lease::Kind::Blob, &hashes)?;
-        let items = hashes
-            .iter()
-            .zip(blobs)
-            .map(|(h, b)| (self.blob_key(h), b))
-            .collect();
-        self.dict.put_many_if_absent(items)?;
-        Ok(hashes)
+        self.put_many_behind(blobs)
     }
 
     /// Reads a blob and checks it against its hash. A mismatch is an error naming
@@ -251,7 +287,6 @@ impl BlobStore {
     /// just computed (hashing is the most expensive part of writing).
     pub fn put_hashed_behind(&self, blobs: Vec<(Hash, Bytes)>) -> StoreResult<Vec<Hash>> {
         debug_assert!(blobs.iter().all(|(h, b)| Hash::of(b) == *h));
-        self.protect(crate::gc::lease::Kind::Blob, blobs.iter().map(|(h, _)| h))?;
         let batch: Vec<_> = blobs
             .into_iter()
             .map(|(h, b)| (h, self.blob_key(&h), b))
@@ -408,10 +443,10 @@ impl BlobStore {
         let h = Hash::of(&blob);
         // Leased first: the lease is what makes the cache's word trustworthy.
         self.protect(crate::gc::lease::Kind::Blob, [&h])?;
-        if self.cache.lock().get(&h).is_some() {
+        if self.cache.lock().known_stored(&h) {
             return Ok(h);
         }
-        self.store_leased(h, blob)
+        self.put(blob)
     }
 
     pub fn manifest(&self, h: &Hash) -> StoreResult<Manifest> {
@@ -438,8 +473,10 @@ impl BlobStore {
     }
 
     /// Swaps a volume's root from `expected` to `new`; false if someone else
-    /// swapped it first.
+    /// swapped it first. Waits first until every blob handed over is in the
+    /// store: no root ever names a blob still on its way (or refused).
     pub fn swap_root(&self, volume: &str, expected: Option<Hash>, new: Hash) -> StoreResult<bool> {
+        self.flush_writes()?;
         let expected = expected.map(|h| h.hex());
         Ok(self.dict.compare_and_swap(
             &self.root_key(volume),

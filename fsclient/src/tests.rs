@@ -459,6 +459,9 @@ pub(crate) struct Hooked {
     pub before_lease: parking_lot::Mutex<Option<Hook>>,
     /// Leases taken (round trips to the lease key).
     pub leases: std::sync::atomic::AtomicUsize,
+    /// Calls that are round trips to a Redis-speaking store (a pipeline of
+    /// puts is one; a compare-and-swap is two: WATCH with GET, then EXEC).
+    pub round_trips: std::sync::atomic::AtomicUsize,
     /// Writes of file chunks still to refuse as a full store would (each
     /// refused write counts one down; other blobs pass): uploads that fail at
     /// chosen points, the background ones and their retries alike, while the
@@ -476,13 +479,38 @@ impl Hooked {
             after_get: Default::default(),
             before_lease: Default::default(),
             leases: Default::default(),
+            round_trips: Default::default(),
             refuse_puts: Default::default(),
         }
     }
 }
 
+impl Hooked {
+    fn trip(&self, n: usize) {
+        self.round_trips
+            .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn put_refusable(&self, key: &str, value: Bytes) -> crate::dict::DictResult<()> {
+        use std::sync::atomic::Ordering::SeqCst;
+        let chunk = value.first() == Some(&(crate::object::Tag::Chunk as u8));
+        if chunk
+            && self
+                .refuse_puts
+                .fetch_update(SeqCst, SeqCst, |n| n.checked_sub(1))
+                .is_ok()
+        {
+            return Err(crate::dict::DictError::Full(
+                "OOM command not allowed (test)".into(),
+            ));
+        }
+        self.inner.put_if_absent(key, value)
+    }
+}
+
 impl Dict for Hooked {
     fn get(&self, key: &str) -> crate::dict::DictResult<Option<Bytes>> {
+        self.trip(1);
         self.gets.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let value = self.inner.get(key);
         let hook = {
@@ -501,24 +529,19 @@ impl Dict for Hooked {
         value
     }
     fn put_if_absent(&self, key: &str, value: Bytes) -> crate::dict::DictResult<()> {
-        use std::sync::atomic::Ordering::SeqCst;
-        let chunk = value.first() == Some(&(crate::object::Tag::Chunk as u8));
-        if chunk
-            && self
-                .refuse_puts
-                .fetch_update(SeqCst, SeqCst, |n| n.checked_sub(1))
-                .is_ok()
-        {
-            return Err(crate::dict::DictError::Full(
-                "OOM command not allowed (test)".into(),
-            ));
-        }
-        self.inner.put_if_absent(key, value)
+        self.trip(1);
+        self.put_refusable(key, value)
+    }
+    fn put_many_if_absent(&self, items: Vec<(String, Bytes)>) -> crate::dict::DictResult<()> {
+        self.trip(1);
+        items.into_iter().try_for_each(|(k, v)| self.put_refusable(&k, v))
     }
     fn delete(&self, key: &str) -> crate::dict::DictResult<()> {
+        self.trip(1);
         self.inner.delete(key)
     }
     fn contains(&self, key: &str) -> crate::dict::DictResult<bool> {
+        self.trip(1);
         self.inner.contains(key)
     }
     fn compare_and_swap(
@@ -527,6 +550,7 @@ impl Dict for Hooked {
         expected: Option<&[u8]>,
         new: &[u8],
     ) -> crate::dict::DictResult<bool> {
+        self.trip(2);
         self.inner.compare_and_swap(key, expected, new)
     }
     fn scan_prefix(
@@ -540,6 +564,7 @@ impl Dict for Hooked {
         self.inner.sizes(keys)
     }
     fn append(&self, key: &str, value: &[u8]) -> crate::dict::DictResult<()> {
+        self.trip(1);
         self.inner.append(key, value)
     }
     fn incr(&self, key: &str) -> crate::dict::DictResult<u64> {
@@ -556,6 +581,7 @@ impl Dict for Hooked {
         ttl: std::time::Duration,
         nx: bool,
     ) -> crate::dict::DictResult<bool> {
+        self.trip(1);
         self.inner.put_expiring(key, value, ttl, nx)
     }
     fn read_and_append(
@@ -565,6 +591,7 @@ impl Dict for Hooked {
         record: &[u8],
         ttl: std::time::Duration,
     ) -> crate::dict::DictResult<u64> {
+        self.trip(1);
         self.leases.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let hook = self.before_lease.lock().take();
         if let Some(hook) = hook {

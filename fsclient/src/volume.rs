@@ -77,6 +77,7 @@ impl Volume {
             inodes: None,
             root_meta: None,
         }))?;
+        self.store.flush_writes()?;
         let sealed = self.store.seal_leases();
         let created = self.store.swap_root(&self.name, None, commit)?;
         // Either way the lease has done its work: the blobs are in a root, or garbage.
@@ -132,7 +133,11 @@ impl Volume {
             // A change by path leaves the root's own metadata as it was.
             root_meta: base.root_meta.clone(),
         };
-        // Everything this change leased is in `ours` (or garbage).
+        // Everything this change leased is in `ours` (or garbage). Its
+        // blobs are leased as the uploader sends them: stored first, so that
+        // their leases are sealed here and released by this commit (a
+        // command-line process makes no later commit to release them).
+        self.store.flush_writes()?;
         let sealed = self.store.seal_leases();
         Ok(self.commit_tree(base_hash, base.tree(), ours, message, sealed)?.0)
     }
@@ -152,10 +157,11 @@ impl Volume {
         message: &str,
         sealed: u64,
     ) -> FsResult<(Hash, Tree)> {
-        // No root may name a blob that is still on its way to the store.
-        self.store.flush_writes()?;
         for attempt in 0..MAX_ATTEMPTS {
             if ours == base {
+                // Nothing to swap, but what was handed over is stored when
+                // this returns (an fsync relies on it).
+                self.store.flush_writes()?;
                 self.store.release_leases(sealed)?;
                 return Ok((base_hash, base));
             }

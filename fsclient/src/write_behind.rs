@@ -16,6 +16,10 @@
 //!   ever names a blob that is not stored. (An earlier version took the error
 //!   out of the queue before its one retry, so the commit after a failed retry
 //!   found no error and published a root naming blobs the store never had.)
+//! - every round is leased against garbage collection (the hook given to
+//!   [`WriteBehind::with_lease`]) before any of it is sent, in one round trip
+//!   for the whole round: the lease rule (lease, then upload) is kept here, so
+//!   a writer hands blobs over without a round trip of its own;
 //! - at most [`QUEUE_BYTES`] wait to be sent: beyond that writers wait while
 //!   the store accepts, and are refused with the store's error while it
 //!   refuses (a full store is `ENOSPC` to the writer, not memory without
@@ -23,7 +27,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use parking_lot::{Condvar, Mutex};
@@ -38,6 +42,9 @@ type Item = (Hash, String, Bytes);
 const QUEUE_BYTES: usize = 64 << 20;
 /// Bytes sent in one pipelined round trip at most.
 const ROUND_BYTES: usize = 16 << 20;
+/// How long the uploader waits for more blobs before sending a round that is
+/// not full, unless a flush wants it now.
+const LINGER: Duration = Duration::from_millis(2);
 /// The pause after a failed round, doubled after each further failure up to
 /// [`RETRY_MAX`]; a flush (a commit, an fsync) asks for an attempt at once.
 const RETRY_MIN: Duration = Duration::from_millis(100);
@@ -57,6 +64,9 @@ struct Queue {
     rounds: u64,
     /// A flush wants the next attempt now, not after the pause.
     hurry: bool,
+    /// Callers waiting in [`WriteBehind::flush`]: the uploader does not
+    /// linger for more blobs while anyone waits.
+    flushing: usize,
 }
 
 #[derive(Default)]
@@ -66,23 +76,39 @@ struct Shared {
     changed: Condvar,
 }
 
-#[derive(Default)]
+/// Leases a round's blobs (by hash) before they are sent; an error fails the
+/// round (it is sent again later, leased again first).
+pub type LeaseHook = Arc<dyn Fn(&[Hash]) -> Result<(), DictError> + Send + Sync>;
+
 pub struct WriteBehind {
     shared: Arc<Shared>,
     started: OnceLock<()>,
+    lease: LeaseHook,
+}
+
+/// Uploads with no lease taken (for stores nothing collects, and tests).
+impl Default for WriteBehind {
+    fn default() -> WriteBehind {
+        WriteBehind::with_lease(Arc::new(|_: &[Hash]| Ok(())))
+    }
 }
 
 impl WriteBehind {
-    pub fn new() -> WriteBehind {
-        WriteBehind::default()
+    /// Uploads each round after `lease` has leased it.
+    pub fn with_lease(lease: LeaseHook) -> WriteBehind {
+        WriteBehind {
+            shared: Default::default(),
+            started: OnceLock::new(),
+            lease,
+        }
     }
 
     fn start(&self, dict: &Arc<dyn Dict>) {
         self.started.get_or_init(|| {
-            let (shared, dict) = (self.shared.clone(), dict.clone());
+            let (shared, dict, lease) = (self.shared.clone(), dict.clone(), self.lease.clone());
             std::thread::Builder::new()
                 .name("uploader".into())
-                .spawn(move || upload_loop(&shared, &*dict))
+                .spawn(move || upload_loop(&shared, &*dict, &*lease))
                 .expect("spawning the uploader thread");
         });
     }
@@ -132,6 +158,14 @@ impl WriteBehind {
     /// and returns its error if blobs are still unacknowledged.
     pub fn flush(&self) -> Result<(), DictError> {
         let mut q = self.shared.queue.lock();
+        q.flushing += 1;
+        self.shared.changed.notify_all();
+        let result = self.wait_stored(&mut q);
+        q.flushing -= 1;
+        result
+    }
+
+    fn wait_stored(&self, q: &mut parking_lot::MutexGuard<'_, Queue>) -> Result<(), DictError> {
         let mut tried_since = None;
         loop {
             if q.items.is_empty() && q.sending == 0 {
@@ -149,13 +183,18 @@ impl WriteBehind {
                     }
                 }
             }
-            self.shared.changed.wait(&mut q);
+            self.shared.changed.wait(q);
         }
     }
 }
 
-fn upload_loop(shared: &Shared, dict: &dyn Dict) {
+fn upload_loop(
+    shared: &Shared,
+    dict: &dyn Dict,
+    lease: &(dyn Fn(&[Hash]) -> Result<(), DictError> + Send + Sync),
+) {
     let mut pause = RETRY_MIN;
+    let mut lingering: Option<Instant> = None;
     loop {
         let round: Vec<Item> = {
             let mut q = shared.queue.lock();
@@ -172,8 +211,21 @@ fn upload_loop(shared: &Shared, dict: &dyn Dict) {
                     }
                     continue;
                 }
+                // Linger a moment unless someone waits or a round is full: a
+                // commit hands over its blobs one by one (chunks, manifest,
+                // directories, inode table, commit) and then flushes, and
+                // they should go out as one round (one lease, one pipeline),
+                // not one round each.
+                let first = *lingering.get_or_insert_with(Instant::now);
+                if q.flushing == 0 && q.bytes < ROUND_BYTES && first.elapsed() < LINGER {
+                    shared
+                        .changed
+                        .wait_for(&mut q, LINGER.saturating_sub(first.elapsed()));
+                    continue;
+                }
                 break;
             }
+            lingering = None;
             q.hurry = false;
             let mut round = Vec::new();
             let mut bytes = 0;
@@ -189,7 +241,10 @@ fn upload_loop(shared: &Shared, dict: &dyn Dict) {
             shared.changed.notify_all();
             round
         };
-        let result = dict.put_many_if_absent(round.iter().map(|(_, k, b)| (k.clone(), b.clone())).collect());
+        let hashes: Vec<Hash> = round.iter().map(|(h, _, _)| *h).collect();
+        let result = lease(&hashes).and_then(|()| {
+            dict.put_many_if_absent(round.iter().map(|(_, k, b)| (k.clone(), b.clone())).collect())
+        });
         if result.is_ok() {
             let mut pending = shared.pending.lock();
             for (h, _, _) in &round {
@@ -280,7 +335,7 @@ mod tests {
             refusals: AtomicUsize::new(3),
         });
         let d: Arc<dyn Dict> = dict.clone();
-        let wb = WriteBehind::new();
+        let wb = WriteBehind::default();
         wb.put(&d, vec![item(1)]).unwrap();
         let mut errors = 0;
         loop {
@@ -310,7 +365,7 @@ mod tests {
             refusals: AtomicUsize::new(2),
         });
         let d: Arc<dyn Dict> = dict.clone();
-        let wb = WriteBehind::new();
+        let wb = WriteBehind::default();
         wb.put(&d, vec![item(7)]).unwrap();
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         while !dict.inner.contains("k7").unwrap() {
@@ -330,7 +385,7 @@ mod tests {
             refusals: AtomicUsize::new(usize::MAX),
         });
         let d: Arc<dyn Dict> = dict.clone();
-        let wb = WriteBehind::new();
+        let wb = WriteBehind::default();
         let big = Bytes::from(vec![1u8; 8 << 20]);
         let mut refused = None;
         for i in 0..32u32 {
@@ -349,5 +404,42 @@ mod tests {
             at as usize * (8 << 20) <= QUEUE_BYTES + (16 << 20),
             "refused only after {at} blobs"
         );
+    }
+
+    /// The lease rule: no blob reaches the store before it is leased. A hook
+    /// that refuses (say, the store briefly away) fails the round, and
+    /// nothing of it is sent until a later lease succeeds.
+    #[test]
+    fn every_round_is_leased_before_any_of_it_is_sent() {
+        let dict = Arc::new(MemoryDict::default());
+        let d: Arc<dyn Dict> = dict.clone();
+        let leased = Arc::new(Mutex::new(Vec::<Hash>::new()));
+        let refusals = Arc::new(AtomicUsize::new(2));
+        let hook: LeaseHook = {
+            let (dict, leased, refusals) = (dict.clone(), leased.clone(), refusals.clone());
+            Arc::new(move |hashes: &[Hash]| {
+                for h in hashes {
+                    let key = format!("k{}", (0..=255u8).find(|i| item(*i).0 == *h).expect("ours"));
+                    assert!(!dict.contains(&key).unwrap(), "{key} was sent before its lease");
+                }
+                if refusals
+                    .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                    .is_ok()
+                {
+                    return Err(DictError::Backend("lease refused".into()));
+                }
+                leased.lock().extend_from_slice(hashes);
+                Ok(())
+            })
+        };
+        let wb = WriteBehind::with_lease(hook);
+        wb.put(&d, (1..=5).map(item).collect()).unwrap();
+        wb.put(&d, vec![item(9)]).unwrap();
+        while wb.flush().is_err() {}
+        assert_eq!(refusals.load(Ordering::SeqCst), 0, "the refusals were never seen");
+        for i in [1, 2, 3, 4, 5, 9] {
+            assert!(dict.contains(&format!("k{i}")).unwrap(), "k{i} not stored");
+            assert!(leased.lock().contains(&item(i).0), "k{i} stored without a lease");
+        }
     }
 }

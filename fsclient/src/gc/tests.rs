@@ -231,6 +231,8 @@ fn revive_during_collection(drop_lease: bool) -> Result<Vec<u8>, FsError> {
         let (writer_store, entry, inner) = (writer.store.clone(), entry.clone(), inner.clone());
         *hooked.before_incr.lock() = Some(Box::new(move || {
             let e = tree::file_entry(&writer_store, &bytes[..], 0o644, small()).unwrap();
+            // Leased and stored (the uploader's round) before the window opens.
+            writer_store.flush_writes().unwrap();
             *entry.lock() = Some(e);
             if drop_lease {
                 for k in inner.keys().into_iter().filter(|k| k.contains("{gc}:lease:")) {
@@ -248,7 +250,9 @@ fn revive_during_collection(drop_lease: bool) -> Result<Vec<u8>, FsError> {
             tree::update(s, r, &p("/x"), &mut |_| Ok(Some(e.clone())))
         })
         .unwrap();
-    read_at(&writer, writer.head().unwrap().1.root, "/x")
+    // Read by another client: what the store holds, not the writer's cache.
+    let reader = volume(inner.clone());
+    read_at(&reader, reader.head().unwrap().1.root, "/x")
 }
 
 #[test]
@@ -269,16 +273,22 @@ fn writers_wait_while_a_deletion_window_is_open() {
     assert_eq!(dict.incr(&epoch).unwrap() % 2, 1);
     let (tx, rx) = std::sync::mpsc::channel();
     let store = v.store.clone();
+    let late = Bytes::from_static(b"\x01\x01late");
+    let late_key = v.store.blob_key(&crate::object::Hash::of(&late));
     std::thread::spawn(move || {
-        let r = store.put(Bytes::from_static(b"\x01\x01late"));
+        // Handed over at once; leased and stored by the uploader, which
+        // waits for the window like any writer.
+        let r = store.put(late).and_then(|_| store.flush_writes());
         tx.send(r.is_ok()).unwrap();
     });
     assert!(
         rx.recv_timeout(Duration::from_millis(300)).is_err(),
         "a writer leased while a window was open"
     );
+    assert!(!dict.contains(&late_key).unwrap(), "a blob was stored unleased");
     dict.incr(&epoch).unwrap();
     assert!(rx.recv_timeout(Duration::from_secs(10)).unwrap());
+    assert!(dict.contains(&late_key).unwrap());
 }
 
 #[test]
@@ -289,6 +299,7 @@ fn a_window_left_open_by_a_dead_collector_is_closed_by_a_writer() {
     let epoch = format!("{PREFIX}{{gc}}:epoch");
     dict.incr(&epoch).unwrap(); // odd, and no lock: its collector is gone
     v.store.put(Bytes::from_static(b"\x01\x01x")).unwrap();
+    v.store.flush_writes().unwrap();
     assert_eq!(dict.get(&epoch).unwrap().unwrap(), "2");
 }
 

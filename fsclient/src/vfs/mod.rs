@@ -1788,6 +1788,10 @@ impl Vfs {
         for f in files {
             FileData::store_snapshot(&f, store, self.opts.chunking)?;
         }
+        // The files' bytes into the store now, with no lock held: writers go
+        // on meanwhile. What is left for the root swap to wait for (under the
+        // node table's lock) is the tree's own few small blobs.
+        store.flush_writes()?;
         let mut st = self.state.lock();
         if !st.dirty {
             return Ok(());
