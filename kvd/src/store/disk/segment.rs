@@ -318,6 +318,10 @@ impl Segment {
     }
 }
 
+/// Values from this size on are announced to the kernel (`MADV_WILLNEED`)
+/// before they are read from the map.
+const WILLNEED_FROM: usize = 64 << 10;
+
 impl Segment {
     /// Reads the value of the record at `offset` (header and key `head_len`
     /// bytes, then `value_len` bytes of value) after checking the record's CRC;
@@ -328,6 +332,12 @@ impl Segment {
         let value_at = offset as usize + head_len;
         if end <= this.written.load(Ordering::Acquire) {
             let map = this.map.as_ref()?;
+            if value_len >= WILLNEED_FROM {
+                // A large value not in the page cache would otherwise be
+                // read a fault at a time as the CRC check walks it; asking
+                // for the whole range first makes it one read-ahead.
+                let _ = map.advise_range(memmap2::Advice::WillNeed, offset as usize, head_len + value_len);
+            }
             let record = &map[offset as usize..end as usize];
             if !record::verify(&record[..head_len], &record[head_len..]) {
                 return None;
