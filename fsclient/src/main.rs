@@ -574,13 +574,21 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 commit_interval: std::time::Duration::from_millis(commit_interval_ms.max(10)),
             };
             let shown = mountpoint.display().to_string();
+            let mounted = std::cell::Cell::new(false);
             fsclient::mount::serve(Arc::new(vfs), &mount, || {
+                mounted.set(true);
                 eprintln!(
                     "fsclient: volume '{}' mounted at {shown}; Ctrl-C unmounts",
                     cli.volume
                 )
             })
-            .map_err(|e| Failure(format!("cannot mount at '{shown}': {e}")))?;
+            .map_err(|e| match mounted.get() {
+                // It served, and failed on the way out (the store gone).
+                true => Failure(format!(
+                    "'{shown}' is unmounted, but what was written since the last commit is not in the store: {e}"
+                )),
+                false => Failure(format!("cannot mount at '{shown}': {e}")),
+            })?;
         }
         Command::Mkfs {
             chunk_min,

@@ -988,6 +988,42 @@ fn the_store_going_away_is_an_io_error_and_nothing_is_lost() {
     );
 }
 
+/// Stopping a mount whose store has gone away: it unmounts, and says that
+/// what was written since the last commit did not reach the store (it said
+/// "cannot mount at", as if it had never mounted).
+#[test]
+fn a_mount_stopped_with_its_store_gone_says_what_was_not_stored() {
+    let mut kvd = Server::kvd(&[]).unwrap();
+    fsclient_at(&url(&kvd), &["--volume", "main", "mkfs"]);
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(protocol_tests::fsclient_bin())
+        .args(["--store", &url(&kvd), "--volume", "main", "mount"])
+        .arg(dir.path())
+        .args(["--commit-interval-ms", "60000", "--no-commit-on-close"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !is_mounted(dir.path()) {
+        assert!(Instant::now() < deadline, "not mounted");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    fs::write(dir.path().join("unsaved"), b"not committed yet").unwrap();
+    kvd.kill9();
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGTERM);
+    }
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(!is_mounted(dir.path()), "still mounted");
+    assert!(
+        stderr.contains("is unmounted, but what was written since the last commit is not in the store"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("cannot mount"), "{stderr}");
+}
+
 #[test]
 fn snapshots_show_in_the_mount_read_only_and_restore_brings_files_back() {
     let kvd = Server::kvd(&[]).unwrap();
