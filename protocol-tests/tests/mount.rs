@@ -996,7 +996,7 @@ fn a_mount_stopped_with_its_store_gone_says_what_was_not_stored() {
     let mut kvd = Server::kvd(&[]).unwrap();
     fsclient_at(&url(&kvd), &["--volume", "main", "mkfs"]);
     let dir = tempfile::tempdir().unwrap();
-    let mut child = Command::new(protocol_tests::fsclient_bin())
+    let child = Command::new(protocol_tests::fsclient_bin())
         .args(["--store", &url(&kvd), "--volume", "main", "mount"])
         .arg(dir.path())
         .args(["--commit-interval-ms", "60000", "--no-commit-on-close"])
