@@ -9,6 +9,7 @@
 //! dirty overlay, commits) -> the same layers.
 
 pub mod dict;
+pub mod fstab;
 pub mod gc;
 pub mod history;
 pub mod links;

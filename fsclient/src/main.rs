@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
 use fsclient::dict::RespDict;
+use fsclient::fstab;
 use fsclient::history;
 use fsclient::links;
 use fsclient::object::{Content, Entry, Hash, Inodes};
@@ -169,6 +170,11 @@ enum Command {
         /// than its last change or a day old, carried in the next commit.
         #[arg(long)]
         noatime: bool,
+        /// Also write the line to /etc/fstab that mounts this volume here at
+        /// boot with these options (replacing one for the same directory);
+        /// needs `mount.fuse.fsclient` installed (docs/OPERATIONS.md).
+        #[arg(long)]
+        update_fstab: bool,
     },
     /// Unmount a mounted volume, committing what is written first.
     Umount { mountpoint: PathBuf },
@@ -452,7 +458,13 @@ fn is_mounted(dir: &Path) -> bool {
 /// file system is mounted (or the child fails).
 fn daemonize(mountpoint: &Path, log_file: Option<&Path>) -> Result<(), Failure> {
     use std::os::unix::process::CommandExt;
-    let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).filter(|a| a != "--daemon").collect();
+    let args: Vec<std::ffi::OsString> = ARGS
+        .get()
+        .expect("set by main")
+        .iter()
+        .filter(|a| *a != "--daemon")
+        .cloned()
+        .collect();
     let log = match log_file {
         Some(p) => std::process::Stdio::from(
             std::fs::OpenOptions::new()
@@ -494,6 +506,31 @@ fn daemonize(mountpoint: &Path, log_file: Option<&Path>) -> Result<(), Failure> 
         "'{}' was not mounted within 15 s",
         mountpoint.display()
     )))
+}
+
+/// Writes (or replaces) the fstab line for this mount: in /etc/fstab, or the
+/// file `FSCLIENT_FSTAB` names.
+fn write_fstab(store: &str, volume: &str, mountpoint: &Path, options: &[String]) -> Result<(), Failure> {
+    let path = std::env::var_os("FSCLIENT_FSTAB").map_or_else(|| PathBuf::from("/etc/fstab"), PathBuf::from);
+    let dir = std::fs::canonicalize(mountpoint).map_err(|e| {
+        Failure(format!(
+            "cannot use '{}' as a mountpoint: {e}",
+            mountpoint.display()
+        ))
+    })?;
+    let line = fstab::fstab_line(store, volume, &dir.to_string_lossy(), options);
+    let old = match std::fs::read_to_string(&path) {
+        Ok(s) => s,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(e) => return Err(Failure(format!("cannot read {}: {e}", path.display()))),
+    };
+    // Written beside it and renamed over it: a crash leaves the old or the new.
+    let tmp = path.with_extension("fsclient-new");
+    std::fs::write(&tmp, fstab::with_line(&old, &line))
+        .and_then(|()| std::fs::rename(&tmp, &path))
+        .map_err(|e| Failure(format!("cannot write {}: {e}", path.display())))?;
+    eprintln!("fsclient: {} now has: {line}", path.display());
+    Ok(())
 }
 
 fn umount(mountpoint: &Path) -> Result<(), Failure> {
@@ -547,8 +584,28 @@ fn run(cli: Cli) -> Result<(), Failure> {
             threads,
             no_commit_on_close,
             noatime,
+            update_fstab,
         } => {
             let mountpoint = PathBuf::from(args.last().expect("clap requires one"));
+            if update_fstab {
+                let mut options = Vec::new();
+                if commit_interval_ms != 1000 {
+                    options.push(format!("commit_interval_ms={commit_interval_ms}"));
+                }
+                if threads != 4 {
+                    options.push(format!("threads={threads}"));
+                }
+                for (on, name) in [
+                    (allow_other, "allow_other"),
+                    (noatime, "noatime"),
+                    (no_commit_on_close, "no_commit_on_close"),
+                ] {
+                    if on {
+                        options.push(name.to_string());
+                    }
+                }
+                write_fstab(&cli.store, &cli.volume, &mountpoint, &options)?;
+            }
             if daemon {
                 return daemonize(&mountpoint, log_file.as_deref());
             }
@@ -988,14 +1045,48 @@ fn run(cli: Cli) -> Result<(), Failure> {
     Ok(())
 }
 
+/// Logs to stderr, filtered by `FSCLIENT_LOG` (else `RUST_LOG`, else `warn`;
+/// tracing's env-filter syntax). Colour only on a terminal: a log file or a
+/// journal gets plain text. `FSCLIENT_LOG_FORMAT=json` writes one JSON object
+/// per line instead, for log collectors.
+fn init_logging() {
+    use std::io::IsTerminal;
+    let filter = tracing_subscriber::EnvFilter::try_from_env("FSCLIENT_LOG")
+        .or_else(|_| tracing_subscriber::EnvFilter::try_from_default_env())
+        .unwrap_or_else(|_| "warn".into());
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if std::env::var("FSCLIENT_LOG_FORMAT").is_ok_and(|f| f == "json") {
+        logs.json().init();
+    } else {
+        logs.with_ansi(std::io::stderr().is_terminal()).init();
+    }
+}
+
+/// This process's arguments after the program name, as `fsclient` reads them
+/// (a mount helper's translated): what `--daemon` starts again.
+static ARGS: std::sync::OnceLock<Vec<std::ffi::OsString>> = std::sync::OnceLock::new();
+
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("FSCLIENT_LOG").unwrap_or_else(|_| "warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-    match run(Cli::parse()) {
+    init_logging();
+    let program = std::env::args_os().next().unwrap_or_default();
+    let args: Vec<std::ffi::OsString> = if Path::new(&program).file_name() == Some(fstab::HELPER.as_ref()) {
+        // Run by mount(8) for `mount -t fuse.fsclient` or an fstab line.
+        let raw: Vec<String> = std::env::args().skip(1).collect();
+        match fstab::helper_mount(&raw) {
+            Ok(m) => m.args().into_iter().map(Into::into).collect(),
+            Err(e) => {
+                eprintln!("{}: {e}", fstab::HELPER);
+                return ExitCode::FAILURE;
+            }
+        }
+    } else {
+        std::env::args_os().skip(1).collect()
+    };
+    let cli = Cli::parse_from(std::iter::once("fsclient".into()).chain(args.iter().cloned()));
+    ARGS.set(args).expect("set once");
+    match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(Failure(message)) => {
             eprintln!("fsclient: {message}");

@@ -262,13 +262,27 @@ fn build_config(cli: &Cli) -> anyhow::Result<Config> {
     Ok(config)
 }
 
+/// Logs to stderr, filtered by `KVD_LOG` (else `RUST_LOG`, else `info`;
+/// tracing's env-filter syntax). Colour only on a terminal: a log file or a
+/// journal gets plain text. `KVD_LOG_FORMAT=json` writes one JSON object
+/// per line instead, for log collectors.
+fn init_logging() {
+    use std::io::IsTerminal;
+    let filter = tracing_subscriber::EnvFilter::try_from_env("KVD_LOG")
+        .or_else(|_| tracing_subscriber::EnvFilter::try_from_default_env())
+        .unwrap_or_else(|_| "info".into());
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if std::env::var("KVD_LOG_FORMAT").is_ok_and(|f| f == "json") {
+        logs.json().init();
+    } else {
+        logs.with_ansi(std::io::stderr().is_terminal()).init();
+    }
+}
+
 fn main() -> std::process::ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("KVD_LOG").unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    init_logging();
     let cli = Cli::parse();
     let config = match build_config(&cli) {
         Ok(c) => c,

@@ -876,7 +876,15 @@ fn daemon_mount_and_umount_commands() {
     assert!(fsclient(&["mkfs"]).status.success());
     let dir = tempfile::tempdir().unwrap();
     let mnt = dir.path().to_str().unwrap();
-    let out = fsclient(&["mount", "--daemon", mnt]);
+    let logs = tempfile::tempdir().unwrap();
+    let log = logs.path().join("mount.log");
+    let out = Command::new(protocol_tests::fsclient_bin())
+        .args(["--store", &store, "mount", "--daemon", "--log-file"])
+        .arg(&log)
+        .arg(mnt)
+        .env("FSCLIENT_LOG", "debug")
+        .output()
+        .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(is_mounted(dir.path()));
     // Written and not yet committed by the interval: umount commits it first.
@@ -886,10 +894,118 @@ fn daemon_mount_and_umount_commands() {
     assert!(!is_mounted(dir.path()));
     let out = fsclient(&["cat", "/via-daemon"]);
     assert_eq!(out.stdout, b"daemon");
+    // The log file is plain text (it was full of colour escape codes).
+    let logged = fs::read_to_string(&log).unwrap();
+    assert!(logged.contains("DEBUG"), "nothing logged: {logged:?}");
+    assert!(!logged.contains('\x1b'), "colour codes in the log file");
     // Unmounting what is not mounted is a clear error.
     let out = fsclient(&["umount", mnt]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("not a dictfs mount"));
+}
+
+/// Mounting at boot (issue 20): `mount -t fuse.fsclient URL/VOLUME DIR -o
+/// ...` runs the helper `mount.fuse.fsclient` (a link to fsclient, installed
+/// in /sbin for the test and removed after), which detaches once mounted;
+/// `umount` unmounts it with what was written committed; and the fstab line
+/// that `fsclient mount --update-fstab` writes mounts it again through
+/// mount(8) (`mount -T FILE DIR`, the same code path as /etc/fstab).
+#[test]
+fn mount_t_fuse_fsclient_and_the_fstab_line_update_fstab_writes_both_mount() {
+    protocol_tests::require_fuse();
+    struct Installed(std::path::PathBuf);
+    impl Drop for Installed {
+        fn drop(&mut self) {
+            let _ = fs::remove_file(&self.0);
+        }
+    }
+    let helper = Path::new("/sbin").join(fsclient::fstab::HELPER);
+    let _ = fs::remove_file(&helper);
+    std::os::unix::fs::symlink(protocol_tests::fsclient_bin(), &helper).unwrap_or_else(|e| {
+        panic!(
+            "installing {} (the mount tests run as root): {e}",
+            helper.display()
+        )
+    });
+    let _installed = Installed(helper);
+
+    let kvd = Server::kvd(&[]).unwrap();
+    let store = url(&kvd);
+    assert!(fsclient_at(&store, &["--volume", "boot", "mkfs"])
+        .status
+        .success());
+    let dir = tempfile::tempdir().unwrap();
+    let run = |cmd: &mut Command| {
+        let out = cmd.output().unwrap();
+        assert!(
+            out.status.success(),
+            "{cmd:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    run(Command::new("mount")
+        .args(["-t", "fuse.fsclient", &format!("{store}/boot")])
+        .arg(dir.path())
+        .args(["-o", "_netdev,nofail,commit_interval_ms=200"]));
+    assert!(is_mounted(dir.path()));
+    fs::write(dir.path().join("from-mount-t"), b"mounted by mount(8)").unwrap();
+    run(Command::new("umount").arg(dir.path()));
+    assert!(!is_mounted(dir.path()));
+    let cat = fsclient_at(&store, &["--volume", "boot", "cat", "/from-mount-t"]);
+    assert_eq!(cat.stdout, b"mounted by mount(8)");
+
+    // --update-fstab writes the line (into the file FSCLIENT_FSTAB names).
+    let etc = tempfile::tempdir().unwrap();
+    let fstab = etc.path().join("fstab");
+    fs::write(&fstab, "UUID=1 / ext4 defaults 0 1\n").unwrap();
+    run(Command::new(protocol_tests::fsclient_bin())
+        .args([
+            "--store",
+            &store,
+            "--volume",
+            "boot",
+            "mount",
+            "--daemon",
+            "--update-fstab",
+        ])
+        .args(["--commit-interval-ms", "300"])
+        .arg(dir.path())
+        .env("FSCLIENT_FSTAB", &fstab));
+    assert!(is_mounted(dir.path()));
+    run(Command::new(protocol_tests::fsclient_bin())
+        .arg("umount")
+        .arg(dir.path()));
+    let real = fs::canonicalize(dir.path()).unwrap();
+    assert_eq!(
+        fs::read_to_string(&fstab).unwrap(),
+        format!(
+            "UUID=1 / ext4 defaults 0 1\n{store}/boot {} fuse.fsclient _netdev,commit_interval_ms=300 0 0\n",
+            real.display()
+        )
+    );
+    // mount(8) mounts that line by its directory alone.
+    run(Command::new("mount").arg("-T").arg(&fstab).arg(&real));
+    assert!(is_mounted(dir.path()));
+    assert_eq!(
+        fs::read(dir.path().join("from-mount-t")).unwrap(),
+        b"mounted by mount(8)"
+    );
+    run(Command::new("umount").arg(dir.path()));
+    // A bad option is a clear error from the helper, and nothing is mounted.
+    let out = Command::new("mount")
+        .args(["-t", "fuse.fsclient", &format!("{store}/boot")])
+        .arg(dir.path())
+        .args(["-o", "colour=blue"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("unknown mount option 'colour=blue'"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!is_mounted(dir.path()));
 }
 
 #[test]

@@ -852,6 +852,38 @@ fn short_request_streams_are_answered_byte_for_byte_as_redis_does() {
 /// checks every reply. Afterwards every client slot is released, memory is back
 /// near where it started, and nothing panicked. `FUZZ_SEED` replays a run,
 /// `FUZZ_SECS` makes it longer.
+/// Logs that go to a file (or a journal) are plain text: no colour escape
+/// codes (issue 20: `--log-file`s were full of them). With
+/// `KVD_LOG_FORMAT=json` every line is one JSON object, for log collectors.
+#[test]
+fn logs_to_a_file_carry_no_colour_codes_and_json_logs_parse() {
+    let wait_logged = |kvd: &Server| -> String {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let log = kvd.log();
+            if log.contains("ready to accept connections") {
+                return log;
+            }
+            assert!(Instant::now() < deadline, "nothing logged: {log:?}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    let plain = Server::kvd_logged(&[], &[("KVD_LOG", "info")]).unwrap();
+    let log = wait_logged(&plain);
+    assert!(!log.contains('\x1b'), "colour codes in a log file: {log:?}");
+    assert!(log.contains("INFO"), "{log}");
+    let json = Server::kvd_logged(&[], &[("KVD_LOG", "info"), ("KVD_LOG_FORMAT", "json")]).unwrap();
+    let log = wait_logged(&json);
+    for line in log.lines().filter(|l| !l.is_empty()) {
+        let v: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        assert!(
+            v["level"].is_string() && v["fields"]["message"].is_string(),
+            "{line}"
+        );
+    }
+}
+
 #[test]
 fn seeded_fuzz_over_many_connections_leaves_the_server_whole() {
     use rand::{Rng, SeedableRng};
