@@ -82,7 +82,25 @@ impl Latencies {
     /// INFO latencystats: a line for every command called since the last
     /// reset, sorted by name, with `percentiles` (e.g. `[50.0, 99.0, 99.9]`).
     pub fn info(&self, percentiles: &[f64]) -> String {
-        let mut rows: Vec<(&str, Histogram<u64>)> = Vec::new();
+        let mut out = String::new();
+        for (name, h) in self.merged() {
+            let _ = write!(out, "latency_percentiles_usec_{name}:");
+            for (i, p) in percentiles.iter().enumerate() {
+                let usec = h.value_at_quantile(p / 100.0) as f64 / 1000.0;
+                let sep = if i == 0 { "" } else { "," };
+                let _ = write!(out, "{sep}p{}={usec:.3}", format_percentile(*p));
+            }
+            out.push_str("\r\n");
+        }
+        out
+    }
+}
+
+impl Latencies {
+    /// Each command called since the last reset with its histogram (its
+    /// shards merged; nanoseconds), sorted by name.
+    pub fn merged(&self) -> Vec<(&'static str, Histogram<u64>)> {
+        let mut rows: Vec<(&'static str, Histogram<u64>)> = Vec::new();
         for (name, cell) in &self.per_command {
             let Some(shards) = cell.get() else { continue };
             let mut merged = histogram();
@@ -95,17 +113,7 @@ impl Latencies {
             rows.push((name, merged));
         }
         rows.sort_by_key(|(n, _)| *n);
-        let mut out = String::new();
-        for (name, h) in rows {
-            let _ = write!(out, "latency_percentiles_usec_{name}:");
-            for (i, p) in percentiles.iter().enumerate() {
-                let usec = h.value_at_quantile(p / 100.0) as f64 / 1000.0;
-                let sep = if i == 0 { "" } else { "," };
-                let _ = write!(out, "{sep}p{}={usec:.3}", format_percentile(*p));
-            }
-            out.push_str("\r\n");
-        }
-        out
+        rows
     }
 }
 

@@ -16,6 +16,7 @@ pub mod durable;
 pub mod failpoint;
 pub mod glob;
 pub mod latency;
+pub mod metrics;
 pub mod monitor;
 pub mod notify;
 pub mod protocol;

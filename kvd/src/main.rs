@@ -21,6 +21,10 @@ struct Cli {
     /// Config file with one `name value` per line (Redis's format).
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
+    /// Serve Prometheus metrics at http://HOST:PORT/metrics: INFO's numbers,
+    /// per-command calls, errors and latency histograms (docs/OPERATIONS.md).
+    #[arg(long, value_name = "HOST:PORT")]
+    metrics_addr: Option<String>,
     /// Addresses to listen on, space separated. Keep the loopback default unless
     /// you also set --requirepass.
     #[arg(long)]
@@ -322,8 +326,12 @@ fn main() -> std::process::ExitCode {
         return std::process::ExitCode::from(2);
     }
     let config_file = cli.config.as_ref().map(|p| p.display().to_string());
+    let metrics_addr = cli.metrics_addr.clone();
     let result = runtime.block_on(async move {
         let (shared, task) = kvd::server::start(config, config_file, cluster, replicas).await?;
+        if let Some(addr) = &metrics_addr {
+            kvd::metrics::serve(shared.clone(), addr)?;
+        }
         let stop = shared.shutdown.clone();
         tokio::spawn(async move {
             wait_for_signal().await;

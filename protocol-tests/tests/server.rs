@@ -852,6 +852,74 @@ fn short_request_streams_are_answered_byte_for_byte_as_redis_does() {
 /// checks every reply. Afterwards every client slot is released, memory is back
 /// near where it started, and nothing panicked. `FUZZ_SEED` replays a run,
 /// `FUZZ_SECS` makes it longer.
+/// `--metrics-addr` (issue 20): the endpoint parses as the Prometheus text
+/// format, and its counters move with the work done: calls per command, the
+/// latency histogram's count, keys per database, error replies.
+#[test]
+fn metrics_endpoint_parses_and_its_counters_move_with_work() {
+    use prometheus_parse::{Scrape, Value as P};
+    let metrics_port = protocol_tests::free_port();
+    let kvd = Server::kvd(&["--metrics-addr", &format!("127.0.0.1:{metrics_port}")]).unwrap();
+    let scrape = || -> Scrape {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", metrics_port)).unwrap();
+        s.write_all(b"GET /metrics HTTP/1.0\r\nHost: kvd\r\n\r\n")
+            .unwrap();
+        let mut raw = String::new();
+        s.read_to_string(&mut raw).unwrap();
+        let (head, body) = raw.split_once("\r\n\r\n").expect("an HTTP response");
+        assert!(
+            head.starts_with("HTTP/1.1 200") || head.starts_with("HTTP/1.0 200"),
+            "{head}"
+        );
+        assert!(head.contains("text/plain; version=0.0.4"), "{head}");
+        Scrape::parse(body.lines().map(|l| Ok(l.to_string()))).unwrap()
+    };
+    let find = |s: &Scrape, metric: &str, label: Option<(&str, &str)>| -> Option<P> {
+        s.samples
+            .iter()
+            .find(|x| x.metric == metric && label.is_none_or(|(k, v)| x.labels.get(k) == Some(v)))
+            .map(|x| x.value.clone())
+    };
+    let before = scrape();
+    assert!(find(&before, "kvd_command_calls_total", Some(("cmd", "set"))).is_none());
+    assert!(
+        matches!(find(&before, "kvd_connected_clients", None), Some(P::Gauge(_))),
+        "INFO's gauges are there"
+    );
+    let mut c = kvd.connect().unwrap();
+    for i in 0..25 {
+        c.call(&["SET", &format!("k{i}"), "v"]).unwrap();
+    }
+    c.cmd("NOSUCHCOMMAND").unwrap();
+    let after = scrape();
+    assert_eq!(
+        find(&after, "kvd_command_calls_total", Some(("cmd", "set"))),
+        Some(P::Counter(25.0))
+    );
+    assert_eq!(find(&after, "kvd_keys", Some(("db", "0"))), Some(P::Gauge(25.0)));
+    assert_eq!(
+        find(&after, "kvd_errors_total", Some(("kind", "ERR"))),
+        Some(P::Counter(1.0))
+    );
+    let Some(P::Counter(processed)) = find(&after, "kvd_commands_processed_total", None) else {
+        panic!("no kvd_commands_processed_total");
+    };
+    assert!(processed >= 26.0, "{processed}");
+    let Some(P::Histogram(buckets)) = find(&after, "kvd_command_latency_seconds", Some(("cmd", "set")))
+    else {
+        panic!("no latency histogram for set");
+    };
+    let inf = buckets
+        .iter()
+        .find(|b| b.less_than.is_infinite())
+        .expect("a +Inf bucket");
+    assert_eq!(inf.count, 25.0);
+    assert!(
+        buckets.windows(2).all(|w| w[0].count <= w[1].count),
+        "buckets are cumulative"
+    );
+}
+
 /// Logs that go to a file (or a journal) are plain text: no colour escape
 /// codes (issue 20: `--log-file`s were full of them). With
 /// `KVD_LOG_FORMAT=json` every line is one JSON object, for log collectors.
