@@ -6,7 +6,7 @@
 //! `mount.fuse.fsclient SOURCE DIR -o OPTIONS` (a link to the `fsclient`
 //! binary; mount(8) looks for it in /sbin). SOURCE is the store URL with the
 //! volume as its path, `redis://host:7379/VOLUME`; OPTIONS are fsclient's
-//! (`commit_interval_ms=500,allow_other,...`) mixed with the generic ones
+//! (`commit_interval_ms=500,allow_other,metrics_addr=HOST:PORT,...`) mixed with the generic ones
 //! fstab lines carry (`_netdev`, `nofail`, `noauto`, `x-systemd.*`...), which
 //! are for mount(8) and systemd, not for us, and are passed over.
 
@@ -103,7 +103,7 @@ pub fn helper_mount(args: &[String]) -> Result<HelperMount, String> {
             (n, _) if n.starts_with("x-") || n == "comment" => {}
             ("ro", None) => return Err("read-only mounts are not supported (ro)".into()),
             ("allow_other" | "noatime" | "no_commit_on_close", None) => mount.push(flag(name)),
-            ("commit_interval_ms" | "threads" | "log_file", Some(v)) => {
+            ("commit_interval_ms" | "threads" | "log_file" | "metrics_addr", Some(v)) => {
                 mount.extend([flag(name), v.to_string()]);
             }
             ("cache_mib" | "prefix", Some(v)) => global.extend([flag(name), v.to_string()]),

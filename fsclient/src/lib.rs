@@ -14,6 +14,7 @@ pub mod gc;
 pub mod history;
 pub mod links;
 pub mod merge;
+pub mod metrics;
 pub mod mount;
 pub mod object;
 pub mod store;

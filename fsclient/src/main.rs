@@ -170,6 +170,10 @@ enum Command {
         /// than its last change or a day old, carried in the next commit.
         #[arg(long)]
         noatime: bool,
+        /// Serve Prometheus metrics at http://HOST:PORT/metrics: operations
+        /// by kind and their latency, bytes, commits, cache, uploads pending.
+        #[arg(long, value_name = "HOST:PORT")]
+        metrics_addr: Option<String>,
         /// Also write the line to /etc/fstab that mounts this volume here at
         /// boot with these options (replacing one for the same directory);
         /// needs `mount.fuse.fsclient` installed (docs/OPERATIONS.md).
@@ -584,6 +588,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
             threads,
             no_commit_on_close,
             noatime,
+            metrics_addr,
             update_fstab,
         } => {
             let mountpoint = PathBuf::from(args.last().expect("clap requires one"));
@@ -594,6 +599,9 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 }
                 if threads != 4 {
                     options.push(format!("threads={threads}"));
+                }
+                if let Some(addr) = &metrics_addr {
+                    options.push(format!("metrics_addr={addr}"));
                 }
                 for (on, name) in [
                     (allow_other, "allow_other"),
@@ -630,9 +638,13 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 threads,
                 commit_interval: std::time::Duration::from_millis(commit_interval_ms.max(10)),
             };
+            let vfs = Arc::new(vfs);
+            if let Some(addr) = &metrics_addr {
+                fsclient::metrics::serve(vfs.metrics().clone(), addr).map_err(|e| Failure(e.to_string()))?;
+            }
             let shown = mountpoint.display().to_string();
             let mounted = std::cell::Cell::new(false);
-            fsclient::mount::serve(Arc::new(vfs), &mount, || {
+            fsclient::mount::serve(vfs, &mount, || {
                 mounted.set(true);
                 eprintln!(
                     "fsclient: volume '{}' mounted at {shown}; Ctrl-C unmounts",

@@ -162,10 +162,14 @@ fn xattr(reply: ReplyXattr, size: u32, r: Result<Vec<u8>, FsError>) {
 /// Runs a request's handler. A panic (a bug) fails that one request with EIO
 /// (fuser answers EIO for a reply dropped unsent) instead of ending the kernel
 /// request thread it ran on.
-fn guard(what: &str, handler: impl FnOnce()) {
+/// Every request also goes into the mount's metrics, by kind, with how
+/// long it took.
+fn guard(vfs: &Vfs, what: &'static str, handler: impl FnOnce()) {
+    let started = std::time::Instant::now();
     if std::panic::catch_unwind(std::panic::AssertUnwindSafe(handler)).is_err() {
         tracing::error!("bug: the {what} handler panicked; the request got EIO");
     }
+    vfs.metrics().op(what, started.elapsed());
 }
 
 impl Filesystem for Adapter {
@@ -188,7 +192,7 @@ impl Filesystem for Adapter {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        guard("lookup", || {
+        guard(&self.vfs, "lookup", || {
             entry(reply, self.vfs.lookup(parent.0, name.as_bytes()))
         });
     }
@@ -198,7 +202,7 @@ impl Filesystem for Adapter {
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        guard("getattr", || match self.vfs.getattr(ino.0) {
+        guard(&self.vfs, "getattr", || match self.vfs.getattr(ino.0) {
             Ok(a) => reply.attr(&TTL, &file_attr(&a)),
             Err(e) => reply.error(errno(e)),
         });
@@ -222,7 +226,7 @@ impl Filesystem for Adapter {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
-        guard("setattr", || {
+        guard(&self.vfs, "setattr", || {
             let set = SetAttr {
                 mode,
                 uid,
@@ -240,7 +244,7 @@ impl Filesystem for Adapter {
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
-        guard("readlink", || data(reply, self.vfs.readlink(ino.0)));
+        guard(&self.vfs, "readlink", || data(reply, self.vfs.readlink(ino.0)));
     }
 
     fn mknod(
@@ -253,7 +257,7 @@ impl Filesystem for Adapter {
         rdev: u32,
         reply: ReplyEntry,
     ) {
-        guard("mknod", || {
+        guard(&self.vfs, "mknod", || {
             let mode = mode & !(umask & 0o777);
             entry(
                 reply,
@@ -264,7 +268,7 @@ impl Filesystem for Adapter {
     }
 
     fn mkdir(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, reply: ReplyEntry) {
-        guard("mkdir", || {
+        guard(&self.vfs, "mkdir", || {
             let mode = mode & !(umask & 0o777);
             entry(
                 reply,
@@ -274,19 +278,19 @@ impl Filesystem for Adapter {
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        guard("unlink", || {
+        guard(&self.vfs, "unlink", || {
             empty(reply, self.vfs.unlink(parent.0, name.as_bytes()))
         });
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        guard("rmdir", || {
+        guard(&self.vfs, "rmdir", || {
             empty(reply, self.vfs.rmdir(parent.0, name.as_bytes()))
         });
     }
 
     fn symlink(&self, req: &Request, parent: INodeNo, link_name: &OsStr, target: &Path, reply: ReplyEntry) {
-        guard("symlink", || {
+        guard(&self.vfs, "symlink", || {
             let target = target.as_os_str().as_bytes();
             entry(
                 reply,
@@ -306,7 +310,7 @@ impl Filesystem for Adapter {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
-        guard("rename", || {
+        guard(&self.vfs, "rename", || {
             let mode = if flags.contains(RenameFlags::RENAME_EXCHANGE) {
                 RenameMode::Exchange
             } else if flags.contains(RenameFlags::RENAME_NOREPLACE) {
@@ -324,13 +328,13 @@ impl Filesystem for Adapter {
     }
 
     fn link(&self, _req: &Request, ino: INodeNo, newparent: INodeNo, newname: &OsStr, reply: ReplyEntry) {
-        guard("link", || {
+        guard(&self.vfs, "link", || {
             entry(reply, self.vfs.link(ino.0, newparent.0, newname.as_bytes()))
         });
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        guard("open", || {
+        guard(&self.vfs, "open", || {
             // The page cache may outlive a close: local writes keep it current,
             // and other clients' changes invalidate it when adopted.
             match self.vfs.open(ino.0, flags.0) {
@@ -351,15 +355,17 @@ impl Filesystem for Adapter {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        guard("read", || match self.vfs.read_offering(ino.0, offset, size) {
-            Ok((bytes, offer)) => {
-                reply.data(&bytes);
-                if let Some(offer) = offer {
-                    // A full queue drops the offer: it only saves later reads.
-                    let _ = self.offers.try_send(offer);
+        guard(&self.vfs, "read", || {
+            match self.vfs.read_offering(ino.0, offset, size) {
+                Ok((bytes, offer)) => {
+                    reply.data(&bytes);
+                    if let Some(offer) = offer {
+                        // A full queue drops the offer: it only saves later reads.
+                        let _ = self.offers.try_send(offer);
+                    }
                 }
+                Err(e) => reply.error(errno(e)),
             }
-            Err(e) => reply.error(errno(e)),
         });
     }
 
@@ -375,7 +381,7 @@ impl Filesystem for Adapter {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        guard("write", || match self.vfs.write(fh.0, offset, data) {
+        guard(&self.vfs, "write", || match self.vfs.write(fh.0, offset, data) {
             Ok(n) => reply.written(n),
             Err(e) => reply.error(errno(e)),
         });
@@ -389,7 +395,7 @@ impl Filesystem for Adapter {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
-        guard("flush", || empty(reply, self.vfs.flush(fh.0)));
+        guard(&self.vfs, "flush", || empty(reply, self.vfs.flush(fh.0)));
     }
 
     fn release(
@@ -402,25 +408,25 @@ impl Filesystem for Adapter {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        guard("release", || {
+        guard(&self.vfs, "release", || {
             self.vfs.release(fh.0);
             reply.ok();
         });
     }
 
     fn fsync(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
-        guard("fsync", || empty(reply, self.vfs.fsync()));
+        guard(&self.vfs, "fsync", || empty(reply, self.vfs.fsync()));
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        guard("opendir", || match self.vfs.opendir(ino.0) {
+        guard(&self.vfs, "opendir", || match self.vfs.opendir(ino.0) {
             Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
             Err(e) => reply.error(errno(e)),
         });
     }
 
     fn readdir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
-        guard("readdir", || {
+        guard(&self.vfs, "readdir", || {
             let listing = match self.vfs.readdir(fh.0, offset) {
                 Ok(l) => l,
                 Err(e) => return reply.error(errno(e)),
@@ -443,7 +449,7 @@ impl Filesystem for Adapter {
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
-        guard("readdirplus", || {
+        guard(&self.vfs, "readdirplus", || {
             let listing = match self.vfs.readdir(fh.0, offset) {
                 Ok(l) => l,
                 Err(e) => return reply.error(errno(e)),
@@ -481,18 +487,18 @@ impl Filesystem for Adapter {
         _flags: OpenFlags,
         reply: ReplyEmpty,
     ) {
-        guard("releasedir", || {
+        guard(&self.vfs, "releasedir", || {
             self.vfs.releasedir(fh.0);
             reply.ok()
         });
     }
 
     fn fsyncdir(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
-        guard("fsyncdir", || empty(reply, self.vfs.fsync()));
+        guard(&self.vfs, "fsyncdir", || empty(reply, self.vfs.fsync()));
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
-        guard("statfs", || {
+        guard(&self.vfs, "statfs", || {
             let s = self.vfs.statfs();
             reply.statfs(
                 s.blocks,
@@ -517,23 +523,25 @@ impl Filesystem for Adapter {
         _position: u32,
         reply: ReplyEmpty,
     ) {
-        guard("setxattr", || {
+        guard(&self.vfs, "setxattr", || {
             empty(reply, self.vfs.setxattr(ino.0, name.as_bytes(), value, flags))
         });
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
-        guard("getxattr", || {
+        guard(&self.vfs, "getxattr", || {
             xattr(reply, size, self.vfs.getxattr(ino.0, name.as_bytes()))
         });
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
-        guard("listxattr", || xattr(reply, size, self.vfs.listxattr(ino.0)));
+        guard(&self.vfs, "listxattr", || {
+            xattr(reply, size, self.vfs.listxattr(ino.0))
+        });
     }
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        guard("removexattr", || {
+        guard(&self.vfs, "removexattr", || {
             empty(reply, self.vfs.removexattr(ino.0, name.as_bytes()))
         });
     }
@@ -541,7 +549,9 @@ impl Filesystem for Adapter {
     /// Permission bits are checked by the kernel (`default_permissions`); this
     /// answers whether the node exists.
     fn access(&self, _req: &Request, ino: INodeNo, _mask: AccessFlags, reply: ReplyEmpty) {
-        guard("access", || empty(reply, self.vfs.getattr(ino.0).map(|_| ())));
+        guard(&self.vfs, "access", || {
+            empty(reply, self.vfs.getattr(ino.0).map(|_| ()))
+        });
     }
 
     fn create(
@@ -554,7 +564,7 @@ impl Filesystem for Adapter {
         flags: i32,
         reply: ReplyCreate,
     ) {
-        guard("create", || {
+        guard(&self.vfs, "create", || {
             let mode = mode & !(umask & 0o777);
             match self
                 .vfs
@@ -618,7 +628,7 @@ impl Filesystem for Adapter {
         mode: i32,
         reply: ReplyEmpty,
     ) {
-        guard("fallocate", || {
+        guard(&self.vfs, "fallocate", || {
             if mode != 0 {
                 return reply.error(Errno::EOPNOTSUPP);
             }

@@ -117,6 +117,19 @@ pub struct BlobStore {
     behind: Arc<crate::write_behind::WriteBehind>,
     leases: Arc<crate::gc::lease::Leases>,
     fetching: Arc<Mutex<std::collections::HashMap<Hash, Arc<Flight>>>>,
+    /// Blob reads answered from memory (the cache, or an upload not yet
+    /// stored) and from the store.
+    hits: Arc<std::sync::atomic::AtomicU64>,
+    misses: Arc<std::sync::atomic::AtomicU64>,
+}
+
+/// A store's figures for the metrics ([`crate::metrics`]).
+pub struct StoreStats {
+    pub cache_hits: u64,
+    pub cache_misses: u64,
+    pub upload_failures: u64,
+    pub uploads_pending_bytes: usize,
+    pub uploads_failing: bool,
 }
 
 /// A fetch in progress, which others wanting the same blob wait for.
@@ -157,6 +170,21 @@ impl BlobStore {
             behind: Arc::new(crate::write_behind::WriteBehind::with_lease(hook)),
             leases,
             fetching: Default::default(),
+            hits: Default::default(),
+            misses: Default::default(),
+        }
+    }
+
+    /// Cache hits and misses since start, and the uploads' state.
+    pub fn stats(&self) -> StoreStats {
+        use std::sync::atomic::Ordering::Relaxed;
+        let (pending, failures, failing) = self.behind.stats();
+        StoreStats {
+            cache_hits: self.hits.load(Relaxed),
+            cache_misses: self.misses.load(Relaxed),
+            upload_failures: failures,
+            uploads_pending_bytes: pending,
+            uploads_failing: failing,
         }
     }
 
@@ -223,12 +251,12 @@ impl BlobStore {
     /// Reads a blob and checks it against its hash. A mismatch is an error naming
     /// the key, logged, never bytes returned as good.
     pub fn get(&self, h: &Hash) -> StoreResult<Bytes> {
-        if let Some(b) = self.cache.lock().get(h) {
+        use std::sync::atomic::Ordering::Relaxed;
+        if let Some(b) = self.cache.lock().get(h).or_else(|| self.behind.get(h)) {
+            self.hits.fetch_add(1, Relaxed);
             return Ok(b);
         }
-        if let Some(b) = self.behind.get(h) {
-            return Ok(b);
-        }
+        self.misses.fetch_add(1, Relaxed);
         // One fetch per blob at a time: a reader that wants a chunk the
         // read-ahead is already fetching waits for it instead of fetching and
         // hashing it again.

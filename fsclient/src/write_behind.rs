@@ -67,6 +67,8 @@ struct Queue {
     /// Callers waiting in [`WriteBehind::flush`]: the uploader does not
     /// linger for more blobs while anyone waits.
     flushing: usize,
+    /// Rounds the store refused, since start (for the metrics).
+    failed_rounds: u64,
 }
 
 #[derive(Default)]
@@ -146,6 +148,14 @@ impl WriteBehind {
     /// A blob handed over and not yet acknowledged.
     pub fn get(&self, h: &Hash) -> Option<Bytes> {
         self.shared.pending.lock().get(h).cloned()
+    }
+
+    /// For the metrics: bytes handed over and not yet acknowledged, rounds
+    /// refused since start, and whether uploads are failing now.
+    pub fn stats(&self) -> (usize, u64, bool) {
+        let pending = self.shared.pending.lock().values().map(Bytes::len).sum();
+        let q = self.shared.queue.lock();
+        (pending, q.failed_rounds, q.failing.is_some())
     }
 
     /// The store's error while uploads are failing.
@@ -271,6 +281,7 @@ fn upload_loop(
                     q.items.push_front(item);
                 }
                 q.failing = Some(e);
+                q.failed_rounds += 1;
                 pause = (pause * 2).min(RETRY_MAX);
             }
         }

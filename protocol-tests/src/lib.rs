@@ -1161,3 +1161,15 @@ impl Replicated {
         Conn::connect(self.ports[i]).unwrap()
     }
 }
+
+/// `GET path` over HTTP/1.0 from 127.0.0.1:`port`: the response's head and
+/// body (for the metrics endpoints).
+pub fn http_get(port: u16, path: &str) -> Result<(String, String)> {
+    let mut s = TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes())?;
+    let mut raw = String::new();
+    s.read_to_string(&mut raw)?;
+    let (head, body) = raw.split_once("\r\n\r\n").context("not an HTTP response")?;
+    Ok((head.to_string(), body.to_string()))
+}

@@ -1008,6 +1008,64 @@ fn mount_t_fuse_fsclient_and_the_fstab_line_update_fstab_writes_both_mount() {
     assert!(!is_mounted(dir.path()));
 }
 
+/// `fsclient mount --metrics-addr` (issue 20): the endpoint parses as the
+/// Prometheus text format and its figures move with the work done through
+/// the mount: requests by kind, bytes written, commits.
+#[test]
+fn mount_metrics_parse_and_move_with_the_work_done() {
+    use prometheus_parse::{Scrape, Value as P};
+    let kvd = Server::kvd(&[]).unwrap();
+    let port = protocol_tests::free_port();
+    let m = Mount::start(
+        &url(&kvd),
+        "main",
+        &["--metrics-addr", &format!("127.0.0.1:{port}")],
+    )
+    .unwrap();
+    let scrape = || -> Scrape {
+        let (head, body) = protocol_tests::http_get(port, "/metrics").unwrap();
+        assert!(head.contains(" 200 "), "{head}");
+        Scrape::parse(body.lines().map(|l| Ok(l.to_string()))).unwrap()
+    };
+    let value = |s: &Scrape, metric: &str, label: Option<(&str, &str)>| -> Option<P> {
+        s.samples
+            .iter()
+            .find(|x| x.metric == metric && label.is_none_or(|(k, v)| x.labels.get(k) == Some(v)))
+            .map(|x| x.value.clone())
+    };
+    let before = scrape();
+    assert_eq!(
+        value(&before, "fsclient_written_bytes_total", None),
+        Some(P::Counter(0.0))
+    );
+    let data = vec![7u8; 300_000];
+    fs::write(m.path().join("f"), &data).unwrap();
+    File::open(m.path().join("f")).unwrap().sync_all().unwrap();
+    let after = scrape();
+    assert_eq!(
+        value(&after, "fsclient_written_bytes_total", None),
+        Some(P::Counter(300_000.0))
+    );
+    let Some(P::Counter(commits)) = value(&after, "fsclient_commits_total", None) else {
+        panic!("no fsclient_commits_total");
+    };
+    assert!(commits >= 1.0, "{commits}");
+    let Some(P::Histogram(writes)) = value(&after, "fsclient_operation_seconds", Some(("op", "write")))
+    else {
+        panic!("no write operations counted");
+    };
+    let all = writes
+        .iter()
+        .find(|b| b.less_than.is_infinite())
+        .expect("+Inf")
+        .count;
+    assert!(all >= 1.0, "{all}");
+    assert!(matches!(
+        value(&after, "fsclient_uploads_pending_bytes", None),
+        Some(P::Gauge(_))
+    ));
+}
+
 #[test]
 fn a_corrupt_blob_is_an_io_error_for_its_file_only() {
     let kvd = Server::kvd(&[]).unwrap();

@@ -861,12 +861,7 @@ fn metrics_endpoint_parses_and_its_counters_move_with_work() {
     let metrics_port = protocol_tests::free_port();
     let kvd = Server::kvd(&["--metrics-addr", &format!("127.0.0.1:{metrics_port}")]).unwrap();
     let scrape = || -> Scrape {
-        let mut s = std::net::TcpStream::connect(("127.0.0.1", metrics_port)).unwrap();
-        s.write_all(b"GET /metrics HTTP/1.0\r\nHost: kvd\r\n\r\n")
-            .unwrap();
-        let mut raw = String::new();
-        s.read_to_string(&mut raw).unwrap();
-        let (head, body) = raw.split_once("\r\n\r\n").expect("an HTTP response");
+        let (head, body) = protocol_tests::http_get(metrics_port, "/metrics").unwrap();
         assert!(
             head.starts_with("HTTP/1.1 200") || head.starts_with("HTTP/1.0 200"),
             "{head}"

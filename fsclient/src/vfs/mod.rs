@@ -348,6 +348,7 @@ pub struct Vfs {
     prefetch: prefetch::Prefetcher,
     /// Bytes of writes held in memory by all files ([`Options::held_bytes`]).
     held: Arc<std::sync::atomic::AtomicUsize>,
+    metrics: Arc<crate::metrics::Metrics>,
 }
 
 fn check_name(name: &[u8]) -> FsResult<()> {
@@ -951,6 +952,7 @@ impl Vfs {
         );
         let inodes = links::load(&volume.store, commit.inodes)?;
         let prefetch = prefetch::Prefetcher::new(volume.store.clone(), opts.readahead_threads);
+        let volume_store = volume.store.clone();
         Ok(Vfs {
             state: Mutex::new(State {
                 nodes,
@@ -972,6 +974,7 @@ impl Vfs {
             cache_gate: Mutex::new(()),
             capacity: Mutex::new(None),
             held: Default::default(),
+            metrics: Arc::new(crate::metrics::Metrics::new(volume_store)),
             prefetch,
         })
     }
@@ -1515,6 +1518,7 @@ impl Vfs {
             self.state.lock().accessed(ino);
         }
         let out = view.read(self.store())?;
+        self.metrics.read(out.bytes.len());
         if sequential {
             if let Some(i) = out.last_chunk {
                 self.prefetch.want(
@@ -1564,6 +1568,7 @@ impl Vfs {
         if spill {
             file.lock().spill_behind(self.store(), self.opts.chunking)?;
         }
+        self.metrics.written(data.len());
         Ok(data.len() as u32)
     }
 
@@ -1770,6 +1775,28 @@ impl Vfs {
     /// written after their file's snapshot go in the next commit.
     pub fn commit(&self) -> FsResult<()> {
         let _one = self.commit_lock.lock();
+        let started = std::time::Instant::now();
+        match self.commit_locked() {
+            Ok(None) => Ok(()),
+            Ok(Some(merged)) => {
+                self.metrics.commit(started.elapsed(), Ok(merged));
+                Ok(())
+            }
+            Err(e) => {
+                self.metrics.commit(started.elapsed(), Err(()));
+                Err(e)
+            }
+        }
+    }
+
+    /// The mount's metrics (see [`crate::metrics`]).
+    pub fn metrics(&self) -> &Arc<crate::metrics::Metrics> {
+        &self.metrics
+    }
+
+    /// [`Vfs::commit`] with the commit lock held: `None` if there was
+    /// nothing to commit, else whether another client's changes were merged.
+    fn commit_locked(&self) -> FsResult<Option<bool>> {
         let store = self.store();
         // Whatever was leased until now is for this commit (every dirty file is
         // materialized below); leases taken from here on wait for the next.
@@ -1794,7 +1821,7 @@ impl Vfs {
         store.flush_writes()?;
         let mut st = self.state.lock();
         if !st.dirty {
-            return Ok(());
+            return Ok(None);
         }
         let root = st.build(store, self.opts.chunking, ROOT)?;
         let (inodes, table) = st.build_inodes(store, self.opts.chunking)?;
@@ -1818,7 +1845,8 @@ impl Vfs {
                 _ => false,
             })
             .collect();
-        if tree != ours {
+        let merged = tree != ours;
+        if merged {
             st.adopt(store, tree)?;
         } else {
             st.inodes = table;
@@ -1827,7 +1855,7 @@ impl Vfs {
             st.dirty_files.insert(ino);
             st.entry_changed(ino);
         }
-        Ok(())
+        Ok(Some(merged))
     }
 
     /// Commits local changes, or else adopts other clients' newer commit.
