@@ -458,6 +458,11 @@ impl RespDict {
         self.with_conn(|c| redis::cmd("INFO").arg(section).query(c))
     }
 
+    /// `CLUSTER NODES` of the node the URL names (for `fsclient status`).
+    pub fn cluster_nodes(&self) -> DictResult<String> {
+        self.with_conn(|c| redis::cmd("CLUSTER").arg("NODES").query(c))
+    }
+
     /// Whether the store is a Redis Cluster.
     pub fn is_cluster(&self) -> bool {
         self.cluster.is_some()

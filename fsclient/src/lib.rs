@@ -17,6 +17,7 @@ pub mod merge;
 pub mod metrics;
 pub mod mount;
 pub mod object;
+pub mod status;
 pub mod store;
 pub mod tree;
 pub mod vfs;

@@ -182,6 +182,18 @@ enum Command {
     },
     /// Unmount a mounted volume, committing what is written first.
     Umount { mountpoint: PathBuf },
+    /// One screen: the store's nodes and their state (up, suspect, down),
+    /// data short of its copies, the volume's size and last commits, a
+    /// running mount's uploads (--mount-metrics), and what to do about
+    /// anything wrong.
+    Status {
+        /// A running mount's --metrics-addr, for its commits and pending uploads.
+        #[arg(long, value_name = "HOST:PORT")]
+        mount_metrics: Option<String>,
+        /// Leave out the volume's sizes (they read every directory).
+        #[arg(long)]
+        quick: bool,
+    },
     /// Sizes of a version (default HEAD): logical bytes, bytes its distinct
     /// blobs take in the store, dedup ratio, blobs by type, history length.
     Stats {
@@ -944,6 +956,26 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 tree::update(s, root, &names, &mut |_| Ok(Some(entry.clone())))
             })
             .map_err(|e| fail("cannot restore", &path, e))?;
+        }
+        Command::Status { mount_metrics, quick } => {
+            use fsclient::status;
+            let topology = status::topology(&dict, &cli.store).map_err(Failure)?;
+            let sizes = if quick {
+                None
+            } else {
+                let (_, head) = v.head().map_err(|e| Failure(e.to_string()))?;
+                Some(history::stats(&store, head.tree()).map_err(|e| Failure(e.to_string()))?)
+            };
+            let mount = match mount_metrics {
+                Some(addr) => Some(status::mount_figures(
+                    &status::fetch_metrics(&addr).map_err(Failure)?,
+                )),
+                None => None,
+            };
+            print!(
+                "{}",
+                status::render(&topology, &v, sizes.as_ref(), mount.as_ref()).map_err(Failure)?
+            );
         }
         Command::Stats { at } => {
             let c = history::resolve(&v, &at).map_err(|e| fail("cannot find version", &at, e))?;

@@ -1064,6 +1064,30 @@ fn mount_metrics_parse_and_move_with_the_work_done() {
         value(&after, "fsclient_uploads_pending_bytes", None),
         Some(P::Gauge(_))
     ));
+    // `fsclient status` reads the same endpoint for its line on the mount.
+    let status = protocol_tests::fsclient_at(
+        &url(&kvd),
+        &[
+            "status",
+            "--quick",
+            "--mount-metrics",
+            &format!("127.0.0.1:{port}"),
+        ],
+    );
+    let screen = String::from_utf8_lossy(&status.stdout);
+    assert!(
+        status.status.success(),
+        "{}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+    // A commit may land between the scrape and the status: at least as many.
+    let shown: f64 = screen
+        .lines()
+        .find_map(|l| l.strip_prefix("mount:    "))
+        .and_then(|l| l.split_once(" commits (0 failed)"))
+        .and_then(|(n, _)| n.parse().ok())
+        .unwrap_or_else(|| panic!("no mount line: {screen}"));
+    assert!(shown >= commits, "{screen}");
 }
 
 #[test]

@@ -1362,3 +1362,53 @@ fn cluster_aware_clients_route_by_slot_and_ride_through_a_dead_node() {
     assert_eq!(pending, 0, "keys never answered again");
     assert!(secs < 5.0, "the keys answered again only after {secs} s");
 }
+
+/// `fsclient status` (issue 20): on a healthy replicated cluster it lists
+/// every node up and says all is well; with one node stopped it shows that
+/// node as not answering and says what to do, while the volume (its size and
+/// last commits) is still shown through the others.
+#[test]
+fn fsclient_status_shows_a_stopped_node_and_what_to_do() {
+    let mut c = Replicated::start(3, 3);
+    let url = format!("redis://{}", c.addr(0));
+    let status = || {
+        let out = protocol_tests::fsclient_at(&url, &["status"]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert!(protocol_tests::fsclient_at(&url, &["mkfs"]).status.success());
+    let local = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(local.path(), b"status check").unwrap();
+    let put = protocol_tests::fsclient_at(&url, &["put", local.path().to_str().unwrap(), "/f"]);
+    assert!(put.status.success());
+    let healthy = status();
+    assert!(
+        healthy.contains("3 copies of every key over 3 nodes"),
+        "{healthy}"
+    );
+    for i in 0..3 {
+        assert!(healthy.contains(&format!("{:<24} up", c.addr(i))), "{healthy}");
+    }
+    assert!(healthy.contains("files 1,"), "{healthy}");
+    assert!(healthy.contains("\"put /f\""), "{healthy}");
+    assert!(healthy.contains("all is well"), "{healthy}");
+
+    c.kill9(2);
+    let stopped = c.addr(2);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let shown = loop {
+        let s = status();
+        if s.contains(&format!("{stopped:<24} suspect")) {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "the stopped node never showed: {s}");
+        std::thread::sleep(Duration::from_millis(250));
+    };
+    assert!(
+        shown.contains(&format!("to do:    {stopped} does not answer")),
+        "{shown}"
+    );
+    // Three copies on three nodes: none is left to take its place.
+    assert!(shown.contains("start it again, or add a node"), "{shown}");
+    assert!(!shown.contains("all is well"), "{shown}");
+}
