@@ -10,6 +10,8 @@
 //! fstab lines carry (`_netdev`, `nofail`, `noauto`, `x-systemd.*`...), which
 //! are for mount(8) and systemd, not for us, and are passed over.
 
+use std::path::{Path, PathBuf};
+
 /// The name the helper is installed under: mount(8) runs it for the type
 /// `fuse.fsclient`.
 pub const HELPER: &str = "mount.fuse.fsclient";
@@ -153,6 +155,32 @@ pub fn with_line(fstab: &str, line: &str) -> String {
         out.push('\n');
     }
     out
+}
+
+/// Writes (or replaces) the line that mounts `volume` of `store` at
+/// `mountpoint` with `options`: in /etc/fstab, or the file `FSCLIENT_FSTAB`
+/// names. Written beside the file and renamed over it, so a crash leaves the
+/// old file or the new one. Returns the file and the line.
+pub fn update(
+    store: &str,
+    volume: &str,
+    mountpoint: &Path,
+    options: &[String],
+) -> Result<(PathBuf, String), String> {
+    let path = std::env::var_os("FSCLIENT_FSTAB").map_or_else(|| PathBuf::from("/etc/fstab"), PathBuf::from);
+    let dir = std::fs::canonicalize(mountpoint)
+        .map_err(|e| format!("cannot use '{}' as a mountpoint: {e}", mountpoint.display()))?;
+    let line = fstab_line(store, volume, &dir.to_string_lossy(), options);
+    let old = match std::fs::read_to_string(&path) {
+        Ok(s) => s,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
+    };
+    let tmp = path.with_extension("fsclient-new");
+    std::fs::write(&tmp, with_line(&old, &line))
+        .and_then(|()| std::fs::rename(&tmp, &path))
+        .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    Ok((path, line))
 }
 
 #[cfg(test)]

@@ -1,13 +1,16 @@
 //! dictfs's file system client: a whole file system as an immutable Merkle tree
 //! in a key-value store, changed by one atomic root swap.
 //!
-//! Data flows one way: the CLI -> [`volume`]
+//! Data flows one way: the command line ([`cli`], the grammar; [`ops`], the
+//! operations) -> [`volume`]
 //! (commits, conflicts) -> [`tree`] (path operations on immutable trees) and
 //! [`merge`] -> [`store`] (blobs, verification, cache) -> [`dict`] (the store).
 //! [`object`] defines the bytes; docs/FORMAT.md specifies them. A mount is
 //! [`mount`] (FUSE types, translation only) -> [`vfs`] (inodes, handles, the
 //! dirty overlay, commits) -> the same layers.
 
+pub mod cli;
+pub mod daemon;
 pub mod dict;
 pub mod fstab;
 pub mod gc;
@@ -17,6 +20,7 @@ pub mod merge;
 pub mod metrics;
 pub mod mount;
 pub mod object;
+pub mod ops;
 pub mod status;
 pub mod store;
 pub mod tree;

@@ -470,3 +470,59 @@ fn a_store_refusing_writes_fails_the_put_with_its_error() {
         "the failed put left /big in the volume"
     );
 }
+
+/// `fsclient man DIR` writes a manual page per subcommand that man(1) can
+/// render, and `fsclient completions bash` is a script bash loads that
+/// completes the subcommands (both generated from the one clap grammar).
+#[test]
+fn manual_pages_and_shell_completions_are_generated_from_the_grammar() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(fsclient_bin())
+        .arg("man")
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    for page in [
+        "fsclient.1",
+        "fsclient-mount.1",
+        "fsclient-snapshot-create.1",
+        "fsclient-gc.1",
+    ] {
+        let text = std::fs::read_to_string(dir.path().join(page)).unwrap();
+        assert!(text.contains(".TH"), "{page} is not a manual page:\n{text}");
+    }
+    let mount = std::fs::read_to_string(dir.path().join("fsclient-mount.1")).unwrap();
+    assert!(mount.contains("update\\-fstab"), "{mount}");
+    if Path::new("/usr/bin/man").exists() {
+        let shown = Command::new("man")
+            .arg("-l")
+            .arg(dir.path().join("fsclient-mount.1"))
+            .env("MANPAGER", "cat")
+            .env("MANWIDTH", "100")
+            .output()
+            .unwrap();
+        let shown = String::from_utf8_lossy(&shown.stdout);
+        assert!(shown.contains("fsclient-mount"), "man -l printed: {shown}");
+    }
+
+    let script = Command::new(fsclient_bin())
+        .args(["completions", "bash"])
+        .output()
+        .unwrap();
+    assert!(script.status.success());
+    let file = dir.path().join("fsclient.bash");
+    std::fs::write(&file, &script.stdout).unwrap();
+    // What bash offers after `fsclient sn<TAB>` and `fsclient mount --up<TAB>`.
+    let complete = |words: &str| -> String {
+        let probe = format!(
+            "source '{}'; COMP_WORDS=({words}); COMP_CWORD=$((${{#COMP_WORDS[@]}}-1)); COMP_LINE='{words}'; COMP_POINT=${{#COMP_LINE}}; _fsclient fsclient \"${{COMP_WORDS[COMP_CWORD]}}\" \"${{COMP_WORDS[COMP_CWORD-1]}}\"; echo \"${{COMPREPLY[*]}}\"",
+            file.display()
+        );
+        let out = Command::new("bash").args(["-c", &probe]).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    assert_eq!(complete("fsclient sn"), "snapshot");
+    assert_eq!(complete("fsclient mount --up"), "--update-fstab");
+}
