@@ -57,6 +57,8 @@ const NOT_MEASURES: &[&str] = &[
     "configured_hz",
     "lru_clock",
     "rdb_last_save_time",
+    "master_replid",
+    "master_replid2",
 ];
 
 /// Sections whose numeric fields are exported one metric each.

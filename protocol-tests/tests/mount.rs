@@ -1861,3 +1861,76 @@ fn access_times_follow_relatime_and_survive_a_remount() {
     );
     assert!(m.stop(), "unmount failed");
 }
+
+/// Every metric the Grafana dashboard (dist/grafana/dictfs.json) queries is
+/// one a kvd node of a replicated cluster or a mount serves: a renamed metric
+/// fails here instead of leaving an empty panel.
+#[test]
+fn the_grafana_dashboard_asks_only_for_metrics_kvd_and_the_mount_serve() {
+    let (kvd_metrics, mount_metrics) = (protocol_tests::free_port(), protocol_tests::free_port());
+    let port = protocol_tests::free_port();
+    let dir = tempfile::tempdir().unwrap();
+    let (me, metrics_addr) = (format!("127.0.0.1:{port}"), format!("127.0.0.1:{kvd_metrics}"));
+    let kvd = Server::kvd_with_env(
+        port,
+        dir.path(),
+        &[
+            "--replicas",
+            "1",
+            "--peers",
+            &me,
+            "--cluster-secret",
+            "s",
+            "--metrics-addr",
+            &metrics_addr,
+        ],
+        &[],
+    )
+    .unwrap();
+    let m = Mount::start(
+        &url(&kvd),
+        "main",
+        &["--metrics-addr", &format!("127.0.0.1:{mount_metrics}")],
+    )
+    .unwrap();
+    fs::write(m.path().join("f"), b"scraped").unwrap();
+    File::open(m.path().join("f")).unwrap().sync_all().unwrap();
+    assert_eq!(fs::read(m.path().join("f")).unwrap(), b"scraped");
+    // Errors are counted by kind once there is one.
+    assert!(kvd
+        .connect()
+        .unwrap()
+        .call(&["NOSUCHCOMMAND"])
+        .unwrap()
+        .is_error());
+    let mut served = std::collections::HashSet::new();
+    for port in [kvd_metrics, mount_metrics] {
+        let (_, body) = protocol_tests::http_get(port, "/metrics").unwrap();
+        for l in body.lines().filter(|l| !l.starts_with('#') && !l.is_empty()) {
+            let name = l.split(['{', ' ']).next().unwrap();
+            served.insert(name.to_string());
+        }
+    }
+    let dashboard: serde_json::Value = serde_json::from_str(
+        &fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../dist/grafana/dictfs.json"))
+            .unwrap(),
+    )
+    .unwrap();
+    let mut asked = Vec::new();
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().into_iter().flatten() {
+            let expr = target["expr"].as_str().unwrap();
+            for word in expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+                if word.starts_with("kvd_") || word.starts_with("fsclient_") {
+                    asked.push(word.to_string());
+                }
+            }
+        }
+    }
+    assert!(asked.len() > 20, "{asked:?}");
+    let missing: Vec<&String> = asked.iter().filter(|n| !served.contains(*n)).collect();
+    assert!(
+        missing.is_empty(),
+        "the dashboard asks for {missing:?}, which nothing serves"
+    );
+}
