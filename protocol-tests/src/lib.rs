@@ -1116,7 +1116,13 @@ impl Replicated {
     /// Starts `n` nodes keeping each key on `replicas` of them, each started
     /// with `args` too (such as `--down-after 3s`).
     pub fn start_with_args(n: usize, replicas: usize, args: &[&str]) -> Replicated {
-        let mut c = Replicated::unstarted(n, replicas, &[]);
+        Replicated::start_with(n, replicas, &[], args)
+    }
+
+    /// Starts `n` nodes with the environment `env` and the arguments `args`,
+    /// which nodes added later get too.
+    pub fn start_with(n: usize, replicas: usize, env: &[(&str, &str)], args: &[&str]) -> Replicated {
+        let mut c = Replicated::unstarted(n, replicas, env);
         c.args = args.iter().map(|a| a.to_string()).collect();
         for i in 0..n {
             c.restart(i);

@@ -413,6 +413,10 @@ fn internal(shared: &Arc<Shared>, rep: &Arc<Replicas>, session: &mut Session, ar
             };
         }
         ("kvd.join", 2) => return rep.join(String::from_utf8_lossy(&args[1]).into_owned()),
+        ("kvd.forgotten", 1) => {
+            rep.left.store(true, std::sync::atomic::Ordering::Relaxed);
+            return Reply::OK;
+        }
         ("kvd.purge", 3) => {
             let Some(dead) = Record::decode(&args[2]) else {
                 return bad();

@@ -17,12 +17,15 @@
 //! the reconfiguration's vote lets one membership win.
 //!
 //! A node that is not a member — a new one started with `--seed`, or one
-//! taken out while it was away — asks a seed (or a member it remembers) to
-//! add it (`KVD.JOIN`); the member runs the reconfiguration. One taken out
-//! while it runs (`CLUSTER FORGET`, `CLUSTER LEAVE`) does not ask until it
-//! is restarted. A returning
-//! node's old records serve only as a source: the reconfiguration installs
-//! what it now holds above them, and it drops the rest.
+//! taken out while it was away (asleep or switched off past `--down-after`,
+//! whether it restarts or just wakes up) — asks a seed (or a member it
+//! remembers) to add it (`KVD.JOIN`); the member runs the reconfiguration. A
+//! seed that is not a member itself answers with the membership it knows,
+//! whose members the node asks next. A node told to leave while it runs
+//! (`CLUSTER LEAVE` on it, or `CLUSTER FORGET` of it from a member, which
+//! tells it with `KVD.FORGOTTEN`) does not ask until it is restarted. A
+//! returning node's old records serve only as a source: the reconfiguration
+//! installs what it now holds above them, and it drops the rest.
 //!
 //! Probing every member from every node costs n² small calls a second: fine
 //! for the desktops of a home or an office; thousands of nodes would need
@@ -47,9 +50,6 @@ const JOIN_EVERY: Duration = Duration::from_secs(2);
 pub fn spawn(shared: Arc<Shared>, rep: Arc<Replicas>) {
     tokio::spawn(async move {
         let mut last_join = None::<Instant>;
-        // A node taken out while it runs (CLUSTER FORGET, LEAVE, or found
-        // down by the others) does not ask back in until it restarts.
-        let mut member_this_run = false;
         loop {
             tokio::select! {
                 _ = shared.shutdown.cancelled() => return,
@@ -57,13 +57,13 @@ pub fn spawn(shared: Arc<Shared>, rep: Arc<Replicas>) {
             }
             let layout = rep.layout();
             if layout.me.is_none() {
-                if !member_this_run && last_join.is_none_or(|t| t.elapsed() >= JOIN_EVERY) {
+                let told_to_leave = rep.left.load(Ordering::Relaxed);
+                if !told_to_leave && last_join.is_none_or(|t| t.elapsed() >= JOIN_EVERY) {
                     last_join = Some(Instant::now());
                     rep.ask_to_join().await;
                 }
                 continue;
             }
-            member_this_run = true;
             rep.probe_members().await;
             rep.take_out_the_down().await;
         }
@@ -82,16 +82,30 @@ impl Replicas {
             let rep = self.clone();
             let addr = addr.clone();
             async move {
-                let ok = !rep.is_cut_off(&addr)
-                    && matches!(
-                        tokio::time::timeout(
-                            PROBE_TIMEOUT,
-                            rep.peers.call(&addr, &[Bytes::from_static(b"KVD.CONFIG")])
-                        )
-                        .await,
-                        Ok(Ok(Reply::Bulk(_)))
-                    );
-                rep.reached(&addr, ok);
+                let answer = match rep.is_cut_off(&addr) {
+                    true => None,
+                    false => match tokio::time::timeout(
+                        PROBE_TIMEOUT,
+                        rep.peers.call(&addr, &[Bytes::from_static(b"KVD.CONFIG")]),
+                    )
+                    .await
+                    {
+                        Ok(Ok(Reply::Bulk(text))) => Some(text),
+                        _ => None,
+                    },
+                };
+                rep.reached(&addr, answer.is_some());
+                // A newer membership than ours (this node was away while it
+                // changed, perhaps taken out): take it now, not at the next
+                // refusal.
+                let newer = answer
+                    .as_deref()
+                    .and_then(|t| std::str::from_utf8(t).ok())
+                    .and_then(|t| super::layout::Layout::decode(t, &rep.addr))
+                    .filter(|l| l.version > rep.layout().version);
+                if let Some(newer) = newer {
+                    let _ = rep.adopt(newer);
+                }
             }
         });
         futures::future::join_all(calls).await;
@@ -184,21 +198,31 @@ impl Replicas {
                     // Added already, or being added: take the membership as
                     // the contact has it (the activation message may have
                     // been missed, and nothing else would tell us).
-                    let ask = [Bytes::from_static(b"KVD.CONFIG")];
-                    let config = self.peers.call(&contact, &ask);
-                    if let Ok(Ok(Reply::Bulk(text))) = tokio::time::timeout(PROBE_TIMEOUT, config).await {
-                        let newer = std::str::from_utf8(&text)
-                            .ok()
-                            .and_then(|t| super::layout::Layout::decode(t, &self.addr));
-                        if let Some(newer) = newer.filter(|l| l.version > layout.version) {
-                            let _ = self.adopt(newer);
-                        }
-                    }
+                    self.learn_membership_from(&contact).await;
                     return;
                 }
-                Ok(Ok(reply)) => tracing::info!("{contact} did not add this node yet: {reply:?}"),
+                Ok(Ok(reply)) => {
+                    tracing::info!("{contact} did not add this node yet: {reply:?}");
+                    // A contact that is no member itself (a seed taken out
+                    // since) still knows who is: ask them next time.
+                    self.learn_membership_from(&contact).await;
+                }
                 Ok(Err(e)) => tracing::debug!("{contact}: {e}"),
                 Err(_) => tracing::debug!("{contact}: no answer"),
+            }
+        }
+    }
+
+    /// Adopts `contact`'s membership if it is newer than this node's.
+    async fn learn_membership_from(&self, contact: &str) {
+        let ask = [Bytes::from_static(b"KVD.CONFIG")];
+        let config = self.peers.call(contact, &ask);
+        if let Ok(Ok(Reply::Bulk(text))) = tokio::time::timeout(PROBE_TIMEOUT, config).await {
+            let newer = std::str::from_utf8(&text)
+                .ok()
+                .and_then(|t| super::layout::Layout::decode(t, &self.addr));
+            if let Some(newer) = newer.filter(|l| l.version > self.layout().version) {
+                let _ = self.adopt(newer);
             }
         }
     }
@@ -236,6 +260,18 @@ impl Replicas {
         if rest.is_empty() {
             return Reply::error("ERR a cluster cannot forget its last node");
         }
-        self.reconfigure(rest).await
+        let reply = self.reconfigure(rest).await;
+        if reply.is_error() {
+            return reply;
+        }
+        // Told to leave, it does not ask to be added again (one that does
+        // not answer now, being away, will ask when it is back).
+        if addr == self.addr {
+            self.left.store(true, Ordering::Relaxed);
+        } else {
+            let tell = [Bytes::from_static(b"KVD.FORGOTTEN")];
+            let _ = tokio::time::timeout(PROBE_TIMEOUT, self.peers.call(addr, &tell)).await;
+        }
+        reply
     }
 }

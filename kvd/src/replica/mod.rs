@@ -117,6 +117,11 @@ pub struct Replicas {
     /// next answer): suspect, and down past `down_after` ([`health`]).
     unreachable: parking_lot::Mutex<std::collections::HashMap<String, std::time::Instant>>,
     seeds: Vec<String>,
+    /// Set when this node was told to leave: `CLUSTER LEAVE` on it, or
+    /// `CLUSTER FORGET` of it from a member while it ran (`KVD.FORGOTTEN`).
+    /// Until it restarts it does not ask to be added again; a node taken out
+    /// only because it was away (down) asks as soon as it is back.
+    pub(crate) left: std::sync::atomic::AtomicBool,
     down_after: std::time::Duration,
     /// Fault injection for tests (`KVD.PARTITION`, with `KVD_FAILPOINTS=partition`):
     /// nodes this node's peer calls pretend they cannot reach.
@@ -153,6 +158,7 @@ impl Replicas {
             reconfiguring: tokio::sync::Mutex::new(()),
             unreachable: Default::default(),
             seeds: options.seeds,
+            left: std::sync::atomic::AtomicBool::new(false),
             down_after: options.down_after,
             cut_off: Default::default(),
             stats: Stats::default(),
