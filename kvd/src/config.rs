@@ -50,6 +50,22 @@ pub struct Config {
     pub latency_tracking: bool,
     /// Redis's `latency-tracking-info-percentiles`.
     pub latency_tracking_info_percentiles: Vec<f64>,
+    /// Redis's `tls-port` (0: no TLS) and the files it serves with
+    /// ([`crate::tls`]).
+    pub tls_port: u16,
+    pub tls_cert_file: Option<PathBuf>,
+    pub tls_key_file: Option<PathBuf>,
+    pub tls_ca_cert_file: Option<PathBuf>,
+    pub tls_auth_clients: TlsAuthClients,
+}
+
+/// Redis's `tls-auth-clients`: whether TLS clients must show a certificate
+/// signed by `tls-ca-cert-file`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TlsAuthClients {
+    Yes,
+    No,
+    Optional,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -81,8 +97,21 @@ impl Default for Config {
             databases: 16,
             latency_tracking: true,
             latency_tracking_info_percentiles: vec![50.0, 99.0, 99.9],
+            tls_port: 0,
+            tls_cert_file: None,
+            tls_key_file: None,
+            tls_ca_cert_file: None,
+            tls_auth_clients: TlsAuthClients::Yes,
         }
     }
+}
+
+fn path_text(p: &Option<PathBuf>) -> String {
+    p.as_ref().map(|p| p.display().to_string()).unwrap_or_default()
+}
+
+fn path_setting(value: &str) -> Option<PathBuf> {
+    (!value.is_empty()).then(|| PathBuf::from(value))
 }
 
 /// Names `CONFIG GET` answers, in the order it lists them.
@@ -106,6 +135,11 @@ pub const NAMES: &[&str] = &[
     "latency-tracking",
     "latency-tracking-info-percentiles",
     "databases",
+    "tls-port",
+    "tls-cert-file",
+    "tls-key-file",
+    "tls-ca-cert-file",
+    "tls-auth-clients",
     // Read-only facts clients such as redis-benchmark ask about: kvd writes no RDB
     // snapshots and no AOF.
     "save",
@@ -152,6 +186,16 @@ impl Config {
             }
             .into(),
             "databases" => self.databases.to_string(),
+            "tls-port" => self.tls_port.to_string(),
+            "tls-cert-file" => path_text(&self.tls_cert_file),
+            "tls-key-file" => path_text(&self.tls_key_file),
+            "tls-ca-cert-file" => path_text(&self.tls_ca_cert_file),
+            "tls-auth-clients" => match self.tls_auth_clients {
+                TlsAuthClients::Yes => "yes",
+                TlsAuthClients::No => "no",
+                TlsAuthClients::Optional => "optional",
+            }
+            .into(),
             "latency-tracking" => if self.latency_tracking { "yes" } else { "no" }.into(),
             "latency-tracking-info-percentiles" => self
                 .latency_tracking_info_percentiles
@@ -225,8 +269,23 @@ impl Config {
                     _ => return Err("argument must be 'yes' or 'no'".into()),
                 }
             }
-            "bind" | "port" | "dir" | "threads" | "storage" | "segment-size" | "databases" if at_runtime => {
+            "bind" | "port" | "dir" | "threads" | "storage" | "segment-size" | "databases" | "tls-port"
+            | "tls-cert-file" | "tls-key-file" | "tls-ca-cert-file" | "tls-auth-clients"
+                if at_runtime =>
+            {
                 return Err("can't set immutable config".into())
+            }
+            "tls-port" => self.tls_port = value.parse().map_err(|_| bad(""))?,
+            "tls-cert-file" => self.tls_cert_file = path_setting(value),
+            "tls-key-file" => self.tls_key_file = path_setting(value),
+            "tls-ca-cert-file" => self.tls_ca_cert_file = path_setting(value),
+            "tls-auth-clients" => {
+                self.tls_auth_clients = match value.to_ascii_lowercase().as_str() {
+                    "yes" => TlsAuthClients::Yes,
+                    "no" => TlsAuthClients::No,
+                    "optional" => TlsAuthClients::Optional,
+                    _ => return Err("argument(s) must be one of the following: no, yes, optional".into()),
+                }
             }
             "threads" => {
                 self.threads = value

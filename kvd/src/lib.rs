@@ -29,3 +29,4 @@ pub mod shared;
 pub mod stats;
 pub mod store;
 pub mod sync;
+pub mod tls;

@@ -32,6 +32,23 @@ struct Cli {
     /// TCP port (7379 by default, so kvd never clashes with a local Redis on 6379).
     #[arg(long)]
     port: Option<u16>,
+    /// Also serve clients over TLS on this port (Redis's `tls-port`; needs
+    /// --tls-cert-file and --tls-key-file). `--port 0` leaves only TLS.
+    #[arg(long, value_name = "PORT")]
+    tls_port: Option<u16>,
+    /// The server's certificate chain (PEM).
+    #[arg(long, value_name = "FILE")]
+    tls_cert_file: Option<PathBuf>,
+    /// The server's private key (PEM).
+    #[arg(long, value_name = "FILE")]
+    tls_key_file: Option<PathBuf>,
+    /// CA certificates (PEM) that client certificates must be signed by.
+    #[arg(long, value_name = "FILE")]
+    tls_ca_cert_file: Option<PathBuf>,
+    /// With --tls-ca-cert-file: `yes` (the default, as Redis) requires a
+    /// client certificate, `optional` checks one if offered, `no` never asks.
+    #[arg(long, value_name = "yes|no|optional")]
+    tls_auth_clients: Option<String>,
     /// Password clients must give with AUTH or HELLO ... AUTH.
     #[arg(long, env = "KVD_REQUIREPASS", hide_env_values = true)]
     requirepass: Option<String>,
@@ -253,6 +270,12 @@ fn build_config(cli: &Cli) -> anyhow::Result<Config> {
     set("maxclients", cli.maxclients.map(|n| n.to_string()))?;
     set("dir", cli.dir.as_ref().map(|d| d.display().to_string()))?;
     set("databases", cli.databases.map(|n| n.to_string()))?;
+    set("tls-port", cli.tls_port.map(|n| n.to_string()))?;
+    let path = |p: &Option<PathBuf>| p.as_ref().map(|p| p.display().to_string());
+    set("tls-cert-file", path(&cli.tls_cert_file))?;
+    set("tls-key-file", path(&cli.tls_key_file))?;
+    set("tls-ca-cert-file", path(&cli.tls_ca_cert_file))?;
+    set("tls-auth-clients", cli.tls_auth_clients.clone())?;
     set("timeout", cli.timeout.map(|n| n.to_string()))?;
     set("threads", cli.threads.map(|n| n.to_string()))?;
     set("storage", cli.storage.clone())?;

@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use futures::FutureExt;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpListener;
 
 use crate::clients::ClientHandle;
 use crate::command;
@@ -42,29 +42,38 @@ const SHRINK_AFTER: Duration = Duration::from_secs(2);
 
 /// Binds every address in `config.bind` and serves until shutdown.
 pub async fn run(shared: Arc<Shared>) -> anyhow::Result<()> {
-    let (bind, port) = {
+    let (bind, port, tls_port) = {
         let c = shared.config.read();
-        (c.bind.clone(), c.port)
+        (c.bind.clone(), c.port, c.tls_port)
     };
+    let tls = crate::tls::acceptor(&shared.config.read())?;
+    if port == 0 && tls.is_none() {
+        anyhow::bail!("port 0 turns the plain port off, and no tls-port is set: nothing to listen on");
+    }
+    // `port 0` (as in Redis) serves TLS only.
+    let ports = [(port, None), (tls_port, tls)];
     let mut listeners = Vec::new();
-    for host in bind.split_whitespace() {
-        let addr = format!("{host}:{port}");
-        let listener = listen(&addr)
-            .await
-            .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
-        tracing::info!(
-            "kvd {} ready to accept connections on {addr}",
-            env!("CARGO_PKG_VERSION")
-        );
-        listeners.push(listener);
+    for (port, tls) in ports.into_iter().filter(|(p, _)| *p != 0) {
+        for host in bind.split_whitespace() {
+            let addr = format!("{host}:{port}");
+            let listener = listen(&addr)
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
+            tracing::info!(
+                "kvd {} ready to accept {}connections on {addr}",
+                env!("CARGO_PKG_VERSION"),
+                if tls.is_some() { "TLS " } else { "" }
+            );
+            listeners.push((listener, tls.clone()));
+        }
     }
     if shared.config.read().requirepass.is_none() && !bind.split_whitespace().all(is_loopback) {
         tracing::warn!("listening on a non-loopback address without --requirepass: anyone who can reach it can read and change every key");
     }
     tokio::spawn(housekeeping(shared.clone()));
     let mut tasks = Vec::new();
-    for listener in listeners {
-        tasks.push(tokio::spawn(accept_loop(shared.clone(), listener)));
+    for (listener, tls) in listeners {
+        tasks.push(tokio::spawn(accept_loop(shared.clone(), listener, tls)));
     }
     // Under systemd (`Type=notify`, dist/systemd/kvd@.service): ready once
     // every address listens and the data is loaded. Without NOTIFY_SOCKET
@@ -112,7 +121,11 @@ fn is_loopback(host: &str) -> bool {
     host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
-async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
+/// How long a TLS client may take over its handshake before it is dropped
+/// (it holds a client slot meanwhile).
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, tls: Option<tokio_rustls::TlsAcceptor>) {
     loop {
         let (socket, addr) = match listener.accept().await {
             Ok(conn) => conn,
@@ -147,6 +160,7 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
             shared: shared.clone(),
             id: client.id,
         };
+        let tls = tls.clone();
         tokio::spawn(async move {
             let shared = slot.shared.clone();
             let id = slot.id;
@@ -154,9 +168,22 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
             // A bug that panics while serving one connection must cost only that
             // connection: the panic is caught here, logged, and the session's
             // subscriptions and watches are released like any other close.
-            let served = std::panic::AssertUnwindSafe(serve(&shared, &mut session, socket))
-                .catch_unwind()
-                .await;
+            let serving = async {
+                match tls {
+                    None => {
+                        let (rd, wr) = socket.into_split();
+                        serve(&shared, &mut session, rd, wr).await
+                    }
+                    Some(tls) => {
+                        let stream = tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, tls.accept(socket))
+                            .await
+                            .map_err(|_| std::io::Error::other("TLS handshake timed out"))??;
+                        let (rd, wr) = tokio::io::split(stream);
+                        serve(&shared, &mut session, rd, wr).await
+                    }
+                }
+            };
+            let served = std::panic::AssertUnwindSafe(serving).catch_unwind().await;
             match served {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => tracing::debug!(client = id, "connection ended: {e}"),
@@ -196,8 +223,12 @@ fn panic_text(panic: &(dyn std::any::Any + Send)) -> &str {
 }
 
 /// Runs one connection until it closes, is killed, or the server shuts down.
-async fn serve(shared: &Arc<Shared>, session: &mut Session, socket: TcpStream) -> std::io::Result<()> {
-    let (mut rd, mut wr) = socket.into_split();
+async fn serve<R: Incoming, W: AsyncWrite + Unpin + Send>(
+    shared: &Arc<Shared>,
+    session: &mut Session,
+    mut rd: R,
+    mut wr: W,
+) -> std::io::Result<()> {
     // The buffers get memory when there is something to put in them: a
     // connection that never sends costs none (a storm of connections opened
     // and dropped left the allocator holding their buffers).
@@ -356,21 +387,13 @@ async fn serve(shared: &Arc<Shared>, session: &mut Session, socket: TcpStream) -
                 }
                 wbuf = BytesMut::new();
             }
-            ready = rd.readable() => {
-                ready?;
-                rbuf.reserve(16 * 1024);
-                // Through `poll_read` (without waiting), not `try_read`: a read
-                // that does not fill the space offered tells tokio the socket is
-                // drained, where `try_read` needs a second read that fails with
-                // EAGAIN before the next wait. At pipeline 1 that was a system
-                // call per request more than Redis makes.
-                match rd.read_buf(&mut rbuf).now_or_never() {
+            read = rd.fill(&mut rbuf) => {
+                match read? {
                     None => {} // the readiness was stale: wait again
-                    Some(Ok(0)) => return Ok(()),
-                    Some(Ok(n)) => {
+                    Some(0) => return Ok(()),
+                    Some(n) => {
                         shared.stats.net_input_bytes.fetch_add(n as u64, Ordering::Relaxed);
                     }
-                    Some(Err(e)) => return Err(e),
                 }
             }
             Some(msg) = message => {
@@ -438,6 +461,40 @@ fn push_message(msg: Message) -> Reply {
 /// down. Made once per connection and polled by every wait on the socket, so
 /// its two waiters are registered once, not once per request (their locking
 /// was a few percent of the server's CPU at pipeline 1).
+/// The read side of a connection: plain TCP or TLS.
+trait Incoming: AsyncRead + Unpin + Send {
+    /// Waits for bytes and appends what is there to `buf`: the count (0 at
+    /// the end of the stream), or `None` when a wakeup found nothing.
+    fn fill<'a>(
+        &'a mut self,
+        buf: &'a mut BytesMut,
+    ) -> impl std::future::Future<Output = std::io::Result<Option<usize>>> + Send + 'a;
+}
+
+impl Incoming for tokio::net::tcp::OwnedReadHalf {
+    async fn fill(&mut self, buf: &mut BytesMut) -> std::io::Result<Option<usize>> {
+        self.readable().await?;
+        // Memory only once there is something to put in it.
+        buf.reserve(16 * 1024);
+        // Through `poll_read` (without waiting), not `try_read`: a read that
+        // does not fill the space offered tells tokio the socket is drained,
+        // where `try_read` needs a second read that fails with EAGAIN before
+        // the next wait. At pipeline 1 that was a system call per request
+        // more than Redis makes.
+        self.read_buf(buf).now_or_never().transpose()
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin + Send> Incoming for tokio::io::ReadHalf<S> {
+    async fn fill(&mut self, buf: &mut BytesMut) -> std::io::Result<Option<usize>> {
+        // TLS has no readiness to wait on without reading: the record layer
+        // decides when bytes are there. A read cancelled by another branch
+        // of the connection's select loses nothing (rustls buffers).
+        buf.reserve(16 * 1024);
+        self.read_buf(buf).await.map(Some)
+    }
+}
+
 type Stop<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'a>>;
 
 fn stop_signal<'a>(shared: &'a Shared, client: &'a ClientHandle) -> Stop<'a> {
@@ -457,7 +514,7 @@ async fn flush(
     shared: &Shared,
     session: &mut Session,
     stop: &mut Stop<'_>,
-    wr: &mut tokio::net::tcp::OwnedWriteHalf,
+    wr: &mut (impl AsyncWrite + Unpin),
     wbuf: &mut BytesMut,
 ) -> std::io::Result<bool> {
     flush_with(shared, session, stop, wr, wbuf, None).await
@@ -468,7 +525,7 @@ async fn flush_with(
     shared: &Shared,
     session: &mut Session,
     stop: &mut Stop<'_>,
-    wr: &mut tokio::net::tcp::OwnedWriteHalf,
+    wr: &mut (impl AsyncWrite + Unpin),
     wbuf: &mut BytesMut,
     tail: Option<Bytes>,
 ) -> std::io::Result<bool> {
@@ -507,7 +564,7 @@ async fn flush_with(
 /// Writes all of `out` (up to two slices), with writev so the buffered
 /// replies and a large value leave in one system call.
 async fn write_all_vectored(
-    wr: &mut tokio::net::tcp::OwnedWriteHalf,
+    wr: &mut (impl AsyncWrite + Unpin),
     out: &mut impl bytes::Buf,
 ) -> std::io::Result<()> {
     while out.has_remaining() {

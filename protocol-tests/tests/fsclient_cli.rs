@@ -247,22 +247,24 @@ fn snapshots_diff_restore_and_fsck() {
     );
 }
 
-/// A redis-server that speaks only TLS, with a certificate from a CA made for
-/// the test (openssl), killed on drop.
-struct TlsRedis {
+/// A server (redis-server or kvd) that speaks only TLS (`--port 0`), with
+/// certificates from a CA made for the test (openssl): the server's, and a
+/// client's (`client.crt`, `client.key`). Killed on drop.
+struct TlsServer {
     child: std::process::Child,
     port: u16,
     dir: tempfile::TempDir,
 }
 
-impl Drop for TlsRedis {
+impl Drop for TlsServer {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
 }
 
-fn tls_redis() -> TlsRedis {
+/// `program` is `redis-server` or `kvd`; `auth_clients` is `tls-auth-clients`.
+fn tls_server(program: &str, auth_clients: &str) -> TlsServer {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let sh = |cmd: &str| protocol_tests::sh(cmd, d);
@@ -270,19 +272,32 @@ fn tls_redis() -> TlsRedis {
     sh("openssl req -newkey rsa:2048 -nodes -keyout server.key -out server.csr -subj /CN=localhost");
     sh("printf 'subjectAltName=IP:127.0.0.1,DNS:localhost' > ext && \
         openssl x509 -req -in server.csr -CA ca.crt -CAkey ca.key -CAcreateserial -out server.crt -days 2 -extfile ext");
+    // X.509 v3 (an extension makes it so): v1 certificates are refused by
+    // rustls's verifier, as by most modern ones.
+    sh("openssl req -newkey rsa:2048 -nodes -keyout client.key -out client.csr -subj /CN=client && \
+        printf 'extendedKeyUsage=clientAuth' > cext && \
+        openssl x509 -req -in client.csr -CA ca.crt -CAkey ca.key -CAcreateserial -out client.crt -days 2 -extfile cext");
     let port = protocol_tests::free_port();
-    let child = Command::new("redis-server")
-        .args([
-            "--port",
-            "0",
-            "--tls-port",
-            &port.to_string(),
-            "--bind",
-            "127.0.0.1",
-        ])
-        .args(["--tls-cert-file", "server.crt", "--tls-key-file", "server.key"])
-        .args(["--tls-ca-cert-file", "ca.crt", "--tls-auth-clients", "no"])
-        .args(["--save", "", "--appendonly", "no"])
+    let bin = match program {
+        "kvd" => protocol_tests::kvd_bin(),
+        _ => std::path::PathBuf::from("redis-server"),
+    };
+    let mut cmd = Command::new(bin);
+    cmd.args([
+        "--port",
+        "0",
+        "--tls-port",
+        &port.to_string(),
+        "--bind",
+        "127.0.0.1",
+    ])
+    .args(["--tls-cert-file", "server.crt", "--tls-key-file", "server.key"])
+    .args(["--tls-ca-cert-file", "ca.crt", "--tls-auth-clients", auth_clients]);
+    match program {
+        "kvd" => cmd.args(["--dir", "."]).env("KVD_LOG", "warn"),
+        _ => cmd.args(["--save", "", "--appendonly", "no"]),
+    };
+    let child = cmd
         .current_dir(d)
         .stdout(std::process::Stdio::null())
         .spawn()
@@ -291,45 +306,124 @@ fn tls_redis() -> TlsRedis {
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
         assert!(
             std::time::Instant::now() < deadline,
-            "TLS redis-server did not start"
+            "TLS {program} did not start"
         );
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
-    TlsRedis { child, port, dir }
+    TlsServer { child, port, dir }
 }
 
+/// fsclient over `rediss://` to redis-server and to kvd, both on a TLS-only
+/// port: the server's certificate checked against `SSL_CERT_FILE`, refused
+/// when nobody vouches for it, accepted with `#insecure`.
 #[test]
 fn tls_store_with_rediss_urls() {
     require_redis();
-    let r = tls_redis();
-    let url = format!("rediss://127.0.0.1:{}", r.port);
-    let ca = r.dir.path().join("ca.crt");
-    let run = |url: &str, trust: bool, args: &[&str]| {
-        let mut c = Command::new(fsclient_bin());
-        if trust {
-            c.env("SSL_CERT_FILE", &ca);
-        }
-        c.args(["--store", url]).args(args).output().unwrap()
-    };
-    let out = run(&url, true, &["mkfs"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let src = tempfile::tempdir().unwrap();
-    make_tree(src.path());
-    assert!(run(&url, true, &["put", src.path().to_str().unwrap(), "/t"])
-        .status
-        .success());
-    let dst = tempfile::tempdir().unwrap();
-    let out = run(&url, true, &["get", "/t", dst.path().join("t").to_str().unwrap()]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    same_trees(src.path(), &dst.path().join("t"));
-    // A certificate nobody vouches for is refused, with the reason.
-    let out = run(&url, false, &["ls", "/"]);
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("certificate"));
-    // Unless the user says so.
-    let out = run(&format!("{url}/#insecure"), false, &["ls", "/"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "t");
+    for program in ["redis-server", "kvd"] {
+        let r = tls_server(program, "no");
+        let url = format!("rediss://127.0.0.1:{}", r.port);
+        let ca = r.dir.path().join("ca.crt");
+        let run = |url: &str, trust: bool, args: &[&str]| {
+            let mut c = Command::new(fsclient_bin());
+            if trust {
+                c.env("SSL_CERT_FILE", &ca);
+            }
+            c.args(["--store", url]).args(args).output().unwrap()
+        };
+        let out = run(&url, true, &["mkfs"]);
+        assert!(
+            out.status.success(),
+            "{program}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let src = tempfile::tempdir().unwrap();
+        make_tree(src.path());
+        assert!(run(&url, true, &["put", src.path().to_str().unwrap(), "/t"])
+            .status
+            .success());
+        let dst = tempfile::tempdir().unwrap();
+        let out = run(&url, true, &["get", "/t", dst.path().join("t").to_str().unwrap()]);
+        assert!(
+            out.status.success(),
+            "{program}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        same_trees(src.path(), &dst.path().join("t"));
+        // A certificate nobody vouches for is refused, with the reason.
+        let out = run(&url, false, &["ls", "/"]);
+        assert!(!out.status.success());
+        assert!(String::from_utf8_lossy(&out.stderr).contains("certificate"));
+        // Unless the user says so.
+        let out = run(&format!("{url}/#insecure"), false, &["ls", "/"]);
+        assert!(
+            out.status.success(),
+            "{program}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "t");
+    }
+}
+
+/// Issue 21, item 3: kvd's TLS port with Redis's setting names behaves as
+/// redis-server's: with `tls-auth-clients yes`, redis-cli with a client
+/// certificate from the CA is served, one without is turned away, a plain
+/// connection gets no RESP reply, and `CONFIG GET tls-*` answers; redis-py
+/// with `ssl=True` works too.
+#[test]
+fn kvd_tls_port_serves_like_redis_server() {
+    require_redis();
+    let mut seen = Vec::new();
+    for program in ["redis-server", "kvd"] {
+        let r = tls_server(program, "yes");
+        let d = r.dir.path();
+        let port = r.port.to_string();
+        let cli = |cert: bool, args: &[&str]| -> (bool, String) {
+            let mut c = Command::new("redis-cli");
+            c.args(["-p", &port, "--tls", "--cacert", "ca.crt"]);
+            if cert {
+                c.args(["--cert", "client.crt", "--key", "client.key"]);
+            }
+            let out = c.args(args).current_dir(d).output().unwrap();
+            (
+                out.status.success(),
+                String::from_utf8_lossy(&out.stdout).trim().to_string(),
+            )
+        };
+        let set = cli(true, &["set", "k", "over tls"]);
+        let get = cli(true, &["get", "k"]);
+        let no_cert = cli(false, &["ping"]);
+        let auth = cli(true, &["config", "get", "tls-auth-clients"]);
+        let plain = Command::new("redis-cli")
+            .args(["-p", &port, "ping"])
+            .output()
+            .unwrap();
+        let plain_pong = String::from_utf8_lossy(&plain.stdout).contains("PONG");
+        let py = Command::new("python3")
+            .arg("-c")
+            .arg(format!(
+                "import redis; r = redis.Redis(port={port}, ssl=True, ssl_ca_certs='ca.crt', \
+                 ssl_certfile='client.crt', ssl_keyfile='client.key'); print(r.get('k').decode())"
+            ))
+            .current_dir(d)
+            .output()
+            .unwrap();
+        let py = String::from_utf8_lossy(&py.stdout).trim().to_string();
+        eprintln!("{program}: set {set:?} get {get:?} without a certificate {no_cert:?} plain PONG {plain_pong} redis-py {py:?}");
+        assert_eq!(set.1, "OK", "{program}");
+        assert_eq!(get.1, "over tls", "{program}");
+        assert_ne!(
+            no_cert.1, "PONG",
+            "{program} served a client without a certificate"
+        );
+        assert!(
+            !plain_pong,
+            "{program} answered a plain connection on its TLS port"
+        );
+        assert_eq!(auth.1, "tls-auth-clients\nyes", "{program}");
+        assert_eq!(py, "over tls", "{program}: redis-py");
+        seen.push((set.1, get.1, no_cert.1 == "PONG", plain_pong, auth.1, py));
+    }
+    assert_eq!(seen[0], seen[1], "kvd and redis-server differ");
 }
 
 #[test]
