@@ -57,6 +57,12 @@ pub struct Config {
     pub tls_key_file: Option<PathBuf>,
     pub tls_ca_cert_file: Option<PathBuf>,
     pub tls_auth_clients: TlsAuthClients,
+    /// Redis's `tls-replication`: a replicated cluster's links between nodes
+    /// run over TLS, each side showing its certificate
+    /// (`tls-client-cert-file`/`tls-client-key-file`, else the server's).
+    pub tls_replication: bool,
+    pub tls_client_cert_file: Option<PathBuf>,
+    pub tls_client_key_file: Option<PathBuf>,
 }
 
 /// Redis's `tls-auth-clients`: whether TLS clients must show a certificate
@@ -102,6 +108,9 @@ impl Default for Config {
             tls_key_file: None,
             tls_ca_cert_file: None,
             tls_auth_clients: TlsAuthClients::Yes,
+            tls_replication: false,
+            tls_client_cert_file: None,
+            tls_client_key_file: None,
         }
     }
 }
@@ -140,6 +149,9 @@ pub const NAMES: &[&str] = &[
     "tls-key-file",
     "tls-ca-cert-file",
     "tls-auth-clients",
+    "tls-replication",
+    "tls-client-cert-file",
+    "tls-client-key-file",
     // Read-only facts clients such as redis-benchmark ask about: kvd writes no RDB
     // snapshots and no AOF.
     "save",
@@ -196,6 +208,9 @@ impl Config {
                 TlsAuthClients::Optional => "optional",
             }
             .into(),
+            "tls-replication" => if self.tls_replication { "yes" } else { "no" }.into(),
+            "tls-client-cert-file" => path_text(&self.tls_client_cert_file),
+            "tls-client-key-file" => path_text(&self.tls_client_key_file),
             "latency-tracking" => if self.latency_tracking { "yes" } else { "no" }.into(),
             "latency-tracking-info-percentiles" => self
                 .latency_tracking_info_percentiles
@@ -269,8 +284,21 @@ impl Config {
                     _ => return Err("argument must be 'yes' or 'no'".into()),
                 }
             }
-            "bind" | "port" | "dir" | "threads" | "storage" | "segment-size" | "databases" | "tls-port"
-            | "tls-cert-file" | "tls-key-file" | "tls-ca-cert-file" | "tls-auth-clients"
+            "bind"
+            | "port"
+            | "dir"
+            | "threads"
+            | "storage"
+            | "segment-size"
+            | "databases"
+            | "tls-port"
+            | "tls-cert-file"
+            | "tls-key-file"
+            | "tls-ca-cert-file"
+            | "tls-auth-clients"
+            | "tls-replication"
+            | "tls-client-cert-file"
+            | "tls-client-key-file"
                 if at_runtime =>
             {
                 return Err("can't set immutable config".into())
@@ -279,6 +307,15 @@ impl Config {
             "tls-cert-file" => self.tls_cert_file = path_setting(value),
             "tls-key-file" => self.tls_key_file = path_setting(value),
             "tls-ca-cert-file" => self.tls_ca_cert_file = path_setting(value),
+            "tls-client-cert-file" => self.tls_client_cert_file = path_setting(value),
+            "tls-client-key-file" => self.tls_client_key_file = path_setting(value),
+            "tls-replication" => {
+                self.tls_replication = match value.to_ascii_lowercase().as_str() {
+                    "yes" => true,
+                    "no" => false,
+                    _ => return Err("argument must be 'yes' or 'no'".into()),
+                }
+            }
             "tls-auth-clients" => {
                 self.tls_auth_clients = match value.to_ascii_lowercase().as_str() {
                     "yes" => TlsAuthClients::Yes,

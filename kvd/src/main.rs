@@ -49,6 +49,16 @@ struct Cli {
     /// client certificate, `optional` checks one if offered, `no` never asks.
     #[arg(long, value_name = "yes|no|optional")]
     tls_auth_clients: Option<String>,
+    /// `yes`: a replicated cluster's links between nodes run over TLS (each
+    /// node's address is then its --tls-port; needs --tls-ca-cert-file).
+    #[arg(long, value_name = "yes|no")]
+    tls_replication: Option<String>,
+    /// The certificate (PEM) a node shows its peers (else --tls-cert-file).
+    #[arg(long, value_name = "FILE")]
+    tls_client_cert_file: Option<PathBuf>,
+    /// Its private key (PEM) (else --tls-key-file).
+    #[arg(long, value_name = "FILE")]
+    tls_client_key_file: Option<PathBuf>,
     /// Password clients must give with AUTH or HELLO ... AUTH.
     #[arg(long, env = "KVD_REQUIREPASS", hide_env_values = true)]
     requirepass: Option<String>,
@@ -153,11 +163,20 @@ fn replica_options(cli: &Cli, config: &Config) -> anyhow::Result<Option<kvd::rep
         anyhow::bail!("--replicas must be at least 1");
     }
     let host = config.bind.split_whitespace().next().unwrap_or("127.0.0.1");
+    let tls = kvd::tls::peer_connector(config)?;
+    // With TLS between nodes, a node's address is its TLS port: that is
+    // where its peers connect.
+    let port = if tls.is_some() {
+        config.tls_port
+    } else {
+        config.port
+    };
+    if port == 0 {
+        anyhow::bail!("--replicas needs a port peers can reach: --port, or --tls-port with tls-replication");
+    }
     Ok(Some(kvd::replica::Options {
-        me: cli
-            .cluster_announce
-            .clone()
-            .unwrap_or(format!("{host}:{}", config.port)),
+        me: cli.cluster_announce.clone().unwrap_or(format!("{host}:{port}")),
+        tls,
         nodes: (!cli.peers.is_empty()).then(|| cli.peers.clone()),
         replicas,
         secret,
@@ -276,6 +295,9 @@ fn build_config(cli: &Cli) -> anyhow::Result<Config> {
     set("tls-key-file", path(&cli.tls_key_file))?;
     set("tls-ca-cert-file", path(&cli.tls_ca_cert_file))?;
     set("tls-auth-clients", cli.tls_auth_clients.clone())?;
+    set("tls-replication", cli.tls_replication.clone())?;
+    set("tls-client-cert-file", path(&cli.tls_client_cert_file))?;
+    set("tls-client-key-file", path(&cli.tls_client_key_file))?;
     set("timeout", cli.timeout.map(|n| n.to_string()))?;
     set("threads", cli.threads.map(|n| n.to_string()))?;
     set("storage", cli.storage.clone())?;

@@ -6,6 +6,12 @@
 //! given (`tls-auth-clients yes`); `optional` checks one only if the client
 //! offers it, `no` never asks. Without a CA no client certificate is asked
 //! for. `port 0` turns the plain port off, so only TLS is served.
+//!
+//! `tls-replication yes` runs a replicated cluster's links between nodes over
+//! TLS too ([`peer_connector`]): a node checks its peer's certificate against
+//! `tls-ca-cert-file` and shows its own (`tls-client-cert-file`, else
+//! `tls-cert-file`), so with `tls-auth-clients yes` both sides are
+//! authenticated by certificate, beside the cluster secret's challenge.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -66,4 +72,41 @@ fn certificates(path: &Path, setting: &str) -> anyhow::Result<Vec<CertificateDer
         anyhow::bail!("{setting} {}: no certificate in it", path.display());
     }
     Ok(certs)
+}
+
+/// The connector a node's links to its peers use with `tls-replication yes`
+/// (`None` without it).
+pub fn peer_connector(config: &Config) -> anyhow::Result<Option<tokio_rustls::TlsConnector>> {
+    if !config.tls_replication {
+        return Ok(None);
+    }
+    let Some(ca_file) = &config.tls_ca_cert_file else {
+        anyhow::bail!(
+            "tls-replication needs tls-ca-cert-file (the CA peers' certificates are checked against)"
+        );
+    };
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in certificates(ca_file, "tls-ca-cert-file")? {
+        roots
+            .add(cert)
+            .map_err(|e| anyhow::anyhow!("tls-ca-cert-file {}: {e}", ca_file.display()))?;
+    }
+    let (cert_file, key_file) = match (&config.tls_client_cert_file, &config.tls_client_key_file) {
+        (Some(c), Some(k)) => (c, k),
+        _ => match (&config.tls_cert_file, &config.tls_key_file) {
+            (Some(c), Some(k)) => (c, k),
+            _ => anyhow::bail!("tls-replication needs tls-client-cert-file and tls-client-key-file (or tls-cert-file and tls-key-file)"),
+        },
+    };
+    let certs = certificates(cert_file, "tls-client-cert-file")?;
+    let key = PrivateKeyDer::from_pem_file(key_file)
+        .map_err(|e| anyhow::anyhow!("tls-client-key-file {}: {e}", key_file.display()))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let client = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| anyhow::anyhow!("TLS: {e}"))?
+        .with_root_certificates(roots)
+        .with_client_auth_cert(certs, key)
+        .map_err(|e| anyhow::anyhow!("tls-client-cert-file / tls-client-key-file: {e}"))?;
+    Ok(Some(tokio_rustls::TlsConnector::from(Arc::new(client))))
 }

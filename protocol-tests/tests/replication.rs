@@ -1795,3 +1795,103 @@ fn a_node_asleep_past_down_after_is_taken_out_and_rejoins_when_it_wakes() {
         );
     }
 }
+
+/// Issue 21, item 3: a replicated cluster that speaks only TLS, to clients
+/// and between its nodes (`--port 0`, `tls-replication yes`,
+/// `tls-auth-clients yes`: every link shows a certificate from the cluster's
+/// CA). Writes need a majority of replicas, so an acknowledged SET proves the
+/// peer links work over TLS; one node killed, the others go on.
+#[test]
+fn a_replicated_cluster_runs_over_tls_between_its_nodes() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let sh = |cmd: &str| protocol_tests::sh(cmd, d);
+    sh("openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.crt -days 2 -subj '/CN=dictfs test CA'");
+    sh("openssl req -newkey rsa:2048 -nodes -keyout node.key -out node.csr -subj /CN=node && \
+        printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\\nextendedKeyUsage=serverAuth,clientAuth\\n' > ext && \
+        openssl x509 -req -in node.csr -CA ca.crt -CAkey ca.key -CAcreateserial -out node.crt -days 2 -extfile ext");
+    let ports: Vec<u16> = (0..3).map(|_| protocol_tests::free_port()).collect();
+    let peers: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+    let start = |i: usize| {
+        let data = d.join(format!("node{i}"));
+        std::fs::create_dir_all(&data).unwrap();
+        std::process::Command::new(protocol_tests::kvd_bin())
+            .args([
+                "--bind",
+                "127.0.0.1",
+                "--port",
+                "0",
+                "--tls-port",
+                &ports[i].to_string(),
+            ])
+            .args([
+                "--tls-cert-file",
+                "node.crt",
+                "--tls-key-file",
+                "node.key",
+                "--tls-ca-cert-file",
+                "ca.crt",
+            ])
+            .args(["--tls-auth-clients", "yes", "--tls-replication", "yes"])
+            .args([
+                "--replicas",
+                "3",
+                "--cluster-secret",
+                "s",
+                "--peers",
+                &peers.join(","),
+            ])
+            .arg("--dir")
+            .arg(&data)
+            .env("KVD_LOG", "warn")
+            .current_dir(d)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    struct Nodes(Vec<std::process::Child>);
+    impl Drop for Nodes {
+        fn drop(&mut self) {
+            for c in &mut self.0 {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+    }
+    let mut nodes = Nodes((0..3).map(start).collect());
+    for p in &ports {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", *p)).is_err() {
+            assert!(Instant::now() < deadline, "a TLS node did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    let cli = |i: usize, args: &[&str]| -> String {
+        let out = std::process::Command::new("redis-cli")
+            .args(["-p", &ports[i].to_string(), "--tls", "--cacert", "ca.crt"])
+            .args(["--cert", "node.crt", "--key", "node.key"])
+            .args(args)
+            .current_dir(d)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    // The first writes may wait for the links to be made.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while cli(0, &["set", "k", "over tls"]) != "OK" {
+        assert!(
+            Instant::now() < deadline,
+            "no write reached a majority over TLS links"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(cli(2, &["get", "k"]), "over tls");
+    assert_eq!(
+        cli(1, &["config", "get", "tls-replication"]),
+        "tls-replication\nyes"
+    );
+    let _ = nodes.0[1].kill();
+    let _ = nodes.0[1].wait();
+    assert_eq!(cli(0, &["set", "k2", "two of three"]), "OK");
+    assert_eq!(cli(2, &["get", "k2"]), "two of three");
+}

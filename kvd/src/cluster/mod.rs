@@ -212,7 +212,7 @@ impl Cluster {
         .await?;
         let members = membership.members().await;
         let cluster = Arc::new(Cluster {
-            peers: peer::Peers::new(id.clone(), options.secret.clone()),
+            peers: peer::Peers::new(id.clone(), options.secret.clone(), None),
             id,
             addr: options.announce.clone(),
             secret: options.secret,

@@ -23,7 +23,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use hmac::{Hmac, Mac};
 use parking_lot::Mutex;
 use sha2::Sha256;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 
@@ -132,13 +132,33 @@ pub struct Link {
 
 impl Link {
     /// Opens and authenticates a connection to `addr`, speaking `proto`.
-    pub async fn connect(addr: &str, proto: Protocol, me: &str, secret: &str) -> Result<Link, LinkError> {
+    pub async fn connect(
+        addr: &str,
+        proto: Protocol,
+        me: &str,
+        secret: &str,
+        tls: Option<&tokio_rustls::TlsConnector>,
+    ) -> Result<Link, LinkError> {
         let fail = |e: String| LinkError::Connect(addr.to_string(), e);
-        let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
+        let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
             .await
             .map_err(|_| fail("timed out".into()))?
             .map_err(|e| fail(e.to_string()))?;
-        let _ = stream.set_nodelay(true);
+        let _ = tcp.set_nodelay(true);
+        let stream: Box<dyn PeerIo> = match tls {
+            None => Box::new(tcp),
+            Some(tls) => {
+                // The peer's certificate must name the host of its address.
+                let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
+                let name = rustls_pki_types::ServerName::try_from(host.trim_matches(['[', ']']).to_string())
+                    .map_err(|e| fail(format!("not a TLS server name: {e}")))?;
+                let stream = tokio::time::timeout(CONNECT_TIMEOUT, tls.connect(name, tcp))
+                    .await
+                    .map_err(|_| fail("TLS handshake timed out".into()))?
+                    .map_err(|e| fail(format!("TLS: {e}")))?;
+                Box::new(stream)
+            }
+        };
         let mut conn = Conn {
             stream,
             buf: BytesMut::with_capacity(16 * 1024),
@@ -248,7 +268,7 @@ async fn run_link(addr: String, conn: Conn, mut jobs: mpsc::UnboundedReceiver<Jo
         mut buf,
         proto: _,
     } = conn;
-    let (mut rd, mut wr) = stream.into_split();
+    let (mut rd, mut wr) = tokio::io::split(stream);
     let waiting: Arc<Mutex<VecDeque<Waiting>>> = Arc::default();
     let stop = tokio_util::sync::CancellationToken::new();
     let reader = {
@@ -435,8 +455,12 @@ fn encode_request_into(args: &[Bytes], out: &mut BytesMut) {
 }
 
 /// A connection during its handshake, before its task takes it over.
+/// A link's byte stream: plain TCP, or TLS over it (`tls-replication`).
+trait PeerIo: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> PeerIo for T {}
+
 struct Conn {
-    stream: TcpStream,
+    stream: Box<dyn PeerIo>,
     buf: BytesMut,
     proto: Protocol,
 }
@@ -481,15 +505,18 @@ type PoolKey = (String, bool);
 pub struct Peers {
     me: String,
     secret: String,
+    /// TLS for every link (`tls-replication yes`), else plain TCP.
+    tls: Option<tokio_rustls::TlsConnector>,
     pools: Mutex<HashMap<PoolKey, Vec<Arc<Link>>>>,
     next: AtomicUsize,
 }
 
 impl Peers {
-    pub fn new(me: String, secret: String) -> Peers {
+    pub fn new(me: String, secret: String, tls: Option<tokio_rustls::TlsConnector>) -> Peers {
         Peers {
             me,
             secret,
+            tls,
             pools: Mutex::new(HashMap::new()),
             next: AtomicUsize::new(0),
         }
@@ -507,7 +534,7 @@ impl Peers {
                 return Ok(pool[pick % pool.len()].clone());
             }
         }
-        let link = Arc::new(Link::connect(addr, proto, &self.me, &self.secret).await?);
+        let link = Arc::new(Link::connect(addr, proto, &self.me, &self.secret, self.tls.as_ref()).await?);
         let mut pools = self.pools.lock();
         let pool = pools.entry(key).or_default();
         if pool.len() < POOL {
@@ -531,7 +558,7 @@ impl Peers {
     /// A link of its own (not pooled), for state that lives on the peer's
     /// connection: a client's WATCH and MULTI on a slot served there.
     pub async fn dedicated(&self, addr: &str, proto: Protocol) -> Result<Link, LinkError> {
-        Link::connect(addr, proto, &self.me, &self.secret).await
+        Link::connect(addr, proto, &self.me, &self.secret, self.tls.as_ref()).await
     }
 
     /// One request over a pooled RESP2 link, parsed.

@@ -41,7 +41,7 @@ use acceptor::Acceptor;
 use layout::{Layout, Membership};
 
 /// How a replicated node starts: from the command line.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct Options {
     /// This node's address, as the other nodes reach it.
     pub me: String,
@@ -54,6 +54,8 @@ pub struct Options {
     pub dir: std::path::PathBuf,
     /// Members to ask to be added by, while this node is not one (`--seed`).
     pub seeds: Vec<String>,
+    /// TLS for the links to peers (`tls-replication yes`).
+    pub tls: Option<tokio_rustls::TlsConnector>,
     /// How long a member may not answer before it is down and its replicas
     /// are re-homed (`--down-after`; [`health`]).
     pub down_after: std::time::Duration,
@@ -148,7 +150,7 @@ impl Replicas {
             counter: AtomicU64::new(acceptor.floor()),
             acceptor,
             membership: parking_lot::RwLock::new(membership),
-            peers: Peers::new(options.me.clone(), options.secret.clone()),
+            peers: Peers::new(options.me.clone(), options.secret.clone(), options.tls.clone()),
             addr: options.me,
             secret: options.secret,
             proposer_id,
