@@ -327,18 +327,80 @@ fn with_address(url: &str, host: &str, port: u16) -> String {
     format!("{scheme}://{creds}{host}:{port}")
 }
 
+/// Certificates for `rediss://` from the environment, read once:
+/// `DICTFS_TLS_CA_CERT_FILE` (the CA the store's certificate must be signed
+/// by; else the system's roots or `SSL_CERT_FILE`), and
+/// `DICTFS_TLS_CERT_FILE` with `DICTFS_TLS_KEY_FILE` (a client certificate,
+/// for a store with `tls-auth-clients yes`). All PEM. `None` when none is
+/// set; an unreadable file is an error naming it.
+fn tls_certificates() -> redis::RedisResult<Option<redis::TlsCertificates>> {
+    static CERTS: std::sync::OnceLock<Result<Option<(Option<Vec<u8>>, Option<(Vec<u8>, Vec<u8>)>)>, String>> =
+        std::sync::OnceLock::new();
+    let read = |var: &str| -> Result<Option<Vec<u8>>, String> {
+        match std::env::var_os(var) {
+            None => Ok(None),
+            Some(path) => std::fs::read(&path)
+                .map(Some)
+                .map_err(|e| format!("{var} {}: {e}", std::path::Path::new(&path).display())),
+        }
+    };
+    let loaded = CERTS.get_or_init(|| {
+        let ca = read("DICTFS_TLS_CA_CERT_FILE")?;
+        let client = match (read("DICTFS_TLS_CERT_FILE")?, read("DICTFS_TLS_KEY_FILE")?) {
+            (Some(cert), Some(key)) => Some((cert, key)),
+            (None, None) => None,
+            _ => return Err("DICTFS_TLS_CERT_FILE and DICTFS_TLS_KEY_FILE go together".into()),
+        };
+        Ok((ca.is_some() || client.is_some()).then_some((ca, client)))
+    });
+    match loaded {
+        Err(e) => Err(redis::RedisError::from((
+            redis::ErrorKind::InvalidClientConfig,
+            "TLS",
+            e.clone(),
+        ))),
+        Ok(None) => Ok(None),
+        Ok(Some((ca, client))) => Ok(Some(redis::TlsCertificates {
+            client_tls: client.as_ref().map(|(cert, key)| redis::ClientTlsConfig {
+                client_cert: cert.clone(),
+                client_key: key.clone(),
+            }),
+            root_cert: ca.clone(),
+        })),
+    }
+}
+
+/// A client for `url`, with the certificates of [`tls_certificates`] for
+/// `rediss://`.
+fn client(url: &str) -> redis::RedisResult<redis::Client> {
+    match tls_certificates()? {
+        Some(certs) if url.starts_with("rediss://") => redis::Client::build_with_tls(url, certs),
+        _ => redis::Client::open(url),
+    }
+}
+
+/// A cluster client seeded with `url`, likewise.
+fn cluster_client(url: &str) -> redis::RedisResult<redis::cluster::ClusterClient> {
+    let builder = redis::cluster::ClusterClient::builder(vec![url]);
+    match tls_certificates()? {
+        Some(certs) if url.starts_with("rediss://") => builder.certs(certs).build(),
+        _ => builder.build(),
+    }
+}
+
 impl RespDict {
     /// Connects to `redis://[[user]:password@]host:port[/db]`, or with TLS to
     /// `rediss://…` (the server's certificate is checked against the system's
-    /// roots, or the file `SSL_CERT_FILE` names; `rediss://…/#insecure` skips
-    /// the check, for self-signed test setups only).
+    /// roots, the file `SSL_CERT_FILE` names, or `DICTFS_TLS_CA_CERT_FILE`;
+    /// `DICTFS_TLS_CERT_FILE`/`DICTFS_TLS_KEY_FILE` give a client certificate;
+    /// `rediss://…/#insecure` skips the check, for self-signed test setups only).
     pub fn open(url: &str) -> DictResult<RespDict> {
         if url.starts_with("rediss://") {
             // rustls needs its cryptography chosen once per process; an error
             // means one was chosen already.
             let _ = rustls::crypto::ring::default_provider().install_default();
         }
-        let single = redis::Client::open(url).map_err(backend)?;
+        let single = client(url).map_err(backend)?;
         let mut dict = RespDict {
             url: url.to_string(),
             single: Mutex::new((url.to_string(), single)),
@@ -367,7 +429,7 @@ impl RespDict {
             *dict.alternates.lock() = alternates;
         }
         if info.contains("cluster_enabled:1") {
-            let client = redis::cluster::ClusterClient::new(vec![url]).map_err(backend)?;
+            let client = cluster_client(url).map_err(backend)?;
             dict.cluster = Some(Mutex::new(client.get_connection().map_err(backend)?));
             dict.learn_seeds();
         }
@@ -410,7 +472,7 @@ impl RespDict {
         let Some(cluster) = &self.cluster else { return };
         let seeds = self.seeds.lock().clone();
         for seed in seeds {
-            let Ok(client) = redis::cluster::ClusterClient::new(vec![seed.as_str()]) else {
+            let Ok(client) = cluster_client(&seed) else {
                 continue;
             };
             if let Ok(conn) = client.get_connection() {
@@ -530,7 +592,7 @@ impl RespDict {
         let mut single = self.single.lock();
         let at = alternates.iter().position(|a| *a == single.0).unwrap_or(0);
         let next = alternates[(at + 1) % alternates.len()].clone();
-        match redis::Client::open(next.as_str()) {
+        match client(next.as_str()) {
             Ok(client) => {
                 tracing::warn!("store node {} failed ({e}); going on through {}", single.0, next);
                 *single = (next, client);
@@ -583,7 +645,7 @@ impl RespDict {
     }
 
     fn connect(url: &str) -> DictResult<redis::Connection> {
-        let conn = redis::Client::open(url)
+        let conn = client(url)
             .map_err(backend)?
             .get_connection_with_timeout(Duration::from_secs(10))
             .map_err(backend)?;

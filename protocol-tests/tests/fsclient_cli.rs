@@ -368,7 +368,8 @@ fn tls_store_with_rediss_urls() {
 /// redis-server's: with `tls-auth-clients yes`, redis-cli with a client
 /// certificate from the CA is served, one without is turned away, a plain
 /// connection gets no RESP reply, and `CONFIG GET tls-*` answers; redis-py
-/// with `ssl=True` works too.
+/// with `ssl=True` works too, and fsclient with a client certificate
+/// (`DICTFS_TLS_CERT_FILE`/`DICTFS_TLS_KEY_FILE`), not without.
 #[test]
 fn kvd_tls_port_serves_like_redis_server() {
     require_redis();
@@ -421,6 +422,31 @@ fn kvd_tls_port_serves_like_redis_server() {
         );
         assert_eq!(auth.1, "tls-auth-clients\nyes", "{program}");
         assert_eq!(py, "over tls", "{program}: redis-py");
+        // fsclient with a client certificate (DICTFS_TLS_*), and without one.
+        let url = format!("rediss://127.0.0.1:{port}");
+        let fs = |cert: bool, args: &[&str]| {
+            let mut c = Command::new(fsclient_bin());
+            c.env("DICTFS_TLS_CA_CERT_FILE", d.join("ca.crt"));
+            if cert {
+                c.env("DICTFS_TLS_CERT_FILE", d.join("client.crt"))
+                    .env("DICTFS_TLS_KEY_FILE", d.join("client.key"));
+            }
+            c.args(["--store", &url]).args(args).output().unwrap()
+        };
+        let mkfs = fs(true, &["mkfs"]);
+        assert!(
+            mkfs.status.success(),
+            "{program}: {}",
+            String::from_utf8_lossy(&mkfs.stderr)
+        );
+        let local = d.join("local");
+        std::fs::write(&local, b"file over mutual TLS").unwrap();
+        assert!(fs(true, &["put", local.to_str().unwrap(), "/f"]).status.success());
+        assert_eq!(fs(true, &["cat", "/f"]).stdout, b"file over mutual TLS");
+        assert!(
+            !fs(false, &["cat", "/f"]).status.success(),
+            "{program}: fsclient without a certificate"
+        );
         seen.push((set.1, get.1, no_cert.1 == "PONG", plain_pong, auth.1, py));
     }
     assert_eq!(seen[0], seen[1], "kvd and redis-server differ");
