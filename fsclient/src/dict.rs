@@ -334,7 +334,7 @@ fn with_address(url: &str, host: &str, port: u16) -> String {
 /// for a store with `tls-auth-clients yes`). All PEM. `None` when none is
 /// set; an unreadable file is an error naming it.
 fn tls_certificates() -> redis::RedisResult<Option<redis::TlsCertificates>> {
-    static CERTS: std::sync::OnceLock<Result<Option<(Option<Vec<u8>>, Option<(Vec<u8>, Vec<u8>)>)>, String>> =
+    static CERTS: std::sync::OnceLock<Result<Option<redis::TlsCertificates>, String>> =
         std::sync::OnceLock::new();
     let read = |var: &str| -> Result<Option<Vec<u8>>, String> {
         match std::env::var_os(var) {
@@ -345,29 +345,25 @@ fn tls_certificates() -> redis::RedisResult<Option<redis::TlsCertificates>> {
         }
     };
     let loaded = CERTS.get_or_init(|| {
-        let ca = read("DICTFS_TLS_CA_CERT_FILE")?;
-        let client = match (read("DICTFS_TLS_CERT_FILE")?, read("DICTFS_TLS_KEY_FILE")?) {
-            (Some(cert), Some(key)) => Some((cert, key)),
+        let root_cert = read("DICTFS_TLS_CA_CERT_FILE")?;
+        let client_tls = match (read("DICTFS_TLS_CERT_FILE")?, read("DICTFS_TLS_KEY_FILE")?) {
+            (Some(client_cert), Some(client_key)) => Some(redis::ClientTlsConfig {
+                client_cert,
+                client_key,
+            }),
             (None, None) => None,
             _ => return Err("DICTFS_TLS_CERT_FILE and DICTFS_TLS_KEY_FILE go together".into()),
         };
-        Ok((ca.is_some() || client.is_some()).then_some((ca, client)))
-    });
-    match loaded {
-        Err(e) => Err(redis::RedisError::from((
-            redis::ErrorKind::InvalidClientConfig,
-            "TLS",
-            e.clone(),
-        ))),
-        Ok(None) => Ok(None),
-        Ok(Some((ca, client))) => Ok(Some(redis::TlsCertificates {
-            client_tls: client.as_ref().map(|(cert, key)| redis::ClientTlsConfig {
-                client_cert: cert.clone(),
-                client_key: key.clone(),
+        Ok(
+            (root_cert.is_some() || client_tls.is_some()).then_some(redis::TlsCertificates {
+                client_tls,
+                root_cert,
             }),
-            root_cert: ca.clone(),
-        })),
-    }
+        )
+    });
+    loaded
+        .clone()
+        .map_err(|e| redis::RedisError::from((redis::ErrorKind::InvalidClientConfig, "TLS", e)))
 }
 
 /// A client for `url`, with the certificates of [`tls_certificates`] for
