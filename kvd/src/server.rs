@@ -143,15 +143,19 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, tls: Option<tok
                 .clients
                 .rejected_connections
                 .fetch_add(1, Ordering::Relaxed);
+            let tls = tls.clone();
             tokio::spawn(async move {
-                let mut socket = socket;
-                let _ = socket.write_all(b"-ERR max number of clients reached\r\n").await;
-                // Close gently: closing with unread input would reset the
-                // connection and could destroy the error before the client reads it.
-                let _ = socket.shutdown().await;
-                let mut sink = [0u8; 1024];
-                let drain = async { while matches!(socket.read(&mut sink).await, Ok(n) if n > 0) {} };
-                let _ = tokio::time::timeout(Duration::from_secs(1), drain).await;
+                match tls {
+                    None => refuse(socket).await,
+                    // Inside TLS, as the client expects every byte to be.
+                    Some(tls) => {
+                        if let Ok(Ok(stream)) =
+                            tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, tls.accept(socket)).await
+                        {
+                            refuse(stream).await;
+                        }
+                    }
+                }
             });
             continue;
         }
@@ -197,6 +201,17 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, tls: Option<tok
             drop(slot);
         });
     }
+}
+
+/// Tells a client over `maxclients` so, and closes its connection.
+async fn refuse(mut socket: impl AsyncRead + AsyncWrite + Unpin) {
+    let _ = socket.write_all(b"-ERR max number of clients reached\r\n").await;
+    // Close gently: closing with unread input would reset the connection and
+    // could destroy the error before the client reads it.
+    let _ = socket.shutdown().await;
+    let mut sink = [0u8; 1024];
+    let drain = async { while matches!(socket.read(&mut sink).await, Ok(n) if n > 0) {} };
+    let _ = tokio::time::timeout(Duration::from_secs(1), drain).await;
 }
 
 /// A connection's place in the client registry (and so in `maxclients`),

@@ -264,7 +264,7 @@ impl Drop for TlsServer {
 }
 
 /// `program` is `redis-server` or `kvd`; `auth_clients` is `tls-auth-clients`.
-fn tls_server(program: &str, auth_clients: &str) -> TlsServer {
+fn tls_server(program: &str, auth_clients: &str, extra: &[&str]) -> TlsServer {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let sh = |cmd: &str| protocol_tests::sh(cmd, d);
@@ -292,7 +292,8 @@ fn tls_server(program: &str, auth_clients: &str) -> TlsServer {
         "127.0.0.1",
     ])
     .args(["--tls-cert-file", "server.crt", "--tls-key-file", "server.key"])
-    .args(["--tls-ca-cert-file", "ca.crt", "--tls-auth-clients", auth_clients]);
+    .args(["--tls-ca-cert-file", "ca.crt", "--tls-auth-clients", auth_clients])
+    .args(extra);
     match program {
         "kvd" => cmd.args(["--dir", "."]).env("KVD_LOG", "warn"),
         _ => cmd.args(["--save", "", "--appendonly", "no"]),
@@ -320,7 +321,7 @@ fn tls_server(program: &str, auth_clients: &str) -> TlsServer {
 fn tls_store_with_rediss_urls() {
     require_redis();
     for program in ["redis-server", "kvd"] {
-        let r = tls_server(program, "no");
+        let r = tls_server(program, "no", &[]);
         let url = format!("rediss://127.0.0.1:{}", r.port);
         let ca = r.dir.path().join("ca.crt");
         let run = |url: &str, trust: bool, args: &[&str]| {
@@ -375,7 +376,7 @@ fn kvd_tls_port_serves_like_redis_server() {
     require_redis();
     let mut seen = Vec::new();
     for program in ["redis-server", "kvd"] {
-        let r = tls_server(program, "yes");
+        let r = tls_server(program, "yes", &[]);
         let d = r.dir.path();
         let port = r.port.to_string();
         let cli = |cert: bool, args: &[&str]| -> (bool, String) {
@@ -450,6 +451,56 @@ fn kvd_tls_port_serves_like_redis_server() {
         seen.push((set.1, get.1, no_cert.1 == "PONG", plain_pong, auth.1, py));
     }
     assert_eq!(seen[0], seen[1], "kvd and redis-server differ");
+}
+
+/// A client over `maxclients` on kvd's TLS port reads Redis's error (the
+/// text redis-server gives on its plain port) inside TLS. kvd wrote it in
+/// plain text before the handshake, which a TLS client cannot read;
+/// redis-server 7.0 on its TLS port closes such a connection without a
+/// readable error, so it is not the reference here.
+#[test]
+fn a_client_over_maxclients_on_the_tls_port_reads_the_error() {
+    {
+        let program = "kvd";
+        let r = tls_server(program, "no", &["--maxclients", "1"]);
+        // A TLS client that was served, and stays, holds the one slot.
+        let mut holder = Command::new("python3")
+            .arg("-c")
+            .arg(format!(
+                "import ssl, socket, sys, time\n\
+                 c = ssl.create_default_context(cafile='ca.crt')\n\
+                 s = c.wrap_socket(socket.create_connection(('127.0.0.1', {})), server_hostname='localhost')\n\
+                 s.sendall(b'PING\\r\\n'); print(s.recv(100)); sys.stdout.flush(); time.sleep(30)",
+                r.port
+            ))
+            .current_dir(r.dir.path())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(holder.stdout.take().unwrap()),
+            &mut line,
+        )
+        .unwrap();
+        let out = Command::new("redis-cli")
+            .args(["-p", &r.port.to_string(), "--tls", "--cacert", "ca.crt", "ping"])
+            .current_dir(r.dir.path())
+            .output()
+            .unwrap();
+        let _ = holder.kill();
+        let _ = holder.wait();
+        assert!(line.contains("PONG"), "{program}: the first client got {line}");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            text.contains("max number of clients reached"),
+            "{program}: {text}"
+        );
+    }
 }
 
 #[test]
