@@ -94,46 +94,23 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 println!("mounted at {} (pid {pid})", mountpoint.display());
                 return Ok(());
             }
-            let chunking = v
-                .chunking()
-                .map_err(|e| Failure(format!("cannot read volume settings: {e}")))?;
-            let opts = fsclient::vfs::Options {
-                chunking,
+            let settings = ops::MountSettings {
+                mount: fsclient::mount::MountOptions {
+                    mountpoint,
+                    allow_other,
+                    threads,
+                    commit_interval: std::time::Duration::from_millis(commit_interval_ms.max(10)),
+                },
                 commit_on_close: !no_commit_on_close,
                 relatime: !noatime,
-                ..Default::default()
+                metrics_addr,
             };
-            let vfs = fsclient::vfs::Vfs::new(v, opts).map_err(|e| {
-                Failure(format!(
-                    "cannot open volume '{}' in {}: {e}",
-                    cli.volume, cli.store
-                ))
-            })?;
-            let mount = fsclient::mount::MountOptions {
-                mountpoint: mountpoint.clone(),
-                allow_other,
-                threads,
-                commit_interval: std::time::Duration::from_millis(commit_interval_ms.max(10)),
-            };
-            let vfs = Arc::new(vfs);
-            if let Some(addr) = &metrics_addr {
-                fsclient::metrics::serve(vfs.metrics().clone(), addr).map_err(|e| Failure(e.to_string()))?;
-            }
-            let shown = mountpoint.display().to_string();
-            let mounted = std::cell::Cell::new(false);
-            fsclient::mount::serve(vfs, &mount, || {
-                mounted.set(true);
+            let store_url = cli.store.clone();
+            ops::mount(v, &store_url, settings, |shown| {
                 eprintln!(
                     "fsclient: volume '{}' mounted at {shown}; Ctrl-C unmounts",
                     cli.volume
                 )
-            })
-            .map_err(|e| match mounted.get() {
-                // It served, and failed on the way out (the store gone).
-                true => Failure(format!(
-                    "'{shown}' is unmounted, but what was written since the last commit is not in the store: {e}"
-                )),
-                false => Failure(format!("cannot mount at '{shown}': {e}")),
             })?;
         }
         Command::Mkfs {

@@ -477,6 +477,56 @@ pub fn stats(v: &Volume, at: &str) -> Result<Stats> {
     })
 }
 
+/// How `fsclient mount` serves a volume.
+pub struct MountSettings {
+    pub mount: crate::mount::MountOptions,
+    /// Commit on the close of a written file (close-to-open).
+    pub commit_on_close: bool,
+    /// Access times with Linux's relatime rules (else none: `noatime`).
+    pub relatime: bool,
+    /// Serve Prometheus metrics at this `HOST:PORT`.
+    pub metrics_addr: Option<String>,
+}
+
+/// `mount`: serves volume `v` (of the store at `store_url`, for messages) at
+/// the mountpoint until it is unmounted; `mounted` is called with the
+/// mountpoint once the kernel has it. An error after that means the mount
+/// stopped with writes not in the store, and says so.
+pub fn mount(v: Volume, store_url: &str, settings: MountSettings, mounted: impl FnOnce(&str)) -> Result<()> {
+    let chunking = v
+        .chunking()
+        .map_err(|e| Error(format!("cannot read volume settings: {e}")))?;
+    let name = v.name.clone();
+    let opts = crate::vfs::Options {
+        chunking,
+        commit_on_close: settings.commit_on_close,
+        relatime: settings.relatime,
+        ..Default::default()
+    };
+    let vfs = crate::vfs::Vfs::new(v, opts)
+        .map_err(|e| Error(format!("cannot open volume '{name}' in {store_url}: {e}")))?;
+    let vfs = std::sync::Arc::new(vfs);
+    if let Some(addr) = &settings.metrics_addr {
+        crate::metrics::serve(vfs.metrics().clone(), addr).map_err(plain)?;
+    }
+    let shown = settings.mount.mountpoint.display().to_string();
+    let served = std::cell::Cell::new(false);
+    let mut mounted = Some(mounted);
+    crate::mount::serve(vfs, &settings.mount, || {
+        served.set(true);
+        if let Some(f) = mounted.take() {
+            f(&shown)
+        }
+    })
+    .map_err(|e| match served.get() {
+        // It served, and failed on the way out (the store gone).
+        true => Error(format!(
+            "'{shown}' is unmounted, but what was written since the last commit is not in the store: {e}"
+        )),
+        false => Error(format!("cannot mount at '{shown}': {e}")),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
