@@ -1895,3 +1895,83 @@ fn a_replicated_cluster_runs_over_tls_between_its_nodes() {
     assert_eq!(cli(0, &["set", "k2", "two of three"]), "OK");
     assert_eq!(cli(2, &["get", "k2"]), "two of three");
 }
+
+/// Issue 23, item 7: two nodes that each founded a cluster. Restarted with
+/// `--seed` naming the other, a founder says clearly that it stays in its own
+/// cluster and how to join or merge; `KVD.RECONFIGURE` listing both makes
+/// them one cluster, and the keys of both read back through either.
+#[test]
+fn two_founders_are_told_apart_and_can_be_made_one_cluster() {
+    let dir = tempfile::tempdir().unwrap();
+    let ports = [protocol_tests::free_port(), protocol_tests::free_port()];
+    let addr = |i: usize| format!("127.0.0.1:{}", ports[i]);
+    let start = |i: usize, extra: &[String]| {
+        let data = dir.path().join(format!("node{i}"));
+        std::fs::create_dir_all(&data).unwrap();
+        let log = std::fs::File::create(dir.path().join(format!("node{i}.log"))).unwrap();
+        let child = std::process::Command::new(protocol_tests::kvd_bin())
+            .args(["--bind", "127.0.0.1", "--port", &ports[i].to_string()])
+            .args(["--replicas", "3", "--cluster-secret", "s", "--dir"])
+            .arg(&data)
+            .args(extra)
+            .env("KVD_LOG", "warn")
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", ports[i])).is_err() {
+            assert!(Instant::now() < deadline, "node {i} did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        child
+    };
+    struct Kill(Vec<std::process::Child>);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            for c in &mut self.0 {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+    }
+    let mut nodes = Kill(vec![
+        start(0, &["--peers".into(), addr(0)]),
+        start(1, &["--peers".into(), addr(1)]),
+    ]);
+    let conn = |i: usize| Conn::connect(ports[i]).unwrap();
+    assert_eq!(conn(0).cmd("SET a 1").unwrap().as_str(), "OK");
+    assert_eq!(conn(1).cmd("SET b 2").unwrap().as_str(), "OK");
+    // Node 1 again, now seeded with node 0: it stays in its own cluster, and says so.
+    let _ = nodes.0[1].kill();
+    let _ = nodes.0[1].wait();
+    nodes.0[1] = start(1, &["--seed".into(), addr(0)]);
+    std::thread::sleep(Duration::from_millis(500));
+    let log = std::fs::read_to_string(dir.path().join("node1.log")).unwrap();
+    assert!(
+        log.contains(&format!(
+            "--seed {} is not a member of this node's cluster",
+            addr(0)
+        )),
+        "{log}"
+    );
+    let members = |i: usize| -> String {
+        let text = conn(i).cmd("INFO cluster").unwrap().as_str();
+        text.lines()
+            .find_map(|l| l.strip_prefix("kvd_replica_members:"))
+            .unwrap()
+            .trim()
+            .to_string()
+    };
+    assert_eq!(members(1), addr(1));
+    // Made one cluster by a reconfiguration listing both.
+    let reply = conn(0).call(&["KVD.RECONFIGURE", &addr(0), &addr(1)]).unwrap();
+    assert_eq!(reply.as_str(), "OK", "{reply:?}");
+    let both = format!("{},{}", addr(0), addr(1));
+    assert_eq!(members(0), both);
+    assert_eq!(members(1), both);
+    for i in 0..2 {
+        assert_eq!(conn(i).cmd("GET a").unwrap().as_str(), "1", "a via node {i}");
+        assert_eq!(conn(i).cmd("GET b").unwrap().as_str(), "2", "b via node {i}");
+    }
+}

@@ -144,6 +144,21 @@ impl Replicas {
                     nodes.join(",")
                 );
             }
+            // A member asks no seed anything: a seed outside its membership
+            // may be a node of another cluster (two founders), which this
+            // node will not join by itself.
+            let strangers: Vec<&String> = options.seeds.iter().filter(|s| !nodes.contains(s)).collect();
+            if membership.layout.me.is_some()
+                && !strangers.is_empty()
+                && strangers.len() == options.seeds.len()
+            {
+                tracing::warn!(
+                    "--seed {} is not a member of this node's cluster ({}), recorded in {}: the seed is ignored and this node stays in its own cluster. To join the seed's cluster instead, start this node with an empty --dir; to make the two clusters one, run KVD.RECONFIGURE on a member of either, listing every node",
+                    strangers.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(","),
+                    nodes.join(","),
+                    options.dir.join("replica-config").display()
+                );
+            }
         }
         let proposer_id = crate::cluster::ring::fnv1a(options.me.as_bytes()) | 1;
         Ok(Arc::new(Replicas {
