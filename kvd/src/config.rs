@@ -115,6 +115,20 @@ impl Default for Config {
     }
 }
 
+/// A `yes`/`no` setting as CONFIG GET prints it.
+fn yes_no(on: bool) -> String {
+    if on { "yes" } else { "no" }.into()
+}
+
+/// A `yes`/`no` setting (any case), with Redis's error text otherwise.
+fn parse_yes_no(value: &str) -> Result<bool, String> {
+    match value.to_ascii_lowercase().as_str() {
+        "yes" => Ok(true),
+        "no" => Ok(false),
+        _ => Err("argument must be 'yes' or 'no'".into()),
+    }
+}
+
 fn path_text(p: &Option<PathBuf>) -> String {
     p.as_ref().map(|p| p.display().to_string()).unwrap_or_default()
 }
@@ -188,7 +202,7 @@ impl Config {
             "appendfsync" => self.appendfsync.name().into(),
             "segment-size" => self.segment_size.to_string(),
             "compact-dead-percent" => self.compact_dead_percent.to_string(),
-            "cluster-redirect" => if self.cluster_redirect { "yes" } else { "no" }.into(),
+            "cluster-redirect" => yes_no(self.cluster_redirect),
             "notify-keyspace-events" => crate::notify::format(self.notify_keyspace_events),
             "save" => String::new(),
             "appendonly" => if self.storage == Storage::Disk {
@@ -208,10 +222,10 @@ impl Config {
                 TlsAuthClients::Optional => "optional",
             }
             .into(),
-            "tls-replication" => if self.tls_replication { "yes" } else { "no" }.into(),
+            "tls-replication" => yes_no(self.tls_replication),
             "tls-client-cert-file" => path_text(&self.tls_client_cert_file),
             "tls-client-key-file" => path_text(&self.tls_client_key_file),
-            "latency-tracking" => if self.latency_tracking { "yes" } else { "no" }.into(),
+            "latency-tracking" => yes_no(self.latency_tracking),
             "latency-tracking-info-percentiles" => self
                 .latency_tracking_info_percentiles
                 .iter()
@@ -263,13 +277,7 @@ impl Config {
                 self.notify_keyspace_events = crate::notify::parse(value)
                     .ok_or_else(|| "Invalid event class character. Use 'Ag$lshzxeKEtmdn'.".to_string())?
             }
-            "latency-tracking" => {
-                self.latency_tracking = match value.to_ascii_lowercase().as_str() {
-                    "yes" => true,
-                    "no" => false,
-                    _ => return Err("argument must be 'yes' or 'no'".into()),
-                }
-            }
+            "latency-tracking" => self.latency_tracking = parse_yes_no(value)?,
             "latency-tracking-info-percentiles" => {
                 self.latency_tracking_info_percentiles =
                     crate::latency::parse_percentiles(value).ok_or_else(|| {
@@ -277,13 +285,7 @@ impl Config {
                             .to_string()
                     })?
             }
-            "cluster-redirect" => {
-                self.cluster_redirect = match value.to_ascii_lowercase().as_str() {
-                    "yes" => true,
-                    "no" => false,
-                    _ => return Err("argument must be 'yes' or 'no'".into()),
-                }
-            }
+            "cluster-redirect" => self.cluster_redirect = parse_yes_no(value)?,
             "bind"
             | "port"
             | "dir"
@@ -309,13 +311,7 @@ impl Config {
             "tls-ca-cert-file" => self.tls_ca_cert_file = path_setting(value),
             "tls-client-cert-file" => self.tls_client_cert_file = path_setting(value),
             "tls-client-key-file" => self.tls_client_key_file = path_setting(value),
-            "tls-replication" => {
-                self.tls_replication = match value.to_ascii_lowercase().as_str() {
-                    "yes" => true,
-                    "no" => false,
-                    _ => return Err("argument must be 'yes' or 'no'".into()),
-                }
-            }
+            "tls-replication" => self.tls_replication = parse_yes_no(value)?,
             "tls-auth-clients" => {
                 self.tls_auth_clients = match value.to_ascii_lowercase().as_str() {
                     "yes" => TlsAuthClients::Yes,

@@ -33,21 +33,14 @@ pub fn acceptor(config: &Config) -> anyhow::Result<Option<TlsAcceptor>> {
         anyhow::bail!("tls-port needs tls-cert-file and tls-key-file");
     };
     let certs = certificates(cert_file, "tls-cert-file")?;
-    let key = PrivateKeyDer::from_pem_file(key_file)
-        .map_err(|e| anyhow::anyhow!("tls-key-file {}: {e}", key_file.display()))?;
+    let key = private_key(key_file, "tls-key-file")?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
         .map_err(|e| anyhow::anyhow!("TLS: {e}"))?;
     let builder = match (&config.tls_ca_cert_file, config.tls_auth_clients) {
         (Some(ca_file), auth) if auth != TlsAuthClients::No => {
-            let mut roots = rustls::RootCertStore::empty();
-            for cert in certificates(ca_file, "tls-ca-cert-file")? {
-                roots
-                    .add(cert)
-                    .map_err(|e| anyhow::anyhow!("tls-ca-cert-file {}: {e}", ca_file.display()))?;
-            }
-            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider);
+            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots(ca_file)?), provider);
             let verifier = match auth {
                 TlsAuthClients::Optional => verifier.allow_unauthenticated(),
                 _ => verifier,
@@ -62,6 +55,21 @@ pub fn acceptor(config: &Config) -> anyhow::Result<Option<TlsAcceptor>> {
         .with_single_cert(certs, key)
         .map_err(|e| anyhow::anyhow!("tls-cert-file / tls-key-file: {e}"))?;
     Ok(Some(TlsAcceptor::from(Arc::new(server))))
+}
+
+/// The CA certificates of `tls-ca-cert-file`, as a root store.
+fn roots(ca_file: &Path) -> anyhow::Result<rustls::RootCertStore> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in certificates(ca_file, "tls-ca-cert-file")? {
+        roots
+            .add(cert)
+            .map_err(|e| anyhow::anyhow!("tls-ca-cert-file {}: {e}", ca_file.display()))?;
+    }
+    Ok(roots)
+}
+
+fn private_key(path: &Path, setting: &str) -> anyhow::Result<PrivateKeyDer<'static>> {
+    PrivateKeyDer::from_pem_file(path).map_err(|e| anyhow::anyhow!("{setting} {}: {e}", path.display()))
 }
 
 fn certificates(path: &Path, setting: &str) -> anyhow::Result<Vec<CertificateDer<'static>>> {
@@ -85,12 +93,7 @@ pub fn peer_connector(config: &Config) -> anyhow::Result<Option<tokio_rustls::Tl
             "tls-replication needs tls-ca-cert-file (the CA peers' certificates are checked against)"
         );
     };
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in certificates(ca_file, "tls-ca-cert-file")? {
-        roots
-            .add(cert)
-            .map_err(|e| anyhow::anyhow!("tls-ca-cert-file {}: {e}", ca_file.display()))?;
-    }
+    let roots = roots(ca_file)?;
     let (cert_file, key_file) = match (&config.tls_client_cert_file, &config.tls_client_key_file) {
         (Some(c), Some(k)) => (c, k),
         _ => match (&config.tls_cert_file, &config.tls_key_file) {
@@ -99,8 +102,7 @@ pub fn peer_connector(config: &Config) -> anyhow::Result<Option<tokio_rustls::Tl
         },
     };
     let certs = certificates(cert_file, "tls-client-cert-file")?;
-    let key = PrivateKeyDer::from_pem_file(key_file)
-        .map_err(|e| anyhow::anyhow!("tls-client-key-file {}: {e}", key_file.display()))?;
+    let key = private_key(key_file, "tls-client-key-file")?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let client = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()

@@ -454,11 +454,11 @@ fn encode_request_into(args: &[Bytes], out: &mut BytesMut) {
     }
 }
 
-/// A connection during its handshake, before its task takes it over.
 /// A link's byte stream: plain TCP, or TLS over it (`tls-replication`).
 trait PeerIo: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> PeerIo for T {}
 
+/// A connection during its handshake, before its task takes it over.
 struct Conn {
     stream: Box<dyn PeerIo>,
     buf: BytesMut,

@@ -98,13 +98,8 @@ impl Replicas {
                 // A newer membership than ours (this node was away while it
                 // changed, perhaps taken out): take it now, not at the next
                 // refusal.
-                let newer = answer
-                    .as_deref()
-                    .and_then(|t| std::str::from_utf8(t).ok())
-                    .and_then(|t| super::layout::Layout::decode(t, &rep.addr))
-                    .filter(|l| l.version > rep.layout().version);
-                if let Some(newer) = newer {
-                    let _ = rep.adopt(newer);
+                if let Some(text) = answer {
+                    rep.adopt_if_newer(&text);
                 }
             }
         });
@@ -218,12 +213,19 @@ impl Replicas {
         let ask = [Bytes::from_static(b"KVD.CONFIG")];
         let config = self.peers.call(contact, &ask);
         if let Ok(Ok(Reply::Bulk(text))) = tokio::time::timeout(PROBE_TIMEOUT, config).await {
-            let newer = std::str::from_utf8(&text)
-                .ok()
-                .and_then(|t| super::layout::Layout::decode(t, &self.addr));
-            if let Some(newer) = newer.filter(|l| l.version > self.layout().version) {
-                let _ = self.adopt(newer);
-            }
+            self.adopt_if_newer(&text);
+        }
+    }
+
+    /// Adopts the membership a peer's `KVD.CONFIG` answered, if it is newer
+    /// than this node's.
+    fn adopt_if_newer(&self, config: &[u8]) {
+        let newer = std::str::from_utf8(config)
+            .ok()
+            .and_then(|t| super::layout::Layout::decode(t, &self.addr))
+            .filter(|l| l.version > self.layout().version);
+        if let Some(newer) = newer {
+            let _ = self.adopt(newer);
         }
     }
 
