@@ -691,6 +691,31 @@ fn partition(c: &Replicated, i: usize, from: &[usize]) {
     assert_eq!(c.conn(i).call(&args).unwrap().as_str(), "OK");
 }
 
+/// The members node `i` lists (`kvd_replica_members`), sorted.
+fn member_list(c: &Replicated, i: usize) -> Vec<String> {
+    let mut m: Vec<String> = info(c, i, "kvd_replica_members")
+        .split(',')
+        .filter(|m| !m.is_empty())
+        .map(String::from)
+        .collect();
+    m.sort();
+    m
+}
+
+/// Whether node `i` lists `addr` as a member.
+fn is_member(c: &Replicated, i: usize, addr: &str) -> bool {
+    member_list(c, i).iter().any(|m| m == addr)
+}
+
+/// Whether every node of `on` has taken `addr` out and counts no slot short
+/// of its copies.
+fn taken_out_and_rehomed(c: &Replicated, on: &[usize], addr: &str) -> bool {
+    on.iter().all(|&i| !is_member(c, i, addr))
+        && on
+            .iter()
+            .all(|&i| info(c, i, "kvd_under_replicated_slots") == "0")
+}
+
 fn info(c: &Replicated, i: usize, field: &str) -> String {
     let text = c.conn(i).cmd("INFO cluster").unwrap().as_str();
     text.lines()
@@ -799,16 +824,9 @@ fn nodes_join_and_leave_under_load_and_nothing_acknowledged_is_lost() {
     // told to leave), asks to be added again: a member once more, serving
     // every key.
     c.restart(0);
-    let four = |i: usize| {
-        let mut m: Vec<String> = info(&c, i, "kvd_replica_members")
-            .split(',')
-            .map(String::from)
-            .collect();
-        m.sort();
-        let mut want: Vec<String> = (0..4).map(|j| c.addr(j)).collect();
-        want.sort();
-        m == want && info(&c, i, "kvd_replica_frozen_slots") == "0"
-    };
+    let mut want: Vec<String> = (0..4).map(|j| c.addr(j)).collect();
+    want.sort();
+    let four = |i: usize| member_list(&c, i) == want && info(&c, i, "kvd_replica_frozen_slots") == "0";
     let deadline = Instant::now() + Duration::from_secs(30);
     while !(0..4).all(four) {
         assert!(Instant::now() < deadline, "node 0 was not added again");
@@ -1196,11 +1214,8 @@ fn a_node_gone_for_good_is_replaced_without_anyone_acting() {
     let mut c = Replicated::start_with_args(3, 3, &["--down-after", "3s"]);
     seed(&mut c.conn(0), "early", 500);
     let joined = c.add_seeded_node(0);
-    let member = |c: &Replicated, i: usize, addr: &str| {
-        info(c, i, "kvd_replica_members").split(',').any(|m| m == addr)
-    };
     let deadline = Instant::now() + Duration::from_secs(30);
-    while !(0..4).all(|i| member(&c, i, &c.addr(joined))) {
+    while !(0..4).all(|i| is_member(&c, i, &c.addr(joined))) {
         assert!(Instant::now() < deadline, "the seeded node never became a member");
         std::thread::sleep(Duration::from_millis(200));
     }
@@ -1244,17 +1259,10 @@ fn a_node_gone_for_good_is_replaced_without_anyone_acting() {
         assert!(killed.elapsed() < Duration::from_secs(3), "never suspect");
         std::thread::sleep(Duration::from_millis(100));
     }
-    assert!(member(&c, 0, &gone), "taken out before --down-after");
+    assert!(is_member(&c, 0, &gone), "taken out before --down-after");
     // Down after 3 s, then taken out and re-homed.
     let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let out = [0, 2, joined].iter().all(|&i| !member(&c, i, &gone));
-        let whole = [0, 2, joined]
-            .iter()
-            .all(|&i| info(&c, i, "kvd_under_replicated_slots") == "0");
-        if out && whole {
-            break;
-        }
+    while !taken_out_and_rehomed(&c, &[0, 2, joined], &gone) {
         assert!(
             Instant::now() < deadline,
             "the dead node's replicas were not re-homed"
@@ -1301,11 +1309,11 @@ fn a_node_gone_for_good_is_replaced_without_anyone_acting() {
             .as_str(),
         "OK"
     );
-    assert!(!member(&c, 0, &forgotten) && !member(&c, 2, &forgotten));
+    assert!(!is_member(&c, 0, &forgotten) && !is_member(&c, 2, &forgotten));
     // Told to leave while it runs, it does not ask back in.
     std::thread::sleep(Duration::from_secs(5));
     assert!(
-        !member(&c, 0, &forgotten) && !member(&c, 2, &forgotten),
+        !is_member(&c, 0, &forgotten) && !is_member(&c, 2, &forgotten),
         "the forgotten node was added again"
     );
     assert!(c
@@ -1578,12 +1586,6 @@ fn a_nemesis_of_random_faults_loses_nothing_and_the_cluster_keeps_serving() {
         })
     };
 
-    let live_members = |c: &Replicated, i: usize| -> Vec<String> {
-        info(c, i, "kvd_replica_members")
-            .split(',')
-            .map(String::from)
-            .collect()
-    };
     let (mut joined, mut left) = (false, false);
     std::thread::sleep(Duration::from_millis(1500));
     for step in 0..steps {
@@ -1641,7 +1643,7 @@ fn a_nemesis_of_random_faults_loses_nothing_and_the_cluster_keeps_serving() {
                 while !members
                     .iter()
                     .chain(std::iter::once(&new))
-                    .all(|&i| live_members(&c, i).contains(&addr))
+                    .all(|&i| is_member(&c, i, &addr))
                 {
                     if Instant::now() > deadline {
                         for i in 0..c.ports.len() {
@@ -1670,14 +1672,7 @@ fn a_nemesis_of_random_faults_loses_nothing_and_the_cluster_keeps_serving() {
                 c.kill9(i);
                 members.retain(|&j| j != i);
                 let deadline = Instant::now() + Duration::from_secs(90);
-                loop {
-                    let out = members.iter().all(|&j| !live_members(&c, j).contains(&addr));
-                    let whole = members
-                        .iter()
-                        .all(|&j| info(&c, j, "kvd_under_replicated_slots") == "0");
-                    if out && whole {
-                        break;
-                    }
+                while !taken_out_and_rehomed(&c, &members, &addr) {
                     assert!(
                         Instant::now() < deadline,
                         "{what}: {addr} was not taken out and re-homed"
@@ -1698,16 +1693,14 @@ fn a_nemesis_of_random_faults_loses_nothing_and_the_cluster_keeps_serving() {
         want.sort();
         let deadline = Instant::now() + Duration::from_secs(60);
         while !members.iter().all(|&j| {
-            let mut listed = live_members(&c, j);
-            listed.sort();
-            listed == want
+            member_list(&c, j) == want
                 && info(&c, j, "kvd_replica_nodes_unreachable") == "0"
                 && info(&c, j, "kvd_replica_frozen_slots") == "0"
         }) {
             assert!(
                 Instant::now() < deadline,
                 "after {what}: the members never agreed on {want:?} again: {:?}",
-                members.iter().map(|&j| live_members(&c, j)).collect::<Vec<_>>()
+                members.iter().map(|&j| member_list(&c, j)).collect::<Vec<_>>()
             );
             std::thread::sleep(Duration::from_millis(200));
         }
@@ -1767,11 +1760,7 @@ fn a_node_asleep_past_down_after_is_taken_out_and_rejoins_when_it_wakes() {
     let c = Replicated::start_with_args(4, 3, &["--down-after", "2s"]);
     seed(&mut c.conn(0), "k", 200);
     let sleeper = c.addr(3);
-    let member = |i: usize| {
-        info(&c, i, "kvd_replica_members")
-            .split(',')
-            .any(|m| m == sleeper)
-    };
+    let member = |i: usize| is_member(&c, i, &sleeper);
     c.freeze(3, true);
     let deadline = Instant::now() + Duration::from_secs(60);
     while member(0) || info(&c, 0, "kvd_under_replicated_slots") != "0" {
