@@ -272,6 +272,11 @@ impl Replicas {
         }
     }
 
+    /// Whether this node's last call or probe to `addr` failed.
+    pub(crate) fn is_suspect(&self, addr: &str) -> bool {
+        self.unreachable.lock().contains_key(addr)
+    }
+
     /// Whether a test has cut this node off from `addr` (`KVD.PARTITION`).
     pub(crate) fn is_cut_off(&self, addr: &str) -> bool {
         let cut = self.cut_off.read();

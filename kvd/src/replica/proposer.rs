@@ -40,6 +40,13 @@ use crate::store::{Entry, StoreError};
 
 /// How long a replica may take to answer one phase.
 const PHASE_TIMEOUT: Duration = Duration::from_millis(1000);
+/// How long a replica this node already found unreachable (suspect: its last
+/// call or probe failed) may take. A phase that fell short of a majority
+/// among the others waits for every holder (an accept beaten on one replica
+/// may still win on the suspect one), so with the full timeout every
+/// contended write would stall a second while a node sleeps. Short, not
+/// zero: a suspect node that answers is back at once (and loses the flag).
+const SUSPECT_TIMEOUT: Duration = Duration::from_millis(150);
 /// Attempts beaten by other proposers before giving up.
 const ATTEMPTS: usize = 20;
 /// Keys remembered for one-round-trip changes (forgotten all at once past this).
@@ -257,8 +264,12 @@ impl Replicas {
             text: String::new(),
             maybe_delivered: false,
         };
+        let timeout = match self.is_suspect(addr) {
+            true => SUSPECT_TIMEOUT,
+            false => PHASE_TIMEOUT,
+        };
         for _ in 0..2 {
-            match tokio::time::timeout(PHASE_TIMEOUT, self.peers.call(addr, &request)).await {
+            match tokio::time::timeout(timeout, self.peers.call(addr, &request)).await {
                 Ok(Ok(reply)) => {
                     self.reached(addr, true);
                     return answer(reply).map_err(|text| Failure {
@@ -277,7 +288,7 @@ impl Replicas {
                 Err(_) => {
                     self.reached(addr, false);
                     return Err(Failure {
-                        text: format!("{addr}: no answer within {PHASE_TIMEOUT:?}"),
+                        text: format!("{addr}: no answer within {timeout:?}"),
                         maybe_delivered: true,
                     });
                 }
