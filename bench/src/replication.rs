@@ -30,9 +30,15 @@ struct Reconfigure {
     keys: u64,
     value_bytes: usize,
     slots_moved: u64,
+    /// Membership versions the change went through (each moves at most
+    /// 2,048 slots).
+    steps: u64,
     keys_copied: u64,
     seconds: f64,
     copied_mb_per_s: f64,
+    /// Eight writers through the three old nodes during the change.
+    writes_acknowledged: u64,
+    longest_write_pause_ms: f64,
 }
 
 #[derive(Serialize)]
@@ -132,43 +138,67 @@ fn cas_bench(ports: &[u16], clients: usize, secs: u64) -> Result<(f64, f64, f64)
     ))
 }
 
+/// Eight clients SETting keys of their own through `ports` until stopped,
+/// keeping the longest time between any two acknowledged writes.
+struct Writers {
+    stop: Arc<AtomicBool>,
+    longest: Arc<Mutex<Duration>>,
+    threads: Vec<std::thread::JoinHandle<Result<u64>>>,
+}
+
+impl Writers {
+    fn start(ports: &[u16]) -> Writers {
+        let stop = Arc::new(AtomicBool::new(false));
+        let last = Arc::new(Mutex::new(Instant::now()));
+        let longest = Arc::new(Mutex::new(Duration::ZERO));
+        let threads = (0..8)
+            .map(|t| {
+                let (stop, last, longest) = (stop.clone(), last.clone(), longest.clone());
+                let port = ports[t % ports.len()];
+                std::thread::spawn(move || -> Result<u64> {
+                    let mut conn = Conn::connect(port)?;
+                    let mut acked = 0;
+                    while !stop.load(Ordering::Relaxed) {
+                        let key = format!("f{t}:{acked}");
+                        if !conn.call(&["SET", &key, "x"])?.is_error() {
+                            acked += 1;
+                            let now = Instant::now();
+                            let mut l = last.lock().expect("lock");
+                            let mut g = longest.lock().expect("lock");
+                            *g = (*g).max(now - *l);
+                            *l = now;
+                        }
+                    }
+                    Ok(acked)
+                })
+            })
+            .collect();
+        Writers {
+            stop,
+            longest,
+            threads,
+        }
+    }
+
+    /// Stops them: how many writes were acknowledged, and the longest pause.
+    fn finish(self) -> Result<(u64, Duration)> {
+        self.stop.store(true, Ordering::Relaxed);
+        let mut acknowledged = 0;
+        for t in self.threads {
+            acknowledged += t.join().expect("writer")?;
+        }
+        let longest = *self.longest.lock().expect("lock");
+        Ok((acknowledged, longest))
+    }
+}
+
 fn failover() -> Result<Failover> {
     let mut c = Replicated::start(3, 3);
-    let ports = [c.ports[0], c.ports[2]];
-    let stop = Arc::new(AtomicBool::new(false));
-    let last = Arc::new(Mutex::new(Instant::now()));
-    let longest = Arc::new(Mutex::new(Duration::ZERO));
-    let threads: Vec<_> = (0..8)
-        .map(|t| {
-            let (stop, last, longest) = (stop.clone(), last.clone(), longest.clone());
-            let port = ports[t % 2];
-            std::thread::spawn(move || -> Result<u64> {
-                let mut conn = Conn::connect(port)?;
-                let mut acked = 0;
-                while !stop.load(Ordering::Relaxed) {
-                    let key = format!("f{t}:{acked}");
-                    if !conn.call(&["SET", &key, "x"])?.is_error() {
-                        acked += 1;
-                        let now = Instant::now();
-                        let mut l = last.lock().expect("lock");
-                        let mut g = longest.lock().expect("lock");
-                        *g = (*g).max(now - *l);
-                        *l = now;
-                    }
-                }
-                Ok(acked)
-            })
-        })
-        .collect();
+    let writers = Writers::start(&[c.ports[0], c.ports[2]]);
     std::thread::sleep(Duration::from_secs(2));
     c.kill9(1);
     std::thread::sleep(Duration::from_secs(2));
-    stop.store(true, Ordering::Relaxed);
-    let mut acknowledged = 0;
-    for t in threads {
-        acknowledged += t.join().expect("writer")?;
-    }
-    let pause = *longest.lock().expect("lock");
+    let (acknowledged, pause) = writers.finish()?;
     Ok(Failover {
         acknowledged_writes: acknowledged,
         longest_pause_ms: pause.as_secs_f64() * 1e3,
@@ -176,7 +206,8 @@ fn failover() -> Result<Failover> {
 }
 
 /// Loads about `keys` keys of 4 KiB into a 3-node R = 3 cluster, then times
-/// adding a fourth node (the copy of every slot whose replicas change).
+/// adding a fourth node (the copy of every slot whose replicas change) while
+/// eight writers go on, and keeps their longest pause.
 fn reconfigure(keys: u64) -> Result<Reconfigure> {
     const VALUE: usize = 4096;
     let mut c = Replicated::start(3, 3);
@@ -200,9 +231,12 @@ fn reconfigure(keys: u64) -> Result<Reconfigure> {
     let new = c.add_node();
     let mut args: Vec<String> = vec!["KVD.RECONFIGURE".into()];
     args.extend((0..4).map(|i| c.addr(i)));
+    let writers = Writers::start(&c.ports[..3]);
+    std::thread::sleep(Duration::from_millis(500));
     let t = Instant::now();
     let reply = c.conn(0).call(&args)?;
     let seconds = t.elapsed().as_secs_f64();
+    let (writes_acknowledged, pause) = writers.finish()?;
     if reply.is_error() {
         bail!("KVD.RECONFIGURE: {}", reply.as_str());
     }
@@ -219,8 +253,11 @@ fn reconfigure(keys: u64) -> Result<Reconfigure> {
         keys,
         value_bytes: VALUE,
         slots_moved: field("kvd_reconfigure_slots_moved"),
+        steps: field("kvd_replica_config_version") - 1,
         keys_copied,
         seconds,
+        writes_acknowledged,
+        longest_write_pause_ms: pause.as_secs_f64() * 1e3,
         copied_mb_per_s: (keys_copied * VALUE as u64) as f64 / seconds / 1e6,
     })
 }

@@ -397,20 +397,31 @@ fn internal(shared: &Arc<Shared>, rep: &Arc<Replicas>, session: &mut Session, ar
             };
         }
         ("kvd.slotrecords", 5) => return super::reconfigure::slot_records(shared, rep, args),
-        ("kvd.install", 3) => {
-            let Some(record) = Record::decode(&args[2]) else {
-                return bad();
-            };
+        // `KVD.INSTALL key record [key record ...]`: one answer per key, in
+        // an array (a reconfiguration sends a node its keys in batches).
+        ("kvd.install", n) if n >= 3 && n % 2 == 1 => {
+            let mut records = Vec::with_capacity(n / 2);
+            for pair in args[1..].chunks(2) {
+                let Some(record) = Record::decode(&pair[1]) else {
+                    return bad();
+                };
+                records.push((&pair[0], record));
+            }
             let version = rep.layout().version;
-            if epoch(record.accepted) <= version {
+            if records.iter().any(|(_, r)| epoch(r.accepted) <= version) {
                 return super::version_refusal(version);
             }
             session.wrote = true;
-            return match rep.acceptor.install(&shared.dbs.zero(), &args[1], record) {
-                Ok(()) => Reply::OK,
-                Err(Ok(beaten)) => proposer::ballot_error(beaten),
-                Err(Err(e)) => Reply::error(e.to_string()),
-            };
+            let zero = shared.dbs.zero();
+            let answers = records
+                .into_iter()
+                .map(|(key, record)| match rep.acceptor.install(&zero, key, record) {
+                    Ok(()) => Reply::OK,
+                    Err(Ok(beaten)) => proposer::ballot_error(beaten),
+                    Err(Err(e)) => Reply::error(e.to_string()),
+                })
+                .collect();
+            return Reply::Array(answers);
         }
         ("kvd.join", 2) => return rep.join(String::from_utf8_lossy(&args[1]).into_owned()),
         ("kvd.forgotten", 1) => {

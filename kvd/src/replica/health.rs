@@ -46,10 +46,14 @@ const PROBE_EVERY: Duration = Duration::from_secs(1);
 const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 /// How often a node outside the membership asks to be added.
 const JOIN_EVERY: Duration = Duration::from_secs(2);
+/// How long a change may rest half-way before the coordinator finishes it
+/// (well above one step's copy, so it does not race a driver still at work).
+const STALLED_AFTER: Duration = Duration::from_secs(30);
 
 pub fn spawn(shared: Arc<Shared>, rep: Arc<Replicas>) {
     tokio::spawn(async move {
         let mut last_join = None::<Instant>;
+        let mut unchanged_since = (0u64, Instant::now());
         loop {
             tokio::select! {
                 _ = shared.shutdown.cancelled() => return,
@@ -66,6 +70,7 @@ pub fn spawn(shared: Arc<Shared>, rep: Arc<Replicas>) {
             }
             rep.probe_members().await;
             rep.take_out_the_down().await;
+            rep.finish_a_stalled_change(&mut unchanged_since).await;
         }
     });
 }
@@ -151,7 +156,7 @@ impl Replicas {
             return;
         }
         let live: Vec<String> = layout
-            .nodes
+            .target()
             .iter()
             .filter(|n| !down.contains(n))
             .cloned()
@@ -177,6 +182,41 @@ impl Replicas {
         self.stats
             .last_rehome_ms
             .store(started.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+
+    /// If the membership has stayed half-way through a change (a
+    /// transitional layout, [`super::layout::Layout::next_step`]) for
+    /// [`STALLED_AFTER`] — its coordinator stopped or was cut off — and this
+    /// node coordinates, finishes the change. Nothing waits on a stalled
+    /// change (every slot is served by one side or the other), but its
+    /// leaving nodes cannot be switched off until it ends.
+    async fn finish_a_stalled_change(self: &Arc<Self>, unchanged_since: &mut (u64, Instant)) {
+        let layout = self.layout();
+        if layout.version != unchanged_since.0 {
+            *unchanged_since = (layout.version, Instant::now());
+            return;
+        }
+        if !layout.in_transition() || unchanged_since.1.elapsed() < STALLED_AFTER {
+            return;
+        }
+        let suspects = self.suspect_members();
+        let coordinator = layout
+            .nodes
+            .iter()
+            .find(|n| **n == self.addr || !suspects.contains(n));
+        if coordinator != Some(&self.addr) {
+            return;
+        }
+        tracing::warn!(
+            version = layout.version,
+            "a membership change stopped half-way {:?} ago; finishing it",
+            unchanged_since.1.elapsed()
+        );
+        let reply = self.reconfigure(layout.target().to_vec()).await;
+        if reply.is_error() {
+            tracing::warn!("finishing the change failed (tried again later): {reply:?}");
+        }
+        *unchanged_since = (self.layout().version, Instant::now());
     }
 
     /// Asks a seed, or a member this node remembers, to add it.
@@ -236,10 +276,10 @@ impl Replicas {
         if layout.version == 0 || layout.me.is_none() {
             return Reply::error("ERR this node is not a member of a replicated cluster");
         }
-        if layout.nodes.contains(&addr) {
+        if layout.target().contains(&addr) {
             return Reply::OK;
         }
-        let mut nodes = layout.nodes.clone();
+        let mut nodes = layout.target().to_vec();
         nodes.push(addr);
         let rep = self.clone();
         tokio::spawn(async move {
@@ -258,7 +298,7 @@ impl Replicas {
         if !layout.nodes.iter().any(|n| n == addr) {
             return Reply::error(format!("ERR Unknown node {addr}"));
         }
-        let rest: Vec<String> = layout.nodes.iter().filter(|n| *n != addr).cloned().collect();
+        let rest: Vec<String> = layout.target().iter().filter(|n| *n != addr).cloned().collect();
         if rest.is_empty() {
             return Reply::error("ERR a cluster cannot forget its last node");
         }

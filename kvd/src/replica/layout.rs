@@ -44,16 +44,43 @@ pub fn install_ballot(version: u64) -> Ballot {
     }
 }
 
+/// Moving slots one reconfiguration step freezes and copies at most: a
+/// change that moves more goes through transitional layouts, each moving
+/// about this many more, so a client waits for one step's copy at most, and
+/// only for keys of the slots that step moves ([`Layout::next_step`]).
+pub const STEP_SLOTS: usize = 2048;
+
 /// One version of the node list, and the placement that follows from it.
+///
+/// A layout may be *transitional*: on its way from an old node list to a new
+/// one, slots below `moved_below` are placed by the new list and the others
+/// still by the old. Each step of a large change is a membership version of
+/// its own, decided, frozen, copied and activated like any other.
 pub struct Layout {
     /// 0: this node has not been given a membership yet (a node started to be
     /// added to a cluster); it serves no key until a member adds it.
     pub version: u64,
+    /// Every member: the (target) node list, then, during a transition, the
+    /// old list's nodes not in it (they still hold the slots not yet moved).
     pub nodes: Vec<String>,
     pub replicas: usize,
     /// This node's index in `nodes`, if it is a member.
     pub me: Option<usize>,
+    /// Placement over the target list (`nodes[..target_len]`).
     placement: Placement,
+    target_len: usize,
+    transition: Option<Transition>,
+}
+
+/// Where a transitional layout comes from.
+struct Transition {
+    /// The old node list, in its own order.
+    from: Vec<String>,
+    /// Placement over `from`; `from_index` maps its indexes into `nodes`.
+    placement: Placement,
+    from_index: Vec<usize>,
+    /// Slots below this are placed by the target list.
+    moved_below: u16,
 }
 
 impl Layout {
@@ -66,14 +93,72 @@ impl Layout {
             version,
             placement: Placement::compute(&ids, replicas),
             me: nodes.iter().position(|n| n == me),
+            target_len: nodes.len(),
             nodes,
             replicas,
+            transition: None,
         }
+    }
+
+    /// A layout on its way from `from` to `to`: slots below `moved_below` are
+    /// placed by `to`, the rest by `from`.
+    pub fn transitional(
+        version: u64,
+        from: Vec<String>,
+        to: Vec<String>,
+        replicas: usize,
+        moved_below: u16,
+        me: &str,
+    ) -> Layout {
+        let mut layout = Layout::new(version, to, replicas, me);
+        for n in &from {
+            if !layout.nodes.contains(n) {
+                layout.nodes.push(n.clone());
+            }
+        }
+        layout.me = layout.nodes.iter().position(|n| n == me);
+        let ids: Vec<&str> = from.iter().map(String::as_str).collect();
+        let from_index = from
+            .iter()
+            .map(|n| {
+                layout
+                    .nodes
+                    .iter()
+                    .position(|m| m == n)
+                    .expect("every old node is listed")
+            })
+            .collect();
+        layout.transition = Some(Transition {
+            placement: Placement::compute(&ids, layout.replicas),
+            from,
+            from_index,
+            moved_below,
+        });
+        layout
+    }
+
+    /// The node list this layout is heading to (all of `nodes` unless it is
+    /// transitional): what a change of membership starts from.
+    pub fn target(&self) -> &[String] {
+        &self.nodes[..self.target_len]
+    }
+
+    /// Whether this layout is a step of a change still under way.
+    pub fn in_transition(&self) -> bool {
+        self.transition.is_some()
     }
 
     /// The nodes (indexes into `nodes`) that hold `slot`.
     pub fn slot_holders(&self, slot: u16) -> Vec<usize> {
-        self.placement.holders(slot).iter().map(|&i| i as usize).collect()
+        match &self.transition {
+            Some(t) if slot >= t.moved_below => t
+                .placement
+                .holders(slot)
+                .iter()
+                .map(|&i| t.from_index[i as usize])
+                .collect(),
+            _ => self.placement.holders(slot).iter().map(|&i| i as usize).collect(),
+        }
     }
 
     /// The nodes that hold `key`.
@@ -84,10 +169,9 @@ impl Layout {
     /// The addresses holding `slot`, sorted: equal lists mean the same replicas.
     pub fn holder_addrs(&self, slot: u16) -> Vec<&str> {
         let mut addrs: Vec<&str> = self
-            .placement
-            .holders(slot)
-            .iter()
-            .map(|&i| self.nodes[i as usize].as_str())
+            .slot_holders(slot)
+            .into_iter()
+            .map(|i| self.nodes[i].as_str())
             .collect();
         addrs.sort_unstable();
         addrs
@@ -98,9 +182,52 @@ impl Layout {
         self.version << EPOCH_SHIFT
     }
 
-    /// `version replicas node,node,...`: how a layout travels between nodes.
+    /// The next layout on the way to the node list `wanted`, seen from `me`,
+    /// or `None` when this layout is there. A transition under way is finished
+    /// first, whatever `wanted` says. Each step moves at most [`STEP_SLOTS`]
+    /// slots (a change that moves fewer is one step to the plain layout).
+    /// Every node computes the same step from the same layout, so two nodes
+    /// driving one change propose the same next version.
+    pub fn next_step(&self, wanted: &[String], me: &str) -> Option<Layout> {
+        let (from, to, start) = match &self.transition {
+            Some(t) => (t.from.clone(), self.target().to_vec(), t.moved_below),
+            None => {
+                let (mut a, mut b) = (self.nodes.clone(), wanted.to_vec());
+                a.sort();
+                b.sort();
+                if a == b {
+                    return None;
+                }
+                (self.nodes.clone(), wanted.to_vec(), 0)
+            }
+        };
+        let version = self.version + 1;
+        let plain = Layout::new(version, to.clone(), self.replicas, me);
+        let old = Layout::new(version, from.clone(), self.replicas, me);
+        let mut moving = 0;
+        for s in start..SLOTS as u16 {
+            if old.holder_addrs(s) != plain.holder_addrs(s) {
+                moving += 1;
+                if moving == STEP_SLOTS && (s as usize) + 1 < SLOTS {
+                    let more = (s + 1..SLOTS as u16).any(|r| old.holder_addrs(r) != plain.holder_addrs(r));
+                    if more {
+                        return Some(Layout::transitional(version, from, to, self.replicas, s + 1, me));
+                    }
+                    break;
+                }
+            }
+        }
+        Some(plain)
+    }
+
+    /// `version replicas node,node,...`, and for a transitional layout
+    /// ` from node,node,... moved_below`: how a layout travels between nodes.
     pub fn encode(&self) -> String {
-        format!("{} {} {}", self.version, self.replicas, self.nodes.join(","))
+        let mut text = format!("{} {} {}", self.version, self.replicas, self.target().join(","));
+        if let Some(t) = &self.transition {
+            text.push_str(&format!(" from {} {}", t.from.join(","), t.moved_below));
+        }
+        text
     }
 
     /// The inverse of [`Layout::encode`], seen from the node at `me`.
@@ -109,7 +236,19 @@ impl Layout {
         let version = parts.next()?.parse().ok()?;
         let replicas = parts.next()?.parse().ok()?;
         let nodes = parse_nodes(parts.next()?).ok()?;
-        (parts.next().is_none() && version > 0).then(|| Layout::new(version, nodes, replicas, me))
+        if version == 0 {
+            return None;
+        }
+        match parts.next() {
+            None => Some(Layout::new(version, nodes, replicas, me)),
+            Some("from") => {
+                let from = parse_nodes(parts.next()?).ok()?;
+                let moved_below: u16 = parts.next()?.parse().ok()?;
+                (parts.next().is_none() && (moved_below as usize) < SLOTS)
+                    .then(|| Layout::transitional(version, from, nodes, replicas, moved_below, me))
+            }
+            Some(_) => None,
+        }
     }
 }
 
@@ -341,6 +480,74 @@ mod tests {
         assert!(parse_nodes("").is_err());
         assert!(parse_nodes("nohost").is_err());
         assert!(Layout::decode("0 3 a:1", "a:1").is_none());
+    }
+
+    /// Slots whose holders differ between two layouts.
+    fn moving(a: &Layout, b: &Layout) -> usize {
+        (0..SLOTS as u16)
+            .filter(|&s| a.holder_addrs(s) != b.holder_addrs(s))
+            .count()
+    }
+
+    #[test]
+    fn a_large_change_goes_in_steps_that_each_move_a_bounded_share() {
+        for (from, to) in [
+            ("a:1,b:2,c:3", "a:1,b:2,c:3,d:4"),
+            ("a:1,b:2,c:3,d:4,e:5", "a:1,c:3,d:4,e:5"),
+            ("a:1,b:2,c:3", "d:4,e:5,f:6"),
+        ] {
+            let start = Layout::new(7, nodes(from), 3, "a:1");
+            let end = Layout::new(0, nodes(to), 3, "a:1");
+            let total = moving(&start, &end);
+            let mut at = start;
+            let mut steps = 0;
+            let mut moved = 0;
+            while let Some(next) = at.next_step(&nodes(to), "a:1") {
+                assert_eq!(next.version, at.version + 1);
+                let m = moving(&at, &next);
+                assert!(m <= STEP_SLOTS, "{from} -> {to}: a step moved {m} slots");
+                // Every slot is held by its old or its new holders, never a mix.
+                for s in 0..SLOTS as u16 {
+                    let h = next.holder_addrs(s);
+                    assert!(h == at.holder_addrs(s) || h == end.holder_addrs(s));
+                }
+                // The layout travels intact (a transitional one too).
+                let back = Layout::decode(&next.encode(), "d:4").unwrap();
+                assert_eq!(back.encode(), next.encode());
+                assert!((0..SLOTS as u16).all(|s| back.holder_addrs(s) == next.holder_addrs(s)));
+                moved += m;
+                steps += 1;
+                at = next;
+            }
+            assert!(!at.in_transition());
+            assert_eq!(at.target(), &nodes(to)[..]);
+            assert_eq!(moved, total, "{from} -> {to}: each moving slot moved once");
+            assert_eq!(steps, total.div_ceil(STEP_SLOTS), "{from} -> {to}: {total} slots");
+        }
+    }
+
+    #[test]
+    fn a_transition_lists_its_leaving_nodes_and_is_finished_before_a_new_change() {
+        let from = nodes("a:1,b:2,c:3,x:9");
+        let start = Layout::new(3, from.clone(), 3, "x:9");
+        let step = start.next_step(&nodes("a:1,b:2,c:3"), "x:9").unwrap();
+        assert!(step.in_transition());
+        assert_eq!(step.target(), &nodes("a:1,b:2,c:3")[..]);
+        assert_eq!(step.nodes, from, "the leaving node is a member until the end");
+        assert_eq!(step.me, Some(3));
+        // Another list asked for meanwhile: the transition goes on first.
+        let next = step.next_step(&nodes("a:1,b:2"), "x:9").unwrap();
+        assert_eq!(next.target(), &nodes("a:1,b:2,c:3")[..]);
+        // A small change is one step, as before.
+        let ten: Vec<String> = (0..10).map(|i| format!("n:{i}")).collect();
+        let eleven: Vec<String> = (0..11).map(|i| format!("n:{i}")).collect();
+        let small = Layout::new(3, ten, 1, "n:0").next_step(&eleven, "n:0").unwrap();
+        assert!(
+            !small.in_transition(),
+            "one copy, 10 -> 11 nodes: about 1,500 slots move"
+        );
+        assert!(Layout::decode("3 3 a:1 from b:2 16384", "a:1").is_none());
+        assert!(Layout::decode("3 3 a:1 over b:2 5", "a:1").is_none());
     }
 
     #[test]

@@ -28,12 +28,20 @@
 //!    version, and a mismatch is answered with `KVDCONFIG <version>`, after
 //!    which the side behind is brought up to date.
 //!
-//! Requests for moving slots answer `TRYAGAIN` from the freeze until the
-//! activation (a copy of about a second for 100 MB); other slots are served
-//! throughout. If a step fails, the slots frozen so far stay unavailable until
-//! `KVD.RECONFIGURE` runs again (with any list: the vote makes it finish the
-//! interrupted change first). After the activation each node drops, in the
-//! background, the keys of slots it no longer holds ([`super::repair`]).
+//! A change that moves more than [`layout::STEP_SLOTS`] slots (a node joining
+//! a 3-node cluster with R=3 moves three quarters of them) runs as several
+//! such versions: transitional layouts in which the slots below a boundary
+//! have their new holders and the rest their old ones
+//! ([`Layout::next_step`]). Commands on a frozen slot wait for its step's
+//! activation (a copy of about a second for 100 MB; `TRYAGAIN` only past
+//! the proposer's wait); every other slot is served throughout, so a join
+//! never stops the whole cluster. If a step fails, the slots it froze stay
+//! unavailable until `KVD.RECONFIGURE` runs again (with any list: the vote
+//! makes it finish the interrupted step first, and a transition is always
+//! carried to its end before another change starts); a change that rests
+//! half-way is finished by the coordinator ([`super::health`]). After each
+//! activation each node drops, in the background, the keys of slots it no
+//! longer holds ([`super::repair`]).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -53,14 +61,18 @@ use crate::shared::Shared;
 
 /// How long one call of a reconfiguration may take.
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long one may take to a node already found silent.
+const SUSPECT_CALL_TIMEOUT: Duration = Duration::from_millis(500);
 /// Slots copied per pass over the holders' keys (the coordinator keeps one
 /// pass's records in memory; kvd has no per-slot index, so each pass costs
 /// each holder one scan of its keys).
 const COPY_SLOTS: usize = 2048;
 /// Keys a holder examines per `KVD.SLOTRECORDS` page.
-const PAGE: usize = 256;
-/// Keys being installed at once.
-const INSTALLS_IN_FLIGHT: usize = 32;
+const PAGE: usize = 1024;
+/// Keys sent to a node in one `KVD.INSTALL`.
+const INSTALL_BATCH: usize = 64;
+/// `KVD.INSTALL` batches in flight at once.
+const INSTALLS_IN_FLIGHT: usize = 8;
 /// Vote attempts beaten by another reconfiguration before giving up.
 const VOTE_ATTEMPTS: usize = 5;
 
@@ -90,15 +102,31 @@ fn other_version(r: &Result<Reply, String>) -> Option<u64> {
 
 impl Replicas {
     /// One call to `addr` (this node's own address included: over its port,
-    /// like any other), bounded in time.
+    /// like any other), bounded in time: [`CALL_TIMEOUT`], or
+    /// [`SUSPECT_CALL_TIMEOUT`] for a node whose last call or probe failed (a
+    /// change that takes out a sleeping node asks it at every step, and the
+    /// majorities it needs do not include it).
     async fn ask(&self, addr: &str, request: Vec<Bytes>) -> Result<Reply, String> {
         if self.is_cut_off(addr) {
             return Err(format!("{addr}: cut off (KVD.PARTITION)"));
         }
-        match tokio::time::timeout(CALL_TIMEOUT, self.peers.call(addr, &request)).await {
-            Ok(Ok(reply)) => Ok(reply),
-            Ok(Err(e)) => Err(e.to_string()),
-            Err(_) => Err(format!("{addr}: no answer within {CALL_TIMEOUT:?}")),
+        let timeout = match self.is_suspect(addr) {
+            true => SUSPECT_CALL_TIMEOUT,
+            false => CALL_TIMEOUT,
+        };
+        match tokio::time::timeout(timeout, self.peers.call(addr, &request)).await {
+            Ok(Ok(reply)) => {
+                self.reached(addr, true);
+                Ok(reply)
+            }
+            Ok(Err(e)) => {
+                self.reached(addr, false);
+                Err(e.to_string())
+            }
+            Err(_) => {
+                self.reached(addr, false);
+                Err(format!("{addr}: no answer within {timeout:?}"))
+            }
         }
     }
 
@@ -135,13 +163,17 @@ impl Replicas {
             .unwrap_or(false)
     }
 
-    /// `KVD.RECONFIGURE node ...`: makes `nodes` the cluster's node list.
+    /// `KVD.RECONFIGURE node ...`: makes `nodes` the cluster's node list, in
+    /// steps of at most [`layout::STEP_SLOTS`] moving slots (each a membership
+    /// version of its own: vote, freeze, copy, activate), so that no key
+    /// waits longer than one step's copy. A change under way (this node's or
+    /// one another coordinator left half-done) is finished first.
     pub async fn reconfigure(self: &Arc<Self>, nodes: Vec<String>) -> Reply {
         let Ok(_one) = self.reconfiguring.try_lock() else {
             return Reply::error("ERR a reconfiguration is already running on this node");
         };
-        let old = self.layout();
-        if old.version == 0 {
+        let start = self.layout();
+        if start.version == 0 {
             return Reply::error(
                 "ERR this node is not in a replicated cluster yet: run KVD.RECONFIGURE on a member",
             );
@@ -149,16 +181,9 @@ impl Replicas {
         if let Err(e) = layout::check_nodes(&nodes) {
             return Reply::error(format!("ERR {e}"));
         }
-        let wanted = Layout::new(old.version + 1, nodes, old.replicas, &self.addr);
-        let (mut a, mut b) = (old.nodes.clone(), wanted.nodes.clone());
-        a.sort();
-        b.sort();
-        if a == b && self.membership.read().voted.is_none() {
-            return Reply::OK;
-        }
         // A node to be added must answer, and must not be a member of a later
         // version (of this cluster or, with the same secret, another one).
-        for addr in wanted.nodes.iter().filter(|n| !old.nodes.contains(n)) {
+        for addr in nodes.iter().filter(|n| !start.nodes.contains(n)) {
             match self.ask(addr, args(&[b"KVD.CONFIG"])).await {
                 Ok(Reply::Bulk(text)) => {
                     let version: u64 = String::from_utf8_lossy(&text)
@@ -166,30 +191,76 @@ impl Replicas {
                         .next()
                         .and_then(|v| v.parse().ok())
                         .unwrap_or(u64::MAX);
-                    if version > old.version {
+                    if version > start.version {
                         return Reply::error(format!(
                             "ERR {addr} is at membership version {version}, this cluster at {}: is it in another cluster?",
-                            old.version
+                            start.version
                         ));
                     }
                 }
                 other => return Reply::error(format!("ERR cannot add {addr} ({})", describe(addr, &other))),
             }
         }
-        let (ballot, target_text) = match self.vote(&old, &wanted).await {
-            Ok(v) => v,
-            Err(reply) => return reply,
-        };
+        let mut finished_other = false;
+        loop {
+            let old = self.layout();
+            let voted = self.membership.read().voted.is_some();
+            let step = match old.next_step(&nodes, &self.addr) {
+                Some(step) => step,
+                // A vote accepted here and never activated (an interrupted
+                // change): the vote below finds it and finishes it; if the
+                // majority that answers never saw it, a version with the same
+                // nodes ends it as harmlessly.
+                None if voted => {
+                    Layout::new(old.version + 1, old.target().to_vec(), old.replicas, &self.addr)
+                }
+                None => break,
+            };
+            let (target, moved) = match self.step(&old, &step).await {
+                Ok(done) => done,
+                Err(reply) => return reply,
+            };
+            finished_other |= target.encode() != step.encode();
+            if finished_other && !target.in_transition() {
+                let (mut a, mut b) = (target.nodes.clone(), nodes.clone());
+                a.sort();
+                b.sort();
+                if a != b {
+                    return Reply::error(format!(
+                        "ERR finished an interrupted reconfiguration first (now version {}: {}); \
+                         run KVD.RECONFIGURE again for yours",
+                        target.version,
+                        target.encode()
+                    ));
+                }
+            }
+            tracing::info!(
+                version = target.version,
+                slots = moved,
+                "reconfigured: {}",
+                target.encode()
+            );
+        }
+        Reply::OK
+    }
+
+    /// One step from `old` to `step` (or to the layout a vote at `old`'s
+    /// version already accepted): vote, freeze and copy the slots whose
+    /// holders change, activate. Answers the layout now in force and how many
+    /// slots moved.
+    async fn step(self: &Arc<Self>, old: &Layout, step: &Layout) -> Result<(Layout, usize), Reply> {
+        let (ballot, target_text) = self.vote(old, step).await?;
         let Some(target) = Layout::decode(&target_text, &self.addr) else {
-            return Reply::error(format!("ERR the vote chose a malformed layout '{target_text}'"));
+            return Err(Reply::error(format!(
+                "ERR the vote chose a malformed layout '{target_text}'"
+            )));
         };
         if super::failpoint("reconfigure-after-vote") {
-            return Reply::error("ERR stopped after the vote (KVD_FAILPOINTS=reconfigure-after-vote)");
+            return Err(Reply::error(
+                "ERR stopped after the vote (KVD_FAILPOINTS=reconfigure-after-vote)",
+            ));
         }
-        let moved = match self.move_slots(&old, &target, ballot, &target_text).await {
-            Ok(n) => n,
-            Err(reply) => return reply,
-        };
+        let moved = self.move_slots(old, &target, ballot, &target_text).await?;
         self.stats
             .slots_moved
             .fetch_add(moved as u64, std::sync::atomic::Ordering::Relaxed);
@@ -204,21 +275,11 @@ impl Replicas {
             .collect::<std::collections::BTreeSet<_>>()
             .into_iter()
             .collect();
-        let finished_other = target_text != wanted.encode();
-        let version = target.version;
-        if let Err(reply) = self.adopt(target) {
-            return reply;
-        }
+        let adopted = Layout::decode(&target_text, &self.addr).expect("decoded above");
+        self.adopt(adopted)?;
         let request = args(&[b"KVD.CONFIG", b"SET", target_text.as_bytes()]);
         join_all(everyone.iter().map(|addr| self.ask(addr, request.clone()))).await;
-        tracing::info!(version, slots = moved, "reconfigured: {target_text}");
-        if finished_other {
-            return Reply::error(format!(
-                "ERR finished an interrupted reconfiguration first (now version {version}: {target_text}); \
-                 run KVD.RECONFIGURE again for yours"
-            ));
-        }
-        Reply::OK
+        Ok((target, moved))
     }
 
     /// Step 1's prepare: a ballot promised by a majority of the current nodes,
@@ -348,17 +409,35 @@ impl Replicas {
             }
         }
         for chunk in moving.chunks(COPY_SLOTS) {
+            let started = std::time::Instant::now();
             let mut best: HashMap<Bytes, Record> = HashMap::new();
             let mut complete = vec![false; old.nodes.len()];
             let mut failures = Vec::new();
-            for (i, addr) in old.nodes.iter().enumerate().filter(|(i, _)| frozen[*i]) {
-                let slots = held_by(i, chunk);
-                if slots.is_empty() {
-                    continue;
-                }
-                match self.read_slots(addr, old.version, &slots, &mut best).await {
+            // Every frozen holder at once; the records merge as they come.
+            let reads = old
+                .nodes
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| frozen[*i])
+                .map(|(i, addr)| (i, addr, held_by(i, chunk)))
+                .filter(|(_, _, slots)| !slots.is_empty())
+                .map(|(i, addr, slots)| async move {
+                    let mut records = HashMap::new();
+                    let read = self.read_slots(addr, old.version, &slots, &mut records).await;
+                    (i, read, records)
+                });
+            for (i, read, records) in join_all(reads).await {
+                match read {
                     Ok(()) => complete[i] = true,
                     Err(e) => failures.push(e),
+                }
+                for (key, record) in records {
+                    match best.get(&key) {
+                        Some(have) if have.accepted >= record.accepted => {}
+                        _ => {
+                            best.insert(key, record);
+                        }
+                    }
                 }
             }
             for &s in chunk {
@@ -376,7 +455,14 @@ impl Replicas {
                     "ERR stopped after freezing (KVD_FAILPOINTS=reconfigure-after-freeze)",
                 ));
             }
+            let (records, read) = (best.len(), started.elapsed());
             self.install_all(target, best).await?;
+            tracing::info!(
+                slots = chunk.len(),
+                records,
+                "moving slots: records read in {read:?}, installed on their new replicas in {:?}",
+                started.elapsed() - read
+            );
         }
         Ok(moving.len())
     }
@@ -431,46 +517,80 @@ impl Replicas {
     }
 
     /// Installs each record on a majority (and as many as answer) of its key's
-    /// holders in `target`, at the install ballot of `target`'s version.
+    /// holders in `target`, at the install ballot of `target`'s version. Each
+    /// node gets its keys in batches of [`INSTALL_BATCH`], several batches in
+    /// flight: one call per key cost more than the copy itself.
     async fn install_all(&self, target: &Layout, records: HashMap<Bytes, Record>) -> Result<(), Reply> {
         let ballot = install_ballot(target.version);
         self.stats
             .keys_copied
             .fetch_add(records.len() as u64, std::sync::atomic::Ordering::Relaxed);
-        let results: Vec<Result<(), String>> = stream::iter(records)
-            .map(|(key, record)| async move {
-                let holders = target.holders(&key);
+        let keys: Vec<(Bytes, Bytes)> = records
+            .into_iter()
+            .map(|(key, record)| {
                 let raw = Record {
                     accepted: ballot,
                     entry: record.entry,
                 }
                 .encode();
-                let calls = holders.iter().map(|&i| {
-                    let request = vec![Bytes::from_static(b"KVD.INSTALL"), key.clone(), raw.clone()];
-                    self.ask(&target.nodes[i], request)
-                });
-                let answers = join_all(calls).await;
-                if answers.iter().filter(|a| accepted(a)).count() >= majority(holders.len()) {
-                    return Ok(());
-                }
-                let why: Vec<String> = holders
-                    .iter()
-                    .zip(&answers)
-                    .filter(|(_, a)| !accepted(a))
-                    .map(|(&i, a)| describe(&target.nodes[i], a))
-                    .collect();
-                Err(format!(
-                    "key '{}' reached fewer than a majority of its new replicas: {}",
-                    String::from_utf8_lossy(&key),
-                    why.join("; ")
-                ))
+                (key, raw)
             })
+            .collect();
+        // Per node, the indexes of the keys it is to hold.
+        let mut per_node: Vec<Vec<usize>> = vec![Vec::new(); target.nodes.len()];
+        for (k, (key, _)) in keys.iter().enumerate() {
+            for i in target.holders(key) {
+                per_node[i].push(k);
+            }
+        }
+        // Built beforehand, so each call owns what it sends.
+        let mut calls = Vec::new();
+        for (node, ks) in per_node.iter().enumerate() {
+            for batch in ks.chunks(INSTALL_BATCH) {
+                let mut request = Vec::with_capacity(1 + 2 * batch.len());
+                request.push(Bytes::from_static(b"KVD.INSTALL"));
+                for &k in batch {
+                    request.push(keys[k].0.clone());
+                    request.push(keys[k].1.clone());
+                }
+                calls.push((node, batch.to_vec(), target.nodes[node].clone(), request));
+            }
+        }
+        let answers: Vec<(usize, Vec<usize>, Result<Reply, String>)> = stream::iter(calls)
+            .map(|(node, batch, addr, request)| async move { (node, batch, self.ask(&addr, request).await) })
             .buffer_unordered(INSTALLS_IN_FLIGHT)
             .collect()
             .await;
-        if let Some(Err(e)) = results.into_iter().find(Result::is_err) {
+        let mut took = vec![0usize; keys.len()];
+        let mut why: Vec<Vec<String>> = vec![Vec::new(); keys.len()];
+        for (node, batch, answer) in answers {
+            let addr = &target.nodes[node];
+            match &answer {
+                Ok(Reply::Array(each)) if each.len() == batch.len() => {
+                    for (&k, reply) in batch.iter().zip(each) {
+                        match reply {
+                            Reply::Error(e) => why[k].push(format!("{addr}: {e}")),
+                            _ => took[k] += 1,
+                        }
+                    }
+                }
+                other => {
+                    for &k in &batch {
+                        why[k].push(describe(addr, other));
+                    }
+                }
+            }
+        }
+        let short = keys
+            .iter()
+            .enumerate()
+            .find(|(k, (key, _))| took[*k] < majority(target.holders(key).len()));
+        if let Some((k, (key, _))) = short {
             return Err(Reply::error(format!(
-                "CLUSTERDOWN {e}; slots frozen so far stay unavailable until KVD.RECONFIGURE runs again"
+                "CLUSTERDOWN key '{}' reached fewer than a majority of its new replicas: {}; \
+                 slots frozen so far stay unavailable until KVD.RECONFIGURE runs again",
+                String::from_utf8_lossy(key),
+                why[k].join("; ")
             )));
         }
         Ok(())
