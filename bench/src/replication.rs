@@ -22,6 +22,7 @@ pub struct Report {
     cas_r3_over_r1: crate::rounds::Compared,
     failover: Failover,
     reconfigure: Reconfigure,
+    catch_up: CatchUp,
 }
 
 /// Adding a fourth node to a loaded 3-node cluster with `KVD.RECONFIGURE`.
@@ -50,6 +51,20 @@ struct Row {
     cas_per_s: f64,
     cas_p50_ms: f64,
     cas_p99_ms: f64,
+}
+
+/// A node away while keys were written, back: how fast it caught up.
+#[derive(Serialize)]
+struct CatchUp {
+    keys_written_while_away: u64,
+    value_bytes: usize,
+    /// Keys the node held already (the replicas agree on them: compared by
+    /// header only).
+    keys_held_before: u64,
+    /// From its restart until it stores every key written while it was away.
+    seconds: f64,
+    keys_per_s: f64,
+    mb_per_s: f64,
 }
 
 #[derive(Serialize)]
@@ -205,6 +220,60 @@ fn failover() -> Result<Failover> {
     })
 }
 
+/// Pipelined SETs of `prefix:i` for `i` below `n`.
+fn load(conn: &mut Conn, prefix: &str, n: u64, value: &str) -> Result<()> {
+    for start in (0..n).step_by(500) {
+        let end = (start + 500).min(n);
+        for i in start..end {
+            conn.send(&["SET", &format!("{prefix}:{i}"), value])?;
+        }
+        for _ in start..end {
+            let reply = conn.read_reply_raw()?;
+            if reply != b"+OK\r\n" {
+                bail!("SET: {}", String::from_utf8_lossy(&reply));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `held` keys on all three nodes; one is killed, `missed` keys of 4 KiB are
+/// written, it is restarted: the time until it stores every one of them.
+fn catch_up(held: u64, missed: u64) -> Result<CatchUp> {
+    const VALUE: usize = 4096;
+    let mut c = Replicated::start(3, 3);
+    let mut conn = c.conn(0);
+    load(&mut conn, "held", held, "x")?;
+    c.kill9(2);
+    load(&mut conn, "missed", missed, &"v".repeat(VALUE))?;
+    c.restart(2);
+    let back = Instant::now();
+    loop {
+        let Value::Array(keys) = c.conn(2).call(&["KEYS", "missed:*"])? else {
+            bail!("KEYS answered something else");
+        };
+        if keys.len() as u64 >= missed {
+            break;
+        }
+        if back.elapsed() > Duration::from_secs(600) {
+            bail!(
+                "the node back caught up on {} of {missed} keys in 10 minutes",
+                keys.len()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let seconds = back.elapsed().as_secs_f64();
+    Ok(CatchUp {
+        keys_written_while_away: missed,
+        value_bytes: VALUE,
+        keys_held_before: held,
+        seconds,
+        keys_per_s: missed as f64 / seconds,
+        mb_per_s: (missed * VALUE as u64) as f64 / seconds / 1e6,
+    })
+}
+
 /// Loads about `keys` keys of 4 KiB into a 3-node R = 3 cluster, then times
 /// adding a fourth node (the copy of every slot whose replicas change) while
 /// eight writers go on, and keeps their longest pause.
@@ -300,6 +369,7 @@ pub fn run(requests: u64, rounds: usize) -> Result<Report> {
         cas_r3_over_r1: runs.compare("cas_per_s", 1, 0),
         failover: failover()?,
         reconfigure: reconfigure(20_000)?,
+        catch_up: catch_up(20_000, 20_000)?,
     };
     println!("{}", serde_json::to_string_pretty(&report)?);
     Ok(report)

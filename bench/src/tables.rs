@@ -203,6 +203,32 @@ pub fn replication() -> Result<String> {
         f(fo, "longest_pause_ms"),
         fo["acknowledged_writes"]
     );
+    let rc = &report["reconfigure"];
+    out += &format!(
+        "
+Adding a fourth node to three holding {} keys of {} bytes: {} slots changed replicas in {} steps, \
+         {} keys copied in {:.2} s ({:.0} MB/s); 8 writers meanwhile: {} writes acknowledged, longest pause {:.0} ms.\n",
+        rc["keys"],
+        rc["value_bytes"],
+        rc["slots_moved"],
+        rc["steps"],
+        rc["keys_copied"],
+        f(rc, "seconds"),
+        f(rc, "copied_mb_per_s"),
+        rc["writes_acknowledged"],
+        f(rc, "longest_write_pause_ms"),
+    );
+    let cu = &report["catch_up"];
+    out += &format!(
+        "\nA node back after {} keys of {} bytes were written without it (it held {} more, on which the \
+         replicas agree): it stored them all {:.1} s after its restart ({:.0} keys/s, {:.1} MB/s).\n",
+        cu["keys_written_while_away"],
+        cu["value_bytes"],
+        cu["keys_held_before"],
+        f(cu, "seconds"),
+        f(cu, "keys_per_s"),
+        f(cu, "mb_per_s"),
+    );
     Ok(out)
 }
 

@@ -79,12 +79,40 @@ impl Record {
         Some(Record { accepted, entry })
     }
 
+    /// The header of a stored record (its first [`HEAD_LEN`] bytes):
+    /// enough to compare replicas without their values.
+    pub fn decode_head(raw: &[u8]) -> Option<Head> {
+        if raw.len() < HEADER || raw[0] != MAGIC {
+            return None;
+        }
+        let u64_at = |at: usize| u64::from_le_bytes(raw[at..at + 8].try_into().expect("8 bytes"));
+        Some(Head {
+            accepted: Ballot {
+                counter: u64_at(1),
+                proposer: u64_at(9),
+            },
+            present: raw[17] == 1,
+            expires_at: Some(u64_at(18)).filter(|&t| t != 0),
+        })
+    }
+
     /// The entry as a reader sees it at `now`: expired is absent.
     pub fn live(&self, now: u64) -> Option<&Entry> {
         self.entry
             .as_ref()
             .filter(|e| e.expires_at.is_none_or(|t| t > now))
     }
+}
+
+/// Bytes of a record before its value.
+pub const HEAD_LEN: usize = HEADER;
+
+/// A record without its value ([`Record::decode_head`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Head {
+    pub accepted: Ballot,
+    pub present: bool,
+    pub expires_at: Option<u64>,
 }
 
 pub struct Acceptor {
@@ -186,6 +214,13 @@ impl Acceptor {
             })
         })?;
         db.store().flush()
+    }
+
+    /// The stored header of `key`'s record (`None`: no record), read without
+    /// the value and without the stripe lock: for comparing replicas, which
+    /// read the whole record when they differ.
+    pub fn head(&self, db: &Db, key: &Bytes) -> Result<Option<Bytes>, StoreError> {
+        db.store().value_prefix(key, HEADER)
     }
 
     /// What this node has accepted for `key` (a read that promises nothing).

@@ -397,6 +397,24 @@ fn internal(shared: &Arc<Shared>, rep: &Arc<Replicas>, session: &mut Session, ar
             };
         }
         ("kvd.slotrecords", 5) => return super::reconfigure::slot_records(shared, rep, args),
+        // `KVD.HEADS version key [key ...]`: each key's record header (nil:
+        // none), for catch-up to compare replicas a batch at a time.
+        ("kvd.heads", n) if n >= 3 => {
+            let layout_version = rep.layout().version;
+            if number(args, 1) != Some(layout_version) {
+                return super::version_refusal(layout_version);
+            }
+            let zero = shared.dbs.zero();
+            let mut heads = Vec::with_capacity(n - 2);
+            for key in &args[2..] {
+                heads.push(match rep.acceptor.head(&zero, key) {
+                    Ok(Some(head)) => Reply::Bulk(head),
+                    Ok(None) => Reply::Nil,
+                    Err(e) => Reply::error(e.to_string()),
+                });
+            }
+            return Reply::Array(heads);
+        }
         // `KVD.INSTALL key record [key record ...]`: one answer per key, in
         // an array (a reconfiguration sends a node its keys in batches).
         ("kvd.install", n) if n >= 3 && n % 2 == 1 => {

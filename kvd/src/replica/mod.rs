@@ -124,6 +124,9 @@ pub struct Replicas {
     /// Until it restarts it does not ask to be added again; a node taken out
     /// only because it was away (down) asks as soon as it is back.
     pub(crate) left: std::sync::atomic::AtomicBool,
+    /// Set when a member that did not answer answers again: the catch-up
+    /// pass starts over at once instead of finishing a pass that skipped it.
+    pub(crate) came_back: std::sync::atomic::AtomicBool,
     down_after: std::time::Duration,
     /// Fault injection for tests (`KVD.PARTITION`, with `KVD_FAILPOINTS=partition`):
     /// nodes this node's peer calls pretend they cannot reach.
@@ -176,6 +179,7 @@ impl Replicas {
             unreachable: Default::default(),
             seeds: options.seeds,
             left: std::sync::atomic::AtomicBool::new(false),
+            came_back: std::sync::atomic::AtomicBool::new(false),
             down_after: options.down_after,
             cut_off: Default::default(),
             stats: Stats::default(),
@@ -266,7 +270,10 @@ impl Replicas {
     pub(crate) fn reached(&self, addr: &str, ok: bool) {
         let mut unreachable = self.unreachable.lock();
         if ok {
-            unreachable.remove(addr);
+            if unreachable.remove(addr).is_some() {
+                // Back from an absence: catch-up starts a pass now.
+                self.came_back.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
         } else if !unreachable.contains_key(addr) {
             unreachable.insert(addr.to_string(), std::time::Instant::now());
         }

@@ -2,8 +2,13 @@
 //! so a node that was away (or missed a write) holds all its keys again
 //! without waiting for them to be read.
 //!
-//! Each node walks its own keys in batches, asks all of a key's replicas what
-//! they accepted (waiting for every reachable one), and where one is behind —
+//! Each node walks its own keys in batches of a thousand and first compares
+//! record headers (ballot, presence, expiry; no values) with every other
+//! holder, one `KVD.HEADS` call per holder per batch
+//! ([`Replicas::keys_to_repair`]): replicas in agreement cost nothing more,
+//! so a node back from an absence re-reads only what changed. For a key
+//! whose replicas differ it asks all of them what they accepted (waiting for
+//! every reachable one), and where one is behind —
 //! an older ballot, or nothing — sends it the highest record's accept again at
 //! that record's own ballot ([`Replicas::relay`]: it promises nothing, so it
 //! never cuts off a write under way). Only a replica that refuses that (it
@@ -45,12 +50,15 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-use super::acceptor::Record;
+use futures::stream::{self, StreamExt};
+
+use super::acceptor::{Head, Record};
 use super::layout::Layout;
 use super::proposer::Msg;
 use super::Replicas;
 use crate::cluster::paxos::{majority, Ballot};
 use crate::db::now_ms;
+use crate::reply::Reply;
 use crate::shared::Shared;
 use crate::store::Entry;
 
@@ -61,31 +69,57 @@ const EXPIRED_GRACE_MS: u64 = 60_000;
 /// A record nothing can read: a tombstone (a deleted key), or a value
 /// expired well in the past. The empty record (no write ever) is not one.
 fn is_dead(r: &Record, now: u64) -> bool {
-    r.accepted != Ballot::default()
-        && match &r.entry {
-            None => true,
-            Some(e) => e.expires_at.is_some_and(|t| t + EXPIRED_GRACE_MS <= now),
-        }
+    Head {
+        accepted: r.accepted,
+        present: r.entry.is_some(),
+        expires_at: r.entry.as_ref().and_then(|e| e.expires_at),
+    }
+    .is_dead(now)
 }
 
-/// Keys examined per batch, and the pause between batches.
-const BATCH: usize = 200;
+impl Head {
+    /// [`is_dead`], from the header alone.
+    fn is_dead(&self, now: u64) -> bool {
+        self.accepted != Ballot::default()
+            && (!self.present || self.expires_at.is_some_and(|t| t + EXPIRED_GRACE_MS <= now))
+    }
+}
+
+/// Keys examined per batch, and the pause between batches (none after a
+/// batch that found replicas behind: catching up goes at full speed).
+const BATCH: usize = 1000;
 const PAUSE: Duration = Duration::from_millis(100);
 /// The pause after a whole pass over this node's keys.
 const PASS_PAUSE: Duration = Duration::from_secs(2);
+/// Keys repaired at once.
+const REPAIRS_IN_FLIGHT: usize = 16;
+/// How long a holder may take to answer a batch's `KVD.HEADS`.
+const HEADS_TIMEOUT: Duration = Duration::from_secs(2);
 
 pub fn spawn(shared: Arc<Shared>, rep: Arc<Replicas>) {
     tokio::spawn(async move {
         let mut cursor = 0u64;
         let mut behind_this_pass = 0u64;
+        let mut behind_last_batch = 0u64;
         loop {
+            let pause = match (cursor, behind_last_batch) {
+                (0, _) => PASS_PAUSE,
+                (_, 0) => PAUSE,
+                _ => Duration::ZERO,
+            };
             tokio::select! {
                 _ = shared.shutdown.cancelled() => return,
-                _ = tokio::time::sleep(if cursor == 0 { PASS_PAUSE } else { PAUSE }) => {}
+                _ = tokio::time::sleep(pause) => {}
+            }
+            if rep.came_back.swap(false, Ordering::Relaxed) {
+                // The pass so far skipped the node that is back: start over.
+                cursor = 0;
+                behind_this_pass = 0;
             }
             let mut batch: Vec<(Bytes, Entry)> = Vec::new();
             cursor = shared.dbs.zero().store().scan(cursor, BATCH, &mut batch);
             let layout = rep.layout();
+            let mut ours = Vec::with_capacity(batch.len());
             for (key, _) in batch {
                 if layout.version > 0 && !layout.me.is_some_and(|me| layout.holders(&key).contains(&me)) {
                     // Not ours since a reconfiguration copied it to its new holders.
@@ -94,14 +128,24 @@ pub fn spawn(shared: Arc<Shared>, rep: Arc<Replicas>) {
                     }
                     continue;
                 }
-                if layout.holders(&key).len() < 2 {
-                    continue;
-                }
-                rep.stats.repair_scanned.fetch_add(1, Ordering::Relaxed);
-                if rep.repair(&shared, &layout, &key).await {
-                    behind_this_pass += 1;
+                if layout.holders(&key).len() >= 2 {
+                    ours.push(key);
                 }
             }
+            rep.stats
+                .repair_scanned
+                .fetch_add(ours.len() as u64, Ordering::Relaxed);
+            let suspect = rep.keys_to_repair(&shared, &layout, ours).await;
+            let repaired: Vec<bool> = stream::iter(suspect)
+                .map(|key| {
+                    let (rep, shared, layout) = (rep.clone(), shared.clone(), layout.clone());
+                    async move { rep.repair(&shared, &layout, &key).await }
+                })
+                .buffer_unordered(REPAIRS_IN_FLIGHT)
+                .collect()
+                .await;
+            behind_last_batch = repaired.iter().filter(|b| **b).count() as u64;
+            behind_this_pass += behind_last_batch;
             if cursor == 0 {
                 rep.stats
                     .behind_last_pass
@@ -114,6 +158,90 @@ pub fn spawn(shared: Arc<Shared>, rep: Arc<Replicas>) {
 }
 
 impl Replicas {
+    /// Of `keys` (held here and by others), those whose replicas may differ:
+    /// compares the record headers of every holder that answers, a batch
+    /// per holder (`KVD.HEADS`), so replicas in agreement cost no per-key
+    /// round trip and no value read. A key goes on to [`Replicas::repair`]
+    /// when the answering holders name different ballots, or all hold the
+    /// same dead record (to purge it). A holder that does not answer is left
+    /// for a later pass (nothing can be sent to it now anyway); nodes this
+    /// node already finds silent are not asked.
+    pub async fn keys_to_repair(
+        self: &Arc<Self>,
+        shared: &Arc<Shared>,
+        layout: &Layout,
+        keys: Vec<Bytes>,
+    ) -> Vec<Bytes> {
+        let zero = shared.dbs.zero();
+        let decode = |raw: Option<&Bytes>| raw.and_then(|r| Record::decode_head(r));
+        // Each key's heads, per holder that answered (`None`: no record).
+        let mut heads: Vec<Vec<Option<Head>>> = keys
+            .iter()
+            .map(|k| vec![decode(self.acceptor.head(&zero, k).ok().flatten().as_ref())])
+            .collect();
+        let mut asked = vec![1usize; keys.len()];
+        let mut per_node: Vec<Vec<usize>> = vec![Vec::new(); layout.nodes.len()];
+        for (k, key) in keys.iter().enumerate() {
+            for n in layout.holders(key) {
+                if Some(n) != layout.me {
+                    asked[k] += 1;
+                    per_node[n].push(k);
+                }
+            }
+        }
+        let version = layout.version.to_string();
+        let calls = per_node
+            .iter()
+            .enumerate()
+            .filter(|(_, ks)| !ks.is_empty())
+            .map(|(n, ks)| {
+                let addr = layout.nodes[n].clone();
+                let mut request = vec![Bytes::from_static(b"KVD.HEADS"), Bytes::from(version.clone())];
+                request.extend(ks.iter().map(|&k| keys[k].clone()));
+                async move {
+                    if self.is_suspect(&addr) || self.is_cut_off(&addr) {
+                        return (n, None);
+                    }
+                    match tokio::time::timeout(HEADS_TIMEOUT, self.peers.call(&addr, &request)).await {
+                        Ok(Ok(Reply::Array(each))) if each.len() == request.len() - 2 => (n, Some(each)),
+                        _ => (n, None),
+                    }
+                }
+            });
+        let mut answered = vec![1usize; keys.len()];
+        for (n, reply) in futures::future::join_all(calls).await {
+            let Some(each) = reply else { continue };
+            for (&k, head) in per_node[n].iter().zip(each) {
+                match head {
+                    Reply::Bulk(raw) => heads[k].push(decode(Some(&raw))),
+                    Reply::Nil => heads[k].push(None),
+                    // A damaged record: let the full check read it.
+                    _ => heads[k].push(Some(Head {
+                        accepted: Ballot {
+                            counter: u64::MAX,
+                            proposer: u64::MAX,
+                        },
+                        present: false,
+                        expires_at: None,
+                    })),
+                }
+                answered[k] += 1;
+            }
+        }
+        let now = now_ms();
+        keys.into_iter()
+            .enumerate()
+            .filter(|(k, _)| {
+                let hs = &heads[*k];
+                let ballot = |h: &Option<Head>| h.map(|h| h.accepted).unwrap_or_default();
+                let agree = hs.iter().all(|h| ballot(h) == ballot(&hs[0]));
+                let all_dead = answered[*k] == asked[*k] && hs[0].is_some_and(|h| h.is_dead(now));
+                !agree || all_dead
+            })
+            .map(|(_, key)| key)
+            .collect()
+    }
+
     /// Checks one key's replicas and repairs those behind (an older ballot, or
     /// nothing); whether any was. Replicas that do not answer wait for a later pass.
     pub async fn repair(self: &Arc<Self>, shared: &Arc<Shared>, layout: &Layout, key: &Bytes) -> bool {
@@ -175,7 +303,7 @@ impl Replicas {
                 let call = self.peers.call(&layout.nodes[n], &request);
                 matches!(
                     tokio::time::timeout(Duration::from_secs(1), call).await,
-                    Ok(Ok(crate::reply::Reply::Int(1)))
+                    Ok(Ok(Reply::Int(1)))
                 )
             };
             purged += done as usize;

@@ -57,6 +57,14 @@ pub trait Store: Send + Sync + 'static {
     fn get(&self, key: &Bytes) -> Result<Option<Entry>, StoreError>;
     /// Whether the key is stored, and its expiry time, without reading its value.
     fn expiry(&self, key: &Bytes) -> Option<Option<u64>>;
+    /// The first `len` bytes of the key's value (all of it if shorter),
+    /// without reading the rest and without the checksum check: for callers
+    /// that compare a small header and read the value properly when it
+    /// matters (the replicated engine's catch-up compares ballots this way,
+    /// so a node with large values does not read them all on every pass).
+    fn value_prefix(&self, key: &Bytes, len: usize) -> Result<Option<Bytes>, StoreError> {
+        Ok(self.get(key)?.map(|e| e.value.slice(..len.min(e.value.len()))))
+    }
     /// Calls `f` with the key's current entry under the key's lock and applies its
     /// decision before any other writer of that key runs. With `needs_value`
     /// false the entry's value may be left empty (a blind write such as SET or

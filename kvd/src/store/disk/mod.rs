@@ -719,6 +719,24 @@ impl Store for DiskStore {
         }))
     }
 
+    fn value_prefix(&self, key: &Bytes, len: usize) -> Result<Option<Bytes>, StoreError> {
+        let pos = self.index.pos(key);
+        let shard = self.index.read(&pos);
+        let Some(loc) = shard.get(&pos) else {
+            return Ok(None);
+        };
+        let segments = self.segments.read();
+        let Some(seg) = segments.get(&loc.segment) else {
+            return Err(StoreError::Corrupt(String::from_utf8_lossy(key).into_owned()));
+        };
+        let value_at = loc.offset + (HEADER + loc.key_len as usize) as u64;
+        Ok(Some(Segment::read(
+            seg,
+            value_at,
+            len.min(loc.value_len as usize),
+        )))
+    }
+
     fn expiry(&self, key: &Bytes) -> Option<Option<u64>> {
         let pos = self.index.pos(key);
         self.index.read(&pos).get(&pos).map(|loc| loc.expires_at)

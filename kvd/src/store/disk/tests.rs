@@ -502,3 +502,26 @@ fn everysec_loses_at_most_the_last_second_at_a_power_cut() {
         "writes acknowledged more than 1.5 s before the cut were lost: {old:?}"
     );
 }
+
+/// A value's first bytes, from the unflushed tail and from the map alike,
+/// whatever the value's size, and nothing for a key not stored.
+#[test]
+fn value_prefixes_come_from_the_tail_and_from_the_map() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = DiskStore::open(dir.path(), opts(1 << 20)).unwrap();
+    let prefix = |s: &DiskStore, k: &str, n: usize| {
+        s.value_prefix(&Bytes::copy_from_slice(k.as_bytes()), n)
+            .unwrap()
+            .map(|b| String::from_utf8(b.to_vec()).unwrap())
+    };
+    put(&s, "short", "abc");
+    put(&s, "long", &"0123456789".repeat(20_000));
+    assert_eq!(prefix(&s, "short", 26).as_deref(), Some("abc"));
+    assert_eq!(prefix(&s, "long", 12).as_deref(), Some("012345678901"));
+    assert_eq!(prefix(&s, "absent", 5), None);
+    let s = reopen(dir.path(), s, 1 << 20);
+    assert_eq!(prefix(&s, "short", 2).as_deref(), Some("ab"));
+    assert_eq!(prefix(&s, "long", 3).as_deref(), Some("012"));
+    del(&s, "short");
+    assert_eq!(prefix(&s, "short", 2), None);
+}
