@@ -80,6 +80,10 @@ enum Which {
     /// A 3-node replicated kvd with R = 1 and R = 3: SET and compare-and-swap
     /// throughput and latency, and the longest pause in acknowledged writes
     /// while a node is killed.
+    /// The replicated placement simulated at 3 to 10,000 nodes (R = 3): the
+    /// share of replicas a join and a node's loss move, and how many nodes
+    /// the copying could be spread over. No processes.
+    Placement,
     Replication {
         /// SET requests per redis-benchmark run.
         #[arg(long, default_value_t = 200_000)]
@@ -136,6 +140,7 @@ mod cluster;
 mod fs;
 mod gc;
 mod mount;
+mod placement;
 mod replication;
 mod rounds;
 mod storage;
@@ -287,6 +292,11 @@ fn main() -> Result<()> {
         } => {
             let report = mount::run(file_mib, files, rounds.max(1))?;
             let path = save("mount", &report)?;
+            println!("saved {}", path.display());
+        }
+        Which::Placement => {
+            let report = placement::run()?;
+            let path = save("placement", &report)?;
             println!("saved {}", path.display());
         }
         Which::Replication { requests, rounds } => {

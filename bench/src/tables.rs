@@ -232,17 +232,41 @@ Adding a fourth node to three holding {} keys of {} bytes: {} slots changed repl
     Ok(out)
 }
 
+/// `bench placement`'s table (docs/PROTOCOL.md, "Replication").
+pub fn placement() -> Result<String> {
+    let report = results("placement")?;
+    let mut out = String::from(
+        "| nodes | ideal share | join moves | loss moves | loss: nodes sending | most from one | nodes receiving | most to one |\n\
+         | --- | --- | --- | --- | --- | --- | --- | --- |\n",
+    );
+    for r in report["rows"].as_array().context("placement.json has rows")? {
+        out += &format!(
+            "| {} | {:.4} | {:.4} | {:.4} | {} | {:.3} | {} | {:.3} |\n",
+            r["nodes"],
+            f(r, "ideal_fraction"),
+            f(r, "join_moved_fraction"),
+            f(r, "loss_moved_fraction"),
+            r["loss_senders"],
+            f(r, "loss_max_sender_share"),
+            r["loss_receivers"],
+            f(r, "loss_max_receiver_share"),
+        );
+    }
+    Ok(out)
+}
+
 /// Every table, each under the results file it comes from.
 pub fn all() -> Result<String> {
     Ok(format!(
         "bench/results/kvd.json (docs/PROTOCOL.md):\n\n{}\nbench/results/storage.json (docs/STORAGE.md):\n\n{}\n\
          bench/results/fs.json (README.md):\n\n{}\nbench/results/mount.json (docs/MOUNT.md):\n\n{}\n\
-         bench/results/replication.json (docs/PROTOCOL.md):\n\n{}",
+         bench/results/replication.json (docs/PROTOCOL.md):\n\n{}\nbench/results/placement.json (docs/PROTOCOL.md):\n\n{}",
         kvd()?,
         storage()?,
         fs()?,
         mount()?,
-        replication()?
+        replication()?,
+        placement()?
     ))
 }
 
@@ -260,6 +284,7 @@ mod tests {
             ("README.md", fs().unwrap()),
             ("docs/MOUNT.md", mount().unwrap()),
             ("docs/PROTOCOL.md", replication().unwrap()),
+            ("docs/PROTOCOL.md", placement().unwrap()),
         ] {
             let text = std::fs::read_to_string(root.join(doc)).unwrap();
             assert!(

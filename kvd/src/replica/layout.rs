@@ -252,6 +252,61 @@ impl Layout {
     }
 }
 
+/// What one membership change does to a replicated placement: how much
+/// moves, and how widely the copying could be spread (`bench placement`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ReplicaChange {
+    /// Replicas that change node, over all replicas (R per slot).
+    pub moved_fraction: f64,
+    /// Nodes that hold a surviving copy of some moved replica (possible
+    /// senders), and the most any one of them sends when each new replica
+    /// is copied from its slot's surviving holders in turn, as a share of
+    /// all replicas sent.
+    pub senders: usize,
+    pub max_sender_share: f64,
+    /// Nodes that receive a replica, and the most any one receives.
+    pub receivers: usize,
+    pub max_receiver_share: f64,
+}
+
+/// [`ReplicaChange`] from the node list `before` to `after`, R = `replicas`.
+/// A node in `before` and not in `after` is gone: it sends nothing.
+pub fn simulate_change(before: &[String], after: &[String], replicas: usize) -> ReplicaChange {
+    let (old, new) = (
+        Layout::new(1, before.to_vec(), replicas, ""),
+        Layout::new(2, after.to_vec(), replicas, ""),
+    );
+    let mut sent: std::collections::HashMap<&str, usize> = Default::default();
+    let mut received: std::collections::HashMap<&str, usize> = Default::default();
+    let (mut moved, mut total) = (0usize, 0usize);
+    for s in 0..SLOTS as u16 {
+        let (was, is) = (old.holder_addrs(s), new.holder_addrs(s));
+        total += is.len();
+        let sources: Vec<&str> = was
+            .iter()
+            .copied()
+            .filter(|a| after.iter().any(|n| n == a))
+            .collect();
+        for (k, &to) in is.iter().filter(|a| !was.contains(a)).enumerate() {
+            moved += 1;
+            *received.entry(to).or_default() += 1;
+            if !sources.is_empty() {
+                *sent.entry(sources[(s as usize + k) % sources.len()]).or_default() += 1;
+            }
+        }
+    }
+    let share = |m: &std::collections::HashMap<&str, usize>| {
+        m.values().copied().max().unwrap_or(0) as f64 / moved.max(1) as f64
+    };
+    ReplicaChange {
+        moved_fraction: moved as f64 / total.max(1) as f64,
+        senders: sent.len(),
+        max_sender_share: share(&sent),
+        receivers: received.len(),
+        max_receiver_share: share(&received),
+    }
+}
+
 /// A node list as given on the command line or to `KVD.RECONFIGURE`:
 /// `host:port` entries, none twice.
 pub fn parse_nodes(text: &str) -> Result<Vec<String>, String> {
@@ -548,6 +603,26 @@ mod tests {
         );
         assert!(Layout::decode("3 3 a:1 from b:2 16384", "a:1").is_none());
         assert!(Layout::decode("3 3 a:1 over b:2 5", "a:1").is_none());
+    }
+
+    #[test]
+    fn a_join_moves_about_its_share_and_a_loss_is_copied_from_many_nodes() {
+        for n in [10usize, 100] {
+            let ids: Vec<String> = (0..=n)
+                .map(|i| format!("10.0.{}.{}:7379", i / 250, i % 250))
+                .collect();
+            let ideal = 1.0 / (n + 1) as f64;
+            let join = simulate_change(&ids[..n], &ids, 3);
+            assert!(join.moved_fraction >= ideal * 0.9, "n={n}: {join:?}");
+            assert!(join.moved_fraction < 2.5 * ideal, "n={n}: {join:?} ideal {ideal}");
+            assert_eq!(join.receivers, 1, "only the new node receives: {join:?}");
+            let rest: Vec<String> = ids.iter().filter(|a| **a != ids[n / 2]).cloned().collect();
+            let loss = simulate_change(&ids, &rest, 3);
+            assert!(loss.moved_fraction < 2.5 * ideal, "n={n}: {loss:?}");
+            // The lost node's replicas come from, and go to, many nodes.
+            assert!(loss.senders > n / 4 && loss.receivers > n / 4, "n={n}: {loss:?}");
+            assert!(loss.max_sender_share < 0.25, "n={n}: {loss:?}");
+        }
     }
 
     #[test]
