@@ -80,6 +80,17 @@ enum Which {
     /// A 3-node replicated kvd with R = 1 and R = 3: SET and compare-and-swap
     /// throughput and latency, and the longest pause in acknowledged writes
     /// while a node is killed.
+    /// Routed SET/GET (redis-benchmark --cluster, pipeline 1 and 16): a
+    /// 3-node kvd cluster with R = 3 against a Redis Cluster of 3 masters with
+    /// one replica each, both persisting with appendfsync everysec.
+    Routed {
+        /// Requests per run (times the pipeline depth).
+        #[arg(long, default_value_t = 200_000)]
+        requests: u64,
+        /// Alternating rounds; each ratio is the median of its per-round ratios.
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+    },
     /// The replicated placement simulated at 3 to 10,000 nodes (R = 3): the
     /// share of replicas a join and a node's loss move, and how many nodes
     /// the copying could be spread over. No processes.
@@ -143,6 +154,7 @@ mod mount;
 mod placement;
 mod replication;
 mod rounds;
+mod routed;
 mod storage;
 mod tables;
 
@@ -292,6 +304,11 @@ fn main() -> Result<()> {
         } => {
             let report = mount::run(file_mib, files, rounds.max(1))?;
             let path = save("mount", &report)?;
+            println!("saved {}", path.display());
+        }
+        Which::Routed { requests, rounds } => {
+            let report = routed::run(requests, rounds.max(1))?;
+            let path = save("routed", &report)?;
             println!("saved {}", path.display());
         }
         Which::Placement => {

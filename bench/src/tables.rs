@@ -232,6 +232,28 @@ Adding a fourth node to three holding {} keys of {} bytes: {} slots changed repl
     Ok(out)
 }
 
+/// `bench routed`'s table (docs/PROTOCOL.md, "Replication").
+pub fn routed() -> Result<String> {
+    let report = results("routed")?;
+    let mut out = String::from(
+        "| routed, redis-benchmark --cluster | kvd, R = 3 (req/s) | Redis Cluster, 3 masters + 3 replicas (req/s) | kvd ÷ Redis Cluster (median of rounds) |\n\
+         | --- | --- | --- | --- |\n",
+    );
+    for r in report["rows"].as_array().context("routed.json has rows")? {
+        let c = &r["kvd_vs_redis_cluster"];
+        out += &format!(
+            "| {} P{} | {:.0} | {:.0} | {:.2} ({}) |\n",
+            r["test"].as_str().unwrap_or("?"),
+            r["pipeline"],
+            f(c, "ours"),
+            f(c, "peer"),
+            f(c, "ratio"),
+            spread(c)
+        );
+    }
+    Ok(out)
+}
+
 /// `bench placement`'s table (docs/PROTOCOL.md, "Replication").
 pub fn placement() -> Result<String> {
     let report = results("placement")?;
@@ -260,13 +282,14 @@ pub fn all() -> Result<String> {
     Ok(format!(
         "bench/results/kvd.json (docs/PROTOCOL.md):\n\n{}\nbench/results/storage.json (docs/STORAGE.md):\n\n{}\n\
          bench/results/fs.json (README.md):\n\n{}\nbench/results/mount.json (docs/MOUNT.md):\n\n{}\n\
-         bench/results/replication.json (docs/PROTOCOL.md):\n\n{}\nbench/results/placement.json (docs/PROTOCOL.md):\n\n{}",
+         bench/results/replication.json (docs/PROTOCOL.md):\n\n{}\nbench/results/placement.json (docs/PROTOCOL.md):\n\n{}\nbench/results/routed.json (docs/PROTOCOL.md):\n\n{}",
         kvd()?,
         storage()?,
         fs()?,
         mount()?,
         replication()?,
-        placement()?
+        placement()?,
+        routed()?
     ))
 }
 
@@ -285,6 +308,7 @@ mod tests {
             ("docs/MOUNT.md", mount().unwrap()),
             ("docs/PROTOCOL.md", replication().unwrap()),
             ("docs/PROTOCOL.md", placement().unwrap()),
+            ("docs/PROTOCOL.md", routed().unwrap()),
         ] {
             let text = std::fs::read_to_string(root.join(doc)).unwrap();
             assert!(

@@ -34,7 +34,14 @@ pub fn node_id(addr: &str) -> String {
 fn runs(layout: &Layout, suspects: &HashSet<String>) -> Vec<(u16, u16, Vec<String>)> {
     let mut out: Vec<(u16, u16, Vec<String>)> = Vec::new();
     for s in 0..SLOTS as u16 {
-        let mut holders: Vec<String> = layout.holder_addrs(s).into_iter().map(str::to_string).collect();
+        // The placement's order: its owner first. Owners are spread evenly
+        // over the nodes, so routing clients spread their load the same way
+        // (sorted addresses put one node first for every slot).
+        let mut holders: Vec<String> = layout
+            .slot_holders(s)
+            .into_iter()
+            .map(|i| layout.nodes[i].clone())
+            .collect();
         // Stable: live holders keep their order, then the suspect ones.
         holders.sort_by_key(|h| suspects.contains(h));
         match out.last_mut() {
@@ -158,5 +165,26 @@ mod tests {
         }
         assert_eq!(next as usize, SLOTS);
         assert_eq!(node_id("10.0.0.1:7379").len(), 40);
+    }
+
+    /// Cluster-aware clients send a slot's commands to the first holder
+    /// listed: with every node holding every slot (3 nodes, R = 3) each must
+    /// come first for its share of the slots. (Listed in address order, one
+    /// node came first for all 16,384 and took every routed command.)
+    #[test]
+    fn the_first_holders_are_spread_over_the_nodes() {
+        let nodes: Vec<String> = (1..=3).map(|i| format!("127.0.0.1:760{i}")).collect();
+        let layout = Layout::new(1, nodes.clone(), 3, &nodes[0]);
+        let mut first = std::collections::HashMap::<String, usize>::new();
+        for (a, b, holders) in runs(&layout, &HashSet::new()) {
+            *first.entry(holders[0].clone()).or_default() += (b - a) as usize + 1;
+        }
+        for n in &nodes {
+            let share = first.get(n).copied().unwrap_or(0) as f64 / SLOTS as f64;
+            assert!(
+                (0.25..0.42).contains(&share),
+                "{n} comes first for {share:.3} of the slots"
+            );
+        }
     }
 }
