@@ -30,6 +30,9 @@ pub enum Topology {
         nodes: Vec<Node>,
         under_replicated_slots: u64,
         down_after_secs: u64,
+        /// Slots a membership change under way has still to move (a join
+        /// or a take-out goes in steps).
+        slots_left_to_move: u64,
     },
     /// kvd `--cluster` or a Redis Cluster: slots sharded over the nodes.
     Sharded { nodes: Vec<Node> },
@@ -58,6 +61,8 @@ pub fn topology(dict: &RespDict, url: &str) -> Result<Topology, String> {
     if !members.is_empty() {
         let suspect = list(info_field(&info, "kvd_replica_suspect_nodes"));
         let down = list(info_field(&info, "kvd_replica_down_nodes"));
+        // During a change, a member not in the list it heads to is leaving.
+        let target = list(info_field(&info, "kvd_replica_target_members"));
         let nodes = members
             .into_iter()
             .map(|addr| {
@@ -65,6 +70,8 @@ pub fn topology(dict: &RespDict, url: &str) -> Result<Topology, String> {
                     "down"
                 } else if suspect.contains(&addr) {
                     "suspect"
+                } else if !target.is_empty() && !target.contains(&addr) {
+                    "leaving"
                 } else {
                     "up"
                 };
@@ -77,6 +84,7 @@ pub fn topology(dict: &RespDict, url: &str) -> Result<Topology, String> {
             nodes,
             under_replicated_slots: num("kvd_under_replicated_slots"),
             down_after_secs: num("kvd_down_after_seconds"),
+            slots_left_to_move: num("kvd_replica_slots_left_to_move"),
         });
     }
     if info_field(&info, "cluster_enabled") == Some("1") {
@@ -177,13 +185,17 @@ pub fn render(
             nodes,
             under_replicated_slots,
             down_after_secs,
+            slots_left_to_move,
         } => {
             let _ = writeln!(
                 out,
                 "store:    kvd, {replicas} copies of every key over {} nodes",
                 nodes.len()
             );
-            let answering = nodes.iter().filter(|n| n.state == "up").count();
+            let answering = nodes
+                .iter()
+                .filter(|n| matches!(n.state, "up" | "leaving"))
+                .count();
             for n in nodes {
                 let _ = writeln!(out, "  {:<24} {}", n.addr, n.state);
                 let then = if answering >= *replicas {
@@ -210,6 +222,14 @@ pub fn render(
                 }
             }
             let _ = writeln!(out, "  under-replicated slots: {under_replicated_slots}");
+            if *slots_left_to_move > 0 {
+                // Not a problem: a join or a take-out going in steps; every
+                // slot is served meanwhile.
+                let _ = writeln!(
+                    out,
+                    "  membership change under way: {slots_left_to_move} slots left to move (each step freezes at most 2,048 while it copies them)"
+                );
+            }
             if *under_replicated_slots > 0 {
                 problems.push(format!(
                     "{under_replicated_slots} slots have fewer than {replicas} copies answering: start the missing node again, or wait for the re-homing"
@@ -288,6 +308,41 @@ pub fn render(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_change_under_way_shows_its_leaving_node_and_what_is_left_to_move() {
+        let topology = Topology::Replicated {
+            replicas: 3,
+            nodes: vec![
+                Node {
+                    addr: "10.0.0.1:7379".into(),
+                    state: "up",
+                },
+                Node {
+                    addr: "10.0.0.2:7379".into(),
+                    state: "up",
+                },
+                Node {
+                    addr: "10.0.0.3:7379".into(),
+                    state: "up",
+                },
+                Node {
+                    addr: "10.0.0.4:7379".into(),
+                    state: "leaving",
+                },
+            ],
+            under_replicated_slots: 0,
+            down_after_secs: 600,
+            slots_left_to_move: 6144,
+        };
+        let dict = std::sync::Arc::new(crate::dict::MemoryDict::new());
+        let volume = Volume::new(crate::store::BlobStore::new(dict, "t:", 16 << 20), "main");
+        volume.create().unwrap();
+        let shown = render(&topology, &volume, None, None).unwrap();
+        assert!(shown.contains("10.0.0.4:7379            leaving"), "{shown}");
+        assert!(shown.contains("6144 slots left to move"), "{shown}");
+        assert!(shown.contains("all is well"), "{shown}");
+    }
 
     #[test]
     fn a_mounts_figures_are_read_from_its_metrics_text() {

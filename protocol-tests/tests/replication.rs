@@ -1177,6 +1177,29 @@ fn a_join_moves_slots_in_steps_and_writers_go_on() {
     let acks = Acks::default();
     let writers = plain_writers(c.ports[..3].to_vec(), stop.clone(), acks.clone());
     std::thread::sleep(Duration::from_millis(500));
+    // What INFO on another node says while the change goes on.
+    let progress = {
+        let (port, stop) = (c.ports[2], stop.clone());
+        std::thread::spawn(move || {
+            let mut seen: Vec<(String, u64)> = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                if let Ok(Value::Bulk(text)) = Conn::connect(port).and_then(|mut c| c.cmd("INFO cluster")) {
+                    let text = String::from_utf8_lossy(&text);
+                    let field = |f: &str| {
+                        text.lines()
+                            .find_map(|l| l.strip_prefix(&format!("{f}:")))
+                            .unwrap_or("")
+                            .trim()
+                            .to_string()
+                    };
+                    let left = field("kvd_replica_slots_left_to_move").parse().unwrap_or(0);
+                    seen.push((field("kvd_replica_change_in_progress"), left));
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            seen
+        })
+    };
     let from = Instant::now();
     let reply = reconfigure(&c, 1, &[0, 1, 2, new]);
     let to = Instant::now();
@@ -1184,6 +1207,17 @@ fn a_join_moves_slots_in_steps_and_writers_go_on() {
     std::thread::sleep(Duration::from_millis(300));
     stop.store(true, Ordering::Relaxed);
     let acked: Vec<String> = writers.into_iter().flat_map(|w| w.join().unwrap()).collect();
+    let seen = progress.join().unwrap();
+    let during: Vec<u64> = seen.iter().filter(|(on, _)| on == "1").map(|(_, l)| *l).collect();
+    assert!(
+        during.iter().any(|&l| l > 0),
+        "INFO never showed the change under way: {seen:?}"
+    );
+    assert!(
+        during.windows(2).all(|w| w[1] <= w[0]),
+        "slots left went up: {during:?}"
+    );
+    assert_eq!(seen.last().map(|(on, l)| (on.as_str(), *l)), Some(("0", 0)));
     let version: u64 = info(&c, 1, "kvd_replica_config_version").parse().unwrap();
     eprintln!("the join took {:?} in {} versions", to - from, version - 1);
     assert_served_within(

@@ -143,6 +143,33 @@ impl Layout {
         &self.nodes[..self.target_len]
     }
 
+    /// Slots a transitional layout has still to move (their old and new
+    /// replica sets differ, and they are past the boundary); 0 otherwise.
+    pub fn slots_left_to_move(&self) -> usize {
+        let Some(t) = &self.transition else {
+            return 0;
+        };
+        (t.moved_below..SLOTS as u16)
+            .filter(|&s| {
+                let mut old: Vec<&str> = t
+                    .placement
+                    .holders(s)
+                    .iter()
+                    .map(|&i| self.nodes[t.from_index[i as usize]].as_str())
+                    .collect();
+                let mut new: Vec<&str> = self
+                    .placement
+                    .holders(s)
+                    .iter()
+                    .map(|&i| self.nodes[i as usize].as_str())
+                    .collect();
+                old.sort_unstable();
+                new.sort_unstable();
+                old != new
+            })
+            .count()
+    }
+
     /// Whether this layout is a step of a change still under way.
     pub fn in_transition(&self) -> bool {
         self.transition.is_some()
@@ -560,6 +587,8 @@ mod tests {
             while let Some(next) = at.next_step(&nodes(to), "a:1") {
                 assert_eq!(next.version, at.version + 1);
                 let m = moving(&at, &next);
+                // What is left is what the later steps will move.
+                assert_eq!(next.slots_left_to_move(), moving(&next, &end), "{from} -> {to}");
                 assert!(m <= STEP_SLOTS, "{from} -> {to}: a step moved {m} slots");
                 // Every slot is held by its old or its new holders, never a mix.
                 for s in 0..SLOTS as u16 {

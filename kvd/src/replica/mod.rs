@@ -352,9 +352,10 @@ impl Replicas {
         // A change of membership under way: the list it is heading to (the
         // members above include the nodes it is taking out until its end).
         let change = format!(
-            "kvd_replica_change_in_progress:{}\r\nkvd_replica_target_members:{}\r\n",
+            "kvd_replica_change_in_progress:{}\r\nkvd_replica_target_members:{}\r\nkvd_replica_slots_left_to_move:{}\r\n",
             layout.in_transition() as u8,
             layout.target().join(","),
+            layout.slots_left_to_move(),
         );
         health + &change + &format!(
             "kvd_under_replicated_slots:{under_replicated}\r\nkvd_replica_nodes_unreachable:{unreachable}\r\nkvd_replicas:{}\r\nkvd_replica_nodes:{}\r\nkvd_replica_members:{}\r\nkvd_replica_config_version:{}\r\nkvd_replica_frozen_slots:{}\r\nkvd_repair_keys_dropped:{}\r\nkvd_tombstones_purged:{}\r\nkvd_reconfigure_slots_moved:{}\r\nkvd_reconfigure_keys_copied:{}\r\nkvd_paxos_rounds:{}\r\nkvd_paxos_one_round_trip:{}\r\nkvd_paxos_conflicts:{}\r\nkvd_paxos_repairs:{}\r\nkvd_paxos_relayed:{}\r\nkvd_commands_waited_for_moves:{}\r\nkvd_paxos_unavailable:{}\r\nkvd_repair_keys_checked:{}\r\nkvd_repair_passes:{}\r\nkvd_repair_keys_behind_last_pass:{}\r\n",
