@@ -3,6 +3,9 @@
 //!
 //! * `reconfigure-after-vote`, `reconfigure-after-freeze`: stop a
 //!   reconfiguration half-way, as a coordinator that crashes there would;
+//! * `reconfigure-one-step`: a change that goes in steps stops after its
+//!   first, once per process, as a coordinator that dies between steps
+//!   would (the coordinator of the cluster finishes it later);
 //! * `partition`: enables `KVD.PARTITION`, which cuts peer links;
 //! * `panic`: enables `KVD.PANIC`, which panics the connection that sends it,
 //!   so a test can check that a bug in one connection costs only that
@@ -21,4 +24,10 @@ pub fn failpoint(name: &str) -> bool {
         })
         .iter()
         .any(|p| p == name)
+}
+
+/// [`failpoint`], firing only the first time it is asked.
+pub fn failpoint_once(name: &str) -> bool {
+    static FIRED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    failpoint(name) && !FIRED.swap(true, std::sync::atomic::Ordering::SeqCst)
 }

@@ -1242,6 +1242,43 @@ fn a_join_moves_slots_in_steps_and_writers_go_on() {
     }
 }
 
+/// A change whose driver stops between its steps (a fail point makes the
+/// first driver stop after one) rests half-way, every slot served by its old
+/// or its new replicas; after 30 s the cluster's coordinator finishes it by
+/// itself, and every key reads back through the new node.
+#[test]
+fn a_change_stopped_between_its_steps_is_finished_by_the_coordinator() {
+    let mut c = Replicated::start_with_env(3, 3, &[("KVD_FAILPOINTS", "reconfigure-one-step")]);
+    let new = c.add_node();
+    let mut a = c.conn(0);
+    pipelined_sets(&mut a, "k", 0..2000, "v");
+    let reply = reconfigure(&c, 0, &[0, 1, 2, new]);
+    assert!(reply.as_str().contains("stopped after one step"), "{reply:?}");
+    assert_eq!(info(&c, 1, "kvd_replica_change_in_progress"), "1");
+    let left: u64 = info(&c, 1, "kvd_replica_slots_left_to_move").parse().unwrap();
+    assert!(left > 0, "nothing left to move after one step");
+    // Half-way, every key is served.
+    for i in (0..2000).step_by(41) {
+        assert_eq!(a.call(&["GET", &format!("k:{i}")]).unwrap().as_str(), "v");
+    }
+    let stopped = Instant::now();
+    let deadline = stopped + Duration::from_secs(90);
+    while !(0..4).all(|i| settled(&c, i)) {
+        assert!(Instant::now() < deadline, "the change was never finished");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    eprintln!(
+        "finished by the coordinator {:?} after it stopped",
+        stopped.elapsed()
+    );
+    let four: Vec<String> = (0..4).map(|i| c.addr(i)).collect();
+    assert_eq!(info(&c, new, "kvd_replica_members"), four.join(","));
+    let mut n = c.conn(new);
+    for i in (0..2000).step_by(41) {
+        assert_eq!(n.call(&["GET", &format!("k:{i}")]).unwrap().as_str(), "v");
+    }
+}
+
 /// Two reconfigurations started at once cannot both take effect (at most one
 /// answers OK: the one that learns of the other's chosen layout finishes that
 /// one instead of its own and says so), and a cluster can move to entirely new nodes: once

@@ -240,6 +240,9 @@ impl Replicas {
                 "reconfigured: {}",
                 target.encode()
             );
+            if target.in_transition() && crate::failpoint::failpoint_once("reconfigure-one-step") {
+                return Reply::error("ERR stopped after one step (KVD_FAILPOINTS=reconfigure-one-step)");
+            }
         }
         Reply::OK
     }
