@@ -139,6 +139,17 @@ impl Replicas {
             .collect()
     }
 
+    /// Whether this node is the cluster's coordinator: the first member, in
+    /// the membership's order, that it can reach (itself included).
+    fn coordinates(&self, layout: &super::layout::Layout) -> bool {
+        let suspects = self.suspect_members();
+        let coordinator = layout
+            .nodes
+            .iter()
+            .find(|n| **n == self.addr || !suspects.contains(n));
+        coordinator == Some(&self.addr)
+    }
+
     /// If this node coordinates and a member is down, takes it out of the
     /// membership (when the live members can hold R copies of every slot).
     async fn take_out_the_down(self: &Arc<Self>) {
@@ -147,12 +158,7 @@ impl Replicas {
             return;
         }
         let layout = self.layout();
-        let suspects = self.suspect_members();
-        let coordinator = layout
-            .nodes
-            .iter()
-            .find(|n| **n == self.addr || !suspects.contains(n));
-        if coordinator != Some(&self.addr) {
+        if !self.coordinates(&layout) {
             return;
         }
         let live: Vec<String> = layout
@@ -199,12 +205,7 @@ impl Replicas {
         if !layout.in_transition() || unchanged_since.1.elapsed() < STALLED_AFTER {
             return;
         }
-        let suspects = self.suspect_members();
-        let coordinator = layout
-            .nodes
-            .iter()
-            .find(|n| **n == self.addr || !suspects.contains(n));
-        if coordinator != Some(&self.addr) {
+        if !self.coordinates(&layout) {
             return;
         }
         tracing::warn!(
