@@ -64,23 +64,19 @@ impl Record {
     /// A stored record; `None` for bytes that are not one (a value written
     /// before the node was replicated).
     pub fn decode(raw: &Bytes) -> Option<Record> {
-        if raw.len() < HEADER || raw[0] != MAGIC {
-            return None;
-        }
-        let u64_at = |at: usize| u64::from_le_bytes(raw[at..at + 8].try_into().expect("8 bytes"));
-        let accepted = Ballot {
-            counter: u64_at(1),
-            proposer: u64_at(9),
-        };
-        let entry = (raw[17] == 1).then(|| Entry {
+        let head = Record::decode_head(raw)?;
+        let entry = head.present.then(|| Entry {
             value: raw.slice(HEADER..),
-            expires_at: Some(u64_at(18)).filter(|&t| t != 0),
+            expires_at: head.expires_at,
         });
-        Some(Record { accepted, entry })
+        Some(Record {
+            accepted: head.accepted,
+            entry,
+        })
     }
 
-    /// The header of a stored record (its first [`HEAD_LEN`] bytes):
-    /// enough to compare replicas without their values.
+    /// The header of a stored record (the bytes before its value): enough
+    /// to compare replicas without their values.
     pub fn decode_head(raw: &[u8]) -> Option<Head> {
         if raw.len() < HEADER || raw[0] != MAGIC {
             return None;
@@ -103,9 +99,6 @@ impl Record {
             .filter(|e| e.expires_at.is_none_or(|t| t > now))
     }
 }
-
-/// Bytes of a record before its value.
-pub const HEAD_LEN: usize = HEADER;
 
 /// A record without its value ([`Record::decode_head`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -56,6 +56,7 @@ pub const STEP_SLOTS: usize = 2048;
 /// one, slots below `moved_below` are placed by the new list and the others
 /// still by the old. Each step of a large change is a membership version of
 /// its own, decided, frozen, copied and activated like any other.
+#[derive(Clone)]
 pub struct Layout {
     /// 0: this node has not been given a membership yet (a node started to be
     /// added to a cluster); it serves no key until a member adds it.
@@ -73,6 +74,7 @@ pub struct Layout {
 }
 
 /// Where a transitional layout comes from.
+#[derive(Clone)]
 struct Transition {
     /// The old node list, in its own order.
     from: Vec<String>,
@@ -150,23 +152,7 @@ impl Layout {
             return 0;
         };
         (t.moved_below..SLOTS as u16)
-            .filter(|&s| {
-                let mut old: Vec<&str> = t
-                    .placement
-                    .holders(s)
-                    .iter()
-                    .map(|&i| self.nodes[t.from_index[i as usize]].as_str())
-                    .collect();
-                let mut new: Vec<&str> = self
-                    .placement
-                    .holders(s)
-                    .iter()
-                    .map(|&i| self.nodes[i as usize].as_str())
-                    .collect();
-                old.sort_unstable();
-                new.sort_unstable();
-                old != new
-            })
+            .filter(|&s| self.holder_addrs(s) != self.target_addrs(s))
             .count()
     }
 
@@ -195,11 +181,16 @@ impl Layout {
 
     /// The addresses holding `slot`, sorted: equal lists mean the same replicas.
     pub fn holder_addrs(&self, slot: u16) -> Vec<&str> {
-        let mut addrs: Vec<&str> = self
-            .slot_holders(slot)
-            .into_iter()
-            .map(|i| self.nodes[i].as_str())
-            .collect();
+        self.sorted_addrs(self.slot_holders(slot).into_iter())
+    }
+
+    /// The addresses that hold `slot` once a change under way is done.
+    fn target_addrs(&self, slot: u16) -> Vec<&str> {
+        self.sorted_addrs(self.placement.holders(slot).iter().map(|&i| i as usize))
+    }
+
+    fn sorted_addrs(&self, holders: impl Iterator<Item = usize>) -> Vec<&str> {
+        let mut addrs: Vec<&str> = holders.map(|i| self.nodes[i].as_str()).collect();
         addrs.sort_unstable();
         addrs
     }
@@ -218,15 +209,8 @@ impl Layout {
     pub fn next_step(&self, wanted: &[String], me: &str) -> Option<Layout> {
         let (from, to, start) = match &self.transition {
             Some(t) => (t.from.clone(), self.target().to_vec(), t.moved_below),
-            None => {
-                let (mut a, mut b) = (self.nodes.clone(), wanted.to_vec());
-                a.sort();
-                b.sort();
-                if a == b {
-                    return None;
-                }
-                (self.nodes.clone(), wanted.to_vec(), 0)
-            }
+            None if same_nodes(&self.nodes, wanted) => return None,
+            None => (self.nodes.clone(), wanted.to_vec(), 0),
         };
         let version = self.version + 1;
         let plain = Layout::new(version, to.clone(), self.replicas, me);
@@ -332,6 +316,14 @@ pub fn simulate_change(before: &[String], after: &[String], replicas: usize) -> 
         receivers: received.len(),
         max_receiver_share: share(&received),
     }
+}
+
+/// Whether two node lists name the same nodes, in any order.
+pub fn same_nodes(a: &[String], b: &[String]) -> bool {
+    let (mut a, mut b) = (a.to_vec(), b.to_vec());
+    a.sort();
+    b.sort();
+    a == b
 }
 
 /// A node list as given on the command line or to `KVD.RECONFIGURE`:

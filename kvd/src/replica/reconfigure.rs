@@ -80,6 +80,16 @@ fn args(parts: &[&[u8]]) -> Vec<Bytes> {
     parts.iter().map(|p| Bytes::copy_from_slice(p)).collect()
 }
 
+/// Keeps `record` for `key` unless `best` holds one at a ballot as high.
+fn keep_highest(best: &mut HashMap<Bytes, Record>, key: Bytes, record: Record) {
+    match best.get(&key) {
+        Some(have) if have.accepted >= record.accepted => {}
+        _ => {
+            best.insert(key, record);
+        }
+    }
+}
+
 fn accepted(r: &Result<Reply, String>) -> bool {
     matches!(r, Ok(reply) if !reply.is_error())
 }
@@ -221,18 +231,13 @@ impl Replicas {
                 Err(reply) => return reply,
             };
             finished_other |= target.encode() != step.encode();
-            if finished_other && !target.in_transition() {
-                let (mut a, mut b) = (target.nodes.clone(), nodes.clone());
-                a.sort();
-                b.sort();
-                if a != b {
-                    return Reply::error(format!(
-                        "ERR finished an interrupted reconfiguration first (now version {}: {}); \
-                         run KVD.RECONFIGURE again for yours",
-                        target.version,
-                        target.encode()
-                    ));
-                }
+            if finished_other && !target.in_transition() && !layout::same_nodes(&target.nodes, &nodes) {
+                return Reply::error(format!(
+                    "ERR finished an interrupted reconfiguration first (now version {}: {}); \
+                     run KVD.RECONFIGURE again for yours",
+                    target.version,
+                    target.encode()
+                ));
             }
             tracing::info!(
                 version = target.version,
@@ -278,8 +283,7 @@ impl Replicas {
             .collect::<std::collections::BTreeSet<_>>()
             .into_iter()
             .collect();
-        let adopted = Layout::decode(&target_text, &self.addr).expect("decoded above");
-        self.adopt(adopted)?;
+        self.adopt(target.clone())?;
         let request = args(&[b"KVD.CONFIG", b"SET", target_text.as_bytes()]);
         join_all(everyone.iter().map(|addr| self.ask(addr, request.clone()))).await;
         Ok((target, moved))
@@ -435,12 +439,7 @@ impl Replicas {
                     Err(e) => failures.push(e),
                 }
                 for (key, record) in records {
-                    match best.get(&key) {
-                        Some(have) if have.accepted >= record.accepted => {}
-                        _ => {
-                            best.insert(key, record);
-                        }
-                    }
+                    keep_highest(&mut best, key, record);
                 }
             }
             for &s in chunk {
@@ -505,12 +504,7 @@ impl Replicas {
                 let Some(record) = Record::decode(raw) else {
                     return Err(format!("{addr}: a malformed record"));
                 };
-                match best.get(key) {
-                    Some(have) if have.accepted >= record.accepted => {}
-                    _ => {
-                        best.insert(key.clone(), record);
-                    }
-                }
+                keep_highest(best, key.clone(), record);
             }
             cursor = String::from_utf8_lossy(next).into_owned();
             if cursor == "0" {

@@ -174,7 +174,8 @@ impl Replicas {
     ) -> Vec<Bytes> {
         let zero = shared.dbs.zero();
         let decode = |raw: Option<&Bytes>| raw.and_then(|r| Record::decode_head(r));
-        // Each key's heads, per holder that answered (`None`: no record).
+        // Each key's heads, this node's first, then one per holder that
+        // answered (`None`: no record).
         let mut heads: Vec<Vec<Option<Head>>> = keys
             .iter()
             .map(|k| vec![decode(self.acceptor.head(&zero, k).ok().flatten().as_ref())])
@@ -208,7 +209,6 @@ impl Replicas {
                     }
                 }
             });
-        let mut answered = vec![1usize; keys.len()];
         for (n, reply) in futures::future::join_all(calls).await {
             let Some(each) = reply else { continue };
             for (&k, head) in per_node[n].iter().zip(each) {
@@ -225,7 +225,6 @@ impl Replicas {
                         expires_at: None,
                     })),
                 }
-                answered[k] += 1;
             }
         }
         let now = now_ms();
@@ -235,7 +234,7 @@ impl Replicas {
                 let hs = &heads[*k];
                 let ballot = |h: &Option<Head>| h.map(|h| h.accepted).unwrap_or_default();
                 let agree = hs.iter().all(|h| ballot(h) == ballot(&hs[0]));
-                let all_dead = answered[*k] == asked[*k] && hs[0].is_some_and(|h| h.is_dead(now));
+                let all_dead = hs.len() == asked[*k] && hs[0].is_some_and(|h| h.is_dead(now));
                 !agree || all_dead
             })
             .map(|(_, key)| key)
