@@ -7,13 +7,11 @@
 #
 #   PORT=7379 NODES=3 DATA=./data MNT=./mnt ./scripts/run.sh
 #
-# The nodes form a replicated cluster: every key on REPLICAS of them (3 by
-# default, so with 3 nodes every key is on all of them): stop any one node,
-# the one the mount talks to included, and the file system goes on (data in
-# DATA/replicated/nodeN). REPLICAS=1 runs the sharded `--cluster` mode instead
-# (one copy of each slot: a node down makes its share of the files fail until
-# it is back; data in DATA/nodeN). NODES=1 runs a single kvd. The cluster
-# secret is made once and kept in DATA/cluster-secret.
+# The nodes form one kvd cluster (`kvd --cluster`): every key on 3 of them
+# (so with 3 nodes on all of them). Node 1 founds it on its first start and
+# the others join through node 1 (`--seed`); stop any one node, the one the
+# mount talks to included, and the file system goes on. NODES=1 runs a
+# single kvd. The cluster secret is made once and kept in DATA/cluster-secret.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -22,8 +20,6 @@ cargo build --release -p kvd -p fsclient
 
 port="${PORT:-7379}"
 nodes="${NODES:-3}"
-replicas="${REPLICAS:-3}"
-[ "$replicas" = 1 ] && replicas=""
 data="${DATA:-$PWD/data}"
 mnt="${MNT:-$PWD/mnt}"
 mkdir -p "$data" "$mnt"
@@ -48,26 +44,29 @@ if [ "$nodes" -le 1 ]; then
 else
   [ -s "$data/cluster-secret" ] || (umask 077 && head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$data/cluster-secret")
   export KVD_CLUSTER_SECRET="$(cat "$data/cluster-secret")"
-  peers="$(seq -s, -f "127.0.0.1:%g" "$port" $((port + nodes - 1)))"
+  # Before the one cluster mode, the default kept its nodes in
+  # DATA/replicated/nodeN: carry them over.
+  for i in $(seq 1 "$nodes"); do
+    if [ -d "$data/replicated/node$i" ] && [ ! -e "$data/node$i" ]; then
+      mv "$data/replicated/node$i" "$data/node$i"
+    fi
+  done
+  if [ -e "$data/node1/cluster-slots" ]; then
+    echo "run: $data/node1 holds data of the old sharded --cluster mode, which kvd no longer runs;" >&2
+    echo "run: move $data away (or set DATA=) and copy your files into the new mount." >&2
+    exit 1
+  fi
   for i in $(seq 0 $((nodes - 1))); do
     p=$((port + i))
-    if [ -n "$replicas" ]; then
-      dir="$data/replicated/node$((i + 1))"
-      mkdir -p "$dir"
-      KVD_LOG=warn ./target/release/kvd --port "$p" --dir "$dir" --replicas "$replicas" --peers "$peers" &
-      pids+=($!)
-      continue
-    fi
     dir="$data/node$((i + 1))"
-    mkdir -p "$dir"
+    seed="--seed 127.0.0.1:$port"
     if [ "$i" -eq 0 ]; then
-      # The first node founds the cluster on its first start; later it finds
-      # the others through node 2.
+      # Node 1 founds the cluster on its first start; later it knows its
+      # members (and, if it was taken out while away, asks node 2).
       seed=""
-      [ -e "$dir/cluster-slots" ] && seed="--seed 127.0.0.1:$((port + 1))"
-    else
-      seed="--seed 127.0.0.1:$port"
+      [ -e "$dir/replica-config" ] && seed="--seed 127.0.0.1:$((port + 1))"
     fi
+    mkdir -p "$dir"
     # shellcheck disable=SC2086
     KVD_LOG=warn ./target/release/kvd --port "$p" --dir "$dir" --cluster $seed &
     pids+=($!)
@@ -78,19 +77,13 @@ for _ in $(seq 100); do
   redis-cli -p "$port" ping >/dev/null 2>&1 && break
   sleep 0.1
 done
-if [ "$nodes" -gt 1 ] && [ -z "$replicas" ]; then
-  echo "run: waiting for the $nodes nodes to share the slots..."
-  for _ in $(seq 300); do
-    settled=yes
-    for i in $(seq 0 $((nodes - 1))); do
-      info="$(redis-cli -p $((port + i)) info cluster 2>/dev/null || true)"
-      echo "$info" | grep -q "kvd_cluster_nodes:$nodes" || settled=no
-      echo "$info" | grep -q "kvd_cluster_slots_to_import:0" || settled=no
-      echo "$info" | grep -q "kvd_cluster_slots_importing:0" || settled=no
-      redis-cli -p $((port + i)) cluster info 2>/dev/null | grep -q "cluster_state:ok" || settled=no
-    done
-    [ "$settled" = yes ] && break
-    sleep 0.2
+if [ "$nodes" -gt 1 ]; then
+  echo "run: waiting for the $nodes nodes to join..."
+  for _ in $(seq 600); do
+    info="$(redis-cli -p "$port" info cluster 2>/dev/null || true)"
+    members="$(echo "$info" | sed -n 's/^kvd_replica_members:\([^\r]*\).*/\1/p' | tr ',' '\n' | grep -c . || true)"
+    [ "$members" = "$nodes" ] && echo "$info" | grep -q "^kvd_replica_change_in_progress:0" && break
+    sleep 0.1
   done
 fi
 $fs ls / >/dev/null 2>&1 || $fs mkfs
@@ -105,7 +98,7 @@ done
 
 cat <<TXT
 
-A $nodes-node kvd cluster${replicas:+ (every key on $replicas nodes)} is serving 127.0.0.1:$port..$((port + nodes - 1)) (data in
+A $nodes-node kvd cluster is serving 127.0.0.1:$port..$((port + nodes - 1)) (data in
 $data), and the dictfs volume 'main' is mounted at:
 
   $mnt

@@ -63,20 +63,6 @@ enum Which {
         #[arg(long, default_value_t = 3)]
         rounds: usize,
     },
-    /// The kvd cluster: GET/SET through a 3-node cluster (forwarded and routed
-    /// by a cluster-aware client) against one kvd node and a 3-node Redis
-    /// Cluster, and a placement simulation of 1,000 and 10,000 nodes.
-    Cluster {
-        /// Requests per run (times the pipeline depth). Runs shorter than a few
-        /// seconds are not measurable: redis-benchmark --cluster reports in
-        /// coarse time steps.
-        #[arg(long, default_value_t = 1_000_000)]
-        requests: u64,
-        /// Rounds over the four setups, each starting with another; every
-        /// ratio is the median of its per-round ratios.
-        #[arg(long, default_value_t = 3)]
-        rounds: usize,
-    },
     /// A 3-node replicated kvd with R = 1 and R = 3: SET and compare-and-swap
     /// throughput and latency, and the longest pause in acknowledged writes
     /// while a node is killed.
@@ -147,7 +133,6 @@ struct Row {
 /// a row measures a store, not one key.
 pub(crate) const KEYSPACE: u64 = 100_000;
 
-mod cluster;
 mod fs;
 mod gc;
 mod mount;
@@ -290,11 +275,6 @@ fn main() -> Result<()> {
         } => {
             let report = storage::run(load_gib, startup_keys, rounds)?;
             let path = save("storage", &report)?;
-            println!("saved {}", path.display());
-        }
-        Which::Cluster { requests, rounds } => {
-            let report = cluster::run(requests, rounds)?;
-            let path = save("cluster", &report)?;
             println!("saved {}", path.display());
         }
         Which::Mount {

@@ -38,8 +38,6 @@ pub struct Config {
     pub segment_size: u64,
     /// Percentage of dead bytes at which a sealed segment is compacted.
     pub compact_dead_percent: u8,
-    /// Cluster mode: answer every client with -MOVED instead of forwarding.
-    pub cluster_redirect: bool,
     /// Redis's `notify-keyspace-events`, as flags ([`crate::notify`]).
     pub notify_keyspace_events: u16,
     /// How many databases SELECT may choose from (Redis's `databases`, 16 by
@@ -98,7 +96,6 @@ impl Default for Config {
             appendfsync: crate::store::disk::Fsync::EverySec,
             segment_size: 64 * 1024 * 1024,
             compact_dead_percent: 50,
-            cluster_redirect: false,
             notify_keyspace_events: 0,
             databases: 16,
             latency_tracking: true,
@@ -153,7 +150,6 @@ pub const NAMES: &[&str] = &[
     "appendfsync",
     "segment-size",
     "compact-dead-percent",
-    "cluster-redirect",
     "notify-keyspace-events",
     "latency-tracking",
     "latency-tracking-info-percentiles",
@@ -202,7 +198,6 @@ impl Config {
             "appendfsync" => self.appendfsync.name().into(),
             "segment-size" => self.segment_size.to_string(),
             "compact-dead-percent" => self.compact_dead_percent.to_string(),
-            "cluster-redirect" => yes_no(self.cluster_redirect),
             "notify-keyspace-events" => crate::notify::format(self.notify_keyspace_events),
             "save" => String::new(),
             "appendonly" => if self.storage == Storage::Disk {
@@ -285,7 +280,6 @@ impl Config {
                             .to_string()
                     })?
             }
-            "cluster-redirect" => self.cluster_redirect = parse_yes_no(value)?,
             "bind"
             | "port"
             | "dir"

@@ -95,69 +95,63 @@ struct Cli {
     /// Largest bulk string a request may carry (Redis's proto-max-bulk-len), e.g. 512mb.
     #[arg(long, value_name = "SIZE")]
     proto_max_bulk_len: Option<String>,
-    /// Run as a cluster node. Without --seed this node founds a new cluster
-    /// (and owns every slot); with --seed it joins the cluster those nodes are
-    /// in. Membership and slot ownership are kept in --dir.
+    /// Run as a cluster node: every key on --replicas nodes, each change a
+    /// CASPaxos round on the key's replicas, so a key stays readable and
+    /// writable while a majority of its replicas is up. On its first start a
+    /// node founds a new cluster (alone, or with --peers), or asks to be added
+    /// through --seed; after that its membership is kept in --dir.
     #[arg(long)]
     cluster: bool,
-    /// A node already in the cluster, as HOST:PORT (its client port; gossip
-    /// goes to PORT+10000) or HOST:PORT@GOSSIPPORT. Repeat or comma-separate.
-    /// With --replicas: a member to ask to be added by (a new node, or one
-    /// taken out while it was away).
+    /// A member of the cluster to ask to be added by, as HOST:PORT (its client
+    /// port): for a new node, or one taken out while it was away. Repeat or
+    /// comma-separate. (A Redis-style HOST:PORT@BUSPORT is read as HOST:PORT.)
     #[arg(long, value_name = "HOST:PORT", value_delimiter = ',')]
     seed: Vec<String>,
     /// Shared secret of the cluster: peers prove they know it before they may
-    /// gossip, forward or move data. Required with --cluster.
+    /// forward, vote or copy data. Required with --cluster.
     #[arg(long, env = "KVD_CLUSTER_SECRET", hide_env_values = true)]
     cluster_secret: Option<String>,
-    /// UDP port for gossip (default: --port + 10000, like Redis Cluster's bus port).
-    #[arg(long, value_name = "PORT")]
-    cluster_port: Option<u16>,
     /// HOST:PORT other nodes and clients should use for this node (default:
     /// the first --bind address and --port).
     #[arg(long, value_name = "HOST:PORT")]
     cluster_announce: Option<String>,
-    /// Answer clients with -MOVED instead of forwarding their commands, for
-    /// cluster-aware clients that cannot be recognised (redis-cli -c). Also
-    /// `CONFIG SET cluster-redirect yes|no` at run time.
-    #[arg(long)]
-    cluster_redirect: bool,
-    /// Keep every key on this many nodes of --peers (a replicated cluster: each
-    /// change is a CASPaxos round on the key's replicas, so a key stays readable
-    /// and writable while a majority of its replicas is up). Needs
-    /// --cluster-secret; not combined with --cluster. Without --peers (and
-    /// nothing recorded in --dir) the node waits to be added to a cluster by
-    /// `KVD.RECONFIGURE` on a member.
-    #[arg(long, value_name = "R", conflicts_with = "cluster")]
+    /// How many nodes keep each key (with fewer nodes than R, every node keeps
+    /// every key). Implies --cluster.
+    #[arg(long, value_name = "R")]
     replicas: Option<usize>,
-    /// With --replicas: how long a member may not answer before it counts as
-    /// gone for good and its replicas are re-homed on the live nodes (when
-    /// they can hold R copies), e.g. 10m, 90s. Until then it is only suspect:
-    /// desktops sleep and reboot.
+    /// How long a member may not answer before it counts as gone for good and
+    /// its replicas are re-homed on the live nodes (when they can hold R
+    /// copies), e.g. 10m, 90s. Until then it is only suspect: desktops sleep
+    /// and reboot.
     #[arg(long, value_name = "DURATION", default_value = "10m", value_parser = parse_duration)]
     down_after: std::time::Duration,
-    /// Every node of a new replicated cluster, HOST:PORT, comma-separated, this
-    /// node included: the same list on every node. Read on a node's first start
-    /// only; after that the membership recorded in --dir is used, and
-    /// `KVD.RECONFIGURE node ...` changes it.
+    /// Found a new cluster with these nodes, HOST:PORT, comma-separated, this
+    /// node included: the same list on every one of them. Read on a node's
+    /// first start only; after that the membership recorded in --dir is used.
+    /// Implies --cluster.
     #[arg(
         long,
         value_name = "HOST:PORT,...",
         value_delimiter = ',',
-        requires = "replicas"
+        conflicts_with = "seed"
     )]
     peers: Vec<String>,
 }
 
-/// Replication settings from the command line, if --replicas was given.
-fn replica_options(cli: &Cli, config: &Config) -> anyhow::Result<Option<kvd::replica::Options>> {
-    let Some(replicas) = cli.replicas else {
+/// How many nodes keep each key unless --replicas says otherwise.
+const DEFAULT_REPLICAS: usize = 3;
+
+/// Cluster settings from the command line, if this is a cluster node.
+fn cluster_options(cli: &Cli, config: &Config) -> anyhow::Result<Option<kvd::replica::Options>> {
+    if !cli.cluster && cli.replicas.is_none() && cli.peers.is_empty() {
+        if !cli.seed.is_empty() {
+            anyhow::bail!("--seed needs --cluster");
+        }
         return Ok(None);
-    };
+    }
+    let replicas = cli.replicas.unwrap_or(DEFAULT_REPLICAS);
     let Some(secret) = cli.cluster_secret.clone().filter(|s| !s.is_empty()) else {
-        anyhow::bail!(
-            "--replicas needs --cluster-secret (or KVD_CLUSTER_SECRET): peers authenticate with it"
-        );
+        anyhow::bail!("--cluster needs --cluster-secret (or KVD_CLUSTER_SECRET): peers authenticate with it");
     };
     if replicas == 0 {
         anyhow::bail!("--replicas must be at least 1");
@@ -172,16 +166,30 @@ fn replica_options(cli: &Cli, config: &Config) -> anyhow::Result<Option<kvd::rep
         config.port
     };
     if port == 0 {
-        anyhow::bail!("--replicas needs a port peers can reach: --port, or --tls-port with tls-replication");
+        anyhow::bail!("--cluster needs a port peers can reach: --port, or --tls-port with tls-replication");
     }
+    let me = cli.cluster_announce.clone().unwrap_or(format!("{host}:{port}"));
+    // Redis Cluster names a node HOST:PORT@BUSPORT; kvd has no bus port.
+    let seeds: Vec<String> = cli
+        .seed
+        .iter()
+        .map(|s| s.split_once('@').map_or(s.as_str(), |(addr, _)| addr).to_string())
+        .collect();
+    let first_start = if !cli.peers.is_empty() {
+        kvd::replica::FirstStart::Peers(cli.peers.clone())
+    } else if seeds.is_empty() {
+        kvd::replica::FirstStart::Alone
+    } else {
+        kvd::replica::FirstStart::Join
+    };
     Ok(Some(kvd::replica::Options {
-        me: cli.cluster_announce.clone().unwrap_or(format!("{host}:{port}")),
+        me,
         tls,
-        nodes: (!cli.peers.is_empty()).then(|| cli.peers.clone()),
+        first_start,
         replicas,
         secret,
         dir: config.dir.clone(),
-        seeds: cli.seed.clone(),
+        seeds,
         down_after: cli.down_after,
     }))
 }
@@ -203,67 +211,6 @@ fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
         _ => return Err(format!("'{text}': the unit must be ms, s, m or h")),
     };
     Ok(std::time::Duration::from_secs(secs))
-}
-
-/// Cluster settings from the command line, if --cluster was given.
-fn cluster_options(cli: &Cli, config: &Config) -> anyhow::Result<Option<kvd::cluster::Options>> {
-    if !cli.cluster {
-        return Ok(None);
-    }
-    let Some(secret) = cli.cluster_secret.clone().filter(|s| !s.is_empty()) else {
-        anyhow::bail!("--cluster needs --cluster-secret (or KVD_CLUSTER_SECRET): peers authenticate with it");
-    };
-    let host = config
-        .bind
-        .split_whitespace()
-        .next()
-        .unwrap_or("127.0.0.1")
-        .to_string();
-    let gossip_port = match cli.cluster_port {
-        Some(p) => p,
-        None => config.port.checked_add(10000).ok_or_else(|| {
-            anyhow::anyhow!(
-                "--port {} + 10000 is not a port: give --cluster-port",
-                config.port
-            )
-        })?,
-    };
-    let gossip: std::net::SocketAddr = format!("{host}:{gossip_port}")
-        .parse()
-        .map_err(|e| anyhow::anyhow!("gossip address {host}:{gossip_port}: {e}"))?;
-    let mut seeds = Vec::new();
-    for seed in &cli.seed {
-        let (addr, bus) = match seed.split_once('@') {
-            Some((addr, bus)) => (addr, Some(bus)),
-            None => (seed.as_str(), None),
-        };
-        let (h, p) = addr
-            .rsplit_once(':')
-            .ok_or_else(|| anyhow::anyhow!("--seed {seed}: expected HOST:PORT"))?;
-        let port: u16 = p
-            .parse()
-            .map_err(|_| anyhow::anyhow!("--seed {seed}: bad port"))?;
-        let bus = match bus {
-            Some(b) => b
-                .parse()
-                .map_err(|_| anyhow::anyhow!("--seed {seed}: bad gossip port"))?,
-            None => port.checked_add(10000).ok_or_else(|| {
-                anyhow::anyhow!("--seed {seed}: give its gossip port as HOST:PORT@GOSSIPPORT")
-            })?,
-        };
-        seeds.push(format!("{h}:{bus}"));
-    }
-    Ok(Some(kvd::cluster::Options {
-        announce: cli
-            .cluster_announce
-            .clone()
-            .unwrap_or(format!("{host}:{}", config.port)),
-        gossip,
-        seeds,
-        secret,
-        dir: config.dir.clone(),
-        redirect: config.cluster_redirect,
-    }))
 }
 
 fn build_config(cli: &Cli) -> anyhow::Result<Config> {
@@ -304,10 +251,6 @@ fn build_config(cli: &Cli) -> anyhow::Result<Config> {
     set("appendfsync", cli.appendfsync.clone())?;
     set("segment-size", cli.segment_size.clone())?;
     set("proto-max-bulk-len", cli.proto_max_bulk_len.clone())?;
-    set(
-        "cluster-redirect",
-        cli.cluster_redirect.then(|| "yes".to_string()),
-    )?;
     Ok(config)
 }
 
@@ -359,21 +302,10 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::from(2);
         }
     };
-    let replicas = match replica_options(&cli, &config) {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("kvd: {e}");
-            return std::process::ExitCode::from(2);
-        }
-    };
-    if cluster.is_none() && replicas.is_none() && !cli.seed.is_empty() {
-        eprintln!("kvd: --seed needs --cluster or --replicas");
-        return std::process::ExitCode::from(2);
-    }
     let config_file = cli.config.as_ref().map(|p| p.display().to_string());
     let metrics_addr = cli.metrics_addr.clone();
     let result = runtime.block_on(async move {
-        let (shared, task) = kvd::server::start(config, config_file, cluster, replicas).await?;
+        let (shared, task) = kvd::server::start(config, config_file, cluster).await?;
         if let Some(addr) = &metrics_addr {
             kvd::metrics::serve(shared.clone(), addr)?;
         }

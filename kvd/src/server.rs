@@ -251,7 +251,6 @@ async fn serve<R: Incoming, W: AsyncWrite + Unpin + Send>(
     let mut wbuf = BytesMut::new();
     let mut decoder = RequestDecoder::new(shared.config.read().limits(), session.authenticated);
     let mut args = Vec::new();
-    let mut forwarded: Vec<crate::cluster::dispatch::Pending> = Vec::new();
     let client = session.client.clone();
     let mut stop = stop_signal(shared, &client);
     loop {
@@ -276,27 +275,9 @@ async fn serve<R: Incoming, W: AsyncWrite + Unpin + Send>(
                     // MONITOR shows what clients ask of this node (not what
                     // peers forward to it), once it ran or went on its way.
                     let monitored = shared.monitors.active() && session.cluster.peer.is_none();
-                    let reply = match shared.cluster.get() {
-                        Some(cluster) => {
-                            if let Some(mut p) =
-                                crate::cluster::dispatch::start_forward(cluster, session, &args)
-                            {
-                                p.send = session.send_reply();
-                                if monitored {
-                                    shared.monitors.feed(&session.client, session.db, spec, &args);
-                                }
-                                forwarded.push(p);
-                                continue;
-                            }
-                            finish_forwarded(shared, session, &mut forwarded, &mut wbuf).await;
-                            crate::cluster::dispatch::dispatch(shared, cluster, session, &args).await
-                        }
-                        None => match shared.replicas.get() {
-                            Some(rep) => {
-                                crate::replica::dispatch::dispatch(shared, rep, session, &args).await
-                            }
-                            None => command::execute(shared, session, &args),
-                        },
+                    let reply = match shared.replicas.get() {
+                        Some(rep) => crate::replica::dispatch::dispatch(shared, rep, session, &args).await,
+                        None => command::execute(shared, session, &args),
                     };
                     let outcome = if session.rejected {
                         Outcome::Rejected
@@ -340,7 +321,6 @@ async fn serve<R: Incoming, W: AsyncWrite + Unpin + Send>(
                     }
                 }
                 Ok(false) => {
-                    finish_forwarded(shared, session, &mut forwarded, &mut wbuf).await;
                     if batch > 0 {
                         shared.stats.commands.fetch_add(batch, Ordering::Relaxed);
                         session.client.state.lock().last_cmd = session.last_cmd;
@@ -357,7 +337,6 @@ async fn serve<R: Incoming, W: AsyncWrite + Unpin + Send>(
                 Err(FrameError::Io(e)) => return Err(e),
                 Err(e) => {
                     // Malformed input: Redis's error, then close only this connection.
-                    finish_forwarded(shared, session, &mut forwarded, &mut wbuf).await;
                     if let Some(text) = e.reply_text() {
                         Reply::error_bytes(&text).encode(session.proto, &mut wbuf);
                     }
@@ -425,30 +404,6 @@ async fn serve<R: Incoming, W: AsyncWrite + Unpin + Send>(
             _ = idle_limit => return Ok(()),
         }
     }
-}
-
-/// Sends the forwarded commands collected from this batch and writes their
-/// replies, in order, into the output (cluster mode).
-async fn finish_forwarded(
-    shared: &Arc<Shared>,
-    session: &mut Session,
-    forwarded: &mut Vec<crate::cluster::dispatch::Pending>,
-    wbuf: &mut BytesMut,
-) {
-    let Some(cluster) = shared.cluster.get() else {
-        return;
-    };
-    if forwarded.is_empty() {
-        return;
-    }
-    let proto = session.proto;
-    crate::cluster::dispatch::finish_all(shared, cluster, session, forwarded, |reply, send| {
-        shared.stats.record_reply(&reply);
-        if send {
-            reply.encode(proto, wbuf);
-        }
-    })
-    .await;
 }
 
 fn push_message(msg: Message) -> Reply {
@@ -640,15 +595,10 @@ async fn housekeeping(shared: Arc<Shared>) {
 pub async fn start(
     config: Config,
     config_file: Option<String>,
-    cluster: Option<crate::cluster::Options>,
     replicas: Option<crate::replica::Options>,
 ) -> anyhow::Result<(Arc<Shared>, tokio::task::JoinHandle<anyhow::Result<()>>)> {
     // A cluster node keeps database 0 only, as a Redis Cluster node does.
-    let count = if cluster.is_some() || replicas.is_some() {
-        1
-    } else {
-        config.databases
-    };
+    let count = if replicas.is_some() { 1 } else { config.databases };
     let dbs = match config.storage {
         Storage::Memory => {
             let open: crate::databases::Opener =
@@ -679,10 +629,6 @@ pub async fn start(
     let tracking = config.latency_tracking;
     let shared = Shared::new(config, config_file, dbs);
     shared.stats.latency_tracking.store(tracking, Ordering::Relaxed);
-    if let Some(options) = cluster {
-        let node = crate::cluster::Cluster::start(options, shared.clone()).await?;
-        let _ = shared.cluster.set(node);
-    }
     if let Some(options) = replicas {
         let rep = crate::replica::Replicas::start(options)?;
         crate::replica::repair::spawn(shared.clone(), rep.clone());

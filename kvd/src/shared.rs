@@ -1,7 +1,7 @@
 //! State every connection shares: the databases, the settings, the clients,
 //! pub/sub, statistics, and (in a cluster) the cluster's node. It lives below
 //! the layers that use it — the network loop (`server`), the commands, the
-//! cluster and replication modules — so they import it and it imports none of
+//! cluster's replication engine — so they import it and it imports none of
 //! them but their shared types.
 
 use std::sync::Arc;
@@ -34,8 +34,6 @@ pub struct Shared {
     /// Cancelled by SHUTDOWN or a signal; every task watches it.
     pub shutdown: CancellationToken,
     /// Set when this node is part of a cluster (`--cluster`).
-    pub cluster: std::sync::OnceLock<Arc<crate::cluster::Cluster>>,
-    /// Set when this node is part of a replicated cluster (`--replicas`).
     pub replicas: std::sync::OnceLock<Arc<crate::replica::Replicas>>,
 }
 
@@ -56,7 +54,6 @@ impl Shared {
             started: Instant::now(),
             run_id,
             shutdown: CancellationToken::new(),
-            cluster: std::sync::OnceLock::new(),
             replicas: std::sync::OnceLock::new(),
         })
     }

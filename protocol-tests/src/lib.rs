@@ -856,163 +856,6 @@ impl Drop for Mount {
     }
 }
 
-/// A kvd cluster of real processes on loopback ports, grown and shrunk by the
-/// test. Node 0 founds it; the others join with node 0 as their seed.
-pub struct KvdCluster {
-    pub nodes: Vec<Server>,
-    /// Gossip (UDP) port of each node.
-    pub gossip: Vec<u16>,
-    pub secret: String,
-    extra: Vec<String>,
-    _tmp: tempfile::TempDir,
-}
-
-impl KvdCluster {
-    /// Starts `size` nodes and waits until the slots are spread over them.
-    pub fn start(size: usize, extra: &[&str]) -> Result<KvdCluster> {
-        let mut c = KvdCluster {
-            nodes: Vec::new(),
-            gossip: Vec::new(),
-            secret: format!("test-secret-{}", std::process::id()),
-            extra: extra.iter().map(|s| s.to_string()).collect(),
-            _tmp: tempfile::tempdir()?,
-        };
-        for _ in 0..size {
-            c.add_node()?;
-        }
-        c.wait_settled(Duration::from_secs(60))?;
-        Ok(c)
-    }
-
-    /// Data directory of node `i`.
-    pub fn dir(&self, i: usize) -> PathBuf {
-        self._tmp.path().join(format!("node{i}"))
-    }
-
-    /// Starts one more node (joining through node 0); does not wait for slots.
-    pub fn add_node(&mut self) -> Result<usize> {
-        self.add_node_with_secret(&self.secret.clone())
-    }
-
-    /// Starts a node that believes the cluster secret is `secret`.
-    pub fn add_node_with_secret(&mut self, secret: &str) -> Result<usize> {
-        let i = self.nodes.len();
-        let dir = self.dir(i);
-        std::fs::create_dir_all(&dir)?;
-        // The gossip port is picked like the client port and may be taken by the
-        // time kvd binds it: try another then.
-        let mut attempt = 0;
-        loop {
-            match self.start_node(i, &dir, secret) {
-                Err(e) if attempt < 3 && e.to_string().contains("exited during start-up") => attempt += 1,
-                other => return other,
-            }
-        }
-    }
-
-    fn start_node(&mut self, i: usize, dir: &Path, secret: &str) -> Result<usize> {
-        let gossip = free_port();
-        let mut args: Vec<String> = vec![
-            "--cluster".into(),
-            "--cluster-port".into(),
-            gossip.to_string(),
-            "--cluster-secret".into(),
-            secret.to_string(),
-        ];
-        if let (Some(seed), Some(g)) = (self.nodes.first(), self.gossip.first()) {
-            args.push("--seed".into());
-            args.push(format!("127.0.0.1:{}@{g}", seed.port));
-        }
-        args.extend(self.extra.iter().cloned());
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let server = Server::kvd_in(dir, &args)?;
-        self.nodes.push(server);
-        self.gossip.push(gossip);
-        Ok(i)
-    }
-
-    /// Kills node `i` with SIGKILL (nothing flushed beyond what kvd promised).
-    pub fn kill9(&mut self, i: usize) {
-        self.nodes[i].kill9();
-    }
-
-    /// Starts node `i` again on its port, gossip port and data directory,
-    /// introducing it to another node (a restarted founder needs a seed too).
-    pub fn restart(&mut self, i: usize) -> Result<()> {
-        let seed = if i == 0 { 1 } else { 0 };
-        let args: Vec<String> = vec![
-            "--cluster".into(),
-            "--cluster-port".into(),
-            self.gossip[i].to_string(),
-            "--cluster-secret".into(),
-            self.secret.clone(),
-            "--seed".into(),
-            format!("127.0.0.1:{}@{}", self.nodes[seed].port, self.gossip[seed]),
-        ];
-        let mut args = args;
-        args.extend(self.extra.iter().cloned());
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        self.nodes[i] = Server::kvd_on(self.nodes[i].port, &self.dir(i), &args)?;
-        Ok(())
-    }
-
-    /// `INFO cluster` of node `i` as field → value.
-    pub fn info(&self, i: usize) -> Result<std::collections::HashMap<String, String>> {
-        let text = self.nodes[i].connect()?.cmd("INFO cluster")?.as_str();
-        Ok(text
-            .lines()
-            .filter_map(|l| l.split_once(':'))
-            .map(|(k, v)| (k.to_string(), v.trim().to_string()))
-            .collect())
-    }
-
-    /// Waits until every running node knows the same members, serves what
-    /// placement gives it, and no slot is in flight.
-    pub fn wait_settled(&self, timeout: Duration) -> Result<()> {
-        let deadline = Instant::now() + timeout;
-        let mut last = String::new();
-        loop {
-            match self.settled() {
-                Ok(true) => return Ok(()),
-                Ok(false) => {}
-                Err(e) => last = format!("{e:#}"),
-            }
-            if Instant::now() > deadline {
-                let states: Vec<String> = (0..self.nodes.len())
-                    .map(|i| format!("{:?}", self.info(i).ok()))
-                    .collect();
-                bail!("cluster did not settle ({last}):\n{}", states.join("\n"));
-            }
-            std::thread::sleep(Duration::from_millis(200));
-        }
-    }
-
-    fn settled(&self) -> Result<bool> {
-        let mut owned = 0;
-        let mut epochs = std::collections::HashSet::new();
-        let mut live = 0;
-        for i in 0..self.nodes.len() {
-            let info = self.info(i)?;
-            let get = |k: &str| info.get(k).cloned().unwrap_or_default();
-            match get("kvd_cluster_status").as_str() {
-                "left" => continue,
-                "leaving" => return Ok(false),
-                _ => {}
-            }
-            live += 1;
-            if get("kvd_cluster_slots_to_import") != "0"
-                || get("kvd_cluster_slots_importing") != "0"
-                || get("kvd_cluster_slots_handed_off") != "0"
-            {
-                return Ok(false);
-            }
-            owned += get("kvd_cluster_slots_owned").parse::<usize>().unwrap_or(0);
-            epochs.insert(get("kvd_cluster_placement_epoch"));
-        }
-        Ok(live > 0 && owned == 16384 && epochs.len() == 1)
-    }
-}
-
 /// A replicated kvd cluster (`--replicas R --peers ...`): nodes started with the
 /// same `--peers` list, each with its own data directory; stopped on drop.
 pub struct Replicated {
@@ -1092,19 +935,32 @@ impl Replicated {
     }
 
     /// Starts one more node, not yet in the cluster (it waits for
-    /// `KVD.RECONFIGURE`); its index.
+    /// `KVD.RECONFIGURE`); its index. Its only `--seed` is itself, which is
+    /// in no cluster and so cannot add it: without a seed it would found a
+    /// cluster of its own.
     pub fn add_node(&mut self) -> usize {
-        self.add_node_with(Vec::new())
+        let port = self.fresh_port();
+        self.add_node_on(port, vec!["--seed".into(), format!("127.0.0.1:{port}")])
+    }
+
+    /// A free port no node of this cluster has.
+    fn fresh_port(&self) -> u16 {
+        loop {
+            let p = free_port();
+            if !self.ports.contains(&p) {
+                return p;
+            }
+        }
     }
 
     /// Starts one more node on a fresh port with `args`; its index.
     fn add_node_with(&mut self, args: Vec<String>) -> usize {
-        let port = loop {
-            let p = free_port();
-            if !self.ports.contains(&p) {
-                break p;
-            }
-        };
+        let port = self.fresh_port();
+        self.add_node_on(port, args)
+    }
+
+    /// Starts one more node on `port` with `args`; its index.
+    fn add_node_on(&mut self, port: u16, args: Vec<String>) -> usize {
         self.ports.push(port);
         self.nodes.push(None);
         self.node_args.push(args);
@@ -1165,6 +1021,11 @@ impl Replicated {
 
     pub fn conn(&self, i: usize) -> Conn {
         Conn::connect(self.ports[i]).unwrap()
+    }
+
+    /// The process of node `i`; panics if it is stopped.
+    pub fn server(&self, i: usize) -> &Server {
+        self.nodes[i].as_ref().expect("node is running")
     }
 }
 

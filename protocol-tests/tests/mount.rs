@@ -525,13 +525,6 @@ fn posix_behaviour_on_redis() {
 
 #[test]
 fn posix_behaviour_on_a_kvd_cluster() {
-    let cluster = protocol_tests::KvdCluster::start(3, &[]).unwrap();
-    let m = Mount::start(&url(&cluster.nodes[2]), "main", &[]).unwrap();
-    posix_suite(m.path());
-}
-
-#[test]
-fn posix_behaviour_on_a_replicated_kvd() {
     // Every key on all three nodes; the mount talks to one, which runs each
     // command as a CASPaxos round on the key's replicas.
     let c = protocol_tests::Replicated::start(3, 3);

@@ -98,7 +98,7 @@ fn every_node_serves_every_key_and_a_majority_is_enough() {
     // INFO cluster counts the rounds; clients are not sent elsewhere.
     let info = c.conn(0).cmd("INFO cluster").unwrap().as_str();
     assert!(
-        info.contains("cluster_enabled:0") && info.contains("kvd_replicas:3"),
+        info.contains("cluster_enabled:1") && info.contains("kvd_replicas:3"),
         "{info}"
     );
     let rounds: u64 = info
@@ -914,6 +914,42 @@ fn a_watched_exec_after_another_nodes_write_aborts() {
     partition(&c, 1, &[]);
     assert_eq!(a.cmd("EXEC").unwrap(), Value::Nil);
     assert_eq!(c.conn(2).cmd("GET n").unwrap().as_str(), "100");
+}
+
+/// A write of the same value is still a write, as in Redis: a SET through
+/// another node of the value the key already holds (or an APPEND of nothing)
+/// fails a WATCH of the key. The round used to leave an unchanged key alone,
+/// so its ballot stayed and the EXEC went through.
+#[test]
+fn a_watched_exec_aborts_after_a_write_of_the_same_value() {
+    let c = Replicated::start(3, 3);
+    let (mut a, mut b) = (c.conn(0), c.conn(1));
+    assert_eq!(b.cmd("SET w same").unwrap().as_str(), "OK");
+    let touches: [&[&str]; 3] = [
+        &["SET", "w", "same"],
+        &["APPEND", "w", ""],
+        &["SET", "w", "same", "KEEPTTL"],
+    ];
+    for touch in touches {
+        a.cmd("WATCH w").unwrap();
+        assert!(!b.call(touch).unwrap().is_error(), "{touch:?}");
+        a.cmd("MULTI").unwrap();
+        a.cmd("SET w mine").unwrap();
+        assert_eq!(a.cmd("EXEC").unwrap(), Value::Nil, "after {touch:?}");
+        assert_eq!(c.conn(2).cmd("GET w").unwrap().as_str(), "same");
+    }
+    // Commands that change nothing leave the WATCH alone, as in Redis.
+    for no_change in ["GET w", "SET w other NX", "EXPIRE nokey 10"] {
+        a.cmd("WATCH w").unwrap();
+        b.cmd(no_change).unwrap();
+        a.cmd("MULTI").unwrap();
+        a.cmd("SET w same").unwrap();
+        assert_eq!(
+            a.cmd("EXEC").unwrap(),
+            Value::Array(vec![Value::Status("OK".into())]),
+            "after {no_change}"
+        );
+    }
 }
 
 /// Cuts node `i`'s calls to the nodes `from` (none: heals), through the

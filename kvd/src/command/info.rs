@@ -60,13 +60,9 @@ pub fn render(shared: &Shared, requested: &[String]) -> String {
                 let percentiles = shared.config.read().latency_tracking_info_percentiles.clone();
                 shared.stats.latencies.info(&percentiles)
             }
-            "cluster" => match shared.cluster.get() {
-                Some(c) => crate::cluster::commands::info_text(c, false),
-                None => match shared.replicas.get() {
-                    // Clients talk to any node, which runs the round itself.
-                    Some(r) => format!("cluster_enabled:0\r\n{}", r.info()),
-                    None => "cluster_enabled:0\r\n".to_string(),
-                },
+            "cluster" => match shared.replicas.get() {
+                Some(r) => format!("cluster_enabled:1\r\n{}", r.info()),
+                None => "cluster_enabled:0\r\n".to_string(),
             },
             "keyspace" => keyspace(shared),
             _ => continue,

@@ -316,7 +316,7 @@ impl SessionCommand {
             }
             "command|getkeys" => CommandGetKeys(a.rest()),
             "command|help" => Help("command"),
-            // A cluster node answers these before they get here (crate::cluster::dispatch).
+            // A cluster node answers these before they get here (crate::replica::dispatch).
             n if n.starts_with("cluster|") || matches!(n, "readonly" | "readwrite" | "asking") => {
                 return Err(Reply::error("ERR This instance has cluster support disabled"))
             }
@@ -606,11 +606,6 @@ impl SessionCommand {
                             ));
                         }
                     }
-                }
-                if let Some(cluster) = shared.cluster.get() {
-                    cluster
-                        .redirect
-                        .store(config.cluster_redirect, std::sync::atomic::Ordering::Relaxed);
                 }
                 shared
                     .stats

@@ -18,7 +18,6 @@ use sha2::{Digest, Sha256};
 
 use super::layout::Layout;
 use super::Replicas;
-use crate::cluster::commands::{node_line, split_addr};
 use crate::cluster::slot::{key_slot, SLOTS};
 use crate::command::spec::Spec;
 use crate::reply::Reply;
@@ -136,6 +135,34 @@ impl Replicas {
             _ => return None,
         })
     }
+}
+
+/// `host:port` as its host and port (0 when there is none).
+pub(crate) fn split_addr(addr: &str) -> (String, i64) {
+    match addr.rsplit_once(':') {
+        Some((host, port)) => (host.to_string(), port.parse().unwrap_or(0)),
+        None => (addr.to_string(), 0),
+    }
+}
+
+/// One line of CLUSTER NODES, with its newline:
+/// `<id> <host:port@busport> <flags> - 0 0 <epoch> <link state> <slot ranges>`.
+pub(crate) fn node_line(
+    id: &str,
+    addr: &str,
+    flags: &str,
+    epoch: u64,
+    connected: bool,
+    ranges: &[(u16, u16)],
+) -> String {
+    let (host, port) = split_addr(addr);
+    let slots = crate::cluster::slot::format_ranges(ranges).replace(',', " ");
+    let link = if connected { "connected" } else { "disconnected" };
+    let line = format!(
+        "{id} {host}:{port}@{} {flags} - 0 0 {epoch} {link} {slots}",
+        port + 10000
+    );
+    format!("{}\n", line.trim_end())
 }
 
 #[cfg(test)]

@@ -15,14 +15,14 @@ use bytes::Bytes;
 
 use super::acceptor::Record;
 use super::layout::{epoch, Layout};
-use super::proposer::{self, Mode, Msg};
+use super::proposer::{self, Change, Mode, Msg};
 use super::{number, Replicas};
 use crate::cluster::paxos::Ballot;
-use crate::cluster::slot::parse_ranges;
+use crate::cluster::slot::{self, parse_ranges};
 use crate::command::data::DataCommand;
 use crate::command::spec::{self, Lookup};
 use crate::command::{self};
-use crate::db::{now_ms, Db};
+use crate::db::{now_ms, Db, WatchFlag};
 use crate::reply::Reply;
 use crate::session::Session;
 use crate::shared::Shared;
@@ -30,6 +30,11 @@ use crate::store::{Entry, MemStore};
 
 /// Commands on several keys that run key by key, and how replies combine.
 const PER_KEY: &[&str] = &["mget", "mset", "del", "unlink", "exists", "touch"];
+
+/// Redis Cluster's answer to a command or transaction over several slots.
+fn crossslot() -> Reply {
+    Reply::error("CROSSSLOT Keys in request don't hash to the same slot")
+}
 
 fn unsupported(what: &str) -> Reply {
     Reply::error(format!(
@@ -76,10 +81,20 @@ pub async fn dispatch(
             let me = rep.addr.clone();
             return rep.forget(&me).await;
         }
+        "cluster|countkeysinslot" | "cluster|getkeysinslot" => return keys_in_slot(shared, spec.name, args),
         name if name.starts_with("cluster|") => {
             if let Some(reply) = rep.cluster_command(spec, args) {
                 return reply;
             }
+        }
+        // As in Redis Cluster, a message reaches the subscribers of every
+        // node; the reply counts this node's.
+        "publish" if session.multi.is_none() && session.authenticated => {
+            let reply = command::execute_found(shared, session, spec, args);
+            if !reply.is_error() {
+                rep.broadcast(&args[1], &args[2]);
+            }
+            return reply;
         }
         // Cluster clients send these to a node before reading from it; any
         // node serves every key.
@@ -88,20 +103,51 @@ pub async fn dispatch(
         "watch" if session.multi.is_none() => return watch(shared, rep, session, args).await,
         "unwatch" | "discard" | "reset" => {
             session.cluster.watched.clear();
+            session.cluster.txn_slot = None;
             return command::execute(shared, session, args);
         }
-        "flushall" | "flushdb" | "randomkey" | "dbsize" => return unsupported(spec.name),
+        // As on a Redis Cluster node, these act on the keys this node holds
+        // (with no more nodes than R, every key).
+        "dbsize" if session.multi.is_none() => return Reply::Int(held_keys(shared, usize::MAX).len() as i64),
+        "randomkey" if session.multi.is_none() => return random_held_key(shared),
+        "flushall" | "flushdb" if session.multi.is_none() => {
+            let mode_ok = |a: &Bytes| a.eq_ignore_ascii_case(b"async") || a.eq_ignore_ascii_case(b"sync");
+            if args.len() > 2 || !args[1..].iter().all(mode_ok) {
+                return Reply::error("ERR syntax error");
+            }
+            for key in held_keys(shared, usize::MAX) {
+                let del = [Bytes::from_static(b"DEL"), key.clone()];
+                let reply = one_key(shared, rep, session, "del", &del, &key).await;
+                if reply.is_error() {
+                    return reply;
+                }
+            }
+            return Reply::OK;
+        }
+        "flushall" | "flushdb" | "randomkey" | "dbsize" => {
+            return unsupported(&format!("{} in MULTI", spec.name))
+        }
         "scan" | "keys" if session.multi.is_none() => {
             let reply = command::execute(shared, session, args);
             return hide_deleted(shared, reply);
         }
         _ => {}
     }
-    if session.multi.is_some() {
-        // Queued (or refused) as on a single node; EXEC runs them.
+    let positions = spec.key_positions(args.len());
+    let slots = positions.iter().map(|&i| slot::key_slot(&args[i]));
+    let one_slot = slots.clone().min() == slots.clone().max();
+    if let Some(multi) = &mut session.multi {
+        // Queued (or refused) as on a single node; EXEC runs them. As in
+        // Redis Cluster, a transaction's keys share one slot.
+        if let Some(first) = slots.clone().next() {
+            if !one_slot || session.cluster.txn_slot.is_some_and(|s| s != first) {
+                multi.failed = true;
+                return crossslot();
+            }
+            session.cluster.txn_slot = Some(first);
+        }
         return command::execute(shared, session, args);
     }
-    let positions = spec.key_positions(args.len());
     let Some(&first) = positions.first() else {
         return command::execute_found(shared, session, spec, args);
     };
@@ -109,6 +155,9 @@ pub async fn dispatch(
         return one_key(shared, rep, session, spec.name, args, &args[first]).await;
     }
     if !PER_KEY.contains(&spec.name) {
+        if !one_slot {
+            return crossslot();
+        }
         return unsupported(&format!("{} on several keys", spec.name));
     }
     // Malformed requests get Redis's error before anything is split.
@@ -144,24 +193,43 @@ pub async fn dispatch(
     }
 }
 
-/// A key's scratch copy: a one-key database holding `current`.
-fn scratch(key: &Bytes, current: Option<&Entry>) -> Db {
-    let db = Db::new(Arc::new(MemStore::new()));
-    if let Some(e) = current {
-        // A memory store cannot fail.
-        let _ = db.set(key, e.value.clone(), e.expires_at);
-    }
-    db
+/// A key's scratch copy: a one-key database holding its current value, on
+/// which the command code runs as on a single node, watched so that a
+/// change of the same value still counts as one.
+struct Scratch<'k> {
+    key: &'k Bytes,
+    db: Db,
+    touched: Arc<WatchFlag>,
 }
 
-/// The key's entry in a scratch copy, as a reader would see it now.
-fn after(db: &Db, key: &Bytes) -> Option<Entry> {
-    let now = now_ms();
-    db.store()
-        .get(key)
-        .ok()
-        .flatten()
-        .filter(|e| e.expires_at.is_none_or(|t| t > now))
+impl<'k> Scratch<'k> {
+    fn new(key: &'k Bytes, current: Option<&Entry>) -> Scratch<'k> {
+        let db = Db::new(Arc::new(MemStore::new()));
+        if let Some(e) = current {
+            // A memory store cannot fail.
+            let _ = db.set(key, e.value.clone(), e.expires_at);
+        }
+        let touched = Arc::new(WatchFlag::default());
+        db.watch(key, &touched);
+        Scratch { key, db, touched }
+    }
+
+    /// What the commands run on it made of the key.
+    fn change(&self, reply: Reply) -> Change {
+        let now = now_ms();
+        let value = self
+            .db
+            .store()
+            .get(self.key)
+            .ok()
+            .flatten()
+            .filter(|e| e.expires_at.is_none_or(|t| t > now));
+        Change {
+            reply,
+            value,
+            touched: self.touched.is_dirty(),
+        }
+    }
 }
 
 /// Runs one command on one key as a CASPaxos round.
@@ -183,14 +251,12 @@ async fn one_key(
         .is_some_and(|s| s.flags.contains(&"readonly"));
     let max_len = session.max_bulk_len;
     let mut f = |current: &Record| {
-        let live = current.live(now_ms());
-        let db = scratch(key, live);
         let cmd = match DataCommand::parse(name, args) {
             Some(Ok(cmd)) => cmd,
-            _ => return (Reply::error("ERR the command stopped parsing"), live.cloned()),
+            _ => return Change::none(Reply::error("ERR the command stopped parsing"), current),
         };
-        let reply = cmd.apply(&db, max_len);
-        (reply, after(&db, key))
+        let scratch = Scratch::new(key, current.live(now_ms()));
+        scratch.change(cmd.apply(&scratch.db, max_len))
     };
     let mode = if read_only { Mode::Read } else { Mode::Write };
     let reply = rep.propose(shared, key, mode, &mut f).await;
@@ -218,17 +284,25 @@ async fn exec(shared: &Arc<Shared>, rep: &Arc<Replicas>, session: &mut Session, 
     }
     let multi = session.end_multi().expect("checked above");
     let watched = std::mem::take(&mut session.cluster.watched);
+    session.cluster.txn_slot = None;
     if multi.failed {
         return Reply::error("EXECABORT Transaction discarded because of previous errors.");
     }
-    // Every queued command must be a data command on one key.
+    // Every queued command must be a data command on one key, or one on no
+    // key (PING, ECHO, ...), which runs here, in its place among the replies.
     let mut keys: Vec<Bytes> = Vec::new();
+    let mut keyless: Vec<Option<Reply>> = Vec::new();
     for q in &multi.queue {
         let Lookup::Found(s) = spec::lookup(q) else {
             return unsupported("this command inside MULTI");
         };
         let positions = s.key_positions(q.len());
-        if positions.is_empty() || DataCommand::parse(s.name, q).is_none() {
+        if positions.is_empty() {
+            keyless.push(Some(Reply::Nil));
+            continue;
+        }
+        keyless.push(None);
+        if DataCommand::parse(s.name, q).is_none() {
             return unsupported(&format!("{} inside MULTI", s.name));
         }
         if positions.iter().any(|&i| q[i] != q[positions[0]]) {
@@ -238,23 +312,32 @@ async fn exec(shared: &Arc<Shared>, rep: &Arc<Replicas>, session: &mut Session, 
             keys.push(q[positions[0]].clone());
         }
     }
-    if keys.len() > 1 {
+    if keys.len() > 1 && !watched.is_empty() {
+        return unsupported("WATCH with a transaction on several keys");
+    }
+    for (q, reply) in multi.queue.iter().zip(&mut keyless) {
+        if reply.is_some() {
+            *reply = Some(command::execute(shared, session, q));
+        }
+    }
+    if keys.len() != 1 {
         // Several keys: each command is a round of its own, in order — not one
         // atomic step (a failure can leave some done); WATCH cannot guard that.
-        if !watched.is_empty() {
-            return unsupported("WATCH with a transaction on several keys");
-        }
         let mut replies = Vec::new();
-        for q in &multi.queue {
-            let s = spec::lookup(q).found().expect("looked up above");
-            let key = q[s.key_positions(q.len())[0]].clone();
-            replies.push(one_key(shared, rep, session, s.name, q, &key).await);
+        for (q, local) in multi.queue.iter().zip(keyless) {
+            let reply = match local {
+                Some(reply) => reply,
+                None => {
+                    let s = spec::lookup(q).found().expect("looked up above");
+                    let key = q[s.key_positions(q.len())[0]].clone();
+                    one_key(shared, rep, session, s.name, q, &key).await
+                }
+            };
+            replies.push(reply);
         }
         return Reply::Array(replies);
     }
-    let Some(key) = keys.pop() else {
-        return Reply::Array(Vec::new());
-    };
+    let key = keys.pop().expect("one key");
     if watched.iter().any(|(k, _)| *k != key) {
         return unsupported("WATCH of a key the transaction does not change");
     }
@@ -262,23 +345,26 @@ async fn exec(shared: &Arc<Shared>, rep: &Arc<Replicas>, session: &mut Session, 
     let max_len = session.max_bulk_len;
     let queue = multi.queue;
     let mut f = |current: &Record| {
-        let live = current.live(now_ms()).cloned();
         if expected.is_some_and(|b| b != current.accepted) {
-            return (Reply::NilArray, live);
+            return Change::none(Reply::NilArray, current);
         }
-        let db = scratch(&key, live.as_ref());
+        let scratch = Scratch::new(&key, current.live(now_ms()));
         let replies = queue
             .iter()
-            .map(|q| {
+            .zip(&keyless)
+            .map(|(q, local)| {
+                if let Some(reply) = local {
+                    return reply.clone();
+                }
                 let name = spec::lookup(q).found().map(|s| s.name).unwrap_or("");
                 match DataCommand::parse(name, q) {
-                    Some(Ok(cmd)) => cmd.apply(&db, max_len),
+                    Some(Ok(cmd)) => cmd.apply(&scratch.db, max_len),
                     Some(Err(reply)) => reply,
                     None => Reply::error("ERR not a data command"),
                 }
             })
             .collect();
-        (Reply::Array(replies), after(&db, &key))
+        scratch.change(Reply::Array(replies))
     };
     let mode = if expected.is_some() {
         Mode::Guarded
@@ -293,6 +379,71 @@ async fn exec(shared: &Arc<Shared>, rep: &Arc<Replicas>, session: &mut Session, 
 }
 
 /// SCAN and KEYS list what this node stores: leave out deleted and expired keys.
+/// Up to `limit` live keys of this node's replicas (not deleted, not expired).
+fn held_keys(shared: &Shared, limit: usize) -> Vec<Bytes> {
+    let now = now_ms();
+    let db = shared.dbs.zero();
+    let store = db.store();
+    let (mut keys, mut batch, mut cursor) = (Vec::new(), Vec::new(), 0);
+    loop {
+        batch.clear();
+        cursor = store.scan(cursor, 1000, &mut batch);
+        for (key, entry) in batch.drain(..) {
+            if Record::decode(&entry.value).is_none_or(|r| r.live(now).is_some()) {
+                keys.push(key);
+                if keys.len() == limit {
+                    return keys;
+                }
+            }
+        }
+        if cursor == 0 {
+            return keys;
+        }
+    }
+}
+
+/// CLUSTER COUNTKEYSINSLOT slot / GETKEYSINSLOT slot count: the keys of the
+/// slot this node holds, as a Redis Cluster node answers for its own.
+fn keys_in_slot(shared: &Shared, name: &str, args: &[Bytes]) -> Reply {
+    let number = |i: usize| std::str::from_utf8(&args[i]).ok()?.parse::<i64>().ok();
+    let Some(wanted) = number(2).filter(|&s| (0..slot::SLOTS as i64).contains(&s)) else {
+        return Reply::error(if name == "cluster|countkeysinslot" {
+            "ERR Invalid slot"
+        } else {
+            "ERR Invalid slot or number of keys"
+        });
+    };
+    let in_slot = held_keys(shared, usize::MAX)
+        .into_iter()
+        .filter(|k| slot::key_slot(k) as i64 == wanted);
+    if name == "cluster|countkeysinslot" {
+        return Reply::Int(in_slot.count() as i64);
+    }
+    match number(3).filter(|&n| n >= 0) {
+        Some(n) => Reply::Array(in_slot.take(n as usize).map(Reply::Bulk).collect()),
+        None => Reply::error("ERR Invalid slot or number of keys"),
+    }
+}
+
+/// RANDOMKEY over this node's live keys: a few random draws, then the first
+/// live key, so tombstones never answer.
+fn random_held_key(shared: &Shared) -> Reply {
+    let now = now_ms();
+    let db = shared.dbs.zero();
+    let store = db.store();
+    for _ in 0..16 {
+        let Some(key) = store.random_key() else {
+            return Reply::Nil;
+        };
+        if let Ok(Some(e)) = store.get(&key) {
+            if Record::decode(&e.value).is_none_or(|r| r.live(now).is_some()) {
+                return Reply::Bulk(key);
+            }
+        }
+    }
+    held_keys(shared, 1).pop().map_or(Reply::Nil, Reply::Bulk)
+}
+
 fn hide_deleted(shared: &Shared, reply: Reply) -> Reply {
     let now = now_ms();
     let live = |k: &Reply| match k {
@@ -350,6 +501,10 @@ fn internal(shared: &Arc<Shared>, rep: &Arc<Replicas>, session: &mut Session, ar
             proposer: number(args, i + 1)?,
         })
     };
+    if name == "kvd.publish" && args.len() == 3 {
+        shared.pubsub.publish(&args[1], &args[2]);
+        return Reply::Int(0);
+    }
     let msg = match (name.as_str(), args.len()) {
         ("kvd.query", 3) => match number(args, 2) {
             Some(v) => Msg::Query(v),

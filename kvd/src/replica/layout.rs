@@ -372,11 +372,23 @@ pub struct Membership {
     pub voted: Option<(Ballot, String)>,
 }
 
+/// What a node with no recorded membership does on its first start.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum FirstStart {
+    /// Founds a new cluster of these nodes (`--peers`, the same list on each).
+    Peers(Vec<String>),
+    /// Founds a new cluster of itself alone (`--cluster` with no `--seed`).
+    Alone,
+    /// Waits to be added: it asks its `--seed`s, or a member runs
+    /// `KVD.RECONFIGURE`.
+    Join,
+}
+
 impl Membership {
-    /// The membership recorded in `dir`; if there is none, `initial` (the
-    /// `--peers` list, as version 1) is recorded, or with no list the node
-    /// waits, unconfigured, to be added.
-    pub fn open(dir: &Path, me: &str, initial: Option<(Vec<String>, usize)>) -> anyhow::Result<Membership> {
+    /// The membership recorded in `dir`; if there is none, what `first` says:
+    /// a new cluster (version 1) of the `--peers` list or of this node alone,
+    /// recorded, or no membership yet (the node waits to be added).
+    pub fn open(dir: &Path, me: &str, first: &FirstStart, replicas: usize) -> anyhow::Result<Membership> {
         let path = dir.join("replica-config");
         let mut m = Membership {
             path,
@@ -394,7 +406,7 @@ impl Membership {
                         m.path.display()
                     )
                 })?;
-                if let Some((nodes, _)) = &initial {
+                if let FirstStart::Peers(nodes) = first {
                     if *nodes != m.layout.nodes {
                         tracing::warn!(
                             version = m.layout.version,
@@ -406,7 +418,12 @@ impl Membership {
                 }
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                if let Some((nodes, replicas)) = initial {
+                let founders = match first {
+                    FirstStart::Peers(nodes) => Some(nodes.clone()),
+                    FirstStart::Alone => Some(vec![me.to_string()]),
+                    FirstStart::Join => None,
+                };
+                if let Some(nodes) = founders {
                     check_nodes(&nodes).map_err(|e| anyhow::anyhow!("--peers: {e}"))?;
                     m.layout = std::sync::Arc::new(Layout::new(1, nodes, replicas, me));
                     m.save()?;
@@ -674,7 +691,7 @@ mod tests {
     #[test]
     fn membership_survives_a_restart_and_frozen_slots_end_with_their_version() {
         let dir = tempfile::tempdir().unwrap();
-        let mut m = Membership::open(dir.path(), "a:1", Some((nodes("a:1,b:2"), 3))).unwrap();
+        let mut m = Membership::open(dir.path(), "a:1", &FirstStart::Peers(nodes("a:1,b:2")), 3).unwrap();
         assert_eq!(m.layout.version, 1);
         let b = |counter| Ballot { counter, proposer: 1 };
         assert_eq!(m.promise(b(5)).unwrap(), Ok(None));
@@ -686,7 +703,7 @@ mod tests {
             "below the promise"
         );
         m.freeze(b(5), &target, &[(10, 20), (100, 100)]).unwrap().unwrap();
-        let again = Membership::open(dir.path(), "a:1", Some((nodes("x:9"), 3))).unwrap();
+        let again = Membership::open(dir.path(), "a:1", &FirstStart::Peers(nodes("x:9")), 3).unwrap();
         assert_eq!(
             again.layout.nodes,
             nodes("a:1,b:2"),
@@ -700,21 +717,24 @@ mod tests {
             !m.adopt(Layout::new(2, nodes("a:1"), 3, "a:1")).unwrap(),
             "same version: kept"
         );
-        let after = Membership::open(dir.path(), "a:1", None).unwrap();
+        let after = Membership::open(dir.path(), "a:1", &FirstStart::Alone, 3).unwrap();
         assert_eq!((after.layout.version, after.frozen_count), (2, 0));
         assert_eq!(
             (after.promised, after.voted),
             (Ballot::default(), None),
             "a new version, a new vote"
         );
-        // A node with no list and nothing recorded waits to be added.
-        let fresh = tempfile::tempdir().unwrap();
         assert_eq!(
-            Membership::open(fresh.path(), "d:4", None)
-                .unwrap()
-                .layout
-                .version,
-            0
+            after.layout.nodes,
+            nodes("a:1,b:2,c:3"),
+            "recorded, not founded again"
         );
+        // A node told to join, with nothing recorded, waits to be added; one
+        // told nothing founds a cluster of itself.
+        let fresh = tempfile::tempdir().unwrap();
+        let open = |first: FirstStart| Membership::open(fresh.path(), "d:4", &first, 3).unwrap().layout;
+        assert_eq!(open(FirstStart::Join).version, 0);
+        let alone = open(FirstStart::Alone);
+        assert_eq!((alone.version, alone.nodes.clone()), (1, nodes("d:4")));
     }
 }

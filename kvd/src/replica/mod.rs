@@ -38,6 +38,7 @@ use crate::cluster::peer::Peers;
 use crate::cluster::slot;
 use crate::reply::Reply;
 use acceptor::Acceptor;
+pub use layout::FirstStart;
 use layout::{Layout, Membership};
 
 /// How a replicated node starts: from the command line.
@@ -45,10 +46,9 @@ use layout::{Layout, Membership};
 pub struct Options {
     /// This node's address, as the other nodes reach it.
     pub me: String,
-    /// Every node of the cluster, `host:port`, the same list everywhere: read
-    /// on the first start only (then the membership is recorded in `dir`).
-    /// `None`: wait to be added by `KVD.RECONFIGURE` on a member.
-    pub nodes: Option<Vec<String>>,
+    /// What to do when `dir` records no membership: found a cluster (of the
+    /// `--peers` list, or alone) or wait to be added.
+    pub first_start: FirstStart,
     pub replicas: usize,
     pub secret: String,
     pub dir: std::path::PathBuf,
@@ -137,8 +137,7 @@ pub struct Replicas {
 impl Replicas {
     pub fn start(options: Options) -> anyhow::Result<Arc<Replicas>> {
         let acceptor = Acceptor::open(&options.dir)?;
-        let initial = options.nodes.map(|n| (n, options.replicas));
-        let membership = Membership::open(&options.dir, &options.me, initial)?;
+        let membership = Membership::open(&options.dir, &options.me, &options.first_start, options.replicas)?;
         if let Some(nodes) = (membership.layout.version > 0).then(|| &membership.layout.nodes) {
             if membership.layout.me.is_none() {
                 tracing::warn!(
@@ -184,6 +183,26 @@ impl Replicas {
             cut_off: Default::default(),
             stats: Stats::default(),
         }))
+    }
+
+    /// Sends a PUBLISHed message to every other member, for its subscribers
+    /// (`KVD.PUBLISH`), in the background: delivery is at most once, as
+    /// Redis Cluster's.
+    pub fn broadcast(self: &Arc<Self>, channel: &Bytes, message: &Bytes) {
+        let layout = self.layout();
+        let request = [
+            Bytes::from_static(b"KVD.PUBLISH"),
+            channel.clone(),
+            message.clone(),
+        ];
+        for addr in layout.nodes.iter().filter(|a| **a != self.addr) {
+            let (rep, addr, request) = (self.clone(), addr.clone(), request.clone());
+            tokio::spawn(async move {
+                let _ =
+                    tokio::time::timeout(std::time::Duration::from_secs(1), rep.peers.call(&addr, &request))
+                        .await;
+            });
+        }
     }
 
     /// The membership as this node knows it now.

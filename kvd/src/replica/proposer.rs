@@ -62,7 +62,29 @@ pub(super) const MOVING: &str = "TRYAGAIN slot ";
 /// Rounds refused for another membership version before giving up.
 const VERSION_RETRIES: usize = 4;
 
-/// How one round ended.
+/// What a command made of a key's current record.
+pub struct Change {
+    pub reply: Reply,
+    /// The key's live value after the command (the one it was given when it
+    /// changed nothing).
+    pub value: Option<Entry>,
+    /// The command touched the key even if the value stayed the same, as a
+    /// SET of the same value does: Redis fails a WATCH of it, so the round
+    /// writes it at a new ballot instead of leaving the key alone.
+    pub touched: bool,
+}
+
+impl Change {
+    /// A command that left `current` as it was (a read).
+    pub fn none(reply: Reply, current: &Record) -> Change {
+        Change {
+            reply,
+            value: current.live(now_ms()).cloned(),
+            touched: false,
+        }
+    }
+}
+
 /// What a round may assume about the key.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum Mode {
@@ -79,6 +101,7 @@ pub enum Mode {
     Guarded,
 }
 
+/// How one round ended.
 enum Round {
     Done(Reply, Ballot),
     /// Refused, with nothing accepted, by replicas at another membership version.
@@ -411,7 +434,7 @@ impl Replicas {
         shared: &Arc<Shared>,
         key: &Bytes,
         mode: Mode,
-        f: &mut (dyn FnMut(&Record) -> (Reply, Option<Entry>) + Send),
+        f: &mut (dyn FnMut(&Record) -> Change + Send),
     ) -> (Reply, Ballot) {
         let _turn = self.key_locks.lock(key).await;
         let started = std::time::Instant::now();
@@ -451,7 +474,7 @@ impl Replicas {
         shared: &Arc<Shared>,
         key: &Bytes,
         mode: Mode,
-        f: &mut (dyn FnMut(&Record) -> (Reply, Option<Entry>) + Send),
+        f: &mut (dyn FnMut(&Record) -> Change + Send),
     ) -> (Reply, Ballot) {
         for _ in 0..VERSION_RETRIES {
             let layout = self.layout();
@@ -481,7 +504,7 @@ impl Replicas {
         layout: &Layout,
         key: &Bytes,
         mode: Mode,
-        f: &mut (dyn FnMut(&Record) -> (Reply, Option<Entry>) + Send),
+        f: &mut (dyn FnMut(&Record) -> Change + Send),
     ) -> Round {
         let none = Ballot::default();
         let holders = layout.holders(key);
@@ -506,7 +529,7 @@ impl Replicas {
                 }
                 if g.records.iter().all(|r| r.accepted == g.records[0].accepted) {
                     self.catch_up(layout, &g);
-                    return Round::Done(f(&g.records[0]).0, g.records[0].accepted);
+                    return Round::Done(f(&g.records[0]).reply, g.records[0].accepted);
                 }
                 let highest = g
                     .records
@@ -516,7 +539,7 @@ impl Replicas {
                     .unwrap_or_default();
                 if self.relay(shared, layout, &holders, key, &highest, false).await {
                     self.stats.relayed.fetch_add(1, Ordering::Relaxed);
-                    return Round::Done(f(&highest).0, highest.accepted);
+                    return Round::Done(f(&highest).reply, highest.accepted);
                 }
                 if refused == Some(highest.accepted) {
                     break;
@@ -534,8 +557,12 @@ impl Replicas {
         };
         if let Some((next, last)) = cached.filter(|(next, _)| epoch(*next) == layout.version) {
             let current = last.live(now_ms()).cloned();
-            let (reply, new) = f(&last);
-            if new != current {
+            let Change {
+                reply,
+                value: new,
+                touched,
+            } = f(&last);
+            if new != current || touched {
                 let follow = self.next_ballot(layout);
                 let msg = Msg::Accept(next, new.clone(), Some(follow));
                 let g = self.phase(shared, layout, &holders, key, &msg).await;
@@ -576,8 +603,12 @@ impl Replicas {
                 .unwrap_or_default();
             let agree = g.records.iter().all(|r| r.accepted == highest.accepted);
             let current = highest.live(now_ms()).cloned();
-            let (reply, new) = f(&highest);
-            if new == current && agree {
+            let Change {
+                reply,
+                value: new,
+                touched,
+            } = f(&highest);
+            if new == current && !touched && agree {
                 // Nothing to change, and a majority holds this value: it is chosen.
                 return Round::Done(reply, highest.accepted);
             }
@@ -644,7 +675,7 @@ impl Replicas {
         shared: &Arc<Shared>,
         key: &Bytes,
         mode: Mode,
-        f: &mut (dyn FnMut(&Record) -> (Reply, Option<Entry>) + Send),
+        f: &mut (dyn FnMut(&Record) -> Change + Send),
     ) -> Reply {
         self.propose_at(shared, key, mode, f).await.0
     }
@@ -729,7 +760,7 @@ impl Replicas {
     /// replicas disagree, so the answer is what a later EXEC finds unless the
     /// key changes.
     pub async fn chosen_ballot(self: &Arc<Self>, shared: &Arc<Shared>, key: &Bytes) -> Result<Ballot, Reply> {
-        let mut same = |r: &Record| (Reply::OK, r.live(now_ms()).cloned());
+        let mut same = |r: &Record| Change::none(Reply::OK, r);
         match self.propose_at(shared, key, Mode::Read, &mut same).await {
             (reply, _) if reply.is_error() => Err(reply),
             (_, ballot) => Ok(ballot),
