@@ -177,7 +177,7 @@ pub fn render(
         Topology::Single { server } => {
             let _ = writeln!(out, "store:    {server}, one server: one copy of everything");
             problems.push(
-                "one copy of everything: if this server's disk is lost, so is the volume. kvd --replicas 3 keeps three (docs/OPERATIONS.md)".into(),
+                "one copy of everything: if this server's disk is lost, so is the volume. A kvd cluster (kvd --cluster) keeps three (docs/OPERATIONS.md)".into(),
             );
         }
         Topology::Replicated {
@@ -206,7 +206,7 @@ pub fn render(
                     )
                 } else {
                     format!(
-                        "the {answering} nodes left cannot hold {replicas} copies without it: start it again, or add a node (kvd --replicas {replicas} --seed <any node>) to take its place"
+                        "the {answering} nodes left cannot hold {replicas} copies without it: start it again, or add a node (kvd --cluster --seed <any node>) to take its place"
                     )
                 };
                 match n.state {

@@ -1,4 +1,4 @@
-//! A replicated kvd cluster (`--replicas 3 --peers ...`): real processes,
+//! A kvd cluster (`--cluster`, every key on R nodes): real processes,
 //! nodes killed with SIGKILL by the test.
 
 use std::collections::HashMap;
