@@ -23,6 +23,7 @@ pub struct Report {
     failover: Failover,
     reconfigure: Reconfigure,
     catch_up: CatchUp,
+    rehome: Rehome,
 }
 
 /// Adding a fourth node to a loaded 3-node cluster with `KVD.RECONFIGURE`.
@@ -40,6 +41,25 @@ struct Reconfigure {
     /// Eight writers through the three old nodes during the change.
     writes_acknowledged: u64,
     longest_write_pause_ms: f64,
+}
+
+/// A node of four (R = 3) killed for good under `--down-after 2s`: how long
+/// until it is taken out and every slot has three copies again, and who sent
+/// the copies.
+#[derive(Serialize)]
+struct Rehome {
+    keys: u64,
+    value_bytes: usize,
+    /// Logical bytes on the lost node (its replicas' values).
+    lost_node_mb: f64,
+    /// From the kill until the members no longer list it.
+    seconds_to_down: f64,
+    /// From the kill until no slot is short of copies and no change is under way.
+    seconds_to_three_copies: f64,
+    /// Keys each surviving node installed on new holders.
+    keys_copied_per_node: Vec<u64>,
+    /// Copying time only (from "down" to three copies), per surviving node.
+    mb_per_s_per_node: Vec<f64>,
 }
 
 #[derive(Serialize)]
@@ -274,6 +294,70 @@ fn catch_up(held: u64, missed: u64) -> Result<CatchUp> {
     })
 }
 
+/// Four nodes, R = 3, `keys` keys of 4 KiB; node 3 killed for good.
+fn rehome(keys: u64) -> Result<Rehome> {
+    const VALUE: usize = 4096;
+    let mut c = Replicated::start_with_args(4, 3, &["--down-after", "2s"]);
+    let mut conn = c.conn(0);
+    load(&mut conn, "k", keys, &"v".repeat(VALUE))?;
+    let held = c.conn(3).cmd("DBSIZE")?.as_int().unwrap_or(0) as u64;
+    let field = |c: &Replicated, i: usize, name: &str| -> Result<String> {
+        let info = c.conn(i).cmd("INFO cluster")?.as_str();
+        Ok(info
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{name}:")))
+            .unwrap_or("")
+            .trim()
+            .to_string())
+    };
+    let lost = c.addr(3);
+    let copied_before: Vec<u64> = (0..3)
+        .map(|i| field(&c, i, "kvd_reconfigure_keys_copied").map(|v| v.parse().unwrap_or(0)))
+        .collect::<Result<_>>()?;
+    c.kill9(3);
+    let killed = Instant::now();
+    let mut down = None;
+    loop {
+        let members = field(&c, 0, "kvd_replica_members")?;
+        if down.is_none() && !members.split(',').any(|m| m == lost) {
+            down = Some(killed.elapsed());
+        }
+        let settled = (0..3).all(|i| {
+            field(&c, i, "kvd_under_replicated_slots").is_ok_and(|v| v == "0")
+                && field(&c, i, "kvd_replica_change_in_progress").is_ok_and(|v| v == "0")
+                && field(&c, i, "kvd_replica_frozen_slots").is_ok_and(|v| v == "0")
+        });
+        if down.is_some() && settled {
+            break;
+        }
+        if killed.elapsed() > Duration::from_secs(600) {
+            bail!("the lost node's replicas were not re-homed within 10 minutes");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let total = killed.elapsed();
+    let down = down.expect("set above");
+    let copying = (total - down).as_secs_f64().max(1e-3);
+    let keys_copied_per_node: Vec<u64> = (0..3)
+        .map(|i| {
+            field(&c, i, "kvd_reconfigure_keys_copied")
+                .map(|v| v.parse::<u64>().unwrap_or(0) - copied_before[i])
+        })
+        .collect::<Result<_>>()?;
+    Ok(Rehome {
+        keys,
+        value_bytes: VALUE,
+        lost_node_mb: (held * VALUE as u64) as f64 / 1e6,
+        seconds_to_down: down.as_secs_f64(),
+        seconds_to_three_copies: total.as_secs_f64(),
+        mb_per_s_per_node: keys_copied_per_node
+            .iter()
+            .map(|&k| (k * VALUE as u64) as f64 / copying / 1e6)
+            .collect(),
+        keys_copied_per_node,
+    })
+}
+
 /// Loads about `keys` keys of 4 KiB into a 3-node R = 3 cluster, then times
 /// adding a fourth node (the copy of every slot whose replicas change) while
 /// eight writers go on, and keeps their longest pause.
@@ -370,6 +454,7 @@ pub fn run(requests: u64, rounds: usize) -> Result<Report> {
         failover: failover()?,
         reconfigure: reconfigure(20_000)?,
         catch_up: catch_up(20_000, 20_000)?,
+        rehome: rehome(50_000)?,
     };
     println!("{}", serde_json::to_string_pretty(&report)?);
     Ok(report)

@@ -229,6 +229,32 @@ Adding a fourth node to three holding {} keys of {} bytes: {} slots changed repl
         f(cu, "keys_per_s"),
         f(cu, "mb_per_s"),
     );
+    // Runs made before the re-homing was measured have no such part.
+    let rh = &report["rehome"];
+    if !rh.is_null() {
+        let list = |v: &serde_json::Value, digits: usize| -> String {
+            v.as_array()
+                .map(|a| {
+                    a.iter()
+                        .map(|x| format!("{:.*}", digits, x.as_f64().unwrap_or(0.0)))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                })
+                .unwrap_or_default()
+        };
+        out += &format!(
+            "\nOne of four nodes (R = 3, {} keys of {} bytes, {:.0} MB on the lost node) killed for good with \
+             `--down-after 2s`: taken out {:.1} s after the kill, every slot at three copies again {:.1} s after it; \
+             keys copied by each surviving node: {} ({} MB/s each while copying).\n",
+            rh["keys"],
+            rh["value_bytes"],
+            f(rh, "lost_node_mb"),
+            f(rh, "seconds_to_down"),
+            f(rh, "seconds_to_three_copies"),
+            list(&rh["keys_copied_per_node"], 0),
+            list(&rh["mb_per_s_per_node"], 1),
+        );
+    }
     Ok(out)
 }
 

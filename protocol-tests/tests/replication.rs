@@ -1265,6 +1265,16 @@ fn a_join_moves_slots_in_steps_and_writers_go_on() {
         "a node joining",
     );
     assert!(version > 2, "the join went in one step");
+    // The copies were made by the old holders, each its share, not all
+    // relayed through the node that ran the change (node 1).
+    let copied: Vec<u64> = (0..3)
+        .map(|i| info(&c, i, "kvd_reconfigure_keys_copied").parse().unwrap())
+        .collect();
+    eprintln!("keys copied by nodes 0, 1, 2: {copied:?}");
+    assert!(
+        copied.iter().all(|&n| n > 0),
+        "not every old holder copied: {copied:?}"
+    );
     // Everything reads back through the new node.
     let mut n = c.conn(new);
     for key in acked.iter().step_by(13) {

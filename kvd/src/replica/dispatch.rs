@@ -51,6 +51,21 @@ pub async fn dispatch(
     if args[0].eq_ignore_ascii_case(b"kvd.reconfigure") {
         return reconfigure(rep, session, args).await;
     }
+    if args[0].eq_ignore_ascii_case(b"kvd.copyslots") && session.cluster.peer.is_some() {
+        // A reconfiguration's coordinator hands this old holder some of the
+        // moving slots to copy ([`super::reconfigure`]).
+        let text = |i: usize| args.get(i).and_then(|a| std::str::from_utf8(a).ok());
+        let (Some(version), Some(target), Some(frozen), Some(slots)) = (
+            text(1).and_then(|t| t.parse::<u64>().ok()),
+            text(2),
+            text(3),
+            text(4).and_then(parse_ranges),
+        ) else {
+            return Reply::error("ERR wrong arguments for 'kvd.copyslots'");
+        };
+        let slots: Vec<u16> = slots.iter().flat_map(|&(a, b)| a..=b).collect();
+        return rep.copy_slots_for(version, target, frozen, &slots).await;
+    }
     if args[0].eq_ignore_ascii_case(b"kvd.partition") && super::failpoint("partition") {
         // Fault injection for tests: which peers this node cannot reach.
         rep.partition(

@@ -16,8 +16,11 @@
 //!    prepare, accept or query on them at version v. Once a majority of each
 //!    moving slot's holders is frozen, no value can be chosen for it at
 //!    version v any more, and every value chosen before is on a majority of its
-//!    holders. The coordinator reads the records of those slots from a
-//!    majority of each slot's holders (`KVD.SLOTRECORDS`), keeps for each key
+//!    holders. Each moving slot is then copied by one of its frozen holders,
+//!    taken in turn (`KVD.COPYSLOTS`; the coordinator stands in for one that
+//!    fails), so a recovery is sent from every surviving holder at once: the
+//!    copier reads the slot's records from a
+//!    majority of its holders (`KVD.SLOTRECORDS`), keeps for each key
 //!    the one with the highest ballot (deleted keys included), and installs it
 //!    on a majority of the key's new holders (`KVD.INSTALL`) at the ballot
 //!    `(epoch v+1, 0)`: above anything version v ever wrote, below anything a
@@ -61,6 +64,9 @@ use crate::shared::Shared;
 
 /// How long one call of a reconfiguration may take.
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a holder asked to copy slots may take (1 GiB at 15 MB/s is
+/// about 70 s); past it this node copies them itself.
+const DELEGATE_TIMEOUT: Duration = Duration::from_secs(300);
 /// How long one may take to a node already found silent.
 const SUSPECT_CALL_TIMEOUT: Duration = Duration::from_millis(500);
 /// Slots copied per pass over the holders' keys (the coordinator keeps one
@@ -415,7 +421,133 @@ impl Replicas {
                 )));
             }
         }
-        for chunk in moving.chunks(COPY_SLOTS) {
+        if super::failpoint("reconfigure-after-freeze") {
+            return Err(Reply::error(
+                "ERR stopped after freezing (KVD_FAILPOINTS=reconfigure-after-freeze)",
+            ));
+        }
+        // Each slot is copied by one of its frozen old holders, taken in turn,
+        // so a recovery is sent from every surviving holder at once instead of
+        // through this node (Ceph's parallel recovery). A delegate that fails
+        // is stood in for by this node.
+        let mut by_delegate: HashMap<usize, Vec<u16>> = HashMap::new();
+        for &s in &moving {
+            let holders: Vec<usize> = old.slot_holders(s).into_iter().filter(|&i| frozen[i]).collect();
+            by_delegate
+                .entry(holders[s as usize % holders.len()])
+                .or_default()
+                .push(s);
+        }
+        let frozen_addrs: Vec<&str> = old
+            .nodes
+            .iter()
+            .zip(&frozen)
+            .filter(|(_, f)| **f)
+            .map(|(a, _)| a.as_str())
+            .collect();
+        let frozen_addrs = frozen_addrs.join(",");
+        let (frozen, frozen_addrs) = (&frozen, &frozen_addrs);
+        let copies = by_delegate.into_iter().map(|(i, slots)| async move {
+            let addr = &old.nodes[i];
+            if *addr != self.addr {
+                match self.delegate_copy(addr, old.version, target_text, frozen_addrs, &slots).await {
+                    Ok(()) => return Ok(()),
+                    Err(e) => tracing::warn!(delegate = %addr, "copying slots through another holder failed ({e}); copying them from here"),
+                }
+            }
+            self.copy_slots(old, target, frozen, &slots).await
+        });
+        for copied in join_all(copies).await {
+            copied?;
+        }
+        Ok(moving.len())
+    }
+
+    /// Asks the old holder at `addr` to copy `slots` to their holders in
+    /// `target` (`KVD.COPYSLOTS`), over a link of its own: a copy takes
+    /// longer than the calls a pooled link carries, which would wait behind it.
+    async fn delegate_copy(
+        &self,
+        addr: &str,
+        version: u64,
+        target_text: &str,
+        frozen: &str,
+        slots: &[u16],
+    ) -> Result<(), String> {
+        if self.is_cut_off(addr) {
+            return Err(format!("{addr}: cut off (KVD.PARTITION)"));
+        }
+        let request = args(&[
+            b"KVD.COPYSLOTS",
+            version.to_string().as_bytes(),
+            target_text.as_bytes(),
+            frozen.as_bytes(),
+            format_ranges(&ranges(slots.iter().copied())).as_bytes(),
+        ]);
+        let copy = async {
+            let link = self
+                .peers
+                .dedicated(addr, crate::reply::Protocol::Resp2)
+                .await
+                .map_err(|e| e.to_string())?;
+            let frame = link.call(&request).await.map_err(|e| e.to_string())?;
+            crate::cluster::peer::parse_reply(&frame).ok_or_else(|| format!("{addr}: a malformed reply"))
+        };
+        match tokio::time::timeout(DELEGATE_TIMEOUT, copy).await {
+            Ok(Ok(Reply::Error(e))) => Err(format!("{addr}: {e}")),
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(format!("{addr}: no answer within {DELEGATE_TIMEOUT:?}")),
+        }
+    }
+
+    /// `KVD.COPYSLOTS version target frozen slots`, on an old holder the
+    /// coordinator chose: copies the slots, frozen at `version` (this node's)
+    /// on the nodes listed in `frozen`, to their holders in `target`, as the
+    /// coordinator would.
+    pub async fn copy_slots_for(
+        self: &Arc<Self>,
+        version: u64,
+        target_text: &str,
+        frozen: &str,
+        slots: &[u16],
+    ) -> Reply {
+        let old = self.layout();
+        if old.version != version {
+            return super::version_refusal(old.version);
+        }
+        let Some(target) = Layout::decode(target_text, &self.addr) else {
+            return Reply::error("ERR KVD.COPYSLOTS: a malformed layout");
+        };
+        let frozen: Vec<bool> = old
+            .nodes
+            .iter()
+            .map(|n| frozen.split(',').any(|f| f == n))
+            .collect();
+        match self.copy_slots(&old, &target, &frozen, slots).await {
+            Ok(()) => Reply::OK,
+            Err(reply) => reply,
+        }
+    }
+
+    /// Reads `slots` from every old holder that froze them, keeps each key's
+    /// record with the highest ballot, and installs it on its holders in
+    /// `target`, [`COPY_SLOTS`] slots per pass.
+    async fn copy_slots(
+        &self,
+        old: &Layout,
+        target: &Layout,
+        frozen: &[bool],
+        slots: &[u16],
+    ) -> Result<(), Reply> {
+        let held_by = |i: usize, slots: &[u16]| -> Vec<u16> {
+            slots
+                .iter()
+                .copied()
+                .filter(|&s| old.slot_holders(s).contains(&i))
+                .collect()
+        };
+        for chunk in slots.chunks(COPY_SLOTS) {
             let started = std::time::Instant::now();
             let mut best: HashMap<Bytes, Record> = HashMap::new();
             let mut complete = vec![false; old.nodes.len()];
@@ -452,11 +584,6 @@ impl Replicas {
                     )));
                 }
             }
-            if super::failpoint("reconfigure-after-freeze") {
-                return Err(Reply::error(
-                    "ERR stopped after freezing (KVD_FAILPOINTS=reconfigure-after-freeze)",
-                ));
-            }
             let (records, read) = (best.len(), started.elapsed());
             self.install_all(target, best).await?;
             tracing::info!(
@@ -466,7 +593,7 @@ impl Replicas {
                 started.elapsed() - read
             );
         }
-        Ok(moving.len())
+        Ok(())
     }
 
     /// Reads every record of `slots` from the frozen node at `addr` into
