@@ -408,7 +408,8 @@ impl RespDict {
         };
         // Fail early with a clear error if the store is not there.
         let info: String = dict.with_conn(|c| redis::cmd("INFO").arg("cluster").query(c))?;
-        if let Some(members) = info.lines().find_map(|l| l.strip_prefix("kvd_replica_members:")) {
+        let kvd_members = info.lines().find_map(|l| l.strip_prefix("kvd_replica_members:"));
+        if let Some(members) = kvd_members {
             // A replicated kvd: every node serves every key, so any member can
             // stand in for the one in the URL.
             let mut alternates = vec![url.to_string()];
@@ -424,7 +425,12 @@ impl RespDict {
             }
             *dict.alternates.lock() = alternates;
         }
-        if info.contains("cluster_enabled:1") {
+        // A Redis Cluster: route by slot, follow failovers. A kvd cluster says
+        // cluster_enabled:1 too, but any of its nodes runs any key's round, so
+        // the members above are all it needs: a slot's first holder being
+        // down costs nothing then, where a slot-routing client would fail
+        // until the cluster's view of that node changed.
+        if info.contains("cluster_enabled:1") && kvd_members.is_none() {
             let client = cluster_client(url).map_err(backend)?;
             dict.cluster = Some(Mutex::new(client.get_connection().map_err(backend)?));
             dict.learn_seeds();

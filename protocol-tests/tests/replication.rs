@@ -1171,6 +1171,56 @@ fn a_file_system_on_top_survives_a_killed_node() {
     assert!(ok(&["fsck"]).contains(", 0 damaged paths"));
 }
 
+/// fsclient talks to a kvd cluster through any member, not by slot: with
+/// the node CLUSTER SLOTS lists first for the volume's root asleep, a put
+/// through a live node succeeds. (A kvd cluster says
+/// `cluster_enabled:1`; fsclient took that for a Redis Cluster and routed the
+/// root to the dead node until the others noticed it, which failed the put
+/// with EIO in a CI run.)
+#[test]
+fn fsclient_is_not_held_up_by_a_dead_first_holder() {
+    let mut c = Replicated::start(3, 3);
+    let ports = c.ports.clone();
+    let url = |i: usize| format!("redis://127.0.0.1:{}", ports[i]);
+    let put = |url: &str, name: &str| {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(name);
+        std::fs::write(&path, name.repeat(1000)).unwrap();
+        protocol_tests::fsclient_at(url, &["put", path.to_str().unwrap(), &format!("/{name}")])
+    };
+    assert!(protocol_tests::fsclient_at(&url(0), &["mkfs"]).status.success());
+    assert!(put(&url(0), "before").status.success());
+    let slot = c
+        .conn(0)
+        .call(&["CLUSTER", "KEYSLOT", "dfs:v:main:root"])
+        .unwrap()
+        .as_int()
+        .unwrap();
+    let Value::Array(ranges) = c.conn(0).cmd("CLUSTER SLOTS").unwrap() else {
+        panic!("CLUSTER SLOTS answers an array")
+    };
+    let first = ranges
+        .iter()
+        .find_map(|r| match r {
+            Value::Array(p) if p[0].as_int()? <= slot && slot <= p[1].as_int()? => match &p[2] {
+                Value::Array(node) => node[1].as_int(),
+                _ => None,
+            },
+            _ => None,
+        })
+        .expect("the root's slot is listed");
+    let dead = c.ports.iter().position(|&p| p as i64 == first).unwrap();
+    let live = (dead + 1) % 3;
+    // Stopped, not killed: its socket takes connections and never answers,
+    // as a desktop that went to sleep.
+    c.freeze(dead, true);
+    let out = put(&url(live), "after");
+    c.freeze(dead, false);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let cat = protocol_tests::fsclient_at(&url(live), &["cat", "/after"]);
+    assert_eq!(cat.stdout, "after".repeat(1000).into_bytes());
+}
+
 /// Sets `{prefix}:{i}` to `v{i}` for i in 0..n.
 fn seed(conn: &mut Conn, prefix: &str, n: usize) {
     for i in 0..n {
