@@ -9,6 +9,45 @@ use std::path::PathBuf;
 
 use crate::protocol::Limits;
 
+/// When written data is fsynced (Redis's `appendfsync`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fsync {
+    /// Before a write is acknowledged: it survives power loss.
+    Always = 0,
+    /// Once a second in the background: at most about a second is lost on power
+    /// loss; nothing on a process crash (data is in the OS before the reply).
+    EverySec = 1,
+    /// When the OS decides.
+    No = 2,
+}
+
+impl Fsync {
+    pub fn parse(s: &str) -> Option<Fsync> {
+        match s.to_ascii_lowercase().as_str() {
+            "always" => Some(Fsync::Always),
+            "everysec" => Some(Fsync::EverySec),
+            "no" => Some(Fsync::No),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Fsync::Always => "always",
+            Fsync::EverySec => "everysec",
+            Fsync::No => "no",
+        }
+    }
+
+    pub(crate) fn from_u8(v: u8) -> Fsync {
+        match v {
+            0 => Fsync::Always,
+            1 => Fsync::EverySec,
+            _ => Fsync::No,
+        }
+    }
+}
+
 /// Current settings. Read often, written rarely (`CONFIG SET`), so it lives behind
 /// an `RwLock` in [`crate::shared::Shared`].
 #[derive(Clone, Debug)]
@@ -33,7 +72,7 @@ pub struct Config {
     /// `disk` (default: the log in `dir`) or `memory` (nothing persisted).
     pub storage: Storage,
     /// Redis's `appendfsync`: `always`, `everysec` (default) or `no`.
-    pub appendfsync: crate::store::disk::Fsync,
+    pub appendfsync: Fsync,
     /// Size at which a log segment is sealed and a new one started.
     pub segment_size: u64,
     /// Percentage of dead bytes at which a sealed segment is compacted.
@@ -93,7 +132,7 @@ impl Default for Config {
             pubsub_queue_limit: 10000,
             threads: std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1)),
             storage: Storage::Disk,
-            appendfsync: crate::store::disk::Fsync::EverySec,
+            appendfsync: Fsync::EverySec,
             segment_size: 64 * 1024 * 1024,
             compact_dead_percent: 50,
             notify_keyspace_events: 0,
@@ -257,7 +296,7 @@ impl Config {
                 self.pubsub_queue_limit = parse_size(value).ok_or_else(|| bad(""))?.max(1) as usize
             }
             "appendfsync" => {
-                self.appendfsync = crate::store::disk::Fsync::parse(value).ok_or_else(|| {
+                self.appendfsync = Fsync::parse(value).ok_or_else(|| {
                     "argument(s) must be one of the following: always, everysec, no".to_string()
                 })?
             }

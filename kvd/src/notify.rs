@@ -19,7 +19,6 @@
 
 use bytes::Bytes;
 
-use crate::command::data::DataCommand;
 use crate::db::{Change, ChangeKind};
 use crate::pubsub::PubSub;
 
@@ -112,9 +111,9 @@ pub struct Plan {
 }
 
 impl Plan {
-    /// `name`: the command's (lowercase) name, as in its spec.
-    pub fn of(name: &'static str, cmd: &DataCommand) -> Plan {
-        let (expiry, persist) = cmd.expiry_options();
+    /// `name`: the command's (lowercase) name, as in its spec; `expiry` and
+    /// `persist`: its options ([`crate::command::data::DataCommand::expiry_options`]).
+    pub fn new(name: &'static str, expiry: bool, persist: bool) -> Plan {
         Plan {
             name,
             expiry,

@@ -40,8 +40,13 @@ const STREAM_BULK: usize = 64 * 1024;
 const KEEP_BUFFER: usize = 64 * 1024;
 const SHRINK_AFTER: Duration = Duration::from_secs(2);
 
+/// The cluster engine, when this node is one (`--cluster`): it runs every
+/// request. It lives above [`Shared`], which knows it only as
+/// [`crate::shared::ClusterInfo`].
+type Node = Option<Arc<crate::replica::Replicas>>;
+
 /// Binds every address in `config.bind` and serves until shutdown.
-pub async fn run(shared: Arc<Shared>) -> anyhow::Result<()> {
+pub async fn run(shared: Arc<Shared>, node: Node) -> anyhow::Result<()> {
     let (bind, port, tls_port) = {
         let c = shared.config.read();
         (c.bind.clone(), c.port, c.tls_port)
@@ -73,7 +78,12 @@ pub async fn run(shared: Arc<Shared>) -> anyhow::Result<()> {
     tokio::spawn(housekeeping(shared.clone()));
     let mut tasks = Vec::new();
     for (listener, tls) in listeners {
-        tasks.push(tokio::spawn(accept_loop(shared.clone(), listener, tls)));
+        tasks.push(tokio::spawn(accept_loop(
+            shared.clone(),
+            node.clone(),
+            listener,
+            tls,
+        )));
     }
     // Under systemd (`Type=notify`, dist/systemd/kvd@.service): ready once
     // every address listens and the data is loaded. Without NOTIFY_SOCKET
@@ -125,7 +135,12 @@ fn is_loopback(host: &str) -> bool {
 /// (it holds a client slot meanwhile).
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
-async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, tls: Option<tokio_rustls::TlsAcceptor>) {
+async fn accept_loop(
+    shared: Arc<Shared>,
+    node: Node,
+    listener: TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+) {
     loop {
         let (socket, addr) = match listener.accept().await {
             Ok(conn) => conn,
@@ -164,7 +179,7 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, tls: Option<tok
             shared: shared.clone(),
             id: client.id,
         };
-        let tls = tls.clone();
+        let (tls, node) = (tls.clone(), node.clone());
         tokio::spawn(async move {
             let shared = slot.shared.clone();
             let id = slot.id;
@@ -176,14 +191,14 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, tls: Option<tok
                 match tls {
                     None => {
                         let (rd, wr) = socket.into_split();
-                        serve(&shared, &mut session, rd, wr).await
+                        serve(&shared, node.as_ref(), &mut session, rd, wr).await
                     }
                     Some(tls) => {
                         let stream = tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, tls.accept(socket))
                             .await
                             .map_err(|_| std::io::Error::other("TLS handshake timed out"))??;
                         let (rd, wr) = tokio::io::split(stream);
-                        serve(&shared, &mut session, rd, wr).await
+                        serve(&shared, node.as_ref(), &mut session, rd, wr).await
                     }
                 }
             };
@@ -240,6 +255,7 @@ fn panic_text(panic: &(dyn std::any::Any + Send)) -> &str {
 /// Runs one connection until it closes, is killed, or the server shuts down.
 async fn serve<R: Incoming, W: AsyncWrite + Unpin + Send>(
     shared: &Arc<Shared>,
+    node: Option<&Arc<crate::replica::Replicas>>,
     session: &mut Session,
     mut rd: R,
     mut wr: W,
@@ -275,7 +291,7 @@ async fn serve<R: Incoming, W: AsyncWrite + Unpin + Send>(
                     // MONITOR shows what clients ask of this node (not what
                     // peers forward to it), once it ran or went on its way.
                     let monitored = shared.monitors.active() && session.cluster.peer.is_none();
-                    let reply = match shared.replicas.get() {
+                    let reply = match node {
                         Some(rep) => crate::replica::dispatch::dispatch(shared, rep, session, &args).await,
                         None => command::execute(shared, session, &args),
                     };
@@ -629,12 +645,16 @@ pub async fn start(
     let tracking = config.latency_tracking;
     let shared = Shared::new(config, config_file, dbs);
     shared.stats.latency_tracking.store(tracking, Ordering::Relaxed);
-    if let Some(options) = replicas {
-        let rep = crate::replica::Replicas::start(options)?;
-        crate::replica::repair::spawn(shared.clone(), rep.clone());
-        crate::replica::health::spawn(shared.clone(), rep.clone());
-        let _ = shared.replicas.set(rep);
-    }
-    let task = tokio::spawn(run(shared.clone()));
+    let node = match replicas {
+        Some(options) => {
+            let rep = crate::replica::Replicas::start(options)?;
+            crate::replica::repair::spawn(shared.clone(), rep.clone());
+            crate::replica::health::spawn(shared.clone(), rep.clone());
+            let _ = shared.cluster.set(rep.clone());
+            Some(rep)
+        }
+        None => None,
+    };
+    let task = tokio::spawn(run(shared.clone(), node));
     Ok((shared, task))
 }

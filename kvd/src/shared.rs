@@ -19,6 +19,14 @@ use crate::stats::Stats;
 /// semantics, and its tests compare against a Redis 7.0 server.
 pub const REDIS_VERSION: &str = "7.0.15";
 
+/// What the layers below the cluster engine ask of it. The engine
+/// (`crate::replica::Replicas`) lives above this module and implements it;
+/// the network loop holds the engine itself and hands it each request.
+pub trait ClusterInfo: Send + Sync {
+    /// The `kvd_*` lines of INFO cluster.
+    fn info(&self) -> String;
+}
+
 /// State shared by every connection.
 pub struct Shared {
     /// The databases of SELECT; a cluster node uses database 0 only.
@@ -34,7 +42,7 @@ pub struct Shared {
     /// Cancelled by SHUTDOWN or a signal; every task watches it.
     pub shutdown: CancellationToken,
     /// Set when this node is part of a cluster (`--cluster`).
-    pub replicas: std::sync::OnceLock<Arc<crate::replica::Replicas>>,
+    pub cluster: std::sync::OnceLock<Arc<dyn ClusterInfo>>,
 }
 
 impl Shared {
@@ -54,7 +62,7 @@ impl Shared {
             started: Instant::now(),
             run_id,
             shutdown: CancellationToken::new(),
-            replicas: std::sync::OnceLock::new(),
+            cluster: std::sync::OnceLock::new(),
         })
     }
 }

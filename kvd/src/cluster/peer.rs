@@ -61,42 +61,6 @@ pub fn challenge() -> String {
     hex::encode(b)
 }
 
-/// The server side of the handshake that makes a connection a peer's:
-/// `KVD.PEER CHALLENGE` answers a random challenge, `KVD.PEER AUTH <id>
-/// <proof>` checks the HMAC of it under `secret` (a wrong proof closes the
-/// connection). `None` for any other command.
-pub fn handshake(secret: &str, session: &mut crate::session::Session, args: &[Bytes]) -> Option<Reply> {
-    if !args[0].eq_ignore_ascii_case(b"kvd.peer") {
-        return None;
-    }
-    let sub = args.get(1).map(|a| a.to_ascii_lowercase());
-    let text = |i: usize| String::from_utf8_lossy(&args[i]).into_owned();
-    match (sub.as_deref(), args.len()) {
-        (Some(b"challenge"), 2) => {
-            let c = challenge();
-            session.cluster.challenge = Some(c.clone());
-            Some(Reply::bulk_str(&c))
-        }
-        (Some(b"auth"), 4) => {
-            let Some(challenge) = session.cluster.challenge.take() else {
-                return Some(Reply::error("ERR KVD.PEER AUTH without a challenge"));
-            };
-            if !verify(secret, &challenge, &text(3)) {
-                tracing::warn!(
-                    client = session.client.id,
-                    "a peer failed the cluster secret check"
-                );
-                session.close = true;
-                return Some(Reply::error("ERR invalid cluster secret"));
-            }
-            session.cluster.peer = Some(text(2));
-            session.set_authenticated(true);
-            Some(Reply::OK)
-        }
-        _ => None,
-    }
-}
-
 /// Why a request over a link got no reply.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum LinkError {

@@ -15,7 +15,7 @@ use crate::store::StoreError;
 
 /// Whether this node is part of a cluster (which keeps database 0 only).
 fn clustered(shared: &Shared) -> bool {
-    shared.replicas.get().is_some()
+    shared.cluster.get().is_some()
 }
 
 /// Redis's `getIntFromObjectOrReply`: an `int`, or its error (`msg` replacing

@@ -60,7 +60,7 @@ pub fn render(shared: &Shared, requested: &[String]) -> String {
                 let percentiles = shared.config.read().latency_tracking_info_percentiles.clone();
                 shared.stats.latencies.info(&percentiles)
             }
-            "cluster" => match shared.replicas.get() {
+            "cluster" => match shared.cluster.get() {
                 Some(r) => format!("cluster_enabled:1\r\n{}", r.info()),
                 None => "cluster_enabled:0\r\n".to_string(),
             },
@@ -212,7 +212,7 @@ fn stats(shared: &Shared) -> String {
 /// CASPaxos); that is reported by `kvd_replication` and INFO cluster, not as
 /// Redis replicas, which would tell clients to send writes elsewhere.
 fn replication(shared: &Shared) -> String {
-    let mode = if shared.replicas.get().is_some() {
+    let mode = if shared.cluster.get().is_some() {
         "kvd_replication:leaderless (every slot on R equal nodes; see INFO cluster)\r\n"
     } else {
         "kvd_replication:none\r\n"

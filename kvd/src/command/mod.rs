@@ -136,7 +136,8 @@ pub fn run(
         }
         // Keyspace notifications: the command's changes, named as Redis names
         // them, published once it has run (and its gate is released).
-        let plan = crate::notify::Plan::of(spec.name, &cmd);
+        let (expiry, persist) = cmd.expiry_options();
+        let plan = crate::notify::Plan::new(spec.name, expiry, persist);
         let (reply, changes) = db.recording(|| apply(cmd));
         crate::notify::publish(&shared.pubsub, notify, index, plan.events(changes));
         return reply;

@@ -18,6 +18,7 @@ use super::layout::{epoch, Layout};
 use super::proposer::{self, Change, Mode, Msg};
 use super::{number, Replicas};
 use crate::cluster::paxos::Ballot;
+use crate::cluster::peer;
 use crate::cluster::slot::{self, parse_ranges};
 use crate::command::data::DataCommand;
 use crate::command::spec::{self, Lookup};
@@ -499,11 +500,47 @@ async fn reconfigure(rep: &Arc<Replicas>, session: &Session, args: &[Bytes]) -> 
     rep.reconfigure(nodes).await
 }
 
+/// The server side of the handshake that makes a connection a peer's:
+/// `KVD.PEER CHALLENGE` answers a random challenge, `KVD.PEER AUTH <id>
+/// <proof>` checks the HMAC of it under `secret` (a wrong proof closes the
+/// connection). `None` for any other command.
+fn handshake(secret: &str, session: &mut Session, args: &[Bytes]) -> Option<Reply> {
+    if !args[0].eq_ignore_ascii_case(b"kvd.peer") {
+        return None;
+    }
+    let sub = args.get(1).map(|a| a.to_ascii_lowercase());
+    let text = |i: usize| String::from_utf8_lossy(&args[i]).into_owned();
+    match (sub.as_deref(), args.len()) {
+        (Some(b"challenge"), 2) => {
+            let c = peer::challenge();
+            session.cluster.challenge = Some(c.clone());
+            Some(Reply::bulk_str(&c))
+        }
+        (Some(b"auth"), 4) => {
+            let Some(challenge) = session.cluster.challenge.take() else {
+                return Some(Reply::error("ERR KVD.PEER AUTH without a challenge"));
+            };
+            if !peer::verify(secret, &challenge, &text(3)) {
+                tracing::warn!(
+                    client = session.client.id,
+                    "a peer failed the cluster secret check"
+                );
+                session.close = true;
+                return Some(Reply::error("ERR invalid cluster secret"));
+            }
+            session.cluster.peer = Some(text(2));
+            session.set_authenticated(true);
+            Some(Reply::OK)
+        }
+        _ => None,
+    }
+}
+
 /// `KVD.*`: peer authentication, the acceptor's three phases, and a
 /// reconfiguration's steps.
 fn internal(shared: &Arc<Shared>, rep: &Arc<Replicas>, session: &mut Session, args: &[Bytes]) -> Reply {
     let name = String::from_utf8_lossy(&args[0]).to_ascii_lowercase();
-    if let Some(reply) = crate::cluster::peer::handshake(&rep.secret, session, args) {
+    if let Some(reply) = handshake(&rep.secret, session, args) {
         return reply;
     }
     if session.cluster.peer.is_none() {

@@ -61,6 +61,12 @@ pub struct Options {
     pub down_after: std::time::Duration,
 }
 
+impl crate::shared::ClusterInfo for Replicas {
+    fn info(&self) -> String {
+        Replicas::info(self)
+    }
+}
+
 /// Counters for INFO.
 #[derive(Default)]
 pub struct Stats {

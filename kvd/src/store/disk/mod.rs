@@ -43,44 +43,7 @@ use files::{Files, OsFiles};
 use record::{Kind, HEADER};
 use segment::{Segment, SegmentRef};
 
-/// When written data is fsynced (Redis's `appendfsync`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Fsync {
-    /// Before a write is acknowledged: it survives power loss.
-    Always = 0,
-    /// Once a second in the background: at most about a second is lost on power
-    /// loss; nothing on a process crash (data is in the OS before the reply).
-    EverySec = 1,
-    /// When the OS decides.
-    No = 2,
-}
-
-impl Fsync {
-    pub fn parse(s: &str) -> Option<Fsync> {
-        match s.to_ascii_lowercase().as_str() {
-            "always" => Some(Fsync::Always),
-            "everysec" => Some(Fsync::EverySec),
-            "no" => Some(Fsync::No),
-            _ => None,
-        }
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Fsync::Always => "always",
-            Fsync::EverySec => "everysec",
-            Fsync::No => "no",
-        }
-    }
-
-    fn from_u8(v: u8) -> Fsync {
-        match v {
-            0 => Fsync::Always,
-            1 => Fsync::EverySec,
-            _ => Fsync::No,
-        }
-    }
-}
+pub use crate::config::Fsync;
 
 /// Engine settings.
 #[derive(Clone, Debug)]
