@@ -1179,7 +1179,7 @@ fn a_file_system_on_top_survives_a_killed_node() {
 /// with EIO in a CI run.)
 #[test]
 fn fsclient_is_not_held_up_by_a_dead_first_holder() {
-    let mut c = Replicated::start(3, 3);
+    let c = Replicated::start(3, 3);
     let ports = c.ports.clone();
     let url = |i: usize| format!("redis://127.0.0.1:{}", ports[i]);
     let put = |url: &str, name: &str| {
