@@ -619,6 +619,12 @@ impl RespDict {
     /// The `(start, end, url)` of every slot range of a cluster, from CLUSTER SLOTS.
     fn slot_ranges(&self) -> DictResult<Vec<(i64, i64, String)>> {
         let ranges: Vec<redis::Value> = self.cluster_call(|c| redis::cmd("CLUSTER").arg("SLOTS").query(c))?;
+        Ok(self.parse_slot_ranges(ranges))
+    }
+
+    /// `(start, end, url of the first node listed)` of each range of a CLUSTER
+    /// SLOTS reply.
+    fn parse_slot_ranges(&self, ranges: Vec<redis::Value>) -> Vec<(i64, i64, String)> {
         let num = |v: &redis::Value| match v {
             redis::Value::Int(n) => Some(*n),
             _ => None,
@@ -643,7 +649,60 @@ impl RespDict {
             };
             out.push((start, end, with_address(&self.url, &host, port as u16)));
         }
-        Ok(out)
+        out
+    }
+
+    /// A kvd cluster keeps each key on several members, and a member's SCAN
+    /// lists only the keys it holds: scans every member CLUSTER SLOTS lists
+    /// first for some slots, keeping from each the keys of those slots, so
+    /// every key comes once. `None` for any other store.
+    fn scan_kvd_cluster(
+        &self,
+        pattern: &str,
+        each: &mut dyn FnMut(Vec<String>) -> DictResult<()>,
+    ) -> Option<DictResult<()>> {
+        if self.cluster.is_some() || self.alternates.lock().len() < 2 {
+            return None;
+        }
+        let mut scan = || -> DictResult<()> {
+            let ranges: Vec<redis::Value> = self.with_conn(|c| redis::cmd("CLUSTER").arg("SLOTS").query(c))?;
+            let mut owner = vec![String::new(); SLOTS];
+            for (start, end, url) in self.parse_slot_ranges(ranges) {
+                for s in start.max(0)..=end.min(SLOTS as i64 - 1) {
+                    owner[s as usize] = url.clone();
+                }
+            }
+            let mut urls = owner.clone();
+            urls.sort();
+            urls.dedup();
+            for url in urls.iter().filter(|u| !u.is_empty()) {
+                let mut conn = Self::connect(url)?;
+                let mut cursor: u64 = 0;
+                loop {
+                    let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+                        .arg(cursor)
+                        .arg("MATCH")
+                        .arg(pattern)
+                        .arg("COUNT")
+                        .arg(1000)
+                        .query(&mut conn)
+                        .map_err(backend)?;
+                    let mine: Vec<String> = keys
+                        .into_iter()
+                        .filter(|k| owner[key_slot(k.as_bytes()) as usize] == *url)
+                        .collect();
+                    if !mine.is_empty() {
+                        each(mine)?;
+                    }
+                    if next == 0 {
+                        break;
+                    }
+                    cursor = next;
+                }
+            }
+            Ok(())
+        };
+        Some(scan())
     }
 
     fn connect(url: &str) -> DictResult<redis::Connection> {
@@ -743,6 +802,19 @@ fn hash_tag(key: &str) -> &str {
         }
     }
     key
+}
+
+/// Redis Cluster's hash slots.
+const SLOTS: usize = 16384;
+
+/// Redis Cluster's slot of a key: CRC16-XMODEM of the key, or of its
+/// `{hash tag}` when it has a non-empty one.
+fn key_slot(key: &[u8]) -> u16 {
+    let tagged = key.iter().position(|&b| b == b'{').and_then(|open| {
+        let close = key[open + 1..].iter().position(|&b| b == b'}')?;
+        (close > 0).then(|| &key[open + 1..open + 1 + close])
+    });
+    crc16::State::<crc16::XMODEM>::calculate(tagged.unwrap_or(key)) % SLOTS as u16
 }
 
 /// `prefix` with glob characters escaped, then `*`: a SCAN MATCH pattern.
@@ -895,6 +967,9 @@ impl Dict for RespDict {
         each: &mut dyn FnMut(Vec<String>) -> DictResult<()>,
     ) -> DictResult<()> {
         let pattern = prefix_pattern(prefix);
+        if let Some(done) = self.scan_kvd_cluster(&pattern, each) {
+            return done;
+        }
         for mut conn in self.every_node()? {
             let mut cursor: u64 = 0;
             loop {
@@ -974,6 +1049,20 @@ impl Dict for RespDict {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The slots Redis Cluster's documentation gives, hash tags included.
+    #[test]
+    fn key_slots_match_redis_cluster() {
+        assert_eq!(key_slot(b"foo"), 12182);
+        assert_eq!(key_slot(b"123456789"), 12739);
+        assert_eq!(key_slot(b"{user1000}.following"), key_slot(b"user1000"));
+        // An empty tag is no tag: the whole key is hashed (Redis's examples).
+        let whole = |k: &[u8]| crc16::State::<crc16::XMODEM>::calculate(k) % 16384;
+        assert_eq!(key_slot(b"foo{}{bar}"), whole(b"foo{}{bar}"));
+        // Only the first '{' counts, up to the first '}' after it.
+        assert_eq!(key_slot(b"foo{{bar}}zap"), whole(b"{bar"));
+        assert_eq!(key_slot(b"foo{bar}{zap}"), whole(b"bar"));
+    }
 
     #[test]
     fn memory_cas_compares_exactly() {
