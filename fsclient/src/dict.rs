@@ -665,7 +665,8 @@ impl RespDict {
             return None;
         }
         let mut scan = || -> DictResult<()> {
-            let ranges: Vec<redis::Value> = self.with_conn(|c| redis::cmd("CLUSTER").arg("SLOTS").query(c))?;
+            let ranges: Vec<redis::Value> =
+                self.with_conn(|c| redis::cmd("CLUSTER").arg("SLOTS").query(c))?;
             let mut owner = vec![String::new(); SLOTS];
             for (start, end, url) in self.parse_slot_ranges(ranges) {
                 for s in start.max(0)..=end.min(SLOTS as i64 - 1) {

@@ -648,6 +648,8 @@ pub async fn start(
     let node = match replicas {
         Some(options) => {
             let rep = crate::replica::Replicas::start(options)?;
+            // Before anything is served: every later change keeps them.
+            rep.acceptor.count_stored(&shared.dbs.zero());
             crate::replica::repair::spawn(shared.clone(), rep.clone());
             crate::replica::health::spawn(shared.clone(), rep.clone());
             let _ = shared.cluster.set(rep.clone());

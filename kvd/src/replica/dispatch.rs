@@ -553,6 +553,14 @@ fn internal(shared: &Arc<Shared>, rep: &Arc<Replicas>, session: &mut Session, ar
             proposer: number(args, i + 1)?,
         })
     };
+    if name == "kvd.digests" && args.len() == 1 {
+        let digests = rep.acceptor.digests();
+        let mut raw = Vec::with_capacity(digests.len() * 8);
+        for d in digests {
+            raw.extend_from_slice(&d.to_le_bytes());
+        }
+        return Reply::Bulk(Bytes::from(raw));
+    }
     if name == "kvd.publish" && args.len() == 3 {
         shared.pubsub.publish(&args[1], &args[2]);
         return Reply::Int(0);

@@ -85,6 +85,9 @@ pub struct Stats {
     /// keys found with a replica behind in the last finished pass.
     pub repair_scanned: AtomicU64,
     pub repair_passes: AtomicU64,
+    /// Slots whose every answering holder had this node's digest at the
+    /// start of the last pass (their keys were not compared one by one).
+    pub slots_in_agreement: AtomicU64,
     pub behind_last_pass: AtomicU64,
     /// Keys of slots this node no longer holds, dropped after a reconfiguration.
     pub dropped: AtomicU64,
@@ -383,7 +386,7 @@ impl Replicas {
             layout.slots_left_to_move(),
         );
         health + &change + &format!(
-            "kvd_under_replicated_slots:{under_replicated}\r\nkvd_replica_nodes_unreachable:{unreachable}\r\nkvd_replicas:{}\r\nkvd_replica_nodes:{}\r\nkvd_replica_members:{}\r\nkvd_replica_config_version:{}\r\nkvd_replica_frozen_slots:{}\r\nkvd_repair_keys_dropped:{}\r\nkvd_tombstones_purged:{}\r\nkvd_reconfigure_slots_moved:{}\r\nkvd_reconfigure_keys_copied:{}\r\nkvd_paxos_rounds:{}\r\nkvd_paxos_one_round_trip:{}\r\nkvd_paxos_conflicts:{}\r\nkvd_paxos_repairs:{}\r\nkvd_paxos_relayed:{}\r\nkvd_commands_waited_for_moves:{}\r\nkvd_paxos_unavailable:{}\r\nkvd_repair_keys_checked:{}\r\nkvd_repair_passes:{}\r\nkvd_repair_keys_behind_last_pass:{}\r\n",
+            "kvd_under_replicated_slots:{under_replicated}\r\nkvd_replica_nodes_unreachable:{unreachable}\r\nkvd_replicas:{}\r\nkvd_replica_nodes:{}\r\nkvd_replica_members:{}\r\nkvd_replica_config_version:{}\r\nkvd_replica_frozen_slots:{}\r\nkvd_repair_keys_dropped:{}\r\nkvd_tombstones_purged:{}\r\nkvd_reconfigure_slots_moved:{}\r\nkvd_reconfigure_keys_copied:{}\r\nkvd_paxos_rounds:{}\r\nkvd_paxos_one_round_trip:{}\r\nkvd_paxos_conflicts:{}\r\nkvd_paxos_repairs:{}\r\nkvd_paxos_relayed:{}\r\nkvd_commands_waited_for_moves:{}\r\nkvd_paxos_unavailable:{}\r\nkvd_repair_keys_checked:{}\r\nkvd_repair_passes:{}\r\nkvd_repair_keys_behind_last_pass:{}\r\nkvd_repair_slots_in_agreement:{}\r\n",
             layout.replicas,
             layout.nodes.len(),
             layout.nodes.join(","),
@@ -403,6 +406,7 @@ impl Replicas {
             s.repair_scanned.load(Ordering::Relaxed),
             s.repair_passes.load(Ordering::Relaxed),
             s.behind_last_pass.load(Ordering::Relaxed),
+            s.slots_in_agreement.load(Ordering::Relaxed),
         )
     }
 }

@@ -2,7 +2,10 @@
 //! so a node that was away (or missed a write) holds all its keys again
 //! without waiting for them to be read.
 //!
-//! Each node walks its own keys in batches of a thousand and first compares
+//! A pass starts by comparing slot digests with every other member
+//! (`KVD.DIGESTS`; [`super::acceptor::Acceptor::digests`]): the keys of a
+//! slot every answering holder agrees on are skipped. Of the rest, each node
+//! walks its own keys in batches of a thousand and first compares
 //! record headers (ballot, presence, expiry; no values) with every other
 //! holder, one `KVD.HEADS` call per holder per batch
 //! ([`Replicas::keys_to_repair`]): replicas in agreement cost nothing more,
@@ -57,6 +60,7 @@ use super::layout::Layout;
 use super::proposer::Msg;
 use super::Replicas;
 use crate::cluster::paxos::{majority, Ballot};
+use crate::cluster::slot::{key_slot, SLOTS};
 use crate::db::now_ms;
 use crate::reply::Reply;
 use crate::shared::Shared;
@@ -101,6 +105,7 @@ pub fn spawn(shared: Arc<Shared>, rep: Arc<Replicas>) {
         let mut cursor = 0u64;
         let mut behind_this_pass = 0u64;
         let mut behind_last_batch = 0u64;
+        let mut agreeing: Vec<bool> = Vec::new();
         loop {
             let pause = match (cursor, behind_last_batch) {
                 (0, _) => PASS_PAUSE,
@@ -116,10 +121,20 @@ pub fn spawn(shared: Arc<Shared>, rep: Arc<Replicas>) {
                 cursor = 0;
                 behind_this_pass = 0;
             }
+            let layout = rep.layout();
+            if cursor == 0 {
+                // A pass starts by comparing slot digests: the keys of slots
+                // every other holder agrees on need no comparing one by one.
+                agreeing = rep.agreeing_slots(&layout).await;
+                rep.stats
+                    .slots_in_agreement
+                    .store(agreeing.iter().filter(|a| **a).count() as u64, Ordering::Relaxed);
+            }
             let mut batch: Vec<(Bytes, Entry)> = Vec::new();
             cursor = shared.dbs.zero().store().scan(cursor, BATCH, &mut batch);
-            let layout = rep.layout();
+            let now = now_ms();
             let mut ours = Vec::with_capacity(batch.len());
+            let zero = shared.dbs.zero();
             for (key, _) in batch {
                 if layout.version > 0 && !layout.me.is_some_and(|me| layout.holders(&key).contains(&me)) {
                     // Not ours since a reconfiguration copied it to its new holders.
@@ -128,7 +143,19 @@ pub fn spawn(shared: Arc<Shared>, rep: Arc<Replicas>) {
                     }
                     continue;
                 }
-                if layout.holders(&key).len() >= 2 {
+                // A dead record is compared even where the slot agrees: all
+                // holding it is what lets it be purged.
+                // (A scan's entries carry no value on the disk engine: the
+                // header is read for it.)
+                let agreed = agreeing.get(key_slot(&key) as usize).copied().unwrap_or(false)
+                    && !rep
+                        .acceptor
+                        .head(&zero, &key)
+                        .ok()
+                        .flatten()
+                        .and_then(|h| Record::decode_head(&h))
+                        .is_some_and(|h| h.is_dead(now));
+                if layout.holders(&key).len() >= 2 && !agreed {
                     ours.push(key);
                 }
             }
@@ -158,6 +185,46 @@ pub fn spawn(shared: Arc<Shared>, rep: Arc<Replicas>) {
 }
 
 impl Replicas {
+    /// Per slot, whether every other holder of it that answers
+    /// `KVD.DIGESTS` has the digest this node has (the same records); a
+    /// holder this node already finds silent is not asked (nothing could be
+    /// sent to it now anyway), one that does not answer makes its slots
+    /// compared key by key.
+    pub async fn agreeing_slots(self: &Arc<Self>, layout: &Layout) -> Vec<bool> {
+        let Some(me) = layout.me else {
+            return vec![false; SLOTS];
+        };
+        let mine = self.acceptor.digests();
+        let mut agree = vec![true; SLOTS];
+        let asks = layout
+            .nodes
+            .iter()
+            .enumerate()
+            .filter(|(n, addr)| *n != me && !self.is_suspect(addr) && !self.is_cut_off(addr))
+            .map(|(n, addr)| {
+                let request = [Bytes::from_static(b"KVD.DIGESTS")];
+                async move {
+                    match tokio::time::timeout(HEADS_TIMEOUT, self.peers.call(addr, &request)).await {
+                        Ok(Ok(Reply::Bulk(raw))) if raw.len() == SLOTS * 8 => (n, Some(raw)),
+                        _ => (n, None),
+                    }
+                }
+            });
+        for (n, theirs) in futures::future::join_all(asks).await {
+            for (s, agrees) in agree.iter_mut().enumerate() {
+                let holders = layout.slot_holders(s as u16);
+                if !(holders.contains(&n) && holders.contains(&me)) {
+                    continue;
+                }
+                let same = theirs.as_ref().is_some_and(|raw| {
+                    u64::from_le_bytes(raw[s * 8..s * 8 + 8].try_into().expect("8 bytes")) == mine[s]
+                });
+                *agrees &= same;
+            }
+        }
+        agree
+    }
+
     /// Of `keys` (held here and by others), those whose replicas may differ:
     /// compares the record headers of every holder that answers, a batch
     /// per holder (`KVD.HEADS`), so replicas in agreement cost no per-key
