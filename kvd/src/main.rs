@@ -305,13 +305,17 @@ fn main() -> std::process::ExitCode {
     let config_file = cli.config.as_ref().map(|p| p.display().to_string());
     let metrics_addr = cli.metrics_addr.clone();
     let result = runtime.block_on(async move {
+        // The handlers are in place before the server can say it is ready: a
+        // SIGTERM right after READY=1 (a service manager, a test) would
+        // otherwise find none and end the process with no clean stop.
+        let signals = Signals::register();
         let (shared, task) = kvd::server::start(config, config_file, cluster).await?;
         if let Some(addr) = &metrics_addr {
             kvd::metrics::serve(shared.clone(), addr)?;
         }
         let stop = shared.shutdown.clone();
         tokio::spawn(async move {
-            wait_for_signal().await;
+            signals.wait().await;
             tracing::info!("received a stop signal, shutting down");
             stop.cancel();
         });
@@ -326,17 +330,42 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-async fn wait_for_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
+/// SIGINT and SIGTERM, registered.
+struct Signals {
+    term: Option<tokio::signal::unix::Signal>,
+    interrupt: Option<tokio::signal::unix::Signal>,
+}
+
+impl Signals {
+    fn register() -> Signals {
+        use tokio::signal::unix::{signal, SignalKind};
+        Signals {
+            term: signal(SignalKind::terminate()).ok(),
+            interrupt: signal(SignalKind::interrupt()).ok(),
         }
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
+    }
+
+    /// Until either arrives (never, for one that could not be registered).
+    async fn wait(mut self) {
+        let term = async {
+            match &mut self.term {
+                Some(s) => {
+                    s.recv().await;
+                }
+                None => std::future::pending().await,
+            }
+        };
+        let interrupt = async {
+            match &mut self.interrupt {
+                Some(s) => {
+                    s.recv().await;
+                }
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = term => {}
+            _ = interrupt => {}
         }
     }
 }

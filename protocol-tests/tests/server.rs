@@ -1434,3 +1434,43 @@ fn the_systemd_unit_starts_kvd_and_kvd_reports_ready_and_stopping() {
     );
     assert!(child.0.wait().unwrap().success());
 }
+
+/// A SIGTERM the moment kvd says READY=1 still stops it cleanly (STOPPING=1,
+/// exit 0). The signal handlers used to be installed after the server had
+/// started, so a service manager's (or a test's) quick SIGTERM could find
+/// none and end the process at once (a fresh-clone CI run: "kvd sent no
+/// stopping message").
+#[test]
+fn a_sigterm_right_after_ready_stops_kvd_cleanly() {
+    for _ in 0..20 {
+        let tmp = tempfile::tempdir().unwrap();
+        let notify = tmp.path().join("notify.sock");
+        let socket = std::os::unix::net::UnixDatagram::bind(&notify).unwrap();
+        socket.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let port = protocol_tests::free_port();
+        let mut child = std::process::Command::new(protocol_tests::kvd_bin())
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--storage",
+                "memory",
+            ])
+            .env("NOTIFY_SOCKET", &notify)
+            .env("KVD_LOG", "warn")
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut buf = [0u8; 512];
+        let n = socket.recv(&mut buf).expect("no readiness message");
+        assert!(String::from_utf8_lossy(&buf[..n]).contains("READY=1"));
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let status = child.wait().unwrap();
+        assert!(
+            status.success(),
+            "kvd ended with {status} on a SIGTERM right after READY=1"
+        );
+    }
+}
