@@ -249,8 +249,38 @@ fn save(name: &str, rows: &impl Serialize) -> Result<PathBuf> {
     Ok(path)
 }
 
+/// The benches start the kvd and fsclient binaries beside this one, and
+/// `cargo run -p bench` builds only the bench: build them from the same
+/// sources first, in the same profile, so a run never measures a stale
+/// server (one did: a re-homing bench ran a kvd from before the change it
+/// measured). `KVD_BIN` set means the caller chose the binaries.
+fn build_servers() -> Result<()> {
+    if std::env::var_os("KVD_BIN").is_some() {
+        return Ok(());
+    }
+    let exe = std::env::current_exe()?;
+    let release = exe
+        .parent()
+        .and_then(|d| d.file_name())
+        .is_some_and(|n| n == "release");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut build = std::process::Command::new(cargo);
+    build.args(["build", "-p", "kvd", "-p", "fsclient"]);
+    if release {
+        build.arg("--release");
+    }
+    let status = build.status()?;
+    if !status.success() {
+        anyhow::bail!("building kvd and fsclient failed: {status}");
+    }
+    Ok(())
+}
+
 fn main() -> Result<()> {
     let cli = Cli::parse();
+    if !matches!(cli.which, Which::Tables) {
+        build_servers()?;
+    }
     match cli.which {
         Which::Kvd { requests, rounds } => {
             let rows = bench_kvd(requests, rounds)?;

@@ -52,7 +52,8 @@ struct Rehome {
     value_bytes: usize,
     /// Logical bytes on the lost node (its replicas' values).
     lost_node_mb: f64,
-    /// From the kill until the members no longer list it.
+    /// From the kill until a node names it down (`kvd_replica_down_nodes`):
+    /// the re-homing starts then.
     seconds_to_down: f64,
     /// From the kill until no slot is short of copies and no change is under way.
     seconds_to_three_copies: f64,
@@ -318,9 +319,12 @@ fn rehome(keys: u64) -> Result<Rehome> {
     let killed = Instant::now();
     let mut down = None;
     loop {
-        let members = field(&c, 0, "kvd_replica_members")?;
-        if down.is_none() && !members.split(',').any(|m| m == lost) {
-            down = Some(killed.elapsed());
+        for i in 0..3 {
+            let named = field(&c, i, "kvd_replica_down_nodes")?;
+            let members = field(&c, i, "kvd_replica_members")?;
+            if down.is_none() && (named.split(',').any(|m| m == lost) || !members.split(',').any(|m| m == lost)) {
+                down = Some(killed.elapsed());
+            }
         }
         let settled = (0..3).all(|i| {
             field(&c, i, "kvd_under_replicated_slots").is_ok_and(|v| v == "0")
@@ -400,8 +404,16 @@ fn reconfigure(keys: u64) -> Result<Reconfigure> {
             .and_then(|v| v.trim().parse().ok())
             .unwrap_or(0)
     };
-    let keys_copied = field("kvd_reconfigure_keys_copied");
-    let _ = new;
+    // Each old holder copies its share of the moving slots: count them all.
+    let mut keys_copied = 0;
+    for i in 0..=new {
+        let info = c.conn(i).cmd("INFO cluster")?.as_str();
+        keys_copied += info
+            .lines()
+            .find_map(|l| l.strip_prefix("kvd_reconfigure_keys_copied:"))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or(0);
+    }
     Ok(Reconfigure {
         keys,
         value_bytes: VALUE,
