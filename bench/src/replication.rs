@@ -322,7 +322,9 @@ fn rehome(keys: u64) -> Result<Rehome> {
         for i in 0..3 {
             let named = field(&c, i, "kvd_replica_down_nodes")?;
             let members = field(&c, i, "kvd_replica_members")?;
-            if down.is_none() && (named.split(',').any(|m| m == lost) || !members.split(',').any(|m| m == lost)) {
+            if down.is_none()
+                && (named.split(',').any(|m| m == lost) || !members.split(',').any(|m| m == lost))
+            {
                 down = Some(killed.elapsed());
             }
         }
