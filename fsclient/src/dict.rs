@@ -678,28 +678,12 @@ impl RespDict {
             urls.dedup();
             for url in urls.iter().filter(|u| !u.is_empty()) {
                 let mut conn = Self::connect(url)?;
-                let mut cursor: u64 = 0;
-                loop {
-                    let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-                        .arg(cursor)
-                        .arg("MATCH")
-                        .arg(pattern)
-                        .arg("COUNT")
-                        .arg(1000)
-                        .query(&mut conn)
-                        .map_err(backend)?;
-                    let mine: Vec<String> = keys
-                        .into_iter()
-                        .filter(|k| owner[key_slot(k.as_bytes()) as usize] == *url)
-                        .collect();
-                    if !mine.is_empty() {
-                        each(mine)?;
-                    }
-                    if next == 0 {
-                        break;
-                    }
-                    cursor = next;
-                }
+                scan_node(
+                    &mut conn,
+                    pattern,
+                    &|k| owner[key_slot(k.as_bytes()) as usize] == *url,
+                    each,
+                )?;
             }
             Ok(())
         };
@@ -803,6 +787,34 @@ fn hash_tag(key: &str) -> &str {
         }
     }
     key
+}
+
+/// One node's keys matching `pattern` that `keep` keeps, a SCAN page at a time.
+fn scan_node(
+    conn: &mut redis::Connection,
+    pattern: &str,
+    keep: &dyn Fn(&str) -> bool,
+    each: &mut dyn FnMut(Vec<String>) -> DictResult<()>,
+) -> DictResult<()> {
+    let mut cursor: u64 = 0;
+    loop {
+        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(pattern)
+            .arg("COUNT")
+            .arg(1000)
+            .query(conn)
+            .map_err(backend)?;
+        let kept: Vec<String> = keys.into_iter().filter(|k| keep(k)).collect();
+        if !kept.is_empty() {
+            each(kept)?;
+        }
+        if next == 0 {
+            return Ok(());
+        }
+        cursor = next;
+    }
 }
 
 /// Redis Cluster's hash slots.
@@ -972,24 +984,7 @@ impl Dict for RespDict {
             return done;
         }
         for mut conn in self.every_node()? {
-            let mut cursor: u64 = 0;
-            loop {
-                let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-                    .arg(cursor)
-                    .arg("MATCH")
-                    .arg(&pattern)
-                    .arg("COUNT")
-                    .arg(1000)
-                    .query(&mut conn)
-                    .map_err(backend)?;
-                if !keys.is_empty() {
-                    each(keys)?;
-                }
-                if next == 0 {
-                    break;
-                }
-                cursor = next;
-            }
+            scan_node(&mut conn, &pattern, &|_| true, each)?;
         }
         Ok(())
     }

@@ -174,6 +174,15 @@ impl Layout {
         }
     }
 
+    /// Those of `slots` that node `i` holds.
+    pub fn held_by(&self, i: usize, slots: &[u16]) -> Vec<u16> {
+        slots
+            .iter()
+            .copied()
+            .filter(|&s| self.slot_holders(s).contains(&i))
+            .collect()
+    }
+
     /// The nodes that hold `key`.
     pub fn holders(&self, key: &[u8]) -> Vec<usize> {
         self.slot_holders(slot::key_slot(key))

@@ -372,17 +372,10 @@ impl Replicas {
         let moving: Vec<u16> = (0..SLOTS as u16)
             .filter(|&s| old.holder_addrs(s) != target.holder_addrs(s))
             .collect();
-        let held_by = |i: usize, slots: &[u16]| -> Vec<u16> {
-            slots
-                .iter()
-                .copied()
-                .filter(|&s| old.slot_holders(s).contains(&i))
-                .collect()
-        };
         let version = old.version.to_string();
         let (c, p) = (ballot.counter.to_string(), ballot.proposer.to_string());
         let freezes = old.nodes.iter().enumerate().map(|(i, addr)| {
-            let slots = format_ranges(&ranges(held_by(i, &moving)));
+            let slots = format_ranges(&ranges(old.held_by(i, &moving)));
             let request = args(&[
                 b"KVD.FREEZE",
                 version.as_bytes(),
@@ -540,13 +533,6 @@ impl Replicas {
         frozen: &[bool],
         slots: &[u16],
     ) -> Result<(), Reply> {
-        let held_by = |i: usize, slots: &[u16]| -> Vec<u16> {
-            slots
-                .iter()
-                .copied()
-                .filter(|&s| old.slot_holders(s).contains(&i))
-                .collect()
-        };
         for chunk in slots.chunks(COPY_SLOTS) {
             let started = std::time::Instant::now();
             let mut best: HashMap<Bytes, Record> = HashMap::new();
@@ -558,7 +544,7 @@ impl Replicas {
                 .iter()
                 .enumerate()
                 .filter(|(i, _)| frozen[*i])
-                .map(|(i, addr)| (i, addr, held_by(i, chunk)))
+                .map(|(i, addr)| (i, addr, old.held_by(i, chunk)))
                 .filter(|(_, _, slots)| !slots.is_empty())
                 .map(|(i, addr, slots)| async move {
                     let mut records = HashMap::new();
