@@ -1297,10 +1297,16 @@ fn seed(conn: &mut Conn, prefix: &str, n: usize) {
     }
 }
 
+/// `KVD.RECONFIGURE` of `nodes` through node `via`. A change answers once
+/// all its steps are done, which under a loaded CI machine can take longer
+/// than a client's default 10 s: the tests bound the writers' pauses, not
+/// the change's length.
 fn reconfigure(c: &Replicated, via: usize, nodes: &[usize]) -> Value {
     let mut args = vec!["KVD.RECONFIGURE".to_string()];
     args.extend(nodes.iter().map(|&i| c.addr(i)));
-    c.conn(via).call(&args).unwrap()
+    let mut conn = c.conn(via);
+    conn.set_reply_timeout(Duration::from_secs(120)).unwrap();
+    conn.call(&args).unwrap()
 }
 
 /// A node joining a 3-node cluster with R=3 changes the replica set of three

@@ -16,10 +16,11 @@
 //!    prepare, accept or query on them at version v. Once a majority of each
 //!    moving slot's holders is frozen, no value can be chosen for it at
 //!    version v any more, and every value chosen before is on a majority of its
-//!    holders. Each moving slot is then copied by one of its frozen holders,
-//!    taken in turn (`KVD.COPYSLOTS`; the coordinator stands in for one that
-//!    fails), so a recovery is sent from every surviving holder at once: the
-//!    copier reads the slot's records from a
+//!    holders. Each moving slot is then copied by one of its frozen holders
+//!    (`KVD.COPYSLOTS`; the step's turn-holder where it holds the slot, so
+//!    the steps of a change spread the copying over the surviving holders;
+//!    the coordinator stands in for one that fails): the copier reads the
+//!    slot's records from a
 //!    majority of its holders (`KVD.SLOTRECORDS`), keeps for each key
 //!    the one with the highest ballot (deleted keys included), and installs it
 //!    on a majority of the key's new holders (`KVD.INSTALL`) at the ballot
@@ -419,17 +420,26 @@ impl Replicas {
                 "ERR stopped after freezing (KVD_FAILPOINTS=reconfigure-after-freeze)",
             ));
         }
-        // Each slot is copied by one of its frozen old holders, taken in turn,
-        // so a recovery is sent from every surviving holder at once instead of
-        // through this node (Ceph's parallel recovery). A delegate that fails
-        // is stood in for by this node.
+        // Each slot is copied by one of its frozen old holders instead of
+        // through this node (Ceph's parallel recovery): the step's turn-holder
+        // (the next frozen node after the version's turn) where it holds the
+        // slot, else one of the slot's holders in turn. Steps take turns, so a
+        // change's copies come from every surviving holder; within a step one
+        // copier does most, because each copier's reads cost every holder a
+        // scan of its keys (there is no per-slot index). A delegate that
+        // fails is stood in for by this node.
+        let n = old.nodes.len();
+        let turn = (0..n)
+            .map(|k| (old.version as usize + k) % n)
+            .find(|&i| frozen[i]);
         let mut by_delegate: HashMap<usize, Vec<u16>> = HashMap::new();
         for &s in &moving {
             let holders: Vec<usize> = old.slot_holders(s).into_iter().filter(|&i| frozen[i]).collect();
-            by_delegate
-                .entry(holders[s as usize % holders.len()])
-                .or_default()
-                .push(s);
+            let copier = match turn {
+                Some(t) if holders.contains(&t) => t,
+                _ => holders[s as usize % holders.len()],
+            };
+            by_delegate.entry(copier).or_default().push(s);
         }
         let frozen_addrs: Vec<&str> = old
             .nodes
