@@ -357,3 +357,58 @@ fn publish_reaches_subscribers_on_every_node() {
         );
     }
 }
+
+/// DBSIZE, RANDOMKEY, FLUSHALL and the slot key counts read this node's
+/// records; a deleted key leaves a tombstone record (its ballot must stay for
+/// the rounds), and an expired key a record past its time: neither is a key.
+#[test]
+fn deleted_and_expired_keys_are_not_counted() {
+    let c = Replicated::start(3, 3);
+    let mut a = c.conn(0);
+    for k in 0..10 {
+        a.call(&["SET", &format!("k{k}"), "v"]).unwrap();
+    }
+    for k in 0..4 {
+        assert_eq!(a.call(&["DEL", &format!("k{k}")]).unwrap(), Value::Int(1));
+    }
+    a.call(&["SET", "k4", "v", "PX", "1"]).unwrap();
+    std::thread::sleep(Duration::from_millis(20));
+    let slot = a
+        .call(&["CLUSTER", "KEYSLOT", "k0"])
+        .unwrap()
+        .as_int()
+        .unwrap()
+        .to_string();
+    for i in 0..3 {
+        let mut b = c.conn(i);
+        assert_eq!(b.cmd("DBSIZE").unwrap(), Value::Int(5), "node {i}");
+        assert_eq!(
+            b.call(&["CLUSTER", "COUNTKEYSINSLOT", &slot]).unwrap(),
+            Value::Int(0)
+        );
+        assert_eq!(
+            b.call(&["CLUSTER", "GETKEYSINSLOT", &slot, "10"]).unwrap(),
+            Value::Array(vec![])
+        );
+    }
+    for k in 5..10 {
+        assert_eq!(a.call(&["DEL", &format!("k{k}")]).unwrap(), Value::Int(1));
+    }
+    let rounds = |conn: &mut protocol_tests::Conn| {
+        let info = conn.cmd("INFO cluster").unwrap().as_str();
+        protocol_tests::report_field(&info, "kvd_paxos_rounds:").unwrap_or(0)
+    };
+    for i in 0..3 {
+        let mut b = c.conn(i);
+        assert_eq!(b.cmd("DBSIZE").unwrap(), Value::Int(0), "node {i}");
+        assert_eq!(b.cmd("RANDOMKEY").unwrap(), Value::Nil, "node {i}");
+        // Nothing left to delete: FLUSHALL runs no round.
+        let before = rounds(&mut b);
+        assert_eq!(b.cmd("FLUSHALL").unwrap().as_str(), "OK");
+        assert_eq!(
+            rounds(&mut b),
+            before,
+            "node {i}: FLUSHALL deleted tombstones again"
+        );
+    }
+}

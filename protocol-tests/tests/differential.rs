@@ -99,7 +99,7 @@ impl ClusterFilter {
             return true;
         }
         match spec.name {
-            "keys" | "scan" | "dbsize" | "randomkey" | "flushall" | "flushdb" | "info" => return false,
+            "scan" | "info" => return false,
             // A cluster node keeps database 0 only, as a Redis Cluster node
             // does (`cluster_nodes_keep_database_0_only` checks its refusals).
             "select" | "swapdb" | "move" => return false,

@@ -109,6 +109,13 @@ pub struct Head {
     pub expires_at: Option<u64>,
 }
 
+impl Head {
+    /// Whether a reader at `now` sees a key: present and not expired.
+    pub fn live(&self, now: u64) -> bool {
+        self.present && self.expires_at.is_none_or(|t| t > now)
+    }
+}
+
 pub struct Acceptor {
     floor_path: PathBuf,
     /// Ballots with a counter below this may be promised without touching disk.
@@ -284,6 +291,19 @@ impl Acceptor {
     /// read the whole record when they differ.
     pub fn head(&self, db: &Db, key: &Bytes) -> Result<Option<Bytes>, StoreError> {
         db.store().value_prefix(key, HEADER)
+    }
+
+    /// Whether this node holds `key` as a live key at `now`. A deleted key
+    /// keeps a tombstone record (its ballot orders later rounds) and an
+    /// expired one keeps its record, so a stored record is not a key; the
+    /// header says which (read without the value: the disk engine's scan
+    /// leaves values out). Bytes that are not a record (written before the
+    /// node was replicated) are a key.
+    pub fn holds_live(&self, db: &Db, key: &Bytes, now: u64) -> bool {
+        match self.head(db, key) {
+            Ok(Some(raw)) => Record::decode_head(&raw).is_none_or(|h| h.live(now)),
+            _ => false,
+        }
     }
 
     /// What this node has accepted for `key` (a read that promises nothing).

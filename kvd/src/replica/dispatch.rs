@@ -97,7 +97,9 @@ pub async fn dispatch(
             let me = rep.addr.clone();
             return rep.forget(&me).await;
         }
-        "cluster|countkeysinslot" | "cluster|getkeysinslot" => return keys_in_slot(shared, spec.name, args),
+        "cluster|countkeysinslot" | "cluster|getkeysinslot" => {
+            return keys_in_slot(shared, rep, spec.name, args)
+        }
         name if name.starts_with("cluster|") => {
             if let Some(reply) = rep.cluster_command(spec, args) {
                 return reply;
@@ -124,14 +126,19 @@ pub async fn dispatch(
         }
         // As on a Redis Cluster node, these act on the keys this node holds
         // (with no more nodes than R, every key).
-        "dbsize" if session.multi.is_none() => return Reply::Int(held_keys(shared, usize::MAX).len() as i64),
-        "randomkey" if session.multi.is_none() => return random_held_key(shared),
+        "dbsize" if session.multi.is_none() => return Reply::Int(count_held_keys(shared, rep)),
+        "randomkey" if session.multi.is_none() => return random_held_key(shared, rep),
         "flushall" | "flushdb" if session.multi.is_none() => {
             let mode_ok = |a: &Bytes| a.eq_ignore_ascii_case(b"async") || a.eq_ignore_ascii_case(b"sync");
             if args.len() > 2 || !args[1..].iter().all(mode_ok) {
                 return Reply::error("ERR syntax error");
             }
-            for key in held_keys(shared, usize::MAX) {
+            let mut keys = Vec::new();
+            for_each_held_key(shared, rep, |key| {
+                keys.push(key);
+                true
+            });
+            for key in keys {
                 let del = [Bytes::from_static(b"DEL"), key.clone()];
                 let reply = one_key(shared, rep, session, "del", &del, &key).await;
                 if reply.is_error() {
@@ -145,7 +152,7 @@ pub async fn dispatch(
         }
         "scan" | "keys" if session.multi.is_none() => {
             let reply = command::execute(shared, session, args);
-            return hide_deleted(shared, reply);
+            return hide_deleted(shared, rep, reply);
         }
         _ => {}
     }
@@ -394,33 +401,38 @@ async fn exec(shared: &Arc<Shared>, rep: &Arc<Replicas>, session: &mut Session, 
     reply
 }
 
-/// SCAN and KEYS list what this node stores: leave out deleted and expired keys.
-/// Up to `limit` live keys of this node's replicas (not deleted, not expired).
-fn held_keys(shared: &Shared, limit: usize) -> Vec<Bytes> {
+/// Visits the live keys of this node's replicas (not deleted, not expired:
+/// [`super::acceptor::Acceptor::holds_live`]) until `visit` answers false.
+fn for_each_held_key(shared: &Shared, rep: &Replicas, mut visit: impl FnMut(Bytes) -> bool) {
     let now = now_ms();
     let db = shared.dbs.zero();
-    let store = db.store();
-    let (mut keys, mut batch, mut cursor) = (Vec::new(), Vec::new(), 0);
+    let (mut batch, mut cursor) = (Vec::new(), 0);
     loop {
         batch.clear();
-        cursor = store.scan(cursor, 1000, &mut batch);
-        for (key, entry) in batch.drain(..) {
-            if Record::decode(&entry.value).is_none_or(|r| r.live(now).is_some()) {
-                keys.push(key);
-                if keys.len() == limit {
-                    return keys;
-                }
+        cursor = db.store().scan(cursor, 1000, &mut batch);
+        for (key, _) in batch.drain(..) {
+            if rep.acceptor.holds_live(&db, &key, now) && !visit(key) {
+                return;
             }
         }
         if cursor == 0 {
-            return keys;
+            return;
         }
     }
 }
 
+fn count_held_keys(shared: &Shared, rep: &Replicas) -> i64 {
+    let mut n = 0;
+    for_each_held_key(shared, rep, |_| {
+        n += 1;
+        true
+    });
+    n
+}
+
 /// CLUSTER COUNTKEYSINSLOT slot / GETKEYSINSLOT slot count: the keys of the
 /// slot this node holds, as a Redis Cluster node answers for its own.
-fn keys_in_slot(shared: &Shared, name: &str, args: &[Bytes]) -> Reply {
+fn keys_in_slot(shared: &Shared, rep: &Replicas, name: &str, args: &[Bytes]) -> Reply {
     let number = |i: usize| std::str::from_utf8(&args[i]).ok()?.parse::<i64>().ok();
     let Some(wanted) = number(2).filter(|&s| (0..slot::SLOTS as i64).contains(&s)) else {
         return Reply::error(if name == "cluster|countkeysinslot" {
@@ -429,44 +441,60 @@ fn keys_in_slot(shared: &Shared, name: &str, args: &[Bytes]) -> Reply {
             "ERR Invalid slot or number of keys"
         });
     };
-    let in_slot = held_keys(shared, usize::MAX)
-        .into_iter()
-        .filter(|k| slot::key_slot(k) as i64 == wanted);
-    if name == "cluster|countkeysinslot" {
-        return Reply::Int(in_slot.count() as i64);
+    let limit = if name == "cluster|countkeysinslot" {
+        usize::MAX
+    } else {
+        match number(3).filter(|&n| n >= 0) {
+            Some(n) => n as usize,
+            None => return Reply::error("ERR Invalid slot or number of keys"),
+        }
+    };
+    let (mut count, mut keys) = (0, Vec::new());
+    if limit > 0 {
+        for_each_held_key(shared, rep, |key| {
+            if slot::key_slot(&key) as i64 == wanted {
+                count += 1;
+                if limit != usize::MAX {
+                    keys.push(Reply::Bulk(key));
+                }
+            }
+            count < limit
+        });
     }
-    match number(3).filter(|&n| n >= 0) {
-        Some(n) => Reply::Array(in_slot.take(n as usize).map(Reply::Bulk).collect()),
-        None => Reply::error("ERR Invalid slot or number of keys"),
+    if name == "cluster|countkeysinslot" {
+        Reply::Int(count as i64)
+    } else {
+        Reply::Array(keys)
     }
 }
 
 /// RANDOMKEY over this node's live keys: a few random draws, then the first
 /// live key, so tombstones never answer.
-fn random_held_key(shared: &Shared) -> Reply {
+fn random_held_key(shared: &Shared, rep: &Replicas) -> Reply {
     let now = now_ms();
     let db = shared.dbs.zero();
-    let store = db.store();
     for _ in 0..16 {
-        let Some(key) = store.random_key() else {
+        let Some(key) = db.store().random_key() else {
             return Reply::Nil;
         };
-        if let Ok(Some(e)) = store.get(&key) {
-            if Record::decode(&e.value).is_none_or(|r| r.live(now).is_some()) {
-                return Reply::Bulk(key);
-            }
+        if rep.acceptor.holds_live(&db, &key, now) {
+            return Reply::Bulk(key);
         }
     }
-    held_keys(shared, 1).pop().map_or(Reply::Nil, Reply::Bulk)
+    let mut first = None;
+    for_each_held_key(shared, rep, |key| {
+        first = Some(key);
+        false
+    });
+    first.map_or(Reply::Nil, Reply::Bulk)
 }
 
-fn hide_deleted(shared: &Shared, reply: Reply) -> Reply {
+/// SCAN and KEYS list what this node stores: leave out deleted and expired keys.
+fn hide_deleted(shared: &Shared, rep: &Replicas, reply: Reply) -> Reply {
     let now = now_ms();
+    let db = shared.dbs.zero();
     let live = |k: &Reply| match k {
-        Reply::Bulk(key) => match shared.dbs.zero().store().get(key) {
-            Ok(Some(e)) => Record::decode(&e.value).is_none_or(|r| r.live(now).is_some()),
-            _ => false,
-        },
+        Reply::Bulk(key) => rep.acceptor.holds_live(&db, key, now),
         _ => true,
     };
     match reply {
