@@ -34,6 +34,11 @@ pub struct Cli {
     /// cache is never stale; a bigger one helps random reads of large files.
     #[arg(long, default_value_t = 256)]
     pub cache_mib: usize,
+    /// An encrypted volume's key file (`fsclient keygen FILE` makes one).
+    /// A volume made with a passphrase takes it from DICTFS_PASSPHRASE, or
+    /// asks on a terminal.
+    #[arg(long, env = "DICTFS_KEY_FILE", global = true)]
+    pub key_file: Option<PathBuf>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -45,8 +50,18 @@ pub enum Command {
     /// Files are cut into content-defined chunks of about --chunk-avg bytes
     /// (between --chunk-min and --chunk-max); fixed for the volume's life.
     /// Sizes take K and M suffixes (powers of 2).
+    ///
+    /// With --encrypt, everything the volume stores (file contents, names,
+    /// sizes, times, the history) is encrypted and authenticated on this
+    /// machine first; equal files still share their chunks. The key is
+    /// --key-file (see `fsclient keygen`) or else a passphrase (DICTFS_PASSPHRASE,
+    /// or asked twice on a terminal). Without the key the volume cannot be
+    /// read, or recovered: keep it safe.
     #[command(verbatim_doc_comment)]
     Mkfs {
+        /// Encrypt the volume (docs/FORMAT.md: the construction, what it hides).
+        #[arg(long)]
+        encrypt: bool,
         #[arg(long, default_value = "256K", value_parser = parse_size)]
         chunk_min: u32,
         #[arg(long, default_value = "1M", value_parser = parse_size)]
@@ -54,6 +69,9 @@ pub enum Command {
         #[arg(long, default_value = "4M", value_parser = parse_size)]
         chunk_max: u32,
     },
+    /// Write a new random key file for `mkfs --encrypt --key-file FILE`
+    /// (64 hex digits, readable by you alone); never overwrites one.
+    Keygen { file: PathBuf },
     /// List a directory (or show a file).
     Ls {
         #[arg(default_value = "/")]
@@ -202,6 +220,11 @@ pub enum Command {
         /// data no copy of which is left.)
         #[arg(long, conflicts_with = "at")]
         repair: bool,
+        /// Check every blob under the prefix against its name instead, and
+        /// report damage by key: needs no key, so anyone keeping an encrypted
+        /// volume's store can run it.
+        #[arg(long, conflicts_with_all = ["at", "repair"])]
+        blobs: bool,
     },
     /// Delete the blobs no kept version of any volume needs (all volumes under
     /// --prefix: blobs are shared between them).

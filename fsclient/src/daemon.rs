@@ -26,7 +26,14 @@ pub fn is_mounted(dir: &Path) -> bool {
 /// `--daemon`), detached from the terminal, its log going to `log_file` (else
 /// discarded), and waits until `mountpoint` is mounted or the child fails.
 /// Returns the child's pid.
-pub fn start_detached(args: &[OsString], mountpoint: &Path, log_file: Option<&Path>) -> Result<u32, String> {
+/// `env`: variables the mount needs beyond this process's (a passphrase typed
+/// here, which the detached mount cannot ask for).
+pub fn start_detached(
+    args: &[OsString],
+    env: &[(&str, &str)],
+    mountpoint: &Path,
+    log_file: Option<&Path>,
+) -> Result<u32, String> {
     use std::os::unix::process::CommandExt;
     let log = match log_file {
         Some(p) => std::process::Stdio::from(
@@ -41,6 +48,7 @@ pub fn start_detached(args: &[OsString], mountpoint: &Path, log_file: Option<&Pa
     let exe = std::env::current_exe().map_err(|e| format!("cannot find own executable: {e}"))?;
     let mut cmd = std::process::Command::new(exe);
     cmd.args(args)
+        .envs(env.iter().copied())
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
         .stderr(log);

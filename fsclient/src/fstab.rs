@@ -108,7 +108,8 @@ pub fn helper_mount(args: &[String]) -> Result<HelperMount, String> {
             ("commit_interval_ms" | "threads" | "log_file" | "metrics_addr", Some(v)) => {
                 mount.extend([flag(name), v.to_string()]);
             }
-            ("cache_mib" | "prefix", Some(v)) => global.extend([flag(name), v.to_string()]),
+            // An encrypted volume's key file (a mount at boot cannot ask for a passphrase).
+            ("cache_mib" | "prefix" | "key_file", Some(v)) => global.extend([flag(name), v.to_string()]),
             _ => return Err(format!("unknown mount option '{opt}'")),
         }
     }

@@ -22,13 +22,30 @@ fn snapshots_key(v: &Volume) -> String {
 /// The named snapshots of a volume: name -> commit.
 pub fn snapshots(v: &Volume) -> FsResult<BTreeMap<String, Hash>> {
     let raw = v.store.dict().get(&snapshots_key(v)).map_err(StoreError::from)?;
+    parse_snapshots(v, raw.as_deref())
+}
+
+/// An encrypted volume's snapshot list starts with this byte (a plain list
+/// starts with a name, which is never empty), then the list sealed as a blob
+/// is ([`crate::codec`]): names are the user's words, kept from the store.
+const SEALED_LIST: u8 = b'\n';
+
+fn parse_snapshots(v: &Volume, raw: Option<&[u8]>) -> FsResult<BTreeMap<String, Hash>> {
+    let text = match raw {
+        Some([SEALED_LIST, sealed @ ..]) => v
+            .store
+            .codec()
+            .open_trusted(bytes::Bytes::copy_from_slice(sealed))
+            .map_err(|error| StoreError::Unreadable {
+                key: snapshots_key(v),
+                error,
+            })?
+            .to_vec(),
+        Some(plain) => plain.to_vec(),
+        None => Vec::new(),
+    };
     let mut out = BTreeMap::new();
-    for line in raw
-        .as_deref()
-        .map(String::from_utf8_lossy)
-        .unwrap_or_default()
-        .lines()
-    {
+    for line in String::from_utf8_lossy(&text).lines() {
         let Some((name, hex)) = line.rsplit_once(' ') else {
             continue;
         };
@@ -43,12 +60,16 @@ fn change_snapshots(v: &Volume, f: &dyn Fn(&mut BTreeMap<String, Hash>) -> FsRes
     let key = snapshots_key(v);
     for _ in 0..50 {
         let raw = v.store.dict().get(&key).map_err(StoreError::from)?;
-        let mut list = snapshots(v)?;
+        let mut list = parse_snapshots(v, raw.as_deref())?;
         f(&mut list)?;
         let text: String = list.iter().map(|(n, h)| format!("{n} {}\n", h.hex())).collect();
+        let value = match v.store.codec() {
+            crate::codec::Codec::Plain => text.into_bytes(),
+            sealing => [&[SEALED_LIST][..], &sealing.seal(text.into()).stored].concat(),
+        };
         if v.store
             .dict()
-            .compare_and_swap(&key, raw.as_deref(), text.as_bytes())
+            .compare_and_swap(&key, raw.as_deref(), &value)
             .map_err(StoreError::from)?
         {
             return Ok(());
@@ -175,6 +196,31 @@ pub struct Check {
     pub bytes: u64,
     /// (path, problem) for everything that cannot be read back intact.
     pub damaged: Vec<(String, String)>,
+}
+
+/// Reads every blob stored under the store's prefix and checks it against its
+/// name (the SHA-256 of its bytes), reporting damage by key. It reads no tree,
+/// so it needs no key: what a store's keeper can check of an encrypted volume.
+pub fn verify_blobs(store: &BlobStore) -> Result<Check, StoreError> {
+    let mut check = Check::default();
+    let prefix = format!("{}b:", store.prefix());
+    let dict = store.dict();
+    dict.scan_prefix(&prefix, &mut |keys| {
+        for (key, value) in keys.iter().zip(dict.get_many(&keys)?) {
+            // Gone since the scan listed it (a collection): nothing to check.
+            let Some(value) = value else { continue };
+            check.blobs += 1;
+            check.bytes += value.len() as u64;
+            let named = key.strip_prefix(&prefix).and_then(Hash::from_hex);
+            if named != Some(Hash::of(&value)) {
+                check
+                    .damaged
+                    .push((key.clone(), "its content does not match its hash".into()));
+            }
+        }
+        Ok(())
+    })?;
+    Ok(check)
 }
 
 /// Reads every blob reachable from `root` and checks it (presence, hash,

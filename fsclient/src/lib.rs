@@ -4,12 +4,14 @@
 //! Data flows one way: the command line ([`cli`], the grammar; [`ops`], the
 //! operations) -> [`volume`]
 //! (commits, conflicts) -> [`tree`] (path operations on immutable trees) and
-//! [`merge`] -> [`store`] (blobs, verification, cache) -> [`dict`] (the store).
+//! [`merge`] -> [`store`] (blobs, cache) -> [`codec`] (a blob's stored bytes:
+//! verification, encryption) -> [`dict`] (the store).
 //! [`object`] defines the bytes; docs/FORMAT.md specifies them. A mount is
 //! [`mount`] (FUSE types, translation only) -> [`vfs`] (inodes, handles, the
 //! dirty overlay, commits) -> the same layers.
 
 pub mod cli;
+pub mod codec;
 pub mod daemon;
 pub mod dict;
 pub mod fstab;
@@ -26,6 +28,7 @@ pub mod store;
 pub mod tree;
 pub mod vfs;
 pub mod volume;
+pub mod volume_key;
 pub mod write_behind;
 
 #[cfg(test)]

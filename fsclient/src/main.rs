@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use clap::Parser;
 use fsclient::cli::{Cli, Command, SnapshotAction};
+use fsclient::codec::Codec;
 use fsclient::dict::RespDict;
 use fsclient::history;
 use fsclient::object::Hash;
@@ -16,6 +17,7 @@ use fsclient::ops::{self, fail, Error as Failure};
 use fsclient::store::BlobStore;
 use fsclient::tree::{self, Chunking, FsError};
 use fsclient::volume::Volume;
+use fsclient::volume_key::{self, KeySource, Lock};
 use fsclient::{daemon, fstab};
 
 fn run(cli: Cli) -> Result<(), Failure> {
@@ -31,6 +33,14 @@ fn run(cli: Cli) -> Result<(), Failure> {
             println!("wrote {} manual pages to {}", pages.len(), dir.display());
             return Ok(());
         }
+        Command::Keygen { file } => {
+            volume_key::keygen(&file).map_err(Failure)?;
+            println!(
+                "wrote a new key to {} (keep a copy: without it, a volume encrypted with it cannot be read)",
+                file.display()
+            );
+            return Ok(());
+        }
         Command::Mount { ref args, .. } if args.len() == 2 => Cli {
             store: args[0].clone(),
             ..cli
@@ -41,9 +51,21 @@ fn run(cli: Cli) -> Result<(), Failure> {
         RespDict::open(&cli.store).map_err(|e| Failure(format!("cannot reach {}: {e}", cli.store)))?,
     );
     let store = BlobStore::new(dict.clone(), &cli.prefix, cli.cache_mib.max(16) << 20);
+    // An encrypted volume's keys, before anything reads it (mkfs makes its own).
+    let (store, lock) = match &cli.command {
+        Command::Mkfs { encrypt: true, .. } => {
+            let source = key_source(&cli, true)?;
+            let (lock, keys) = Lock::create(&source).map_err(Failure)?;
+            (store.with_codec(Codec::Encrypted(Box::new(keys))), Some(lock))
+        }
+        Command::Mkfs { .. } => (store, None),
+        // Checks blobs by their names alone: no key needed.
+        Command::Fsck { blobs: true, .. } => (store, None),
+        _ => (store.with_codec(open_codec(dict.as_ref(), &cli)?), None),
+    };
     let v = Volume::new(store.clone(), &cli.volume);
     match cli.command {
-        Command::Umount { .. } | Command::Completions { .. } | Command::Man { .. } => {
+        Command::Umount { .. } | Command::Completions { .. } | Command::Man { .. } | Command::Keygen { .. } => {
             unreachable!("handled above")
         }
         Command::Mount {
@@ -70,6 +92,9 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 if let Some(addr) = &metrics_addr {
                     options.push(format!("metrics_addr={addr}"));
                 }
+                if let Some(file) = &cli.key_file {
+                    options.push(format!("key_file={}", file.display()));
+                }
                 for (on, name) in [
                     (allow_other, "allow_other"),
                     (noatime, "noatime"),
@@ -90,7 +115,9 @@ fn run(cli: Cli) -> Result<(), Failure> {
                     .filter(|a| *a != "--daemon")
                     .cloned()
                     .collect();
-                let pid = daemon::start_detached(&args, &mountpoint, log_file.as_deref()).map_err(Failure)?;
+                let typed = TYPED_PASSPHRASE.get().map(|p| ("DICTFS_PASSPHRASE", p.as_str()));
+                let env: Vec<_> = typed.into_iter().collect();
+                let pid = daemon::start_detached(&args, &env, &mountpoint, log_file.as_deref()).map_err(Failure)?;
                 println!("mounted at {} (pid {pid})", mountpoint.display());
                 return Ok(());
             }
@@ -114,6 +141,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
             })?;
         }
         Command::Mkfs {
+            encrypt: _,
             chunk_min,
             chunk_avg,
             chunk_max,
@@ -123,11 +151,12 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 avg: chunk_avg,
                 max: chunk_max,
             };
-            v.create_with(chunking).map_err(|e| match e {
+            v.create_encrypted(chunking, lock.as_ref()).map_err(|e| match e {
                 FsError::Exists => Failure(format!("volume '{}' already exists", cli.volume)),
                 e => Failure(format!("cannot create volume '{}': {e}", cli.volume)),
             })?;
-            println!("created volume '{}' in {}", cli.volume, cli.store);
+            let how = if lock.is_some() { "encrypted volume" } else { "volume" };
+            println!("created {how} '{}' in {}", cli.volume, cli.store);
         }
         Command::Ls { path, long } => {
             let mut out = std::io::stdout().lock();
@@ -334,7 +363,22 @@ fn run(cli: Cli) -> Result<(), Failure> {
             );
             println!("took:             {secs:.2}s ({} deletion windows)", r.windows);
         }
-        Command::Fsck { at, repair } => {
+        Command::Fsck { blobs: true, .. } => {
+            let check = history::verify_blobs(&store).map_err(|e| Failure(format!("cannot check the blobs: {e}")))?;
+            for (key, problem) in &check.damaged {
+                println!("damaged: {key}: {problem}");
+            }
+            println!(
+                "{} blobs checked against their names ({} bytes), {} damaged",
+                check.blobs,
+                check.bytes,
+                check.damaged.len()
+            );
+            if !check.damaged.is_empty() {
+                return Err(Failure(format!("{} damaged blobs", check.damaged.len())));
+            }
+        }
+        Command::Fsck { at, repair, .. } => {
             let ops::Fsck { check, renamed } = ops::fsck(&v, &at, repair)?;
             for (path, problem) in &check.damaged {
                 println!("damaged: {path}: {problem}");
@@ -354,6 +398,66 @@ fn run(cli: Cli) -> Result<(), Failure> {
         }
     }
     Ok(())
+}
+
+/// The keys of the volume the command names, if it is encrypted: read from
+/// its config first, so a plain volume never asks for a key.
+fn open_codec(dict: &dyn fsclient::dict::Dict, cli: &Cli) -> Result<Codec, Failure> {
+    let key = fsclient::volume::config_key(&cli.prefix, &cli.volume);
+    let text = dict
+        .get(&key)
+        .map_err(|e| Failure(format!("cannot read the volume's settings ({key}): {e}")))?
+        .map(|b| String::from_utf8_lossy(&b).into_owned());
+    let encrypted = match text.as_deref().map(Lock::from_config) {
+        Some(Err(e)) => return Err(Failure(e)),
+        Some(Ok(lock)) => lock.is_some(),
+        None => false,
+    };
+    let source = if encrypted {
+        Some(key_source(cli, false)?)
+    } else {
+        None
+    };
+    volume_key::codec_for(&cli.volume, text.as_deref(), source.as_ref()).map_err(Failure)
+}
+
+/// A passphrase typed at the prompt: handed to a mount started with --daemon.
+static TYPED_PASSPHRASE: std::sync::OnceLock<zeroize::Zeroizing<String>> = std::sync::OnceLock::new();
+
+/// Where this run's key comes from: --key-file (or DICTFS_KEY_FILE), else the
+/// passphrase in DICTFS_PASSPHRASE, else one typed on a terminal (twice for a
+/// new volume).
+fn key_source(cli: &Cli, new: bool) -> Result<KeySource, Failure> {
+    use std::io::IsTerminal;
+    if let Some(file) = &cli.key_file {
+        return Ok(KeySource::File(file.clone()));
+    }
+    if let Ok(phrase) = std::env::var("DICTFS_PASSPHRASE") {
+        return Ok(KeySource::Passphrase(zeroize::Zeroizing::new(phrase)));
+    }
+    if !std::io::stdin().is_terminal() {
+        return Err(Failure(format!(
+            "volume '{}' is encrypted{}: give its key with --key-file (or DICTFS_KEY_FILE), or its passphrase in DICTFS_PASSPHRASE",
+            cli.volume,
+            if new { " (mkfs --encrypt)" } else { "" }
+        )));
+    }
+    let ask = |prompt: &str| {
+        rpassword::prompt_password(prompt)
+            .map(zeroize::Zeroizing::new)
+            .map_err(|e| Failure(format!("cannot read the passphrase: {e}")))
+    };
+    let phrase = ask(&format!("passphrase for volume '{}': ", cli.volume))?;
+    let _ = TYPED_PASSPHRASE.set(phrase.clone());
+    if new {
+        if phrase.len() < 8 {
+            return Err(Failure("a passphrase needs at least 8 characters".into()));
+        }
+        if *ask("the same passphrase again: ")? != *phrase {
+            return Err(Failure("the two passphrases differ".into()));
+        }
+    }
+    Ok(KeySource::Passphrase(phrase))
 }
 
 /// Logs to stderr, filtered by `FSCLIENT_LOG` (else `RUST_LOG`, else `warn`;

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use parking_lot::Mutex;
 
+use crate::codec::{Codec, CodecError, Sealed};
 use crate::dict::{Dict, DictError};
 use crate::object::{self, Commit, Dir, FormatError, Hash, Manifest};
 
@@ -21,6 +22,8 @@ pub enum StoreError {
     Missing { key: String },
     #[error("blob {key} is corrupt: its content does not match its hash")]
     Corrupt { key: String },
+    #[error("blob {key} cannot be read: {error}")]
+    Unreadable { key: String, error: CodecError },
     #[error("blob {key} is malformed: {error}")]
     Malformed { key: String, error: FormatError },
     #[error("volume '{0}' does not exist (create it with `fsclient mkfs`)")]
@@ -113,6 +116,9 @@ fn boundary(name: &[u8], level: u8) -> bool {
 pub struct BlobStore {
     dict: Arc<dyn Dict>,
     prefix: String,
+    /// Plain or encrypted: what blobs become in the store ([`crate::codec`]).
+    codec: Arc<Codec>,
+    /// Plain blobs, by name.
     cache: Arc<Mutex<Cache>>,
     behind: Arc<crate::write_behind::WriteBehind>,
     leases: Arc<crate::gc::lease::Leases>,
@@ -166,6 +172,7 @@ impl BlobStore {
         BlobStore {
             dict,
             prefix: prefix.to_string(),
+            codec: Arc::default(),
             cache,
             behind: Arc::new(crate::write_behind::WriteBehind::with_lease(hook)),
             leases,
@@ -186,6 +193,57 @@ impl BlobStore {
             uploads_pending_bytes: pending,
             uploads_failing: failing,
         }
+    }
+
+    /// The same store, sealing and opening blobs with `codec` (an encrypted
+    /// volume's keys). Set before the store is shared: clones made earlier keep
+    /// the codec they had.
+    pub fn with_codec(mut self, codec: Codec) -> Self {
+        self.codec = Arc::new(codec);
+        self
+    }
+
+    pub fn codec(&self) -> &Codec {
+        &self.codec
+    }
+
+    /// A blob's stored form and name ([`Codec::seal`]).
+    pub fn seal(&self, plain: Bytes) -> Sealed {
+        self.codec.seal(plain)
+    }
+
+    /// The name a blob is stored under.
+    pub fn name_of(&self, plain: &[u8]) -> Hash {
+        self.codec.name(plain)
+    }
+
+    /// The name of the empty directory (which every new directory starts as).
+    pub fn empty_dir_name(&self) -> Hash {
+        self.name_of(&object::encode_dir(&Dir::new()))
+    }
+
+    /// The name of the empty file's manifest.
+    pub fn empty_manifest_name(&self) -> Hash {
+        self.name_of(&object::encode_manifest(&Manifest::default()))
+    }
+
+    /// Turns bytes read from the store under `h` back into the blob.
+    pub fn open(&self, h: &Hash, stored: Bytes) -> StoreResult<Bytes> {
+        self.codec.open(h, stored).map_err(|error| {
+            let key = self.blob_key(h);
+            if error == CodecError::Corrupt {
+                tracing::error!(%key, "blob content does not match its hash");
+                return StoreError::Corrupt { key };
+            }
+            tracing::error!(%key, "blob cannot be read: {error}");
+            StoreError::Unreadable { key, error }
+        })
+    }
+
+    /// A blob from the uploads not yet acknowledged (sealed here).
+    fn pending(&self, h: &Hash) -> Option<Bytes> {
+        let stored = self.behind.get(h)?;
+        self.codec.open_trusted(stored).ok()
     }
 
     pub fn dict(&self) -> &Arc<dyn Dict> {
@@ -236,9 +294,14 @@ impl BlobStore {
     /// blob (a directory, a manifest, a commit) is kept in the cache too:
     /// it is read again soon.
     pub fn put(&self, blob: Bytes) -> StoreResult<Hash> {
-        let h = Hash::of(&blob);
-        self.cache.lock().insert(h, blob.clone());
-        self.behind.put(&self.dict, vec![(h, self.blob_key(&h), blob)])?;
+        self.put_sealed(self.seal(blob))
+    }
+
+    fn put_sealed(&self, blob: Sealed) -> StoreResult<Hash> {
+        let h = blob.hash;
+        self.cache.lock().insert(h, blob.plain);
+        self.behind
+            .put(&self.dict, vec![(h, self.blob_key(&h), blob.stored)])?;
         Ok(h)
     }
 
@@ -252,7 +315,7 @@ impl BlobStore {
     /// the key, logged, never bytes returned as good.
     pub fn get(&self, h: &Hash) -> StoreResult<Bytes> {
         use std::sync::atomic::Ordering::Relaxed;
-        if let Some(b) = self.cache.lock().get(h).or_else(|| self.behind.get(h)) {
+        if let Some(b) = self.cache.lock().get(h).or_else(|| self.pending(h)) {
             self.hits.fetch_add(1, Relaxed);
             return Ok(b);
         }
@@ -291,14 +354,11 @@ impl BlobStore {
 
     fn fetch(&self, h: &Hash) -> StoreResult<Bytes> {
         let key = self.blob_key(h);
-        let blob = self.dict.get(&key)?.ok_or_else(|| {
+        let stored = self.dict.get(&key)?.ok_or_else(|| {
             tracing::error!(%key, "blob missing");
             StoreError::Missing { key: key.clone() }
         })?;
-        if Hash::of(&blob) != *h {
-            tracing::error!(%key, "blob content does not match its hash");
-            return Err(StoreError::Corrupt { key });
-        }
+        let blob = self.open(h, stored)?;
         self.cache.lock().insert(*h, blob.clone());
         Ok(blob)
     }
@@ -307,29 +367,29 @@ impl BlobStore {
     /// readable at once through this store, in the store itself after
     /// [`BlobStore::flush_writes`]. Returns their hashes.
     pub fn put_many_behind(&self, blobs: Vec<Bytes>) -> StoreResult<Vec<Hash>> {
-        let hashed = blobs.into_iter().map(|b| (Hash::of(&b), b)).collect();
-        self.put_hashed_behind(hashed)
+        let sealed = blobs.into_iter().map(|b| self.seal(b)).collect();
+        self.put_sealed_behind(sealed)
     }
 
-    /// [`BlobStore::put_many_behind`] for blobs whose hashes the caller has
-    /// just computed (hashing is the most expensive part of writing).
-    pub fn put_hashed_behind(&self, blobs: Vec<(Hash, Bytes)>) -> StoreResult<Vec<Hash>> {
-        debug_assert!(blobs.iter().all(|(h, b)| Hash::of(b) == *h));
-        let batch: Vec<_> = blobs
-            .into_iter()
-            .map(|(h, b)| (h, self.blob_key(&h), b))
-            .collect();
-        let hashes = batch.iter().map(|(h, _, _)| *h).collect();
+    /// [`BlobStore::put_many_behind`] for blobs the caller has just sealed
+    /// ([`BlobStore::seal`]: hashing is the most expensive part of writing,
+    /// and is done where the caller's threads are).
+    pub fn put_sealed_behind(&self, blobs: Vec<Sealed>) -> StoreResult<Vec<Hash>> {
+        let hashes = blobs.iter().map(|b| b.hash).collect();
         {
             // Small blobs just written (manifests, small files) are likely read
             // again soon, and stay readable while the store is away. Big chunks
             // are not kept: a large write would only churn the cache (and the
             // allocator: measured, peak memory doubles writing 1.5 GiB).
             let mut cache = self.cache.lock();
-            for (h, _, b) in batch.iter().filter(|(_, _, b)| b.len() <= 64 << 10) {
-                cache.insert(*h, b.clone());
+            for b in blobs.iter().filter(|b| b.plain.len() <= 64 << 10) {
+                cache.insert(b.hash, b.plain.clone());
             }
         }
+        let batch = blobs
+            .into_iter()
+            .map(|b| (b.hash, self.blob_key(&b.hash), b.stored))
+            .collect();
         self.behind.put(&self.dict, batch)?;
         Ok(hashes)
     }
@@ -353,17 +413,14 @@ impl BlobStore {
     pub fn get_many(&self, hashes: &[Hash]) -> StoreResult<Vec<Bytes>> {
         let mut out: Vec<Option<Bytes>> = hashes
             .iter()
-            .map(|h| self.cache.lock().get(h).or_else(|| self.behind.get(h)))
+            .map(|h| self.cache.lock().get(h).or_else(|| self.pending(h)))
             .collect();
         let missing: Vec<usize> = (0..hashes.len()).filter(|&i| out[i].is_none()).collect();
         let keys: Vec<String> = missing.iter().map(|&i| self.blob_key(&hashes[i])).collect();
         let fetched = self.dict.get_many(&keys)?;
         for ((&i, key), blob) in missing.iter().zip(keys).zip(fetched) {
             let blob = blob.ok_or_else(|| StoreError::Missing { key: key.clone() })?;
-            if Hash::of(&blob) != hashes[i] {
-                tracing::error!(%key, "blob content does not match its hash");
-                return Err(StoreError::Corrupt { key });
-            }
+            let blob = self.open(&hashes[i], blob)?;
             self.cache.lock().insert(hashes[i], blob.clone());
             out[i] = Some(blob);
         }
@@ -468,13 +525,14 @@ impl BlobStore {
     /// Like [`BlobStore::put`], skipping the store when the blob is cached (and so
     /// known to be stored already).
     fn put_known(&self, blob: Bytes) -> StoreResult<Hash> {
-        let h = Hash::of(&blob);
+        let blob = self.seal(blob);
+        let h = blob.hash;
         // Leased first: the lease is what makes the cache's word trustworthy.
         self.protect(crate::gc::lease::Kind::Blob, [&h])?;
         if self.cache.lock().known_stored(&h) {
             return Ok(h);
         }
-        self.put(blob)
+        self.put_sealed(blob)
     }
 
     pub fn manifest(&self, h: &Hash) -> StoreResult<Manifest> {

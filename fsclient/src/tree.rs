@@ -124,15 +124,17 @@ impl Chunking {
             let (k, v) = field
                 .split_once('=')
                 .ok_or_else(|| format!("bad volume config field '{field}'"))?;
-            let v: u32 = v
+            let slot = match k {
+                "min" => &mut c.min,
+                "avg" => &mut c.avg,
+                "max" => &mut c.max,
+                // Other settings (encryption: crate::volume_key; those of
+                // later versions) are not the chunker's.
+                _ => continue,
+            };
+            *slot = v
                 .parse()
                 .map_err(|_| format!("bad volume config value '{field}'"))?;
-            match k {
-                "min" => c.min = v,
-                "avg" => c.avg = v,
-                "max" => c.max = v,
-                _ => {} // unknown settings of later versions
-            }
         }
         c.validate()
     }
@@ -280,15 +282,16 @@ pub fn store_data(store: &BlobStore, data: impl Read, chunking: Chunking) -> FsR
     for chunk in chunker {
         let chunk = chunk.map_err(|e| FsError::Io(std::io::Error::other(e.to_string())))?;
         let blob = object::encode_chunk(&chunk.data);
-        manifest.chunks.push((Hash::of(&blob), chunk.length as u32));
-        batch_bytes += blob.len();
+        let blob = store.seal(blob);
+        manifest.chunks.push((blob.hash, chunk.length as u32));
+        batch_bytes += blob.stored.len();
         batch.push(blob);
         if batch_bytes >= 16 * 1024 * 1024 {
-            store.put_many(std::mem::take(&mut batch))?;
+            store.put_sealed_behind(std::mem::take(&mut batch))?;
             batch_bytes = 0;
         }
     }
-    store.put_many(batch)?;
+    store.put_sealed_behind(batch)?;
     let size = manifest.size();
     Ok((store.put(object::encode_manifest(&manifest))?, size))
 }
@@ -421,7 +424,7 @@ pub fn unlink(store: &BlobStore, root: Hash, path: &[Vec<u8>]) -> FsResult<Hash>
 
 /// Removes an empty directory.
 pub fn rmdir(store: &BlobStore, root: Hash, path: &[Vec<u8>]) -> FsResult<Hash> {
-    let empty = Hash::of(&object::encode_dir(&Dir::new()));
+    let empty = store.empty_dir_name();
     update(store, root, path, &mut |e| match e {
         None => Err(FsError::NotFound),
         Some(Entry {
@@ -459,7 +462,7 @@ pub fn rename(store: &BlobStore, root: Hash, from: &[Vec<u8>], to: &[Vec<u8>]) -
     }
     let moving = lookup(store, root, from)?.ok_or(FsError::NotFound)?;
     let moving_is_dir = matches!(moving.content, Content::Dir { .. });
-    let empty = Hash::of(&object::encode_dir(&Dir::new()));
+    let empty = store.empty_dir_name();
     let without = update(store, root, from, &mut |_| Ok(None))?;
     update(store, without, to, &mut |target| {
         match (target.map(|t| &t.content), moving_is_dir) {

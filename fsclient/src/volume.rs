@@ -13,6 +13,12 @@ use crate::links::{self, Tree};
 use crate::object::{self, Commit, Hash, Time};
 use crate::store::{BlobStore, StoreError};
 use crate::tree::{self, Chunking, FsError, FsResult};
+use crate::volume_key::Lock;
+
+/// The key holding a volume's settings: `<prefix>v:<volume>:config`.
+pub fn config_key(prefix: &str, volume: &str) -> String {
+    format!("{prefix}v:{volume}:config")
+}
 
 pub struct Volume {
     pub store: BlobStore,
@@ -41,14 +47,22 @@ impl Volume {
 
     /// The key holding the volume's settings (chosen at creation).
     pub fn config_key(&self) -> String {
-        format!(
-            "{}config",
-            self.store.root_key(&self.name).trim_end_matches("root")
-        )
+        config_key(self.store.prefix(), &self.name)
     }
 
     /// Creates the volume, cutting its files with `chunking`.
     pub fn create_with(&self, chunking: Chunking) -> FsResult<Hash> {
+        self.create_encrypted(chunking, None)
+    }
+
+    /// Creates the volume; with `lock`, an encrypted one (the store must be
+    /// sealing with the lock's keys: [`BlobStore::with_codec`]).
+    pub fn create_encrypted(&self, chunking: Chunking, lock: Option<&Lock>) -> FsResult<Hash> {
+        assert_eq!(
+            lock.is_some(),
+            self.store.codec().is_encrypted(),
+            "the store seals as the volume says"
+        );
         let chunking = chunking
             .validate()
             .map_err(|e| FsError::Io(std::io::Error::new(std::io::ErrorKind::InvalidInput, e)))?;
@@ -63,7 +77,11 @@ impl Volume {
             let (dict, key) = (self.store.dict(), self.config_key());
             let set = || -> Result<bool, crate::dict::DictError> {
                 let current = dict.get(&key)?;
-                dict.compare_and_swap(&key, current.as_deref(), chunking.to_config().as_bytes())
+                let mut config = chunking.to_config();
+                if let Some(lock) = lock {
+                    config = format!("{config} {}", lock.to_config());
+                }
+                dict.compare_and_swap(&key, current.as_deref(), config.as_bytes())
             };
             set().map_err(crate::store::StoreError::from)?;
         }

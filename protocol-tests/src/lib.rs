@@ -875,6 +875,11 @@ pub struct Replicated {
 
 impl Replicated {
     /// Starts `n` nodes keeping each key on `replicas` of them.
+    /// The directory holding every node's data directory.
+    pub fn data_root(&self) -> &Path {
+        self.tmp.path()
+    }
+
     pub fn start(n: usize, replicas: usize) -> Replicated {
         Replicated::start_with_env(n, replicas, &[])
     }

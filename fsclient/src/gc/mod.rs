@@ -25,6 +25,7 @@ use crate::dict::DictError;
 use crate::object::{self, Content, Hash, Tag, Time};
 use crate::store::{BlobStore, StoreError};
 use crate::volume::Volume;
+use crate::volume_key::Lock;
 use lease::Keys;
 use markset::MarkSet;
 pub use policy::Policy;
@@ -39,6 +40,8 @@ pub enum GcError {
     LockLost(String),
     #[error("a kept version needs {key}, which cannot be read ({error}); nothing was deleted — run `fsclient fsck`")]
     Damaged { key: String, error: String },
+    #[error("volume '{0}' is encrypted, and the collector needs its key to see what it references (run gc with --volume {0} and its key); nothing was deleted")]
+    NeedsKey(String),
     #[error("temporary file for the candidate list: {0}")]
     Temp(#[from] std::io::Error),
 }
@@ -271,6 +274,16 @@ impl Collector<'_> {
         now: Option<Time>,
         progress: &indicatif::ProgressBar,
     ) -> GcResult<()> {
+        // An encrypted volume's trees are readable with its key alone; without
+        // them nothing it references could be marked.
+        let config = self
+            .store
+            .dict()
+            .get(&crate::volume::config_key(self.store.prefix(), name))?;
+        let lock = config.and_then(|c| Lock::from_config(&String::from_utf8_lossy(&c)).ok().flatten());
+        if lock.is_some_and(|lock| !lock.opens_with(self.store.codec())) {
+            return Err(GcError::NeedsKey(name.to_string()));
+        }
         let volume = Volume::new(self.store.clone(), name);
         let mut todo = Vec::new();
         let mut keeper = now.map(|now| self.opts.policy.keeper(now));
@@ -328,13 +341,7 @@ impl Collector<'_> {
             let fetched = self.store.dict().get_many(&keys)?;
             for ((h, key), blob) in batch.iter().zip(keys).zip(fetched) {
                 match blob {
-                    Some(b) if Hash::of(&b) == *h => blobs.push(b),
-                    Some(_) => {
-                        return Err(GcError::Damaged {
-                            key,
-                            error: "corrupt: its content does not match its hash".into(),
-                        })
-                    }
+                    Some(b) => blobs.push(self.store.open(h, b).map_err(|e| damaged(self.store, h, e))?),
                     None => {
                         return Err(GcError::Damaged {
                             key,

@@ -334,11 +334,11 @@ impl FileData {
         old.fetch_sub(self.held.n, Ordering::Relaxed);
     }
 
-    /// A new empty file, not stored yet (its empty manifest is stored by
-    /// [`FileData::materialize`]).
-    pub fn empty() -> FileData {
+    /// A new empty file, not stored yet (its empty manifest, named `name` in
+    /// its store, is stored by [`FileData::materialize`]).
+    pub fn empty(name: Hash) -> FileData {
         let m = Manifest::default();
-        let mut f = FileData::new(Hash::of(&object::encode_manifest(&m)), &m);
+        let mut f = FileData::new(name, &m);
         f.changed = true;
         f.committable = None;
         f
@@ -516,7 +516,7 @@ impl FileData {
     /// truncate would otherwise be chunked to its end at every spill).
     pub fn spill(&mut self, store: &BlobStore, chunking: Chunking) -> FsResult<()> {
         self.settle();
-        self.forget_zero_tail(chunking);
+        self.forget_zero_tail(store, chunking);
         if self.changed && !self.store_content(store, chunking, true)? {
             self.store_content(store, chunking, false)?;
         }
@@ -533,7 +533,7 @@ impl FileData {
         if !self.changed {
             return Ok(());
         }
-        self.forget_zero_tail(chunking);
+        self.forget_zero_tail(store, chunking);
         let Some(plan) = self.plan(chunking, true) else {
             return self.store_content(store, chunking, false).map(|_| ());
         };
@@ -695,17 +695,18 @@ impl FileData {
     /// file (fio, databases, downloaders set the size first): once committed,
     /// its unwritten part is stored zeros, and without this every later spill
     /// would have to store the whole file.
-    fn forget_zero_tail(&mut self, chunking: Chunking) {
+    fn forget_zero_tail(&mut self, store: &BlobStore, chunking: Chunking) {
         // Only where old bytes stand in a partial store's way (this hashes
         // a short last chunk's worth of zeros to recognise it).
         if self.valid + (chunking.max as u64) < self.written_end().min(self.size) {
             return;
         }
-        let zero = zero_chunk(chunking);
+        let zero = zero_chunk(store, chunking);
         let chunks = &self.map.chunks;
         let mut start = self.base_size;
         for (i, &(h, s, len)) in chunks.iter().enumerate().rev() {
-            let zeros = h == zero.hash || (i + 1 == chunks.len() && len < zero.len && h == zeros_hash(len));
+            let zeros =
+                h == zero.hash || (i + 1 == chunks.len() && len < zero.len && h == zeros_hash(store, len));
             if !zeros {
                 break;
             }
@@ -906,7 +907,7 @@ fn cut(store: &BlobStore, chunking: Chunking, src: &Source, plan: &Plan) -> FsRe
     let mut pos = from;
     let mut zero_stored = false;
     let mut rejoined = false;
-    let zero = zero_chunk(chunking);
+    let zero = zero_chunk(store, chunking);
     while pos < limit {
         if partial && pos + max as u64 + 1 > limit {
             break;
@@ -1060,15 +1061,15 @@ fn hash_and_store(
     chunks: &mut [(Hash, u64, u32)],
     batch: Vec<(usize, bytes::Bytes)>,
 ) -> FsResult<()> {
-    let hashed = batch
+    let sealed = batch
         .into_iter()
         .map(|(i, blob)| {
-            let h = Hash::of(&blob);
-            chunks[i].0 = h;
-            (h, blob)
+            let blob = store.seal(blob);
+            chunks[i].0 = blob.hash;
+            blob
         })
         .collect();
-    store.put_hashed_behind(hashed)?;
+    store.put_sealed_behind(sealed)?;
     Ok(())
 }
 
@@ -1086,11 +1087,11 @@ struct ZeroChunk {
     blob: bytes::Bytes,
 }
 
-fn zero_chunk(c: Chunking) -> ZeroChunk {
-    type Known = Vec<((u32, u32, u32), ZeroChunk)>;
+fn zero_chunk(store: &BlobStore, c: Chunking) -> ZeroChunk {
+    type Known = Vec<((u32, u32, u32, u64), ZeroChunk)>;
     static CACHE: std::sync::OnceLock<parking_lot::Mutex<Known>> = std::sync::OnceLock::new();
     let cache = CACHE.get_or_init(Default::default);
-    let key = (c.min, c.avg, c.max);
+    let key = (c.min, c.avg, c.max, store.codec().id());
     if let Some((_, z)) = cache.lock().iter().find(|(k, _)| *k == key) {
         return z.clone();
     }
@@ -1101,7 +1102,7 @@ fn zero_chunk(c: Chunking) -> ZeroChunk {
     let blob = object::encode_chunk(&zeros[..len]);
     let z = ZeroChunk {
         len: len as u32,
-        hash: Hash::of(&blob),
+        hash: store.name_of(&blob),
         blob,
     };
     cache.lock().push((key, z.clone()));
@@ -1110,8 +1111,8 @@ fn zero_chunk(c: Chunking) -> ZeroChunk {
 
 /// The hash of the chunk of `len` zero bytes (a file's last chunk, cut by its
 /// end rather than by its content).
-fn zeros_hash(len: u32) -> Hash {
-    Hash::of(&object::encode_chunk(&vec![0u8; len as usize]))
+fn zeros_hash(store: &BlobStore, len: u32) -> Hash {
+    store.name_of(&object::encode_chunk(&vec![0u8; len as usize]))
 }
 
 impl Source<'_> {

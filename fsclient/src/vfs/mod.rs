@@ -37,7 +37,7 @@ use std::time::Duration;
 use parking_lot::Mutex;
 
 use crate::links::{self, Tree};
-use crate::object::{self, Content, Dir, Entry, Hash, Inodes, Manifest, Meta, Time};
+use crate::object::{self, Content, Dir, Entry, Hash, Inodes, Meta, Time};
 use crate::store::BlobStore;
 use crate::tree::{self, Chunking, FsError, FsResult};
 use crate::volume::Volume;
@@ -1070,7 +1070,7 @@ impl Vfs {
         {
             Some(ino) => ino,
             None => {
-                let empty = Hash::of(&object::encode_dir(&Dir::new()));
+                let empty = self.store().empty_dir_name();
                 let mut meta = tree::new_meta(0o555);
                 meta.uid = 0;
                 meta.gid = 0;
@@ -1268,7 +1268,7 @@ impl Vfs {
         let ino = st.add_node(parent, name.to_vec(), Entry { meta, content });
         if is_file {
             // Its (empty) manifest is stored with the commit.
-            let mut f = FileData::empty();
+            let mut f = FileData::empty(self.store().empty_manifest_name());
             f.count_in(&self.held);
             if let Body::File { data, .. } = &mut st.node_mut(ino)?.body {
                 *data = Some(Arc::new(Mutex::new(f)));
@@ -1297,7 +1297,7 @@ impl Vfs {
         let device = |kind| Content::Device { kind, rdev };
         let content = match mode & libc::S_IFMT {
             libc::S_IFREG | 0 => Content::File {
-                manifest: Hash::of(&object::encode_manifest(&Manifest::default())),
+                manifest: self.store().empty_manifest_name(),
                 size: 0,
             },
             libc::S_IFIFO => Content::Fifo,
@@ -1313,7 +1313,7 @@ impl Vfs {
     }
 
     pub fn mkdir(&self, caller: Caller, parent: Ino, name: &[u8], mode: u32) -> FsResult<Attr> {
-        let tree = Hash::of(&object::encode_dir(&Dir::new()));
+        let tree = self.store().empty_dir_name();
         self.make(caller, parent, name, mode, Content::Dir { tree })
     }
 

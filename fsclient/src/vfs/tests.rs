@@ -151,7 +151,7 @@ fn writes_and_reads_during_a_background_spill_see_the_newest_bytes() {
             .map(|i| (i.wrapping_add(seed).wrapping_mul(2654435761) >> 11) as u8)
             .collect()
     };
-    let mut f = FileData::empty();
+    let mut f = FileData::empty(store.empty_manifest_name());
     let mut model = Vec::new();
     let append = |f: &mut FileData, model: &mut Vec<u8>, data: &[u8]| {
         f.write(model.len() as u64, data);
@@ -202,7 +202,7 @@ fn writes_and_reads_during_a_background_spill_see_the_newest_bytes() {
 fn spills_of_a_presized_committed_file_store_only_the_written_part() {
     let store = store();
     let size = 40_000u64;
-    let mut f = FileData::empty();
+    let mut f = FileData::empty(store.empty_manifest_name());
     f.truncate(size);
     f.materialize(&store, small()).unwrap();
     let mut model = vec![0u8; size as usize];
@@ -478,7 +478,7 @@ fn a_refresh_racing_a_commit_never_goes_back_to_an_older_head() {
 #[test]
 fn a_presized_file_is_cut_like_its_content_and_holes_cost_no_reading() {
     let store = store();
-    let mut f = FileData::empty();
+    let mut f = FileData::empty(store.empty_manifest_name());
     let mut model = vec![0u8; 50_000];
     f.truncate(50_000);
     let data: Vec<u8> = (0..3000u32).map(|i| (i * 31 % 253) as u8).collect();

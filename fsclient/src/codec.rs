@@ -1,0 +1,300 @@
+//! How a blob is turned into the bytes a store holds, and back: the one place
+//! where a plain and an encrypted volume differ. Below it is the store (which
+//! sees only what [`Codec::seal`] gives it); above it, [`crate::store`] and
+//! everything that builds trees, which see only plain blobs
+//! ([`crate::object`]'s encodings).
+//!
+//! A blob's name (its key in the store) is always the SHA-256 of the stored
+//! bytes, so any store, `fsclient fsck` and the collector can verify a blob
+//! without a key.
+//!
+//! **Plain:** stored bytes are the blob itself.
+//!
+//! **Encrypted (convergent):** with a volume master key `M` (from a key file,
+//! or a passphrase through Argon2id), three keys are derived with HKDF-SHA256:
+//! `K_enc` (AES-256-GCM-SIV), `K_conv` (the convergence secret) and `K_check`.
+//! A blob `P` is stored as
+//!
+//! ```text
+//! 0xE1 | 0x01 | nonce[12] | AES-256-GCM-SIV(K_enc, nonce, aad = 0xE1 0x01, P) (ciphertext + 16-byte tag)
+//! nonce = HMAC-SHA256(K_conv, P)[..12]
+//! ```
+//!
+//! The nonce is a keyed hash of the plaintext (a synthetic IV): the same blob
+//! always encrypts to the same bytes under the same key, so equal files
+//! deduplicate, while someone without `K_conv` cannot confirm a guess of a
+//! file's content by encrypting it. GCM-SIV stays safe if two different blobs
+//! ever drew the same nonce (it reveals only that they are equal). docs/FORMAT.md
+//! has the threat model.
+
+use aes_gcm_siv::aead::{AeadInPlace, KeyInit};
+use aes_gcm_siv::{Aes256GcmSiv, Nonce};
+use bytes::Bytes;
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+use zeroize::Zeroizing;
+
+use crate::object::Hash;
+
+/// First byte of an encrypted blob: never a plain blob's tag (1..=6).
+pub const ENCRYPTED_TAG: u8 = 0xE1;
+const VERSION: u8 = 1;
+const NONCE: usize = 12;
+const TAG: usize = 16;
+/// What encryption adds to a blob's size.
+pub const OVERHEAD: usize = 2 + NONCE + TAG;
+
+/// Why stored bytes could not be turned back into a blob.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum CodecError {
+    #[error("its content does not match its hash")]
+    Corrupt,
+    #[error("it is encrypted, and this volume was opened without a key")]
+    NeedsKey,
+    #[error("it does not decrypt with this volume's key (another volume's blob, or damaged)")]
+    WrongKey,
+    #[error("unknown encryption format {0}")]
+    UnknownVersion(u8),
+}
+
+/// The keys of an encrypted volume, derived from its master key.
+pub struct Keys {
+    /// Tells keys apart in this process (for caches of sealed names).
+    id: u64,
+    cipher: Aes256GcmSiv,
+    convergence: Zeroizing<[u8; 32]>,
+    check: Zeroizing<[u8; 32]>,
+}
+
+impl Keys {
+    /// Derives the volume's keys from a master key (any length; 32 random
+    /// bytes from a key file, or Argon2id's output for a passphrase).
+    pub fn from_master(master: &[u8]) -> Keys {
+        let hk = hkdf::Hkdf::<Sha256>::new(Some(b"dictfs"), master);
+        let derive = |info: &[u8]| {
+            let mut k = Zeroizing::new([0u8; 32]);
+            hk.expand(info, &mut k[..])
+                .expect("32 bytes is a valid HKDF length");
+            k
+        };
+        let enc = derive(b"dictfs v1 blob encryption");
+        let check = derive(b"dictfs v1 key check");
+        Keys {
+            id: u64::from_le_bytes(check[..8].try_into().expect("8 bytes")) | 1,
+            cipher: Aes256GcmSiv::new_from_slice(&enc[..]).expect("32-byte key"),
+            convergence: derive(b"dictfs v1 convergence"),
+            check,
+        }
+    }
+
+    /// A value kept in the volume's config that tells a right key from a
+    /// wrong one without revealing anything about the key (an HMAC output).
+    pub fn check_value(&self) -> String {
+        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&self.check[..]).expect("any key length");
+        mac.update(b"dictfs key check");
+        hex::encode(&mac.finalize().into_bytes()[..16])
+    }
+
+    fn nonce(&self, plain: &[u8]) -> [u8; NONCE] {
+        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&self.convergence[..]).expect("any key length");
+        mac.update(plain);
+        let mut nonce = [0u8; NONCE];
+        nonce.copy_from_slice(&mac.finalize().into_bytes()[..NONCE]);
+        nonce
+    }
+
+    fn encrypt(&self, plain: &[u8]) -> Bytes {
+        let nonce = self.nonce(plain);
+        let mut out = Vec::with_capacity(plain.len() + OVERHEAD);
+        out.extend_from_slice(&[ENCRYPTED_TAG, VERSION]);
+        out.extend_from_slice(&nonce);
+        out.extend_from_slice(plain);
+        let mut body = out.split_off(2 + NONCE);
+        let tag = self
+            .cipher
+            .encrypt_in_place_detached(Nonce::from_slice(&nonce), &[ENCRYPTED_TAG, VERSION], &mut body)
+            .expect("a blob is far below GCM-SIV's 2^36-byte limit");
+        out.extend_from_slice(&body);
+        out.extend_from_slice(&tag);
+        Bytes::from(out)
+    }
+
+    fn decrypt(&self, stored: &[u8]) -> Result<Bytes, CodecError> {
+        if stored.len() < OVERHEAD {
+            return Err(CodecError::WrongKey);
+        }
+        if stored[1] != VERSION {
+            return Err(CodecError::UnknownVersion(stored[1]));
+        }
+        let nonce = Nonce::from_slice(&stored[2..2 + NONCE]);
+        let (body, tag) = stored[2 + NONCE..].split_at(stored.len() - OVERHEAD);
+        let mut plain = body.to_vec();
+        self.cipher
+            .decrypt_in_place_detached(nonce, &[ENCRYPTED_TAG, VERSION], &mut plain, tag.into())
+            .map_err(|_| CodecError::WrongKey)?;
+        Ok(Bytes::from(plain))
+    }
+}
+
+/// A blob ready for the store: its name, its plain bytes (what readers above
+/// the store see, and what the cache keeps) and the bytes stored.
+#[derive(Clone)]
+pub struct Sealed {
+    pub hash: Hash,
+    pub plain: Bytes,
+    pub stored: Bytes,
+}
+
+/// Plain or encrypted (see the module's doc).
+#[derive(Default)]
+pub enum Codec {
+    #[default]
+    Plain,
+    Encrypted(Box<Keys>),
+}
+
+impl Codec {
+    pub fn is_encrypted(&self) -> bool {
+        matches!(self, Codec::Encrypted(_))
+    }
+
+    /// Whether this codec holds the keys whose check value is `check`.
+    pub fn has_check(&self, check: &str) -> bool {
+        matches!(self, Codec::Encrypted(keys) if keys.check_value() == check)
+    }
+
+    /// Equal for codecs that seal alike (0 for plain), so a cache of sealed
+    /// names can be shared between volumes.
+    pub fn id(&self) -> u64 {
+        match self {
+            Codec::Plain => 0,
+            Codec::Encrypted(keys) => keys.id,
+        }
+    }
+
+    /// The stored form of `plain` and its name.
+    pub fn seal(&self, plain: Bytes) -> Sealed {
+        let stored = match self {
+            Codec::Plain => plain.clone(),
+            Codec::Encrypted(keys) => keys.encrypt(&plain),
+        };
+        Sealed {
+            hash: Hash::of(&stored),
+            plain,
+            stored,
+        }
+    }
+
+    /// The name `plain` is stored under (without keeping the stored form).
+    pub fn name(&self, plain: &[u8]) -> Hash {
+        match self {
+            Codec::Plain => Hash::of(plain),
+            Codec::Encrypted(keys) => Hash::of(&keys.encrypt(plain)),
+        }
+    }
+
+    /// The blob named `h`, from bytes read from the store: checked against
+    /// the name first (a store's damage is found without a key), then
+    /// decrypted (and authenticated) if it is encrypted.
+    pub fn open(&self, h: &Hash, stored: Bytes) -> Result<Bytes, CodecError> {
+        if Hash::of(&stored) != *h {
+            return Err(CodecError::Corrupt);
+        }
+        self.open_trusted(stored)
+    }
+
+    /// [`Codec::open`] for bytes this client sealed itself (uploads not yet
+    /// acknowledged): nothing to check them against.
+    pub fn open_trusted(&self, stored: Bytes) -> Result<Bytes, CodecError> {
+        match (stored.first(), self) {
+            (Some(&ENCRYPTED_TAG), Codec::Encrypted(keys)) => keys.decrypt(&stored),
+            (Some(&ENCRYPTED_TAG), Codec::Plain) => Err(CodecError::NeedsKey),
+            // A plain blob, even in an encrypted volume's store (a volume
+            // shares its store with others); its own decoder checks it.
+            _ => Ok(stored),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn keys(master: &[u8]) -> Codec {
+        Codec::Encrypted(Box::new(Keys::from_master(master)))
+    }
+
+    #[test]
+    fn sealing_is_deterministic_and_opens_back() {
+        let c = keys(b"0123456789abcdef0123456789abcdef");
+        let blob = Bytes::from_static(b"\x01\x01hello world");
+        let a = c.seal(blob.clone());
+        let b = c.seal(blob.clone());
+        assert_eq!(a.stored, b.stored, "convergent: the same blob seals the same");
+        assert_eq!(a.hash, c.name(&blob));
+        assert_eq!(a.stored.len(), blob.len() + OVERHEAD);
+        assert!(!a.stored.windows(5).any(|w| w == b"hello"));
+        assert_eq!(c.open(&a.hash, a.stored.clone()).unwrap(), blob);
+    }
+
+    #[test]
+    fn another_key_seals_otherwise_and_cannot_open() {
+        let (c1, c2) = (keys(b"key one"), keys(b"key two"));
+        let blob = Bytes::from_static(b"\x01\x01same content");
+        let (a, b) = (c1.seal(blob.clone()), c2.seal(blob.clone()));
+        assert_ne!(a.stored, b.stored);
+        assert_eq!(c2.open(&a.hash, a.stored.clone()), Err(CodecError::WrongKey));
+        assert_eq!(
+            Codec::Plain.open(&a.hash, a.stored.clone()),
+            Err(CodecError::NeedsKey)
+        );
+    }
+
+    #[test]
+    fn any_changed_byte_is_refused() {
+        let c = keys(b"k");
+        let s = c.seal(Bytes::from_static(b"\x01\x01some file bytes"));
+        for i in 0..s.stored.len() {
+            let mut bad = s.stored.to_vec();
+            bad[i] ^= 0x40;
+            // Against the name: corrupt. Trusted (no name to check): the tag.
+            assert_eq!(
+                c.open(&s.hash, Bytes::from(bad.clone())),
+                Err(CodecError::Corrupt)
+            );
+            // (A changed first byte makes it a plain blob, which its decoder refuses.)
+            if i > 0 {
+                assert!(c.open_trusted(Bytes::from(bad)).is_err(), "byte {i}");
+            }
+        }
+    }
+
+    #[test]
+    fn plain_blobs_are_stored_as_they_are() {
+        let blob = Bytes::from_static(b"\x01\x01plain");
+        let s = Codec::Plain.seal(blob.clone());
+        assert_eq!(s.stored, blob);
+        assert_eq!(s.hash, Hash::of(&blob));
+        // An encrypted volume's client still reads plain blobs.
+        assert_eq!(keys(b"k").open(&s.hash, s.stored).unwrap(), blob);
+    }
+
+    /// The encrypted format, pinned: these bytes must never change (a volume
+    /// written today must open with every later fsclient).
+    #[test]
+    fn golden_vectors() {
+        let master = [7u8; 32];
+        let k = Keys::from_master(&master);
+        assert_eq!(k.check_value(), GOLDEN_CHECK);
+        let s = Codec::Encrypted(Box::new(k)).seal(Bytes::from_static(b"\x01\x01dictfs"));
+        assert_eq!(hex::encode(&s.stored), GOLDEN_STORED);
+        assert_eq!(s.hash.hex(), GOLDEN_NAME);
+    }
+
+    // Computed outside this code, with Python's `cryptography` (OpenSSL's
+    // HKDF, HMAC and AES-GCM-SIV) following the module's doc.
+    const GOLDEN_CHECK: &str = "5090386f88f6f6c121c692258e67c05a";
+    const GOLDEN_STORED: &str =
+        "e101c3db96b1b03ce31f51937280980c0f14729e2a87b7cd00215d184df141bf704b795f9787";
+    const GOLDEN_NAME: &str = "aa73230ba5a1983c7396fa36fe1f1af46d1a0866c729099fa96342f1ca0d2a07";
+}
