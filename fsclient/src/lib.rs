@@ -4,8 +4,9 @@
 //! Data flows one way: the command line ([`cli`], the grammar; [`ops`], the
 //! operations) -> [`volume`]
 //! (commits, conflicts) -> [`tree`] (path operations on immutable trees) and
-//! [`merge`] -> [`store`] (blobs, cache) -> [`codec`] (a blob's stored bytes:
-//! verification, encryption) -> [`dict`] (the store).
+//! [`merge`] -> [`store`] (blobs, cache; [`lease`], the writer's half of
+//! garbage collection) -> [`codec`] (a blob's stored bytes: verification,
+//! encryption) -> [`dict`] (the store). [`gc`] collects over the same store.
 //! [`object`] defines the bytes; docs/FORMAT.md specifies them. A mount is
 //! [`mount`] (FUSE types, translation only) -> [`vfs`] (inodes, handles, the
 //! dirty overlay, commits) -> the same layers.
@@ -17,6 +18,7 @@ pub mod dict;
 pub mod fstab;
 pub mod gc;
 pub mod history;
+pub mod lease;
 pub mod links;
 pub mod merge;
 pub mod metrics;

@@ -19,14 +19,7 @@ use crate::object::{self, Content, Entry, Hash, Inodes, Meta, Time};
 use crate::store::BlobStore;
 use crate::tree::FsResult;
 
-/// A commit's file system: its root directory, its inode table and the
-/// root directory's own metadata.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Tree {
-    pub root: Hash,
-    pub inodes: Option<Hash>,
-    pub root_meta: Option<Meta>,
-}
+pub use crate::object::Tree;
 
 /// The root's metadata after a merge: a side's change if only one side
 /// changed it, else the later change (by ctime; ours on a tie).

@@ -237,10 +237,19 @@ pub struct Commit {
     pub root_meta: Option<Meta>,
 }
 
+/// A commit's file system: its root directory, its inode table and the
+/// root directory's own metadata (what [`crate::links`] merges and counts).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Tree {
+    pub root: Hash,
+    pub inodes: Option<Hash>,
+    pub root_meta: Option<Meta>,
+}
+
 impl Commit {
     /// The file system this commit holds.
-    pub fn tree(&self) -> crate::links::Tree {
-        crate::links::Tree {
+    pub fn tree(&self) -> Tree {
+        Tree {
             root: self.root,
             inodes: self.inodes,
             root_meta: self.root_meta.clone(),

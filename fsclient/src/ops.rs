@@ -407,9 +407,7 @@ pub fn restore(v: &Volume, path: &str, from: &str) -> Result<()> {
     // The old version may be collected meanwhile; the lease keeps what the
     // restored entry needs until the commit references it.
     if let Some(h) = entry.content.blob() {
-        v.store
-            .protect(crate::gc::lease::Kind::Tree, [&h])
-            .map_err(plain)?;
+        v.store.protect(crate::lease::Kind::Tree, [&h]).map_err(plain)?;
     }
     v.change(&format!("restore {path} from {from}"), |s, root| {
         tree::update(s, root, &names, &mut |_| Ok(Some(entry.clone())))

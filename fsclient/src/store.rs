@@ -75,18 +75,18 @@ impl Cache {
     }
 }
 
-/// Leases blobs (see [`crate::gc::lease`]); if a collection ran since the
+/// Leases blobs (see [`crate::lease`]); if a collection ran since the
 /// last lease, empties the cache, whose blobs may no longer be stored.
 fn lease<'h>(
     dict: &dyn Dict,
-    leases: &crate::gc::lease::Leases,
+    leases: &crate::lease::Leases,
     cache: &Mutex<Cache>,
-    kind: crate::gc::lease::Kind,
+    kind: crate::lease::Kind,
     hashes: impl IntoIterator<Item = &'h Hash>,
 ) -> Result<(), DictError> {
     let mut records = Vec::new();
     for h in hashes {
-        crate::gc::lease::record(kind, h, &mut records);
+        crate::lease::record(kind, h, &mut records);
     }
     if records.is_empty() {
         return Ok(());
@@ -121,7 +121,7 @@ pub struct BlobStore {
     /// Plain blobs, by name.
     cache: Arc<Mutex<Cache>>,
     behind: Arc<crate::write_behind::WriteBehind>,
-    leases: Arc<crate::gc::lease::Leases>,
+    leases: Arc<crate::lease::Leases>,
     fetching: Arc<Mutex<std::collections::HashMap<Hash, Arc<Flight>>>>,
     /// Blob reads answered from memory (the cache, or an upload not yet
     /// stored) and from the store.
@@ -154,19 +154,13 @@ impl BlobStore {
             lru: lru::LruCache::unbounded(),
             era: 0,
         }));
-        let leases = Arc::new(crate::gc::lease::Leases::new(prefix));
+        let leases = Arc::new(crate::lease::Leases::new(prefix));
         // The uploader leases each round before sending it: one round trip
         // for everything a commit stores, instead of one per blob put.
         let hook: crate::write_behind::LeaseHook = {
             let (dict, cache, leases) = (dict.clone(), cache.clone(), leases.clone());
             Arc::new(move |hashes: &[Hash]| {
-                lease(
-                    &*dict,
-                    &leases,
-                    &cache,
-                    crate::gc::lease::Kind::Blob,
-                    hashes.iter(),
-                )
+                lease(&*dict, &leases, &cache, crate::lease::Kind::Blob, hashes.iter())
             })
         };
         BlobStore {
@@ -255,19 +249,19 @@ impl BlobStore {
     }
 
     /// Leases blobs against garbage collection before they are uploaded or
-    /// relied on (see [`crate::gc::lease`]). If a collection ran since the
+    /// relied on (see [`crate::lease`]). If a collection ran since the
     /// last lease, what the cache holds is no longer trusted as stored (see
     /// [`Cache`]); it is still read from.
     pub fn protect<'h>(
         &self,
-        kind: crate::gc::lease::Kind,
+        kind: crate::lease::Kind,
         hashes: impl IntoIterator<Item = &'h Hash>,
     ) -> StoreResult<()> {
         Ok(lease(&*self.dict, &self.leases, &self.cache, kind, hashes)?)
     }
 
     /// Starts a commit: the blobs leased so far are for it (see
-    /// [`crate::gc::lease::Leases::seal`]); pass the answer to
+    /// [`crate::lease::Leases::seal`]); pass the answer to
     /// [`BlobStore::release_leases`] after the root swap.
     pub fn seal_leases(&self) -> u64 {
         self.leases.seal()
@@ -528,7 +522,7 @@ impl BlobStore {
         let blob = self.seal(blob);
         let h = blob.hash;
         // Leased first: the lease is what makes the cache's word trustworthy.
-        self.protect(crate::gc::lease::Kind::Blob, [&h])?;
+        self.protect(crate::lease::Kind::Blob, [&h])?;
         if self.cache.lock().known_stored(&h) {
             return Ok(h);
         }

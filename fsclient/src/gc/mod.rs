@@ -13,7 +13,6 @@
 //! Memory: the mark set holds interior blobs exactly and chunks in a Bloom
 //! filter ([`markset`]); the candidate list streams through a temporary file.
 
-pub mod lease;
 pub mod markset;
 pub mod policy;
 
@@ -22,11 +21,11 @@ use std::io::{BufReader, BufWriter, Read, Write};
 use std::time::{Duration, Instant};
 
 use crate::dict::DictError;
+use crate::lease::{self, Keys};
 use crate::object::{self, Content, Hash, Tag, Time};
 use crate::store::{BlobStore, StoreError};
 use crate::volume::Volume;
 use crate::volume_key::Lock;
-use lease::Keys;
 use markset::MarkSet;
 pub use policy::Policy;
 
