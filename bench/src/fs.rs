@@ -1,5 +1,6 @@
 //! `bench fs`: fsclient's put and get through kvd and through redis-server in the
-//! same run, hashing + chunking against `sha256sum` (the ceiling), and dedup.
+//! same run, an encrypted volume against a plain one (both on kvd), hashing +
+//! chunking against `sha256sum` (the ceiling), and dedup.
 
 use std::io::Write;
 use std::sync::Arc;
@@ -18,6 +19,9 @@ use serde::Serialize;
 #[derive(Serialize)]
 pub struct Report {
     rows: Vec<Row>,
+    /// The same figures for an encrypted volume (ours) against a plain one
+    /// (the peer), both through kvd.
+    encrypted: Vec<Row>,
     hashing: Hashing,
     dedup: Dedup,
 }
@@ -105,11 +109,32 @@ fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
     v
 }
 
-fn volume(port: u16) -> Result<Volume> {
+/// How a bench volume's blobs are stored: plain, or encrypted with a key file.
+#[derive(Clone, Copy)]
+enum Sealing<'a> {
+    Plain,
+    Encrypted(&'a std::path::Path),
+}
+
+/// A client of the bench volume at `port`, with an empty cache.
+fn store(port: u16, sealing: Sealing) -> Result<(BlobStore, Option<fsclient::volume_key::Lock>)> {
     let dict = RespDict::open(&format!("redis://127.0.0.1:{port}"))?;
     let store = BlobStore::new(Arc::new(dict), "bench:", 64 << 20);
+    Ok(match sealing {
+        Sealing::Plain => (store, None),
+        Sealing::Encrypted(key) => {
+            let source = fsclient::volume_key::KeySource::File(key.to_path_buf());
+            let (lock, keys) = fsclient::volume_key::Lock::create(&source).map_err(anyhow::Error::msg)?;
+            let codec = fsclient::codec::Codec::Encrypted(Box::new(keys));
+            (store.with_codec(codec), Some(lock))
+        }
+    })
+}
+
+fn volume(port: u16, sealing: Sealing) -> Result<Volume> {
+    let (store, lock) = store(port, sealing)?;
     let v = Volume::new(store, "bench");
-    v.create()?;
+    v.create_encrypted(Chunking::default(), lock.as_ref())?;
     Ok(v)
 }
 
@@ -147,9 +172,9 @@ fn prefix_bytes(port: u16, prefix: &str) -> Result<u64> {
 }
 
 /// One round's figures through the store at `port` (emptied first).
-fn measure(port: u16, big: &[u8], small: usize) -> Result<Vec<(String, f64)>> {
+fn measure(port: u16, big: &[u8], small: usize, sealing: Sealing) -> Result<Vec<(String, f64)>> {
     protocol_tests::Conn::connect(port)?.cmd("FLUSHALL")?;
-    let v = volume(port)?;
+    let v = volume(port, sealing)?;
     let mb = big.len() as f64 / 1e6;
     let t = Instant::now();
     v.change("big", |s, r| {
@@ -158,7 +183,7 @@ fn measure(port: u16, big: &[u8], small: usize) -> Result<Vec<(String, f64)>> {
     let big_put = mb / t.elapsed().as_secs_f64();
     let manifest = file_manifest(&v, "/big")?;
     // A fresh store: nothing cached.
-    let fresh = volume_reader(port)?;
+    let fresh = store(port, sealing)?.0;
     let t = Instant::now();
     let mut sink = std::io::sink();
     let n = tree::read_file(&fresh, &manifest, &mut sink)?;
@@ -180,7 +205,7 @@ fn measure(port: u16, big: &[u8], small: usize) -> Result<Vec<(String, f64)>> {
         tree::insert_many(s, root, &tree::split_path("/small")?, dir)
     })?;
     let small_put = small as f64 / t.elapsed().as_secs_f64();
-    let fresh = volume_reader(port)?;
+    let fresh = store(port, sealing)?.0;
     let root = v.root()?;
     let t = Instant::now();
     for (name, e) in tree::list(&fresh, root, &tree::split_path("/small")?)? {
@@ -197,11 +222,6 @@ fn measure(port: u16, big: &[u8], small: usize) -> Result<Vec<(String, f64)>> {
         ("4 KiB files put, files/s".into(), small_put),
         ("4 KiB files get, files/s".into(), small_get),
     ])
-}
-
-fn volume_reader(port: u16) -> Result<BlobStore> {
-    let dict = RespDict::open(&format!("redis://127.0.0.1:{port}"))?;
-    Ok(BlobStore::new(Arc::new(dict), "bench:", 64 << 20))
 }
 
 fn hashing(data: &[u8]) -> Result<Hashing> {
@@ -294,20 +314,29 @@ pub fn run(big_mib: u64, small: usize, rounds: usize) -> Result<Report> {
     let kvd = Server::kvd(&[])?;
     let redis = Server::redis(&["--appendonly", "yes", "--appendfsync", "everysec"])?;
     let ports = [kvd.port, redis.port];
-    let runs = crate::rounds::run(2, rounds, |side| measure(ports[side], &big, small))?;
-    let rows: Vec<Row> = runs
-        .tests()
-        .into_iter()
-        .map(|figure| Row {
-            compared: runs.compare(&figure, 0, 1),
-            figure,
-        })
-        .collect();
+    let runs = crate::rounds::run(2, rounds, |side| {
+        measure(ports[side], &big, small, Sealing::Plain)
+    })?;
+    let rows = compare(&runs);
+    let keys = tempfile::tempdir()?;
+    let key = keys.path().join("key");
+    fsclient::volume_key::keygen(&key).map_err(anyhow::Error::msg)?;
+    let sealings = [Sealing::Encrypted(&key), Sealing::Plain];
+    let runs = crate::rounds::run(2, rounds, |side| measure(kvd.port, &big, small, sealings[side]))?;
+    let encrypted = compare(&runs);
     println!("fsclient through kvd and through redis-server (AOF everysec), {big_mib} MiB file, {small} files of 4 KiB, median of {rounds} rounds' ratios");
     for r in &rows {
         let (lo, hi) = r.compared.spread();
         println!(
             "{:<26} kvd {:>9.0}  redis {:>9.0}  kvd/redis {:.2} ({lo:.2}-{hi:.2})",
+            r.figure, r.compared.ours, r.compared.peer, r.compared.ratio
+        );
+    }
+    println!("an encrypted volume against a plain one, both on kvd");
+    for r in &encrypted {
+        let (lo, hi) = r.compared.spread();
+        println!(
+            "{:<26} encrypted {:>9.0}  plain {:>9.0}  encrypted/plain {:.2} ({lo:.2}-{hi:.2})",
             r.figure, r.compared.ours, r.compared.peer, r.compared.ratio
         );
     }
@@ -325,5 +354,21 @@ pub fn run(big_mib: u64, small: usize, rounds: usize) -> Result<Report> {
         Some(n) => println!("restic, same two files: the second backup added {n} bytes to its repository"),
         None => println!("restic is not installed (scripts/setup.sh installs it): no comparison"),
     }
-    Ok(Report { rows, hashing, dedup })
+    Ok(Report {
+        rows,
+        encrypted,
+        hashing,
+        dedup,
+    })
+}
+
+/// Each figure of side 0 against side 1.
+fn compare(runs: &crate::rounds::Runs) -> Vec<Row> {
+    runs.tests()
+        .into_iter()
+        .map(|figure| Row {
+            compared: runs.compare(&figure, 0, 1),
+            figure,
+        })
+        .collect()
 }

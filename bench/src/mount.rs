@@ -1,7 +1,8 @@
 //! `bench mount`: the mounted file system beside the peer people would pick
 //! instead (JuiceFS on redis-server with a local file bucket), the FUSE
 //! ceiling (bindfs over tmpfs: a pass-through FUSE file system over memory)
-//! and the local disk, in one run.
+//! and the local disk, in one run; and an encrypted dictfs volume beside a
+//! plain one on the same kvd.
 //!
 //! Rows, the same for every target:
 //! - sequential write of a file (fio, 1 MiB blocks, ending with fsync);
@@ -159,7 +160,30 @@ impl Target for Bindfs {
 struct Dictfs {
     name: &'static str,
     url: String,
+    volume: &'static str,
+    /// More `fsclient` options (an encrypted volume's key file).
+    options: Vec<String>,
     mount: Option<Mount>,
+}
+
+impl Dictfs {
+    fn start(name: &'static str, url: &str, volume: &'static str, options: Vec<String>) -> Result<Dictfs> {
+        let mut d = Dictfs {
+            name,
+            url: url.to_string(),
+            volume,
+            options,
+            mount: None,
+        };
+        d.mount()?;
+        Ok(d)
+    }
+
+    fn mount(&mut self) -> Result<()> {
+        let options: Vec<&str> = self.options.iter().map(String::as_str).collect();
+        self.mount = Some(Mount::start(&self.url, self.volume, &options)?);
+        Ok(())
+    }
 }
 
 impl Target for Dictfs {
@@ -175,8 +199,7 @@ impl Target for Dictfs {
                 bail!("{}: unmount was not clean", self.name);
             }
         }
-        self.mount = Some(Mount::start(&self.url, "bench", &[])?);
-        Ok(())
+        self.mount()
     }
 }
 
@@ -586,12 +609,38 @@ pub fn run(file_mib: u64, files: usize, rounds: usize) -> Result<Report> {
     let peers = targets.len();
     for (name, server) in [("dictfs/kvd", &kvd), ("dictfs/redis", &redis)] {
         let url = format!("redis://127.0.0.1:{}", server.port);
-        targets.push(Box::new(Dictfs {
-            name,
-            url: url.clone(),
-            mount: Some(Mount::start(&url, "bench", &[])?),
-        }));
+        targets.push(Box::new(Dictfs::start(name, &url, "bench", Vec::new())?));
     }
+    // An encrypted volume on the same kvd (a volume of its own: `bench-enc`).
+    let keys = tempfile::tempdir()?;
+    let key = keys.path().join("key");
+    fsclient::volume_key::keygen(&key).map_err(anyhow::Error::msg)?;
+    let kvd_url = format!("redis://127.0.0.1:{}", kvd.port);
+    let options = vec!["--key-file".to_string(), key.display().to_string()];
+    let mkfs = protocol_tests::fsclient_at(
+        &kvd_url,
+        &[
+            "--volume",
+            "bench-enc",
+            "--key-file",
+            &key.display().to_string(),
+            "mkfs",
+            "--encrypt",
+        ],
+    );
+    if !mkfs.status.success() {
+        bail!(
+            "fsclient mkfs --encrypt: {}",
+            String::from_utf8_lossy(&mkfs.stderr)
+        );
+    }
+    let (plain, encrypted) = (targets.len() - 2, targets.len());
+    targets.push(Box::new(Dictfs::start(
+        "dictfs-encrypted/kvd",
+        &kvd_url,
+        "bench-enc",
+        options,
+    )?));
     // The machine's speed drifts (a VM): rounds, each starting with another
     // target, and the median of each figure.
     let mut samples: Vec<Vec<Row>> = vec![Vec::new(); targets.len()];
@@ -603,8 +652,13 @@ pub fn run(file_mib: u64, files: usize, rounds: usize) -> Result<Report> {
     }
     let rows: Vec<Row> = samples.iter().map(|s| median_row(s)).collect();
     let mut ratios = Vec::new();
+    let mut pairs: Vec<(usize, usize)> = Vec::new();
     for t in peers..rows.len() {
-        for p in (0..peers).rev() {
+        pairs.extend((0..peers).rev().map(|p| (t, p)));
+    }
+    pairs.push((encrypted, plain));
+    for (t, p) in pairs {
+        {
             let per_round: Vec<Vec<f64>> = (0..rounds)
                 .map(|k| {
                     let (r, b) = (&samples[t][k], &samples[p][k]);

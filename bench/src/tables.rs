@@ -100,6 +100,17 @@ pub fn fs() -> Result<String> {
             compared_cells(r)
         );
     }
+    // Runs before the encrypted rows were measured have none.
+    if let Some(rows) = report["encrypted"].as_array() {
+        out += "\n| an encrypted volume, figure | encrypted | plain | encrypted ÷ plain (median of rounds) | per round |\n| --- | --- | --- | --- | --- |\n";
+        for r in rows {
+            out += &format!(
+                "| {} | {} |\n",
+                r["figure"].as_str().unwrap_or("?"),
+                compared_cells(r)
+            );
+        }
+    }
     let d = &report["dedup"];
     out += &format!(
         "\nDedup: a {} MiB file, then a copy with 1 KiB inserted in the middle: the store grew {} bytes ({} new chunk); restic's repository grew {} bytes for the same two files.\n",

@@ -112,6 +112,35 @@ fn boundary(name: &[u8], level: u8) -> bool {
     Hash::of(&salted).0[0] == 0
 }
 
+/// Below this many bytes, blobs are sealed or opened on the calling thread.
+const PARALLEL_BYTES: usize = 2 << 20;
+
+/// `f` over `items` on up to every core, in contiguous groups; results in order.
+fn on_cores<T: Send, U: Send>(items: Vec<T>, f: impl Fn(T) -> U + Sync) -> Vec<U> {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let per = items.len().div_ceil(cores.max(1)).max(1);
+    let mut groups: Vec<Vec<T>> = Vec::new();
+    let mut rest = items.into_iter();
+    loop {
+        let group: Vec<T> = rest.by_ref().take(per).collect();
+        if group.is_empty() {
+            break;
+        }
+        groups.push(group);
+    }
+    let f = &f;
+    std::thread::scope(|s| {
+        let running: Vec<_> = groups
+            .into_iter()
+            .map(|group| s.spawn(move || group.into_iter().map(f).collect::<Vec<U>>()))
+            .collect();
+        running
+            .into_iter()
+            .flat_map(|r| r.join().expect("a sealing thread panicked"))
+            .collect()
+    })
+}
+
 #[derive(Clone)]
 pub struct BlobStore {
     dict: Arc<dyn Dict>,
@@ -204,6 +233,18 @@ impl BlobStore {
     /// A blob's stored form and name ([`Codec::seal`]).
     pub fn seal(&self, plain: Bytes) -> Sealed {
         self.codec.seal(plain)
+    }
+
+    /// Seals many blobs ([`BlobStore::seal`]), in order; an encrypted
+    /// volume's on every core when there is enough of them (sealing costs an
+    /// HMAC, the cipher and the name's SHA-256 over each byte, where a plain
+    /// blob costs the SHA-256 alone, which one core keeps up with: measured).
+    pub fn seal_many(&self, blobs: Vec<Bytes>) -> Vec<Sealed> {
+        let bytes: usize = blobs.iter().map(Bytes::len).sum();
+        if !self.codec.is_encrypted() || bytes < PARALLEL_BYTES {
+            return blobs.into_iter().map(|b| self.seal(b)).collect();
+        }
+        on_cores(blobs, |b| self.codec.seal(b))
     }
 
     /// The name a blob is stored under.
@@ -412,9 +453,20 @@ impl BlobStore {
         let missing: Vec<usize> = (0..hashes.len()).filter(|&i| out[i].is_none()).collect();
         let keys: Vec<String> = missing.iter().map(|&i| self.blob_key(&hashes[i])).collect();
         let fetched = self.dict.get_many(&keys)?;
+        let mut stored = Vec::with_capacity(missing.len());
         for ((&i, key), blob) in missing.iter().zip(keys).zip(fetched) {
-            let blob = blob.ok_or_else(|| StoreError::Missing { key: key.clone() })?;
-            let blob = self.open(&hashes[i], blob)?;
+            stored.push((i, blob.ok_or(StoreError::Missing { key })?));
+        }
+        // Checked (and decrypted) on every core when there is enough of it.
+        let bytes: usize = stored.iter().map(|(_, b)| b.len()).sum();
+        let open = |(i, b): (usize, Bytes)| self.open(&hashes[i], b).map(|b| (i, b));
+        let opened: Vec<StoreResult<(usize, Bytes)>> = if bytes < PARALLEL_BYTES {
+            stored.into_iter().map(open).collect()
+        } else {
+            on_cores(stored, open)
+        };
+        for opened in opened {
+            let (i, blob) = opened?;
             self.cache.lock().insert(hashes[i], blob.clone());
             out[i] = Some(blob);
         }

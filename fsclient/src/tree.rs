@@ -282,18 +282,30 @@ pub fn store_data(store: &BlobStore, data: impl Read, chunking: Chunking) -> FsR
     for chunk in chunker {
         let chunk = chunk.map_err(|e| FsError::Io(std::io::Error::other(e.to_string())))?;
         let blob = object::encode_chunk(&chunk.data);
-        let blob = store.seal(blob);
-        manifest.chunks.push((blob.hash, chunk.length as u32));
-        batch_bytes += blob.stored.len();
+        // Named when its batch is sealed (below).
+        manifest.chunks.push((Hash([0; 32]), chunk.length as u32));
+        batch_bytes += blob.len();
         batch.push(blob);
         if batch_bytes >= 16 * 1024 * 1024 {
-            store.put_sealed_behind(std::mem::take(&mut batch))?;
+            seal_into(store, &mut manifest, std::mem::take(&mut batch))?;
             batch_bytes = 0;
         }
     }
-    store.put_sealed_behind(batch)?;
+    seal_into(store, &mut manifest, batch)?;
     let size = manifest.size();
     Ok((store.put(object::encode_manifest(&manifest))?, size))
+}
+
+/// Seals the last `batch.len()` chunks of `manifest`, names them there, and
+/// hands them to the uploads.
+fn seal_into(store: &BlobStore, manifest: &mut Manifest, batch: Vec<bytes::Bytes>) -> FsResult<()> {
+    let sealed = store.seal_many(batch);
+    let first = manifest.chunks.len() - sealed.len();
+    for (place, blob) in manifest.chunks[first..].iter_mut().zip(&sealed) {
+        place.0 = blob.hash;
+    }
+    store.put_sealed_behind(sealed)?;
+    Ok(())
 }
 
 /// A new file entry holding `data` (stored).

@@ -412,3 +412,56 @@ fn deleted_and_expired_keys_are_not_counted() {
         );
     }
 }
+
+/// Membership travels on peer links that open with a challenge: a link
+/// proves it knows the cluster secret by the HMAC of a random challenge the
+/// node just chose. A captured exchange (here: a peer's, made with the
+/// secret) replayed later on a new connection answers an old challenge:
+/// refused, the connection closed, and the membership command behind it
+/// never runs.
+#[test]
+fn a_captured_peer_exchange_replayed_later_changes_nothing() {
+    let c = Replicated::start(3, 3);
+    let mut conn = c.conn(0);
+    let challenge = conn.call(&["KVD.PEER", "CHALLENGE"]).unwrap().as_str();
+    let proof = kvd::cluster::peer::prove("test-secret", &challenge);
+    // What went over the wire, as a recorder would keep it.
+    let captured = [
+        vec!["KVD.PEER", "AUTH", "127.0.0.1:1", proof.as_str()],
+        vec!["KVD.JOIN", "127.0.0.1:9"],
+    ];
+    assert_eq!(
+        conn.call(&captured[0]).unwrap().as_str(),
+        "OK",
+        "the exchange was a valid one"
+    );
+    let members = |conn: &mut protocol_tests::Conn| {
+        let info = conn.cmd("INFO cluster").unwrap().as_str();
+        info.lines()
+            .find_map(|l| l.strip_prefix("kvd_replica_members:"))
+            .unwrap_or_default()
+            .trim()
+            .to_string()
+    };
+    let before = members(&mut c.conn(0));
+    // Replayed on a new connection, after the node's own new challenge (or
+    // without one): refused before the join is read.
+    for ask_first in [true, false] {
+        let mut replay = c.conn(0);
+        if ask_first {
+            replay.call(&["KVD.PEER", "CHALLENGE"]).unwrap();
+        }
+        let e = replay.call(&captured[0]).unwrap();
+        assert!(e.is_error(), "replayed proof accepted: {e:?}");
+        assert!(
+            replay
+                .call(&captured[1])
+                .map_or(true, |r| r.as_str().starts_with("NOPERM")),
+            "a replayed join ran"
+        );
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    for i in 0..3 {
+        assert_eq!(members(&mut c.conn(i)), before, "node {i}'s members changed");
+    }
+}

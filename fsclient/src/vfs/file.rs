@@ -1061,14 +1061,11 @@ fn hash_and_store(
     chunks: &mut [(Hash, u64, u32)],
     batch: Vec<(usize, bytes::Bytes)>,
 ) -> FsResult<()> {
-    let sealed = batch
-        .into_iter()
-        .map(|(i, blob)| {
-            let blob = store.seal(blob);
-            chunks[i].0 = blob.hash;
-            blob
-        })
-        .collect();
+    let (places, blobs): (Vec<usize>, Vec<bytes::Bytes>) = batch.into_iter().unzip();
+    let sealed = store.seal_many(blobs);
+    for (i, blob) in places.into_iter().zip(&sealed) {
+        chunks[i].0 = blob.hash;
+    }
     store.put_sealed_behind(sealed)?;
     Ok(())
 }
