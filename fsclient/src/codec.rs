@@ -166,6 +166,24 @@ impl Codec {
         matches!(self, Codec::Encrypted(keys) if keys.check_value() == check)
     }
 
+    /// The hash that decides where a large directory is cut into parts
+    /// (docs/FORMAT.md, "Large directories"): SHA-256 for a plain volume; for
+    /// an encrypted one HMAC-SHA256 under the convergence key, prefixed
+    /// `dictfs dir split` (never a blob's first byte), since the parts' sizes
+    /// are visible and a public cut rule would let anyone test for a name.
+    pub fn split_hash(&self, salted: &[u8]) -> [u8; 32] {
+        match self {
+            Codec::Plain => Hash::of(salted).0,
+            Codec::Encrypted(keys) => {
+                let mut mac =
+                    <Hmac<Sha256> as Mac>::new_from_slice(&keys.convergence[..]).expect("any key length");
+                mac.update(b"dictfs dir split");
+                mac.update(salted);
+                mac.finalize().into_bytes().into()
+            }
+        }
+    }
+
     /// Equal for codecs that seal alike (0 for plain), so a cache of sealed
     /// names can be shared between volumes.
     pub fn id(&self) -> u64 {

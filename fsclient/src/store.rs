@@ -104,13 +104,18 @@ pub const SPLIT_ABOVE: usize = 1024;
 
 /// Whether a part of a large directory ends after `name`: about one name in 256,
 /// decided by the name alone (salted by the tree level), so the same entries always
-/// split the same way, whatever order they were added in.
-fn boundary(name: &[u8], level: u8) -> bool {
+/// split the same way, whatever order they were added in. An encrypted volume
+/// decides with a keyed hash ([`Codec::split_hash`]), so the sizes of a
+/// directory's parts do not tell which names it holds.
+fn boundary(codec: &Codec, name: &[u8], level: u8) -> bool {
     let mut salted = Vec::with_capacity(name.len() + 1);
     salted.push(level);
     salted.extend_from_slice(name);
-    Hash::of(&salted).0[0] == 0
+    codec.split_hash(&salted)[0] == 0
 }
+
+/// Names of sealed tree blobs remembered ([`BlobStore::put_known`]).
+const SEALED_NAMES: usize = 4096;
 
 /// Below this many bytes, blobs are sealed or opened on the calling thread.
 const PARALLEL_BYTES: usize = 2 << 20;
@@ -149,6 +154,9 @@ pub struct BlobStore {
     codec: Arc<Codec>,
     /// Plain blobs, by name.
     cache: Arc<Mutex<Cache>>,
+    /// An encrypted volume's names of tree blobs sealed lately, by the
+    /// SHA-256 of their plain bytes ([`BlobStore::put_known`]).
+    sealed_names: Arc<Mutex<lru::LruCache<Hash, Hash>>>,
     behind: Arc<crate::write_behind::WriteBehind>,
     leases: Arc<crate::lease::Leases>,
     fetching: Arc<Mutex<std::collections::HashMap<Hash, Arc<Flight>>>>,
@@ -197,6 +205,9 @@ impl BlobStore {
             prefix: prefix.to_string(),
             codec: Arc::default(),
             cache,
+            sealed_names: Arc::new(Mutex::new(lru::LruCache::new(
+                std::num::NonZeroUsize::new(SEALED_NAMES).expect("not zero"),
+            ))),
             behind: Arc::new(crate::write_behind::WriteBehind::with_lease(hook)),
             leases,
             fetching: Default::default(),
@@ -223,6 +234,9 @@ impl BlobStore {
     /// the codec they had.
     pub fn with_codec(mut self, codec: Codec) -> Self {
         self.codec = Arc::new(codec);
+        self.sealed_names = Arc::new(Mutex::new(lru::LruCache::new(
+            std::num::NonZeroUsize::new(SEALED_NAMES).expect("not zero"),
+        )));
         self
     }
 
@@ -528,7 +542,7 @@ impl BlobStore {
         let entries: Vec<_> = dir.iter().collect();
         for (i, (name, entry)) in entries.iter().enumerate() {
             part.insert((*name).clone(), (*entry).clone());
-            if boundary(name, 0) || i + 1 == entries.len() {
+            if boundary(&self.codec, name, 0) || i + 1 == entries.len() {
                 let first = part.keys().next().cloned().expect("part is not empty");
                 let blob = self.put_known(object::encode_dir(&std::mem::take(&mut part)))?;
                 level.push(object::IndexChild {
@@ -544,7 +558,7 @@ impl BlobStore {
             let mut group: Vec<object::IndexChild> = Vec::new();
             let n = level.len();
             for (i, child) in level.into_iter().enumerate() {
-                let cut = boundary(&child.first, depth);
+                let cut = boundary(&self.codec, &child.first, depth);
                 group.push(child);
                 if (cut && group.len() >= 2) || i + 1 == n {
                     let group = std::mem::take(&mut group);
@@ -571,7 +585,22 @@ impl BlobStore {
     /// Like [`BlobStore::put`], skipping the store when the blob is cached (and so
     /// known to be stored already).
     fn put_known(&self, blob: Bytes) -> StoreResult<Hash> {
+        // A commit stores every part of a large directory again, most of them
+        // unchanged. A plain part's name costs one SHA-256; sealing an
+        // encrypted one costs three passes, so its name is remembered by the
+        // SHA-256 of its plain bytes (measured: creating 10,000 files in one
+        // directory of an encrypted mount ran at 0.41 of a plain one's).
+        let plain = self.codec.is_encrypted().then(|| Hash::of(&blob));
+        if let Some(h) = plain.and_then(|p| self.sealed_names.lock().get(&p).copied()) {
+            self.protect(crate::lease::Kind::Blob, [&h])?;
+            if self.cache.lock().known_stored(&h) {
+                return Ok(h);
+            }
+        }
         let blob = self.seal(blob);
+        if let Some(p) = plain {
+            self.sealed_names.lock().put(p, blob.hash);
+        }
         let h = blob.hash;
         // Leased first: the lease is what makes the cache's word trustworthy.
         self.protect(crate::lease::Kind::Blob, [&h])?;

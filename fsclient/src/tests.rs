@@ -417,6 +417,42 @@ fn split_directories_do_not_depend_on_history() {
     assert_eq!(store.put_dir(&grown).unwrap(), one);
 }
 
+/// An encrypted volume cuts large directories by a keyed rule: where the
+/// parts end differs from the public rule and from another key's, and still
+/// depends only on the names present.
+#[test]
+fn an_encrypted_volume_cuts_large_directories_by_a_keyed_rule() {
+    use crate::codec::{Codec, Keys};
+    let keyed = |master: &[u8]| {
+        BlobStore::new(Arc::new(MemoryDict::new()), "h:", 1 << 20)
+            .with_codec(Codec::Encrypted(Box::new(Keys::from_master(master))))
+    };
+    let plain = BlobStore::new(Arc::new(MemoryDict::new()), "h:", 1 << 20);
+    let e = tree::file_entry(&plain, &b"x"[..], 0o644, small()).unwrap();
+    let all: crate::object::Dir = (0..5000)
+        .map(|i| (format!("n{i}").into_bytes(), e.clone()))
+        .collect();
+    // The first name of every part.
+    let cuts = |s: &BlobStore| -> Vec<Vec<u8>> {
+        let h = s.put_dir(&all).unwrap();
+        assert_eq!(s.dir(&h).unwrap(), all);
+        let parts = s.dir_parts(&h).unwrap();
+        assert!(parts.len() > 5, "{} parts", parts.len());
+        parts
+            .iter()
+            .filter_map(|p| s.dir(p).ok()?.keys().next().cloned())
+            .collect()
+    };
+    let (a, b) = (keyed(b"key a"), keyed(b"key b"));
+    assert_ne!(cuts(&plain), cuts(&a));
+    assert_ne!(cuts(&a), cuts(&b));
+    let mut partial = all.clone();
+    partial.remove(b"n77".as_slice());
+    let mut grown = a.dir(&a.put_dir(&partial).unwrap()).unwrap();
+    grown.insert(b"n77".to_vec(), e.clone());
+    assert_eq!(a.put_dir(&grown).unwrap(), a.put_dir(&all).unwrap());
+}
+
 #[test]
 fn diff_reads_only_what_changed() {
     let (dict, v) = setup();
