@@ -36,6 +36,17 @@ enum Which {
         #[arg(long, default_value_t = 5)]
         rounds: usize,
     },
+    /// kvd vs redis-server, both in memory and both on a TLS-only port with
+    /// certificates made the same way (RSA 2048, one CA each): the GET/SET
+    /// rows of `kvd`, through `redis-benchmark --tls`.
+    Tls {
+        /// Requests per redis-benchmark run without pipelining (16x this with).
+        #[arg(long, default_value_t = 100_000)]
+        requests: u64,
+        /// Alternating rounds; each row is the median of its per-round ratios.
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
+    },
     /// kvd's disk engine vs redis-server with `appendonly yes, appendfsync
     /// everysec`: 64 B and 1 MiB SET/GET, memory after loading large values,
     /// start-up time, and `appendfsync always` against the disk's dsync ceiling.
@@ -222,12 +233,40 @@ fn bench_kvd(requests: u64, rounds: usize) -> Result<Vec<Row>> {
     // Like for like: both in memory (the disk engine has its own bench).
     let kvd = Server::kvd(&["--storage", "memory"])?;
     let redis = Server::redis(&[])?;
+    compare_get_set([kvd.port, redis.port], [Vec::new(), Vec::new()], requests, rounds)
+}
+
+/// `bench kvd`'s rows with both servers behind TLS.
+fn bench_tls(requests: u64, rounds: usize) -> Result<Vec<Row>> {
+    require_redis();
+    let kvd = protocol_tests::tls_server("kvd", "no", &["--storage", "memory"]);
+    let redis = protocol_tests::tls_server("redis-server", "no", &[]);
+    let tls = |dir: &std::path::Path| {
+        vec![
+            "--tls".to_string(),
+            "--cacert".to_string(),
+            dir.join("ca.crt").display().to_string(),
+        ]
+    };
+    let extra = [tls(kvd.dir.path()), tls(redis.dir.path())];
+    compare_get_set([kvd.port, redis.port], extra, requests, rounds)
+}
+
+/// redis-benchmark's SET and GET (64-byte values, 50 clients, a keyspace),
+/// pipelined 1 and 16, against two servers in alternating rounds; `extra`
+/// are each side's further redis-benchmark options.
+fn compare_get_set(
+    ports: [u16; 2],
+    extra: [Vec<String>; 2],
+    requests: u64,
+    rounds: usize,
+) -> Result<Vec<Row>> {
     let mut rows = Vec::new();
     for pipeline in [1u32, 16] {
         let n = requests * pipeline as u64;
-        let ports = [kvd.port, redis.port];
         let runs = rounds::run(2, rounds, |side| {
-            redis_benchmark_with(ports[side], "set,get", n, pipeline, 64, 50, KEYSPACE)
+            let extra: Vec<&str> = extra[side].iter().map(String::as_str).collect();
+            redis_benchmark_args(ports[side], &extra, "set,get", n, pipeline)
         })?;
         for test in runs.tests() {
             rows.push(Row {
@@ -296,6 +335,22 @@ fn main() -> Result<()> {
                 );
             }
             let path = save("kvd", &rows)?;
+            println!("saved {}", path.display());
+        }
+        Which::Tls { requests, rounds } => {
+            let rows = bench_tls(requests, rounds)?;
+            println!(
+                "{:<6} {:>8} {:>14} {:>14} {:>10}  per round",
+                "test", "pipeline", "kvd req/s", "redis req/s", "kvd/redis (both TLS)"
+            );
+            for r in &rows {
+                let (lo, hi) = r.compared.spread();
+                println!(
+                    "{:<6} {:>8} {:>14.0} {:>14.0} {:>10.2}  {lo:.2}-{hi:.2}",
+                    r.test, r.pipeline, r.compared.ours, r.compared.peer, r.compared.ratio
+                );
+            }
+            let path = save("tls", &rows)?;
             println!("saved {}", path.display());
         }
         Which::Storage {

@@ -47,11 +47,20 @@ fn compared_cells(r: &Value) -> String {
 
 /// `bench kvd`'s table (docs/PROTOCOL.md).
 pub fn kvd() -> Result<String> {
-    let rows = results("kvd")?;
+    get_set("kvd")
+}
+
+/// `bench tls`'s table (docs/OPERATIONS.md): `bench kvd`'s over TLS.
+pub fn tls() -> Result<String> {
+    get_set("tls")
+}
+
+fn get_set(name: &str) -> Result<String> {
+    let rows = results(name)?;
     let mut out = String::from(
         "| test | pipeline | keys | kvd req/s | redis req/s | kvd ÷ redis (median of rounds) | per round |\n| --- | --- | --- | --- | --- | --- | --- |\n",
     );
-    for r in rows.as_array().context("kvd.json is a list")? {
+    for r in rows.as_array().context("a list of rows")? {
         out += &format!(
             "| {} | {} | {} | {} |\n",
             r["test"].as_str().unwrap_or("?"),
@@ -319,14 +328,16 @@ pub fn all() -> Result<String> {
     Ok(format!(
         "bench/results/kvd.json (docs/PROTOCOL.md):\n\n{}\nbench/results/storage.json (docs/STORAGE.md):\n\n{}\n\
          bench/results/fs.json (README.md):\n\n{}\nbench/results/mount.json (docs/MOUNT.md):\n\n{}\n\
-         bench/results/replication.json (docs/PROTOCOL.md):\n\n{}\nbench/results/placement.json (docs/PROTOCOL.md):\n\n{}\nbench/results/routed.json (docs/PROTOCOL.md):\n\n{}",
+         bench/results/replication.json (docs/PROTOCOL.md):\n\n{}\nbench/results/placement.json (docs/PROTOCOL.md):\n\n{}\nbench/results/routed.json (docs/PROTOCOL.md):\n\n{}\n\
+         bench/results/tls.json (docs/OPERATIONS.md):\n\n{}",
         kvd()?,
         storage()?,
         fs()?,
         mount()?,
         replication()?,
         placement()?,
-        routed()?
+        routed()?,
+        tls()?
     ))
 }
 
@@ -346,6 +357,7 @@ mod tests {
             ("docs/PROTOCOL.md", replication().unwrap()),
             ("docs/PROTOCOL.md", placement().unwrap()),
             ("docs/PROTOCOL.md", routed().unwrap()),
+            ("docs/OPERATIONS.md", tls().unwrap()),
         ] {
             let text = std::fs::read_to_string(root.join(doc)).unwrap();
             assert!(

@@ -1045,3 +1045,71 @@ pub fn http_get(port: u16, path: &str) -> Result<(String, String)> {
     let (head, body) = raw.split_once("\r\n\r\n").context("not an HTTP response")?;
     Ok((head.to_string(), body.to_string()))
 }
+
+/// A server (redis-server or kvd) that speaks only TLS (`--port 0`), with
+/// certificates from a CA made for the test (openssl): the server's, and a
+/// client's (`client.crt`, `client.key`). Killed on drop.
+pub struct TlsServer {
+    child: std::process::Child,
+    pub port: u16,
+    /// Where the certificates are: `ca.crt`, `server.crt`/`.key`, `client.crt`/`.key`.
+    pub dir: tempfile::TempDir,
+}
+
+impl Drop for TlsServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `program` is `redis-server` or `kvd`; `auth_clients` is `tls-auth-clients`.
+pub fn tls_server(program: &str, auth_clients: &str, extra: &[&str]) -> TlsServer {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let sh = |cmd: &str| crate::sh(cmd, d);
+    sh("openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.crt -days 2 -subj '/CN=dictfs test CA'");
+    sh("openssl req -newkey rsa:2048 -nodes -keyout server.key -out server.csr -subj /CN=localhost");
+    sh("printf 'subjectAltName=IP:127.0.0.1,DNS:localhost' > ext && \
+        openssl x509 -req -in server.csr -CA ca.crt -CAkey ca.key -CAcreateserial -out server.crt -days 2 -extfile ext");
+    // X.509 v3 (an extension makes it so): v1 certificates are refused by
+    // rustls's verifier, as by most modern ones.
+    sh("openssl req -newkey rsa:2048 -nodes -keyout client.key -out client.csr -subj /CN=client && \
+        printf 'extendedKeyUsage=clientAuth' > cext && \
+        openssl x509 -req -in client.csr -CA ca.crt -CAkey ca.key -CAcreateserial -out client.crt -days 2 -extfile cext");
+    let port = crate::free_port();
+    let bin = match program {
+        "kvd" => crate::kvd_bin(),
+        _ => std::path::PathBuf::from("redis-server"),
+    };
+    let mut cmd = Command::new(bin);
+    cmd.args([
+        "--port",
+        "0",
+        "--tls-port",
+        &port.to_string(),
+        "--bind",
+        "127.0.0.1",
+    ])
+    .args(["--tls-cert-file", "server.crt", "--tls-key-file", "server.key"])
+    .args(["--tls-ca-cert-file", "ca.crt", "--tls-auth-clients", auth_clients])
+    .args(extra);
+    match program {
+        "kvd" => cmd.args(["--dir", "."]).env("KVD_LOG", "warn"),
+        _ => cmd.args(["--save", "", "--appendonly", "no"]),
+    };
+    let child = cmd
+        .current_dir(d)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "TLS {program} did not start"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    TlsServer { child, port, dir }
+}

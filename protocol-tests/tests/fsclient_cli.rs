@@ -250,73 +250,6 @@ fn snapshots_diff_restore_and_fsck() {
     );
 }
 
-/// A server (redis-server or kvd) that speaks only TLS (`--port 0`), with
-/// certificates from a CA made for the test (openssl): the server's, and a
-/// client's (`client.crt`, `client.key`). Killed on drop.
-struct TlsServer {
-    child: std::process::Child,
-    port: u16,
-    dir: tempfile::TempDir,
-}
-
-impl Drop for TlsServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// `program` is `redis-server` or `kvd`; `auth_clients` is `tls-auth-clients`.
-fn tls_server(program: &str, auth_clients: &str, extra: &[&str]) -> TlsServer {
-    let dir = tempfile::tempdir().unwrap();
-    let d = dir.path();
-    let sh = |cmd: &str| protocol_tests::sh(cmd, d);
-    sh("openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.crt -days 2 -subj '/CN=dictfs test CA'");
-    sh("openssl req -newkey rsa:2048 -nodes -keyout server.key -out server.csr -subj /CN=localhost");
-    sh("printf 'subjectAltName=IP:127.0.0.1,DNS:localhost' > ext && \
-        openssl x509 -req -in server.csr -CA ca.crt -CAkey ca.key -CAcreateserial -out server.crt -days 2 -extfile ext");
-    // X.509 v3 (an extension makes it so): v1 certificates are refused by
-    // rustls's verifier, as by most modern ones.
-    sh("openssl req -newkey rsa:2048 -nodes -keyout client.key -out client.csr -subj /CN=client && \
-        printf 'extendedKeyUsage=clientAuth' > cext && \
-        openssl x509 -req -in client.csr -CA ca.crt -CAkey ca.key -CAcreateserial -out client.crt -days 2 -extfile cext");
-    let port = protocol_tests::free_port();
-    let bin = match program {
-        "kvd" => protocol_tests::kvd_bin(),
-        _ => std::path::PathBuf::from("redis-server"),
-    };
-    let mut cmd = Command::new(bin);
-    cmd.args([
-        "--port",
-        "0",
-        "--tls-port",
-        &port.to_string(),
-        "--bind",
-        "127.0.0.1",
-    ])
-    .args(["--tls-cert-file", "server.crt", "--tls-key-file", "server.key"])
-    .args(["--tls-ca-cert-file", "ca.crt", "--tls-auth-clients", auth_clients])
-    .args(extra);
-    match program {
-        "kvd" => cmd.args(["--dir", "."]).env("KVD_LOG", "warn"),
-        _ => cmd.args(["--save", "", "--appendonly", "no"]),
-    };
-    let child = cmd
-        .current_dir(d)
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "TLS {program} did not start"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
-    TlsServer { child, port, dir }
-}
-
 /// fsclient over `rediss://` to redis-server and to kvd, both on a TLS-only
 /// port: the server's certificate checked against `SSL_CERT_FILE`, refused
 /// when nobody vouches for it, accepted with `#insecure`.
@@ -324,7 +257,7 @@ fn tls_server(program: &str, auth_clients: &str, extra: &[&str]) -> TlsServer {
 fn tls_store_with_rediss_urls() {
     require_redis();
     for program in ["redis-server", "kvd"] {
-        let r = tls_server(program, "no", &[]);
+        let r = protocol_tests::tls_server(program, "no", &[]);
         let url = format!("rediss://127.0.0.1:{}", r.port);
         let ca = r.dir.path().join("ca.crt");
         let run = |url: &str, trust: bool, args: &[&str]| {
@@ -379,7 +312,7 @@ fn kvd_tls_port_serves_like_redis_server() {
     require_redis();
     let mut seen = Vec::new();
     for program in ["redis-server", "kvd"] {
-        let r = tls_server(program, "yes", &[]);
+        let r = protocol_tests::tls_server(program, "yes", &[]);
         let d = r.dir.path();
         let port = r.port.to_string();
         let cli = |cert: bool, args: &[&str]| -> (bool, String) {
@@ -465,7 +398,7 @@ fn kvd_tls_port_serves_like_redis_server() {
 fn a_client_over_maxclients_on_the_tls_port_reads_the_error() {
     {
         let program = "kvd";
-        let r = tls_server(program, "no", &["--maxclients", "1"]);
+        let r = protocol_tests::tls_server(program, "no", &["--maxclients", "1"]);
         // A TLS client that was served, and stays, holds the one slot.
         let mut holder = Command::new("python3")
             .arg("-c")
