@@ -465,3 +465,59 @@ fn a_captured_peer_exchange_replayed_later_changes_nothing() {
         assert_eq!(members(&mut c.conn(i)), before, "node {i}'s members changed");
     }
 }
+
+/// CLUSTER SHARDS as Redis 7 answers it: every slot in exactly one shard,
+/// each shard a replica set of R nodes with one `master`.
+#[test]
+fn cluster_shards_lists_every_slot_once_with_its_replica_set() {
+    let c = Replicated::start(4, 3);
+    let Value::Array(shards) = c.conn(2).cmd("CLUSTER SHARDS").unwrap() else {
+        panic!("CLUSTER SHARDS is an array")
+    };
+    assert!(shards.len() >= 4, "{} shards", shards.len());
+    let ids: std::collections::HashSet<String> = (0..4)
+        .map(|i| c.conn(i).cmd("CLUSTER MYID").unwrap().as_str())
+        .collect();
+    let mut covered = vec![0u32; 16384];
+    for shard in &shards {
+        // RESP2: a flat array of field, value pairs.
+        let Value::Array(fields) = shard else {
+            panic!("{shard:?}")
+        };
+        assert_eq!(fields[0].as_str(), "slots");
+        assert_eq!(fields[2].as_str(), "nodes");
+        let Value::Array(slots) = &fields[1] else { panic!() };
+        for range in slots.chunks(2) {
+            for s in range[0].as_int().unwrap()..=range[1].as_int().unwrap() {
+                covered[s as usize] += 1;
+            }
+        }
+        let Value::Array(nodes) = &fields[3] else { panic!() };
+        assert_eq!(nodes.len(), 3, "a replica set of R = 3");
+        let mut masters = 0;
+        for node in nodes {
+            let Value::Array(kv) = node else { panic!() };
+            let field = |name: &str| {
+                kv.chunks(2)
+                    .find(|p| p[0].as_str() == name)
+                    .map(|p| p[1].clone())
+                    .unwrap_or_else(|| panic!("no {name} in {kv:?}"))
+            };
+            assert!(ids.contains(&field("id").as_str()));
+            assert!(c.ports.contains(&(field("port").as_int().unwrap() as u16)));
+            assert_eq!(field("health").as_str(), "online");
+            masters += (field("role").as_str() == "master") as u32;
+        }
+        assert_eq!(masters, 1);
+    }
+    assert!(covered.iter().all(|&n| n == 1), "every slot in exactly one shard");
+    // RESP3: maps.
+    let mut r3 = c.conn(0);
+    r3.cmd("HELLO 3").unwrap();
+    let raw = r3.call_raw(&["CLUSTER", "SHARDS"], 1).unwrap();
+    assert!(
+        raw[0].starts_with(b"*") && raw[0].windows(2).any(|w| w == b"%2"),
+        "{:?}",
+        String::from_utf8_lossy(&raw[0][..64.min(raw[0].len())])
+    );
+}

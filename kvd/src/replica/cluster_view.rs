@@ -61,6 +61,55 @@ fn node_entry(addr: &str) -> Reply {
     ])
 }
 
+/// CLUSTER SHARDS, as Redis 7 answers it: one shard per replica set (its
+/// slots, then its nodes: the first holder as `master`, the others as
+/// `replica`). A shard here is the slots that share a holder list in
+/// [`runs`]' order; a holder this node found unreachable is `failed`.
+fn shards(layout: &Layout, suspects: &HashSet<String>) -> Reply {
+    let mut shards: Vec<(Vec<String>, Vec<Reply>)> = Vec::new();
+    for (a, b, holders) in runs(layout, suspects) {
+        let slots = [Reply::Int(a as i64), Reply::Int(b as i64)];
+        match shards.iter_mut().find(|(h, _)| *h == holders) {
+            Some((_, ranges)) => ranges.extend(slots),
+            None => shards.push((holders, slots.to_vec())),
+        }
+    }
+    let text = |s: &str| Reply::bulk_str(s);
+    Reply::Array(
+        shards
+            .into_iter()
+            .map(|(holders, slots)| {
+                let nodes = holders
+                    .iter()
+                    .enumerate()
+                    .map(|(i, addr)| {
+                        let (host, port) = split_addr(addr);
+                        let role = if i == 0 { "master" } else { "replica" };
+                        let health = if suspects.contains(addr) {
+                            "failed"
+                        } else {
+                            "online"
+                        };
+                        Reply::Map(vec![
+                            (text("id"), text(&node_id(addr))),
+                            (text("port"), Reply::Int(port)),
+                            (text("ip"), text(&host)),
+                            (text("endpoint"), text(&host)),
+                            (text("role"), text(role)),
+                            (text("replication-offset"), Reply::Int(0)),
+                            (text("health"), text(health)),
+                        ])
+                    })
+                    .collect();
+                Reply::Map(vec![
+                    (text("slots"), Reply::Array(slots)),
+                    (text("nodes"), Reply::Array(nodes)),
+                ])
+            })
+            .collect(),
+    )
+}
+
 impl Replicas {
     /// CLUSTER subcommands of a replicated node; `None` for those answered
     /// elsewhere (FORGET, LEAVE, HELP).
@@ -128,7 +177,8 @@ impl Replicas {
                     )),
                 )
             }
-            "cluster|shards" | "cluster|countkeysinslot" | "cluster|getkeysinslot" => Reply::error(format!(
+            "cluster|shards" => shards(&layout, &suspects),
+            "cluster|countkeysinslot" | "cluster|getkeysinslot" => Reply::error(format!(
                 "ERR '{}' is not supported by a replicated kvd yet (docs/PROTOCOL.md, \"Replication\")",
                 spec.name.replace('|', " ")
             )),
