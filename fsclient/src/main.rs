@@ -58,7 +58,14 @@ fn run(cli: Cli) -> Result<(), Failure> {
             let (lock, keys) = Lock::create(&source).map_err(Failure)?;
             (store.with_codec(Codec::Encrypted(Box::new(keys))), Some(lock))
         }
-        Command::Mkfs { .. } => (store, None),
+        Command::Mkfs { .. } => {
+            if cli.key_file.is_some() {
+                eprintln!(
+                    "fsclient: a key file was given without --encrypt: the volume will not be encrypted"
+                );
+            }
+            (store, None)
+        }
         // Checks blobs by their names alone: no key needed.
         Command::Fsck { blobs: true, .. } => (store, None),
         _ => (store.with_codec(open_codec(dict.as_ref(), &cli)?), None),
