@@ -1518,6 +1518,67 @@ fn racing_reconfigurations_agree_and_data_moves_to_all_new_nodes() {
     assert_eq!(c.conn(d).cmd("GET after").unwrap().as_str(), "move");
 }
 
+/// Issue 23, item 2: while a change of membership is under way, INFO cluster
+/// says how many keys and bytes each node holds of the slots still to move
+/// (each record counted with its header, kept as records change and counted
+/// again at start), and both go back to 0 when the change is done.
+#[test]
+fn info_says_what_a_change_has_left_to_copy() {
+    let mut c = Replicated::start(3, 3);
+    c.restart_with_env(0, &[("KVD_FAILPOINTS", "reconfigure-after-freeze")]);
+    let mut a = c.conn(1);
+    let value = "x".repeat(1000);
+    for i in 0..300 {
+        assert_eq!(
+            a.call(&["SET", &format!("k:{i}"), &value]).unwrap().as_str(),
+            "OK"
+        );
+    }
+    // Deleted and rewritten keys count once, at their record's size now.
+    for i in 0..20 {
+        assert_eq!(
+            a.call(&["SET", &format!("k:{i}"), &value]).unwrap().as_str(),
+            "OK"
+        );
+    }
+    assert_eq!(
+        info(&c, 1, "kvd_replica_keys_to_copy"),
+        "0",
+        "no change under way"
+    );
+    let d = c.add_node();
+    let reply = reconfigure(&c, 0, &[0, 1, 2, d]);
+    assert!(reply.as_str().contains("stopped after freezing"), "{reply:?}");
+    let left = |c: &Replicated| -> (u64, u64, u64) {
+        let n = |f: &str| info(c, 1, f).parse::<u64>().unwrap();
+        (
+            n("kvd_replica_slots_left_to_move") + n("kvd_replica_frozen_slots"),
+            n("kvd_replica_keys_to_copy"),
+            n("kvd_replica_bytes_to_copy"),
+        )
+    };
+    let (slots, keys, bytes) = left(&c);
+    assert!(slots > 0, "no slot frozen or left to move");
+    // About a quarter of the slots move to the new node; with three nodes
+    // every node holds every slot.
+    assert!(keys > 30 && keys < 150, "{keys} keys to copy of 300");
+    // Every record here is a 1,000-byte value and a 26-byte header.
+    assert_eq!(bytes, keys * 1026);
+    // Counted again from the disk at start: the same figures.
+    c.restart(1);
+    assert_eq!(left(&c), (slots, keys, bytes));
+    let reply = reconfigure(&c, 1, &[0, 1, 2, d]);
+    assert!(
+        reply.as_str().contains("finished an interrupted reconfiguration") || reply.as_str() == "OK",
+        "{reply:?}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while left(&c) != (0, 0, 0) {
+        assert!(Instant::now() < deadline, "still to copy: {:?}", left(&c));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 /// A reconfiguration that stops half-way (its coordinator fails after the vote
 /// and the freeze) leaves the moving slots refusing with TRYAGAIN, not serving
 /// stale data; the next reconfiguration, whatever list it asks for, finishes

@@ -23,7 +23,7 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
 use bytes::{BufMut, Bytes, BytesMut};
 use parking_lot::Mutex;
@@ -93,6 +93,11 @@ impl Record {
         })
     }
 
+    /// The bytes [`Record::encode`] stores for it.
+    pub fn stored_len(&self) -> usize {
+        HEADER + self.entry.as_ref().map_or(0, |e| e.value.len())
+    }
+
     /// The entry as a reader sees it at `now`: expired is absent.
     pub fn live(&self, now: u64) -> Option<&Entry> {
         self.entry
@@ -130,6 +135,10 @@ pub struct Acceptor {
     /// stripe lock; counted from the stored records once at start
     /// ([`Acceptor::count_stored`]).
     digests: Vec<AtomicU64>,
+    /// Per slot, the records held and their stored bytes (headers and values),
+    /// kept beside the digests: what a change of membership has left to copy
+    /// ([`Acceptor::held`]).
+    sizes: Vec<(AtomicI64, AtomicI64)>,
 }
 
 /// A record's share of its slot's digest: the first 8 bytes of SHA-256 over
@@ -188,6 +197,9 @@ impl Acceptor {
             floor,
             promises: (0..STRIPES).map(|_| Mutex::new(Stripe::default())).collect(),
             digests: (0..SLOTS).map(|_| AtomicU64::new(0)).collect(),
+            sizes: (0..SLOTS)
+                .map(|_| (AtomicI64::new(0), AtomicI64::new(0)))
+                .collect(),
         })
     }
 
@@ -197,6 +209,27 @@ impl Acceptor {
         if b != Ballot::default() {
             self.digests[key_slot(key) as usize].fetch_xor(record_hash(key, b), Ordering::Relaxed);
         }
+    }
+
+    /// Counts a record of `bytes` stored bytes in (`sign` 1) or out (-1) of
+    /// its slot's size; no record (the default ballot) counts nothing.
+    fn tally(&self, key: &[u8], b: Ballot, bytes: usize, sign: i64) {
+        if b != Ballot::default() {
+            let (records, total) = &self.sizes[key_slot(key) as usize];
+            records.fetch_add(sign, Ordering::Relaxed);
+            total.fetch_add(sign * bytes as i64, Ordering::Relaxed);
+        }
+    }
+
+    /// The records held in `slots`, and their stored bytes.
+    pub fn held(&self, slots: impl IntoIterator<Item = u16>) -> (u64, u64) {
+        slots.into_iter().fold((0, 0), |(n, b), s| {
+            let (records, total) = &self.sizes[s as usize];
+            (
+                n + records.load(Ordering::Relaxed).max(0) as u64,
+                b + total.load(Ordering::Relaxed).max(0) as u64,
+            )
+        })
     }
 
     /// Every slot's digest, as the records held now give it.
@@ -222,6 +255,8 @@ impl Acceptor {
                     .and_then(|h| Record::decode_head(&h))
                 {
                     self.mark(key, head.accepted);
+                    let bytes = db.store().value_len(key).unwrap_or(HEADER);
+                    self.tally(key, head.accepted, bytes, 1);
                 }
             }
             if cursor == 0 {
@@ -268,7 +303,7 @@ impl Acceptor {
         &self,
         db: &Db,
         key: &Bytes,
-        old: Ballot,
+        old: &Record,
         record: &Record,
         covers: Ballot,
     ) -> Result<(), StoreError> {
@@ -281,8 +316,10 @@ impl Acceptor {
                 expires_at: None,
             })
         })?;
-        self.mark(key, old);
+        self.mark(key, old.accepted);
         self.mark(key, record.accepted);
+        self.tally(key, old.accepted, old.stored_len(), -1);
+        self.tally(key, record.accepted, raw.len(), 1);
         db.store().flush()
     }
 
@@ -370,7 +407,7 @@ impl Acceptor {
         self.write(
             db,
             key,
-            current.accepted,
+            &current,
             &Record { accepted: b, entry },
             next.unwrap_or(b),
         )
@@ -402,8 +439,7 @@ impl Acceptor {
             return Err(Ok(promised));
         }
         let accepted = record.accepted;
-        self.write(db, key, current.accepted, &record, accepted)
-            .map_err(Err)?;
+        self.write(db, key, &current, &record, accepted).map_err(Err)?;
         if stripe.promised(key) <= accepted {
             stripe.promises.remove(key);
         }
@@ -428,6 +464,7 @@ impl Acceptor {
         }
         db.store().update(key, false, &mut |_| Update::Remove)?;
         self.mark(key, dead.accepted);
+        self.tally(key, dead.accepted, dead.stored_len(), -1);
         db.store().flush()?;
         Ok(true)
     }
@@ -447,6 +484,7 @@ impl Acceptor {
         db.store().update(key, false, &mut |_| Update::Remove)?;
         if let Some(h) = head {
             self.mark(key, h.accepted);
+            self.tally(key, h.accepted, raw.value.len(), -1);
         }
         stripe.promises.remove(key);
         Ok(true)

@@ -148,12 +148,17 @@ impl Layout {
     /// Slots a transitional layout has still to move (their old and new
     /// replica sets differ, and they are past the boundary); 0 otherwise.
     pub fn slots_left_to_move(&self) -> usize {
+        self.slots_to_move().len()
+    }
+
+    /// The slots a change under way has still to move.
+    pub fn slots_to_move(&self) -> Vec<u16> {
         let Some(t) = &self.transition else {
-            return 0;
+            return Vec::new();
         };
         (t.moved_below..SLOTS as u16)
             .filter(|&s| self.holder_addrs(s) != self.target_addrs(s))
-            .count()
+            .collect()
     }
 
     /// Whether this layout is a step of a change still under way.

@@ -364,9 +364,10 @@ impl Replicas {
 
     pub fn info(&self) -> String {
         let s = &self.stats;
-        let (layout, frozen) = {
+        let (layout, frozen, frozen_slots) = {
             let m = self.membership.read();
-            (m.layout.clone(), m.frozen_count)
+            let frozen_slots: Vec<u16> = (0..slot::SLOTS as u16).filter(|&s| m.is_frozen(s)).collect();
+            (m.layout.clone(), m.frozen_count, frozen_slots)
         };
         let (under_replicated, unreachable) = self.under_replicated(&layout);
         let health = format!(
@@ -379,11 +380,22 @@ impl Replicas {
         );
         // A change of membership under way: the list it is heading to (the
         // members above include the nodes it is taking out until its end).
+        // What this node holds of the slots still to move (the step being
+        // copied, frozen, and those of later steps): what it may have to send
+        // (each slot is copied from one of its holders).
+        let to_move = layout.slots_to_move();
+        let mut copying = to_move.clone();
+        copying.extend(&frozen_slots);
+        copying.sort_unstable();
+        copying.dedup();
+        let me = layout.nodes.iter().position(|n| *n == self.addr);
+        let held = me.map_or(Vec::new(), |i| layout.held_by(i, &copying));
+        let (keys, bytes) = self.acceptor.held(held);
         let change = format!(
-            "kvd_replica_change_in_progress:{}\r\nkvd_replica_target_members:{}\r\nkvd_replica_slots_left_to_move:{}\r\n",
+            "kvd_replica_change_in_progress:{}\r\nkvd_replica_target_members:{}\r\nkvd_replica_slots_left_to_move:{}\r\nkvd_replica_keys_to_copy:{keys}\r\nkvd_replica_bytes_to_copy:{bytes}\r\n",
             layout.in_transition() as u8,
             layout.target().join(","),
-            layout.slots_left_to_move(),
+            to_move.len(),
         );
         health + &change + &format!(
             "kvd_under_replicated_slots:{under_replicated}\r\nkvd_replica_nodes_unreachable:{unreachable}\r\nkvd_replicas:{}\r\nkvd_replica_nodes:{}\r\nkvd_replica_members:{}\r\nkvd_replica_config_version:{}\r\nkvd_replica_frozen_slots:{}\r\nkvd_repair_keys_dropped:{}\r\nkvd_tombstones_purged:{}\r\nkvd_reconfigure_slots_moved:{}\r\nkvd_reconfigure_keys_copied:{}\r\nkvd_paxos_rounds:{}\r\nkvd_paxos_one_round_trip:{}\r\nkvd_paxos_conflicts:{}\r\nkvd_paxos_repairs:{}\r\nkvd_paxos_relayed:{}\r\nkvd_commands_waited_for_moves:{}\r\nkvd_paxos_unavailable:{}\r\nkvd_repair_keys_checked:{}\r\nkvd_repair_passes:{}\r\nkvd_repair_keys_behind_last_pass:{}\r\nkvd_repair_slots_in_agreement:{}\r\n",

@@ -65,6 +65,10 @@ pub trait Store: Send + Sync + 'static {
     fn value_prefix(&self, key: &Bytes, len: usize) -> Result<Option<Bytes>, StoreError> {
         Ok(self.get(key)?.map(|e| e.value.slice(..len.min(e.value.len()))))
     }
+    /// The length of the key's value, without reading it.
+    fn value_len(&self, key: &Bytes) -> Option<usize> {
+        self.get(key).ok().flatten().map(|e| e.value.len())
+    }
     /// Calls `f` with the key's current entry under the key's lock and applies its
     /// decision before any other writer of that key runs. With `needs_value`
     /// false the entry's value may be left empty (a blind write such as SET or

@@ -682,6 +682,12 @@ impl Store for DiskStore {
         }))
     }
 
+    fn value_len(&self, key: &Bytes) -> Option<usize> {
+        let pos = self.index.pos(key);
+        let shard = self.index.read(&pos);
+        shard.get(&pos).map(|loc| loc.value_len as usize)
+    }
+
     fn value_prefix(&self, key: &Bytes, len: usize) -> Result<Option<Bytes>, StoreError> {
         let pos = self.index.pos(key);
         let shard = self.index.read(&pos);
