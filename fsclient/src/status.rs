@@ -33,6 +33,8 @@ pub enum Topology {
         /// Slots a membership change under way has still to move (a join
         /// or a take-out goes in steps).
         slots_left_to_move: u64,
+        /// Bytes the node asked holds of the slots still to move.
+        bytes_to_copy: u64,
     },
     /// kvd `--cluster` or a Redis Cluster: slots sharded over the nodes.
     Sharded { nodes: Vec<Node> },
@@ -85,6 +87,7 @@ pub fn topology(dict: &RespDict, url: &str) -> Result<Topology, String> {
             under_replicated_slots: num("kvd_under_replicated_slots"),
             down_after_secs: num("kvd_down_after_seconds"),
             slots_left_to_move: num("kvd_replica_slots_left_to_move"),
+            bytes_to_copy: num("kvd_replica_bytes_to_copy"),
         });
     }
     if info_field(&info, "cluster_enabled") == Some("1") {
@@ -186,6 +189,7 @@ pub fn render(
             under_replicated_slots,
             down_after_secs,
             slots_left_to_move,
+            bytes_to_copy,
         } => {
             let _ = writeln!(
                 out,
@@ -227,7 +231,8 @@ pub fn render(
                 // slot is served meanwhile.
                 let _ = writeln!(
                     out,
-                    "  membership change under way: {slots_left_to_move} slots left to move (each step freezes at most 2,048 while it copies them)"
+                    "  membership change under way: {slots_left_to_move} slots left to move, {:.1} MB of them on this node (each step freezes at most 2,048 slots while it copies them)",
+                    *bytes_to_copy as f64 / 1e6
                 );
             }
             if *under_replicated_slots > 0 {
@@ -334,13 +339,17 @@ mod tests {
             under_replicated_slots: 0,
             down_after_secs: 600,
             slots_left_to_move: 6144,
+            bytes_to_copy: 25_000_000,
         };
         let dict = std::sync::Arc::new(crate::dict::MemoryDict::new());
         let volume = Volume::new(crate::store::BlobStore::new(dict, "t:", 16 << 20), "main");
         volume.create().unwrap();
         let shown = render(&topology, &volume, None, None).unwrap();
         assert!(shown.contains("10.0.0.4:7379            leaving"), "{shown}");
-        assert!(shown.contains("6144 slots left to move"), "{shown}");
+        assert!(
+            shown.contains("6144 slots left to move, 25.0 MB of them on this node"),
+            "{shown}"
+        );
         assert!(shown.contains("all is well"), "{shown}");
     }
 
