@@ -325,21 +325,9 @@ pub fn run(big_mib: u64, small: usize, rounds: usize) -> Result<Report> {
     let runs = crate::rounds::run(2, rounds, |side| measure(kvd.port, &big, small, sealings[side]))?;
     let encrypted = compare(&runs);
     println!("fsclient through kvd and through redis-server (AOF everysec), {big_mib} MiB file, {small} files of 4 KiB, median of {rounds} rounds' ratios");
-    for r in &rows {
-        let (lo, hi) = r.compared.spread();
-        println!(
-            "{:<26} kvd {:>9.0}  redis {:>9.0}  kvd/redis {:.2} ({lo:.2}-{hi:.2})",
-            r.figure, r.compared.ours, r.compared.peer, r.compared.ratio
-        );
-    }
+    show(&rows, "kvd", "redis");
     println!("an encrypted volume against a plain one, both on kvd");
-    for r in &encrypted {
-        let (lo, hi) = r.compared.spread();
-        println!(
-            "{:<26} encrypted {:>9.0}  plain {:>9.0}  encrypted/plain {:.2} ({lo:.2}-{hi:.2})",
-            r.figure, r.compared.ours, r.compared.peer, r.compared.ratio
-        );
-    }
+    show(&encrypted, "encrypted", "plain");
     let hashing = hashing(&big)?;
     println!(
         "chunking + SHA-256: {:.0} MB/s; sha256sum: {:.0} MB/s (ratio {:.2})",
@@ -360,6 +348,17 @@ pub fn run(big_mib: u64, small: usize, rounds: usize) -> Result<Report> {
         hashing,
         dedup,
     })
+}
+
+/// Prints rows of side `ours` against side `peer`.
+fn show(rows: &[Row], ours: &str, peer: &str) {
+    for r in rows {
+        let (lo, hi) = r.compared.spread();
+        println!(
+            "{:<26} {ours} {:>9.0}  {peer} {:>9.0}  {ours}/{peer} {:.2} ({lo:.2}-{hi:.2})",
+            r.figure, r.compared.ours, r.compared.peer, r.compared.ratio
+        );
+    }
 }
 
 /// Each figure of side 0 against side 1.

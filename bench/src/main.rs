@@ -280,6 +280,25 @@ fn compare_get_set(
     Ok(rows)
 }
 
+/// Prints SET/GET rows (`ratio`: the ratio column's title) and saves them as
+/// results/`name`.json.
+fn show_and_save(name: &str, ratio: &str, rows: &[Row]) -> Result<()> {
+    println!(
+        "{:<6} {:>8} {:>14} {:>14} {:>10}  per round",
+        "test", "pipeline", "kvd req/s", "redis req/s", ratio
+    );
+    for r in rows {
+        let (lo, hi) = r.compared.spread();
+        println!(
+            "{:<6} {:>8} {:>14.0} {:>14.0} {:>10.2}  {lo:.2}-{hi:.2}",
+            r.test, r.pipeline, r.compared.ours, r.compared.peer, r.compared.ratio
+        );
+    }
+    let path = save(name, &rows)?;
+    println!("saved {}", path.display());
+    Ok(())
+}
+
 fn save(name: &str, rows: &impl Serialize) -> Result<PathBuf> {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("results");
     std::fs::create_dir_all(&dir)?;
@@ -321,37 +340,9 @@ fn main() -> Result<()> {
         build_servers()?;
     }
     match cli.which {
-        Which::Kvd { requests, rounds } => {
-            let rows = bench_kvd(requests, rounds)?;
-            println!(
-                "{:<6} {:>8} {:>14} {:>14} {:>10}  per round",
-                "test", "pipeline", "kvd req/s", "redis req/s", "kvd/redis"
-            );
-            for r in &rows {
-                let (lo, hi) = r.compared.spread();
-                println!(
-                    "{:<6} {:>8} {:>14.0} {:>14.0} {:>10.2}  {lo:.2}-{hi:.2}",
-                    r.test, r.pipeline, r.compared.ours, r.compared.peer, r.compared.ratio
-                );
-            }
-            let path = save("kvd", &rows)?;
-            println!("saved {}", path.display());
-        }
+        Which::Kvd { requests, rounds } => show_and_save("kvd", "kvd/redis", &bench_kvd(requests, rounds)?)?,
         Which::Tls { requests, rounds } => {
-            let rows = bench_tls(requests, rounds)?;
-            println!(
-                "{:<6} {:>8} {:>14} {:>14} {:>10}  per round",
-                "test", "pipeline", "kvd req/s", "redis req/s", "kvd/redis (both TLS)"
-            );
-            for r in &rows {
-                let (lo, hi) = r.compared.spread();
-                println!(
-                    "{:<6} {:>8} {:>14.0} {:>14.0} {:>10.2}  {lo:.2}-{hi:.2}",
-                    r.test, r.pipeline, r.compared.ours, r.compared.peer, r.compared.ratio
-                );
-            }
-            let path = save("tls", &rows)?;
-            println!("saved {}", path.display());
+            show_and_save("tls", "kvd/redis (both TLS)", &bench_tls(requests, rounds)?)?
         }
         Which::Storage {
             load_gib,

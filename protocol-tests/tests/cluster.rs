@@ -10,6 +10,16 @@ use std::time::Duration;
 
 use protocol_tests::{Replicated, Value};
 
+/// The members a node's INFO cluster lists.
+fn members(conn: &mut protocol_tests::Conn) -> String {
+    let info = conn.cmd("INFO cluster").unwrap().as_str();
+    info.lines()
+        .find_map(|l| l.strip_prefix("kvd_replica_members:"))
+        .unwrap_or_default()
+        .trim()
+        .to_string()
+}
+
 fn bulk(v: &str) -> Value {
     Value::Bulk(v.as_bytes().to_vec())
 }
@@ -288,14 +298,6 @@ fn the_cluster_secret_keeps_strangers_out() {
     )
     .unwrap();
     std::thread::sleep(Duration::from_secs(3));
-    let members = |conn: &mut protocol_tests::Conn| {
-        let info = conn.cmd("INFO cluster").unwrap().as_str();
-        info.lines()
-            .find_map(|l| l.strip_prefix("kvd_replica_members:"))
-            .unwrap_or_default()
-            .trim()
-            .to_string()
-    };
     let three = (0..3).map(|i| c.addr(i)).collect::<Vec<_>>().join(",");
     for i in 0..3 {
         assert_eq!(members(&mut c.conn(i)), three, "node {i} let the stranger in");
@@ -435,14 +437,6 @@ fn a_captured_peer_exchange_replayed_later_changes_nothing() {
         "OK",
         "the exchange was a valid one"
     );
-    let members = |conn: &mut protocol_tests::Conn| {
-        let info = conn.cmd("INFO cluster").unwrap().as_str();
-        info.lines()
-            .find_map(|l| l.strip_prefix("kvd_replica_members:"))
-            .unwrap_or_default()
-            .trim()
-            .to_string()
-    };
     let before = members(&mut c.conn(0));
     // Replayed on a new connection, after the node's own new challenge (or
     // without one): refused before the join is read.

@@ -99,7 +99,16 @@ struct Target<'a> {
     data: PathBuf,
 }
 
-impl Target<'_> {
+impl<'a> Target<'a> {
+    /// A single server.
+    fn of(server: &'a Server) -> Target<'a> {
+        Target {
+            url: format!("redis://127.0.0.1:{}", server.port),
+            conn: Box::new(move || server.connect().unwrap()),
+            data: server.data.clone(),
+        }
+    }
+
     /// Each blob key with its size.
     fn blobs(&self) -> Vec<(String, i64)> {
         let mut conn = (self.conn)();
@@ -256,22 +265,14 @@ fn hides_names_and_contents(t: &Target) {
 #[test]
 fn an_encrypted_volume_on_kvd_hides_names_and_contents() {
     let kvd = Server::kvd(&[]).unwrap();
-    hides_names_and_contents(&Target {
-        url: format!("redis://127.0.0.1:{}", kvd.port),
-        conn: Box::new(|| kvd.connect().unwrap()),
-        data: kvd.data.clone(),
-    });
+    hides_names_and_contents(&Target::of(&kvd));
 }
 
 #[test]
 fn an_encrypted_volume_on_redis_server_hides_names_and_contents() {
     require_redis();
     let redis = Server::redis(&["--appendonly", "yes"]).unwrap();
-    hides_names_and_contents(&Target {
-        url: format!("redis://127.0.0.1:{}", redis.port),
-        conn: Box::new(|| redis.connect().unwrap()),
-        data: redis.data.clone(),
-    });
+    hides_names_and_contents(&Target::of(&redis));
 }
 
 #[test]
@@ -292,11 +293,7 @@ fn an_encrypted_volume_on_a_kvd_cluster_hides_names_and_contents() {
 fn an_insert_in_a_large_encrypted_file_stores_little() {
     let kvd = Server::kvd(&[]).unwrap();
     let url = format!("redis://127.0.0.1:{}", kvd.port);
-    let t = Target {
-        url: url.clone(),
-        conn: Box::new(|| kvd.connect().unwrap()),
-        data: kvd.data.clone(),
-    };
+    let t = Target::of(&kvd);
     let dir = tempfile::tempdir().unwrap();
     let key = dir.path().join("key");
     let key_s = key.to_str().unwrap();
