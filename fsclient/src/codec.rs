@@ -90,16 +90,12 @@ impl Keys {
     /// A value kept in the volume's config that tells a right key from a
     /// wrong one without revealing anything about the key (an HMAC output).
     pub fn check_value(&self) -> String {
-        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&self.check[..]).expect("any key length");
-        mac.update(b"dictfs key check");
-        hex::encode(&mac.finalize().into_bytes()[..16])
+        hex::encode(&hmac(&self.check[..], &[b"dictfs key check"])[..16])
     }
 
     fn nonce(&self, plain: &[u8]) -> [u8; NONCE] {
-        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&self.convergence[..]).expect("any key length");
-        mac.update(plain);
         let mut nonce = [0u8; NONCE];
-        nonce.copy_from_slice(&mac.finalize().into_bytes()[..NONCE]);
+        nonce.copy_from_slice(&hmac(&self.convergence[..], &[plain])[..NONCE]);
         nonce
     }
 
@@ -139,6 +135,15 @@ impl Keys {
     }
 }
 
+/// HMAC-SHA256 under `key` of `parts`, one after another.
+fn hmac(key: &[u8], parts: &[&[u8]]) -> [u8; 32] {
+    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(key).expect("HMAC takes any key length");
+    for part in parts {
+        mac.update(part);
+    }
+    mac.finalize().into_bytes().into()
+}
+
 /// A blob ready for the store: its name, its plain bytes (what readers above
 /// the store see, and what the cache keeps) and the bytes stored.
 #[derive(Clone)]
@@ -174,13 +179,7 @@ impl Codec {
     pub fn split_hash(&self, salted: &[u8]) -> [u8; 32] {
         match self {
             Codec::Plain => Hash::of(salted).0,
-            Codec::Encrypted(keys) => {
-                let mut mac =
-                    <Hmac<Sha256> as Mac>::new_from_slice(&keys.convergence[..]).expect("any key length");
-                mac.update(b"dictfs dir split");
-                mac.update(salted);
-                mac.finalize().into_bytes().into()
-            }
+            Codec::Encrypted(keys) => hmac(&keys.convergence[..], &[b"dictfs dir split", salted]),
         }
     }
 

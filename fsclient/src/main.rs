@@ -415,17 +415,10 @@ fn open_codec(dict: &dyn fsclient::dict::Dict, cli: &Cli) -> Result<Codec, Failu
         .get(&key)
         .map_err(|e| Failure(format!("cannot read the volume's settings ({key}): {e}")))?
         .map(|b| String::from_utf8_lossy(&b).into_owned());
-    let encrypted = match text.as_deref().map(Lock::from_config) {
-        Some(Err(e)) => return Err(Failure(e)),
-        Some(Ok(lock)) => lock.is_some(),
-        None => false,
-    };
-    let source = if encrypted {
-        Some(key_source(cli, false)?)
-    } else {
-        None
-    };
-    volume_key::codec_for(&cli.volume, text.as_deref(), source.as_ref()).map_err(Failure)
+    volume_key::codec_for(&cli.volume, text.as_deref(), || {
+        key_source(cli, false).map_err(|Failure(e)| e)
+    })
+    .map_err(Failure)
 }
 
 /// A passphrase typed at the prompt: handed to a mount started with --daemon.

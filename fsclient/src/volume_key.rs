@@ -190,18 +190,17 @@ pub fn keygen(path: &Path) -> Result<(), String> {
         .map_err(|e| format!("cannot write key file '{}': {e}", path.display()))
 }
 
-/// The codec for a volume with this config text, given where a key may come
-/// from (`None`: no key offered).
-pub fn codec_for(volume: &str, config: Option<&str>, source: Option<&KeySource>) -> Result<Codec, String> {
+/// The codec for a volume with this config text. `source` is asked for the
+/// key only if the volume is encrypted, so a plain volume never prompts.
+pub fn codec_for(
+    volume: &str,
+    config: Option<&str>,
+    source: impl FnOnce() -> Result<KeySource, String>,
+) -> Result<Codec, String> {
     let Some(lock) = config.map(Lock::from_config).transpose()?.flatten() else {
         return Ok(Codec::Plain);
     };
-    let Some(source) = source else {
-        return Err(format!(
-            "volume '{volume}' is encrypted: give its key with --key-file (or DICTFS_KEY_FILE), or its passphrase in DICTFS_PASSPHRASE or on a terminal"
-        ));
-    };
-    Ok(Codec::Encrypted(Box::new(lock.unlock(volume, source)?)))
+    Ok(Codec::Encrypted(Box::new(lock.unlock(volume, &source()?)?)))
 }
 
 #[cfg(test)]
@@ -224,8 +223,12 @@ mod tests {
         let wrong = parsed.unlock("v", &KeySource::File(b)).err().unwrap();
         assert_eq!(wrong, "wrong key for encrypted volume 'v'");
         assert!(Lock::from_config("min=1 avg=2 max=3").unwrap().is_none());
-        let none = codec_for("v", Some(&text), None).err().unwrap();
-        assert!(none.contains("volume 'v' is encrypted"), "{none}");
+        let none = codec_for("v", Some(&text), || Err("no key offered".into())).err();
+        assert_eq!(none.as_deref(), Some("no key offered"));
+        let plain = codec_for("v", Some("min=1 avg=2 max=3"), || {
+            panic!("a plain volume asked for a key")
+        });
+        assert!(!plain.unwrap().is_encrypted());
     }
 
     #[test]

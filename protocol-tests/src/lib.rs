@@ -83,6 +83,28 @@ pub fn fsclient_at(url: &str, args: &[&str]) -> std::process::Output {
         .expect("fsclient runs (cargo build --workspace first)")
 }
 
+/// [`fsclient_at`] that must succeed: fails the test with fsclient's error
+/// otherwise; returns its standard output.
+pub fn fsclient_ok(url: &str, args: &[&str]) -> String {
+    let out = fsclient_at(url, args);
+    assert!(
+        out.status.success(),
+        "fsclient {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Fails the test unless the two directory trees are equal (`diff -r`).
+pub fn same_trees(a: &Path, b: &Path) {
+    let out = Command::new("diff").arg("-r").arg(a).arg(b).output().unwrap();
+    assert!(
+        out.status.success(),
+        "trees differ:\n{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
 /// The number after `name` on the line of fsclient's output that starts with
 /// it (`deleted:`, `stored bytes:`, ...).
 pub fn report_field(report: &str, name: &str) -> Option<u64> {

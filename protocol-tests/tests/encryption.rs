@@ -9,7 +9,9 @@ use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::process::Output;
 
-use protocol_tests::{fsclient_at, require_redis, Conn, Mount, Replicated, Server};
+use protocol_tests::{
+    fsclient_at, fsclient_ok as ok, require_redis, same_trees, Conn, Mount, Replicated, Server,
+};
 use rand::{Rng, SeedableRng};
 
 const NAME_MARKER: &str = "NameMarker-5c1f9e";
@@ -18,16 +20,6 @@ const SNAPSHOT_MARKER: &str = "SnapshotMarker-e07b";
 
 fn run(url: &str, args: &[&str]) -> Output {
     fsclient_at(url, args)
-}
-
-fn ok(url: &str, args: &[&str]) -> String {
-    let out = run(url, args);
-    assert!(
-        out.status.success(),
-        "fsclient {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 fn fails(url: &str, args: &[&str]) -> String {
@@ -137,20 +129,6 @@ fn local_tree(dir: &Path, secret: &[u8], big: &[u8]) {
     std::fs::create_dir_all(dir.join("docs")).unwrap();
     std::fs::write(dir.join(format!("docs/{NAME_MARKER}.txt")), content).unwrap();
     std::fs::write(dir.join("big.bin"), big).unwrap();
-}
-
-fn same_trees(a: &Path, b: &Path) {
-    let out = std::process::Command::new("diff")
-        .arg("-r")
-        .arg(a)
-        .arg(b)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "trees differ:\n{}",
-        String::from_utf8_lossy(&out.stdout)
-    );
 }
 
 /// The whole check on one store.

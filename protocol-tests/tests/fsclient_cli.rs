@@ -3,20 +3,14 @@
 use std::path::Path;
 use std::process::{Command, Output};
 
-use protocol_tests::{fsclient_bin, require_redis, Server};
+use protocol_tests::{fsclient_bin, require_redis, same_trees, Server};
 
 fn fsclient(server: &Server, args: &[&str]) -> Output {
     protocol_tests::fsclient_at(&format!("redis://127.0.0.1:{}", server.port), args)
 }
 
 fn ok(server: &Server, args: &[&str]) -> String {
-    let out = fsclient(server, args);
-    assert!(
-        out.status.success(),
-        "fsclient {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    protocol_tests::fsclient_ok(&format!("redis://127.0.0.1:{}", server.port), args)
 }
 
 /// A tree of files: small, empty, larger than one chunk, nested, a symlink.
@@ -34,15 +28,6 @@ fn make_tree(dir: &Path) {
         std::fs::write(dir.join(format!("a/b/c/f{i}")), data).unwrap();
     }
     std::os::unix::fs::symlink("small.txt", dir.join("link")).unwrap();
-}
-
-fn same_trees(a: &Path, b: &Path) {
-    let out = Command::new("diff").arg("-r").arg(a).arg(b).output().unwrap();
-    assert!(
-        out.status.success(),
-        "trees differ:\n{}",
-        String::from_utf8_lossy(&out.stdout)
-    );
 }
 
 fn round_trip_and_concurrent_writers(server: &Server) {

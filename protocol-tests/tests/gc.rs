@@ -2,7 +2,6 @@
 //! real processes, real mounts racing the collector.
 
 use std::collections::BTreeMap;
-use std::process::Output;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -14,13 +13,7 @@ fn url(server: &Server) -> String {
 }
 
 fn ok(url: &str, args: &[&str]) -> String {
-    let out: Output = fsclient_at(url, args);
-    assert!(
-        out.status.success(),
-        "fsclient {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    protocol_tests::fsclient_ok(url, args)
 }
 
 /// Keep only heads and snapshots: everything else is garbage at once.

@@ -203,19 +203,15 @@ impl Acceptor {
         })
     }
 
-    /// Adds (or, done again, removes) a record at `b` to its slot's digest;
-    /// no record (the default ballot) counts nothing.
-    fn mark(&self, key: &[u8], b: Ballot) {
+    /// Counts the record of `key` at `b`, `bytes` long as stored, into
+    /// (`sign` 1) or out of (-1) its slot's digest and size; no record (the
+    /// default ballot) counts nothing. (The digest is an XOR: in and out are
+    /// the same step for it.)
+    fn count(&self, key: &[u8], b: Ballot, bytes: usize, sign: i64) {
         if b != Ballot::default() {
-            self.digests[key_slot(key) as usize].fetch_xor(record_hash(key, b), Ordering::Relaxed);
-        }
-    }
-
-    /// Counts a record of `bytes` stored bytes in (`sign` 1) or out (-1) of
-    /// its slot's size; no record (the default ballot) counts nothing.
-    fn tally(&self, key: &[u8], b: Ballot, bytes: usize, sign: i64) {
-        if b != Ballot::default() {
-            let (records, total) = &self.sizes[key_slot(key) as usize];
+            let slot = key_slot(key) as usize;
+            self.digests[slot].fetch_xor(record_hash(key, b), Ordering::Relaxed);
+            let (records, total) = &self.sizes[slot];
             records.fetch_add(sign, Ordering::Relaxed);
             total.fetch_add(sign * bytes as i64, Ordering::Relaxed);
         }
@@ -254,9 +250,8 @@ impl Acceptor {
                     .flatten()
                     .and_then(|h| Record::decode_head(&h))
                 {
-                    self.mark(key, head.accepted);
                     let bytes = db.store().value_len(key).unwrap_or(HEADER);
-                    self.tally(key, head.accepted, bytes, 1);
+                    self.count(key, head.accepted, bytes, 1);
                 }
             }
             if cursor == 0 {
@@ -316,10 +311,8 @@ impl Acceptor {
                 expires_at: None,
             })
         })?;
-        self.mark(key, old.accepted);
-        self.mark(key, record.accepted);
-        self.tally(key, old.accepted, old.stored_len(), -1);
-        self.tally(key, record.accepted, raw.len(), 1);
+        self.count(key, old.accepted, old.stored_len(), -1);
+        self.count(key, record.accepted, raw.len(), 1);
         db.store().flush()
     }
 
@@ -463,8 +456,7 @@ impl Acceptor {
             stripe.promise(key, dead.accepted);
         }
         db.store().update(key, false, &mut |_| Update::Remove)?;
-        self.mark(key, dead.accepted);
-        self.tally(key, dead.accepted, dead.stored_len(), -1);
+        self.count(key, dead.accepted, dead.stored_len(), -1);
         db.store().flush()?;
         Ok(true)
     }
@@ -483,8 +475,7 @@ impl Acceptor {
         }
         db.store().update(key, false, &mut |_| Update::Remove)?;
         if let Some(h) = head {
-            self.mark(key, h.accepted);
-            self.tally(key, h.accepted, raw.value.len(), -1);
+            self.count(key, h.accepted, raw.value.len(), -1);
         }
         stripe.promises.remove(key);
         Ok(true)
