@@ -15,7 +15,8 @@ use bytes::Bytes;
 
 use super::acceptor::Record;
 use super::layout::{epoch, Layout};
-use super::proposer::{self, Change, Mode, Msg};
+use super::network::{self, NodeNetwork};
+use super::proposer::{Change, Mode, Msg};
 use super::{number, Replicas};
 use crate::cluster::paxos::Ballot;
 use crate::cluster::peer;
@@ -282,7 +283,10 @@ async fn one_key(
         scratch.change(cmd.apply(&scratch.db, max_len))
     };
     let mode = if read_only { Mode::Read } else { Mode::Write };
-    let reply = rep.propose(shared, key, mode, &mut f).await;
+    let reply = rep
+        .proposer
+        .propose(&NodeNetwork::new(rep, shared), key, mode, &mut f)
+        .await;
     if !read_only && !reply.is_error() {
         // Our own acceptor's write reaches the disk before the reply goes out.
         session.wrote = true;
@@ -293,7 +297,11 @@ async fn one_key(
 /// WATCH: remembers each key's accepted ballot as a majority shows it.
 async fn watch(shared: &Arc<Shared>, rep: &Arc<Replicas>, session: &mut Session, args: &[Bytes]) -> Reply {
     for key in &args[1..] {
-        match rep.chosen_ballot(shared, key).await {
+        match rep
+            .proposer
+            .chosen_ballot(&NodeNetwork::new(rep, shared), key)
+            .await
+        {
             Ok(seen) => session.cluster.watched.push((key.clone(), seen)),
             Err(reply) => return reply,
         }
@@ -394,7 +402,10 @@ async fn exec(shared: &Arc<Shared>, rep: &Arc<Replicas>, session: &mut Session, 
     } else {
         Mode::Write
     };
-    let reply = rep.propose(shared, &key, mode, &mut f).await;
+    let reply = rep
+        .proposer
+        .propose(&NodeNetwork::new(rep, shared), &key, mode, &mut f)
+        .await;
     if !reply.is_error() {
         session.wrote = true;
     }
@@ -678,7 +689,7 @@ fn internal(shared: &Arc<Shared>, rep: &Arc<Replicas>, session: &mut Session, ar
                 .into_iter()
                 .map(|(key, record)| match rep.acceptor.install(&zero, key, record) {
                     Ok(()) => Reply::OK,
-                    Err(Ok(beaten)) => proposer::ballot_error(beaten),
+                    Err(Ok(beaten)) => network::ballot_error(beaten),
                     Err(Err(e)) => Reply::error(e.to_string()),
                 })
                 .collect();
@@ -721,5 +732,5 @@ fn internal(shared: &Arc<Shared>, rep: &Arc<Replicas>, session: &mut Session, ar
         }
         _ => return Reply::error(format!("ERR unknown command '{name}'")),
     };
-    proposer::local(shared, rep, &args[1], &msg)
+    network::local(shared, rep, &args[1], &msg)
 }

@@ -24,6 +24,7 @@ pub mod dispatch;
 pub mod health;
 pub mod key_locks;
 pub mod layout;
+pub mod network;
 pub mod proposer;
 pub mod reconfigure;
 pub mod repair;
@@ -40,6 +41,7 @@ use crate::reply::Reply;
 use acceptor::Acceptor;
 pub use layout::FirstStart;
 use layout::{Layout, Membership};
+use proposer::Proposer;
 
 /// How a replicated node starts: from the command line.
 #[derive(Clone)]
@@ -67,20 +69,9 @@ impl crate::shared::ClusterInfo for Replicas {
     }
 }
 
-/// Counters for INFO.
+/// Counters for INFO (the proposer keeps its own: [`proposer::Stats`]).
 #[derive(Default)]
 pub struct Stats {
-    pub rounds: AtomicU64,
-    /// Changes that took one round trip (phase 1 skipped).
-    pub fast: AtomicU64,
-    pub conflicts: AtomicU64,
-    pub repairs: AtomicU64,
-    /// Commands that waited for their key's slot to finish moving.
-    pub waited_for_moves: AtomicU64,
-    /// Lagging replicas brought up to date by sending them the highest
-    /// record's accept again (by a read or by anti-entropy), with no new ballot.
-    pub relayed: AtomicU64,
-    pub unavailable: AtomicU64,
     /// Anti-entropy: keys checked, whole passes over this node's keys, and
     /// keys found with a replica behind in the last finished pass.
     pub repair_scanned: AtomicU64,
@@ -111,17 +102,7 @@ pub struct Replicas {
     membership: parking_lot::RwLock<Membership>,
     pub peers: Peers,
     pub acceptor: Acceptor,
-    proposer_id: u64,
-    /// The highest ballot counter this node has seen or used.
-    counter: AtomicU64,
-    /// Keys this node changed last: the next ballot the acceptors promised us
-    /// with that change, and the record they accepted (see `proposer`).
-    fast: parking_lot::Mutex<std::collections::HashMap<Bytes, (Ballot, acceptor::Record)>>,
-    /// Since when (at which membership version) commands have been refused
-    /// because their slot is moving (see `proposer`'s `moves_stuck`).
-    moving_since: parking_lot::Mutex<Option<(u64, std::time::Instant)>>,
-    /// One proposal per key at a time from this node ([`key_locks`]).
-    pub(super) key_locks: key_locks::KeyLocks,
+    pub proposer: Proposer,
     /// One reconfiguration at a time from this node.
     pub(crate) reconfiguring: tokio::sync::Mutex<()>,
     /// Nodes this node's last call to failed, since when (cleared by the
@@ -173,16 +154,12 @@ impl Replicas {
         }
         let proposer_id = crate::cluster::ring::fnv1a(options.me.as_bytes()) | 1;
         Ok(Arc::new(Replicas {
-            counter: AtomicU64::new(acceptor.floor()),
+            proposer: Proposer::new(proposer_id, acceptor.floor()),
             acceptor,
             membership: parking_lot::RwLock::new(membership),
             peers: Peers::new(options.me.clone(), options.secret.clone(), options.tls.clone()),
             addr: options.me,
             secret: options.secret,
-            proposer_id,
-            fast: Default::default(),
-            key_locks: Default::default(),
-            moving_since: Default::default(),
             reconfiguring: tokio::sync::Mutex::new(()),
             unreachable: Default::default(),
             seeds: options.seeds,
@@ -255,7 +232,7 @@ impl Replicas {
         }
         match m.promise(b) {
             Ok(Ok(voted)) => Ok(voted),
-            Ok(Err(beaten)) => Err(proposer::ballot_error(beaten)),
+            Ok(Err(beaten)) => Err(network::ballot_error(beaten)),
             Err(e) => Err(Reply::error(format!("ERR recording the vote: {e}"))),
         }
     }
@@ -269,7 +246,7 @@ impl Replicas {
         }
         match m.freeze(b, target, slots) {
             Ok(Ok(())) => Ok(()),
-            Ok(Err(beaten)) => Err(proposer::ballot_error(beaten)),
+            Ok(Err(beaten)) => Err(network::ballot_error(beaten)),
             Err(e) => Err(Reply::error(format!("ERR recording frozen slots: {e}"))),
         }
     }
@@ -288,7 +265,7 @@ impl Replicas {
             .map_err(|e| Reply::error(format!("ERR recording the membership: {e}")))?;
         if newer {
             // Promised next ballots belong to the old version.
-            self.fast.lock().clear();
+            self.proposer.forget_promises();
             tracing::info!(version, "adopted a new cluster membership");
         }
         Ok(newer)
@@ -342,28 +319,9 @@ impl Replicas {
         (slots, down.len())
     }
 
-    /// A new ballot above everything this node has seen.
-    fn next_ballot(&self, layout: &Layout) -> Ballot {
-        let first = layout.first_counter();
-        let counter = self
-            .counter
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |c| Some(c.max(first) + 1))
-            .expect("always Some")
-            .max(first)
-            + 1;
-        Ballot {
-            counter,
-            proposer: self.proposer_id,
-        }
-    }
-
-    /// Notes a ballot seen elsewhere, so the next one of ours is above it.
-    fn saw(&self, b: Ballot) {
-        self.counter.fetch_max(b.counter, Ordering::SeqCst);
-    }
-
     pub fn info(&self) -> String {
         let s = &self.stats;
+        let p = &self.proposer.stats;
         let (layout, frozen, frozen_slots) = {
             let m = self.membership.read();
             let frozen_slots: Vec<u16> = (0..slot::SLOTS as u16).filter(|&s| m.is_frozen(s)).collect();
@@ -408,13 +366,13 @@ impl Replicas {
             s.purged.load(Ordering::Relaxed),
             s.slots_moved.load(Ordering::Relaxed),
             s.keys_copied.load(Ordering::Relaxed),
-            s.rounds.load(Ordering::Relaxed),
-            s.fast.load(Ordering::Relaxed),
-            s.conflicts.load(Ordering::Relaxed),
-            s.repairs.load(Ordering::Relaxed),
-            s.relayed.load(Ordering::Relaxed),
-            s.waited_for_moves.load(Ordering::Relaxed),
-            s.unavailable.load(Ordering::Relaxed),
+            p.rounds.load(Ordering::Relaxed),
+            p.fast.load(Ordering::Relaxed),
+            p.conflicts.load(Ordering::Relaxed),
+            p.repairs.load(Ordering::Relaxed),
+            p.relayed.load(Ordering::Relaxed),
+            p.waited_for_moves.load(Ordering::Relaxed),
+            p.unavailable.load(Ordering::Relaxed),
             s.repair_scanned.load(Ordering::Relaxed),
             s.repair_passes.load(Ordering::Relaxed),
             s.behind_last_pass.load(Ordering::Relaxed),

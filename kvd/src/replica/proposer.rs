@@ -21,32 +21,36 @@
 //! error that says the outcome is unknown instead of running again. (The
 //! linearizability test found the version that retried after only a majority
 //! had refused.)
+//!
+//! This module is the proposer's rules and nothing else: it reaches acceptors
+//! only through the [`Network`] trait, as openraft's engine reaches the world
+//! through its network and storage traits. The running node's network is
+//! [`super::network::NodeNetwork`] (this node's acceptor, peer links, the
+//! membership); the simulation in `protocol-tests/tests/paxos_sim.rs` drives
+//! these very rules, with real [`super::acceptor::Acceptor`]s, through a
+//! simulated network that delays, loses and reorders messages and crashes
+//! nodes, and checks every history for linearizability.
 
-use std::sync::atomic::Ordering;
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures::stream::{FuturesUnordered, StreamExt};
+use parking_lot::Mutex;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
 
 use super::acceptor::Record;
+use super::key_locks::KeyLocks;
 use super::layout::{epoch, Layout};
-use super::Replicas;
 use crate::cluster::paxos::{majority, Ballot};
 use crate::db::now_ms;
 use crate::reply::Reply;
-use crate::shared::Shared;
-use crate::store::{Entry, StoreError};
+use crate::store::Entry;
 
-/// How long a replica may take to answer one phase.
-const PHASE_TIMEOUT: Duration = Duration::from_millis(1000);
-/// How long a replica this node already found unreachable (suspect: its last
-/// call or probe failed) may take. A phase that fell short of a majority
-/// among the others waits for every holder (an accept beaten on one replica
-/// may still win on the suspect one), so with the full timeout every
-/// contended write would stall a second while a node sleeps. Short, not
-/// zero: a suspect node that answers is back at once (and loses the flag).
-const SUSPECT_TIMEOUT: Duration = Duration::from_millis(150);
 /// Attempts beaten by other proposers before giving up.
 const ATTEMPTS: usize = 20;
 /// Keys remembered for one-round-trip changes (forgotten all at once past this).
@@ -119,7 +123,7 @@ pub enum Msg {
 }
 
 /// One replica's answer.
-enum Answer {
+pub enum Answer {
     Record(Record),
     Accepted,
     Beaten(Ballot),
@@ -129,101 +133,75 @@ enum Answer {
     Frozen(String),
 }
 
-pub(super) fn ballot_error(b: Ballot) -> Reply {
-    Reply::error(format!("BALLOT {} {}", b.counter, b.proposer))
+/// Why a replica gave no answer, and whether the message may have arrived.
+pub struct Failure {
+    pub text: String,
+    /// A lost link or a timeout may come after the acceptor acted; a node
+    /// that could not be reached at all never got the message.
+    pub maybe_delivered: bool,
 }
 
-fn store_error(e: StoreError) -> Reply {
-    Reply::error(e.to_string())
+/// What a proposer needs from the node it runs on: the membership, its own
+/// acceptor and the others'. Nothing else of the node is visible to the
+/// rules here, so the simulation can put a network of its own behind them.
+pub trait Network: Send + Sync {
+    /// The membership as this node knows it now.
+    fn layout(&self) -> Arc<Layout>;
+    /// One phase on this node's own acceptor (no network between).
+    fn local(&self, key: &Bytes, msg: &Msg) -> Result<Answer, Failure>;
+    /// One phase on the acceptor at `addr`. The call goes on after the
+    /// proposer stops waiting (every reachable replica gets every message),
+    /// so it owns what it needs.
+    fn ask(
+        &self,
+        addr: &str,
+        key: &Bytes,
+        msg: &Msg,
+    ) -> impl Future<Output = Result<Answer, Failure>> + Send + 'static;
+    /// Replicas answered at other membership versions than `version`
+    /// (nothing was accepted there): bring whichever side is behind up to
+    /// date, if this node is still at `version`.
+    fn sync_versions(
+        &self,
+        version: u64,
+        others: Vec<(String, u64)>,
+    ) -> impl Future<Output = ()> + Send + 'static;
 }
 
-/// Runs a phase on this node's own acceptor; the reply a peer would send.
-pub fn local(shared: &Shared, rep: &Replicas, key: &Bytes, msg: &Msg) -> Reply {
-    let version = match msg {
-        Msg::Query(v) => *v,
-        Msg::Prepare(b) | Msg::Accept(b, ..) => epoch(*b),
-    };
-    let _admitted = match rep.admit(key, version) {
-        Ok(guard) => guard,
-        Err(refusal) => return refusal,
-    };
-    let acceptor = &rep.acceptor;
-    match msg {
-        Msg::Query(_) => match acceptor.query(&shared.dbs.zero(), key) {
-            Ok(r) => Reply::Bulk(r.encode()),
-            Err(e) => store_error(e),
-        },
-        Msg::Prepare(b) => match acceptor.prepare(&shared.dbs.zero(), key, *b) {
-            Ok(r) => Reply::Bulk(r.encode()),
-            Err(Ok(beaten)) => ballot_error(beaten),
-            Err(Err(e)) => store_error(e),
-        },
-        Msg::Accept(b, entry, next) => {
-            match acceptor.accept(&shared.dbs.zero(), key, *b, entry.clone(), *next) {
-                Ok(()) => Reply::OK,
-                Err(Ok(beaten)) => ballot_error(beaten),
-                Err(Err(e)) => store_error(e),
-            }
-        }
-    }
+/// Counters for INFO.
+#[derive(Default)]
+pub struct Stats {
+    pub rounds: AtomicU64,
+    /// Changes that took one round trip (phase 1 skipped).
+    pub fast: AtomicU64,
+    pub conflicts: AtomicU64,
+    pub repairs: AtomicU64,
+    /// Commands that waited for their key's slot to finish moving.
+    pub waited_for_moves: AtomicU64,
+    /// Lagging replicas brought up to date by sending them the highest
+    /// record's accept again (by a read or by anti-entropy), with no new ballot.
+    pub relayed: AtomicU64,
+    pub unavailable: AtomicU64,
 }
 
-/// The request a phase is sent to a peer as.
-pub fn request(key: &Bytes, msg: &Msg) -> Vec<Bytes> {
-    let n = |v: u64| Bytes::from(v.to_string());
-    match msg {
-        Msg::Query(v) => vec![Bytes::from_static(b"KVD.QUERY"), key.clone(), n(*v)],
-        Msg::Prepare(b) => vec![
-            Bytes::from_static(b"KVD.PREPARE"),
-            key.clone(),
-            n(b.counter),
-            n(b.proposer),
-        ],
-        Msg::Accept(b, entry, next) => {
-            let mut args = vec![
-                Bytes::from_static(b"KVD.ACCEPT"),
-                key.clone(),
-                n(b.counter),
-                n(b.proposer),
-                Record {
-                    accepted: *b,
-                    entry: entry.clone(),
-                }
-                .encode(),
-            ];
-            if let Some(next) = next {
-                args.push(n(next.counter));
-                args.push(n(next.proposer));
-            }
-            args
-        }
-    }
-}
-
-fn answer(reply: Reply) -> Result<Answer, String> {
-    match reply {
-        Reply::Bulk(raw) => Record::decode(&raw)
-            .map(Answer::Record)
-            .ok_or_else(|| "a replica answered a malformed record".into()),
-        Reply::Simple("OK") => Ok(Answer::Accepted),
-        Reply::Status(s) if s == "OK" => Ok(Answer::Accepted),
-        Reply::Error(e) if e.starts_with("TRYAGAIN ") => Ok(Answer::Frozen(e)),
-        Reply::Error(e) if e.starts_with("KVDCONFIG ") => e["KVDCONFIG ".len()..]
-            .parse()
-            .map(Answer::Version)
-            .map_err(|_| e.clone()),
-        Reply::Error(e) => {
-            let mut words = e.strip_prefix("BALLOT ").unwrap_or("").split(' ');
-            match (
-                words.next().and_then(|w| w.parse().ok()),
-                words.next().and_then(|w| w.parse().ok()),
-            ) {
-                (Some(counter), Some(proposer)) => Ok(Answer::Beaten(Ballot { counter, proposer })),
-                _ => Err(e),
-            }
-        }
-        other => Err(format!("a replica answered {other:?}")),
-    }
+/// One node's proposer: its ballots, what it remembers of its own last
+/// changes, and one proposal per key at a time.
+pub struct Proposer {
+    id: u64,
+    /// The highest ballot counter this node has seen or used.
+    counter: AtomicU64,
+    /// Keys this node changed last: the next ballot the acceptors promised us
+    /// with that change, and the record they accepted.
+    fast: Mutex<HashMap<Bytes, (Ballot, Record)>>,
+    /// Since when (at which membership version) commands have been refused
+    /// because their slot is moving (see `moves_stuck`).
+    moving_since: Mutex<Option<(u64, Instant)>>,
+    /// One proposal per key at a time from this node ([`super::key_locks`]).
+    pub key_locks: KeyLocks,
+    /// The jitter of back-offs after a conflict, seeded by the proposer's id
+    /// so a simulated run replays from its seed.
+    jitter: Mutex<StdRng>,
+    pub stats: Stats,
 }
 
 /// When a phase stops waiting for answers (each peer's call goes on
@@ -263,61 +241,45 @@ impl Gathered {
     }
 }
 
-/// Why a replica gave no answer, and whether the message may have arrived.
-struct Failure {
-    text: String,
-    maybe_delivered: bool,
-}
+impl Proposer {
+    /// A proposer whose ballots are `id`'s, above `floor` (its own acceptor's:
+    /// nothing below it is taken there after a restart).
+    pub fn new(id: u64, floor: u64) -> Proposer {
+        Proposer {
+            id,
+            counter: AtomicU64::new(floor),
+            fast: Mutex::default(),
+            moving_since: Mutex::default(),
+            key_locks: KeyLocks::default(),
+            jitter: Mutex::new(StdRng::seed_from_u64(id)),
+            stats: Stats::default(),
+        }
+    }
 
-impl Replicas {
-    /// One phase on a peer. A link found broken is replaced and the message sent
-    /// once more: acceptors answer a repeated prepare or accept as they did the
-    /// first time, so a message that did arrive before the link broke is harmless.
-    async fn ask_peer(self: Arc<Self>, addr: String, key: Bytes, msg: Msg) -> Result<Answer, Failure> {
-        let addr = &addr;
-        if self.is_cut_off(addr) {
-            self.reached(addr, false);
-            return Err(Failure {
-                text: format!("{addr}: cut off (KVD.PARTITION)"),
-                maybe_delivered: false,
-            });
+    /// A new ballot above everything this node has seen.
+    pub fn next_ballot(&self, layout: &Layout) -> Ballot {
+        let first = layout.first_counter();
+        let counter = self
+            .counter
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |c| Some(c.max(first) + 1))
+            .expect("always Some")
+            .max(first)
+            + 1;
+        Ballot {
+            counter,
+            proposer: self.id,
         }
-        let request = request(&key, &msg);
-        let mut last = Failure {
-            text: String::new(),
-            maybe_delivered: false,
-        };
-        let timeout = match self.is_suspect(addr) {
-            true => SUSPECT_TIMEOUT,
-            false => PHASE_TIMEOUT,
-        };
-        for _ in 0..2 {
-            match tokio::time::timeout(timeout, self.peers.call(addr, &request)).await {
-                Ok(Ok(reply)) => {
-                    self.reached(addr, true);
-                    return answer(reply).map_err(|text| Failure {
-                        text,
-                        maybe_delivered: true,
-                    });
-                }
-                Ok(Err(e)) => {
-                    self.reached(addr, false);
-                    let maybe = last.maybe_delivered || matches!(e, crate::cluster::peer::LinkError::Lost(_));
-                    last = Failure {
-                        text: format!("{addr}: {e}"),
-                        maybe_delivered: maybe,
-                    };
-                }
-                Err(_) => {
-                    self.reached(addr, false);
-                    return Err(Failure {
-                        text: format!("{addr}: no answer within {timeout:?}"),
-                        maybe_delivered: true,
-                    });
-                }
-            }
-        }
-        Err(last)
+    }
+
+    /// Notes a ballot seen elsewhere, so the next one of ours is above it.
+    pub fn saw(&self, b: Ballot) {
+        self.counter.fetch_max(b.counter, Ordering::SeqCst);
+    }
+
+    /// Forgets the next ballots acceptors promised with our last changes
+    /// (they belong to a membership that is no longer this node's).
+    pub fn forget_promises(&self) {
+        self.fast.lock().clear();
     }
 
     /// Sends a phase to every holder; returns once a majority has succeeded, or
@@ -325,8 +287,8 @@ impl Replicas {
     /// answered or timed out: whether a failed accept may be retried depends on
     /// all of them.
     async fn phase(
-        self: &Arc<Self>,
-        shared: &Arc<Shared>,
+        &self,
+        net: &impl Network,
         layout: &Layout,
         holders: &[usize],
         key: &Bytes,
@@ -336,13 +298,13 @@ impl Replicas {
             Msg::Accept(..) => Until::MajorityOrSettled,
             _ => Until::Majority,
         };
-        self.gather(shared, layout, holders, key, msg, until).await
+        self.gather(net, layout, holders, key, msg, until).await
     }
 
     /// Sends `msg` to every holder and gathers answers until `until` says.
     async fn gather(
-        self: &Arc<Self>,
-        shared: &Arc<Shared>,
+        &self,
+        net: &impl Network,
         layout: &Layout,
         holders: &[usize],
         key: &Bytes,
@@ -357,8 +319,9 @@ impl Replicas {
             .iter()
             .filter(|&&n| Some(n) != layout.me)
             .map(|&n| {
-                let (rep, addr, key, msg) = (self.clone(), layout.nodes[n].clone(), key.clone(), msg.clone());
-                tokio::spawn(async move { (addr.clone(), rep.ask_peer(addr, key, msg).await) })
+                let addr = layout.nodes[n].clone();
+                let call = net.ask(&addr, key, msg);
+                tokio::spawn(async move { (addr, call.await) })
             })
             .collect();
         let mut g = Gathered {
@@ -370,13 +333,10 @@ impl Replicas {
             other_version: Vec::new(),
             frozen: None,
         };
-        let mut local = layout.me.filter(|me| holders.contains(me)).map(|_| {
-            let a = answer(local(shared, self, key, msg)).map_err(|text| Failure {
-                text,
-                maybe_delivered: false,
-            });
-            (self.addr.clone(), a)
-        });
+        let mut local = layout
+            .me
+            .filter(|me| holders.contains(me))
+            .map(|me| (layout.nodes[me].clone(), net.local(key, msg)));
         loop {
             let (addr, a) = match local.take() {
                 Some(a) => a,
@@ -430,8 +390,8 @@ impl Replicas {
     /// when the move is done, for up to [`MOVE_WAIT`]: a client sees a slower
     /// answer during a re-homing, not `TRYAGAIN`.
     pub async fn propose_at(
-        self: &Arc<Self>,
-        shared: &Arc<Shared>,
+        &self,
+        net: &impl Network,
         key: &Bytes,
         mode: Mode,
         f: &mut (dyn FnMut(&Record) -> Change + Send),
@@ -439,11 +399,11 @@ impl Replicas {
         let _turn = self.key_locks.lock(key).await;
         let started = std::time::Instant::now();
         loop {
-            let (reply, ballot) = self.propose_locked(shared, key, mode, f).await;
+            let (reply, ballot) = self.propose_locked(net, key, mode, f).await;
             // Only `unavailable` answers this, and only when nothing of the
             // round was accepted anywhere: running it again is safe.
             let moving = matches!(&reply, Reply::Error(e) if e.starts_with(MOVING));
-            if moving && started.elapsed() < MOVE_WAIT && !self.moves_stuck() {
+            if moving && started.elapsed() < MOVE_WAIT && !self.moves_stuck(net.layout().version) {
                 self.stats.waited_for_moves.fetch_add(1, Ordering::Relaxed);
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
@@ -456,8 +416,7 @@ impl Replicas {
     /// [`MOVE_WAIT`] at this membership version: a reconfiguration that
     /// stopped half-way (its slots stay frozen until the next one). Commands
     /// then answer TRYAGAIN at once instead of each waiting in vain.
-    fn moves_stuck(&self) -> bool {
-        let version = self.layout().version;
+    fn moves_stuck(&self, version: u64) -> bool {
         let mut since = self.moving_since.lock();
         match *since {
             Some((v, t)) if v == version => t.elapsed() >= MOVE_WAIT,
@@ -468,16 +427,16 @@ impl Replicas {
         }
     }
 
-    /// [`Replicas::propose_at`] with the key's turn held, without waiting out a move.
+    /// [`Proposer::propose_at`] with the key's turn held, without waiting out a move.
     async fn propose_locked(
-        self: &Arc<Self>,
-        shared: &Arc<Shared>,
+        &self,
+        net: &impl Network,
         key: &Bytes,
         mode: Mode,
         f: &mut (dyn FnMut(&Record) -> Change + Send),
     ) -> (Reply, Ballot) {
         for _ in 0..VERSION_RETRIES {
-            let layout = self.layout();
+            let layout = net.layout();
             if layout.version == 0 {
                 return (
                     Reply::error(
@@ -487,9 +446,9 @@ impl Replicas {
                     Ballot::default(),
                 );
             }
-            match self.round(shared, &layout, key, mode, f).await {
+            match self.round(net, &layout, key, mode, f).await {
                 Round::Done(reply, ballot) => return (reply, ballot),
-                Round::OtherVersion(others) => self.sync_versions(&layout, &others).await,
+                Round::OtherVersion(others) => net.sync_versions(layout.version, others).await,
             }
         }
         (
@@ -499,8 +458,8 @@ impl Replicas {
     }
 
     async fn round(
-        self: &Arc<Self>,
-        shared: &Arc<Shared>,
+        &self,
+        net: &impl Network,
         layout: &Layout,
         key: &Bytes,
         mode: Mode,
@@ -522,13 +481,13 @@ impl Replicas {
             let mut refused = None;
             for _ in 0..READ_TRIES {
                 let g = self
-                    .phase(shared, layout, &holders, key, &Msg::Query(layout.version))
+                    .phase(net, layout, &holders, key, &Msg::Query(layout.version))
                     .await;
                 if g.records.len() < need {
                     break;
                 }
                 if g.records.iter().all(|r| r.accepted == g.records[0].accepted) {
-                    self.catch_up(layout, &g);
+                    Self::catch_up(net, layout, &g);
                     return Round::Done(f(&g.records[0]).reply, g.records[0].accepted);
                 }
                 let highest = g
@@ -537,7 +496,7 @@ impl Replicas {
                     .max_by_key(|r| r.accepted)
                     .cloned()
                     .unwrap_or_default();
-                if self.relay(shared, layout, &holders, key, &highest, false).await {
+                if self.relay(net, layout, &holders, key, &highest, false).await {
                     self.stats.relayed.fetch_add(1, Ordering::Relaxed);
                     return Round::Done(f(&highest).reply, highest.accepted);
                 }
@@ -565,10 +524,10 @@ impl Replicas {
             if new != current || touched {
                 let follow = self.next_ballot(layout);
                 let msg = Msg::Accept(next, new.clone(), Some(follow));
-                let g = self.phase(shared, layout, &holders, key, &msg).await;
+                let g = self.phase(net, layout, &holders, key, &msg).await;
                 if g.accepted >= need {
                     self.stats.fast.fetch_add(1, Ordering::Relaxed);
-                    self.catch_up(layout, &g);
+                    Self::catch_up(net, layout, &g);
                     self.remember(key, follow, next, new);
                     return Round::Done(reply, next);
                 }
@@ -582,19 +541,19 @@ impl Replicas {
         }
         for attempt in 0..ATTEMPTS {
             let b = self.next_ballot(layout);
-            let g = self.phase(shared, layout, &holders, key, &Msg::Prepare(b)).await;
+            let g = self.phase(net, layout, &holders, key, &Msg::Prepare(b)).await;
             if g.records.len() < need {
                 if g.stale() {
                     return Round::OtherVersion(g.other_version);
                 }
                 if g.beaten.is_some() {
                     self.stats.conflicts.fetch_add(1, Ordering::Relaxed);
-                    backoff(attempt).await;
+                    self.backoff(attempt).await;
                     continue;
                 }
                 return Round::Done(unavailable(self, &g), none);
             }
-            self.catch_up(layout, &g);
+            Self::catch_up(net, layout, &g);
             let highest = g
                 .records
                 .iter()
@@ -621,7 +580,7 @@ impl Replicas {
             let follow = self.next_ballot(layout);
             let g = self
                 .phase(
-                    shared,
+                    net,
                     layout,
                     &holders,
                     key,
@@ -629,7 +588,7 @@ impl Replicas {
                 )
                 .await;
             if g.accepted >= need {
-                self.catch_up(layout, &g);
+                Self::catch_up(net, layout, &g);
                 self.remember(key, follow, b, new);
                 return Round::Done(reply, b);
             }
@@ -643,7 +602,7 @@ impl Replicas {
                     return Round::Done(unavailable(self, &g), none);
                 }
                 self.stats.conflicts.fetch_add(1, Ordering::Relaxed);
-                backoff(attempt).await;
+                self.backoff(attempt).await;
                 continue;
             }
             return Round::Done(self.uncertain(&g, holders.len()), none);
@@ -657,51 +616,45 @@ impl Replicas {
 
     /// A phase succeeded although some replicas are at another version: bring
     /// them (or us) up to date in the background.
-    fn catch_up(self: &Arc<Self>, layout: &Layout, g: &Gathered) {
+    fn catch_up(net: &impl Network, layout: &Layout, g: &Gathered) {
         if g.stale() {
-            let (rep, version, others) = (self.clone(), layout.version, g.other_version.clone());
-            tokio::spawn(async move {
-                let layout = rep.layout();
-                if layout.version == version {
-                    rep.sync_versions(&layout, &others).await;
-                }
-            });
+            tokio::spawn(net.sync_versions(layout.version, g.other_version.clone()));
         }
     }
 
-    /// [`Replicas::propose_at`] without the ballot.
+    /// [`Proposer::propose_at`] without the ballot.
     pub async fn propose(
-        self: &Arc<Self>,
-        shared: &Arc<Shared>,
+        &self,
+        net: &impl Network,
         key: &Bytes,
         mode: Mode,
         f: &mut (dyn FnMut(&Record) -> Change + Send),
     ) -> Reply {
-        self.propose_at(shared, key, mode, f).await.0
+        self.propose_at(net, key, mode, f).await.0
     }
 }
 
-impl Replicas {
+impl Proposer {
     /// The records of every holder that answers a query or prepare.
     pub(super) async fn phase_all(
-        self: &Arc<Self>,
-        shared: &Arc<Shared>,
+        &self,
+        net: &impl Network,
         layout: &Layout,
         holders: &[usize],
         key: &Bytes,
         msg: &Msg,
     ) -> Vec<Record> {
-        let g = self.gather(shared, layout, holders, key, msg, Until::Every).await;
+        let g = self.gather(net, layout, holders, key, msg, Until::Every).await;
         // The background pass is how a node nobody else talks to (one removed
         // while it was down) learns the membership changed.
-        self.catch_up(layout, &g);
+        Self::catch_up(net, layout, &g);
         g.records
     }
 
     /// Accepts `entry` at `b` on every holder; whether a majority took it.
     pub(super) async fn accept_all(
-        self: &Arc<Self>,
-        shared: &Arc<Shared>,
+        &self,
+        net: &impl Network,
         layout: &Layout,
         holders: &[usize],
         key: &Bytes,
@@ -710,7 +663,7 @@ impl Replicas {
     ) -> bool {
         let g = self
             .gather(
-                shared,
+                net,
                 layout,
                 holders,
                 key,
@@ -734,8 +687,8 @@ impl Replicas {
     /// holds the record at its ballot the value is chosen, so a read may
     /// answer it.
     pub(super) async fn relay(
-        self: &Arc<Self>,
-        shared: &Arc<Shared>,
+        &self,
+        net: &impl Network,
         layout: &Layout,
         holders: &[usize],
         key: &Bytes,
@@ -747,7 +700,7 @@ impl Replicas {
         // already sent), so unlike a new proposal's accept it need not wait
         // for the replicas that are slow to answer.
         let until = if every { Until::Every } else { Until::Majority };
-        let g = self.gather(shared, layout, holders, key, &msg, until).await;
+        let g = self.gather(net, layout, holders, key, &msg, until).await;
         if every {
             g.accepted > 0 && g.beaten.is_none() && g.other_version.is_empty() && g.frozen.is_none()
         } else {
@@ -759,12 +712,20 @@ impl Replicas {
     /// value (WATCH): a read round, which writes the value back first if the
     /// replicas disagree, so the answer is what a later EXEC finds unless the
     /// key changes.
-    pub async fn chosen_ballot(self: &Arc<Self>, shared: &Arc<Shared>, key: &Bytes) -> Result<Ballot, Reply> {
+    pub async fn chosen_ballot(&self, net: &impl Network, key: &Bytes) -> Result<Ballot, Reply> {
         let mut same = |r: &Record| Change::none(Reply::OK, r);
-        match self.propose_at(shared, key, Mode::Read, &mut same).await {
+        match self.propose_at(net, key, Mode::Read, &mut same).await {
             (reply, _) if reply.is_error() => Err(reply),
             (_, ballot) => Ok(ballot),
         }
+    }
+
+    /// Waits after a conflict, longer after each: random, so two proposers
+    /// that beat each other do not keep meeting.
+    async fn backoff(&self, attempt: usize) {
+        let base = 1u64 << attempt.min(6);
+        let jitter = self.jitter.lock().gen_range(0..base * 1000);
+        tokio::time::sleep(Duration::from_micros(base * 200 + jitter)).await;
     }
 
     /// Notes that a majority accepted `entry` at `accepted` and promised `next`.
@@ -804,7 +765,7 @@ impl Replicas {
     }
 }
 
-fn unavailable(rep: &Replicas, g: &Gathered) -> Reply {
+fn unavailable(rep: &Proposer, g: &Gathered) -> Reply {
     rep.stats.unavailable.fetch_add(1, Ordering::Relaxed);
     if let Some(frozen) = &g.frozen {
         return Reply::error(frozen.clone());
@@ -814,10 +775,4 @@ fn unavailable(rep: &Replicas, g: &Gathered) -> Reply {
         "CLUSTERDOWN a majority of this key's replicas did not answer ({}); nothing was changed",
         failures.join("; ")
     ))
-}
-
-async fn backoff(attempt: usize) {
-    let base = 1u64 << attempt.min(6);
-    let jitter = rand::random::<u64>() % (base * 1000);
-    tokio::time::sleep(Duration::from_micros(base * 200 + jitter)).await;
 }

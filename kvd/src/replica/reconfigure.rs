@@ -301,7 +301,7 @@ impl Replicas {
     async fn vote(&self, old: &Layout, wanted: &Layout) -> Result<(Ballot, String), Reply> {
         let need = majority(old.nodes.len());
         for attempt in 0..VOTE_ATTEMPTS {
-            let b = self.next_ballot(old);
+            let b = self.proposer.next_ballot(old);
             let version = old.version.to_string();
             let (c, p) = (b.counter.to_string(), b.proposer.to_string());
             let request = args(&[b"KVD.VOTE", version.as_bytes(), c.as_bytes(), p.as_bytes()]);
@@ -336,7 +336,7 @@ impl Replicas {
                         // The next attempt goes above the ballot that won.
                         let mut words = e["BALLOT ".len()..].split(' ').map(|w| w.parse().ok());
                         if let (Some(Some(counter)), Some(Some(proposer))) = (words.next(), words.next()) {
-                            self.saw(Ballot { counter, proposer });
+                            self.proposer.saw(Ballot { counter, proposer });
                         }
                         beaten = true;
                         failures.push(format!("{addr}: {e}"));

@@ -57,6 +57,7 @@ use futures::stream::{self, StreamExt};
 
 use super::acceptor::{Head, Record};
 use super::layout::Layout;
+use super::network::NodeNetwork;
 use super::proposer::Msg;
 use super::Replicas;
 use crate::cluster::paxos::{majority, Ballot};
@@ -312,6 +313,7 @@ impl Replicas {
     /// nothing); whether any was. Replicas that do not answer wait for a later pass.
     pub async fn repair(self: &Arc<Self>, shared: &Arc<Shared>, layout: &Layout, key: &Bytes) -> bool {
         let holders = layout.holders(key);
+        let net = NodeNetwork::new(self, shared);
         // Most often the highest record is a write still on its way to the
         // others, or one a replica missed while away: deliver it at its own
         // ballot, which cannot cut off a write under way (a fresh prepare
@@ -323,7 +325,8 @@ impl Replicas {
         let mut behind = false;
         for _ in 0..2 {
             let records = self
-                .phase_all(shared, layout, &holders, key, &Msg::Query(layout.version))
+                .proposer
+                .phase_all(&net, layout, &holders, key, &Msg::Query(layout.version))
                 .await;
             let Some(highest) = records.iter().max_by_key(|r| r.accepted).cloned() else {
                 return behind;
@@ -335,8 +338,12 @@ impl Replicas {
                 return behind;
             }
             behind = true;
-            if self.relay(shared, layout, &holders, key, &highest, true).await {
-                self.stats.relayed.fetch_add(1, Ordering::Relaxed);
+            if self
+                .proposer
+                .relay(&net, layout, &holders, key, &highest, true)
+                .await
+            {
+                self.proposer.stats.relayed.fetch_add(1, Ordering::Relaxed);
                 return true;
             }
             if refused == Some(highest.accepted) {
@@ -389,10 +396,12 @@ impl Replicas {
     ) {
         // A proposal of this node like any other: its prepare must not cut
         // off this node's own clients' rounds on the key.
-        let _turn = self.key_locks.lock(key).await;
-        let b = self.next_ballot(layout);
+        let _turn = self.proposer.key_locks.lock(key).await;
+        let b = self.proposer.next_ballot(layout);
+        let net = NodeNetwork::new(self, shared);
         let records = self
-            .phase_all(shared, layout, holders, key, &Msg::Prepare(b))
+            .proposer
+            .phase_all(&net, layout, holders, key, &Msg::Prepare(b))
             .await;
         if records.len() < majority(holders.len()) {
             return;
@@ -404,10 +413,11 @@ impl Replicas {
             .unwrap_or_default();
         // The value as it is (an expired one stays expired: its entry is kept).
         if self
-            .accept_all(shared, layout, holders, key, b, highest.entry)
+            .proposer
+            .accept_all(&net, layout, holders, key, b, highest.entry)
             .await
         {
-            self.stats.repairs.fetch_add(1, Ordering::Relaxed);
+            self.proposer.stats.repairs.fetch_add(1, Ordering::Relaxed);
         }
     }
 }
