@@ -17,8 +17,10 @@
 //! `--appendfsync always`) before the stripe lock is released, and every phase
 //! reads under that lock, so no answer ever names a record a crash can undo.
 //!
-//! Record encoding: `0xAC | accepted counter u64 | accepted proposer u64 |
-//! present u8 | expiry ms u64 (0: none) | value`. The storage engine's own
+//! Record encoding: `0xAD | accepted counter u64 | accepted proposer u64 |
+//! present u8 | expiry ms u64 (0: none) | base counter u64 | base proposer
+//! u64 | value`; records written before the base was kept start `0xAC` and
+//! lack the two base fields (both are read). The storage engine's own
 //! expiry is not used (an expired key keeps its ballot until it is overwritten).
 
 use std::collections::HashMap;
@@ -33,8 +35,13 @@ use crate::cluster::slot::{key_slot, SLOTS};
 use crate::db::Db;
 use crate::store::{Entry, StoreError, Update};
 
-const MAGIC: u8 = 0xAC;
+/// A record without its base (written before the base was kept).
+const MAGIC_NO_BASE: u8 = 0xAC;
+const MAGIC: u8 = 0xAD;
+/// The bytes every record starts with: enough for its [`Head`].
 const HEADER: usize = 1 + 8 + 8 + 1 + 8;
+/// The header of a record with its base.
+const HEADER_WITH_BASE: usize = HEADER + 8 + 8;
 /// How far the durable floor is raised at a time (one fsync per this many ballots).
 const FLOOR_STEP: u64 = 1 << 20;
 /// Lock stripes serializing prepare and accept per key.
@@ -47,17 +54,36 @@ const STRIPE_PROMISES: usize = 1024;
 pub struct Record {
     pub accepted: Ballot,
     pub entry: Option<Entry>,
+    /// The ballot of the record this value was made from: the one a round
+    /// found highest and ran its command on (for a copy, the copied record's).
+    /// A proposer whose write fell short learns from it whether a later
+    /// record was built on its write ([`super::proposer`]'s settling round).
+    /// `None`: not known (a record from before bases were kept).
+    pub base: Option<Ballot>,
 }
 
 impl Record {
+    /// A record of `entry` accepted at `accepted`, made from the record at `base`.
+    pub fn new(accepted: Ballot, entry: Option<Entry>, base: Option<Ballot>) -> Record {
+        Record {
+            accepted,
+            entry,
+            base,
+        }
+    }
+
     pub fn encode(&self) -> Bytes {
         let value = self.entry.as_ref().map(|e| &e.value[..]).unwrap_or_default();
-        let mut b = BytesMut::with_capacity(HEADER + value.len());
-        b.put_u8(MAGIC);
+        let mut b = BytesMut::with_capacity(HEADER_WITH_BASE + value.len());
+        b.put_u8(if self.base.is_some() { MAGIC } else { MAGIC_NO_BASE });
         b.put_u64_le(self.accepted.counter);
         b.put_u64_le(self.accepted.proposer);
         b.put_u8(self.entry.is_some() as u8);
         b.put_u64_le(self.entry.as_ref().and_then(|e| e.expires_at).unwrap_or(0));
+        if let Some(base) = self.base {
+            b.put_u64_le(base.counter);
+            b.put_u64_le(base.proposer);
+        }
         b.put_slice(value);
         b.freeze()
     }
@@ -66,20 +92,34 @@ impl Record {
     /// before the node was replicated).
     pub fn decode(raw: &Bytes) -> Option<Record> {
         let head = Record::decode_head(raw)?;
+        let (base, header) = match raw[0] {
+            MAGIC if raw.len() >= HEADER_WITH_BASE => (
+                Some(Ballot {
+                    counter: u64::from_le_bytes(raw[HEADER..HEADER + 8].try_into().expect("8 bytes")),
+                    proposer: u64::from_le_bytes(
+                        raw[HEADER + 8..HEADER_WITH_BASE].try_into().expect("8 bytes"),
+                    ),
+                }),
+                HEADER_WITH_BASE,
+            ),
+            MAGIC => return None,
+            _ => (None, HEADER),
+        };
         let entry = head.present.then(|| Entry {
-            value: raw.slice(HEADER..),
+            value: raw.slice(header..),
             expires_at: head.expires_at,
         });
         Some(Record {
             accepted: head.accepted,
             entry,
+            base,
         })
     }
 
     /// The header of a stored record (the bytes before its value): enough
     /// to compare replicas without their values.
     pub fn decode_head(raw: &[u8]) -> Option<Head> {
-        if raw.len() < HEADER || raw[0] != MAGIC {
+        if raw.len() < HEADER || (raw[0] != MAGIC && raw[0] != MAGIC_NO_BASE) {
             return None;
         }
         let u64_at = |at: usize| u64::from_le_bytes(raw[at..at + 8].try_into().expect("8 bytes"));
@@ -95,7 +135,12 @@ impl Record {
 
     /// The bytes [`Record::encode`] stores for it.
     pub fn stored_len(&self) -> usize {
-        HEADER + self.entry.as_ref().map_or(0, |e| e.value.len())
+        let header = if self.base.is_some() {
+            HEADER_WITH_BASE
+        } else {
+            HEADER
+        };
+        header + self.entry.as_ref().map_or(0, |e| e.value.len())
     }
 
     /// The entry as a reader sees it at `now`: expired is absent.
@@ -367,18 +412,18 @@ impl Acceptor {
         Ok(record)
     }
 
-    /// Phase 2: accept `entry` at `b` unless a higher ballot was promised. With
-    /// `next`, the same proposer's next ballot is promised at once (the
-    /// CASPaxos paper's one-round-trip optimization: its next change to the key
-    /// skips phase 1 unless someone else prepared in between).
+    /// Phase 2: accept `record` at its ballot unless a higher ballot was
+    /// promised. With `next`, the same proposer's next ballot is promised at
+    /// once (the CASPaxos paper's one-round-trip optimization: its next
+    /// change to the key skips phase 1 unless someone else prepared in between).
     pub fn accept(
         &self,
         db: &Db,
         key: &Bytes,
-        b: Ballot,
-        entry: Option<Entry>,
+        record: Record,
         next: Option<Ballot>,
     ) -> Result<(), Result<Ballot, StoreError>> {
+        let b = record.accepted;
         let floor = Ballot {
             counter: self.floor,
             proposer: 0,
@@ -397,14 +442,8 @@ impl Acceptor {
             return Err(Ok(current.accepted));
         }
         let next = next.filter(|n| *n > b);
-        self.write(
-            db,
-            key,
-            &current,
-            &Record { accepted: b, entry },
-            next.unwrap_or(b),
-        )
-        .map_err(Err)?;
+        self.write(db, key, &current, &record, next.unwrap_or(b))
+            .map_err(Err)?;
         match next {
             Some(n) => stripe.promise(key, n),
             // The promise is now implied by the accepted ballot.
@@ -510,27 +549,25 @@ mod tests {
             .collect();
         for (i, key) in keys.iter().enumerate() {
             let n = 10 + i as u64;
-            a.accept(&db, key, b(n, 1), entry(b"v1"), None).unwrap();
-            a.accept(&db, key, b(n, 1), entry(b"v1"), None).unwrap(); // a repeat
-            a.accept(&db, key, b(n + 1, 2), entry(b"v2"), None).unwrap();
-        }
-        for key in &keys[..10] {
-            a.install(
+            a.accept(&db, key, Record::new(b(n, 1), entry(b"v1"), None), None)
+                .unwrap();
+            a.accept(&db, key, Record::new(b(n, 1), entry(b"v1"), None), None)
+                .unwrap(); // a repeat
+            a.accept(
                 &db,
                 key,
-                Record {
-                    accepted: b(1 << 40, 0),
-                    entry: entry(b"moved"),
-                },
+                Record::new(b(n + 1, 2), entry(b"v2"), Some(b(n, 1))),
+                None,
             )
             .unwrap();
         }
+        for key in &keys[..10] {
+            a.install(&db, key, Record::new(b(1 << 40, 0), entry(b"moved"), None))
+                .unwrap();
+        }
         for key in &keys[10..20] {
-            let dead = Record {
-                accepted: b(100, 3),
-                entry: None,
-            };
-            a.accept(&db, key, dead.accepted, None, None).unwrap();
+            let dead = Record::new(b(100, 3), None, None);
+            a.accept(&db, key, dead.clone(), None).unwrap();
             assert!(a.purge(&db, key, &dead).unwrap());
         }
         for key in &keys[20..25] {
@@ -578,7 +615,12 @@ mod tests {
         assert_eq!(a.digests(), restarted.digests());
         // One record different: its slot's digest differs, no other.
         other
-            .accept(&db2, &keys[30], b(1 << 50, 9), entry(b"newer"), None)
+            .accept(
+                &db2,
+                &keys[30],
+                Record::new(b(1 << 50, 9), entry(b"newer"), None),
+                None,
+            )
             .unwrap();
         let differ: Vec<usize> = (0..SLOTS)
             .filter(|&s| a.digests()[s] != other.digests()[s])
@@ -596,6 +638,15 @@ mod tests {
                     value: Bytes::from_static(b"hello"),
                     expires_at: Some(99),
                 }),
+                base: None,
+            },
+            Record {
+                accepted: b(7, 3),
+                entry: Some(Entry {
+                    value: Bytes::from_static(b"hello"),
+                    expires_at: Some(99),
+                }),
+                base: Some(b(6, 2)),
             },
             Record {
                 accepted: b(1, 1),
@@ -603,7 +654,9 @@ mod tests {
                     value: Bytes::new(),
                     expires_at: None,
                 }),
+                base: Some(Ballot::default()),
             },
+            Record::new(b(3, 1), None, Some(b(2, 2))),
         ] {
             assert_eq!(Record::decode(&r.encode()), Some(r));
         }
@@ -619,19 +672,23 @@ mod tests {
         assert_eq!(a.prepare(&db, &key, b(5, 1)).unwrap(), Record::default());
         assert_eq!(a.prepare(&db, &key, b(4, 2)).unwrap_err().unwrap(), b(5, 1));
         assert_eq!(
-            a.accept(&db, &key, b(4, 2), None, None).unwrap_err().unwrap(),
+            a.accept(&db, &key, Record::new(b(4, 2), None, None), None)
+                .unwrap_err()
+                .unwrap(),
             b(5, 1)
         );
         let v = Some(Entry {
             value: Bytes::from_static(b"v"),
             expires_at: None,
         });
-        a.accept(&db, &key, b(5, 1), v.clone(), Some(b(9, 1))).unwrap();
+        a.accept(&db, &key, Record::new(b(5, 1), v.clone(), None), Some(b(9, 1)))
+            .unwrap();
         assert_eq!(a.query(&db, &key).unwrap().entry, v);
         // The next ballot came promised with the accept: lower ones are refused,
         // and it is accepted without a prepare.
         assert_eq!(a.prepare(&db, &key, b(8, 2)).unwrap_err().unwrap(), b(9, 1));
-        a.accept(&db, &key, b(9, 1), v.clone(), None).unwrap();
+        a.accept(&db, &key, Record::new(b(9, 1), v.clone(), Some(b(5, 1))), None)
+            .unwrap();
         // A restart forgets promises but not the floor: an old ballot is refused
         // even for a key never promised anything.
         drop(a);

@@ -725,7 +725,7 @@ fn internal(shared: &Arc<Shared>, rep: &Arc<Replicas>, session: &mut Session, ar
             match (ballot(2), Record::decode(&args[4])) {
                 (Some(b), Some(r)) => {
                     session.wrote = true;
-                    Msg::Accept(b, r.entry, next)
+                    Msg::Accept(Record { accepted: b, ..r }, next)
                 }
                 _ => return bad(),
             }

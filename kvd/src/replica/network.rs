@@ -151,7 +151,8 @@ fn store_error(e: StoreError) -> Reply {
 pub fn local(shared: &Shared, rep: &Replicas, key: &Bytes, msg: &Msg) -> Reply {
     let version = match msg {
         Msg::Query(v) => *v,
-        Msg::Prepare(b) | Msg::Accept(b, ..) => epoch(*b),
+        Msg::Prepare(b) => epoch(*b),
+        Msg::Accept(r, _) => epoch(r.accepted),
     };
     let _admitted = match rep.admit(key, version) {
         Ok(guard) => guard,
@@ -173,7 +174,7 @@ pub fn serve(acceptor: &Acceptor, db: &Db, key: &Bytes, msg: &Msg) -> Reply {
             Err(Ok(beaten)) => ballot_error(beaten),
             Err(Err(e)) => store_error(e),
         },
-        Msg::Accept(b, entry, next) => match acceptor.accept(db, key, *b, entry.clone(), *next) {
+        Msg::Accept(record, next) => match acceptor.accept(db, key, record.clone(), *next) {
             Ok(()) => Reply::OK,
             Err(Ok(beaten)) => ballot_error(beaten),
             Err(Err(e)) => store_error(e),
@@ -192,17 +193,14 @@ pub fn request(key: &Bytes, msg: &Msg) -> Vec<Bytes> {
             n(b.counter),
             n(b.proposer),
         ],
-        Msg::Accept(b, entry, next) => {
+        Msg::Accept(record, next) => {
+            let b = record.accepted;
             let mut args = vec![
                 Bytes::from_static(b"KVD.ACCEPT"),
                 key.clone(),
                 n(b.counter),
                 n(b.proposer),
-                Record {
-                    accepted: *b,
-                    entry: entry.clone(),
-                }
-                .encode(),
+                record.encode(),
             ];
             if let Some(next) = next {
                 args.push(n(next.counter));

@@ -51,6 +51,9 @@ use crate::db::now_ms;
 use crate::reply::Reply;
 use crate::store::Entry;
 
+/// Settling rounds ([`Proposer::settle`]) beaten by other proposers before
+/// the answer stays "may or may not".
+const SETTLE_ATTEMPTS: usize = 3;
 /// Attempts beaten by other proposers before giving up.
 const ATTEMPTS: usize = 20;
 /// Keys remembered for one-round-trip changes (forgotten all at once past this).
@@ -105,6 +108,16 @@ pub enum Mode {
     Guarded,
 }
 
+/// What a settling round found out about a write that fell short
+/// ([`Proposer::settle`]).
+enum Settled {
+    /// The write is in the value a majority holds at this ballot.
+    Applied(Ballot),
+    /// The write never took effect, and never will.
+    Lost,
+    Unknown,
+}
+
 /// How one round ended.
 enum Round {
     Done(Reply, Ballot),
@@ -118,8 +131,8 @@ pub enum Msg {
     /// version may not hold the key any more.)
     Query(u64),
     Prepare(Ballot),
-    /// Accept the value at the ballot, and promise the second ballot next.
-    Accept(Ballot, Option<Entry>, Option<Ballot>),
+    /// Accept the record (at its ballot), and promise the second ballot next.
+    Accept(Record, Option<Ballot>),
 }
 
 /// One replica's answer.
@@ -181,6 +194,9 @@ pub struct Stats {
     /// Lagging replicas brought up to date by sending them the highest
     /// record's accept again (by a read or by anti-entropy), with no new ballot.
     pub relayed: AtomicU64,
+    /// Writes that fell short of a majority whose outcome a settling round
+    /// made known (yes or no) instead of "may or may not take effect".
+    pub settled: AtomicU64,
     pub unavailable: AtomicU64,
 }
 
@@ -523,18 +539,23 @@ impl Proposer {
             } = f(&last);
             if new != current || touched {
                 let follow = self.next_ballot(layout);
-                let msg = Msg::Accept(next, new.clone(), Some(follow));
+                let record = Record::new(next, new, Some(last.accepted));
+                let msg = Msg::Accept(record.clone(), Some(follow));
                 let g = self.phase(net, layout, &holders, key, &msg).await;
                 if g.accepted >= need {
                     self.stats.fast.fetch_add(1, Ordering::Relaxed);
                     Self::catch_up(net, layout, &g);
-                    self.remember(key, follow, next, new);
+                    self.remember(key, follow, record);
                     return Round::Done(reply, next);
                 }
                 if g.accepted > 0 || g.maybe_delivered > 0 {
-                    return Round::Done(self.uncertain(&g, holders.len()), none);
-                }
-                if g.stale() {
+                    match self.settle(net, layout, &holders, key, next).await {
+                        Settled::Applied(at) => return Round::Done(reply, at),
+                        // Nothing was made of it: the full round below runs.
+                        Settled::Lost => {}
+                        Settled::Unknown => return Round::Done(self.uncertain(&g, holders.len()), none),
+                    }
+                } else if g.stale() {
                     return Round::OtherVersion(g.other_version);
                 }
             }
@@ -578,18 +599,19 @@ impl Proposer {
                 self.stats.repairs.fetch_add(1, Ordering::Relaxed);
             }
             let follow = self.next_ballot(layout);
+            let record = Record::new(b, new, Some(highest.accepted));
             let g = self
                 .phase(
                     net,
                     layout,
                     &holders,
                     key,
-                    &Msg::Accept(b, new.clone(), Some(follow)),
+                    &Msg::Accept(record.clone(), Some(follow)),
                 )
                 .await;
             if g.accepted >= need {
                 Self::catch_up(net, layout, &g);
-                self.remember(key, follow, b, new);
+                self.remember(key, follow, record);
                 return Round::Done(reply, b);
             }
             if identity || (g.accepted == 0 && g.maybe_delivered == 0) {
@@ -605,7 +627,14 @@ impl Proposer {
                 self.backoff(attempt).await;
                 continue;
             }
-            return Round::Done(self.uncertain(&g, holders.len()), none);
+            match self.settle(net, layout, &holders, key, b).await {
+                Settled::Applied(at) => return Round::Done(reply, at),
+                Settled::Lost => {
+                    self.stats.conflicts.fetch_add(1, Ordering::Relaxed);
+                    self.backoff(attempt).await;
+                }
+                Settled::Unknown => return Round::Done(self.uncertain(&g, holders.len()), none),
+            }
         }
         self.stats.unavailable.fetch_add(1, Ordering::Relaxed);
         Round::Done(
@@ -658,8 +687,7 @@ impl Proposer {
         layout: &Layout,
         holders: &[usize],
         key: &Bytes,
-        b: Ballot,
-        entry: Option<Entry>,
+        record: Record,
     ) -> bool {
         let g = self
             .gather(
@@ -667,7 +695,7 @@ impl Proposer {
                 layout,
                 holders,
                 key,
-                &Msg::Accept(b, entry, None),
+                &Msg::Accept(record, None),
                 Until::Every,
             )
             .await;
@@ -695,7 +723,7 @@ impl Proposer {
         record: &Record,
         every: bool,
     ) -> bool {
-        let msg = Msg::Accept(record.accepted, record.entry.clone(), None);
+        let msg = Msg::Accept(record.clone(), None);
         // A relay that falls short is harmless (it is a copy of an accept
         // already sent), so unlike a new proposal's accept it need not wait
         // for the replicas that are slow to answer.
@@ -720,6 +748,82 @@ impl Proposer {
         }
     }
 
+    /// A write accepted at `ours` reached some replicas but no majority
+    /// (another writer's prepare beat it, or replicas did not answer): finds
+    /// out whether it took effect, and makes that answer final, so that the
+    /// client hears yes or no rather than "may or may not".
+    ///
+    /// It prepares a new ballot on a majority and looks at the highest record
+    /// there:
+    /// - ours, or one made from ours (its `base`): the write is in the value;
+    /// - one older than ours, or made from a record older than ours: nothing
+    ///   was made from ours. (Had ours been chosen, every later round's
+    ///   majority would have shown it or something made from it. A purge
+    ///   removes records, but only one every replica holds, and it promises
+    ///   that record's ballot, so no record older than ours survives or
+    ///   comes back after one; no record at all, or one made from none, is
+    ///   therefore no evidence.)
+    /// - one made from a record newer than ours: whether that one was made
+    ///   from ours is not recorded: still unknown.
+    ///
+    /// Either known answer is made final by accepting the highest record's
+    /// value at the new ballot on a majority (an identity round, as a read's
+    /// repair): from then on every majority holds a record at or above that
+    /// ballot, so ours can never again be the highest a round finds, and a
+    /// write not in the value now can never be adopted later.
+    async fn settle(
+        &self,
+        net: &impl Network,
+        layout: &Layout,
+        holders: &[usize],
+        key: &Bytes,
+        ours: Ballot,
+    ) -> Settled {
+        let need = majority(holders.len());
+        for attempt in 0..SETTLE_ATTEMPTS {
+            let b = self.next_ballot(layout);
+            let g = self.phase(net, layout, holders, key, &Msg::Prepare(b)).await;
+            if g.records.len() < need {
+                if g.beaten.is_none() {
+                    return Settled::Unknown;
+                }
+                self.backoff(attempt).await;
+                continue;
+            }
+            let highest = g
+                .records
+                .iter()
+                .max_by_key(|r| r.accepted)
+                .cloned()
+                .unwrap_or_default();
+            // A purge removes a dead record from every replica (`super::repair`),
+            // and with it the chain of bases through it: no record, or one
+            // made from no record, says nothing about an older write.
+            let none = Ballot::default();
+            let applied = highest.accepted == ours || highest.base == Some(ours);
+            let lost = (highest.accepted != none && highest.accepted < ours)
+                || highest.base.is_some_and(|base| base != none && base < ours);
+            if !applied && !lost {
+                return Settled::Unknown;
+            }
+            let follow = self.next_ballot(layout);
+            let record = Record::new(b, highest.entry.clone(), Some(highest.accepted));
+            let msg = Msg::Accept(record.clone(), Some(follow));
+            if self.phase(net, layout, holders, key, &msg).await.accepted < need {
+                // An identity that fell short may be tried again.
+                self.backoff(attempt).await;
+                continue;
+            }
+            self.remember(key, follow, record);
+            self.stats.settled.fetch_add(1, Ordering::Relaxed);
+            return match applied {
+                true => Settled::Applied(b),
+                false => Settled::Lost,
+            };
+        }
+        Settled::Unknown
+    }
+
     /// Waits after a conflict, longer after each: random, so two proposers
     /// that beat each other do not keep meeting.
     async fn backoff(&self, attempt: usize) {
@@ -728,13 +832,13 @@ impl Proposer {
         tokio::time::sleep(Duration::from_micros(base * 200 + jitter)).await;
     }
 
-    /// Notes that a majority accepted `entry` at `accepted` and promised `next`.
-    fn remember(&self, key: &Bytes, next: Ballot, accepted: Ballot, entry: Option<Entry>) {
+    /// Notes that a majority accepted `record` and promised `next`.
+    fn remember(&self, key: &Bytes, next: Ballot, record: Record) {
         let mut fast = self.fast.lock();
         if fast.len() >= FAST_KEYS {
             fast.clear();
         }
-        fast.insert(key.clone(), (next, Record { accepted, entry }));
+        fast.insert(key.clone(), (next, record));
     }
 
     /// A write that reached some replicas but not a majority. The reasons

@@ -648,11 +648,8 @@ impl Replicas {
         let keys: Vec<(Bytes, Bytes)> = records
             .into_iter()
             .map(|(key, record)| {
-                let raw = Record {
-                    accepted: ballot,
-                    entry: record.entry,
-                }
-                .encode();
+                // The same value at the install ballot: made from the record copied.
+                let raw = Record::new(ballot, record.entry, Some(record.accepted)).encode();
                 (key, raw)
             })
             .collect();

@@ -414,7 +414,13 @@ impl Replicas {
         // The value as it is (an expired one stays expired: its entry is kept).
         if self
             .proposer
-            .accept_all(&net, layout, holders, key, b, highest.entry)
+            .accept_all(
+                &net,
+                layout,
+                holders,
+                key,
+                Record::new(b, highest.entry, Some(highest.accepted)),
+            )
             .await
         {
             self.proposer.stats.repairs.fetch_add(1, Ordering::Relaxed);
