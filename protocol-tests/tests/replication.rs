@@ -2413,6 +2413,49 @@ fn a_node_asleep_past_down_after_is_taken_out_and_rejoins_when_it_wakes() {
     }
 }
 
+/// Issue 23, item 2 (gossip): a member the coordinator cannot reach, but
+/// the others can, is not gone. The link between the coordinator and one
+/// node is cut both ways for well past `--down-after`; the node's heartbeat
+/// comes round through the two others, so it stays a member and nothing is
+/// re-homed. With every node probing every other instead (before gossip),
+/// the coordinator found it silent for 2 s and took it out of the cluster.
+#[test]
+fn a_member_cut_off_from_the_coordinator_alone_is_not_taken_out() {
+    let c = Replicated::start_with(4, 3, &[("KVD_FAILPOINTS", "partition")], &["--down-after", "2s"]);
+    seed(&mut c.conn(0), "k", 50);
+    // The coordinator: the first member in the membership's order.
+    let order = info(&c, 0, "kvd_replica_members");
+    let first = order.split(',').next().unwrap().to_string();
+    let coordinator = (0..4).find(|&i| c.addr(i) == first).unwrap();
+    let cut = (coordinator + 1) % 4;
+    let version = info(&c, coordinator, "kvd_replica_config_version");
+    partition(&c, coordinator, &[cut]);
+    partition(&c, cut, &[coordinator]);
+    let until = Instant::now() + Duration::from_secs(8);
+    while Instant::now() < until {
+        assert!(
+            is_member(&c, coordinator, &c.addr(cut)),
+            "the coordinator took out a member the others still reach"
+        );
+        assert_eq!(info(&c, coordinator, "kvd_replica_down_nodes"), "");
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    assert!(
+        info(&c, coordinator, "kvd_replica_suspect_nodes").contains(&c.addr(cut)),
+        "its own calls fail: suspect from where the coordinator stands"
+    );
+    assert_eq!(info(&c, coordinator, "kvd_replica_config_version"), version);
+    partition(&c, coordinator, &[]);
+    partition(&c, cut, &[]);
+    let mut conn = c.conn(cut);
+    for i in 0..50 {
+        assert_eq!(
+            conn.call(&["GET", &format!("k:{i}")]).unwrap().as_str(),
+            format!("v{i}")
+        );
+    }
+}
+
 /// Issue 21, item 3: a replicated cluster that speaks only TLS, to clients
 /// and between its nodes (`--port 0`, `tls-replication yes`,
 /// `tls-auth-clients yes`: every link shows a certificate from the cluster's

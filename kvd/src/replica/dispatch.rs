@@ -610,6 +610,7 @@ fn internal(shared: &Arc<Shared>, rep: &Arc<Replicas>, session: &mut Session, ar
             None => return bad(),
         },
         ("kvd.config", 1) => return Reply::Bulk(Bytes::from(rep.layout().encode())),
+        ("kvd.gossip", 2) => return rep.answer_gossip(&args[1]),
         ("kvd.config", 3) if args[1].eq_ignore_ascii_case(b"set") => {
             let layout = std::str::from_utf8(&args[2])
                 .ok()

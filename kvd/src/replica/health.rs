@@ -1,16 +1,19 @@
 //! Asleep versus gone: which members answer, and what the cluster does about
 //! one that stops.
 //!
-//! Every node probes every other member once a second (`KVD.CONFIG`, the
-//! cheapest call there is; every phase a node sends counts too). A member that
-//! does not answer is *suspect* at once: nothing changes, its slots keep
-//! serving from the other replicas (a write needs a majority of each slot's
-//! replicas, not all). Desktops sleep and reboot, so only after `--down-after`
-//! without an answer is it *down*: then the *coordinator* — the first member in
-//! the membership's order that this node can reach (itself included) — takes
-//! it out of the membership with an ordinary reconfiguration
+//! Members learn of each other by gossip ([`super::gossip`]): heartbeats
+//! passed on each second. A member is *suspect* when this node's last call
+//! to it failed (every phase counts) or its heartbeat has stood still longer
+//! than gossip needs to bring it: nothing changes, its slots keep serving
+//! from the other replicas (a write needs a majority of each slot's replicas,
+//! not all). Desktops sleep and reboot, so only when its heartbeat has stood
+//! still for `--down-after` is it *down*: then the *coordinator* — the first
+//! member in the membership's order that this node can reach (itself
+//! included) — calls it once more itself and, with no answer, takes it out
+//! of the membership with an ordinary reconfiguration
 //! ([`super::reconfigure`]), which re-homes its replicas on live nodes and
-//! copies them from the surviving ones. It does so only if the live members
+//! copies them from the surviving ones. A member that the coordinator cannot
+//! reach but others can is not down: its heartbeat comes round through them. It does so only if the live members
 //! can hold every slot's R copies: with fewer, removing the node would only
 //! lower the number of copies, so it stays a (down) member until a new node
 //! joins. Two nodes that both think they coordinate (a partition) are safe:
@@ -27,9 +30,6 @@
 //! returning node's old records serve only as a source: the reconfiguration
 //! installs what it now holds above them, and it drops the rest.
 //!
-//! Probing every member from every node costs n² small calls a second: fine
-//! for the desktops of a home or an office; thousands of nodes would need
-//! gossip (the `--cluster` mode's chitchat), which the issue plans.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -41,8 +41,10 @@ use super::Replicas;
 use crate::reply::Reply;
 use crate::shared::Shared;
 
-/// How often members are probed, and how long a probe may take.
-const PROBE_EVERY: Duration = Duration::from_secs(1);
+/// How often a node gossips (its heartbeat's period).
+pub const GOSSIP_EVERY: Duration = Duration::from_secs(1);
+/// How long a call to confirm a member is gone, or to ask for the
+/// membership, may take.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 /// How often a node outside the membership asks to be added.
 const JOIN_EVERY: Duration = Duration::from_secs(2);
@@ -57,7 +59,7 @@ pub fn spawn(shared: Arc<Shared>, rep: Arc<Replicas>) {
         loop {
             tokio::select! {
                 _ = shared.shutdown.cancelled() => return,
-                _ = tokio::time::sleep(PROBE_EVERY) => {}
+                _ = tokio::time::sleep(GOSSIP_EVERY) => {}
             }
             let layout = rep.layout();
             if layout.me.is_none() {
@@ -68,7 +70,7 @@ pub fn spawn(shared: Arc<Shared>, rep: Arc<Replicas>) {
                 }
                 continue;
             }
-            rep.probe_members().await;
+            rep.gossip().await;
             rep.take_out_the_down().await;
             rep.finish_a_stalled_change(&mut unchanged_since).await;
         }
@@ -76,65 +78,26 @@ pub fn spawn(shared: Arc<Shared>, rep: Arc<Replicas>) {
 }
 
 impl Replicas {
-    /// One probe of every other member, at once.
-    async fn probe_members(self: &Arc<Self>) {
-        let layout = self.layout();
-        // Nodes no longer members are no longer watched.
-        self.unreachable
-            .lock()
-            .retain(|addr, _| layout.nodes.contains(addr));
-        let calls = layout.nodes.iter().filter(|n| **n != self.addr).map(|addr| {
-            let rep = self.clone();
-            let addr = addr.clone();
-            async move {
-                let answer = match rep.is_cut_off(&addr) {
-                    true => None,
-                    false => match tokio::time::timeout(
-                        PROBE_TIMEOUT,
-                        rep.peers.call(&addr, &[Bytes::from_static(b"KVD.CONFIG")]),
-                    )
-                    .await
-                    {
-                        Ok(Ok(Reply::Bulk(text))) => Some(text),
-                        _ => None,
-                    },
-                };
-                rep.reached(&addr, answer.is_some());
-                // A newer membership than ours (this node was away while it
-                // changed, perhaps taken out): take it now, not at the next
-                // refusal.
-                if let Some(text) = answer {
-                    rep.adopt_if_newer(&text);
-                }
-            }
-        });
-        futures::future::join_all(calls).await;
-    }
-
-    /// Members that have not answered for `--down-after`.
+    /// Members whose heartbeat has stood still for `--down-after`.
     pub fn down_members(&self) -> Vec<String> {
-        let unreachable = self.unreachable.lock();
         let layout = self.layout();
+        let beats = self.heartbeats.lock();
+        let now = Instant::now();
         layout
             .nodes
             .iter()
-            .filter(|n| {
-                unreachable
-                    .get(*n)
-                    .is_some_and(|since| since.elapsed() >= self.down_after)
-            })
+            .filter(|n| beats.silent_for(n, now).is_some_and(|s| s >= self.down_after))
             .cloned()
             .collect()
     }
 
-    /// Members whose last call failed (suspect, down included).
+    /// Suspect members ([`Replicas::is_suspect`]), down ones included.
     pub fn suspect_members(&self) -> Vec<String> {
-        let unreachable = self.unreachable.lock();
         let layout = self.layout();
         layout
             .nodes
             .iter()
-            .filter(|n| unreachable.contains_key(*n))
+            .filter(|n| self.is_suspect(n))
             .cloned()
             .collect()
     }
@@ -159,6 +122,18 @@ impl Replicas {
         }
         let layout = self.layout();
         if !self.coordinates(&layout) {
+            return;
+        }
+        // Gossip says they are gone; before acting, the coordinator checks
+        // for itself (one that answers is only slow to gossip).
+        let answers = futures::future::join_all(down.iter().map(|addr| self.answers(addr))).await;
+        let down: Vec<String> = down
+            .into_iter()
+            .zip(answers)
+            .filter(|(_, answered)| !answered)
+            .map(|(addr, _)| addr)
+            .collect();
+        if down.is_empty() {
             return;
         }
         let live: Vec<String> = layout
@@ -249,8 +224,24 @@ impl Replicas {
         }
     }
 
+    /// Whether `addr` answers a call now (and, if it does, the membership it
+    /// answers, when newer, is taken).
+    async fn answers(&self, addr: &str) -> bool {
+        if self.is_cut_off(addr) {
+            return false;
+        }
+        let ask = [Bytes::from_static(b"KVD.CONFIG")];
+        let answer = tokio::time::timeout(PROBE_TIMEOUT, self.peers.call(addr, &ask)).await;
+        let answered = matches!(answer, Ok(Ok(Reply::Bulk(_))));
+        if let Ok(Ok(Reply::Bulk(text))) = &answer {
+            self.adopt_if_newer(text);
+        }
+        self.reached(addr, answered);
+        answered
+    }
+
     /// Adopts `contact`'s membership if it is newer than this node's.
-    async fn learn_membership_from(&self, contact: &str) {
+    pub(super) async fn learn_membership_from(&self, contact: &str) {
         let ask = [Bytes::from_static(b"KVD.CONFIG")];
         let config = self.peers.call(contact, &ask);
         if let Ok(Ok(Reply::Bulk(text))) = tokio::time::timeout(PROBE_TIMEOUT, config).await {

@@ -21,6 +21,7 @@
 pub mod acceptor;
 pub mod cluster_view;
 pub mod dispatch;
+pub mod gossip;
 pub mod health;
 pub mod key_locks;
 pub mod layout;
@@ -108,6 +109,8 @@ pub struct Replicas {
     /// Nodes this node's last call to failed, since when (cleared by the
     /// next answer): suspect, and down past `down_after` ([`health`]).
     unreachable: parking_lot::Mutex<std::collections::HashMap<String, std::time::Instant>>,
+    /// Every member's heartbeat as last heard ([`gossip`]).
+    heartbeats: parking_lot::Mutex<gossip::Heartbeats>,
     seeds: Vec<String>,
     /// Set when this node was told to leave: `CLUSTER LEAVE` on it, or
     /// `CLUSTER FORGET` of it from a member while it ran (`KVD.FORGOTTEN`).
@@ -155,6 +158,7 @@ impl Replicas {
         let proposer_id = crate::cluster::ring::fnv1a(options.me.as_bytes()) | 1;
         Ok(Arc::new(Replicas {
             proposer: Proposer::new(proposer_id, acceptor.floor()),
+            heartbeats: parking_lot::Mutex::new(gossip::Heartbeats::new(&options.me)),
             acceptor,
             membership: parking_lot::RwLock::new(membership),
             peers: Peers::new(options.me.clone(), options.secret.clone(), options.tls.clone()),
@@ -284,9 +288,23 @@ impl Replicas {
         }
     }
 
-    /// Whether this node's last call or probe to `addr` failed.
-    pub(crate) fn is_suspect(&self, addr: &str) -> bool {
+    /// Whether this node's last call to `addr` failed.
+    pub(crate) fn failed_last_call(&self, addr: &str) -> bool {
         self.unreachable.lock().contains_key(addr)
+    }
+
+    /// Whether `addr` is suspect: this node's last call to it failed, or its
+    /// heartbeat has stood still longer than gossip takes to bring it
+    /// ([`gossip`]).
+    pub(crate) fn is_suspect(&self, addr: &str) -> bool {
+        if self.failed_last_call(addr) {
+            return true;
+        }
+        let beats = self.heartbeats.lock();
+        let patience = beats.suspect_after(health::GOSSIP_EVERY);
+        beats
+            .silent_for(addr, std::time::Instant::now())
+            .is_some_and(|silent| silent >= patience)
     }
 
     /// Whether a test has cut this node off from `addr` (`KVD.PARTITION`).
@@ -304,12 +322,9 @@ impl Replicas {
     /// Slots with a holder this node last found unreachable, and how many
     /// such nodes there are.
     fn under_replicated(&self, layout: &Layout) -> (usize, usize) {
-        let down: Vec<usize> = {
-            let unreachable = self.unreachable.lock();
-            (0..layout.nodes.len())
-                .filter(|&i| unreachable.contains_key(&layout.nodes[i]))
-                .collect()
-        };
+        let down: Vec<usize> = (0..layout.nodes.len())
+            .filter(|&i| self.is_suspect(&layout.nodes[i]))
+            .collect();
         if down.is_empty() {
             return (0, 0);
         }

@@ -21,9 +21,9 @@ use crate::store::StoreError;
 
 /// How long a replica may take to answer one phase.
 const PHASE_TIMEOUT: Duration = Duration::from_millis(1000);
-/// How long a replica this node already found unreachable (suspect: its last
-/// call or probe failed) may take. A phase that fell short of a majority
-/// among the others waits for every holder (an accept beaten on one replica
+/// How long a replica this node already finds suspect (its last call
+/// failed, or its heartbeat stands still) may take. A phase that fell short
+/// of a majority among the others waits for every holder (an accept beaten on one replica
 /// may still win on the suspect one), so with the full timeout every
 /// contended write would stall a second while a node sleeps. Short, not
 /// zero: a suspect node that answers is back at once (and loses the flag).

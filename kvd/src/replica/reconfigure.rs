@@ -120,9 +120,9 @@ fn other_version(r: &Result<Reply, String>) -> Option<u64> {
 impl Replicas {
     /// One call to `addr` (this node's own address included: over its port,
     /// like any other), bounded in time: [`CALL_TIMEOUT`], or
-    /// [`SUSPECT_CALL_TIMEOUT`] for a node whose last call or probe failed (a
-    /// change that takes out a sleeping node asks it at every step, and the
-    /// majorities it needs do not include it).
+    /// [`SUSPECT_CALL_TIMEOUT`] for a suspect node (its last call failed, or
+    /// its heartbeat stands still; a change that takes out a sleeping node
+    /// asks it at every step, and the majorities it needs do not include it).
     async fn ask(&self, addr: &str, request: Vec<Bytes>) -> Result<Reply, String> {
         if self.is_cut_off(addr) {
             return Err(format!("{addr}: cut off (KVD.PARTITION)"));

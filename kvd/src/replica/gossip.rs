@@ -1,0 +1,294 @@
+//! Liveness by gossip: heartbeats passed from member to member, so that no
+//! node calls every other each second (n² calls) and a member that one node
+//! cannot reach, but others can, is not taken for gone.
+//!
+//! Every node has a heartbeat, (generation, count): the generation is the
+//! time it started, so a restarted node's beats outrank its old ones, and
+//! the count goes up once a period. Each period a node sends the heartbeats
+//! it knows — its own, and every member's as last heard — to [`FANOUT`]
+//! members picked at random (`KVD.GOSSIP`), and takes theirs from the reply;
+//! for each member the higher heartbeat wins, and the local time it last went
+//! up is kept ([`Heartbeats`]). A member whose heartbeat has stood still for
+//! [`Heartbeats::suspect_after`] is suspect; for `--down-after`, down
+//! ([`super::health`]). A heartbeat reaches every member through O(log n)
+//! others, so n nodes send n × [`FANOUT`] messages a period.
+//!
+//! The messages carry the sender's address and membership version, so a node
+//! behind learns the newer membership from whoever gossips with it (it asks
+//! for it with `KVD.CONFIG`). They travel on the peer links, which are
+//! authenticated with the cluster secret ([`crate::cluster::peer`]); a
+//! captured message replayed later carries old counts, which change nothing.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use rand::seq::SliceRandom;
+
+use super::Replicas;
+use crate::reply::Reply;
+
+/// Members a node gossips with each period (all of them in a cluster of
+/// four or fewer).
+pub const FANOUT: usize = 3;
+/// How long one exchange may take.
+const GOSSIP_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// A node's heartbeat: ordered by generation (its start), then count.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Beat {
+    pub generation: u64,
+    pub count: u64,
+}
+
+/// The heartbeats one node knows: a pure table, no I/O.
+pub struct Heartbeats {
+    me: String,
+    mine: Beat,
+    /// Each other member's highest heartbeat heard, and when it last went up
+    /// here (or when the member was first known, if never heard).
+    heard: HashMap<String, (Beat, Instant)>,
+    /// Members at the last [`Heartbeats::retain`]: how far gossip has to
+    /// travel, hence how long a live member's heartbeat may stand still.
+    members: usize,
+}
+
+impl Heartbeats {
+    pub fn new(me: &str) -> Heartbeats {
+        let started = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        Heartbeats {
+            me: me.to_string(),
+            mine: Beat {
+                generation: started,
+                count: 0,
+            },
+            heard: HashMap::new(),
+            members: 1,
+        }
+    }
+
+    /// One period: this node's heartbeat goes up.
+    pub fn tick(&mut self) {
+        self.mine.count += 1;
+    }
+
+    /// Keeps the members of `nodes` only; a member not heard yet counts as
+    /// heard now (its silence counts from when this node first knew of it).
+    pub fn retain(&mut self, nodes: &[String], now: Instant) {
+        self.heard.retain(|addr, _| nodes.contains(addr));
+        for n in nodes.iter().filter(|n| **n != self.me) {
+            self.heard.entry(n.clone()).or_insert((Beat::default(), now));
+        }
+        self.members = nodes.len();
+    }
+
+    /// The message: `version sender` on the first line, then one line per
+    /// heartbeat known, `addr generation count`.
+    pub fn encode(&self, version: u64) -> Bytes {
+        let mut text = format!("{version} {}\n", self.me);
+        let beats =
+            std::iter::once((&self.me, &self.mine)).chain(self.heard.iter().map(|(a, (b, _))| (a, b)));
+        for (addr, beat) in beats.filter(|(_, b)| **b != Beat::default()) {
+            text.push_str(&format!("{addr} {} {}\n", beat.generation, beat.count));
+        }
+        Bytes::from(text)
+    }
+
+    /// Takes a message's heartbeats of known members (each kept where it is
+    /// higher); answers the sender and its membership version, `None` for a
+    /// message that is not one.
+    pub fn merge(&mut self, message: &[u8], now: Instant) -> Option<(String, u64)> {
+        let text = std::str::from_utf8(message).ok()?;
+        let mut lines = text.lines();
+        let mut head = lines.next()?.split(' ');
+        let version = head.next()?.parse().ok()?;
+        let sender = head.next()?.to_string();
+        for line in lines {
+            let mut words = line.split(' ');
+            let (Some(addr), Some(generation), Some(count)) = (words.next(), words.next(), words.next())
+            else {
+                return None;
+            };
+            let beat = Beat {
+                generation: generation.parse().ok()?,
+                count: count.parse().ok()?,
+            };
+            if let Some((known, rose)) = self.heard.get_mut(addr) {
+                if beat > *known {
+                    *known = beat;
+                    *rose = now;
+                }
+            }
+        }
+        Some((sender, version))
+    }
+
+    /// How long `addr`'s heartbeat has stood still here (`None`: this node,
+    /// or not a member).
+    pub fn silent_for(&self, addr: &str, now: Instant) -> Option<Duration> {
+        self.heard
+            .get(addr)
+            .map(|(_, rose)| now.saturating_duration_since(*rose))
+    }
+
+    /// How long a live member's heartbeat may stand still here: a few
+    /// periods, and one more for each hop gossip takes to cross the cluster
+    /// (log base [`FANOUT`] of its size).
+    pub fn suspect_after(&self, period: Duration) -> Duration {
+        let mut hops = 1;
+        let mut reach = FANOUT;
+        while reach < self.members {
+            reach *= FANOUT;
+            hops += 1;
+        }
+        period * (3 + hops as u32)
+    }
+}
+
+impl Replicas {
+    /// One period of gossip: this node's heartbeat goes up and goes, with
+    /// every heartbeat it knows, to [`FANOUT`] members picked at random, and
+    /// to one it last failed to reach (so a member back from an absence is
+    /// noticed at once however large the cluster).
+    pub(super) async fn gossip(self: &Arc<Self>) {
+        let layout = self.layout();
+        let now = Instant::now();
+        let message = {
+            let mut beats = self.heartbeats.lock();
+            beats.retain(&layout.nodes, now);
+            beats.tick();
+            beats.encode(layout.version)
+        };
+        let others: Vec<&String> = layout.nodes.iter().filter(|n| **n != self.addr).collect();
+        let mut targets: Vec<String> = {
+            let mut rng = rand::thread_rng();
+            let mut picked: Vec<String> = others
+                .choose_multiple(&mut rng, FANOUT)
+                .map(|a| a.to_string())
+                .collect();
+            let failed: Vec<&&String> = others
+                .iter()
+                .filter(|a| !picked.contains(a) && self.failed_last_call(a))
+                .collect();
+            if let Some(a) = failed.choose(&mut rng) {
+                picked.push(a.to_string());
+            }
+            picked
+        };
+        targets.sort();
+        let calls = targets.into_iter().map(|addr| {
+            let (rep, message) = (self.clone(), message.clone());
+            async move {
+                if rep.is_cut_off(&addr) {
+                    rep.reached(&addr, false);
+                    return;
+                }
+                let request = [Bytes::from_static(b"KVD.GOSSIP"), message];
+                let answer = tokio::time::timeout(GOSSIP_TIMEOUT, rep.peers.call(&addr, &request)).await;
+                let Ok(Ok(Reply::Bulk(text))) = answer else {
+                    rep.reached(&addr, false);
+                    return;
+                };
+                rep.reached(&addr, true);
+                rep.take_gossip(&text).await;
+            }
+        });
+        futures::future::join_all(calls).await;
+    }
+
+    /// `KVD.GOSSIP message`: takes the sender's heartbeats and answers this
+    /// node's.
+    pub fn answer_gossip(self: &Arc<Self>, message: &[u8]) -> Reply {
+        let layout = self.layout();
+        let (known, reply) = {
+            let mut beats = self.heartbeats.lock();
+            (beats.merge(message, Instant::now()), beats.encode(layout.version))
+        };
+        match known {
+            Some((sender, version)) => {
+                if version > layout.version {
+                    let rep = self.clone();
+                    tokio::spawn(async move { rep.learn_membership_from(&sender).await });
+                }
+                Reply::Bulk(reply)
+            }
+            None => Reply::error("ERR malformed gossip"),
+        }
+    }
+
+    /// Takes a gossip reply's heartbeats, and the sender's membership if it
+    /// is newer.
+    async fn take_gossip(&self, text: &[u8]) {
+        let known = self.heartbeats.lock().merge(text, Instant::now());
+        if let Some((sender, version)) = known {
+            if version > self.layout().version {
+                self.learn_membership_from(&sender).await;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn nodes(n: usize) -> Vec<String> {
+        (0..n).map(|i| format!("10.0.0.{i}:7000")).collect()
+    }
+
+    #[test]
+    fn a_heartbeat_travels_through_a_third_node_and_a_restart_outranks_the_old_one() {
+        let all = nodes(3);
+        let t0 = Instant::now();
+        let (mut a, mut b, mut c) = (
+            Heartbeats::new(&all[0]),
+            Heartbeats::new(&all[1]),
+            Heartbeats::new(&all[2]),
+        );
+        for h in [&mut a, &mut b, &mut c] {
+            h.retain(&all, t0);
+        }
+        // a and c never talk; b talks to both.
+        let t1 = t0 + Duration::from_secs(5);
+        a.tick();
+        assert_eq!(b.merge(&a.encode(7), t1), Some((all[0].clone(), 7)));
+        c.merge(&b.encode(7), t1);
+        assert_eq!(
+            c.silent_for(&all[0], t1),
+            Some(Duration::ZERO),
+            "a's beat came through b"
+        );
+        assert_eq!(
+            c.silent_for(&all[1], t1),
+            Some(Duration::ZERO),
+            "b's first beat is news"
+        );
+        // The same message again later (a replay) changes nothing.
+        let t2 = t1 + Duration::from_secs(5);
+        c.merge(&b.encode(7), t2);
+        assert_eq!(c.silent_for(&all[0], t2), Some(Duration::from_secs(5)));
+        // a restarts: a new generation with a lower count still counts.
+        let mut a2 = Heartbeats::new(&all[0]);
+        a2.mine.generation = a.mine.generation + 1;
+        a2.retain(&all, t2);
+        a2.tick();
+        c.merge(&a2.encode(8), t2);
+        assert_eq!(c.silent_for(&all[0], t2), Some(Duration::ZERO));
+        assert_eq!(c.silent_for(&all[2], t2), None, "no entry for oneself");
+        assert_eq!(c.merge(b"not gossip", t2), None);
+    }
+
+    #[test]
+    fn the_suspicion_threshold_grows_with_the_hops_gossip_takes() {
+        let period = Duration::from_secs(1);
+        let mut h = Heartbeats::new("me");
+        h.retain(&nodes(3), Instant::now());
+        assert_eq!(h.suspect_after(period), Duration::from_secs(4));
+        h.retain(&nodes(1000), Instant::now());
+        // 3^7 = 2187 >= 1000: seven hops.
+        assert_eq!(h.suspect_after(period), Duration::from_secs(10));
+    }
+}
