@@ -6,6 +6,8 @@
 //! * `reconfigure-one-step`: a change that goes in steps stops after its
 //!   first, once per process, as a coordinator that dies between steps
 //!   would (the coordinator of the cluster finishes it later);
+//! * `forget-slowly`: `CLUSTER FORGET`/`LEAVE` answers 3 s after its change
+//!   is made, as a member slowed by load would;
 //! * `partition`: enables `KVD.PARTITION`, which cuts peer links;
 //! * `panic`: enables `KVD.PANIC`, which panics the connection that sends it,
 //!   so a test can check that a bug in one connection costs only that

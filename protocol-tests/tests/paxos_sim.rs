@@ -219,6 +219,18 @@ impl Recorder {
     }
 }
 
+/// An increment's change: the key set to `new`, answered as INCR answers.
+fn set_to(new: i64) -> Change {
+    Change {
+        reply: Reply::Int(new),
+        value: Some(Entry {
+            value: new.to_string().into(),
+            expires_at: None,
+        }),
+        touched: true,
+    }
+}
+
 fn value_of(record: &Record) -> Option<i64> {
     let entry = record.live(kvd::db::now_ms())?;
     std::str::from_utf8(&entry.value).ok()?.parse().ok()
@@ -256,14 +268,7 @@ async fn client(
             if let Some(p) = seen.lock().unwrap().as_mut() {
                 p.seen = Some((value, new));
             }
-            Change {
-                reply: Reply::Int(new),
-                value: Some(Entry {
-                    value: new.to_string().into(),
-                    expires_at: None,
-                }),
-                touched: true,
-            }
+            set_to(new)
         };
         let mode = match kind {
             Kind::Read => Mode::Read,
@@ -490,17 +495,7 @@ fn a_history_replays_from_its_seed() {
 
 /// INCR of [`KEY`] through `proposer`: its reply.
 async fn incr(proposer: &Proposer, network: &SimNetwork) -> Reply {
-    let mut f = |current: &Record| {
-        let new = value_of(current).unwrap_or(0) + 1;
-        Change {
-            reply: Reply::Int(new),
-            value: Some(Entry {
-                value: new.to_string().into(),
-                expires_at: None,
-            }),
-            touched: true,
-        }
-    };
+    let mut f = |current: &Record| set_to(value_of(current).unwrap_or(0) + 1);
     proposer
         .propose(network, &Bytes::from_static(KEY), Mode::Write, &mut f)
         .await

@@ -2456,6 +2456,38 @@ fn a_member_cut_off_from_the_coordinator_alone_is_not_taken_out() {
     }
 }
 
+/// A node taken out with `CLUSTER FORGET` while it runs is told so before
+/// the change, not after: told after, it could learn in between that it is
+/// no member and ask to be added back, which a CI run saw. The fail point
+/// makes the member answer 3 s after the change, as a loaded one might.
+#[test]
+fn a_forgotten_node_is_told_before_it_can_ask_back_in() {
+    let c = Replicated::start_with(4, 3, &[("KVD_FAILPOINTS", "forget-slowly")], &[]);
+    seed(&mut c.conn(0), "k", 20);
+    let forgotten = c.addr(3);
+    assert_eq!(
+        c.conn(0)
+            .call(&["CLUSTER", "FORGET", &forgotten])
+            .unwrap()
+            .as_str(),
+        "OK"
+    );
+    std::thread::sleep(Duration::from_secs(4));
+    for i in 0..3 {
+        assert!(
+            !is_member(&c, i, &forgotten),
+            "the forgotten node was added again"
+        );
+    }
+    let mut conn = c.conn(1);
+    for i in 0..20 {
+        assert_eq!(
+            conn.call(&["GET", &format!("k:{i}")]).unwrap().as_str(),
+            format!("v{i}")
+        );
+    }
+}
+
 /// Issue 21, item 3: a replicated cluster that speaks only TLS, to clients
 /// and between its nodes (`--port 0`, `tls-replication yes`,
 /// `tls-auth-clients yes`: every link shows a certificate from the cluster's

@@ -701,6 +701,11 @@ fn internal(shared: &Arc<Shared>, rep: &Arc<Replicas>, session: &mut Session, ar
             rep.left.store(true, std::sync::atomic::Ordering::Relaxed);
             return Reply::OK;
         }
+        // The change that was to take it out failed: it stays a member.
+        ("kvd.forgotten", 2) if args[1].eq_ignore_ascii_case(b"no") => {
+            rep.left.store(false, std::sync::atomic::Ordering::Relaxed);
+            return Reply::OK;
+        }
         ("kvd.purge", 3) => {
             let Some(dead) = Record::decode(&args[2]) else {
                 return bad();

@@ -294,18 +294,32 @@ impl Replicas {
         if rest.is_empty() {
             return Reply::error("ERR a cluster cannot forget its last node");
         }
+        // Told to leave, it does not ask to be added again (one that does
+        // not answer now, being away, will ask when it is back). It is told
+        // first: told after the change, it could learn that it is no member
+        // in between and ask to be added back (seen in a CI run).
+        self.tell_leaving(addr, true).await;
         let reply = self.reconfigure(rest).await;
         if reply.is_error() {
-            return reply;
+            self.tell_leaving(addr, false).await;
         }
-        // Told to leave, it does not ask to be added again (one that does
-        // not answer now, being away, will ask when it is back).
-        if addr == self.addr {
-            self.left.store(true, Ordering::Relaxed);
-        } else {
-            let tell = [Bytes::from_static(b"KVD.FORGOTTEN")];
-            let _ = tokio::time::timeout(PROBE_TIMEOUT, self.peers.call(addr, &tell)).await;
+        if super::failpoint("forget-slowly") {
+            tokio::time::sleep(Duration::from_secs(3)).await;
         }
         reply
+    }
+
+    /// Tells `addr` (this node, or a peer: `KVD.FORGOTTEN [NO]`) whether it
+    /// is being taken out for good.
+    async fn tell_leaving(&self, addr: &str, leaving: bool) {
+        if addr == self.addr {
+            self.left.store(leaving, Ordering::Relaxed);
+            return;
+        }
+        let mut tell = vec![Bytes::from_static(b"KVD.FORGOTTEN")];
+        if !leaving {
+            tell.push(Bytes::from_static(b"NO"));
+        }
+        let _ = tokio::time::timeout(PROBE_TIMEOUT, self.peers.call(addr, &tell)).await;
     }
 }

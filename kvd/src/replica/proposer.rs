@@ -108,6 +108,16 @@ pub enum Mode {
     Guarded,
 }
 
+/// The record with the highest accepted ballot among `records` (none: the
+/// empty record): the key's value as those replicas show it.
+pub(super) fn highest_of(records: &[Record]) -> Record {
+    records
+        .iter()
+        .max_by_key(|r| r.accepted)
+        .cloned()
+        .unwrap_or_default()
+}
+
 /// What a settling round found out about a write that fell short
 /// ([`Proposer::settle`]).
 enum Settled {
@@ -506,12 +516,7 @@ impl Proposer {
                     Self::catch_up(net, layout, &g);
                     return Round::Done(f(&g.records[0]).reply, g.records[0].accepted);
                 }
-                let highest = g
-                    .records
-                    .iter()
-                    .max_by_key(|r| r.accepted)
-                    .cloned()
-                    .unwrap_or_default();
+                let highest = highest_of(&g.records);
                 if self.relay(net, layout, &holders, key, &highest, false).await {
                     self.stats.relayed.fetch_add(1, Ordering::Relaxed);
                     return Round::Done(f(&highest).reply, highest.accepted);
@@ -575,12 +580,7 @@ impl Proposer {
                 return Round::Done(unavailable(self, &g), none);
             }
             Self::catch_up(net, layout, &g);
-            let highest = g
-                .records
-                .iter()
-                .max_by_key(|r| r.accepted)
-                .cloned()
-                .unwrap_or_default();
+            let highest = highest_of(&g.records);
             let agree = g.records.iter().all(|r| r.accepted == highest.accepted);
             let current = highest.live(now_ms()).cloned();
             let Change {
@@ -790,12 +790,7 @@ impl Proposer {
                 self.backoff(attempt).await;
                 continue;
             }
-            let highest = g
-                .records
-                .iter()
-                .max_by_key(|r| r.accepted)
-                .cloned()
-                .unwrap_or_default();
+            let highest = highest_of(&g.records);
             // A purge removes a dead record from every replica (`super::repair`),
             // and with it the chain of bases through it: no record, or one
             // made from no record, says nothing about an older write.

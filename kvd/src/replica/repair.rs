@@ -58,7 +58,7 @@ use futures::stream::{self, StreamExt};
 use super::acceptor::{Head, Record};
 use super::layout::Layout;
 use super::network::NodeNetwork;
-use super::proposer::Msg;
+use super::proposer::{highest_of, Msg};
 use super::Replicas;
 use crate::cluster::paxos::{majority, Ballot};
 use crate::cluster::slot::{key_slot, SLOTS};
@@ -406,11 +406,7 @@ impl Replicas {
         if records.len() < majority(holders.len()) {
             return;
         }
-        let highest: Record = records
-            .iter()
-            .max_by_key(|r| r.accepted)
-            .cloned()
-            .unwrap_or_default();
+        let highest = highest_of(&records);
         // The value as it is (an expired one stays expired: its entry is kept).
         if self
             .proposer
