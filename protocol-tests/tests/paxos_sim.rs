@@ -16,13 +16,14 @@
 //! checker can fail.
 
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
 use kvd::db::Db;
 use kvd::replica::acceptor::{Acceptor, Record};
-use kvd::replica::layout::Layout;
+use kvd::replica::layout::{epoch, install_ballot, Layout};
 use kvd::replica::network::{answer, serve};
 use kvd::replica::proposer::{Answer, Change, Failure, Mode, Msg, Network, Proposer};
 use kvd::reply::Reply;
@@ -49,6 +50,10 @@ struct Node {
     /// The key's record when the node last started: what a crash leaves of
     /// it on a disk that was never synced (the broken variant).
     at_start: Mutex<Option<Entry>>,
+    /// The membership version this node's acceptor is at, and whether the
+    /// key's slot is frozen for a move (as `Replicas::admit` refuses).
+    version: AtomicU64,
+    frozen: AtomicBool,
 }
 
 /// What a crash does to a node's disk.
@@ -73,6 +78,8 @@ struct World {
     /// For a scripted race: each message's delay by sender, receiver and
     /// content, instead of random delays and losses.
     script: Option<Script>,
+    /// The membership version the nodes' proposers are at.
+    version: AtomicU64,
 }
 
 type Script = Box<dyn Fn(usize, usize, &Msg) -> Duration + Send + Sync>;
@@ -112,6 +119,19 @@ impl World {
                 maybe_delivered: false,
             });
         };
+        // What the membership lets through, as a node's `admit` does.
+        let made_at = match msg {
+            Msg::Query(v) => *v,
+            Msg::Prepare(b) => epoch(*b),
+            Msg::Accept(r, _) => epoch(r.accepted),
+        };
+        let at = node.version.load(Ordering::SeqCst);
+        if made_at != at {
+            return Ok(Answer::Version(at));
+        }
+        if node.frozen.load(Ordering::SeqCst) {
+            return Ok(Answer::Frozen("TRYAGAIN slot is moving".into()));
+        }
         answer(serve(acceptor, &node.db, key, msg)).map_err(|text| Failure {
             text,
             maybe_delivered: true,
@@ -122,16 +142,24 @@ impl World {
 /// The network as one node's proposer sees it.
 struct SimNetwork {
     world: Arc<World>,
-    layout: Arc<Layout>,
+    me: usize,
+    /// The membership at the world's version (every node learns a new one at once).
+    layout: Mutex<Arc<Layout>>,
 }
 
 impl Network for SimNetwork {
     fn layout(&self) -> Arc<Layout> {
-        self.layout.clone()
+        let version = self.world.version.load(Ordering::SeqCst);
+        let mut layout = self.layout.lock().unwrap();
+        if layout.version != version {
+            let nodes: Vec<String> = self.world.nodes.iter().map(|n| n.addr.clone()).collect();
+            *layout = Arc::new(Layout::new(version, nodes.clone(), nodes.len(), &nodes[self.me]));
+        }
+        layout.clone()
     }
 
     fn local(&self, key: &Bytes, msg: &Msg) -> Result<Answer, Failure> {
-        self.world.deliver(self.layout.me.expect("a member"), key, msg)
+        self.world.deliver(self.me, key, msg)
     }
 
     fn ask(
@@ -142,7 +170,7 @@ impl Network for SimNetwork {
     ) -> impl Future<Output = Result<Answer, Failure>> + Send + 'static {
         let (world, key, msg) = (self.world.clone(), key.clone(), msg.clone());
         let to = world.index(addr);
-        let from = self.layout.me.expect("a member");
+        let from = self.me;
         let lost = Failure {
             text: format!("{addr}: no answer within {TIMEOUT:?}"),
             maybe_delivered: true,
@@ -172,7 +200,7 @@ impl Network for SimNetwork {
         _version: u64,
         _others: Vec<(String, u64)>,
     ) -> impl Future<Output = ()> + Send + 'static {
-        // One membership version throughout: no acceptor ever refuses for it.
+        // Every node takes a new membership at once (`layout` reads it).
         std::future::ready(())
     }
 }
@@ -381,11 +409,14 @@ fn new_world(nodes: usize, seed: u64, script: Option<Script>) -> Arc<World> {
                 db: Db::new(Arc::new(MemStore::new())),
                 acceptor: Mutex::new(None),
                 at_start: Mutex::new(None),
+                version: AtomicU64::new(1),
+                frozen: AtomicBool::new(false),
             })
             .collect(),
         rng: Mutex::new(StdRng::seed_from_u64(seed)),
         loss: 30,
         script,
+        version: AtomicU64::new(1),
     })
 }
 
@@ -394,7 +425,8 @@ fn network_of(world: &Arc<World>, i: usize) -> SimNetwork {
     let nodes: Vec<String> = world.nodes.iter().map(|n| n.addr.clone()).collect();
     SimNetwork {
         world: world.clone(),
-        layout: Arc::new(Layout::new(1, nodes.clone(), nodes.len(), &world.nodes[i].addr)),
+        me: i,
+        layout: Mutex::new(Arc::new(Layout::new(1, nodes.clone(), nodes.len(), &nodes[i]))),
     }
 }
 
@@ -556,4 +588,76 @@ fn a_write_beaten_after_reaching_one_replica_learns_whether_it_took_effect() {
         (first, second, now),
         (Reply::Int(3), Reply::Int(2), Reply::Int(3))
     );
+}
+
+/// A write races a move of its slot: node 0's accept reaches its own
+/// acceptor, then every holder freezes the slot (a reconfiguration), so the
+/// accepts to the others are refused and the settling round finds no
+/// majority. The move copies the key's highest record from `sources` to the
+/// new membership (version 2), installed with that record's ballot as its
+/// base, as `KVD.RECONFIGURE` does. Returns node 0's reply and the value
+/// read afterwards.
+fn write_during_a_move(sources: &'static [usize]) -> (Reply, Reply) {
+    let script: Script = Box::new(|from, _to, msg| match (from, msg) {
+        (0, Msg::Accept(..)) => Duration::from_millis(50),
+        _ => Duration::from_millis(1),
+    });
+    let world = new_world(3, 0, Some(script));
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .start_paused(true)
+        .build()
+        .expect("a runtime");
+    runtime.block_on(async move {
+        for node in &world.nodes {
+            *node.acceptor.lock().unwrap() = Some(Acceptor::open(node.dir.path()).expect("an acceptor"));
+        }
+        let writer = Arc::new(Proposer::new(1, 0));
+        let net = Arc::new(network_of(&world, 0));
+        assert_eq!(incr(&writer, &net).await, Reply::Int(1));
+        let (w, n) = (writer.clone(), net.clone());
+        let racing = tokio::spawn(async move { incr(&w, &n).await });
+        sleep(Duration::from_millis(10)).await;
+        for node in &world.nodes {
+            node.frozen.store(true, Ordering::SeqCst);
+        }
+        sleep(Duration::from_millis(100)).await;
+        // The copy: the highest record the sources hold, installed everywhere.
+        let key = Bytes::from_static(KEY);
+        let query = |i: usize| {
+            let node = &world.nodes[i];
+            let acceptor = node.acceptor.lock().unwrap();
+            acceptor.as_ref().unwrap().query(&node.db, &key).unwrap()
+        };
+        let highest = sources
+            .iter()
+            .map(|&i| query(i))
+            .max_by_key(|r| r.accepted)
+            .unwrap();
+        for node in &world.nodes {
+            let copy = Record::new(install_ballot(2), highest.entry.clone(), Some(highest.accepted));
+            let acceptor = node.acceptor.lock().unwrap();
+            acceptor.as_ref().unwrap().install(&node.db, &key, copy).unwrap();
+            node.version.store(2, Ordering::SeqCst);
+            node.frozen.store(false, Ordering::SeqCst);
+        }
+        world.version.store(2, Ordering::SeqCst);
+        let reply = racing.await.expect("the racing write");
+        let mut read = |r: &Record| Change::none(value_of(r).map_or(Reply::Nil, Reply::Int), r);
+        let now = writer.propose(&*net, &key, Mode::Read, &mut read).await;
+        (reply, now)
+    })
+}
+
+/// Issue 23, item 3: a write that races its slot's move hears yes or no
+/// once the move is over, not "may or may not" (which an fsync that met a
+/// join turned into EIO). Copied from node 0, the new holders have the
+/// write: yes. Copied from the two others, the write never took effect
+/// there: it runs again on the new holders, and is a yes too. Before, node
+/// 0 heard "the write reached 1 of 3 replicas ... the key's slot is being
+/// moved ... may or may not take effect".
+#[test]
+fn a_write_that_races_a_move_of_its_slot_learns_whether_it_took_effect() {
+    assert_eq!(write_during_a_move(&[0, 1, 2]), (Reply::Int(2), Reply::Int(2)));
+    assert_eq!(write_during_a_move(&[1, 2]), (Reply::Int(2), Reply::Int(2)));
 }

@@ -125,7 +125,12 @@ enum Settled {
     Applied(Ballot),
     /// The write never took effect, and never will.
     Lost,
+    /// A majority shows records that cannot tell.
     Unknown,
+    /// No majority answered: replicas down, or (`moving`) the key's slot
+    /// frozen for a move or the membership changed under the write, which
+    /// is over soon and leaves records that can tell.
+    Unreachable { moving: bool },
 }
 
 /// How one round ended.
@@ -133,6 +138,15 @@ enum Round {
     Done(Reply, Ballot),
     /// Refused, with nothing accepted, by replicas at another membership version.
     OtherVersion(Vec<(String, u64)>),
+    /// A write accepted at `ours` by some replicas as its slot began to
+    /// move: whether it took effect is known once the move is over
+    /// ([`Proposer::settle_after_move`]); `reply` if it did, `uncertain` if
+    /// that cannot be learned.
+    AfterMove {
+        ours: Ballot,
+        reply: Reply,
+        uncertain: Reply,
+    },
 }
 
 #[derive(Clone)]
@@ -425,7 +439,25 @@ impl Proposer {
         let _turn = self.key_locks.lock(key).await;
         let started = std::time::Instant::now();
         loop {
-            let (reply, ballot) = self.propose_locked(net, key, mode, f).await;
+            let (reply, ballot) = match self.propose_locked(net, key, mode, f).await {
+                Round::AfterMove {
+                    ours,
+                    reply,
+                    uncertain,
+                } => {
+                    match self.settle_after_move(net, key, ours, started).await {
+                        Settled::Applied(at) => return (reply, at),
+                        // Nothing was made of it: the command runs again.
+                        Settled::Lost => continue,
+                        _ => {
+                            self.stats.unavailable.fetch_add(1, Ordering::Relaxed);
+                            return (uncertain, Ballot::default());
+                        }
+                    }
+                }
+                Round::Done(reply, ballot) => (reply, ballot),
+                Round::OtherVersion(_) => unreachable!("propose_locked brings versions up to date"),
+            };
             // Only `unavailable` answers this, and only when nothing of the
             // round was accepted anywhere: running it again is safe.
             let moving = matches!(&reply, Reply::Error(e) if e.starts_with(MOVING));
@@ -436,6 +468,35 @@ impl Proposer {
             }
             return (reply, ballot);
         }
+    }
+
+    /// Settles a write that some replicas accepted as its slot began to
+    /// move, once the move is over (waiting for it up to [`MOVE_WAIT`] from
+    /// the command's start). The new holders got the highest record the old
+    /// ones held, installed with that record's ballot as its base, so the
+    /// settling round at the new membership tells whether it was this write
+    /// (a yes), or an older one (a no: the old holders take nothing any
+    /// more, so this write can never take effect).
+    async fn settle_after_move(
+        &self,
+        net: &impl Network,
+        key: &Bytes,
+        ours: Ballot,
+        started: std::time::Instant,
+    ) -> Settled {
+        while started.elapsed() < MOVE_WAIT {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let layout = net.layout();
+            let holders = layout.holders(key);
+            match self.settle(net, &layout, &holders, key, ours).await {
+                Settled::Unreachable { moving: true } => {
+                    self.stats.waited_for_moves.fetch_add(1, Ordering::Relaxed);
+                }
+                Settled::Unreachable { .. } => return Settled::Unknown,
+                known => return known,
+            }
+        }
+        Settled::Unknown
     }
 
     /// Whether slots have been refused as moving for longer than
@@ -460,11 +521,11 @@ impl Proposer {
         key: &Bytes,
         mode: Mode,
         f: &mut (dyn FnMut(&Record) -> Change + Send),
-    ) -> (Reply, Ballot) {
+    ) -> Round {
         for _ in 0..VERSION_RETRIES {
             let layout = net.layout();
             if layout.version == 0 {
-                return (
+                return Round::Done(
                     Reply::error(
                         "CLUSTERDOWN this node is not in a replicated cluster yet: add it with \
                          KVD.RECONFIGURE on a member",
@@ -473,11 +534,11 @@ impl Proposer {
                 );
             }
             match self.round(net, &layout, key, mode, f).await {
-                Round::Done(reply, ballot) => return (reply, ballot),
                 Round::OtherVersion(others) => net.sync_versions(layout.version, others).await,
+                done => return done,
             }
         }
-        (
+        Round::Done(
             Reply::error("TRYAGAIN the cluster's membership kept changing during this command; try again"),
             Ballot::default(),
         )
@@ -558,7 +619,17 @@ impl Proposer {
                         Settled::Applied(at) => return Round::Done(reply, at),
                         // Nothing was made of it: the full round below runs.
                         Settled::Lost => {}
-                        Settled::Unknown => return Round::Done(self.uncertain(&g, holders.len()), none),
+                        Settled::Unreachable { moving: true } => {
+                            let uncertain = uncertain(&g, holders.len());
+                            return Round::AfterMove {
+                                ours: next,
+                                reply,
+                                uncertain,
+                            };
+                        }
+                        Settled::Unknown | Settled::Unreachable { .. } => {
+                            return Round::Done(self.unsettled(&g, holders.len()), none)
+                        }
                     }
                 } else if g.stale() {
                     return Round::OtherVersion(g.other_version);
@@ -633,7 +704,17 @@ impl Proposer {
                     self.stats.conflicts.fetch_add(1, Ordering::Relaxed);
                     self.backoff(attempt).await;
                 }
-                Settled::Unknown => return Round::Done(self.uncertain(&g, holders.len()), none),
+                Settled::Unreachable { moving: true } => {
+                    let uncertain = uncertain(&g, holders.len());
+                    return Round::AfterMove {
+                        ours: b,
+                        reply,
+                        uncertain,
+                    };
+                }
+                Settled::Unknown | Settled::Unreachable { .. } => {
+                    return Round::Done(self.unsettled(&g, holders.len()), none)
+                }
             }
         }
         self.stats.unavailable.fetch_add(1, Ordering::Relaxed);
@@ -785,7 +866,11 @@ impl Proposer {
             let g = self.phase(net, layout, holders, key, &Msg::Prepare(b)).await;
             if g.records.len() < need {
                 if g.beaten.is_none() {
-                    return Settled::Unknown;
+                    if g.stale() {
+                        net.sync_versions(layout.version, g.other_version.clone()).await;
+                    }
+                    let moving = g.frozen.is_some() || g.stale();
+                    return Settled::Unreachable { moving };
                 }
                 self.backoff(attempt).await;
                 continue;
@@ -836,32 +921,38 @@ impl Proposer {
         fast.insert(key.clone(), (next, record));
     }
 
-    /// A write that reached some replicas but not a majority. The reasons
-    /// list every replica that did not accept: a failure, a higher ballot it
-    /// had promised (another writer of the key, or a repair), or another
-    /// membership version.
-    fn uncertain(&self, g: &Gathered, replicas: usize) -> Reply {
+    /// [`uncertain`], counted: the answer a write gets when settling it
+    /// failed.
+    fn unsettled(&self, g: &Gathered, replicas: usize) -> Reply {
         self.stats.unavailable.fetch_add(1, Ordering::Relaxed);
-        let mut reasons = g.failures.clone();
-        if let Some(b) = g.beaten {
-            reasons.push(format!(
-                "replicas had promised a higher ballot ({}.{}): a concurrent write or repair of the key",
-                b.counter, b.proposer
-            ));
-        }
-        for (addr, v) in &g.other_version {
-            reasons.push(format!("{addr}: at membership version {v}"));
-        }
-        if let Some(frozen) = &g.frozen {
-            reasons.push(format!("the key's slot is being moved ({frozen})"));
-        }
-        Reply::error(format!(
-            "ERR the write reached {} of {} replicas, fewer than a majority: it may or may not take effect ({})",
-            g.accepted,
-            replicas,
-            reasons.join("; ")
-        ))
+        uncertain(g, replicas)
     }
+}
+
+/// A write that reached some replicas but not a majority. The reasons
+/// list every replica that did not accept: a failure, a higher ballot it
+/// had promised (another writer of the key, or a repair), or another
+/// membership version.
+fn uncertain(g: &Gathered, replicas: usize) -> Reply {
+    let mut reasons = g.failures.clone();
+    if let Some(b) = g.beaten {
+        reasons.push(format!(
+            "replicas had promised a higher ballot ({}.{}): a concurrent write or repair of the key",
+            b.counter, b.proposer
+        ));
+    }
+    for (addr, v) in &g.other_version {
+        reasons.push(format!("{addr}: at membership version {v}"));
+    }
+    if let Some(frozen) = &g.frozen {
+        reasons.push(format!("the key's slot is being moved ({frozen})"));
+    }
+    Reply::error(format!(
+        "ERR the write reached {} of {} replicas, fewer than a majority: it may or may not take effect ({})",
+        g.accepted,
+        replicas,
+        reasons.join("; ")
+    ))
 }
 
 fn unavailable(rep: &Proposer, g: &Gathered) -> Reply {
