@@ -78,15 +78,19 @@ pub fn spawn(shared: Arc<Shared>, rep: Arc<Replicas>) {
 }
 
 impl Replicas {
-    /// Members whose heartbeat has stood still for `--down-after`.
+    /// Members whose heartbeat has stood still for `--down-after`, and one
+    /// period more: a member may have run for up to a period after the beat
+    /// last heard, so none is down sooner than `--down-after` after it
+    /// stopped.
     pub fn down_members(&self) -> Vec<String> {
         let layout = self.layout();
         let beats = self.heartbeats.lock();
         let now = Instant::now();
+        let patience = self.down_after + GOSSIP_EVERY;
         layout
             .nodes
             .iter()
-            .filter(|n| beats.silent_for(n, now).is_some_and(|s| s >= self.down_after))
+            .filter(|n| beats.silent_for(n, now).is_some_and(|s| s >= patience))
             .cloned()
             .collect()
     }
