@@ -163,7 +163,7 @@ impl Replicas {
             beats.encode(layout.version)
         };
         let others: Vec<&String> = layout.nodes.iter().filter(|n| **n != self.addr).collect();
-        let mut targets: Vec<String> = {
+        let targets: Vec<String> = {
             let mut rng = rand::thread_rng();
             let mut picked: Vec<String> = others
                 .choose_multiple(&mut rng, FANOUT)
@@ -178,7 +178,6 @@ impl Replicas {
             }
             picked
         };
-        targets.sort();
         let calls = targets.into_iter().map(|addr| {
             let (rep, message) = (self.clone(), message.clone());
             async move {

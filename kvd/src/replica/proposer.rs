@@ -66,6 +66,9 @@ const READ_TRIES: usize = 5;
 const MOVE_WAIT: Duration = Duration::from_secs(10);
 /// How an acceptor's refusal for a slot being moved begins ([`Replicas::admit`]).
 pub(super) const MOVING: &str = "TRYAGAIN slot ";
+/// The answer to a command whose rounds kept meeting another membership.
+const MEMBERSHIP_CHANGING: &str =
+    "TRYAGAIN the cluster's membership kept changing during this command; try again";
 /// Rounds refused for another membership version before giving up.
 const VERSION_RETRIES: usize = 4;
 
@@ -428,7 +431,9 @@ impl Proposer {
     /// up to date. One refused because the key's slot is being moved (a
     /// reconfiguration froze it; nothing of it was accepted either) runs again
     /// when the move is done, for up to [`MOVE_WAIT`]: a client sees a slower
-    /// answer during a re-homing, not `TRYAGAIN`.
+    /// answer during a re-homing, not `TRYAGAIN`. A write that some replicas
+    /// took before the freeze is settled once the move is done
+    /// ([`Proposer::settle_after_move`]).
     pub async fn propose_at(
         &self,
         net: &impl Network,
@@ -456,7 +461,9 @@ impl Proposer {
                     }
                 }
                 Round::Done(reply, ballot) => (reply, ballot),
-                Round::OtherVersion(_) => unreachable!("propose_locked brings versions up to date"),
+                // `propose_locked` brings versions up to date itself; were
+                // one to come back, the membership changed under the command.
+                Round::OtherVersion(_) => (Reply::error(MEMBERSHIP_CHANGING), Ballot::default()),
             };
             // Only `unavailable` answers this, and only when nothing of the
             // round was accepted anywhere: running it again is safe.
@@ -538,10 +545,7 @@ impl Proposer {
                 done => return done,
             }
         }
-        Round::Done(
-            Reply::error("TRYAGAIN the cluster's membership kept changing during this command; try again"),
-            Ballot::default(),
-        )
+        Round::Done(Reply::error(MEMBERSHIP_CHANGING), Ballot::default())
     }
 
     async fn round(
