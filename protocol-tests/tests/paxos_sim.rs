@@ -533,6 +533,21 @@ async fn incr(proposer: &Proposer, network: &SimNetwork) -> Reply {
         .await
 }
 
+/// Three nodes, all up, whose messages take the time `script` says, and a
+/// runtime on tokio's paused clock to run a scripted race in.
+fn scripted(script: Script) -> (tokio::runtime::Runtime, Arc<World>) {
+    let world = new_world(3, 0, Some(script));
+    for node in &world.nodes {
+        *node.acceptor.lock().unwrap() = Some(Acceptor::open(node.dir.path()).expect("an acceptor"));
+    }
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .start_paused(true)
+        .build()
+        .expect("a runtime");
+    (runtime, world)
+}
+
 /// Two increments race on three nodes: node 0's accept reaches only its own
 /// acceptor before node 1's prepare reaches the others (node 0's messages to
 /// them take 50 ms, node 1's take `to_node_0` to node 0 and 2 ms to node 2).
@@ -544,16 +559,8 @@ fn race(to_node_0: Duration) -> (Reply, Reply, Reply) {
         (1, 0) => to_node_0,
         _ => Duration::from_millis(2),
     });
-    let world = new_world(3, 0, Some(script));
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .start_paused(true)
-        .build()
-        .expect("a runtime");
+    let (runtime, world) = scripted(script);
     runtime.block_on(async move {
-        for node in &world.nodes {
-            *node.acceptor.lock().unwrap() = Some(Acceptor::open(node.dir.path()).expect("an acceptor"));
-        }
         let (a, b) = (Arc::new(Proposer::new(1, 0)), Arc::new(Proposer::new(3, 0)));
         let (net_a, net_b) = (network_of(&world, 0), network_of(&world, 1));
         assert_eq!(incr(&a, &net_a).await, Reply::Int(1));
@@ -602,16 +609,8 @@ fn write_during_a_move(sources: &'static [usize]) -> (Reply, Reply) {
         (0, Msg::Accept(..)) => Duration::from_millis(50),
         _ => Duration::from_millis(1),
     });
-    let world = new_world(3, 0, Some(script));
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .start_paused(true)
-        .build()
-        .expect("a runtime");
+    let (runtime, world) = scripted(script);
     runtime.block_on(async move {
-        for node in &world.nodes {
-            *node.acceptor.lock().unwrap() = Some(Acceptor::open(node.dir.path()).expect("an acceptor"));
-        }
         let writer = Arc::new(Proposer::new(1, 0));
         let net = Arc::new(network_of(&world, 0));
         assert_eq!(incr(&writer, &net).await, Reply::Int(1));
