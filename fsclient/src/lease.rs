@@ -46,8 +46,17 @@ pub fn record(kind: Kind, h: &Hash, out: &mut Vec<u8>) {
     out.extend_from_slice(&h.0);
 }
 
+/// What a lease key holds once every lease in it was released: one byte, not
+/// a deleted key (a key's absence tells the collector that its name may leave
+/// the registry). Leases taken later are appended after it, so a value may
+/// start with it; no record does (a record starts with its [`Kind`], 0 or 1).
+pub const EMPTY: u8 = b'-';
+
 /// Splits a lease key's value into its records (a torn tail is ignored).
 pub fn records(raw: &[u8]) -> impl Iterator<Item = (Kind, Hash)> + '_ {
+    // Records appended after the empty mark start one byte in: read from the
+    // mark's end, or every hash would be read one byte out of step.
+    let raw = raw.strip_prefix(&[EMPTY]).unwrap_or(raw);
     raw.chunks_exact(RECORD).map(|r| {
         let kind = if r[0] == Kind::Tree as u8 {
             Kind::Tree
@@ -138,11 +147,16 @@ impl Leases {
     /// the previous call: if so, blobs this client remembers as stored may be
     /// gone, and it must not skip uploading them on that memory.
     pub fn protect(&self, dict: &dyn Dict, records: &[u8]) -> DictResult<bool> {
-        // The collector drops a name from the registry once its key has expired
-        // (two hours without a write); naming the key again every hour, before
-        // the append, keeps it listed whenever it holds anything.
+        // The collector drops a name from the registry once its key is absent
+        // (expired: two hours without a write); naming the key again every
+        // hour, before the append, keeps it listed whenever it holds anything.
+        // The key is made to exist (or to live two more hours) first: a
+        // collector that reads the name then finds the key, where one that
+        // tidied between a name and its key's first write dropped the name,
+        // and with it every lease this client took in the next hour.
         let mut registered = self.registered.lock();
         if registered.is_none_or(|at| at.elapsed() > LEASE_TTL / 2) {
+            dict.read_and_append(&self.keys.epoch, &self.key, &[], LEASE_TTL)?;
             dict.append(&self.keys.registry, format!("{}\n", self.key).as_bytes())?;
             *registered = Some(Instant::now());
         }
@@ -215,11 +229,9 @@ impl Leases {
         if records.len() == before {
             return Ok(());
         }
-        // An empty lease is one byte, not a deleted key: a key's absence tells
-        // the collector that its name may leave the registry.
         let mut rest: Vec<u8> = records.iter().flat_map(|(_, r)| r.iter().copied()).collect();
         if rest.is_empty() {
-            rest.push(b'-');
+            rest.push(EMPTY);
         }
         dict.put_expiring(&self.key, &rest, LEASE_TTL, false).map(|_| ())
     }

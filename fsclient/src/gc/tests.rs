@@ -261,7 +261,11 @@ fn a_second_collector_is_refused_while_one_runs() {
 /// after the collector marked but before it deletes, and commits afterwards.
 /// With its lease the file survives; with the lease taken away, the same
 /// interleaving loses it — the lease is what carries the guarantee.
-fn revive_during_collection(drop_lease: bool) -> Result<Vec<u8>, FsError> {
+///
+/// `committed_before`: the writer has committed already, the last time with
+/// nothing to swap, so every lease it took was released and its lease key
+/// holds the empty mark.
+fn revive_during_collection(drop_lease: bool, committed_before: bool) -> Result<Vec<u8>, FsError> {
     let inner = Arc::new(MemoryDict::new());
     let setup = volume(inner.clone());
     setup.create().unwrap();
@@ -270,6 +274,11 @@ fn revive_during_collection(drop_lease: bool) -> Result<Vec<u8>, FsError> {
     setup.change("rm", |s, r| tree::unlink(s, r, &p("/x"))).unwrap();
 
     let writer = volume(inner.clone());
+    if committed_before {
+        write(&writer, "/y", &data(8, 100));
+        // A commit that changes nothing (as a mount's can) releases all.
+        writer.change("nothing", |_, root| Ok(root)).unwrap();
+    }
     let entry: Arc<Mutex<Option<Entry>>> = Default::default();
     let hooked = Arc::new(Hooked::new(inner.clone()));
     {
@@ -302,10 +311,50 @@ fn revive_during_collection(drop_lease: bool) -> Result<Vec<u8>, FsError> {
 
 #[test]
 fn a_lease_taken_before_a_deletion_window_saves_a_revived_blob() {
-    assert_eq!(revive_during_collection(false).unwrap(), data(7, 6000));
+    assert_eq!(revive_during_collection(false, false).unwrap(), data(7, 6000));
     assert!(
-        revive_during_collection(true).is_err(),
+        revive_during_collection(true, false).is_err(),
         "without the lease the revived file must be lost, or this test shows nothing"
+    );
+}
+
+/// A regression: a commit that released every lease left the key holding
+/// the one-byte empty mark, the next leases were appended after it, and the
+/// collector read them one byte out of step (as hashes that name nothing):
+/// a file written after a client's first commit was unprotected.
+#[test]
+fn a_lease_taken_after_a_client_released_all_its_leases_still_protects() {
+    assert_eq!(revive_during_collection(false, true).unwrap(), data(7, 6000));
+}
+
+/// A regression: a client names its lease key in the registry before its
+/// first lease; a collection that tidied the registry in between found the
+/// key absent and dropped the name, and no later collection read that
+/// client's leases (it names itself again only after an hour).
+#[test]
+fn a_collection_between_a_clients_registration_and_first_lease_keeps_it_listed() {
+    let inner = Arc::new(MemoryDict::new());
+    volume(inner.clone()).create().unwrap();
+    let collector = BlobStore::new(inner.clone(), PREFIX, 1 << 20);
+    let hooked = Arc::new(Hooked::new(inner.clone()));
+    {
+        let collector = collector.clone();
+        *hooked.before_lease.lock() = Some(Box::new(move || {
+            collect(&collector, &keep_nothing()).unwrap();
+        }));
+    }
+    let writer = volume(hooked.clone());
+    // Uploaded and not yet committed: its lease is all that keeps it.
+    let h = writer
+        .store
+        .put(Bytes::from_static(b"\x01\x01uploaded, not yet committed"))
+        .unwrap();
+    writer.store.flush_writes().unwrap();
+    assert!(hooked.before_lease.lock().is_none(), "the collection ran");
+    collect(&collector, &keep_nothing()).unwrap();
+    assert!(
+        inner.contains(&writer.store.blob_key(&h)).unwrap(),
+        "a leased upload was collected"
     );
 }
 
