@@ -111,6 +111,11 @@ Use it like any directory, in another terminal:
   redis-cli -p $port cluster nodes
   redis-cli -p $port info cluster
 
+A node can be stopped (kill -9) and started again by hand; it needs the
+cluster's secret:
+
+  KVD_CLUSTER_SECRET=\$(cat $data/cluster-secret) ./target/release/kvd --cluster --port $((port + nodes - 1)) --dir $data/node$nodes --seed 127.0.0.1:$port &
+
 Stop with Ctrl-C (unmounts, then stops the nodes).
 TXT
 wait "$mounter"
