@@ -619,21 +619,10 @@ impl Proposer {
                     return Round::Done(reply, next);
                 }
                 if g.accepted > 0 || g.maybe_delivered > 0 {
-                    match self.settle(net, layout, &holders, key, next).await {
-                        Settled::Applied(at) => return Round::Done(reply, at),
-                        // Nothing was made of it: the full round below runs.
-                        Settled::Lost => {}
-                        Settled::Unreachable { moving: true } => {
-                            let uncertain = uncertain(&g, holders.len());
-                            return Round::AfterMove {
-                                ours: next,
-                                reply,
-                                uncertain,
-                            };
-                        }
-                        Settled::Unknown | Settled::Unreachable { .. } => {
-                            return Round::Done(self.unsettled(&g, holders.len()), none)
-                        }
+                    let settled = self.settle(net, layout, &holders, key, next).await;
+                    // Lost: nothing was made of it, and the full round below runs.
+                    if let Some(end) = self.settled_round(settled, &g, holders.len(), next, reply) {
+                        return end;
                     }
                 } else if g.stale() {
                     return Round::OtherVersion(g.other_version);
@@ -702,30 +691,46 @@ impl Proposer {
                 self.backoff(attempt).await;
                 continue;
             }
-            match self.settle(net, layout, &holders, key, b).await {
-                Settled::Applied(at) => return Round::Done(reply, at),
-                Settled::Lost => {
-                    self.stats.conflicts.fetch_add(1, Ordering::Relaxed);
-                    self.backoff(attempt).await;
-                }
-                Settled::Unreachable { moving: true } => {
-                    let uncertain = uncertain(&g, holders.len());
-                    return Round::AfterMove {
-                        ours: b,
-                        reply,
-                        uncertain,
-                    };
-                }
-                Settled::Unknown | Settled::Unreachable { .. } => {
-                    return Round::Done(self.unsettled(&g, holders.len()), none)
-                }
+            let settled = self.settle(net, layout, &holders, key, b).await;
+            if let Some(end) = self.settled_round(settled, &g, holders.len(), b, reply) {
+                return end;
             }
+            // Lost: beaten by another writer, and nothing was made of ours.
+            self.stats.conflicts.fetch_add(1, Ordering::Relaxed);
+            self.backoff(attempt).await;
         }
         self.stats.unavailable.fetch_add(1, Ordering::Relaxed);
         Round::Done(
             Reply::error("TRYAGAIN too many concurrent writers to this key; try again"),
             none,
         )
+    }
+
+    /// How a round whose accept at `ours` reached some replicas but no
+    /// majority (`g`) ends, once [`Proposer::settle`] answered: done (the
+    /// write took effect; or nobody can tell, and the client hears so),
+    /// waiting for the slot's move, or `None` when nothing was made of it
+    /// and the command may run again.
+    fn settled_round(
+        &self,
+        settled: Settled,
+        g: &Gathered,
+        holders: usize,
+        ours: Ballot,
+        reply: Reply,
+    ) -> Option<Round> {
+        match settled {
+            Settled::Applied(at) => Some(Round::Done(reply, at)),
+            Settled::Lost => None,
+            Settled::Unreachable { moving: true } => Some(Round::AfterMove {
+                ours,
+                reply,
+                uncertain: uncertain(g, holders),
+            }),
+            Settled::Unknown | Settled::Unreachable { .. } => {
+                Some(Round::Done(self.unsettled(g, holders), Ballot::default()))
+            }
+        }
     }
 
     /// A phase succeeded although some replicas are at another version: bring
