@@ -8,6 +8,10 @@
 //!   would (the coordinator of the cluster finishes it later);
 //! * `forget-slowly`: `CLUSTER FORGET`/`LEAVE` answers 3 s after its change
 //!   is made, as a member slowed by load would;
+//! * `txn-abandon-locked`, `txn-abandon-committed`: a transaction over
+//!   several keys stops after locking its keys, or after its commit, as a
+//!   coordinator that crashed there would (its locks stay for others to
+//!   resolve);
 //! * `partition`: enables `KVD.PARTITION`, which cuts peer links;
 //! * `panic`: enables `KVD.PANIC`, which panics the connection that sends it,
 //!   so a test can check that a bug in one connection costs only that

@@ -85,8 +85,11 @@ fn every_command_works_through_every_node() {
         // Cross-slot commands that cannot be split: Redis Cluster's error.
         let e = a.call(&["RENAME", "alpha", "beta"]).unwrap();
         assert!(e.as_str().starts_with("CROSSSLOT"), "{e:?}");
-        // (Commands on several keys of one slot, such as RENAME {t}a {t}b,
-        // are not built yet: issue 23, item 7.)
+        // Commands on several keys of one slot run as one transaction.
+        a.call(&["SET", "{t}from", &format!("v{i}")]).unwrap();
+        assert_eq!(a.call(&["RENAME", "{t}from", "{t}to"]).unwrap().as_str(), "OK");
+        assert_eq!(b.call(&["GET", "{t}to"]).unwrap().as_str(), format!("v{i}"));
+        assert_eq!(b.call(&["EXISTS", "{t}from"]).unwrap().as_int(), Some(0));
         // A transaction on one slot, from any node.
         assert_eq!(a.cmd("MULTI").unwrap().as_str(), "OK");
         assert_eq!(a.call(&["INCR", "{t}n"]).unwrap().as_str(), "QUEUED");

@@ -256,6 +256,7 @@ fn set_to(new: i64) -> Change {
             expires_at: None,
         }),
         touched: true,
+        lock: None,
     }
 }
 

@@ -2649,3 +2649,224 @@ fn two_founders_are_told_apart_and_can_be_made_one_cluster() {
         assert_eq!(conn(i).cmd("GET b").unwrap().as_str(), "2", "b via node {i}");
     }
 }
+
+/// One client's view of the bank test below: what its transactions saw.
+#[derive(Default, Debug)]
+struct Bank {
+    /// Transactions that answered with their replies.
+    done: usize,
+    /// Answered with an error (a node killed under them, a timeout).
+    failed: usize,
+    /// WATCHed transactions that aborted (a nil reply).
+    aborted: usize,
+    /// Totals read inside a transaction that were not the starting total.
+    torn: Vec<i64>,
+}
+
+/// One bank client through node port `port` until `stop`: transfers
+/// between `keys` (kind 0: DECRBY and INCRBY in one MULTI, with an INCR of
+/// the client's own counter `tally`; kind 1: WATCH
+/// two accounts, read them, write both back in a MULTI), or (kind 2) reads
+/// of every account in one MULTI, each checked against `total`.
+fn bank_client(
+    port: u16,
+    keys: Vec<String>,
+    tally: String,
+    total: i64,
+    kind: usize,
+    seed: u64,
+    stop: Arc<AtomicBool>,
+) -> Bank {
+    let mut bank = Bank::default();
+    let mut x = seed | 1;
+    let mut next = move |n: usize| {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        (x % n as u64) as usize
+    };
+    let mut conn = Conn::connect(port).ok();
+    while !stop.load(Ordering::SeqCst) {
+        let Some(c) = conn.as_mut() else {
+            std::thread::sleep(Duration::from_millis(50));
+            conn = Conn::connect(port).ok();
+            continue;
+        };
+        let (i, j) = (next(keys.len()), next(keys.len()));
+        let amount = (1 + next(20)).to_string();
+        let result: anyhow::Result<Value> = (|| {
+            match kind {
+                0 => {
+                    c.cmd("MULTI")?;
+                    c.call(&["DECRBY", &keys[i], &amount])?;
+                    c.call(&["INCRBY", &keys[j], &amount])?;
+                    c.call(&["INCR", &tally])?;
+                }
+                1 => {
+                    c.call(&["WATCH", &keys[i], &keys[j]])?;
+                    let a = c.call(&["GET", &keys[i]])?.as_int().unwrap_or(0);
+                    let b = c.call(&["GET", &keys[j]])?.as_int().unwrap_or(0);
+                    let n: i64 = amount.parse().unwrap();
+                    let (a, b) = if i == j { (a, b) } else { (a - n, b + n) };
+                    c.cmd("MULTI")?;
+                    c.call(&["SET", &keys[i], &a.to_string()])?;
+                    c.call(&["SET", &keys[j], &b.to_string()])?;
+                }
+                _ => {
+                    c.cmd("MULTI")?;
+                    for k in &keys {
+                        c.call(&["GET", k])?;
+                    }
+                }
+            }
+            c.cmd("EXEC")
+        })();
+        match result {
+            Ok(Value::Array(replies)) => {
+                bank.done += 1;
+                if kind == 2 {
+                    let sum: i64 = replies.iter().filter_map(Value::as_int).sum();
+                    if sum != total {
+                        bank.torn.push(sum);
+                    }
+                }
+            }
+            Ok(Value::Nil) => bank.aborted += 1,
+            Ok(_) => {
+                bank.failed += 1;
+                // The connection may be inside MULTI still; start afresh.
+                conn = Conn::connect(port).ok();
+            }
+            Err(_) => {
+                bank.failed += 1;
+                conn = Conn::connect(port).ok();
+            }
+        }
+    }
+    bank
+}
+
+/// A MULTI/EXEC over several keys of one slot is one atomic step, as in
+/// Redis Cluster. Eight accounts of 100 each; clients through two of three
+/// nodes move money between them (DECRBY and INCRBY in one transaction;
+/// WATCHed read-modify-writes of two accounts) while other clients read all
+/// eight in one transaction; the third node is killed and restarted under
+/// them. Every read finds the total unchanged, and so does one at the end;
+/// every transfer that answered took effect.
+/// Before, such a transaction ran command by command (a reader saw money in
+/// flight, and a transfer cut short by an error lost it), and WATCH of
+/// several keys was refused.
+#[test]
+fn a_transaction_over_several_keys_of_one_slot_is_atomic() {
+    let mut c = Replicated::start(3, 3);
+    let keys: Vec<String> = (0..8).map(|i| format!("{{bank}}{i}")).collect();
+    let total = 100 * keys.len() as i64;
+    let mut setup = c.conn(0);
+    for k in &keys {
+        assert_eq!(setup.call(&["SET", k, "100"]).unwrap().as_str(), "OK");
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let clients: Vec<_> = (0..6)
+        .map(|n| {
+            let (port, keys, stop) = (c.ports[n % 2], keys.clone(), stop.clone());
+            let tally = format!("{{bank}}tally{n}");
+            std::thread::spawn(move || bank_client(port, keys, tally, total, n % 3, 77 + n as u64, stop))
+        })
+        .collect();
+    std::thread::sleep(Duration::from_secs(3));
+    c.kill9(2);
+    std::thread::sleep(Duration::from_secs(3));
+    c.restart(2);
+    std::thread::sleep(Duration::from_secs(3));
+    stop.store(true, Ordering::SeqCst);
+    let banks: Vec<Bank> = clients.into_iter().map(|t| t.join().unwrap()).collect();
+    let torn: Vec<i64> = banks.iter().flat_map(|b| b.torn.clone()).collect();
+    assert!(
+        torn.is_empty(),
+        "reads inside a transaction saw totals {torn:?}: {banks:?}"
+    );
+    for kind in 0..3 {
+        let done: usize = banks.iter().skip(kind).step_by(3).map(|b| b.done).sum();
+        assert!(
+            done >= 20,
+            "too few transactions of kind {kind} went through: {banks:?}"
+        );
+    }
+    // Every node, outside any transaction, shows the same total.
+    for i in 0..3 {
+        let mut conn = c.conn(i);
+        let values = conn.call(
+            &[
+                &["MGET"][..],
+                &keys.iter().map(String::as_str).collect::<Vec<_>>(),
+            ]
+            .concat(),
+        );
+        let sum: i64 = match values.unwrap() {
+            Value::Array(v) => v.iter().filter_map(Value::as_int).sum(),
+            other => panic!("MGET: {other:?}"),
+        };
+        assert_eq!(sum, total, "node {i} after the run: {banks:?}");
+    }
+    // Each transfer that answered took effect whole (its tally counts it);
+    // one that failed did, or did not.
+    for (n, bank) in banks.iter().enumerate().filter(|(n, _)| n % 3 == 0) {
+        let tally = c.conn(2).call(&["GET", &format!("{{bank}}tally{n}")]).unwrap();
+        let tally = tally.as_int().unwrap_or(0) as usize;
+        assert!(
+            (bank.done..=bank.done + bank.failed).contains(&tally),
+            "client {n}: {tally} transfers took effect: {bank:?}"
+        );
+    }
+}
+
+/// A transaction whose coordinator stops half-way leaves its keys locked;
+/// whoever meets a lock finishes the transaction the way its status key
+/// says. Stopped after locking (node 0's fail point): undecided, so a reader
+/// waits for the lock's timeout, aborts it, and sees every key as before.
+/// Stopped after committing (node 1's): a reader sees every key as the
+/// transaction left it, without waiting. A reader that ignored the locks
+/// would see the first transaction's keys unchanged too, but the second's
+/// unchanged as well.
+#[test]
+fn a_transaction_abandoned_by_its_coordinator_is_finished_by_whoever_meets_it() {
+    let mut c = Replicated::start(3, 3);
+    c.restart_with_env(0, &[("KVD_FAILPOINTS", "txn-abandon-locked")]);
+    c.restart_with_env(1, &[("KVD_FAILPOINTS", "txn-abandon-committed")]);
+    let mut reader = c.conn(2);
+    assert_eq!(reader.cmd("MSET {t}a old-a {t}b old-b").unwrap().as_str(), "OK");
+
+    let transfer = |conn: &mut Conn, a: &str, b: &str| {
+        conn.cmd("MULTI").unwrap();
+        conn.call(&["SET", "{t}a", a]).unwrap();
+        conn.call(&["SET", "{t}b", b]).unwrap();
+        conn.cmd("EXEC").unwrap()
+    };
+    let stopped = transfer(&mut c.conn(0), "new-a", "new-b");
+    assert!(stopped.as_str().contains("after locking"), "{stopped:?}");
+    let waited = Instant::now();
+    assert_eq!(reader.cmd("GET {t}b").unwrap().as_str(), "old-b");
+    assert_eq!(reader.cmd("GET {t}a").unwrap().as_str(), "old-a");
+    // The lock was undecided: the read waited for its timeout (5 s from
+    // when it was taken), then aborted it.
+    assert!(
+        waited.elapsed() >= Duration::from_secs(2),
+        "{:?}",
+        waited.elapsed()
+    );
+
+    let stopped = transfer(&mut c.conn(1), "c-a", "c-b");
+    assert!(stopped.as_str().contains("after committing"), "{stopped:?}");
+    assert_eq!(reader.cmd("GET {t}b").unwrap().as_str(), "c-b");
+    assert_eq!(reader.cmd("GET {t}a").unwrap().as_str(), "c-a");
+    // A write meeting a lock takes the same path.
+    let stopped = transfer(&mut c.conn(1), "d-a", "d-b");
+    assert!(stopped.as_str().contains("after committing"), "{stopped:?}");
+    assert_eq!(reader.cmd("APPEND {t}a +").unwrap().as_int(), Some(4));
+    assert_eq!(reader.cmd("GET {t}a").unwrap().as_str(), "d-a+");
+    assert_eq!(reader.cmd("GET {t}b").unwrap().as_str(), "d-b");
+    // Status keys stay out of sight.
+    let keys = reader.cmd("KEYS *").unwrap();
+    assert_eq!(keys.text().split(' ').count(), 2, "{keys:?}");
+    assert_eq!(reader.cmd("DBSIZE").unwrap().as_int(), Some(2));
+}

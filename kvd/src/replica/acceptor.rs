@@ -20,7 +20,10 @@
 //! Record encoding: `0xAD | accepted counter u64 | accepted proposer u64 |
 //! present u8 | expiry ms u64 (0: none) | base counter u64 | base proposer
 //! u64 | value`; records written before the base was kept start `0xAC` and
-//! lack the two base fields (both are read). The storage engine's own
+//! lack the two base fields (both are read). A record locked by a
+//! transaction over several keys ([`Lock`], [`super::txn`]) starts `0xAE`
+//! and has, between the base and the value, `status key length u32 |
+//! status key | locked at ms u64`. The storage engine's own
 //! expiry is not used (an expired key keeps its ballot until it is overwritten).
 
 use std::collections::HashMap;
@@ -38,6 +41,8 @@ use crate::store::{Entry, StoreError, Update};
 /// A record without its base (written before the base was kept).
 const MAGIC_NO_BASE: u8 = 0xAC;
 const MAGIC: u8 = 0xAD;
+/// A record with its base and a transaction's lock.
+const MAGIC_LOCKED: u8 = 0xAE;
 /// The bytes every record starts with: enough for its [`Head`].
 const HEADER: usize = 1 + 8 + 8 + 1 + 8;
 /// The header of a record with its base.
@@ -60,6 +65,18 @@ pub struct Record {
     /// record was built on its write ([`super::proposer`]'s settling round).
     /// `None`: not known (a record from before bases were kept).
     pub base: Option<Ballot>,
+    /// The transaction that holds this key, if one does: until its status
+    /// is decided, the entry is the value before it ([`super::txn`]).
+    pub lock: Option<Lock>,
+}
+
+/// A transaction's hold on a key: which status key decides it, and when it
+/// took the key (a transaction undecided long after that may be aborted by
+/// anyone who meets its lock).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Lock {
+    pub status: Bytes,
+    pub since_ms: u64,
 }
 
 impl Record {
@@ -69,20 +86,42 @@ impl Record {
             accepted,
             entry,
             base,
+            lock: None,
         }
+    }
+
+    /// This record with `lock` as its lock.
+    pub fn locked(mut self, lock: Option<Lock>) -> Record {
+        self.lock = lock;
+        self
     }
 
     pub fn encode(&self) -> Bytes {
         let value = self.entry.as_ref().map(|e| &e.value[..]).unwrap_or_default();
-        let mut b = BytesMut::with_capacity(HEADER_WITH_BASE + value.len());
-        b.put_u8(if self.base.is_some() { MAGIC } else { MAGIC_NO_BASE });
+        let lock_len = self.lock.as_ref().map_or(0, |l| 4 + l.status.len() + 8);
+        let mut b = BytesMut::with_capacity(HEADER_WITH_BASE + lock_len + value.len());
+        // A lock needs the base's place: a locked record always has one.
+        let base = match (&self.lock, self.base) {
+            (Some(_), base) => Some(base.unwrap_or_default()),
+            (None, base) => base,
+        };
+        b.put_u8(match (&self.lock, base) {
+            (Some(_), _) => MAGIC_LOCKED,
+            (None, Some(_)) => MAGIC,
+            (None, None) => MAGIC_NO_BASE,
+        });
         b.put_u64_le(self.accepted.counter);
         b.put_u64_le(self.accepted.proposer);
         b.put_u8(self.entry.is_some() as u8);
         b.put_u64_le(self.entry.as_ref().and_then(|e| e.expires_at).unwrap_or(0));
-        if let Some(base) = self.base {
+        if let Some(base) = base {
             b.put_u64_le(base.counter);
             b.put_u64_le(base.proposer);
+        }
+        if let Some(lock) = &self.lock {
+            b.put_u32_le(lock.status.len() as u32);
+            b.put_slice(&lock.status);
+            b.put_u64_le(lock.since_ms);
         }
         b.put_slice(value);
         b.freeze()
@@ -92,19 +131,29 @@ impl Record {
     /// before the node was replicated).
     pub fn decode(raw: &Bytes) -> Option<Record> {
         let head = Record::decode_head(raw)?;
-        let (base, header) = match raw[0] {
-            MAGIC if raw.len() >= HEADER_WITH_BASE => (
+        let u64_at = |at: usize| u64::from_le_bytes(raw[at..at + 8].try_into().expect("8 bytes"));
+        let (base, mut header) = match raw[0] {
+            MAGIC | MAGIC_LOCKED if raw.len() >= HEADER_WITH_BASE => (
                 Some(Ballot {
-                    counter: u64::from_le_bytes(raw[HEADER..HEADER + 8].try_into().expect("8 bytes")),
-                    proposer: u64::from_le_bytes(
-                        raw[HEADER + 8..HEADER_WITH_BASE].try_into().expect("8 bytes"),
-                    ),
+                    counter: u64_at(HEADER),
+                    proposer: u64_at(HEADER + 8),
                 }),
                 HEADER_WITH_BASE,
             ),
-            MAGIC => return None,
+            MAGIC | MAGIC_LOCKED => return None,
             _ => (None, HEADER),
         };
+        let mut lock = None;
+        if raw[0] == MAGIC_LOCKED {
+            let len_end = header.checked_add(4).filter(|&e| e <= raw.len())?;
+            let len = u32::from_le_bytes(raw[header..len_end].try_into().expect("4 bytes")) as usize;
+            let status_end = len_end.checked_add(len).filter(|&e| e + 8 <= raw.len())?;
+            lock = Some(Lock {
+                status: raw.slice(len_end..status_end),
+                since_ms: u64_at(status_end),
+            });
+            header = status_end + 8;
+        }
         let entry = head.present.then(|| Entry {
             value: raw.slice(header..),
             expires_at: head.expires_at,
@@ -113,13 +162,14 @@ impl Record {
             accepted: head.accepted,
             entry,
             base,
+            lock,
         })
     }
 
     /// The header of a stored record (the bytes before its value): enough
     /// to compare replicas without their values.
     pub fn decode_head(raw: &[u8]) -> Option<Head> {
-        if raw.len() < HEADER || (raw[0] != MAGIC && raw[0] != MAGIC_NO_BASE) {
+        if raw.len() < HEADER || ![MAGIC, MAGIC_NO_BASE, MAGIC_LOCKED].contains(&raw[0]) {
             return None;
         }
         let u64_at = |at: usize| u64::from_le_bytes(raw[at..at + 8].try_into().expect("8 bytes"));
@@ -130,17 +180,19 @@ impl Record {
             },
             present: raw[17] == 1,
             expires_at: Some(u64_at(18)).filter(|&t| t != 0),
+            locked: raw[0] == MAGIC_LOCKED,
         })
     }
 
     /// The bytes [`Record::encode`] stores for it.
     pub fn stored_len(&self) -> usize {
-        let header = if self.base.is_some() {
+        let header = if self.base.is_some() || self.lock.is_some() {
             HEADER_WITH_BASE
         } else {
             HEADER
         };
-        header + self.entry.as_ref().map_or(0, |e| e.value.len())
+        let lock = self.lock.as_ref().map_or(0, |l| 4 + l.status.len() + 8);
+        header + lock + self.entry.as_ref().map_or(0, |e| e.value.len())
     }
 
     /// The entry as a reader sees it at `now`: expired is absent.
@@ -157,6 +209,8 @@ pub struct Head {
     pub accepted: Ballot,
     pub present: bool,
     pub expires_at: Option<u64>,
+    /// A transaction holds the key (its value may be about to change).
+    pub locked: bool,
 }
 
 impl Head {
@@ -639,6 +693,7 @@ mod tests {
                     expires_at: Some(99),
                 }),
                 base: None,
+                lock: None,
             },
             Record {
                 accepted: b(7, 3),
@@ -647,6 +702,7 @@ mod tests {
                     expires_at: Some(99),
                 }),
                 base: Some(b(6, 2)),
+                lock: None,
             },
             Record {
                 accepted: b(1, 1),
@@ -655,8 +711,26 @@ mod tests {
                     expires_at: None,
                 }),
                 base: Some(Ballot::default()),
+                lock: None,
             },
             Record::new(b(3, 1), None, Some(b(2, 2))),
+            // Locked by a transaction, with a value and without.
+            Record::new(
+                b(4, 1),
+                Some(Entry {
+                    value: Bytes::from_static(b"before"),
+                    expires_at: Some(5),
+                }),
+                Some(b(3, 1)),
+            )
+            .locked(Some(Lock {
+                status: Bytes::from_static(b"\xff\xfekvd-txn{7}00"),
+                since_ms: 1_700_000_000_000,
+            })),
+            Record::new(b(5, 1), None, Some(b(4, 1))).locked(Some(Lock {
+                status: Bytes::from_static(b"s"),
+                since_ms: 1,
+            })),
         ] {
             assert_eq!(Record::decode(&r.encode()), Some(r));
         }

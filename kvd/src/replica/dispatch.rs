@@ -17,7 +17,7 @@ use super::acceptor::Record;
 use super::layout::{epoch, Layout};
 use super::network::{self, NodeNetwork};
 use super::proposer::{Change, Mode, Msg};
-use super::{number, Replicas};
+use super::{number, txn, Replicas};
 use crate::cluster::paxos::Ballot;
 use crate::cluster::peer;
 use crate::cluster::slot::{self, parse_ranges};
@@ -182,7 +182,19 @@ pub async fn dispatch(
         if !one_slot {
             return crossslot();
         }
-        return unsupported(&format!("{} on several keys", spec.name));
+        // Several keys of one slot (RENAME, SMOVE, LMOVE, ...): one
+        // transaction, atomic as in Redis Cluster.
+        match DataCommand::parse(spec.name, args) {
+            None => return unsupported(&format!("{} on several keys", spec.name)),
+            Some(Err(reply)) => return reply,
+            Some(Ok(_)) => {}
+        }
+        let keys = positions.iter().map(|&i| args[i].clone()).collect();
+        let queue = vec![args.to_vec()];
+        return match exec_several(shared, rep, session, keys, &[], queue, vec![None]).await {
+            Reply::Array(mut replies) if replies.len() == 1 => replies.pop().expect("one reply"),
+            other => other,
+        };
     }
     // Malformed requests get Redis's error before anything is split.
     if let Some(Err(reply)) = DataCommand::parse(spec.name, args) {
@@ -252,6 +264,7 @@ impl<'k> Scratch<'k> {
             reply,
             value,
             touched: self.touched.is_dirty(),
+            lock: None,
         }
     }
 }
@@ -283,9 +296,10 @@ async fn one_key(
         scratch.change(cmd.apply(&scratch.db, max_len))
     };
     let mode = if read_only { Mode::Read } else { Mode::Write };
+    let net = NodeNetwork::new(rep, shared);
     let reply = rep
-        .proposer
-        .propose(&NodeNetwork::new(rep, shared), key, mode, &mut f)
+        .txns
+        .propose(&rep.proposer, &net, key, mode, None, &mut f)
         .await;
     if !read_only && !reply.is_error() {
         // Our own acceptor's write reaches the disk before the reply goes out.
@@ -336,42 +350,21 @@ async fn exec(shared: &Arc<Shared>, rep: &Arc<Replicas>, session: &mut Session, 
         if DataCommand::parse(s.name, q).is_none() {
             return unsupported(&format!("{} inside MULTI", s.name));
         }
-        if positions.iter().any(|&i| q[i] != q[positions[0]]) {
-            return unsupported(&format!("{} on several keys inside MULTI", s.name));
+        for &i in &positions {
+            if !keys.contains(&q[i]) {
+                keys.push(q[i].clone());
+            }
         }
-        if !keys.contains(&q[positions[0]]) {
-            keys.push(q[positions[0]].clone());
-        }
-    }
-    if keys.len() > 1 && !watched.is_empty() {
-        return unsupported("WATCH with a transaction on several keys");
     }
     for (q, reply) in multi.queue.iter().zip(&mut keyless) {
         if reply.is_some() {
             *reply = Some(command::execute(shared, session, q));
         }
     }
-    if keys.len() != 1 {
-        // Several keys: each command is a round of its own, in order — not one
-        // atomic step (a failure can leave some done); WATCH cannot guard that.
-        let mut replies = Vec::new();
-        for (q, local) in multi.queue.iter().zip(keyless) {
-            let reply = match local {
-                Some(reply) => reply,
-                None => {
-                    let s = spec::lookup(q).found().expect("looked up above");
-                    let key = q[s.key_positions(q.len())[0]].clone();
-                    one_key(shared, rep, session, s.name, q, &key).await
-                }
-            };
-            replies.push(reply);
-        }
-        return Reply::Array(replies);
+    if keys.len() != 1 || watched.iter().any(|(k, _)| *k != keys[0]) {
+        return exec_several(shared, rep, session, keys, &watched, multi.queue, keyless).await;
     }
     let key = keys.pop().expect("one key");
-    if watched.iter().any(|(k, _)| *k != key) {
-        return unsupported("WATCH of a key the transaction does not change");
-    }
     let expected = watched.first().map(|(_, b)| *b);
     let max_len = session.max_bulk_len;
     let queue = multi.queue;
@@ -402,14 +395,82 @@ async fn exec(shared: &Arc<Shared>, rep: &Arc<Replicas>, session: &mut Session, 
     } else {
         Mode::Write
     };
+    let net = NodeNetwork::new(rep, shared);
     let reply = rep
-        .proposer
-        .propose(&NodeNetwork::new(rep, shared), &key, mode, &mut f)
+        .txns
+        .propose(&rep.proposer, &net, &key, mode, None, &mut f)
         .await;
     if !reply.is_error() {
         session.wrote = true;
     }
     reply
+}
+
+/// EXEC of a transaction over several keys of one slot (and the keys it
+/// WATCHes): atomic, as in Redis Cluster ([`super::txn`]).
+async fn exec_several(
+    shared: &Arc<Shared>,
+    rep: &Arc<Replicas>,
+    session: &mut Session,
+    mut keys: Vec<Bytes>,
+    watched: &[(Bytes, Ballot)],
+    queue: Vec<Vec<Bytes>>,
+    keyless: Vec<Option<Reply>>,
+) -> Reply {
+    keys.extend(watched.iter().map(|(k, _)| k.clone()));
+    let slots: Vec<u16> = keys.iter().map(|k| slot::key_slot(k)).collect();
+    if slots.iter().any(|&s| s != slots[0]) {
+        return crossslot();
+    }
+    let max_len = session.max_bulk_len;
+    let mut run = |values: &[(Bytes, Option<Entry>)]| -> txn::Ran {
+        let db = Db::new(Arc::new(MemStore::new()));
+        for (key, entry) in values {
+            if let Some(e) = entry {
+                // A memory store cannot fail.
+                let _ = db.set(key, e.value.clone(), e.expires_at);
+            }
+        }
+        let replies = queue
+            .iter()
+            .zip(&keyless)
+            .map(|(q, local)| {
+                if let Some(reply) = local {
+                    return reply.clone();
+                }
+                let name = spec::lookup(q).found().map(|s| s.name).unwrap_or("");
+                match DataCommand::parse(name, q) {
+                    Some(Ok(cmd)) => cmd.apply(&db, max_len),
+                    Some(Err(reply)) => reply,
+                    None => Reply::error("ERR not a data command"),
+                }
+            })
+            .collect();
+        let now = now_ms();
+        let after = values
+            .iter()
+            .map(|(key, _)| {
+                let entry = db.store().get(key).ok().flatten();
+                (
+                    key.clone(),
+                    entry.filter(|e| e.expires_at.is_none_or(|t| t > now)),
+                )
+            })
+            .collect();
+        (Reply::Array(replies), after)
+    };
+    let net = NodeNetwork::new(rep, shared);
+    let reply = rep.txns.exec(&rep.proposer, &net, keys, watched, &mut run).await;
+    if !reply.is_error() {
+        session.wrote = true;
+    }
+    reply
+}
+
+/// Whether a client sees `key` in SCAN, KEYS, DBSIZE and RANDOMKEY: held
+/// here, live, and not a transaction's status key.
+fn visible(rep: &Replicas, db: &Db, key: &Bytes, now: u64) -> bool {
+    !txn::is_status_key(key) && rep.acceptor.holds_live(db, key, now)
 }
 
 /// Visits the live keys of this node's replicas (not deleted, not expired:
@@ -422,7 +483,7 @@ fn for_each_held_key(shared: &Shared, rep: &Replicas, mut visit: impl FnMut(Byte
         batch.clear();
         cursor = db.store().scan(cursor, 1000, &mut batch);
         for (key, _) in batch.drain(..) {
-            if rep.acceptor.holds_live(&db, &key, now) && !visit(key) {
+            if visible(rep, &db, &key, now) && !visit(key) {
                 return;
             }
         }
@@ -488,7 +549,7 @@ fn random_held_key(shared: &Shared, rep: &Replicas) -> Reply {
         let Some(key) = db.store().random_key() else {
             return Reply::Nil;
         };
-        if rep.acceptor.holds_live(&db, &key, now) {
+        if visible(rep, &db, &key, now) {
             return Reply::Bulk(key);
         }
     }
@@ -505,7 +566,7 @@ fn hide_deleted(shared: &Shared, rep: &Replicas, reply: Reply) -> Reply {
     let now = now_ms();
     let db = shared.dbs.zero();
     let live = |k: &Reply| match k {
-        Reply::Bulk(key) => rep.acceptor.holds_live(&db, key, now),
+        Reply::Bulk(key) => visible(rep, &db, key, now),
         _ => true,
     };
     match reply {

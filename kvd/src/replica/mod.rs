@@ -15,8 +15,8 @@
 //! [`repair`] brings replicas that fell behind up to date in the background,
 //! and drops what a node no longer holds after a reconfiguration.
 //!
-//! Not built yet (the replication issue says so): atomic transactions over
-//! several keys.
+//! A MULTI/EXEC over several keys of one slot is atomic: [`txn`] locks its
+//! keys and decides it in one round on a status key.
 
 pub mod acceptor;
 pub mod cluster_view;
@@ -29,6 +29,7 @@ pub mod network;
 pub mod proposer;
 pub mod reconfigure;
 pub mod repair;
+pub mod txn;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -104,6 +105,8 @@ pub struct Replicas {
     pub peers: Peers,
     pub acceptor: Acceptor,
     pub proposer: Proposer,
+    /// Transactions over several keys: the outcomes this node has learned.
+    pub txns: txn::Txns,
     /// One reconfiguration at a time from this node.
     pub(crate) reconfiguring: tokio::sync::Mutex<()>,
     /// Nodes this node's last call to failed, since when (cleared by the
@@ -158,6 +161,7 @@ impl Replicas {
         let proposer_id = crate::cluster::ring::fnv1a(options.me.as_bytes()) | 1;
         Ok(Arc::new(Replicas {
             proposer: Proposer::new(proposer_id, acceptor.floor()),
+            txns: txn::Txns::default(),
             heartbeats: parking_lot::Mutex::new(gossip::Heartbeats::new(&options.me)),
             acceptor,
             membership: parking_lot::RwLock::new(membership),

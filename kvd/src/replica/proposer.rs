@@ -43,7 +43,7 @@ use parking_lot::Mutex;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use super::acceptor::Record;
+use super::acceptor::{Lock, Record};
 use super::key_locks::KeyLocks;
 use super::layout::{epoch, Layout};
 use crate::cluster::paxos::{majority, Ballot};
@@ -82,6 +82,10 @@ pub struct Change {
     /// SET of the same value does: Redis fails a WATCH of it, so the round
     /// writes it at a new ballot instead of leaving the key alone.
     pub touched: bool,
+    /// The transaction lock the key holds afterwards ([`super::txn`]):
+    /// `None` for a command's change (it runs on the key as its
+    /// transaction, if any, decided it, and the write clears the lock).
+    pub lock: Option<Lock>,
 }
 
 impl Change {
@@ -91,7 +95,13 @@ impl Change {
             reply,
             value: current.live(now_ms()).cloned(),
             touched: false,
+            lock: current.lock.clone(),
         }
+    }
+
+    /// Whether writing this change would change `current`.
+    fn changes(&self, current: &Record) -> bool {
+        self.touched || self.value.as_ref() != current.live(now_ms()) || self.lock != current.lock
     }
 }
 
@@ -601,15 +611,11 @@ impl Proposer {
             _ => self.fast.lock().remove(key),
         };
         if let Some((next, last)) = cached.filter(|(next, _)| epoch(*next) == layout.version) {
-            let current = last.live(now_ms()).cloned();
-            let Change {
-                reply,
-                value: new,
-                touched,
-            } = f(&last);
-            if new != current || touched {
+            let change = f(&last);
+            if change.changes(&last) {
+                let reply = change.reply;
                 let follow = self.next_ballot(layout);
-                let record = Record::new(next, new, Some(last.accepted));
+                let record = Record::new(next, change.value, Some(last.accepted)).locked(change.lock);
                 let msg = Msg::Accept(record.clone(), Some(follow));
                 let g = self.phase(net, layout, &holders, key, &msg).await;
                 if g.accepted >= need {
@@ -646,24 +652,20 @@ impl Proposer {
             Self::catch_up(net, layout, &g);
             let highest = highest_of(&g.records);
             let agree = g.records.iter().all(|r| r.accepted == highest.accepted);
-            let current = highest.live(now_ms()).cloned();
-            let Change {
-                reply,
-                value: new,
-                touched,
-            } = f(&highest);
-            if new == current && !touched && agree {
+            let change = f(&highest);
+            if !change.changes(&highest) && agree {
                 // Nothing to change, and a majority holds this value: it is chosen.
-                return Round::Done(reply, highest.accepted);
+                return Round::Done(change.reply, highest.accepted);
             }
             // Writing back the value as it is (a read's repair) changes nothing
             // however often it lands, so it may always be tried again.
-            let identity = new == current;
+            let identity = change.value.as_ref() == highest.live(now_ms()) && change.lock == highest.lock;
+            let reply = change.reply;
             if identity {
                 self.stats.repairs.fetch_add(1, Ordering::Relaxed);
             }
             let follow = self.next_ballot(layout);
-            let record = Record::new(b, new, Some(highest.accepted));
+            let record = Record::new(b, change.value, Some(highest.accepted)).locked(change.lock);
             let g = self
                 .phase(
                     net,
@@ -896,7 +898,8 @@ impl Proposer {
                 return Settled::Unknown;
             }
             let follow = self.next_ballot(layout);
-            let record = Record::new(b, highest.entry.clone(), Some(highest.accepted));
+            let record =
+                Record::new(b, highest.entry.clone(), Some(highest.accepted)).locked(highest.lock.clone());
             let msg = Msg::Accept(record.clone(), Some(follow));
             if self.phase(net, layout, holders, key, &msg).await.accepted < need {
                 // An identity that fell short may be tried again.

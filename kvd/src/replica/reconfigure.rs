@@ -648,8 +648,11 @@ impl Replicas {
         let keys: Vec<(Bytes, Bytes)> = records
             .into_iter()
             .map(|(key, record)| {
-                // The same value at the install ballot: made from the record copied.
-                let raw = Record::new(ballot, record.entry, Some(record.accepted)).encode();
+                // The same value (and transaction lock) at the install ballot:
+                // made from the record copied.
+                let raw = Record::new(ballot, record.entry, Some(record.accepted))
+                    .locked(record.lock)
+                    .encode();
                 (key, raw)
             })
             .collect();

@@ -78,14 +78,17 @@ fn is_dead(r: &Record, now: u64) -> bool {
         accepted: r.accepted,
         present: r.entry.is_some(),
         expires_at: r.entry.as_ref().and_then(|e| e.expires_at),
+        locked: r.lock.is_some(),
     }
     .is_dead(now)
 }
 
 impl Head {
     /// [`is_dead`], from the header alone.
+    /// A locked record is not dead: its transaction may yet give it a value.
     fn is_dead(&self, now: u64) -> bool {
         self.accepted != Ballot::default()
+            && !self.locked
             && (!self.present || self.expires_at.is_some_and(|t| t + EXPIRED_GRACE_MS <= now))
     }
 }
@@ -291,6 +294,7 @@ impl Replicas {
                         },
                         present: false,
                         expires_at: None,
+                        locked: false,
                     })),
                 }
             }
@@ -415,7 +419,7 @@ impl Replicas {
                 layout,
                 holders,
                 key,
-                Record::new(b, highest.entry, Some(highest.accepted)),
+                Record::new(b, highest.entry, Some(highest.accepted)).locked(highest.lock),
             )
             .await
         {
