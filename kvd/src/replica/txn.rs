@@ -359,7 +359,7 @@ impl Txns {
                 self.abort(proposer, net, &status, &locked).await;
                 return reply;
             }
-            if super::failpoint("txn-abandon-locked") {
+            if crate::failpoint::failpoint("txn-abandon-locked") {
                 return Reply::error("ERR failpoint: the coordinator stopped after locking");
             }
             // 2. Run.
@@ -379,7 +379,7 @@ impl Txns {
                 }
                 Ok(committed) => self.learned(&status, committed),
             }
-            if super::failpoint("txn-abandon-committed") {
+            if crate::failpoint::failpoint("txn-abandon-committed") {
                 return Reply::error("ERR failpoint: the coordinator stopped after committing");
             }
             // 4. Roll forward; the status key goes once no key names it.
