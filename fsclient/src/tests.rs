@@ -424,8 +424,9 @@ fn split_directories_do_not_depend_on_history() {
 fn an_encrypted_volume_cuts_large_directories_by_a_keyed_rule() {
     use crate::codec::{Codec, Keys};
     let keyed = |master: &[u8]| {
-        BlobStore::new(Arc::new(MemoryDict::new()), "h:", 1 << 20)
-            .with_codec(Codec::Encrypted(Box::new(Keys::from_master(master))))
+        BlobStore::new(Arc::new(MemoryDict::new()), "h:", 1 << 20).with_codec(Codec::Encrypted(Box::new(
+            Keys::from_master(master, crate::codec::Format::Deterministic),
+        )))
     };
     let plain = BlobStore::new(Arc::new(MemoryDict::new()), "h:", 1 << 20);
     let e = tree::file_entry(&plain, &b"x"[..], 0o644, small()).unwrap();

@@ -4,7 +4,8 @@
 //! anything ([`crate::codec`] has the encryption itself).
 //!
 //! Config fields (beside the chunk sizes, `name=value` words):
-//! `encryption=aes-256-gcm-siv`, `key=file` or `key=argon2id salt=HEX m=KIB
+//! `encryption=aes-256-gcm-siv-det` (volumes made since format 2;
+//! `aes-256-gcm-siv` for format 1: [`crate::codec::Format`]), `key=file` or `key=argon2id salt=HEX m=KIB
 //! t=N p=N`, and `check=HEX` (an HMAC under a key derived from the master
 //! key: it reveals nothing about the key, and a wrong key gives another value).
 
@@ -12,7 +13,7 @@ use std::path::{Path, PathBuf};
 
 use zeroize::Zeroizing;
 
-use crate::codec::{Codec, Keys};
+use crate::codec::{Codec, Format, Keys};
 
 /// Where a volume's master key comes from.
 pub enum KeySource {
@@ -32,6 +33,7 @@ const ARGON2_LANES: u32 = 1;
 /// The encryption settings of a volume's config.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Lock {
+    format: Format,
     kdf: Kdf,
     check: String,
 }
@@ -54,8 +56,10 @@ impl Lock {
                 p: ARGON2_LANES,
             },
         };
-        let keys = Keys::from_master(&master(&kdf, source)?);
+        let format = Format::Deterministic;
+        let keys = Keys::from_master(&master(&kdf, source)?, format);
         let lock = Lock {
+            format,
             kdf,
             check: keys.check_value(),
         };
@@ -77,7 +81,7 @@ impl Lock {
             }
             _ => {}
         }
-        let keys = Keys::from_master(&master(&self.kdf, source)?);
+        let keys = Keys::from_master(&master(&self.kdf, source)?, self.format);
         if keys.check_value() != self.check {
             return Err(format!("wrong key for encrypted volume '{volume}'"));
         }
@@ -97,7 +101,11 @@ impl Lock {
                 format!("key=argon2id salt={} m={m} t={t} p={p}", hex::encode(salt))
             }
         };
-        format!("encryption=aes-256-gcm-siv {kdf} check={}", self.check)
+        format!(
+            "encryption={} {kdf} check={}",
+            self.format.config_name(),
+            self.check
+        )
     }
 
     /// The settings in a volume's config; `None` for a plain volume.
@@ -109,11 +117,11 @@ impl Lock {
         let Some(cipher) = field("encryption") else {
             return Ok(None);
         };
-        if cipher != "aes-256-gcm-siv" {
+        let Some(format) = Format::from_config_name(cipher) else {
             return Err(format!(
                 "the volume is encrypted with '{cipher}', which this fsclient does not know (a newer one does)"
             ));
-        }
+        };
         let need = |name: &str| field(name).ok_or_else(|| format!("encrypted volume config lacks '{name}='"));
         let number = |name: &str| -> Result<u32, String> {
             need(name)?
@@ -131,6 +139,7 @@ impl Lock {
             other => return Err(format!("unknown key derivation '{other}' in the volume config")),
         };
         Ok(Some(Lock {
+            format,
             kdf,
             check: need("check")?.to_string(),
         }))
@@ -229,6 +238,29 @@ mod tests {
             panic!("a plain volume asked for a key")
         });
         assert!(!plain.unwrap().is_encrypted());
+    }
+
+    /// A volume made before format 2 keeps its format: its config names the
+    /// first cipher, and its key writes format 1 blobs. A cipher this
+    /// client does not know is a clear error.
+    #[test]
+    fn a_format_1_volume_keeps_its_format() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = dir.path().join("a");
+        keygen(&a).unwrap();
+        let (lock, keys) = Lock::create(&KeySource::File(a.clone())).unwrap();
+        assert!(lock.to_config().starts_with("encryption=aes-256-gcm-siv-det "));
+        let new = Codec::Encrypted(Box::new(keys)).seal(bytes::Bytes::from_static(b"\x01\x01x"));
+        assert_eq!(&new.stored[..2], &[0xE1, 2]);
+        let old = lock.to_config().replace("aes-256-gcm-siv-det", "aes-256-gcm-siv");
+        let parsed = Lock::from_config(&old).unwrap().unwrap();
+        assert_eq!(parsed.to_config(), old);
+        let codec = Codec::Encrypted(Box::new(parsed.unlock("v", &KeySource::File(a)).unwrap()));
+        let s = codec.seal(bytes::Bytes::from_static(b"\x01\x01x"));
+        assert_eq!(&s.stored[..2], &[0xE1, 1]);
+        assert_eq!(codec.open(&new.hash, new.stored).unwrap(), &b"\x01\x01x"[..]);
+        let future = Lock::from_config("encryption=aes-512-future key=file check=00").err();
+        assert!(future.unwrap().contains("which this fsclient does not know"));
     }
 
     #[test]
