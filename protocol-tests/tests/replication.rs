@@ -2825,7 +2825,7 @@ fn a_transaction_over_several_keys_of_one_slot_is_atomic() {
 /// says. Stopped after locking (node 0's fail point): undecided, so a reader
 /// waits for the lock's timeout, aborts it, and sees every key as before.
 /// Stopped after committing (node 1's): a reader sees every key as the
-/// transaction left it, without waiting. A reader that ignored the locks
+/// transaction left it, without waiting, and anti-entropy finishes it. A reader that ignored the locks
 /// would see the first transaction's keys unchanged too, but the second's
 /// unchanged as well.
 #[test]
@@ -2859,6 +2859,18 @@ fn a_transaction_abandoned_by_its_coordinator_is_finished_by_whoever_meets_it() 
     assert!(stopped.as_str().contains("after committing"), "{stopped:?}");
     assert_eq!(reader.cmd("GET {t}b").unwrap().as_str(), "c-b");
     assert_eq!(reader.cmd("GET {t}a").unwrap().as_str(), "c-a");
+    // Anti-entropy finishes it: the first holder of the slot rolls its keys
+    // forward and deletes its status key.
+    let finished = |c: &Replicated| -> u64 {
+        (0..3)
+            .map(|i| info(c, i, "kvd_txns_finished").parse::<u64>().unwrap())
+            .sum()
+    };
+    let until = Instant::now() + Duration::from_secs(30);
+    while finished(&c) == 0 && Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(finished(&c), 1, "anti-entropy did not finish the transaction");
     // A write meeting a lock takes the same path.
     let stopped = transfer(&mut c.conn(1), "d-a", "d-b");
     assert!(stopped.as_str().contains("after committing"), "{stopped:?}");

@@ -3,7 +3,9 @@
 //! cannot reach, but others can, is not taken for gone.
 //!
 //! Every node has a heartbeat, (generation, count): the generation is the
-//! time it started, so a restarted node's beats outrank its old ones, and
+//! time it started (or, if the clock went back across a restart, one more
+//! than the last generation it recorded: [`generation`]), so a restarted
+//! node's beats outrank its old ones, and
 //! the count goes up once a period. Each period a node sends the heartbeats
 //! it knows — its own, and every member's as last heard — to [`FANOUT`]
 //! members picked at random (`KVD.GOSSIP`), and takes theirs from the reply;
@@ -54,17 +56,39 @@ pub struct Heartbeats {
     members: usize,
 }
 
+/// This start's heartbeat generation: the time now in milliseconds, or one
+/// more than the generation recorded in `<dir>/gossip-generation` if that
+/// is not lower (a clock set back across a restart would otherwise give
+/// beats that lose to the old ones until the clock caught up: the node
+/// would look silent, then down). Recorded (and synced) before use.
+pub fn generation(dir: &std::path::Path) -> std::io::Result<u64> {
+    let path = dir.join("gossip-generation");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    let last = match std::fs::read_to_string(&path) {
+        Ok(text) => text.trim().parse::<u64>().ok(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(e),
+    };
+    let generation = last.map_or(now, |last| now.max(last + 1));
+    let tmp = dir.join("gossip-generation.tmp");
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(format!("{generation}\n").as_bytes())?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, &path)?;
+    Ok(generation)
+}
+
 impl Heartbeats {
-    pub fn new(me: &str) -> Heartbeats {
-        let started = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
+    /// The table of node `me`, whose heartbeats are of `generation`.
+    pub fn new(me: &str, generation: u64) -> Heartbeats {
         Heartbeats {
             me: me.to_string(),
-            mine: Beat {
-                generation: started,
-                count: 0,
-            },
+            mine: Beat { generation, count: 0 },
             heard: HashMap::new(),
             members: 1,
         }
@@ -243,9 +267,9 @@ mod tests {
         let all = nodes(3);
         let t0 = Instant::now();
         let (mut a, mut b, mut c) = (
-            Heartbeats::new(&all[0]),
-            Heartbeats::new(&all[1]),
-            Heartbeats::new(&all[2]),
+            Heartbeats::new(&all[0], 1),
+            Heartbeats::new(&all[1], 1),
+            Heartbeats::new(&all[2], 1),
         );
         for h in [&mut a, &mut b, &mut c] {
             h.retain(&all, t0);
@@ -270,8 +294,7 @@ mod tests {
         c.merge(&b.encode(7), t2);
         assert_eq!(c.silent_for(&all[0], t2), Some(Duration::from_secs(5)));
         // a restarts: a new generation with a lower count still counts.
-        let mut a2 = Heartbeats::new(&all[0]);
-        a2.mine.generation = a.mine.generation + 1;
+        let mut a2 = Heartbeats::new(&all[0], a.mine.generation + 1);
         a2.retain(&all, t2);
         a2.tick();
         c.merge(&a2.encode(8), t2);
@@ -280,10 +303,23 @@ mod tests {
         assert_eq!(c.merge(b"not gossip", t2), None);
     }
 
+    /// A restart's generation outranks the last one recorded, even when the
+    /// clock went back meanwhile (the recorded one is in the future).
+    #[test]
+    fn a_restart_outranks_the_last_generation_even_if_the_clock_went_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = generation(dir.path()).unwrap();
+        assert!(generation(dir.path()).unwrap() > first);
+        let ahead = first + 3_600_000;
+        std::fs::write(dir.path().join("gossip-generation"), format!("{ahead}\n")).unwrap();
+        assert_eq!(generation(dir.path()).unwrap(), ahead + 1);
+        assert_eq!(generation(dir.path()).unwrap(), ahead + 2);
+    }
+
     #[test]
     fn the_suspicion_threshold_grows_with_the_hops_gossip_takes() {
         let period = Duration::from_secs(1);
-        let mut h = Heartbeats::new("me");
+        let mut h = Heartbeats::new("me", 1);
         h.retain(&nodes(3), Instant::now());
         assert_eq!(h.suspect_after(period), Duration::from_secs(4));
         h.retain(&nodes(1000), Instant::now());

@@ -87,6 +87,9 @@ pub struct Stats {
     /// Dead records (tombstones, long-expired values) purged from every
     /// replica by this node's anti-entropy.
     pub purged: AtomicU64,
+    /// Transactions over several keys whose coordinator stopped after the
+    /// commit, finished by this node's anti-entropy ([`txn::Txns::sweep`]).
+    pub txns_finished: AtomicU64,
     /// Members this node took out of the membership because they were down,
     /// and how long the last such re-homing took.
     pub down_removed: AtomicU64,
@@ -158,11 +161,12 @@ impl Replicas {
                 );
             }
         }
+        let generation = gossip::generation(&options.dir)?;
         let proposer_id = crate::cluster::ring::fnv1a(options.me.as_bytes()) | 1;
         Ok(Arc::new(Replicas {
             proposer: Proposer::new(proposer_id, acceptor.floor()),
             txns: txn::Txns::default(),
-            heartbeats: parking_lot::Mutex::new(gossip::Heartbeats::new(&options.me)),
+            heartbeats: parking_lot::Mutex::new(gossip::Heartbeats::new(&options.me, generation)),
             acceptor,
             membership: parking_lot::RwLock::new(membership),
             peers: Peers::new(options.me.clone(), options.secret.clone(), options.tls.clone()),
@@ -375,7 +379,7 @@ impl Replicas {
             to_move.len(),
         );
         health + &change + &format!(
-            "kvd_under_replicated_slots:{under_replicated}\r\nkvd_replica_nodes_unreachable:{unreachable}\r\nkvd_replicas:{}\r\nkvd_replica_nodes:{}\r\nkvd_replica_members:{}\r\nkvd_replica_config_version:{}\r\nkvd_replica_frozen_slots:{}\r\nkvd_repair_keys_dropped:{}\r\nkvd_tombstones_purged:{}\r\nkvd_reconfigure_slots_moved:{}\r\nkvd_reconfigure_keys_copied:{}\r\nkvd_paxos_rounds:{}\r\nkvd_paxos_one_round_trip:{}\r\nkvd_paxos_conflicts:{}\r\nkvd_paxos_repairs:{}\r\nkvd_paxos_relayed:{}\r\nkvd_paxos_settled:{}\r\nkvd_commands_waited_for_moves:{}\r\nkvd_paxos_unavailable:{}\r\nkvd_repair_keys_checked:{}\r\nkvd_repair_passes:{}\r\nkvd_repair_keys_behind_last_pass:{}\r\nkvd_repair_slots_in_agreement:{}\r\n",
+            "kvd_under_replicated_slots:{under_replicated}\r\nkvd_replica_nodes_unreachable:{unreachable}\r\nkvd_replicas:{}\r\nkvd_replica_nodes:{}\r\nkvd_replica_members:{}\r\nkvd_replica_config_version:{}\r\nkvd_replica_frozen_slots:{}\r\nkvd_repair_keys_dropped:{}\r\nkvd_tombstones_purged:{}\r\nkvd_txns_finished:{}\r\nkvd_reconfigure_slots_moved:{}\r\nkvd_reconfigure_keys_copied:{}\r\nkvd_paxos_rounds:{}\r\nkvd_paxos_one_round_trip:{}\r\nkvd_paxos_conflicts:{}\r\nkvd_paxos_repairs:{}\r\nkvd_paxos_relayed:{}\r\nkvd_paxos_settled:{}\r\nkvd_commands_waited_for_moves:{}\r\nkvd_paxos_unavailable:{}\r\nkvd_repair_keys_checked:{}\r\nkvd_repair_passes:{}\r\nkvd_repair_keys_behind_last_pass:{}\r\nkvd_repair_slots_in_agreement:{}\r\n",
             layout.replicas,
             layout.nodes.len(),
             layout.nodes.join(","),
@@ -383,6 +387,7 @@ impl Replicas {
             frozen,
             s.dropped.load(Ordering::Relaxed),
             s.purged.load(Ordering::Relaxed),
+            s.txns_finished.load(Ordering::Relaxed),
             s.slots_moved.load(Ordering::Relaxed),
             s.keys_copied.load(Ordering::Relaxed),
             p.rounds.load(Ordering::Relaxed),

@@ -138,6 +138,10 @@ pub fn spawn(shared: Arc<Shared>, rep: Arc<Replicas>) {
             cursor = shared.dbs.zero().store().scan(cursor, BATCH, &mut batch);
             let now = now_ms();
             let mut ours = Vec::with_capacity(batch.len());
+            // Status keys of transactions over several keys: a committed one
+            // whose coordinator stopped before the end is finished by the
+            // first holder of its slot ([`super::txn::Txns::sweep`]).
+            let mut finished = Vec::new();
             let zero = shared.dbs.zero();
             for (key, _) in batch {
                 if layout.version > 0 && !layout.me.is_some_and(|me| layout.holders(&key).contains(&me)) {
@@ -146,6 +150,9 @@ pub fn spawn(shared: Arc<Shared>, rep: Arc<Replicas>) {
                         rep.stats.dropped.fetch_add(1, Ordering::Relaxed);
                     }
                     continue;
+                }
+                if super::txn::is_status_key(&key) && layout.holders(&key).first() == layout.me.as_ref() {
+                    finished.push(key.clone());
                 }
                 // A dead record is compared even where the slot agrees: all
                 // holding it is what lets it be purged.
@@ -176,6 +183,12 @@ pub fn spawn(shared: Arc<Shared>, rep: Arc<Replicas>) {
                 .collect()
                 .await;
             behind_last_batch = repaired.iter().filter(|b| **b).count() as u64;
+            let net = NodeNetwork::new(&rep, &shared);
+            for status in finished {
+                if rep.txns.sweep(&rep.proposer, &net, &status).await {
+                    rep.stats.txns_finished.fetch_add(1, Ordering::Relaxed);
+                }
+            }
             behind_this_pass += behind_last_batch;
             if cursor == 0 {
                 rep.stats

@@ -32,9 +32,11 @@
 //! deadlock: keys are locked in order, and an undecided lock is aborted
 //! after [`TIMEOUT`].
 //!
-//! Left out: a status key whose coordinator died after committing (its
-//! keys are rolled forward by whoever meets them), or that a reader
-//! aborted, stays in the store: nothing sweeps decided status keys yet.
+//! A status key whose coordinator died after committing is finished by
+//! anti-entropy ([`Txns::sweep`]). Left out: one whose coordinator died
+//! undecided (a reader aborted it) stays in the store, a few dozen bytes:
+//! deleting it is safe only once that coordinator can no longer commit it,
+//! which nothing here can know.
 
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -369,9 +371,13 @@ impl Txns {
             match decide(proposer, net, &status, &outcome).await {
                 Err(reply) => return reply,
                 Ok(Outcome::Aborted) => {
-                    // Someone found us undecided past the timeout.
+                    // Someone found us undecided past the timeout. This
+                    // status key is ours alone to forget: we never decide it
+                    // again, so once no key names it, it may go.
                     self.learned(&status, Outcome::Aborted);
-                    self.release(proposer, net, &keys).await;
+                    if self.release(proposer, net, &keys).await {
+                        forget(proposer, net, &status).await;
+                    }
                     if !watched.is_empty() {
                         return Reply::NilArray;
                     }
@@ -384,14 +390,7 @@ impl Txns {
             }
             // 4. Roll forward; the status key goes once no key names it.
             if self.release(proposer, net, &keys).await {
-                let _ = proposer
-                    .propose(net, &status, Mode::Write, &mut |r: &Record| Change {
-                        reply: Reply::OK,
-                        value: None,
-                        touched: false,
-                        lock: r.lock.clone(),
-                    })
-                    .await;
+                forget(proposer, net, &status).await;
             }
             return reply;
         }
@@ -405,16 +404,35 @@ impl Txns {
         if let Ok(outcome) = decide(proposer, net, status, &Outcome::Aborted).await {
             self.learned(status, outcome);
             if self.release(proposer, net, keys).await {
-                let _ = proposer
-                    .propose(net, status, Mode::Write, &mut |r: &Record| Change {
-                        reply: Reply::OK,
-                        value: None,
-                        touched: false,
-                        lock: r.lock.clone(),
-                    })
-                    .await;
+                forget(proposer, net, status).await;
             }
         }
+    }
+
+    /// Finishes a committed transaction whose coordinator stopped before it
+    /// deleted its status key (anti-entropy meets such keys,
+    /// [`super::repair`]): rolls every key forward, then deletes the status
+    /// key; whether it did. An undecided or aborted one is left alone: its
+    /// coordinator may still be at work, and a status key decided aborted
+    /// must never be empty again while that coordinator could still commit
+    /// it (only the coordinator itself forgets one).
+    pub async fn sweep(&self, proposer: &Proposer, net: &impl Network, status: &Bytes) -> bool {
+        let mut seen = None;
+        let reply = proposer
+            .propose(net, status, Mode::Read, &mut |r: &Record| {
+                seen = r.live(now_ms()).cloned();
+                Change::none(Reply::OK, r)
+            })
+            .await;
+        if reply.is_error() {
+            return false;
+        }
+        let Some(Outcome::Committed(writes)) = seen.and_then(|e| Outcome::decode(&e.value)) else {
+            return false;
+        };
+        let keys: Vec<Bytes> = writes.keys().cloned().collect();
+        self.learned(status, Outcome::Committed(writes));
+        self.release(proposer, net, &keys).await && forget(proposer, net, status).await
     }
 
     /// Writes each key's decided value in place of its lock (the view does:
@@ -431,6 +449,19 @@ impl Txns {
         }
         all
     }
+}
+
+/// Deletes a status key no record names any more; whether it is gone.
+async fn forget(proposer: &Proposer, net: &impl Network, status: &Bytes) -> bool {
+    let reply = proposer
+        .propose(net, status, Mode::Write, &mut |r: &Record| Change {
+            reply: Reply::OK,
+            value: None,
+            touched: false,
+            lock: r.lock.clone(),
+        })
+        .await;
+    !reply.is_error()
 }
 
 /// Writes `outcome` into the empty status key `status`; the outcome it
