@@ -280,6 +280,8 @@ pub struct RespDict {
     /// Direct connections to the node of a hash tag (cluster only), for the
     /// multi-key transactions of garbage collection; dropped on any error.
     tagged: Mutex<HashMap<String, redis::Connection>>,
+    /// The store is a replicated kvd (it names its members in INFO).
+    replicated_kvd: bool,
 }
 
 /// How long a command refused with `-TRYAGAIN` is tried again before the
@@ -405,6 +407,7 @@ impl RespDict {
             cluster: None,
             seeds: Mutex::new(vec![url.to_string()]),
             tagged: Mutex::new(HashMap::new()),
+            replicated_kvd: false,
         };
         // Fail early with a clear error if the store is not there.
         let info: String = dict.with_conn(|c| redis::cmd("INFO").arg("cluster").query(c))?;
@@ -424,6 +427,7 @@ impl RespDict {
                 }
             }
             *dict.alternates.lock() = alternates;
+            dict.replicated_kvd = true;
         }
         // A Redis Cluster: route by slot, follow failovers. A kvd cluster says
         // cluster_enabled:1 too, but any of its nodes runs any key's round, so
@@ -1022,9 +1026,27 @@ impl Dict for RespDict {
 
     fn read_and_append(&self, counter: &str, log: &str, record: &[u8], ttl: Duration) -> DictResult<u64> {
         let ms = ttl.as_millis().max(1) as u64;
-        // The append comes first: a store that cannot run the transaction as one
-        // step (a replicated kvd runs it key by key) still reads the counter
-        // after the append, which is the order the lease protocol needs.
+        if self.replicated_kvd {
+            // The lease protocol needs the order alone: the append, then the
+            // read of the counter (docs/FORMAT.md, "Writers"). A kvd cluster
+            // runs a MULTI over two keys as a transaction that locks both (2n
+            // + 2 rounds), and every client's lease would wait on the lock
+            // of the one epoch key: two requests of one round each instead.
+            let _: (i64, i64) = self.with_conn(|c| {
+                redis::pipe()
+                    .cmd("APPEND")
+                    .arg(log)
+                    .arg(record)
+                    .cmd("PEXPIRE")
+                    .arg(log)
+                    .arg(ms)
+                    .query(c)
+            })?;
+            let value: Option<Vec<u8>> = self.with_conn(|c| redis::cmd("GET").arg(counter).query(c))?;
+            return Ok(counter_value(value.as_deref()));
+        }
+        // The append comes first (the order the lease protocol needs, even
+        // where a transaction runs command by command).
         let (_, _, value): (i64, i64, Option<Vec<u8>>) = self.on_node_of(log, |c| {
             redis::pipe()
                 .atomic()

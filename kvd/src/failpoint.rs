@@ -11,7 +11,9 @@
 //! * `txn-abandon-locked`, `txn-abandon-committed`: a transaction over
 //!   several keys stops after locking its keys, or after its commit, as a
 //!   coordinator that crashed there would (its locks stay for others to
-//!   resolve);
+//!   resolve); `txn-pause-after-lock`: the first such transaction pauses
+//!   2 s past the lock timeout between locking and committing, as a
+//!   coordinator stalled there would;
 //! * `partition`: enables `KVD.PARTITION`, which cuts peer links;
 //! * `panic`: enables `KVD.PANIC`, which panics the connection that sends it,
 //!   so a test can check that a bug in one connection costs only that

@@ -2882,3 +2882,29 @@ fn a_transaction_abandoned_by_its_coordinator_is_finished_by_whoever_meets_it() 
     assert_eq!(keys.text().split(' ').count(), 2, "{keys:?}");
     assert_eq!(reader.cmd("DBSIZE").unwrap().as_int(), Some(2));
 }
+
+/// A coordinator too slow between locking and committing (a fail point
+/// pauses it 7 s) finds its transaction aborted by a reader that met one of
+/// its locks past the 5 s timeout: its commit is refused, it releases its
+/// keys and runs the transaction again under a new status key, so its
+/// client still gets the answer, and the reader saw the value before.
+#[test]
+fn a_transaction_aborted_as_too_slow_runs_again() {
+    let mut c = Replicated::start(3, 3);
+    c.restart_with_env(0, &[("KVD_FAILPOINTS", "txn-pause-after-lock")]);
+    let mut reader = c.conn(1);
+    assert_eq!(reader.cmd("MSET {p}a 1 {p}b 1").unwrap().as_str(), "OK");
+    let port = c.ports[0];
+    let writer = std::thread::spawn(move || {
+        let mut w = Conn::connect(port).unwrap();
+        w.cmd("MULTI").unwrap();
+        w.cmd("INCR {p}a").unwrap();
+        w.cmd("INCR {p}b").unwrap();
+        w.cmd("EXEC").unwrap()
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(reader.cmd("GET {p}a").unwrap().as_str(), "1");
+    let exec = writer.join().unwrap();
+    assert_eq!(exec, Value::Array(vec![Value::Int(2), Value::Int(2)]));
+    assert_eq!(reader.cmd("MGET {p}a {p}b").unwrap().text(), "2 2");
+}

@@ -361,6 +361,9 @@ impl Txns {
                 self.abort(proposer, net, &status, &locked).await;
                 return reply;
             }
+            if crate::failpoint::failpoint_once("txn-pause-after-lock") {
+                tokio::time::sleep(TIMEOUT + Duration::from_secs(2)).await;
+            }
             if crate::failpoint::failpoint("txn-abandon-locked") {
                 return Reply::error("ERR failpoint: the coordinator stopped after locking");
             }
