@@ -702,6 +702,17 @@ const KVD_PHASE_TIMEOUT: Duration = Duration::from_secs(1);
 /// Measured on a quiet machine: under 50 ms.
 const MAX_PAUSE_WITH_A_MINORITY_DOWN: Duration = Duration::from_millis(1500);
 
+/// The longest time the cluster may go without acknowledging any write while
+/// a join moves slots: a step freezes its slots (at most 2,048) while their
+/// records are copied, and the writers, on random keys, all land in frozen
+/// slots now and then. Measured with the debug build the tests run: 0.9–1.1 s
+/// alone on a quiet machine (the kvd of before this session's changes too),
+/// 2.3–2.8 s beside the nemesis test on two cores (both kvds; the 1.5 s bound
+/// used before failed there). A client's retry budget (fsclient's 15 s, a
+/// command's own 10 s wait for a move) is what it must stay under; the
+/// release build's step took 293 ms in `bench replication`.
+const MAX_PAUSE_DURING_A_MOVE_STEP: Duration = Duration::from_secs(4);
+
 /// Checks that writes went on during a fault: at least `min` acknowledgements
 /// inside `[from, to]`, and no gap longer than [`MAX_PAUSE_WITH_A_MINORITY_DOWN`]
 /// (counting from the window's start and to its end). Returns (count, longest gap).
@@ -1383,7 +1394,7 @@ fn a_join_moves_slots_in_steps_and_writers_go_on() {
         from,
         to,
         10,
-        MAX_PAUSE_WITH_A_MINORITY_DOWN,
+        MAX_PAUSE_DURING_A_MOVE_STEP,
         "a node joining",
     );
     assert!(version > 2, "the join went in one step");

@@ -373,21 +373,7 @@ async fn exec(shared: &Arc<Shared>, rep: &Arc<Replicas>, session: &mut Session, 
             return Change::none(Reply::NilArray, current);
         }
         let scratch = Scratch::new(&key, current.live(now_ms()));
-        let replies = queue
-            .iter()
-            .zip(&keyless)
-            .map(|(q, local)| {
-                if let Some(reply) = local {
-                    return reply.clone();
-                }
-                let name = spec::lookup(q).found().map(|s| s.name).unwrap_or("");
-                match DataCommand::parse(name, q) {
-                    Some(Ok(cmd)) => cmd.apply(&scratch.db, max_len),
-                    Some(Err(reply)) => reply,
-                    None => Reply::error("ERR not a data command"),
-                }
-            })
-            .collect();
+        let replies = run_queue(&queue, &keyless, &scratch.db, max_len);
         scratch.change(Reply::Array(replies))
     };
     let mode = if expected.is_some() {
@@ -404,6 +390,26 @@ async fn exec(shared: &Arc<Shared>, rep: &Arc<Replicas>, session: &mut Session, 
         session.wrote = true;
     }
     reply
+}
+
+/// The replies of a transaction's queued commands run on `db` (a scratch
+/// copy of its keys), in order; a keyless command's reply was made already.
+fn run_queue(queue: &[Vec<Bytes>], keyless: &[Option<Reply>], db: &Db, max_len: i64) -> Vec<Reply> {
+    queue
+        .iter()
+        .zip(keyless)
+        .map(|(q, local)| {
+            if let Some(reply) = local {
+                return reply.clone();
+            }
+            let name = spec::lookup(q).found().map(|s| s.name).unwrap_or("");
+            match DataCommand::parse(name, q) {
+                Some(Ok(cmd)) => cmd.apply(db, max_len),
+                Some(Err(reply)) => reply,
+                None => Reply::error("ERR not a data command"),
+            }
+        })
+        .collect()
 }
 
 /// EXEC of a transaction over several keys of one slot (and the keys it
@@ -431,21 +437,7 @@ async fn exec_several(
                 let _ = db.set(key, e.value.clone(), e.expires_at);
             }
         }
-        let replies = queue
-            .iter()
-            .zip(&keyless)
-            .map(|(q, local)| {
-                if let Some(reply) = local {
-                    return reply.clone();
-                }
-                let name = spec::lookup(q).found().map(|s| s.name).unwrap_or("");
-                match DataCommand::parse(name, q) {
-                    Some(Ok(cmd)) => cmd.apply(&db, max_len),
-                    Some(Err(reply)) => reply,
-                    None => Reply::error("ERR not a data command"),
-                }
-            })
-            .collect();
+        let replies = run_queue(&queue, &keyless, &db, max_len);
         let now = now_ms();
         let after = values
             .iter()
