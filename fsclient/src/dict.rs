@@ -1032,7 +1032,8 @@ impl Dict for RespDict {
             // runs a MULTI over two keys as a transaction that locks both (2n
             // + 2 rounds), and every client's lease would wait on the lock
             // of the one epoch key: two requests of one round each instead.
-            let _: (i64, i64) = self.with_conn(|c| lease_append(&mut redis::pipe(), log, record, ms).query(c))?;
+            let _: (i64, i64) =
+                self.with_conn(|c| lease_append(&mut redis::pipe(), log, record, ms).query(c))?;
             let value: Option<Vec<u8>> = self.with_conn(|c| redis::cmd("GET").arg(counter).query(c))?;
             return Ok(counter_value(value.as_deref()));
         }
@@ -1050,8 +1051,18 @@ impl Dict for RespDict {
 
 /// `APPEND log record` and `PEXPIRE log ms` added to `pipe`: a lease's
 /// append ([`Dict::read_and_append`]).
-fn lease_append<'p>(pipe: &'p mut redis::Pipeline, log: &str, record: &[u8], ms: u64) -> &'p mut redis::Pipeline {
-    pipe.cmd("APPEND").arg(log).arg(record).cmd("PEXPIRE").arg(log).arg(ms)
+fn lease_append<'p>(
+    pipe: &'p mut redis::Pipeline,
+    log: &str,
+    record: &[u8],
+    ms: u64,
+) -> &'p mut redis::Pipeline {
+    pipe.cmd("APPEND")
+        .arg(log)
+        .arg(record)
+        .cmd("PEXPIRE")
+        .arg(log)
+        .arg(ms)
 }
 
 #[cfg(test)]
