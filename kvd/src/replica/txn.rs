@@ -262,17 +262,7 @@ impl Txns {
             if self.outcome(&lock.status).is_some() {
                 return Ok(());
             }
-            let mut seen = None;
-            let reply = proposer
-                .propose(net, &lock.status, Mode::Read, &mut |r: &Record| {
-                    seen = r.live(now_ms()).cloned();
-                    Change::none(Reply::OK, r)
-                })
-                .await;
-            if reply.is_error() {
-                return Err(reply);
-            }
-            if let Some(outcome) = seen.and_then(|e| Outcome::decode(&e.value)) {
+            if let Some(outcome) = read_outcome(proposer, net, &lock.status).await? {
                 self.learned(&lock.status, outcome);
                 return Ok(());
             }
@@ -420,17 +410,7 @@ impl Txns {
     /// must never be empty again while that coordinator could still commit
     /// it (only the coordinator itself forgets one).
     pub async fn sweep(&self, proposer: &Proposer, net: &impl Network, status: &Bytes) -> bool {
-        let mut seen = None;
-        let reply = proposer
-            .propose(net, status, Mode::Read, &mut |r: &Record| {
-                seen = r.live(now_ms()).cloned();
-                Change::none(Reply::OK, r)
-            })
-            .await;
-        if reply.is_error() {
-            return false;
-        }
-        let Some(Outcome::Committed(writes)) = seen.and_then(|e| Outcome::decode(&e.value)) else {
+        let Ok(Some(Outcome::Committed(writes))) = read_outcome(proposer, net, status).await else {
             return false;
         };
         let keys: Vec<Bytes> = writes.keys().cloned().collect();
@@ -452,6 +432,25 @@ impl Txns {
         }
         all
     }
+}
+
+/// What the status key `status` holds now (`None`: undecided, or deleted).
+async fn read_outcome(
+    proposer: &Proposer,
+    net: &impl Network,
+    status: &Bytes,
+) -> Result<Option<Outcome>, Reply> {
+    let mut seen = None;
+    let reply = proposer
+        .propose(net, status, Mode::Read, &mut |r: &Record| {
+            seen = r.live(now_ms()).cloned();
+            Change::none(Reply::OK, r)
+        })
+        .await;
+    if reply.is_error() {
+        return Err(reply);
+    }
+    Ok(seen.and_then(|e| Outcome::decode(&e.value)))
 }
 
 /// Deletes a status key no record names any more; whether it is gone.
