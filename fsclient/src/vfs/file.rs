@@ -1036,6 +1036,16 @@ impl ReadView {
         })
     }
 
+    /// Stored chunk `i` of the view's base: `(hash, start, length)`.
+    pub fn chunk(&self, i: usize) -> Option<(Hash, u64, u32)> {
+        self.map.chunks.get(i).copied()
+    }
+
+    /// Where the stored base's bytes end (a truncation may have cut them).
+    pub fn base_end(&self) -> u64 {
+        self.valid
+    }
+
     /// Hashes of the `n` chunks after chunk `i`, for read-ahead.
     pub fn following(&self, i: usize, n: usize) -> Vec<(Hash, u32)> {
         self.map

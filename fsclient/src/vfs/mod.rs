@@ -193,6 +193,10 @@ pub struct Options {
     /// uploads (ENOSPC for a full store). Each file also spills past
     /// `spill_bytes`; this bounds many small files, each under that.
     pub held_bytes: usize,
+    /// The page size of the cache that offers go to (the kernel's): an offer
+    /// also carries the whole pages at its chunk's edges, which the kernel
+    /// keeps only whole ([`offer::Fringes`]).
+    pub cache_page: usize,
 }
 
 impl Default for Options {
@@ -205,6 +209,7 @@ impl Default for Options {
             readahead_threads: 4,
             held_bytes: 256 << 20,
             relatime: true,
+            cache_page: offer::system_page_size(),
         }
     }
 }
@@ -343,6 +348,9 @@ pub struct Vfs {
     commit_lock: Mutex<()>,
     /// Held while bytes offered to the kernel's cache are kept ([`offer`]).
     cache_gate: Mutex<()>,
+    /// The edges of chunks offered lately, to complete the pages offers
+    /// share with their neighbours.
+    fringes: Mutex<offer::Fringes>,
     /// The store's capacity when last asked.
     capacity: Mutex<Option<Capacity>>,
     prefetch: prefetch::Prefetcher,
@@ -953,6 +961,7 @@ impl Vfs {
         let inodes = links::load(&volume.store, commit.inodes)?;
         let prefetch = prefetch::Prefetcher::new(volume.store.clone(), opts.readahead_threads);
         let volume_store = volume.store.clone();
+        let fringes = offer::Fringes::new(opts.cache_page);
         Ok(Vfs {
             state: Mutex::new(State {
                 nodes,
@@ -972,6 +981,7 @@ impl Vfs {
             opts,
             commit_lock: Mutex::new(()),
             cache_gate: Mutex::new(()),
+            fringes: Mutex::new(fringes),
             capacity: Mutex::new(None),
             held: Default::default(),
             metrics: Arc::new(crate::metrics::Metrics::new(volume_store)),
@@ -1529,9 +1539,13 @@ impl Vfs {
             }
             return Ok((out.bytes, None));
         }
-        let offer = out
-            .whole_chunk
-            .and_then(|chunk| self.offer(ino, &file, view.version, chunk));
+        let offer = match (out.whole_chunk, out.last_chunk) {
+            (Some(chunk), Some(i)) => {
+                let pieces = self.fringes.lock().widen(&view, i, chunk);
+                self.offer(ino, &file, view.version, pieces)
+            }
+            _ => None,
+        };
         Ok((out.bytes, offer))
     }
 

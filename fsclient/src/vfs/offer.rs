@@ -25,6 +25,14 @@
 //!   waiting, or another client's commit (whose invalidation may race with the
 //!   keeping), is seen by the check after keeping, and what was kept is
 //!   dropped again ([`Kept::Spoiled`]).
+//!
+//! The kernel keeps only whole pages of what it is given (a page it is handed
+//! part of stays unread), and chunk boundaries fall anywhere in a page. So an
+//! offer also carries the pages at its chunk's edges, completed from the
+//! edges of the neighbouring chunks ([`Fringes`]): without them one page per
+//! chunk boundary stayed out of the cache, and each read of one cost two whole
+//! chunks fetched from the store; steady 4 KiB random reads of a 1 GiB file
+//! ran at a quarter (plain) to a tenth (encrypted) of the page cache's speed.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -32,8 +40,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use parking_lot::Mutex;
 
-use super::file::FileData;
+use super::file::{FileData, ReadView};
 use super::{Body, Ino, Vfs};
+use crate::object::Hash;
 
 /// How long opening for writing or truncating waits for bytes being kept.
 const CHANGE_WAITS_FOR_KEEP: Duration = if cfg!(test) {
@@ -42,14 +51,124 @@ const CHANGE_WAITS_FOR_KEEP: Duration = if cfg!(test) {
     Duration::from_secs(1)
 };
 
-/// A file's bytes at `offset` (a whole stored chunk) that may be kept outside
-/// the core while they are current: see [`Vfs::keep_if_current`].
+/// A file's bytes (a whole stored chunk, and the whole pages at its edges)
+/// that may be kept outside the core while they are current: see
+/// [`Vfs::keep_if_current`].
 pub struct CacheOffer {
     pub ino: Ino,
-    pub offset: u64,
-    pub bytes: Bytes,
+    /// `(offset, bytes)`: the chunk first, then the pages at its edges that
+    /// could be completed.
+    pub pieces: Vec<(u64, Bytes)>,
     file: Arc<Mutex<FileData>>,
     version: u64,
+}
+
+impl CacheOffer {
+    /// The file range the pieces span, as `(offset, length)`.
+    pub fn span(&self) -> (u64, u64) {
+        let start = self.pieces.iter().map(|p| p.0).min().unwrap_or(0);
+        let end = self
+            .pieces
+            .iter()
+            .map(|p| p.0 + p.1.len() as u64)
+            .max()
+            .unwrap_or(0);
+        (start, end - start)
+    }
+}
+
+/// The page size of this machine's page cache.
+pub fn system_page_size() -> usize {
+    // SAFETY: sysconf reads a constant of the running system.
+    let n = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    usize::try_from(n).ok().filter(|&n| n > 0).unwrap_or(4096)
+}
+
+/// Memory the fringes may take (each chunk's first and last page).
+const FRINGE_BYTES: usize = 16 << 20;
+
+/// The first and last page of each chunk offered lately, so that a chunk's
+/// offer can complete the page it shares with a neighbour that was offered
+/// before it. Each page a chunk boundary falls in is completed when the
+/// second of its two chunks is offered, whichever comes first.
+pub(super) struct Fringes {
+    page: usize,
+    /// By chunk hash: (its first page of bytes, its last page of bytes).
+    edges: lru::LruCache<Hash, (Bytes, Bytes)>,
+}
+
+impl Fringes {
+    pub(super) fn new(page: usize) -> Fringes {
+        let page = page.max(1);
+        let entries = (FRINGE_BYTES / (2 * page)).max(16);
+        Fringes {
+            page,
+            edges: lru::LruCache::new(std::num::NonZeroUsize::new(entries).expect("at least 16")),
+        }
+    }
+
+    /// The pieces to offer for chunk `i` of `view`, starting at `start` with
+    /// bytes `data` (the whole chunk, with nothing written over the file's
+    /// base): the chunk, then each page at its edges whose bytes are all
+    /// known. Notes the chunk's own edges for its neighbours.
+    pub(super) fn widen(
+        &mut self,
+        view: &ReadView,
+        i: usize,
+        (start, data): (u64, Bytes),
+    ) -> Vec<(u64, Bytes)> {
+        let page = self.page as u64;
+        let end = start + data.len() as u64;
+        if let Some((h, _, _)) = view.chunk(i) {
+            if !self.edges.contains(&h) {
+                let n = self.page.min(data.len());
+                let head = Bytes::copy_from_slice(&data[..n]);
+                let tail = Bytes::copy_from_slice(&data[data.len() - n..]);
+                self.edges.put(h, (head, tail));
+            }
+        }
+        // The known bytes around the chunk: [from, to) = the previous chunk's
+        // last page, the chunk, the next chunk's first page (where known).
+        let prev = i.checked_sub(1).and_then(|j| view.chunk(j));
+        let next = view.chunk(i + 1);
+        let before = prev
+            .filter(|&(_, s, l)| s + l as u64 == start)
+            .and_then(|(h, _, _)| self.edges.get(&h).map(|(_, tail)| tail.clone()))
+            .unwrap_or_default();
+        let after = next
+            .filter(|&(_, s, _)| s == end)
+            .and_then(|(h, _, _)| self.edges.get(&h).map(|(head, _)| head.clone()))
+            .unwrap_or_default();
+        let from = start - before.len() as u64;
+        let to = end + after.len() as u64;
+        // Only the stored base's bytes: past them lies what a truncation cut.
+        let limit = view.base_end();
+        let page_at = |p: u64| -> Option<(u64, Bytes)> {
+            let p_end = (p + page).min(limit);
+            if p < from || p_end > to || p_end <= p {
+                return None;
+            }
+            let mut bytes = Vec::with_capacity((p_end - p) as usize);
+            for (at, part) in [(from, &before), (start, &data), (end, &after)] {
+                let lo = p.max(at);
+                let hi = p_end.min(at + part.len() as u64);
+                if lo < hi {
+                    bytes.extend_from_slice(&part[(lo - at) as usize..(hi - at) as usize]);
+                }
+            }
+            Some((p, bytes.into()))
+        };
+        let first = start / page * page;
+        let last = end / page * page;
+        let mut pieces = vec![(start, data.clone())];
+        if first < start {
+            pieces.extend(page_at(first));
+        }
+        if !end.is_multiple_of(page) && end < limit && (last != first || first == start) {
+            pieces.extend(page_at(last));
+        }
+        pieces
+    }
 }
 
 /// What became of an offer.
@@ -63,20 +182,19 @@ pub enum Kept {
 }
 
 impl Vfs {
-    /// An offer of `bytes` at `offset` of `file` (read under `version`), if no
-    /// handle in this mount has the file open for writing.
+    /// An offer of `pieces` of `file` (read under `version`), if no handle in
+    /// this mount has the file open for writing.
     pub(super) fn offer(
         &self,
         ino: Ino,
         file: &Arc<Mutex<FileData>>,
         version: u64,
-        (offset, bytes): (u64, Bytes),
+        pieces: Vec<(u64, Bytes)>,
     ) -> Option<CacheOffer> {
         let writers = self.state.lock().node(ino).map_or(1, |n| n.writers);
         (writers == 0).then(|| CacheOffer {
             ino,
-            offset,
-            bytes,
+            pieces,
             file: file.clone(),
             version,
         })

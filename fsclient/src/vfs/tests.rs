@@ -700,18 +700,86 @@ fn a_random_read_offers_its_whole_chunk_and_a_sequential_one_does_not() {
     let (bytes, offer) = reader.read_offering(ino, 30_000, 10).unwrap();
     assert_eq!(bytes.to_vec(), &data[30_000..30_010]);
     let offer = offer.expect("a random read inside a stored chunk offers it");
-    let (start, end) = (offer.offset as usize, offer.offset as usize + offer.bytes.len());
+    let (offset, bytes) = &offer.pieces[0];
+    let (start, end) = (*offset as usize, *offset as usize + bytes.len());
     assert!(
         start <= 30_000 && 30_010 <= end && end - start > 10,
         "{start}..{end}"
     );
-    assert_eq!(offer.bytes.to_vec(), &data[start..end]);
+    for (offset, bytes) in &offer.pieces {
+        assert_eq!(bytes.to_vec(), &data[*offset as usize..][..bytes.len()]);
+    }
     let mut kept = Vec::new();
     assert_eq!(
-        reader.keep_if_current(&offer, || kept.push(offer.offset)),
+        reader.keep_if_current(&offer, || kept.push(offer.pieces[0].0)),
         Kept::Yes
     );
-    assert_eq!(kept, [offer.offset]);
+    assert_eq!(kept, [start as u64]);
+}
+
+/// The pages of a file of `size` bytes that the kernel holds after being
+/// handed `pieces`, as Linux's FUSE_NOTIFY_STORE keeps them: a page is kept
+/// only when a piece covers all of it (or all of it up to the file's end).
+fn pages_kept(pieces: &[(u64, bytes::Bytes)], page: u64, size: u64) -> HashMap<u64, Vec<u8>> {
+    let mut kept = HashMap::new();
+    for (offset, bytes) in pieces {
+        let end = offset + bytes.len() as u64;
+        let mut p = offset.div_ceil(page) * page;
+        while p < end && (p + page <= end || end == size) {
+            let to = (p + page).min(end);
+            kept.insert(
+                p / page,
+                bytes[(p - offset) as usize..(to - offset) as usize].to_vec(),
+            );
+            p += page;
+        }
+    }
+    kept
+}
+
+#[test]
+fn random_reads_of_every_chunk_put_every_page_of_the_file_in_the_cache() {
+    // Chunk boundaries fall anywhere in a page; the kernel keeps only whole
+    // pages. Offers complete the page at each edge from the neighbouring
+    // chunk's edge, whichever of the two is read first.
+    let page = 64u64;
+    let dict = Arc::new(MemoryDict::new());
+    let writer = vfs_on(&dict, true);
+    let (_, data) = stored_file(&writer, b"f", 40_000);
+    let v = Volume::new(BlobStore::new(dict.clone(), "t:", 1 << 22), "vol");
+    let reader = Vfs::new(
+        v,
+        Options {
+            cache_page: page as usize,
+            ..opts()
+        },
+    )
+    .unwrap();
+    let ino = reader.lookup(ROOT, b"f").unwrap().ino;
+    // One-byte reads 37 bytes apart, in an order where no read follows on
+    // from the one before (so none counts as a sequential reader's).
+    let lanes = 10u64;
+    let lane = 40_000 / lanes;
+    let mut pieces = Vec::new();
+    for k in 0..lane.div_ceil(37) {
+        for l in 0..lanes {
+            let at = l * lane + k * 37;
+            if at >= (l + 1) * lane {
+                continue;
+            }
+            let (bytes, offer) = reader.read_offering(ino, at, 1).unwrap();
+            assert_eq!(bytes[..], data[at as usize..][..1]);
+            pieces.extend(offer.into_iter().flat_map(|o| o.pieces));
+        }
+    }
+    let kept = pages_kept(&pieces, page, data.len() as u64);
+    for (p, bytes) in &kept {
+        assert_eq!(bytes[..], data[(p * page) as usize..][..bytes.len()], "page {p}");
+    }
+    let missing: Vec<u64> = (0..(data.len() as u64).div_ceil(page))
+        .filter(|p| !kept.contains_key(p))
+        .collect();
+    assert!(missing.is_empty(), "pages never kept: {missing:?}");
 }
 
 #[test]
