@@ -452,6 +452,21 @@ async fn exec_several(
         (Reply::Array(replies), after)
     };
     let net = NodeNetwork::new(rep, shared);
+    let read_only = queue.iter().zip(&keyless).all(|(q, local)| {
+        local.is_some()
+            || spec::lookup(q)
+                .found()
+                .is_some_and(|s| s.flags.contains(&"readonly"))
+    });
+    if read_only {
+        if let Some(reply) = rep
+            .txns
+            .read(&rep.proposer, &net, keys.clone(), watched, &mut run)
+            .await
+        {
+            return reply;
+        }
+    }
     let reply = rep.txns.exec(&rep.proposer, &net, keys, watched, &mut run).await;
     if !reply.is_error() {
         session.wrote = true;

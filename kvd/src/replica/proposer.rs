@@ -216,6 +216,12 @@ pub trait Network: Send + Sync {
         version: u64,
         others: Vec<(String, u64)>,
     ) -> impl Future<Output = ()> + Send + 'static;
+    /// Milliseconds since the Unix epoch, as the cluster's clocks tell them
+    /// (a transaction's lock records when it was taken, and anyone may abort
+    /// it some seconds later: [`super::txn`]). A simulation tells its own.
+    fn now_ms(&self) -> u64 {
+        now_ms()
+    }
 }
 
 /// Counters for INFO.

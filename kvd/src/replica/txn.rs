@@ -32,6 +32,9 @@
 //! deadlock: keys are locked in order, and an undecided lock is aborted
 //! after [`TIMEOUT`].
 //!
+//! A transaction whose commands only read takes no locks: it reads every
+//! key twice and answers if no ballot moved in between ([`Txns::read`]).
+//!
 //! A status key whose coordinator died after committing is finished by
 //! anti-entropy ([`Txns::sweep`]). Left out: one whose coordinator died
 //! undecided (a reader aborted it) stays in the store, a few dozen bytes:
@@ -41,16 +44,16 @@
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::{Arc, OnceLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use parking_lot::Mutex;
+use tokio::time::Instant;
 
 use super::acceptor::{Lock, Record};
 use super::proposer::{Change, Mode, Network, Proposer};
 use crate::cluster::paxos::Ballot;
 use crate::cluster::slot::{key_slot, SLOTS};
-use crate::db::now_ms;
 use crate::reply::Reply;
 use crate::store::Entry;
 
@@ -62,6 +65,8 @@ pub const TIMEOUT: Duration = Duration::from_secs(5);
 const LEARN_WAIT: Duration = Duration::from_secs(8);
 /// Times a transaction starts again after a slow commit was refused.
 const ATTEMPTS: usize = 4;
+/// Double collects a read-only transaction tries before it takes locks.
+const COLLECTS: usize = 3;
 /// Rounds a command runs on one key that keeps meeting new locks.
 const LOCKED_ROUNDS: usize = 64;
 /// Decided outcomes remembered (they never change; this only bounds memory).
@@ -269,7 +274,7 @@ impl Txns {
             // Undecided (or decided, rolled forward and its status deleted:
             // then the lock met was stale, and aborting the empty status key
             // changes nothing that any record still names).
-            if now_ms() >= lock.since_ms.saturating_add(TIMEOUT.as_millis() as u64) {
+            if net.now_ms() >= lock.since_ms.saturating_add(TIMEOUT.as_millis() as u64) {
                 let reply = decide(proposer, net, &lock.status, &Outcome::Aborted).await;
                 if reply.is_err() {
                     return reply.map(|_| ());
@@ -307,7 +312,7 @@ impl Txns {
             let status = status_key(slot);
             let lock = Lock {
                 status: status.clone(),
-                since_ms: now_ms(),
+                since_ms: net.now_ms(),
             };
             // 1. Lock, in order.
             let mut values = Vec::with_capacity(keys.len());
@@ -328,10 +333,10 @@ impl Txns {
                             if moved {
                                 return Change::none(Reply::NilArray, r);
                             }
-                            seen = Some(r.live(now_ms()).cloned());
+                            seen = Some(r.live(net.now_ms()).cloned());
                             Change {
                                 reply: Reply::OK,
-                                value: r.live(now_ms()).cloned(),
+                                value: r.live(net.now_ms()).cloned(),
                                 touched: false,
                                 lock: Some(lock.clone()),
                             }
@@ -390,6 +395,83 @@ impl Txns {
         Reply::error("TRYAGAIN the transaction kept being aborted as too slow; try again")
     }
 
+    /// Answers a transaction whose commands only read, without locks, by a
+    /// double collect: read every key, read them all again, and if no key's
+    /// ballot moved in between, every key held the value first read at any
+    /// moment between the two collects, so the answer is the one the
+    /// commands give on those values at that moment. (Each read is a
+    /// linearizable read of a chosen value, and a write chosen in between
+    /// would show a higher ballot on one replica of any majority, so a
+    /// majority agreeing on the same ballot twice rules it out.) It writes
+    /// nothing, so unlike a locking transaction it moves no ballot and aborts
+    /// no one's WATCH, as reads in Redis do not. `None`: the keys kept
+    /// changing ([`COLLECTS`] times); lock them instead ([`Txns::exec`]).
+    pub async fn read(
+        &self,
+        proposer: &Proposer,
+        net: &impl Network,
+        mut keys: Vec<Bytes>,
+        watched: &[(Bytes, Ballot)],
+        run: &mut (dyn FnMut(&Values) -> Ran + Send),
+    ) -> Option<Reply> {
+        keys.sort();
+        keys.dedup();
+        for _ in 0..COLLECTS {
+            let first = match self.collect(proposer, net, &keys).await {
+                Ok(first) => first,
+                Err(reply) => return Some(reply),
+            };
+            let moved = watched.iter().any(|(key, seen)| {
+                keys.iter()
+                    .zip(&first)
+                    .any(|(k, (ballot, _))| k == key && ballot != seen)
+            });
+            if moved {
+                return Some(Reply::NilArray);
+            }
+            let at = net.now_ms();
+            let second = match self.collect(proposer, net, &keys).await {
+                Ok(second) => second,
+                Err(reply) => return Some(reply),
+            };
+            if first.iter().map(|(b, _)| b).eq(second.iter().map(|(b, _)| b)) {
+                let values: Vec<(Bytes, Option<Entry>)> = keys
+                    .iter()
+                    .cloned()
+                    .zip(first)
+                    .map(|(key, (_, entry))| (key, entry.filter(|e| e.expires_at.is_none_or(|t| t > at))))
+                    .collect();
+                return Some(run(&values).0);
+            }
+        }
+        None
+    }
+
+    /// Each key's ballot and value as a majority shows them (a lock seen as
+    /// its transaction decided it), in `keys`' order.
+    async fn collect(
+        &self,
+        proposer: &Proposer,
+        net: &impl Network,
+        keys: &[Bytes],
+    ) -> Result<Vec<(Ballot, Option<Entry>)>, Reply> {
+        let mut out = Vec::with_capacity(keys.len());
+        for key in keys {
+            let mut seen = None;
+            let reply = self
+                .propose(proposer, net, key, Mode::Read, None, &mut |r: &Record| {
+                    seen = Some((r.accepted, r.entry.clone()));
+                    Change::none(Reply::OK, r)
+                })
+                .await;
+            if reply.is_error() {
+                return Err(reply);
+            }
+            out.push(seen.ok_or_else(|| Reply::error("ERR the read round ran nothing"))?);
+        }
+        Ok(out)
+    }
+
     /// Aborts an undecided transaction of ours: decides its status (aborted,
     /// unless ... it cannot be committed: only we commit it) and releases
     /// the keys that may hold its lock.
@@ -443,7 +525,7 @@ async fn read_outcome(
     let mut seen = None;
     let reply = proposer
         .propose(net, status, Mode::Read, &mut |r: &Record| {
-            seen = r.live(now_ms()).cloned();
+            seen = r.live(net.now_ms()).cloned();
             Change::none(Reply::OK, r)
         })
         .await;
@@ -478,7 +560,7 @@ async fn decide(
     let mut held = None;
     let reply = proposer
         .propose(net, status, Mode::Guarded, &mut |r: &Record| match r
-            .live(now_ms())
+            .live(net.now_ms())
             .and_then(|e| Outcome::decode(&e.value))
         {
             Some(decided) => {
