@@ -97,6 +97,8 @@ pub struct Config {
     /// Redis's `tls-replication`: a replicated cluster's links between nodes
     /// run over TLS, each side showing its certificate
     /// (`tls-client-cert-file`/`tls-client-key-file`, else the server's).
+    /// Redis's `tls-cluster` (its cluster bus over TLS) sets the same: kvd's
+    /// peer links carry both.
     pub tls_replication: bool,
     pub tls_client_cert_file: Option<PathBuf>,
     pub tls_client_key_file: Option<PathBuf>,
@@ -199,6 +201,7 @@ pub const NAMES: &[&str] = &[
     "tls-ca-cert-file",
     "tls-auth-clients",
     "tls-replication",
+    "tls-cluster",
     "tls-client-cert-file",
     "tls-client-key-file",
     // Read-only facts clients such as redis-benchmark ask about: kvd writes no RDB
@@ -256,7 +259,7 @@ impl Config {
                 TlsAuthClients::Optional => "optional",
             }
             .into(),
-            "tls-replication" => yes_no(self.tls_replication),
+            "tls-replication" | "tls-cluster" => yes_no(self.tls_replication),
             "tls-client-cert-file" => path_text(&self.tls_client_cert_file),
             "tls-client-key-file" => path_text(&self.tls_client_key_file),
             "latency-tracking" => yes_no(self.latency_tracking),
@@ -332,6 +335,7 @@ impl Config {
             | "tls-ca-cert-file"
             | "tls-auth-clients"
             | "tls-replication"
+            | "tls-cluster"
             | "tls-client-cert-file"
             | "tls-client-key-file"
                 if at_runtime =>
@@ -344,7 +348,7 @@ impl Config {
             "tls-ca-cert-file" => self.tls_ca_cert_file = path_setting(value),
             "tls-client-cert-file" => self.tls_client_cert_file = path_setting(value),
             "tls-client-key-file" => self.tls_client_key_file = path_setting(value),
-            "tls-replication" => self.tls_replication = parse_yes_no(value)?,
+            "tls-replication" | "tls-cluster" => self.tls_replication = parse_yes_no(value)?,
             "tls-auth-clients" => {
                 self.tls_auth_clients = match value.to_ascii_lowercase().as_str() {
                     "yes" => TlsAuthClients::Yes,

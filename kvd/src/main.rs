@@ -53,6 +53,10 @@ struct Cli {
     /// node's address is then its --tls-port; needs --tls-ca-cert-file).
     #[arg(long, value_name = "yes|no")]
     tls_replication: Option<String>,
+    /// The same as --tls-replication, by Redis Cluster's name for it (kvd's
+    /// links between nodes carry what Redis's cluster bus and replication do).
+    #[arg(long, value_name = "yes|no")]
+    tls_cluster: Option<String>,
     /// The certificate (PEM) a node shows its peers (else --tls-cert-file).
     #[arg(long, value_name = "FILE")]
     tls_client_cert_file: Option<PathBuf>,
@@ -191,6 +195,10 @@ fn cluster_options(cli: &Cli, config: &Config) -> anyhow::Result<Option<kvd::rep
         dir: config.dir.clone(),
         seeds,
         down_after: cli.down_after,
+        client_ports: kvd::replica::gossip::ClientPorts {
+            plain: config.port,
+            tls: config.tls_port,
+        },
     }))
 }
 
@@ -243,6 +251,7 @@ fn build_config(cli: &Cli) -> anyhow::Result<Config> {
     set("tls-ca-cert-file", path(&cli.tls_ca_cert_file))?;
     set("tls-auth-clients", cli.tls_auth_clients.clone())?;
     set("tls-replication", cli.tls_replication.clone())?;
+    set("tls-cluster", cli.tls_cluster.clone())?;
     set("tls-client-cert-file", path(&cli.tls_client_cert_file))?;
     set("tls-client-key-file", path(&cli.tls_client_key_file))?;
     set("timeout", cli.timeout.map(|n| n.to_string()))?;

@@ -184,6 +184,7 @@ async fn accept_loop(
             let shared = slot.shared.clone();
             let id = slot.id;
             let mut session = Session::new(client, &shared);
+            session.tls = tls.is_some();
             // A bug that panics while serving one connection must cost only that
             // connection: the panic is caught here, logged, and the session's
             // subscriptions and watches are released like any other close.

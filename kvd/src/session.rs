@@ -70,6 +70,9 @@ pub struct Session {
     /// Cluster state of the connection (peer identity, redirects, where its
     /// transaction lives); unused outside cluster mode.
     pub cluster: crate::cluster::SessionState,
+    /// The connection came in on the TLS port (CLUSTER SLOTS shows nodes at
+    /// their TLS ports to it, at their plain ones to the others).
+    pub tls: bool,
     /// The selected database (SELECT).
     pub db: usize,
     /// That database, and the [`crate::databases::Databases::generation`] it
@@ -98,6 +101,7 @@ impl Session {
             reply_mode: ReplyMode::On,
             notify_keyspace_events: shared.config.read().notify_keyspace_events,
             cluster: crate::cluster::SessionState::default(),
+            tls: false,
             db: 0,
             selected: None,
         }

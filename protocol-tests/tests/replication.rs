@@ -2590,6 +2590,100 @@ fn a_replicated_cluster_runs_over_tls_between_its_nodes() {
     assert_eq!(cli(2, &["get", "k2"]), "two of three");
 }
 
+/// Issue 21, item 3: a cluster whose links between nodes are TLS
+/// (`tls-cluster yes`, Redis Cluster's name; mutually authenticated) and
+/// whose clients may come over plain TCP or TLS. A node's address is its TLS
+/// port, where its peers connect; CLUSTER SLOTS shows each client the ports
+/// of its own kind, as Redis Cluster does, so the `redis` crate's cluster
+/// client routes over plain TCP and redis-cli `--tls` sees TLS ports. Before,
+/// every client was shown the TLS ports, and a plain cluster client could
+/// not connect to any node it was sent to.
+#[test]
+fn a_cluster_with_tls_links_shows_each_client_the_ports_of_its_kind() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let sh = |cmd: &str| protocol_tests::sh(cmd, d);
+    sh("openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.crt -days 2 -subj '/CN=dictfs test CA'");
+    sh("openssl req -newkey rsa:2048 -nodes -keyout node.key -out node.csr -subj /CN=node && \
+        printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\\nextendedKeyUsage=serverAuth,clientAuth\\n' > ext && \
+        openssl x509 -req -in node.csr -CA ca.crt -CAkey ca.key -CAcreateserial -out node.crt -days 2 -extfile ext");
+    let plain: Vec<u16> = (0..3).map(|_| protocol_tests::free_port()).collect();
+    let tls: Vec<u16> = (0..3).map(|_| protocol_tests::free_port()).collect();
+    let peers: Vec<String> = tls.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+    let start = |i: usize| {
+        let data = d.join(format!("node{i}"));
+        std::fs::create_dir_all(&data).unwrap();
+        std::process::Command::new(protocol_tests::kvd_bin())
+            .args(["--bind", "127.0.0.1", "--port", &plain[i].to_string()])
+            .args(["--tls-port", &tls[i].to_string()])
+            .args(["--tls-cert-file", "node.crt", "--tls-key-file", "node.key"])
+            .args(["--tls-ca-cert-file", "ca.crt"])
+            .args(["--tls-auth-clients", "yes", "--tls-cluster", "yes"])
+            .args(["--replicas", "3", "--cluster-secret", "s"])
+            .args(["--peers", &peers.join(",")])
+            .arg("--dir")
+            .arg(&data)
+            .env("KVD_LOG", "warn")
+            .current_dir(d)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let _nodes = KillOnDrop((0..3).map(start).collect());
+    let cli = |port: u16, over_tls: bool, args: &[&str]| -> String {
+        let mut cmd = std::process::Command::new("redis-cli");
+        cmd.args(["-p", &port.to_string()]);
+        if over_tls {
+            cmd.args([
+                "--tls", "--cacert", "ca.crt", "--cert", "node.crt", "--key", "node.key",
+            ]);
+        }
+        let out = cmd.args(args).current_dir(d).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    // The ports CLUSTER SLOTS shows (redis-cli prints one field a line: the
+    // two slot numbers, then host, port, id, for each node of each run).
+    let shown_ports = |port: u16, over_tls: bool| -> std::collections::BTreeSet<u16> {
+        cli(port, over_tls, &["cluster", "slots"])
+            .lines()
+            .filter_map(|l| l.trim().parse::<u16>().ok())
+            .filter(|p| plain.contains(p) || tls.contains(p))
+            .collect()
+    };
+    let want_plain: std::collections::BTreeSet<u16> = plain.iter().copied().collect();
+    let want_tls: std::collections::BTreeSet<u16> = tls.iter().copied().collect();
+    // Gossip carries each node's ports within a few periods.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while shown_ports(plain[0], false) != want_plain || shown_ports(tls[1], true) != want_tls {
+        assert!(
+            Instant::now() < deadline,
+            "CLUSTER SLOTS shows plain clients {:?} (want {want_plain:?}) and TLS clients {:?} (want {want_tls:?})",
+            shown_ports(plain[0], false),
+            shown_ports(tls[1], true)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(
+        cli(plain[2], false, &["config", "get", "tls-cluster"]),
+        "tls-cluster\nyes"
+    );
+    // A cluster-aware client over plain TCP connects to the nodes it is shown.
+    let client = redis::cluster::ClusterClient::new(vec![format!("redis://127.0.0.1:{}", plain[0])]).unwrap();
+    let mut conn = client.get_connection().unwrap();
+    for i in 0..50 {
+        let _: () = redis::cmd("SET")
+            .arg(format!("k{i}"))
+            .arg(i)
+            .query(&mut conn)
+            .unwrap();
+    }
+    for i in 0..50 {
+        let v: i64 = redis::cmd("GET").arg(format!("k{i}")).query(&mut conn).unwrap();
+        assert_eq!(v, i);
+    }
+    assert_eq!(cli(tls[2], true, &["get", "k7"]), "7");
+}
+
 /// Issue 23, item 7: two nodes that each founded a cluster. Restarted with
 /// `--seed` naming the other, a founder says clearly that it stays in its own
 /// cluster and how to join or merge; `KVD.RECONFIGURE` listing both makes

@@ -51,8 +51,10 @@ fn runs(layout: &Layout, suspects: &HashSet<String>) -> Vec<(u16, u16, Vec<Strin
     out
 }
 
-fn node_entry(addr: &str) -> Reply {
-    let (host, port) = split_addr(addr);
+/// A node in CLUSTER SLOTS: where the client reaches it (`shown`), and the
+/// id of its address.
+fn node_entry(addr: &str, shown: &str) -> Reply {
+    let (host, port) = split_addr(shown);
     Reply::Array(vec![
         Reply::bulk_str(&host),
         Reply::Int(port),
@@ -65,7 +67,7 @@ fn node_entry(addr: &str) -> Reply {
 /// slots, then its nodes: the first holder as `master`, the others as
 /// `replica`). A shard here is the slots that share a holder list in
 /// [`runs`]' order; a holder this node found unreachable is `failed`.
-fn shards(layout: &Layout, suspects: &HashSet<String>) -> Reply {
+fn shards(layout: &Layout, suspects: &HashSet<String>, shown: &dyn Fn(&str) -> String) -> Reply {
     let mut shards: Vec<(Vec<String>, Vec<Reply>)> = Vec::new();
     for (a, b, holders) in runs(layout, suspects) {
         let slots = [Reply::Int(a as i64), Reply::Int(b as i64)];
@@ -83,7 +85,7 @@ fn shards(layout: &Layout, suspects: &HashSet<String>) -> Reply {
                     .iter()
                     .enumerate()
                     .map(|(i, addr)| {
-                        let (host, port) = split_addr(addr);
+                        let (host, port) = split_addr(&shown(addr));
                         let role = if i == 0 { "master" } else { "replica" };
                         let health = if suspects.contains(addr) {
                             "failed"
@@ -112,10 +114,13 @@ fn shards(layout: &Layout, suspects: &HashSet<String>) -> Reply {
 
 impl Replicas {
     /// CLUSTER subcommands of a replicated node; `None` for those answered
-    /// elsewhere (FORGET, LEAVE, HELP).
-    pub fn cluster_command(&self, spec: &'static Spec, args: &[Bytes]) -> Option<Reply> {
+    /// elsewhere (FORGET, LEAVE, HELP). Nodes are shown at their ports for
+    /// a client of the asking one's kind (`tls`: it came over TLS), as Redis
+    /// Cluster shows them.
+    pub fn cluster_command(&self, spec: &'static Spec, args: &[Bytes], tls: bool) -> Option<Reply> {
         let layout = self.layout();
         let suspects: HashSet<String> = self.suspect_members().into_iter().collect();
+        let shown = |addr: &str| self.heartbeats.lock().client_addr(addr, tls);
         Some(match spec.name {
             "cluster|myid" => Reply::bulk_str(&node_id(&self.addr)),
             "cluster|keyslot" => Reply::Int(key_slot(&args[2]) as i64),
@@ -124,7 +129,7 @@ impl Replicas {
                     .into_iter()
                     .map(|(a, b, holders)| {
                         let mut entry = vec![Reply::Int(a as i64), Reply::Int(b as i64)];
-                        entry.extend(holders.iter().map(|h| node_entry(h)));
+                        entry.extend(holders.iter().map(|h| node_entry(h, &shown(h))));
                         Reply::Array(entry)
                     })
                     .collect(),
@@ -149,7 +154,7 @@ impl Replicas {
                     let connected = !suspects.contains(addr);
                     out.push_str(&node_line(
                         &node_id(addr),
-                        addr,
+                        &shown(addr),
                         &flags,
                         layout.version,
                         connected,
@@ -177,7 +182,7 @@ impl Replicas {
                     )),
                 )
             }
-            "cluster|shards" => shards(&layout, &suspects),
+            "cluster|shards" => shards(&layout, &suspects, &shown),
             "cluster|countkeysinslot" | "cluster|getkeysinslot" => Reply::error(format!(
                 "ERR '{}' is not supported by a replicated kvd yet (docs/PROTOCOL.md, \"Replication\")",
                 spec.name.replace('|', " ")

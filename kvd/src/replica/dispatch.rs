@@ -102,7 +102,7 @@ pub async fn dispatch(
             return keys_in_slot(shared, rep, spec.name, args)
         }
         name if name.starts_with("cluster|") => {
-            if let Some(reply) = rep.cluster_command(spec, args) {
+            if let Some(reply) = rep.cluster_command(spec, args, session.tls) {
                 return reply;
             }
         }

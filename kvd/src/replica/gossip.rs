@@ -20,6 +20,12 @@
 //! for it with `KVD.CONFIG`). They travel on the peer links, which are
 //! authenticated with the cluster secret ([`crate::cluster::peer`]); a
 //! captured message replayed later carries old counts, which change nothing.
+//!
+//! Each heartbeat also carries its node's client ports, plain and TLS
+//! ([`ClientPorts`]): a node's address is the port its peers use (the TLS
+//! port when the links between nodes are TLS, `tls-replication`), and
+//! CLUSTER SLOTS answers each client with the port of its own kind, as Redis
+//! Cluster does.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -44,10 +50,19 @@ pub struct Beat {
     pub count: u64,
 }
 
+/// A node's ports for clients: plain and TLS (0: none).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ClientPorts {
+    pub plain: u16,
+    pub tls: u16,
+}
+
 /// The heartbeats one node knows: a pure table, no I/O.
 pub struct Heartbeats {
     me: String,
     mine: Beat,
+    /// Each node's client ports as last heard (this node's own included).
+    ports: HashMap<String, ClientPorts>,
     /// Each other member's highest heartbeat heard, and when it last went up
     /// here (or when the member was first known, if never heard).
     heard: HashMap<String, (Beat, Instant)>,
@@ -84,11 +99,13 @@ pub fn generation(dir: &std::path::Path) -> std::io::Result<u64> {
 }
 
 impl Heartbeats {
-    /// The table of node `me`, whose heartbeats are of `generation`.
-    pub fn new(me: &str, generation: u64) -> Heartbeats {
+    /// The table of node `me`, whose heartbeats are of `generation`, with
+    /// clients served on `ports`.
+    pub fn new(me: &str, generation: u64, ports: ClientPorts) -> Heartbeats {
         Heartbeats {
             me: me.to_string(),
             mine: Beat { generation, count: 0 },
+            ports: HashMap::from([(me.to_string(), ports)]),
             heard: HashMap::new(),
             members: 1,
         }
@@ -103,6 +120,8 @@ impl Heartbeats {
     /// heard now (its silence counts from when this node first knew of it).
     pub fn retain(&mut self, nodes: &[String], now: Instant) {
         self.heard.retain(|addr, _| nodes.contains(addr));
+        self.ports
+            .retain(|addr, _| nodes.contains(addr) || *addr == self.me);
         for n in nodes.iter().filter(|n| **n != self.me) {
             self.heard.entry(n.clone()).or_insert((Beat::default(), now));
         }
@@ -110,15 +129,35 @@ impl Heartbeats {
     }
 
     /// The message: `version sender` on the first line, then one line per
-    /// heartbeat known, `addr generation count`.
+    /// heartbeat known, `addr generation count plain-port tls-port` (nodes
+    /// before the ports were gossiped send and read the first three words).
     pub fn encode(&self, version: u64) -> Bytes {
         let mut text = format!("{version} {}\n", self.me);
         let beats =
             std::iter::once((&self.me, &self.mine)).chain(self.heard.iter().map(|(a, (b, _))| (a, b)));
         for (addr, beat) in beats.filter(|(_, b)| **b != Beat::default()) {
-            text.push_str(&format!("{addr} {} {}\n", beat.generation, beat.count));
+            let ports = self.ports.get(addr).copied().unwrap_or_default();
+            text.push_str(&format!(
+                "{addr} {} {} {} {}\n",
+                beat.generation, beat.count, ports.plain, ports.tls
+            ));
         }
         Bytes::from(text)
+    }
+
+    /// Where a client reaches member `addr` over plain TCP (`tls`: over TLS),
+    /// as `host:port`: the member's port of that kind if it gossiped one, else
+    /// its address.
+    pub fn client_addr(&self, addr: &str, tls: bool) -> String {
+        let port = self
+            .ports
+            .get(addr)
+            .map(|p| if tls { p.tls } else { p.plain })
+            .filter(|&p| p != 0);
+        match (port, addr.rsplit_once(':')) {
+            (Some(port), Some((host, _))) => format!("{host}:{port}"),
+            _ => addr.to_string(),
+        }
     }
 
     /// Takes a message's heartbeats of known members (each kept where it is
@@ -140,10 +179,21 @@ impl Heartbeats {
                 generation: generation.parse().ok()?,
                 count: count.parse().ok()?,
             };
+            let ports = match (words.next(), words.next()) {
+                (Some(plain), Some(tls)) => Some(ClientPorts {
+                    plain: plain.parse().ok()?,
+                    tls: tls.parse().ok()?,
+                }),
+                _ => None,
+            };
             if let Some((known, rose)) = self.heard.get_mut(addr) {
                 if beat > *known {
                     *known = beat;
                     *rose = now;
+                    // The ports of the newest beat: a restart may change them.
+                    if let Some(ports) = ports {
+                        self.ports.insert(addr.to_string(), ports);
+                    }
                 }
             }
         }
@@ -267,9 +317,9 @@ mod tests {
         let all = nodes(3);
         let t0 = Instant::now();
         let (mut a, mut b, mut c) = (
-            Heartbeats::new(&all[0], 1),
-            Heartbeats::new(&all[1], 1),
-            Heartbeats::new(&all[2], 1),
+            Heartbeats::new(&all[0], 1, ClientPorts::default()),
+            Heartbeats::new(&all[1], 1, ClientPorts::default()),
+            Heartbeats::new(&all[2], 1, ClientPorts::default()),
         );
         for h in [&mut a, &mut b, &mut c] {
             h.retain(&all, t0);
@@ -294,13 +344,48 @@ mod tests {
         c.merge(&b.encode(7), t2);
         assert_eq!(c.silent_for(&all[0], t2), Some(Duration::from_secs(5)));
         // a restarts: a new generation with a lower count still counts.
-        let mut a2 = Heartbeats::new(&all[0], a.mine.generation + 1);
+        let mut a2 = Heartbeats::new(&all[0], a.mine.generation + 1, ClientPorts::default());
         a2.retain(&all, t2);
         a2.tick();
         c.merge(&a2.encode(8), t2);
         assert_eq!(c.silent_for(&all[0], t2), Some(Duration::ZERO));
         assert_eq!(c.silent_for(&all[2], t2), None, "no entry for oneself");
         assert_eq!(c.merge(b"not gossip", t2), None);
+    }
+
+    /// Each node's client ports travel with its heartbeat, through other
+    /// nodes too; a client is shown the port of its kind, or the address
+    /// where none is known (a line of a node from before ports were
+    /// gossiped has three words, and still counts as a beat).
+    #[test]
+    fn client_ports_travel_with_the_heartbeats() {
+        let all = nodes(3);
+        let t0 = Instant::now();
+        let ports = ClientPorts {
+            plain: 6379,
+            tls: 6380,
+        };
+        let mut a = Heartbeats::new(&all[0], 1, ports);
+        let mut b = Heartbeats::new(&all[1], 1, ClientPorts::default());
+        let mut c = Heartbeats::new(&all[2], 1, ClientPorts::default());
+        for h in [&mut a, &mut b, &mut c] {
+            h.retain(&all, t0);
+        }
+        assert_eq!(c.client_addr(&all[0], false), all[0], "nothing heard yet");
+        a.tick();
+        b.merge(&a.encode(1), t0);
+        c.merge(&b.encode(1), t0);
+        assert_eq!(c.client_addr(&all[0], false), "10.0.0.0:6379");
+        assert_eq!(c.client_addr(&all[0], true), "10.0.0.0:6380");
+        // b serves no client port of either kind: its address is shown.
+        b.tick();
+        c.merge(&b.encode(1), t0);
+        assert_eq!(c.client_addr(&all[1], true), all[1]);
+        // An old node's line: a beat, no ports.
+        let t1 = t0 + Duration::from_secs(1);
+        let old = format!("1 {}\n{} 1 5\n", all[1], all[1]);
+        assert!(c.merge(old.as_bytes(), t1).is_some());
+        assert_eq!(c.silent_for(&all[1], t1), Some(Duration::ZERO));
     }
 
     /// A restart's generation outranks the last one recorded, even when the
@@ -319,7 +404,7 @@ mod tests {
     #[test]
     fn the_suspicion_threshold_grows_with_the_hops_gossip_takes() {
         let period = Duration::from_secs(1);
-        let mut h = Heartbeats::new("me", 1);
+        let mut h = Heartbeats::new("me", 1, ClientPorts::default());
         h.retain(&nodes(3), Instant::now());
         assert_eq!(h.suspect_after(period), Duration::from_secs(4));
         h.retain(&nodes(1000), Instant::now());

@@ -63,6 +63,9 @@ pub struct Options {
     /// How long a member may not answer before it is down and its replicas
     /// are re-homed (`--down-after`; [`health`]).
     pub down_after: std::time::Duration,
+    /// This node's ports for clients, gossiped so that CLUSTER SLOTS can
+    /// answer each client with the port of its kind.
+    pub client_ports: gossip::ClientPorts,
 }
 
 impl crate::shared::ClusterInfo for Replicas {
@@ -166,7 +169,11 @@ impl Replicas {
         Ok(Arc::new(Replicas {
             proposer: Proposer::new(proposer_id, acceptor.floor()),
             txns: txn::Txns::default(),
-            heartbeats: parking_lot::Mutex::new(gossip::Heartbeats::new(&options.me, generation)),
+            heartbeats: parking_lot::Mutex::new(gossip::Heartbeats::new(
+                &options.me,
+                generation,
+                options.client_ports,
+            )),
             acceptor,
             membership: parking_lot::RwLock::new(membership),
             peers: Peers::new(options.me.clone(), options.secret.clone(), options.tls.clone()),
