@@ -25,6 +25,9 @@ bash scripts/loom.sh | tee -a "$log"
 
 echo "== cargo test"
 cargo test --workspace 2>&1 | tee -a "$log"
+
+echo "== the cluster suite again, its nodes linked by TLS (tls-cluster yes)"
+KVD_TEST_TLS_LINKS=1 cargo test -p protocol-tests --test cluster 2>&1 | tee -a "$log"
 # One closing line over every test binary (cargo's own last line is the last
 # crate's doc-tests, often 0 of them).
 awk '/^test result:/ { p += $4; f += $6 } END { printf "tests: %d passed, %d failed\n", p, f }' "$log"

@@ -880,8 +880,32 @@ impl Drop for Mount {
 
 /// A replicated kvd cluster (`--replicas R --peers ...`): nodes started with the
 /// same `--peers` list, each with its own data directory; stopped on drop.
+/// Set to `1`, every [`Replicated`] cluster runs its links between nodes over
+/// mutually authenticated TLS (`tls-cluster yes`): each node gets a TLS port,
+/// which is its address, beside the plain port its clients use
+/// (scripts/test.sh runs the cluster suite once more this way).
+pub const TLS_LINKS_ENV: &str = "KVD_TEST_TLS_LINKS";
+
+/// A CA and one certificate for every node (127.0.0.1, client and server
+/// use), written into `dir` as `ca.crt`, `node.crt` and `node.key`.
+pub fn make_test_certificates(dir: &Path) {
+    sh(
+        "openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.crt -days 2 -subj '/CN=dictfs test CA' 2>/dev/null",
+        dir,
+    );
+    sh(
+        "openssl req -newkey rsa:2048 -nodes -keyout node.key -out node.csr -subj /CN=node 2>/dev/null && \
+         printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\\nextendedKeyUsage=serverAuth,clientAuth\\n' > ext && \
+         openssl x509 -req -in node.csr -CA ca.crt -CAkey ca.key -CAcreateserial -out node.crt -days 2 -extfile ext 2>/dev/null",
+        dir,
+    );
+}
+
 pub struct Replicated {
+    /// Each node's client port (plain TCP).
     pub ports: Vec<u16>,
+    /// With [`TLS_LINKS_ENV`], each node's TLS port: its address.
+    tls_ports: Option<Vec<u16>>,
     nodes: Vec<Option<Server>>,
     replicas: usize,
     /// Nodes started with `--peers` (the first ones); later ones were added.
@@ -912,7 +936,42 @@ impl Replicated {
         for i in 0..n {
             c.restart(i);
         }
+        c.wait_for_client_ports();
         c
+    }
+
+    /// With TLS links ([`TLS_LINKS_ENV`]), waits until every node knows every
+    /// other's plain client port (gossip brings them within a period or two
+    /// of the start; until then a node shows a peer at its address, the TLS
+    /// port, in CLUSTER SLOTS).
+    fn wait_for_client_ports(&self) {
+        let Some(tls) = &self.tls_ports else {
+            return;
+        };
+        fn ints(v: &Value, out: &mut Vec<i64>) {
+            match v {
+                Value::Int(n) => out.push(*n),
+                Value::Array(items) => items.iter().for_each(|i| ints(i, out)),
+                _ => {}
+            }
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        for i in (0..self.nodes.len()).filter(|&i| self.nodes[i].is_some()) {
+            loop {
+                let mut shown = Vec::new();
+                if let Ok(slots) = self.conn(i).call(&["CLUSTER", "SLOTS"]) {
+                    ints(&slots, &mut shown);
+                }
+                if !shown.is_empty() && !shown.iter().any(|p| tls.contains(&(*p as u16))) {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "node {i} still shows TLS ports to plain clients: {shown:?}"
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
     }
 
     fn unstarted(n: usize, replicas: usize, env: &[(&str, &str)]) -> Replicated {
@@ -923,15 +982,28 @@ impl Replicated {
                 ports.push(p);
             }
         }
+        let tmp = tempfile::tempdir().unwrap();
+        let tls_ports = (std::env::var(TLS_LINKS_ENV).as_deref() == Ok("1")).then(|| {
+            make_test_certificates(tmp.path());
+            let mut tls: Vec<u16> = Vec::new();
+            while tls.len() < n {
+                let p = free_port();
+                if !ports.contains(&p) && !tls.contains(&p) {
+                    tls.push(p);
+                }
+            }
+            tls
+        });
         Replicated {
             nodes: (0..n).map(|_| None).collect(),
             ports,
+            tls_ports,
             replicas,
             founders: n,
             env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
             args: Vec::new(),
             node_args: vec![Vec::new(); n],
-            tmp: tempfile::tempdir().unwrap(),
+            tmp,
         }
     }
 
@@ -956,6 +1028,26 @@ impl Replicated {
         if i < self.founders {
             args.extend(["--peers", &peers]);
         }
+        let certs = self.tmp.path();
+        let tls_files = [
+            certs.join("node.crt"),
+            certs.join("node.key"),
+            certs.join("ca.crt"),
+        ]
+        .map(|f| f.display().to_string());
+        let tls_port = self.tls_ports.as_ref().map(|t| t[i].to_string());
+        if let Some(tls_port) = &tls_port {
+            args.extend([
+                "--tls-port",
+                tls_port,
+                "--tls-cluster",
+                "yes",
+                "--tls-auth-clients",
+                "yes",
+            ]);
+            args.extend(["--tls-cert-file", &tls_files[0], "--tls-key-file", &tls_files[1]]);
+            args.extend(["--tls-ca-cert-file", &tls_files[2]]);
+        }
         args.extend(self.args.iter().map(String::as_str));
         args.extend(self.node_args[i].iter().map(String::as_str));
         self.nodes[i] = Some(Server::kvd_with_env(self.ports[i], &dir, &args, env).unwrap());
@@ -974,7 +1066,8 @@ impl Replicated {
     fn fresh_port(&self) -> u16 {
         loop {
             let p = free_port();
-            if !self.ports.contains(&p) {
+            let tls = self.tls_ports.as_deref().unwrap_or_default();
+            if !self.ports.contains(&p) && !tls.contains(&p) {
                 return p;
             }
         }
@@ -988,6 +1081,10 @@ impl Replicated {
 
     /// Starts one more node on `port` with `args`; its index.
     fn add_node_on(&mut self, port: u16, args: Vec<String>) -> usize {
+        let tls = self.tls_ports.is_some().then(|| self.fresh_port());
+        if let (Some(ports), Some(tls)) = (&mut self.tls_ports, tls) {
+            ports.push(tls);
+        }
         self.ports.push(port);
         self.nodes.push(None);
         self.node_args.push(args);
@@ -1010,6 +1107,7 @@ impl Replicated {
         for i in 0..n {
             c.restart(i);
         }
+        c.wait_for_client_ports();
         c
     }
 
@@ -1019,9 +1117,11 @@ impl Replicated {
         self.add_node_with(vec!["--seed".into(), self.addr(seed)])
     }
 
-    /// Node `i`'s address, as the cluster names it.
+    /// Node `i`'s address, as the cluster names it (its TLS port with
+    /// [`TLS_LINKS_ENV`]).
     pub fn addr(&self, i: usize) -> String {
-        format!("127.0.0.1:{}", self.ports[i])
+        let port = self.tls_ports.as_ref().map_or(self.ports[i], |t| t[i]);
+        format!("127.0.0.1:{port}")
     }
 
     /// Freezes node `i` (SIGSTOP): to its peers it is cut off — their calls time

@@ -2508,11 +2508,7 @@ fn a_forgotten_node_is_told_before_it_can_ask_back_in() {
 fn a_replicated_cluster_runs_over_tls_between_its_nodes() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let sh = |cmd: &str| protocol_tests::sh(cmd, d);
-    sh("openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.crt -days 2 -subj '/CN=dictfs test CA'");
-    sh("openssl req -newkey rsa:2048 -nodes -keyout node.key -out node.csr -subj /CN=node && \
-        printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\\nextendedKeyUsage=serverAuth,clientAuth\\n' > ext && \
-        openssl x509 -req -in node.csr -CA ca.crt -CAkey ca.key -CAcreateserial -out node.crt -days 2 -extfile ext");
+    protocol_tests::make_test_certificates(d);
     let ports: Vec<u16> = (0..3).map(|_| protocol_tests::free_port()).collect();
     let peers: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
     let start = |i: usize| {
@@ -2602,11 +2598,7 @@ fn a_replicated_cluster_runs_over_tls_between_its_nodes() {
 fn a_cluster_with_tls_links_shows_each_client_the_ports_of_its_kind() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let sh = |cmd: &str| protocol_tests::sh(cmd, d);
-    sh("openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.crt -days 2 -subj '/CN=dictfs test CA'");
-    sh("openssl req -newkey rsa:2048 -nodes -keyout node.key -out node.csr -subj /CN=node && \
-        printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\\nextendedKeyUsage=serverAuth,clientAuth\\n' > ext && \
-        openssl x509 -req -in node.csr -CA ca.crt -CAkey ca.key -CAcreateserial -out node.crt -days 2 -extfile ext");
+    protocol_tests::make_test_certificates(d);
     let plain: Vec<u16> = (0..3).map(|_| protocol_tests::free_port()).collect();
     let tls: Vec<u16> = (0..3).map(|_| protocol_tests::free_port()).collect();
     let peers: Vec<String> = tls.iter().map(|p| format!("127.0.0.1:{p}")).collect();
