@@ -378,6 +378,29 @@ fn client(url: &str) -> redis::RedisResult<redis::Client> {
 }
 
 /// A cluster client seeded with `url`, likewise.
+/// The `(host, port)` of every node a CLUSTER SLOTS reply names, in order,
+/// each once.
+fn slot_nodes(ranges: Vec<redis::Value>) -> Vec<(String, u16)> {
+    let mut nodes = Vec::new();
+    for range in ranges {
+        let redis::Value::Array(parts) = range else {
+            continue;
+        };
+        for node in parts.iter().skip(2) {
+            let redis::Value::Array(node) = node else { continue };
+            if let (Some(redis::Value::BulkString(host)), Some(redis::Value::Int(port))) =
+                (node.first(), node.get(1))
+            {
+                let node = (String::from_utf8_lossy(host).into_owned(), *port as u16);
+                if !nodes.contains(&node) {
+                    nodes.push(node);
+                }
+            }
+        }
+    }
+    nodes
+}
+
 fn cluster_client(url: &str) -> redis::RedisResult<redis::cluster::ClusterClient> {
     let builder = redis::cluster::ClusterClient::builder(vec![url]);
     match tls_certificates()? {
@@ -414,14 +437,25 @@ impl RespDict {
         let kvd_members = info.lines().find_map(|l| l.strip_prefix("kvd_replica_members:"));
         if let Some(members) = kvd_members {
             // A replicated kvd: every node serves every key, so any member can
-            // stand in for the one in the URL.
+            // stand in for the one in the URL. CLUSTER SLOTS names them at
+            // the ports for a client of this one's kind (plain or TLS; a
+            // member's address is its TLS port when the links between nodes
+            // are TLS); INFO's list of addresses is the fallback.
+            let shown = dict
+                .with_conn(|c| redis::cmd("CLUSTER").arg("SLOTS").query::<Vec<redis::Value>>(c))
+                .map(slot_nodes)
+                .unwrap_or_default();
+            let listed: Vec<(String, u16)> = members
+                .trim()
+                .split(',')
+                .filter_map(|addr| {
+                    let (host, port) = addr.rsplit_once(':')?;
+                    Some((host.to_string(), port.parse().ok()?))
+                })
+                .collect();
             let mut alternates = vec![url.to_string()];
-            for addr in members.trim().split(',').filter(|a| !a.is_empty()) {
-                let Some((host, port)) = addr.rsplit_once(':') else {
-                    continue;
-                };
-                let Ok(port) = port.parse::<u16>() else { continue };
-                let alt = with_address(url, host, port);
+            for (host, port) in if shown.is_empty() { listed } else { shown } {
+                let alt = with_address(url, &host, port);
                 if !alternates.contains(&alt) && !same_address(&alt, url) {
                     alternates.push(alt);
                 }
@@ -502,20 +536,10 @@ impl RespDict {
             return;
         };
         let mut seeds = vec![self.url.clone()];
-        for range in ranges {
-            let redis::Value::Array(parts) = range else {
-                continue;
-            };
-            for node in parts.iter().skip(2) {
-                let redis::Value::Array(node) = node else { continue };
-                if let (Some(redis::Value::BulkString(host)), Some(redis::Value::Int(port))) =
-                    (node.first(), node.get(1))
-                {
-                    let url = with_address(&self.url, &String::from_utf8_lossy(host), *port as u16);
-                    if !seeds.contains(&url) {
-                        seeds.push(url);
-                    }
-                }
+        for (host, port) in slot_nodes(ranges) {
+            let url = with_address(&self.url, &host, port);
+            if !seeds.contains(&url) {
+                seeds.push(url);
             }
         }
         *self.seeds.lock() = seeds;

@@ -1117,6 +1117,11 @@ impl Replicated {
         self.add_node_with(vec!["--seed".into(), self.addr(seed)])
     }
 
+    /// A client's URL for node `i` (its plain port).
+    pub fn url(&self, i: usize) -> String {
+        format!("redis://127.0.0.1:{}", self.ports[i])
+    }
+
     /// Node `i`'s address, as the cluster names it (its TLS port with
     /// [`TLS_LINKS_ENV`]).
     pub fn addr(&self, i: usize) -> String {

@@ -1211,7 +1211,7 @@ fn nodes_join_and_leave_under_load_and_nothing_acknowledged_is_lost() {
 #[test]
 fn a_file_system_on_top_survives_a_killed_node() {
     let mut c = Replicated::start(3, 3);
-    let url = format!("redis://127.0.0.1:{}", c.ports[0]);
+    let url = c.url(0);
     let ok = |args: &[&str]| {
         let out = protocol_tests::fsclient_at(&url, args);
         assert!(
@@ -1633,7 +1633,7 @@ fn an_interrupted_reconfiguration_is_finished_by_the_next() {
             a.call(&["GET", &root]).unwrap().as_str().starts_with("TRYAGAIN")
         })
         .expect("some volume's root key is in a frozen slot");
-    let url = format!("redis://{}", c.addr(2));
+    let url = c.url(2);
     let mkfs = {
         let (url, volume) = (url.clone(), volume.clone());
         std::thread::spawn(move || protocol_tests::fsclient_at(&url, &["--volume", &volume, "mkfs"]))
@@ -2030,7 +2030,7 @@ fn cluster_aware_clients_route_by_slot_and_ride_through_a_dead_node() {
 #[test]
 fn fsclient_status_shows_a_stopped_node_and_what_to_do() {
     let mut c = Replicated::start(3, 3);
-    let url = format!("redis://{}", c.addr(0));
+    let url = c.url(0);
     let status = || {
         let out = protocol_tests::fsclient_at(&url, &["status"]);
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -2189,7 +2189,7 @@ fn a_nemesis_of_random_faults_loses_nothing_and_the_cluster_keeps_serving() {
     let writers = plain_writers(c.ports.clone(), load.stop.clone(), acks.clone());
 
     // A mount through node 0, writing files and fsyncing each.
-    let url = format!("redis://{}", c.addr(0));
+    let url = c.url(0);
     assert!(protocol_tests::fsclient_at(&url, &["mkfs"]).status.success());
     let mut mount = protocol_tests::Mount::start(&url, "main", &[]).unwrap();
     let root = mount.path().to_path_buf();
@@ -2378,7 +2378,7 @@ fn a_nemesis_of_random_faults_loses_nothing_and_the_cluster_keeps_serving() {
         );
     }
     assert!(mount.stop(), "the mount did not stop cleanly");
-    let url = format!("redis://{}", c.addr(members[0]));
+    let url = c.url(members[0]);
     let fsck = protocol_tests::fsclient_at(&url, &["fsck"]);
     let report = String::from_utf8_lossy(&fsck.stdout);
     assert!(
@@ -2621,7 +2621,7 @@ fn a_cluster_with_tls_links_shows_each_client_the_ports_of_its_kind() {
             .spawn()
             .unwrap()
     };
-    let _nodes = KillOnDrop((0..3).map(start).collect());
+    let mut nodes = KillOnDrop((0..3).map(start).collect());
     let cli = |port: u16, over_tls: bool, args: &[&str]| -> String {
         let mut cmd = std::process::Command::new("redis-cli");
         cmd.args(["-p", &port.to_string()]);
@@ -2674,6 +2674,15 @@ fn a_cluster_with_tls_links_shows_each_client_the_ports_of_its_kind() {
         assert_eq!(v, i);
     }
     assert_eq!(cli(tls[2], true, &["get", "k7"]), "7");
+    // fsclient takes the other members it may turn to from CLUSTER SLOTS
+    // too: with the node in its URL killed, it reads through another one's
+    // plain port (before, it was given their TLS ports, and failed).
+    use fsclient::dict::Dict;
+    let dict = fsclient::dict::RespDict::open(&format!("redis://127.0.0.1:{}", plain[0])).unwrap();
+    assert_eq!(dict.get("k8").unwrap().as_deref(), Some(&b"8"[..]));
+    let _ = nodes.0[0].kill();
+    let _ = nodes.0[0].wait();
+    assert_eq!(dict.get("k9").unwrap().as_deref(), Some(&b"9"[..]));
 }
 
 /// Issue 23, item 7: two nodes that each founded a cluster. Restarted with
