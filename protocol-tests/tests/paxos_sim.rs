@@ -436,6 +436,16 @@ fn new_world(nodes: usize, seed: u64, script: Option<Script>) -> Arc<World> {
     })
 }
 
+/// A runtime on tokio's paused clock: virtual time, one thread, the same
+/// history for the same seed.
+fn paused_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .start_paused(true)
+        .build()
+        .expect("a runtime")
+}
+
 /// Node `i`'s network: the membership of every node, `i` among them.
 fn network_of(world: &Arc<World>, i: usize) -> SimNetwork {
     let nodes: Vec<String> = world.nodes.iter().map(|n| n.addr.clone()).collect();
@@ -487,11 +497,7 @@ async fn churn(
 /// Returns the history, and how many writes were answered "may or may not
 /// take effect".
 fn simulate(seed: u64, nodes: usize, disk: Disk) -> (Vec<Event>, usize) {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .start_paused(true)
-        .build()
-        .expect("a runtime");
+    let runtime = paused_runtime();
     runtime.block_on(async move {
         let world = new_world(nodes, seed, None);
         let recorder = Arc::new(Mutex::new(Recorder {
@@ -584,11 +590,7 @@ fn scripted(script: Script) -> (tokio::runtime::Runtime, Arc<World>) {
     for node in &world.nodes {
         *node.acceptor.lock().unwrap() = Some(Acceptor::open(node.dir.path()).expect("an acceptor"));
     }
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .start_paused(true)
-        .build()
-        .expect("a runtime");
+    let runtime = paused_runtime();
     (runtime, world)
 }
 
@@ -886,11 +888,7 @@ fn start_bank_node(world: &Arc<World>, i: usize, ledger: &Arc<Mutex<Ledger>>, re
 /// the clients saw, and the total a fresh node reads after every node
 /// stopped (locks its clients left behind included).
 fn simulate_bank(seed: u64, nodes: usize, reader: Reader) -> (Ledger, Option<i64>) {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .start_paused(true)
-        .build()
-        .expect("a runtime");
+    let runtime = paused_runtime();
     runtime.block_on(async move {
         let world = new_world(nodes, seed, None);
         let ledger = Arc::new(Mutex::new(Ledger::default()));

@@ -2499,6 +2499,34 @@ fn a_forgotten_node_is_told_before_it_can_ask_back_in() {
     }
 }
 
+/// Three nodes with `make_test_certificates`' files in `d`, linked over
+/// mutually authenticated TLS (`links`: `--tls-replication` or Redis
+/// Cluster's `--tls-cluster`), each node at its TLS port, with a plain
+/// client port beside it where `plain` names one (0: none).
+fn start_tls_cluster(d: &std::path::Path, plain: &[u16], tls: &[u16], links: &str) -> KillOnDrop {
+    let peers: Vec<String> = tls.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+    let start = |i: usize| {
+        let data = d.join(format!("node{i}"));
+        std::fs::create_dir_all(&data).unwrap();
+        std::process::Command::new(protocol_tests::kvd_bin())
+            .args(["--bind", "127.0.0.1", "--port", &plain[i].to_string()])
+            .args(["--tls-port", &tls[i].to_string()])
+            .args(["--tls-cert-file", "node.crt", "--tls-key-file", "node.key"])
+            .args(["--tls-ca-cert-file", "ca.crt"])
+            .args(["--tls-auth-clients", "yes", links, "yes"])
+            .args(["--replicas", "3", "--cluster-secret", "s"])
+            .args(["--peers", &peers.join(",")])
+            .arg("--dir")
+            .arg(&data)
+            .env("KVD_LOG", "warn")
+            .current_dir(d)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    KillOnDrop((0..tls.len()).map(start).collect())
+}
+
 /// Issue 21, item 3: a replicated cluster that speaks only TLS, to clients
 /// and between its nodes (`--port 0`, `tls-replication yes`,
 /// `tls-auth-clients yes`: every link shows a certificate from the cluster's
@@ -2510,45 +2538,7 @@ fn a_replicated_cluster_runs_over_tls_between_its_nodes() {
     let d = dir.path();
     protocol_tests::make_test_certificates(d);
     let ports: Vec<u16> = (0..3).map(|_| protocol_tests::free_port()).collect();
-    let peers: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
-    let start = |i: usize| {
-        let data = d.join(format!("node{i}"));
-        std::fs::create_dir_all(&data).unwrap();
-        std::process::Command::new(protocol_tests::kvd_bin())
-            .args([
-                "--bind",
-                "127.0.0.1",
-                "--port",
-                "0",
-                "--tls-port",
-                &ports[i].to_string(),
-            ])
-            .args([
-                "--tls-cert-file",
-                "node.crt",
-                "--tls-key-file",
-                "node.key",
-                "--tls-ca-cert-file",
-                "ca.crt",
-            ])
-            .args(["--tls-auth-clients", "yes", "--tls-replication", "yes"])
-            .args([
-                "--replicas",
-                "3",
-                "--cluster-secret",
-                "s",
-                "--peers",
-                &peers.join(","),
-            ])
-            .arg("--dir")
-            .arg(&data)
-            .env("KVD_LOG", "warn")
-            .current_dir(d)
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .unwrap()
-    };
-    let mut nodes = KillOnDrop((0..3).map(start).collect());
+    let mut nodes = start_tls_cluster(d, &[0, 0, 0], &ports, "--tls-replication");
     for p in &ports {
         let deadline = Instant::now() + Duration::from_secs(20);
         while std::net::TcpStream::connect(("127.0.0.1", *p)).is_err() {
@@ -2601,27 +2591,7 @@ fn a_cluster_with_tls_links_shows_each_client_the_ports_of_its_kind() {
     protocol_tests::make_test_certificates(d);
     let plain: Vec<u16> = (0..3).map(|_| protocol_tests::free_port()).collect();
     let tls: Vec<u16> = (0..3).map(|_| protocol_tests::free_port()).collect();
-    let peers: Vec<String> = tls.iter().map(|p| format!("127.0.0.1:{p}")).collect();
-    let start = |i: usize| {
-        let data = d.join(format!("node{i}"));
-        std::fs::create_dir_all(&data).unwrap();
-        std::process::Command::new(protocol_tests::kvd_bin())
-            .args(["--bind", "127.0.0.1", "--port", &plain[i].to_string()])
-            .args(["--tls-port", &tls[i].to_string()])
-            .args(["--tls-cert-file", "node.crt", "--tls-key-file", "node.key"])
-            .args(["--tls-ca-cert-file", "ca.crt"])
-            .args(["--tls-auth-clients", "yes", "--tls-cluster", "yes"])
-            .args(["--replicas", "3", "--cluster-secret", "s"])
-            .args(["--peers", &peers.join(",")])
-            .arg("--dir")
-            .arg(&data)
-            .env("KVD_LOG", "warn")
-            .current_dir(d)
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .unwrap()
-    };
-    let mut nodes = KillOnDrop((0..3).map(start).collect());
+    let mut nodes = start_tls_cluster(d, &plain, &tls, "--tls-cluster");
     let cli = |port: u16, over_tls: bool, args: &[&str]| -> String {
         let mut cmd = std::process::Command::new("redis-cli");
         cmd.args(["-p", &port.to_string()]);
